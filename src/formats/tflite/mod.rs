@@ -1,0 +1,1 @@
+//! TFLite flatbuffer writer (and reader for inspection).

@@ -1,0 +1,28 @@
+//! The graph IR every stage reads and writes. It depends on nothing else in the crate.
+
+mod dtype;
+mod graph;
+pub mod serialize;
+mod tensor;
+
+pub use dtype::DType;
+pub use graph::{Attr, Graph, Node, TensorRef};
+pub use tensor::{num_elements, Element, QuantParams, Tensor, TensorData};
+
+/// An error raised by the IR itself: a malformed graph, tensor or serialized form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IrError(String);
+
+impl IrError {
+    pub fn new(msg: impl Into<String>) -> IrError {
+        IrError(msg.into())
+    }
+}
+
+impl std::fmt::Display for IrError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for IrError {}

@@ -1,0 +1,1 @@
+//! The reference interpreter: float32 and int8 kernels over the IR.

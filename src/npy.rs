@@ -1,0 +1,1 @@
+//! Reader and writer of NumPy `.npy` files (data sets and outputs).

@@ -1,0 +1,57 @@
+//! `export_graphdef`: writes the input graph as a TensorFlow GraphDef `.pb` under `out_dir`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Artifact, OutputFile, Stage, StageContext, StageDeps, StageOutput};
+use crate::error::Result;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportGraphDefConfig {
+    pub input: String,
+    pub path: PathBuf,
+}
+
+pub struct ExportGraphDef {
+    config: ExportGraphDefConfig,
+}
+
+pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+    Ok(Box::new(ExportGraphDef {
+        config: super::parse_config(table)?,
+    }))
+}
+
+impl Stage for ExportGraphDef {
+    fn kind(&self) -> &'static str {
+        "export_graphdef"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn deps(&self) -> StageDeps {
+        StageDeps {
+            stages: vec![("input".into(), self.config.input.clone())],
+            ..StageDeps::default()
+        }
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
+        let graph = ctx.input_graph("input")?;
+        let bytes = crate::formats::tf::export_graphdef(&graph)?;
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("bytes".into(), bytes.len().into());
+        Ok(StageOutput {
+            artifact: Artifact::Graph(graph),
+            metrics,
+            files: vec![OutputFile {
+                path: self.config.path.clone(),
+                bytes,
+            }],
+        })
+    }
+}

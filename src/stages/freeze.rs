@@ -1,0 +1,56 @@
+//! `freeze`: the recipe's model (checkpoint or frozen `.pb`) as a frozen graph cut to its outputs.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use crate::error::Result;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeConfig {}
+
+pub struct Freeze {
+    #[allow(dead_code)]
+    config: FreezeConfig,
+}
+
+pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+    Ok(Box::new(Freeze {
+        config: super::parse_config(table)?,
+    }))
+}
+
+impl Stage for Freeze {
+    fn kind(&self) -> &'static str {
+        "freeze"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn deps(&self) -> StageDeps {
+        StageDeps {
+            model: true,
+            ..StageDeps::default()
+        }
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
+        let graph = crate::formats::tf::freeze_model(ctx.model)?;
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("nodes".into(), graph.nodes.len().into());
+        let consts = graph
+            .nodes
+            .iter()
+            .filter_map(|n| n.const_value())
+            .map(|t| t.byte_size())
+            .sum::<usize>();
+        metrics.insert("weight_bytes".into(), consts.into());
+        Ok(StageOutput {
+            artifact: Artifact::Graph(graph.into()),
+            metrics,
+            files: vec![],
+        })
+    }
+}

@@ -1,0 +1,148 @@
+//! Stage plugins. Each stage kind lives in its own file and is listed once in
+//! [`registry::REGISTRY`]; the pipeline knows stages only through [`Stage`].
+
+pub mod export_graphdef;
+pub mod freeze;
+pub mod registry;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::Result;
+use crate::ir::Graph;
+
+/// Where the recipe's model comes from; paths are absolute (resolved against the recipe).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A TF1 checkpoint prefix: `<prefix>.meta`, `<prefix>.index`, `<prefix>.data-*`.
+    Checkpoint(PathBuf),
+    /// An already frozen GraphDef (`.pb`).
+    Graph(PathBuf),
+}
+
+/// The recipe's `[model]` table, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub source: ModelSource,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    /// Input name → dims fixing unknown dimensions (-1 stays unknown).
+    pub input_shapes: BTreeMap<String, Vec<i64>>,
+}
+
+/// One `[datasets.NAME]` table, resolved: model input name → `.npy` file, plus optional labels.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DatasetSpec {
+    pub tensors: BTreeMap<String, PathBuf>,
+    pub labels: Option<PathBuf>,
+}
+
+/// What a stage produces and the cache stores.
+#[derive(Debug, Clone)]
+pub enum Artifact {
+    Graph(Arc<Graph>),
+    /// A report with no model, e.g. what `validate` measured.
+    Report(serde_json::Value),
+}
+
+impl Artifact {
+    pub fn graph(&self) -> Option<&Arc<Graph>> {
+        match self {
+            Artifact::Graph(g) => Some(g),
+            Artifact::Report(_) => None,
+        }
+    }
+}
+
+/// A file a stage asks to be written under the recipe's `out_dir`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputFile {
+    /// Relative to `out_dir`, as written in the recipe.
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+/// The result of running a stage.
+#[derive(Debug, Clone)]
+pub struct StageOutput {
+    pub artifact: Artifact,
+    /// Numbers and facts for `--json` and the summary table. Keys are stable names.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub files: Vec<OutputFile>,
+}
+
+/// What a stage reads besides its own config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageDeps {
+    /// (config key, upstream stage id), e.g. `("input", "strip")`.
+    pub stages: Vec<(String, String)>,
+    /// Names of `[datasets.*]` the stage reads.
+    pub datasets: Vec<String>,
+    /// Whether it reads the `[model]` files.
+    pub model: bool,
+}
+
+/// A store for intermediate results a stage wants cached on their own key (for
+/// example calibration statistics), so that a change to later settings does not
+/// redo them. The pipeline provides it; `key` must describe everything the value
+/// depends on beyond the stage's upstream artifacts.
+pub trait Memo: Sync {
+    fn get_or_compute(
+        &self,
+        name: &str,
+        key: &[u8],
+        compute: &mut dyn FnMut() -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>>;
+}
+
+/// Everything a stage may look at while it runs.
+pub struct StageContext<'a> {
+    pub id: &'a str,
+    pub model: &'a ModelSpec,
+    pub datasets: &'a BTreeMap<String, DatasetSpec>,
+    /// Upstream artifacts by the config key that named them.
+    pub inputs: BTreeMap<String, Arc<Artifact>>,
+    pub memo: &'a dyn Memo,
+    /// Progress lines for long work (shown on a terminal, silent otherwise).
+    pub progress: &'a (dyn Fn(&str) + Sync),
+}
+
+impl StageContext<'_> {
+    /// The graph an upstream stage produced under config key `key`.
+    pub fn input_graph(&self, key: &str) -> Result<Arc<Graph>> {
+        match self.inputs.get(key).map(|a| a.as_ref()) {
+            Some(Artifact::Graph(g)) => Ok(g.clone()),
+            Some(Artifact::Report(_)) => Err(crate::Error::msg(format!(
+                "stage '{}': input '{key}' is a report, not a model",
+                self.id
+            ))),
+            None => Err(crate::Error::msg(format!(
+                "stage '{}': no input '{key}'",
+                self.id
+            ))),
+        }
+    }
+}
+
+/// A stage kind. Implementations are pure functions of their config, their inputs
+/// and the files named by [`StageDeps`]: that is what makes caching them sound.
+pub trait Stage: Send + Sync {
+    /// The kind's name as written in recipes (`kind = "..."`).
+    fn kind(&self) -> &'static str;
+    /// Bumped whenever the stage's output for the same inputs may change.
+    fn version(&self) -> u32;
+    fn deps(&self) -> StageDeps;
+    /// The typed config as canonical JSON (what the cache key and `status` explain use).
+    fn config(&self) -> serde_json::Value;
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput>;
+}
+
+/// Parses a stage's config table into its typed form (unknown keys are denied by the type).
+pub fn parse_config<T: DeserializeOwned>(
+    table: &toml::Table,
+) -> std::result::Result<T, toml::de::Error> {
+    toml::Value::Table(table.clone()).try_into()
+}

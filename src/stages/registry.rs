@@ -1,0 +1,30 @@
+//! The one list of stage kinds. Adding a kind = its own file plus one line here.
+
+use super::Stage;
+
+/// Builds a stage from its recipe table (without the `kind` key).
+pub type BuildFn = fn(&toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error>;
+
+pub struct StageFactory {
+    pub kind: &'static str,
+    pub build: BuildFn,
+}
+
+pub const REGISTRY: &[StageFactory] = &[
+    StageFactory {
+        kind: "freeze",
+        build: super::freeze::build,
+    },
+    StageFactory {
+        kind: "export_graphdef",
+        build: super::export_graphdef::build,
+    },
+];
+
+pub fn factory(kind: &str) -> Option<&'static StageFactory> {
+    REGISTRY.iter().find(|f| f.kind == kind)
+}
+
+pub fn kinds() -> Vec<&'static str> {
+    REGISTRY.iter().map(|f| f.kind).collect()
+}
