@@ -1,5 +1,7 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
+pub mod proto;
+
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::stages::ModelSpec;
