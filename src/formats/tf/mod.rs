@@ -1,6 +1,9 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
+pub mod graph_def;
+pub mod meta_graph;
 pub mod proto;
+pub mod tensor_proto;
 
 use crate::error::{Error, Result};
 use crate::ir::Graph;
