@@ -1,5 +1,9 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
+pub mod crc32c;
+pub mod snappy;
+pub mod sstable;
+
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::stages::ModelSpec;
