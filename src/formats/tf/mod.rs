@@ -1,6 +1,7 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
 pub mod crc32c;
+pub mod proto;
 pub mod snappy;
 pub mod sstable;
 
