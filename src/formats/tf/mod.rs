@@ -1,5 +1,6 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
+pub mod checkpoint;
 pub mod crc32c;
 pub mod proto;
 pub mod snappy;
