@@ -1,8 +1,12 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
+pub mod checkpoint;
+pub mod crc32c;
 pub mod graph_def;
 pub mod meta_graph;
 pub mod proto;
+pub mod snappy;
+pub mod sstable;
 pub mod tensor_proto;
 
 use crate::error::{Error, Result};
