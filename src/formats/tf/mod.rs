@@ -1,5 +1,11 @@
 //! TensorFlow formats: protobuf messages, the checkpoint bundle, GraphDef/MetaGraphDef.
 
+pub mod checkpoint;
+pub mod crc32c;
+pub mod proto;
+pub mod snappy;
+pub mod sstable;
+
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::stages::ModelSpec;
