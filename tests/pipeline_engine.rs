@@ -592,3 +592,89 @@ fn status_never_writes_to_the_cache() {
     );
     assert!(!p.cache().exists());
 }
+
+#[test]
+fn damaging_any_cache_file_never_yields_a_wrong_output() {
+    let clean = Project::new("damage-clean");
+    clean.run();
+    let want = clean.outputs();
+    let template = Project::new("damage");
+    template.run();
+    let files: Vec<PathBuf> = walkdir::WalkDir::new(template.cache().join("v1"))
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e.file_type().is_file() && !e.path().starts_with(template.cache().join("v1/locks"))
+        })
+        .map(|e| {
+            e.path()
+                .strip_prefix(template.cache())
+                .unwrap()
+                .to_path_buf()
+        })
+        .collect();
+    assert!(files.len() > 25, "{files:?}");
+    // Blobs named by a stage result (the memo blob is named only by its memo entry).
+    let action_text: String = cache_files(&template.cache(), "actions")
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let memo_only = |rel: &PathBuf| {
+        rel.starts_with("v1/memo")
+            || (rel.starts_with("v1/objects")
+                && !action_text.contains(rel.file_name().unwrap().to_str().unwrap()))
+    };
+    for rel in &files {
+        for damage in ["truncate", "flip", "delete"] {
+            let p = Project::new("damage-case");
+            p.run();
+            let target = p.cache().join(rel);
+            assert!(
+                target.exists(),
+                "{rel:?} differs between identical projects"
+            );
+            match damage {
+                "truncate" => {
+                    let len = std::fs::metadata(&target).unwrap().len();
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&target)
+                        .unwrap()
+                        .set_len(len / 2)
+                        .unwrap();
+                }
+                "flip" => flip_bit(&target, 37),
+                _ => std::fs::remove_file(&target).unwrap(),
+            }
+            let (r, seen) = p.run();
+            assert!(r.ok, "{damage} {rel:?}: {}", r.to_json());
+            assert_eq!(p.outputs(), want, "{damage} {rel:?}");
+            let essential =
+                (rel.starts_with("v1/objects") || rel.starts_with("v1/actions")) && !memo_only(rel);
+            if essential {
+                let rebuilt = !r.with_status(StageStatus::Ran).is_empty();
+                assert!(rebuilt, "{damage} {rel:?} must cause a rebuild");
+                if damage != "delete" || rel.starts_with("v1/objects") {
+                    assert!(!seen.warnings().is_empty(), "{damage} {rel:?} must warn");
+                }
+            }
+            let (r, seen) = p.run();
+            assert_eq!(
+                ids(&r, StageStatus::Cached),
+                sorted(&ALL),
+                "{damage} {rel:?}: the cache is whole again"
+            );
+            assert!(
+                seen.warnings().is_empty(),
+                "{damage} {rel:?}: {:?}",
+                seen.warnings()
+            );
+            let v = Store::at(&p.cache()).verify().unwrap();
+            assert!(
+                v.corrupt.is_empty() || memo_only(rel),
+                "{damage} {rel:?}: {:?}",
+                v.corrupt
+            );
+        }
+    }
+}

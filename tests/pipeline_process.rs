@@ -380,3 +380,32 @@ fn runs_killed_at_any_point_leave_nothing_a_later_run_trusts() {
             .all(|s| s["status"] == "cached"));
     }
 }
+
+#[test]
+fn qpipe_cache_dir_overrides_the_recipe_cache_dir() {
+    let p = Project::new("env-cache");
+    p.edit_recipe(
+        "name = \"test_pipeline\"",
+        "name = \"test_pipeline\"\ncache_dir = \"recipe-cache\"",
+    );
+    let shared = tmp_dir("env-cache-shared");
+    let out = qpipe_child(&["run", "--keep-going", p.recipe.to_str().unwrap()])
+        .env("QPIPE_CACHE_DIR", &shared)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(shared.join("v1/actions").is_dir());
+    assert!(shared.join("CACHEDIR.TAG").is_file());
+    assert!(!p.dir.join("recipe-cache").exists() && !p.cache().exists());
+    let out = run_child(&["run", "--json", p.recipe.to_str().unwrap()]);
+    let v = child_json(&out);
+    assert!(
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "ran"),
+        "without the override: the recipe's own cache"
+    );
+    assert!(p.dir.join("recipe-cache/v1").is_dir());
+}
