@@ -62,6 +62,20 @@ fn a_second_run_runs_nothing() {
 
     let status = pipeline::status(&p.load()).unwrap();
     assert!(status.all_fresh(), "{}", status.render());
+    // What a report over the last run reads: every stage's entry and artifact.
+    let recipe = p.load();
+    let cached = pipeline::cached_results(&recipe).unwrap();
+    let i = recipe.stage_index("check@DEFAULT").unwrap();
+    let entry = cached[i].as_ref().unwrap();
+    assert_eq!(entry.metrics, r1.stage("check@DEFAULT").unwrap().metrics);
+    match pipeline::load_artifact(&recipe, &entry.artifact).unwrap() {
+        qpipe::stages::Artifact::Report(v) => assert_eq!(v["candidate_nodes"], 4),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        recipe.stages[i].variant.get("strategy").map(String::as_str),
+        Some("DEFAULT")
+    );
 
     let (r2, seen) = p.run();
     assert!(r2.ok);
@@ -538,7 +552,7 @@ fn gc_keeps_what_the_last_run_uses_and_verify_removes_corruption() {
     let store = Store::at(&p.cache());
     let listing = store.listing();
     assert!(listing.unreferenced_actions >= 8, "{listing:?}");
-    let gc = store.gc().unwrap();
+    let gc = store.gc(None).unwrap();
     assert!(gc.removed_actions >= 8 && gc.removed_objects >= 1, "{gc:?}");
     assert_eq!(store.listing().unreferenced_actions, 0);
     let (r, _) = p.run();

@@ -1,6 +1,7 @@
 //! The `qpipe` command line. Each subcommand is one small function; the stage kinds are
 //! passed in (the binary passes [`crate::stages::registry::REGISTRY`]).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -76,7 +77,8 @@ pub struct GraphArgs {
 pub enum CacheCommand {
     /// List cached stage results and sizes.
     Ls(CacheArgs),
-    /// Remove everything no recipe's last run references.
+    /// Remove everything no recipe's last run references (with RECIPE: also results
+    /// of its stages that are no longer in it).
     Gc(CacheArgs),
     /// Rehash every cache file; report and remove corrupt ones (exit code 1 if any).
     Verify(CacheArgs),
@@ -170,17 +172,24 @@ fn cmd_graph(a: GraphArgs, registry: &'static [StageFactory]) -> Result<i32> {
     Ok(0)
 }
 
-fn cache_dir(a: &CacheArgs, registry: &'static [StageFactory]) -> Result<PathBuf> {
+fn cache_dir(a: &CacheArgs, recipe: Option<&Recipe>) -> PathBuf {
     if let Some(d) = &a.cache_dir {
-        return Ok(d.clone());
+        return d.clone();
     }
-    if let Some(r) = &a.recipe {
-        return Ok(Recipe::load_with(r, registry)?.cache_dir);
+    if let Some(r) = recipe {
+        return r.cache_dir.clone();
     }
     if let Some(d) = std::env::var_os("QPIPE_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(d));
+        return PathBuf::from(d);
     }
-    Ok(PathBuf::from(".qpipe"))
+    PathBuf::from(".qpipe")
+}
+
+fn cache_recipe(a: &CacheArgs, registry: &'static [StageFactory]) -> Result<Option<Recipe>> {
+    a.recipe
+        .as_ref()
+        .map(|r| Recipe::load_with(r, registry))
+        .transpose()
 }
 
 fn existing_store(dir: &Path) -> Result<Store> {
@@ -195,7 +204,8 @@ fn existing_store(dir: &Path) -> Result<Store> {
 }
 
 fn cmd_cache_ls(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> {
-    let store = existing_store(&cache_dir(&a, registry)?)?;
+    let recipe = cache_recipe(&a, registry)?;
+    let store = existing_store(&cache_dir(&a, recipe.as_ref()))?;
     let l = store.listing();
     let mut rows = vec![["PIPELINE", "STAGE", "KIND", "KEY", "SIZE"]
         .map(String::from)
@@ -228,12 +238,19 @@ fn cmd_cache_ls(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> 
 }
 
 fn cmd_cache_gc(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> {
-    let store = existing_store(&cache_dir(&a, registry)?)?;
-    let r = store.gc()?;
+    let recipe = cache_recipe(&a, registry)?;
+    let store = existing_store(&cache_dir(&a, recipe.as_ref()))?;
+    let ids: BTreeSet<String> = recipe
+        .iter()
+        .flat_map(|r| r.stages.iter().map(|s| s.id.clone()))
+        .collect();
+    let current = recipe.as_ref().map(|r| (r.name.as_str(), &ids));
+    let r = store.gc(current)?;
     print_stdout(&format!(
-        "kept {} stage results; removed {} stage results, {} blobs ({} files, {})\n",
+        "kept {} stage results; removed {} stage results ({} of stages gone from the recipe), {} blobs ({} files, {})\n",
         r.kept_actions,
         r.removed_actions,
+        r.dropped_refs,
         r.removed_objects,
         r.removed_files,
         human_bytes(r.removed_bytes)
@@ -242,7 +259,8 @@ fn cmd_cache_gc(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> 
 }
 
 fn cmd_cache_verify(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> {
-    let store = existing_store(&cache_dir(&a, registry)?)?;
+    let recipe = cache_recipe(&a, registry)?;
+    let store = existing_store(&cache_dir(&a, recipe.as_ref()))?;
     let r = store.verify()?;
     let mut text = String::new();
     for c in &r.corrupt {

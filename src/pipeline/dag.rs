@@ -217,7 +217,8 @@ pub fn find_cycle<N, E>(g: &DiGraph<N, E>) -> Option<Vec<NodeIndex>> {
                     let mut path = vec![n];
                     let mut cur = n;
                     while cur != start {
-                        cur = parent[&cur];
+                        let Some(&p) = parent.get(&cur) else { break };
+                        cur = p;
                         path.push(cur);
                     }
                     path.reverse();

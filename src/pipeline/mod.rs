@@ -16,4 +16,4 @@ pub mod store;
 
 pub use recipe::Recipe;
 pub use report::{RunReport, StageReport, StageStatus, StatusReport};
-pub use run::{run, status, Event, Observer, RunOptions, Silent};
+pub use run::{cached_results, load_artifact, run, status, Event, Observer, RunOptions, Silent};

@@ -715,7 +715,9 @@ impl<'s, 't> Parser<'s, 't> {
                 let mut partial: Vec<Partial> = vec![(own, Vec::new())];
                 for (key, target) in crefs {
                     let base = target.split('@').next().unwrap_or(target);
-                    let ti = index[base];
+                    let Some(&ti) = index.get(base) else {
+                        continue; // unreachable: pass 1 resolved every reference
+                    };
                     let span = || {
                         p.table
                             .get_ref()

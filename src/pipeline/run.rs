@@ -276,6 +276,36 @@ fn skipped(recipe: &Recipe, i: usize, reason: &str) -> StageReport {
 
 /// Lists every stage as fresh or stale without running or writing anything.
 pub fn status(recipe: &Recipe) -> Result<StatusReport> {
+    Ok(inspect_cache(recipe)?.0)
+}
+
+/// What the cache holds for a recipe's current inputs, by stage index: the entry of
+/// every fresh stage (`None` for stale ones). Runs and writes nothing; this is what a
+/// report over the last run (such as `qpipe compare`) reads. Load an artifact with
+/// [`load_artifact`].
+pub fn cached_results(recipe: &Recipe) -> Result<Vec<Option<ActionEntry>>> {
+    Ok(inspect_cache(recipe)?.1)
+}
+
+/// Reads (verifying its hash) and decodes an artifact named by a cached entry.
+pub fn load_artifact(recipe: &Recipe, artifact: &ArtifactRef) -> Result<Artifact> {
+    let store = Store::at(&recipe.cache_dir);
+    let bytes = store.read_blob(&artifact.blob).map_err(|m| {
+        let why = match m {
+            Miss::Absent => "missing".to_string(),
+            Miss::Corrupt(w) => w,
+        };
+        Error::msg(format!(
+            "cached artifact {} is unusable: {why}",
+            store::short(&artifact.blob.blake3)
+        ))
+    })?;
+    decode_artifact(&artifact.kind, &bytes).map_err(|e| Error::msg(format!("cached artifact: {e}")))
+}
+
+type Inspection = (StatusReport, Vec<Option<ActionEntry>>);
+
+fn inspect_cache(recipe: &Recipe) -> Result<Inspection> {
     let store = Store::at(&recipe.cache_dir);
     let hasher = if store.exists() {
         FileHasher::load(store.stat_cache_path()).0
@@ -287,6 +317,7 @@ pub fn status(recipe: &Recipe) -> Result<StatusReport> {
         .topo_order()
         .ok_or_else(|| Error::msg("the stage graph has a cycle"))?;
     let mut done: Vec<Option<ArtifactRef>> = vec![None; recipe.stages.len()];
+    let mut entries: Vec<Option<ActionEntry>> = vec![None; recipe.stages.len()];
     let mut rows: Vec<Option<StatusRow>> = (0..recipe.stages.len()).map(|_| None).collect();
     for i in order {
         let s = &recipe.stages[i];
@@ -308,6 +339,7 @@ pub fn status(recipe: &Recipe) -> Result<StatusReport> {
                 Ok(entry) => {
                     let missing = first_output_problem(recipe, i, &entry, &hasher);
                     done[i] = Some(entry.artifact.clone());
+                    entries[i] = Some(entry);
                     match missing {
                         Some(problem) => StatusRow::fresh_but(s, key, problem),
                         None => StatusRow::fresh(s, key),
@@ -327,10 +359,11 @@ pub fn status(recipe: &Recipe) -> Result<StatusReport> {
         };
         rows[i] = Some(row);
     }
-    Ok(StatusReport {
+    let report = StatusReport {
         pipeline: recipe.name.clone(),
         stages: rows.into_iter().flatten().collect(),
-    })
+    };
+    Ok((report, entries))
 }
 
 /// The manifest of stage `i`, given its upstream artifacts, and the hashes of the

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fingerprint::{self, Manifest};
 use super::fsutil::{self, FileLock};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The layout version; a new layout lives beside the old one and never misreads it.
 pub const LAYOUT: &str = "v1";
@@ -533,8 +533,10 @@ impl Store {
 
     /// Removes what no ref reaches: action entries other than the refs' keys, memo
     /// entries those entries do not use, unreachable blobs, temporary files and stale
-    /// lock files. Waits for running `qpipe run`s to finish first.
-    pub fn gc(&self) -> Result<GcReport> {
+    /// lock files. With `current = Some((pipeline, stage ids))`, refs of that pipeline's
+    /// stages that are not in the list are dropped first (stages removed from the
+    /// recipe). Waits for running `qpipe run`s to finish first.
+    pub fn gc(&self, current: Option<(&str, &BTreeSet<String>)>) -> Result<GcReport> {
         let _lock = self.maintenance_lock()?;
         let mut report = GcReport::default();
         let mut live_actions = BTreeSet::new();
@@ -542,6 +544,13 @@ impl Store {
         let mut live_blobs = BTreeSet::new();
         for (path, r) in self.list_refs() {
             match r {
+                Ok(r)
+                    if current
+                        .is_some_and(|(p, ids)| p == r.pipeline && !ids.contains(&r.stage)) =>
+                {
+                    remove(&path, &mut report.removed_files, &mut report.removed_bytes);
+                    report.dropped_refs += 1;
+                }
                 Ok(r) => {
                     if let Ok(e) = self.read_action(&r.key) {
                         live_actions.insert(e.key.clone());
@@ -588,7 +597,7 @@ impl Store {
                 let _ = fs::remove_file(e.path());
             }
         }
-        for sub in ["objects", "actions", "memo"] {
+        for sub in ["objects", "actions", "memo", "refs"] {
             remove_empty_shards(&self.dir.join(sub));
         }
         report.kept_actions = live_actions.len();
@@ -743,6 +752,8 @@ pub struct Listing {
 #[derive(Debug, Clone, Default)]
 pub struct GcReport {
     pub kept_actions: usize,
+    /// Refs of stages no longer in the recipe given to `gc`.
+    pub dropped_refs: usize,
     pub removed_actions: usize,
     pub removed_objects: usize,
     pub removed_files: usize,
@@ -757,11 +768,6 @@ pub struct VerifyReport {
     pub refs: usize,
     /// One line per corrupt item found (each was removed).
     pub corrupt: Vec<String>,
-}
-
-/// An error for a store operation that cannot degrade to a miss.
-pub fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::msg(format!("cache: {what}: {e}"))
 }
 
 #[cfg(test)]
