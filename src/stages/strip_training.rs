@@ -9,6 +9,9 @@
 //! norms are folded into weights ([`bn`]). What is left must be an inference op:
 //! random, stateful, training-mode or undeclared-input nodes are reported by name.
 //!
+//! Inputs and outputs are the upstream graph's (which `freeze` takes from the recipe's
+//! `[model]`), or the recipe's when the graph declares none.
+//!
 //! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`).
 
 mod bn;
@@ -406,14 +409,14 @@ impl Stage for StripTraining {
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
-        let inputs = if ctx.model.inputs.is_empty() {
-            graph.inputs.clone()
-        } else {
+        // The upstream graph carries the recipe's inputs/outputs (freeze sets them), which
+        // keeps this stage a function of its input artifact; the recipe is the fallback.
+        let inputs = if graph.inputs.is_empty() {
             ctx.model.inputs.clone()
-        };
-        let outputs: Vec<TensorRef> = if ctx.model.outputs.is_empty() {
-            graph.outputs.clone()
         } else {
+            graph.inputs.clone()
+        };
+        let outputs: Vec<TensorRef> = if graph.outputs.is_empty() {
             ctx.model
                 .outputs
                 .iter()
@@ -422,6 +425,8 @@ impl Stage for StripTraining {
                         .ok_or_else(|| Error::usage(format!("bad output name '{s}'")))
                 })
                 .collect::<Result<_>>()?
+        } else {
+            graph.outputs.clone()
         };
         let opts = StripOptions {
             fold_batch_norm: self.config.fold_batch_norm,
