@@ -683,3 +683,32 @@ fn strips_graphs_qpipe_froze_from_the_checkpoints() {
         strip_and_check(m, &g);
     }
 }
+
+#[test]
+fn deep_chains_strip_in_linear_time() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1]));
+    b.konst("one", f32t(&[], &[1.0]));
+    let n = 100_000;
+    let mut prev = "x".to_string();
+    for i in 0..n {
+        let name = format!("n{i}");
+        match i % 4 {
+            0 => b.op(&name, "Identity", &[&prev], &[]),
+            1 => b.op(&name, "Relu", &[&prev], &[]),
+            2 => b.op(&name, "Mul", &[&prev, "one"], &[]),
+            _ => b.op(&name, "StopGradient", &[&prev], &[]),
+        };
+        prev = name;
+    }
+    b.op("out", "Identity", &[&prev], &[]);
+    b.output("out");
+    let t = std::time::Instant::now();
+    let (s, rep) = strip_default(&b.g).unwrap();
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+    assert_eq!(ops(&s).get("Relu"), Some(&(n / 4)));
+    assert_eq!(rep.simplified.get("Mul"), Some(&(n / 4)));
+    assert_eq!(s.nodes.len(), n / 4 + 2);
+    let y = run1(&s, &[("x", f32t(&[2], &[-1., 2.]))], "out");
+    assert_eq!(y.to_f32_vec().unwrap(), vec![0., 2.]);
+}
