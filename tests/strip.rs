@@ -712,3 +712,60 @@ fn deep_chains_strip_in_linear_time() {
     let y = run1(&s, &[("x", f32t(&[2], &[-1., 2.]))], "out");
     assert_eq!(y.to_f32_vec().unwrap(), vec![0., 2.]);
 }
+
+#[test]
+fn prunes_dead_branches_of_a_constant_learning_phase() {
+    // TF1 Keras: cond(learning_phase, training_fn, inference_fn) as Switch/Merge.
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3]));
+    b.konst("lp/input", Tensor::scalar(false));
+    b.op(
+        "keras_learning_phase",
+        "PlaceholderWithDefault",
+        &["lp/input"],
+        &[
+            ("dtype", Attr::Type(DType::Bool)),
+            ("shape", Attr::Shape(Some(vec![]))),
+        ],
+    );
+    b.op("h", "Relu", &["x"], &[]);
+    b.op(
+        "cond/pred_id",
+        "Identity",
+        &["keras_learning_phase"],
+        &[("T", Attr::Type(DType::Bool))],
+    );
+    b.op("cond/Switch_1", "Switch", &["h", "cond/pred_id"], &[]);
+    // training branch (output 1): a dropout-like scale; inference branch (output 0): identity
+    b.konst("cond/half", f32t(&[], &[0.5]));
+    b.op("cond/mul", "Mul", &["cond/Switch_1:1", "cond/half"], &[]);
+    b.op("cond/Identity", "Identity", &["cond/Switch_1"], &[]);
+    b.op(
+        "cond/Merge",
+        "Merge",
+        &["cond/Identity", "cond/mul"],
+        &[("N", Attr::Int(2))],
+    );
+    b.op("out", "Neg", &["cond/Merge"], &[]);
+    b.output("out");
+    let (s, rep) = strip_default(&b.g).unwrap();
+    assert_eq!(
+        ops(&s),
+        BTreeMap::from([
+            ("Neg".to_string(), 1),
+            ("Placeholder".to_string(), 1),
+            ("Relu".to_string(), 1),
+        ])
+    );
+    assert_eq!(s.node("out").unwrap().inputs[0].node, "h");
+    assert_eq!(
+        (rep.simplified.get("Switch"), rep.simplified.get("Merge")),
+        (Some(&1), Some(&1))
+    );
+    // With the learning phase declared as an input the branches stay, and say so.
+    let inputs = vec!["x".to_string(), "keras_learning_phase".to_string()];
+    let e = strip(&b.g, &inputs, &b.g.outputs, &StripOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(Switch): control flow"), "{e}");
+}

@@ -5,7 +5,8 @@
 //! placeholders and the graph is cut to the declared outputs; pass-through ops
 //! (`Identity` chains, `StopGradient`, `CheckNumerics`, `Print`, undeclared
 //! `PlaceholderWithDefault` = its default) are bypassed; constant folding by abstract
-//! interpretation ([`fold`]) resolves shape computations and removes dropout; batch
+//! interpretation ([`fold`]) resolves shape computations, removes dropout and prunes
+//! `Switch`/`Merge` branches of constant predicates (a Keras learning phase); batch
 //! norms are folded into weights ([`bn`]). What is left must be an inference op:
 //! random, stateful, training-mode or undeclared-input nodes are reported by name.
 //!
