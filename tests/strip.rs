@@ -398,6 +398,7 @@ fn folds_decomposed_batch_norm_into_matmul() {
     assert!(d <= 1e-6, "{d}");
     let keep = StripOptions {
         fold_batch_norm: false,
+        ..StripOptions::default()
     };
     let (s2, _) = strip(&b.g, &b.g.inputs, &b.g.outputs, &keep).unwrap();
     assert!(ops(&s2).contains_key("Mul") && ops(&s2).contains_key("AddV2"));
@@ -418,6 +419,7 @@ fn training_mode_batch_norm_is_an_error() {
     );
     let nofold = StripOptions {
         fold_batch_norm: false,
+        ..StripOptions::default()
     };
     let e = strip(&b.g, &b.g.inputs, &b.g.outputs, &nofold)
         .unwrap_err()
@@ -768,4 +770,49 @@ fn prunes_dead_branches_of_a_constant_learning_phase() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("(Switch): control flow"), "{e}");
+}
+
+#[test]
+fn binds_plain_placeholders_to_constants() {
+    // A TF1 script's `dropout_keep_prob = tf.placeholder(tf.float32)`.
+    let mut g = with_dropout(tf1_dropout(1.0));
+    let keep = g.node_mut("keep_prob").unwrap();
+    keep.op = "Placeholder".into();
+    keep.inputs.clear();
+    let inputs = vec!["x".to_string()];
+    let e = strip(&g, &inputs, &g.outputs, &StripOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'keep_prob' (Placeholder)"), "{e}");
+    let opts = StripOptions {
+        bind: BTreeMap::from([("keep_prob".to_string(), 1.0)]),
+        ..StripOptions::default()
+    };
+    let (s, _) = strip(&g, &inputs, &g.outputs, &opts).unwrap();
+    assert_clean(&s);
+    let x = f32t(&[2, 6], &Rng::new(2).vec(12));
+    let want = run1(
+        &g,
+        &[("x", x.clone()), ("keep_prob", f32t(&[], &[1.0]))],
+        "out",
+    );
+    assert_eq!(run1(&s, &[("x", x)], "out"), want);
+    let bad = StripOptions {
+        bind: BTreeMap::from([("w".to_string(), 1.0)]),
+        ..StripOptions::default()
+    };
+    let e = strip(&g, &inputs, &g.outputs, &bad).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(
+        e.to_string()
+            .contains("bind: 'w' is a Const node, not a placeholder"),
+        "{e}"
+    );
+
+    let factory = qpipe::stages::registry::factory("strip_training").unwrap();
+    let table: toml::Table =
+        toml::from_str("input = \"freeze\"\nbind = { keep_prob = 1.0, is_training = false }")
+            .unwrap();
+    let stage = (factory.build)(&table).unwrap();
+    assert_eq!(stage.config()["bind"]["keep_prob"], 1.0);
 }
