@@ -3,8 +3,10 @@
 
 pub mod export_graphdef;
 pub mod export_tflite;
+pub mod fp16_cast;
 pub mod freeze;
 pub mod registry;
+pub mod strip_training;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
