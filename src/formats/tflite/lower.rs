@@ -75,6 +75,19 @@ fn node_err(node: &Node, msg: impl std::fmt::Display) -> Error {
     Error::msg(format!("node '{}' ({}): {msg}", node.name, node.op))
 }
 
+/// Ops that, given constant inputs, give a constant without computing anything.
+const CONST_LIKE: &[&str] = &[
+    "Const",
+    "Identity",
+    "StopGradient",
+    "Snapshot",
+    "Cast",
+    "Dequantize",
+    "Reshape",
+    "ExpandDims",
+    "Squeeze",
+];
+
 /// The inputs of `node` whose values it needs at run time; the others (axes,
 /// target shapes, paddings) are read from shape inference at export time.
 fn runtime_inputs(node: &Node) -> std::ops::Range<usize> {
@@ -170,8 +183,31 @@ impl<'g> Lowerer<'g> {
             self.model.inputs.push((node.name.clone(), t));
         }
         let inputs: HashSet<usize> = declared.into_iter().collect();
-        for i in graph.topo_order()? {
-            if !self.needed[i] || inputs.contains(&i) || self.absorbed.contains(&i) {
+        let order = graph.topo_order()?;
+        // Constants first (and what only reshapes, casts or passes them on), so
+        // that fusing a bias never depends on where its node sits in the graph.
+        for &i in &order {
+            let node = &graph.nodes[i];
+            if !self.needed[i] || inputs.contains(&i) || !CONST_LIKE.contains(&node.op.as_str()) {
+                continue;
+            }
+            let all_const = runtime_inputs(node).all(|k| {
+                matches!(
+                    self.values.get(&node.inputs[k]),
+                    Some(Value::Const(..)) | Some(Value::Stored(..))
+                )
+            });
+            if all_const {
+                self.lower_node(i, node).map_err(|e| {
+                    e.context(format!("exporting node '{}' ({})", node.name, node.op))
+                })?;
+            }
+        }
+        for i in order {
+            let done = self
+                .values
+                .contains_key(&TensorRef::new(graph.nodes[i].name.clone(), 0));
+            if !self.needed[i] || inputs.contains(&i) || self.absorbed.contains(&i) || done {
                 continue;
             }
             let node = &graph.nodes[i];
@@ -804,7 +840,9 @@ impl<'g> Lowerer<'g> {
         };
         let b = match &bias {
             Some(r) => self.input(r, Layout::AsIs)?,
-            None => -1,
+            None if op == "MatMul" => -1,
+            // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
+            None => self.zero_bias(node, x, w)?,
         };
         let tail_node = &graph.nodes[tail];
         let out_ref = TensorRef::new(tail_node.name.clone(), 0);
@@ -818,6 +856,45 @@ impl<'g> Lowerer<'g> {
             self.absorbed.insert(k);
         }
         Ok(())
+    }
+
+    /// A zero bias for a convolution that has none: float32 for float (and
+    /// hybrid) kernels; for int8 ones int32 with scale input_scale × weight_scale
+    /// per output channel, as TFLite's quantization spec requires.
+    fn zero_bias(&mut self, node: &Node, x: i32, w: i32) -> Result<i32> {
+        let (xt, wt) = (
+            &self.model.tensors[x as usize],
+            &self.model.tensors[w as usize],
+        );
+        let channels = match (&node.op[..], wt.shape.as_slice()) {
+            ("Conv2D", [o, ..]) => *o as usize,
+            (_, [.., c]) => *c as usize,
+            _ => return Err(node_err(node, "filter has no channel dimension")),
+        };
+        let name = format!("{}/bias", node.name);
+        let (dtype, quant) = match (xt.dtype, wt.dtype) {
+            (DType::I8, DType::I8) => {
+                let (Some(xq), Some(wq)) = (&xt.quant, &wt.quant) else {
+                    return Err(node_err(
+                        node,
+                        "int8 convolution without quantization parameters",
+                    ));
+                };
+                let xs = xq.scale.first().copied().unwrap_or(0.0);
+                let scale: Vec<f32> = (0..channels)
+                    .map(|c| xs * wq.scale.get(c).or(wq.scale.first()).copied().unwrap_or(0.0))
+                    .collect();
+                (
+                    DType::I32,
+                    Some(QuantParams::per_axis(scale, vec![0; channels], 0)),
+                )
+            }
+            (DType::I16, _) => (DType::I64, None),
+            _ => (DType::F32, None),
+        };
+        let size = dtype.size().unwrap_or(4);
+        let data: Arc<[u8]> = vec![0u8; channels * size].into();
+        self.add_tensor(node, name, dtype, &[channels as i64], Some(data), quant)
     }
 
     /// The bias operand when `add` adds a constant vector of `channels` values to `x`.
