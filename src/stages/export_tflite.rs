@@ -7,11 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{Artifact, OutputFile, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Result, ResultExt};
+use crate::ir::TensorRef;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportTfliteConfig {
-    /// The stage whose graph is exported.
+    /// The stage whose graph is exported. Its declared inputs and outputs are
+    /// used, or the recipe model's when the graph declares none.
     pub input: String,
     /// Output file, relative to the recipe's `out_dir`.
     pub path: PathBuf,
@@ -45,7 +47,24 @@ impl Stage for ExportTflite {
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
-        let (model, bytes) = crate::formats::tflite::export(&graph)
+        let named = if graph.outputs.is_empty() || graph.inputs.is_empty() {
+            let mut g = (*graph).clone();
+            if g.outputs.is_empty() {
+                g.outputs = ctx
+                    .model
+                    .outputs
+                    .iter()
+                    .filter_map(|o| TensorRef::parse(o))
+                    .collect();
+            }
+            if g.inputs.is_empty() {
+                g.inputs = ctx.model.inputs.clone();
+            }
+            std::borrow::Cow::Owned(g)
+        } else {
+            std::borrow::Cow::Borrowed(graph.as_ref())
+        };
+        let (model, bytes) = crate::formats::tflite::export(&named)
             .with_context(|| format!("stage '{}'", ctx.id))?;
         let mut metrics = serde_json::Map::new();
         metrics.insert("bytes".into(), bytes.len().into());

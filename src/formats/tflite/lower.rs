@@ -34,7 +34,8 @@ enum Value {
     /// A constant known at export time.
     Const(Tensor, Option<QuantParams>),
     /// A constant stored in a compact type (float16, int8) and dequantized to float32 at run time.
-    Stored(Tensor, Option<QuantParams>),
+    /// The last field names the constant the data comes from.
+    Stored(Tensor, Option<QuantParams>, String),
 }
 
 /// How a weight constant's data is rearranged for its TFLite operator.
@@ -342,26 +343,18 @@ impl<'g> Lowerer<'g> {
         if let Some(&t) = self.materialized.get(&(r.clone(), layout)) {
             return Ok(t);
         }
-        let (tensor, quant, stored) = match value {
-            Value::Const(t, q) => (t, q, false),
-            Value::Stored(t, q) => (t, q, true),
+        let (tensor, quant, source) = match value {
+            Value::Const(t, q) => (t, q, None),
+            Value::Stored(t, q, source) => (t, q, Some(source)),
             Value::Runtime(_) => unreachable!("handled above"),
         };
         let (tensor, quant) = rearrange(producer, &tensor, quant, layout)?;
         let dims: Vec<i64> = tensor.shape().iter().map(|&d| d as i64).collect();
         let name = r.to_string();
         let data = Some(Arc::<[u8]>::from(tensor.bytes()));
-        let t = if stored {
-            let src =
-                self.add_tensor(producer, name.clone(), tensor.dtype(), &dims, data, quant)?;
-            let out = self.add_tensor(
-                producer,
-                format!("{name}/dequantize"),
-                DType::F32,
-                &dims,
-                None,
-                None,
-            )?;
+        let t = if let Some(source) = source {
+            let src = self.add_tensor(producer, source, tensor.dtype(), &dims, data, quant)?;
+            let out = self.add_tensor(producer, name, DType::F32, &dims, None, None)?;
             self.add_op(Op::Dequantize, vec![src], vec![out]);
             out
         } else {
@@ -644,7 +637,7 @@ impl<'g> Lowerer<'g> {
                 if out == DType::F32
                     && (t.dtype() == DType::F16 || (q.is_some() && t.dtype() == DType::I8))
                 {
-                    self.set(node, Value::Stored(t, q));
+                    self.set(node, Value::Stored(t, q, node.inputs[0].to_string()));
                 } else if t.dtype() == out {
                     self.set(node, Value::Const(t, q));
                 } else {
@@ -686,23 +679,17 @@ impl<'g> Lowerer<'g> {
     fn lower_reshape(&mut self, node: &Node) -> Result<()> {
         let shape = self.out_shape(node)?;
         match self.input_value(node, 0)? {
-            Value::Const(t, q) | Value::Stored(t, q)
-                if q.as_ref().is_none_or(|q| q.axis.is_none()) =>
-            {
-                let stored = matches!(self.input_value(node, 0)?, Value::Stored(..));
-                let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-                let t = t.reshaped(dims).map_err(|e| node_err(node, e))?;
-                self.set(
-                    node,
-                    if stored {
-                        Value::Stored(t, q)
-                    } else {
-                        Value::Const(t, q)
-                    },
-                );
+            Value::Const(t, q) => {
+                let (t, q) = reshape_const(node, &t, q, &shape)?;
+                self.set(node, Value::Const(t, q));
                 return Ok(());
             }
-            _ => {}
+            Value::Stored(t, q, source) => {
+                let (t, q) = reshape_const(node, &t, q, &shape)?;
+                self.set(node, Value::Stored(t, q, source));
+                return Ok(());
+            }
+            Value::Runtime(_) => {}
         }
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
         match node.op.as_str() {
@@ -971,6 +958,42 @@ fn dilations(node: &Node) -> Result<(i32, i32)> {
         return Ok((1, 1));
     }
     spatial(node, "dilations")
+}
+
+/// A constant reshaped to `shape`; a per-axis quantization follows its axis
+/// (the dimension with the same size and the same number of elements before it).
+fn reshape_const(
+    node: &Node,
+    t: &Tensor,
+    quant: Option<QuantParams>,
+    shape: &[i64],
+) -> Result<(Tensor, Option<QuantParams>)> {
+    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    let quant = match quant {
+        Some(q) if q.axis.is_some() => {
+            let old = t.shape();
+            let axis = q.axis.unwrap_or_default() as usize;
+            let before: usize = old.iter().take(axis).product();
+            let size = old.get(axis).copied();
+            let new_axis = (0..dims.len())
+                .find(|&k| Some(dims[k]) == size && dims[..k].iter().product::<usize>() == before);
+            match new_axis {
+                Some(k) => Some(QuantParams {
+                    axis: Some(k as u32),
+                    ..q
+                }),
+                None => {
+                    return Err(node_err(
+                        node,
+                        format!("reshaping {old:?} to {dims:?} splits the quantized axis {axis}"),
+                    ))
+                }
+            }
+        }
+        q => q,
+    };
+    let t = t.reshaped(dims).map_err(|e| node_err(node, e))?;
+    Ok((t, quant))
 }
 
 /// Rearranges a weight constant for its TFLite operator, moving its per-axis quantization with it.

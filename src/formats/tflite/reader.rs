@@ -93,7 +93,7 @@ fn type_name(code: i8) -> &'static str {
 /// Reads the summary of a `.tflite` file's contents. `what` names the file in errors.
 pub fn read(bytes: &[u8], what: &str) -> Result<ModelSummary> {
     let bad = |msg: String| Error::msg(format!("{what}: {msg}"));
-    if !fb::model_buffer_has_identifier(bytes) {
+    if bytes.len() < 8 || !fb::model_buffer_has_identifier(bytes) {
         return Err(bad("not a TFLite model (no TFL3 file identifier)".into()));
     }
     let model = fb::root_as_model(bytes).map_err(|e| bad(format!("invalid flatbuffer: {e}")))?;
