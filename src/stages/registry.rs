@@ -27,6 +27,10 @@ pub const REGISTRY: &[StageFactory] = &[
         kind: "export_graphdef",
         build: super::export_graphdef::build,
     },
+    StageFactory {
+        kind: "export_tflite",
+        build: super::export_tflite::build,
+    },
 ];
 
 pub fn factory(kind: &str) -> Option<&'static StageFactory> {
