@@ -23,7 +23,9 @@ pub struct ExportTflite {
     config: ExportTfliteConfig,
 }
 
-pub fn build(table: &super::ConfigTable) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(ExportTflite {
         config: super::parse_config(table)?,
     }))

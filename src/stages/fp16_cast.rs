@@ -36,7 +36,9 @@ pub struct Fp16Cast {
     config: Fp16CastConfig,
 }
 
-pub fn build(table: &super::ConfigTable) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(Fp16Cast {
         config: super::parse_config(table)?,
     }))

@@ -50,7 +50,9 @@ pub struct StripTraining {
     config: StripTrainingConfig,
 }
 
-pub fn build(table: &super::ConfigTable) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(StripTraining {
         config: super::parse_config(table)?,
     }))
