@@ -1,3 +1,31 @@
-//! The reference interpreter: float32 and int8 kernels over the IR.
+//! The reference interpreter: runs IR graphs on tensors, batch by batch.
+//!
+//! [`Plan::compile`] resolves each needed node once into a kernel; [`Plan::run_values`]
+//! executes it on one batch. Kernels follow TensorFlow's semantics (NHWC, NumPy
+//! broadcasting) and compute float32 in float32. Quantization parameters of every
+//! step's inputs and outputs travel with the step ([`ops::StepQuant`]) so that
+//! integer kernels dispatch on dtype without looking anything up at run time.
 
+pub mod array;
+pub mod dataset;
+pub mod elementwise;
+pub mod nn;
+pub mod ops;
+pub mod plan;
 pub mod rounding;
+pub mod value;
+
+pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};
+pub use ops::{Kernel, StepQuant};
+pub use plan::{run, Plan, PlanInput};
+pub use value::{Buf, Elem, Value};
+
+use crate::error::Result;
+use crate::ir::Node;
+
+/// Evaluates a single node on given input values (for constant folding).
+pub fn eval_node(node: &Node, inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
+    Kernel::compile(node)
+        .and_then(|k| k.exec(inputs, quant))
+        .map_err(|e| e.context(format!("node '{}' ({})", node.name, node.op)))
+}

@@ -1,0 +1,331 @@
+//! Running a plan over `.npy` data sets: batches are read on demand and run in
+//! parallel, so memory is bounded by a window of batches, never the data set.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::elementwise::cast;
+use super::plan::Plan;
+use super::value::Value;
+use crate::error::{Error, Result};
+use crate::ir::{DType, Graph, Tensor};
+use crate::npy::{NpyReader, NpyWriter};
+use crate::stages::DatasetSpec;
+
+/// A data set opened for streaming: one `.npy` per model input, optional labels.
+pub struct Dataset {
+    inputs: Vec<(String, NpyReader)>,
+    labels: Option<NpyReader>,
+    rows: usize,
+}
+
+impl Dataset {
+    /// Opens every file of `spec`; all must have the same number of rows.
+    pub fn open(spec: &DatasetSpec) -> Result<Dataset> {
+        let mut inputs = Vec::new();
+        let mut rows = None;
+        let mut check = |r: &NpyReader| -> Result<()> {
+            if r.shape().is_empty() {
+                return Err(Error::file(
+                    r.path(),
+                    "a data set array needs a row dimension",
+                ));
+            }
+            match rows {
+                None => rows = Some(r.rows()),
+                Some(n) if n != r.rows() => {
+                    return Err(Error::file(
+                        r.path(),
+                        format!(
+                            "has {} rows, other files of the data set have {n}",
+                            r.rows()
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        for (name, path) in &spec.tensors {
+            let r = NpyReader::open(path)?;
+            check(&r)?;
+            inputs.push((name.clone(), r));
+        }
+        let labels = match &spec.labels {
+            Some(p) => {
+                let r = NpyReader::open(p)?;
+                check(&r)?;
+                Some(r)
+            }
+            None => None,
+        };
+        Ok(Dataset {
+            inputs,
+            labels,
+            rows: rows.unwrap_or(0),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn has_labels(&self) -> bool {
+        self.labels.is_some()
+    }
+
+    /// The feeds of `plan` for rows `range`, converted to each placeholder's dtype
+    /// (as a TensorFlow feed would be); integers that do not fit are an error.
+    pub fn feeds(&self, plan: &Plan, range: Range<usize>) -> Result<Vec<Value>> {
+        plan.inputs()
+            .iter()
+            .map(|inp| {
+                let (_, reader) = self
+                    .inputs
+                    .iter()
+                    .find(|(n, _)| *n == inp.name)
+                    .ok_or_else(|| {
+                        Error::msg(format!(
+                            "the data set has no tensor for input '{}'",
+                            inp.name
+                        ))
+                    })?;
+                let t = reader.read_rows(range.start, range.end)?;
+                let v = Value::from_tensor(&t)?;
+                match inp.dtype {
+                    Some(dt) if dt != v.dtype() => convert_feed(&v, dt)
+                        .map_err(|e| e.context(reader.path().display().to_string())),
+                    _ => Ok(v),
+                }
+            })
+            .collect()
+    }
+
+    /// Class ids of rows `range`: integer labels as they are, one-hot or
+    /// probability rows by their argmax.
+    pub fn labels(&self, range: Range<usize>) -> Result<Option<Vec<i64>>> {
+        let Some(r) = &self.labels else {
+            return Ok(None);
+        };
+        let t = r.read_rows(range.start, range.end)?;
+        class_ids(&t)
+            .map(Some)
+            .map_err(|e| e.context(r.path().display().to_string()))
+    }
+}
+
+fn convert_feed(v: &Value, to: DType) -> Result<Value> {
+    let from = v.dtype();
+    let ok = match (from.is_float(), to.is_float()) {
+        (_, true) => true,
+        (false, false) => {
+            let c = cast(v, to)?;
+            if c.to_i64s()? != v.to_i64s()? {
+                return Err(Error::msg(format!(
+                    "values do not fit the input's {to} dtype"
+                )));
+            }
+            return Ok(c);
+        }
+        (true, false) => false,
+    };
+    if !ok || from == DType::String {
+        return Err(Error::msg(format!("{from} data cannot feed a {to} input")));
+    }
+    cast(v, to)
+}
+
+/// Class ids from labels: integers (shape `[n]` or `[n, 1]`) or one-hot rows (`[n, c]`).
+pub fn class_ids(t: &Tensor) -> Result<Vec<i64>> {
+    let shape = t.shape();
+    let n = shape.first().copied().unwrap_or(0);
+    if !t.dtype().is_float() && (shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
+        return Ok(t.to_i64_vec()?);
+    }
+    if shape.len() == 2 && shape[1] > 0 {
+        return Ok(argmax_rows(&t.to_f64_vec()?, n, shape[1]));
+    }
+    Err(Error::msg(format!(
+        "labels must be class ids [n] or one-hot rows [n, classes], got {} {shape:?}",
+        t.dtype()
+    )))
+}
+
+/// Index of the first maximum of each row.
+pub fn argmax_rows(v: &[f64], rows: usize, cols: usize) -> Vec<i64> {
+    (0..rows)
+        .map(|r| {
+            let row = &v[r * cols..(r + 1) * cols];
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = i;
+                }
+            }
+            best as i64
+        })
+        .collect()
+}
+
+/// Runs `plan` over rows `[0, samples)` in batches of `batch_size`. `map` runs on
+/// each batch's fetched values in parallel; `sink` receives the results in row
+/// order. At most a window of a few batches per thread is in memory at once.
+pub fn run_batches<R: Send>(
+    plan: &Plan,
+    data: &Dataset,
+    batch_size: usize,
+    samples: Option<usize>,
+    map: impl Fn(Range<usize>, Vec<Value>) -> Result<R> + Sync,
+    mut sink: impl FnMut(Range<usize>, R) -> Result<()>,
+) -> Result<()> {
+    if batch_size == 0 {
+        return Err(Error::usage("batch size must be at least 1"));
+    }
+    let total = samples.map_or(data.rows(), |s| s.min(data.rows()));
+    let batches: Vec<Range<usize>> = (0..total)
+        .step_by(batch_size)
+        .map(|s| s..(s + batch_size).min(total))
+        .collect();
+    let window = (rayon::current_num_threads() * 2).max(1);
+    for chunk in batches.chunks(window) {
+        let results: Vec<Result<R>> = chunk
+            .par_iter()
+            .map(|r| {
+                let feeds = data.feeds(plan, r.clone())?;
+                let outs = plan
+                    .run_values(feeds)
+                    .map_err(|e| e.context(format!("rows {}..{}", r.start, r.end)))?;
+                map(r.clone(), outs)
+            })
+            .collect();
+        for (r, res) in chunk.iter().zip(results) {
+            sink(r.clone(), res?)?;
+        }
+    }
+    Ok(())
+}
+
+/// How [`evaluate`] runs.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub batch_size: usize,
+    /// Only the first `samples` rows.
+    pub samples: Option<usize>,
+    /// Where to write the outputs: the first graph output goes to this path, output
+    /// `k > 0` to `<stem>.<k>.npy` beside it.
+    pub outputs_npy: Option<PathBuf>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            batch_size: 64,
+            samples: None,
+            outputs_npy: None,
+        }
+    }
+}
+
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    pub samples: usize,
+    /// Top-1 accuracy of the first output against the labels, when there are labels.
+    pub accuracy: Option<f64>,
+    pub correct: usize,
+    /// Files written (one per graph output) when asked for.
+    pub written: Vec<PathBuf>,
+}
+
+fn output_path(base: &Path, k: usize) -> PathBuf {
+    if k == 0 {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    base.with_file_name(format!("{stem}.{k}.npy"))
+}
+
+/// Runs the graph's outputs on a data set: accuracy of the first output (class
+/// scores `[n, classes]`) against the labels, and optionally the outputs as `.npy`.
+pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result<EvalReport> {
+    let feeds: Vec<&str> = graph.inputs.iter().map(String::as_str).collect();
+    if graph.outputs.is_empty() {
+        return Err(Error::msg("the graph declares no outputs"));
+    }
+    let plan = Plan::compile(graph, &feeds, &graph.outputs)?;
+    let data = Dataset::open(spec)?;
+    let total = opts.samples.map_or(data.rows(), |s| s.min(data.rows()));
+    let mut writers: Vec<Option<NpyWriter>> = (0..graph.outputs.len()).map(|_| None).collect();
+    let mut written = Vec::new();
+    let mut correct = 0usize;
+    run_batches(
+        &plan,
+        &data,
+        opts.batch_size,
+        opts.samples,
+        |r, outs| {
+            let n = r.end - r.start;
+            let first = &outs[0];
+            let preds = if first.rank() == 2 && first.shape[0] == n {
+                Some(argmax_rows(&first.to_f64s()?, n, first.shape[1]))
+            } else if first.rank() == 1 && first.shape[0] == n && !first.dtype().is_float() {
+                Some(first.to_i64s()?)
+            } else {
+                None
+            };
+            let hits = match (data.labels(r.clone())?, preds) {
+                (Some(l), Some(p)) => Some(l.iter().zip(&p).filter(|(a, b)| a == b).count()),
+                (Some(_), None) => {
+                    return Err(Error::msg(format!(
+                        "output '{}' of shape {:?} is not class scores [batch, classes]",
+                        graph.outputs[0], first.shape
+                    )))
+                }
+                _ => None,
+            };
+            Ok((hits, outs))
+        },
+        |r, (hits, outs)| {
+            correct += hits.unwrap_or(0);
+            if let Some(base) = &opts.outputs_npy {
+                for (k, v) in outs.iter().enumerate() {
+                    if v.shape.first() != Some(&(r.end - r.start)) {
+                        return Err(Error::msg(format!(
+                            "output '{}' of shape {:?} has no batch dimension to write",
+                            graph.outputs[k], v.shape
+                        )));
+                    }
+                    if writers[k].is_none() {
+                        let p = output_path(base, k);
+                        writers[k] = Some(NpyWriter::create(&p, v.dtype(), total, &v.shape[1..])?);
+                        written.push(p);
+                    }
+                    if let Some(w) = writers[k].as_mut() {
+                        w.write_rows(&v.to_tensor())?;
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    for w in writers.into_iter().flatten() {
+        w.finish()?;
+    }
+    Ok(EvalReport {
+        samples: total,
+        accuracy: data.has_labels().then(|| {
+            if total == 0 {
+                0.0
+            } else {
+                correct as f64 / total as f64
+            }
+        }),
+        correct,
+        written,
+    })
+}

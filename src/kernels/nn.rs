@@ -1,0 +1,475 @@
+//! Float32 neural-network kernels in NHWC: convolutions, matrix products, pooling,
+//! batch norm (inference), softmax. Accumulation is in f32, as TensorFlow's CPU kernels do.
+
+use rayon::prelude::*;
+
+use super::value::Value;
+use crate::error::{Error, Result};
+
+/// Work (multiply-adds) below which a kernel stays on the calling thread.
+const PAR_THRESHOLD: usize = 1 << 16;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Padding {
+    Same,
+    Valid,
+    /// (before, after) for height and width.
+    Explicit([(usize, usize); 2]),
+}
+
+/// Spatial parameters of a convolution or pooling window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub padding: Padding,
+}
+
+/// Output size and leading padding of one spatial dimension, as TensorFlow computes them.
+pub fn out_size(
+    input: usize,
+    k: usize,
+    stride: usize,
+    dilation: usize,
+    padding: &Padding,
+    dim: usize,
+) -> Result<(usize, usize)> {
+    let eff = (k.max(1) - 1) * dilation + 1;
+    match padding {
+        Padding::Valid => {
+            if input < eff {
+                return Err(Error::msg(format!(
+                    "window of {eff} is larger than the input ({input}) with VALID padding"
+                )));
+            }
+            Ok(((input - eff) / stride + 1, 0))
+        }
+        Padding::Same => {
+            let out = input.div_ceil(stride);
+            let needed = ((out.max(1) - 1) * stride + eff).saturating_sub(input);
+            Ok((out, needed / 2))
+        }
+        Padding::Explicit(p) => {
+            let (before, after) = p[dim];
+            let padded = input + before + after;
+            if padded < eff {
+                return Err(Error::msg("window is larger than the padded input"));
+            }
+            Ok(((padded - eff) / stride + 1, before))
+        }
+    }
+}
+
+fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(v.shape.as_slice())
+        .map_err(|_| Error::msg(format!("{what} must have rank 4, got shape {:?}", v.shape)))
+}
+
+/// `Conv2D` in NHWC with an HWIO filter.
+pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let [kh, kw, kc, o] = dims4(w, "filter")?;
+    if kc != c {
+        return Err(Error::msg(format!(
+            "filter has {kc} input channels, the input has {c} (grouped convolution is not supported)"
+        )));
+    }
+    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    let xs = x.slice::<f32>()?;
+    let ws = w.slice::<f32>()?;
+    let k = kh * kw * c;
+    let mut out = vec![0f32; n * oh * ow * o];
+    let row = ow * o;
+    let work = n * oh * ow * k * o;
+    let compute_row = |r: usize, out_row: &mut [f32]| {
+        let (b, y) = (r / oh, r % oh);
+        let mut patch = vec![0f32; k];
+        for ox in 0..ow {
+            let mut any = false;
+            for ky in 0..kh {
+                let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                for kx in 0..kw {
+                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+                    let dst = &mut patch[(ky * kw + kx) * c..(ky * kw + kx + 1) * c];
+                    if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= wd {
+                        dst.fill(0.0);
+                    } else {
+                        let off = ((b * h + iy as usize) * wd + ix as usize) * c;
+                        dst.copy_from_slice(&xs[off..off + c]);
+                        any = true;
+                    }
+                }
+            }
+            let acc = &mut out_row[ox * o..(ox + 1) * o];
+            if !any {
+                continue;
+            }
+            for (kk, &p) in patch.iter().enumerate() {
+                let wrow = &ws[kk * o..(kk + 1) * o];
+                for (a, &wv) in acc.iter_mut().zip(wrow) {
+                    *a += p * wv;
+                }
+            }
+        }
+    };
+    if row > 0 {
+        if work >= PAR_THRESHOLD {
+            out.par_chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, out_row)| compute_row(r, out_row));
+        } else {
+            out.chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, out_row)| compute_row(r, out_row));
+        }
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, o], out))
+}
+
+/// `DepthwiseConv2dNative` in NHWC with a `[kh, kw, c, multiplier]` filter.
+pub fn depthwise_conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let [kh, kw, kc, m] = dims4(w, "filter")?;
+    if kc != c {
+        return Err(Error::msg(format!(
+            "filter has {kc} input channels, the input has {c}"
+        )));
+    }
+    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    let xs = x.slice::<f32>()?;
+    let ws = w.slice::<f32>()?;
+    let oc = c * m;
+    let row = ow * oc;
+    let mut out = vec![0f32; n * oh * row];
+    let compute_row = |r: usize, out_row: &mut [f32]| {
+        let (b, y) = (r / oh, r % oh);
+        for ox in 0..ow {
+            let acc = &mut out_row[ox * oc..(ox + 1) * oc];
+            for ky in 0..kh {
+                let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                if iy < 0 || iy as usize >= h {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+                    if ix < 0 || ix as usize >= wd {
+                        continue;
+                    }
+                    let off = ((b * h + iy as usize) * wd + ix as usize) * c;
+                    let xin = &xs[off..off + c];
+                    let wk = &ws[(ky * kw + kx) * oc..(ky * kw + kx + 1) * oc];
+                    if m == 1 {
+                        for ((a, &xv), &wv) in acc.iter_mut().zip(xin).zip(wk) {
+                            *a += xv * wv;
+                        }
+                    } else {
+                        for (ci, &xv) in xin.iter().enumerate() {
+                            for mi in 0..m {
+                                acc[ci * m + mi] += xv * wk[ci * m + mi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if row > 0 {
+        if n * oh * ow * oc * kh * kw >= PAR_THRESHOLD {
+            out.par_chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, o)| compute_row(r, o));
+        } else {
+            out.chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, o)| compute_row(r, o));
+        }
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, oc], out))
+}
+
+fn transpose2(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = v[r * cols + c];
+        }
+    }
+    t
+}
+
+/// `[m, k] x [k, n]` into `out` (row-major), accumulating each output in k order.
+pub fn gemm(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    let row = |i: usize, o: &mut [f32]| {
+        o.fill(0.0);
+        let ar = &a[i * k..(i + 1) * k];
+        for (kk, &av) in ar.iter().enumerate() {
+            let br = &b[kk * n..(kk + 1) * n];
+            for (ov, &bv) in o.iter_mut().zip(br) {
+                *ov += av * bv;
+            }
+        }
+    };
+    if n == 0 {
+        return;
+    }
+    if m * k * n >= PAR_THRESHOLD {
+        out.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, o)| row(i, o));
+    } else {
+        out.chunks_mut(n).enumerate().for_each(|(i, o)| row(i, o));
+    }
+}
+
+/// `MatMul` of two matrices with TensorFlow's transpose flags.
+pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool) -> Result<Value> {
+    if a.rank() != 2 || b.rank() != 2 {
+        return Err(Error::msg(format!(
+            "MatMul needs matrices, got shapes {:?} and {:?}",
+            a.shape, b.shape
+        )));
+    }
+    let (m, k) = if ta {
+        (a.shape[1], a.shape[0])
+    } else {
+        (a.shape[0], a.shape[1])
+    };
+    let (k2, n) = if tb {
+        (b.shape[1], b.shape[0])
+    } else {
+        (b.shape[0], b.shape[1])
+    };
+    if k != k2 {
+        return Err(Error::msg(format!(
+            "MatMul inner dimensions differ: {:?}{} x {:?}{}",
+            a.shape,
+            if ta { "ᵀ" } else { "" },
+            b.shape,
+            if tb { "ᵀ" } else { "" }
+        )));
+    }
+    let av = a.slice::<f32>()?;
+    let bv = b.slice::<f32>()?;
+    let at;
+    let bt;
+    let av = if ta {
+        at = transpose2(av, a.shape[0], a.shape[1]);
+        &at[..]
+    } else {
+        av
+    };
+    let bv = if tb {
+        bt = transpose2(bv, b.shape[0], b.shape[1]);
+        &bt[..]
+    } else {
+        bv
+    };
+    let mut out = vec![0f32; m * n];
+    gemm(av, bv, &mut out, m, k, n);
+    Ok(Value::from_vec(vec![m, n], out))
+}
+
+/// `BatchMatMulV2`: batched `[.., m, k] x [.., k, n]` with broadcast batch dimensions.
+pub fn batch_matmul(a: &Value, b: &Value, adj_a: bool, adj_b: bool) -> Result<Value> {
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(Error::msg("BatchMatMul needs rank ≥ 2 operands"));
+    }
+    let (ra, rb) = (a.rank(), b.rank());
+    let batch = super::elementwise::broadcast_shape(&a.shape[..ra - 2], &b.shape[..rb - 2])?;
+    let nb: usize = batch.iter().product();
+    let (am, ak) = (a.shape[ra - 2], a.shape[ra - 1]);
+    let (bm, bk) = (b.shape[rb - 2], b.shape[rb - 1]);
+    let (m, k) = if adj_a { (ak, am) } else { (am, ak) };
+    let (k2, n) = if adj_b { (bk, bm) } else { (bm, bk) };
+    if k != k2 {
+        return Err(Error::msg(format!(
+            "BatchMatMul inner dimensions differ: {:?} x {:?}",
+            a.shape, b.shape
+        )));
+    }
+    let av = a.slice::<f32>()?;
+    let bv = b.slice::<f32>()?;
+    let index_of = |shape: &[usize], bi: usize| -> usize {
+        let mut idx = 0;
+        let mut rem = bi;
+        let mut stride = 1;
+        let mut strides = vec![0; batch.len()];
+        for d in (0..batch.len()).rev() {
+            strides[d] = stride;
+            stride *= batch[d];
+        }
+        let off = batch.len() - shape.len();
+        let mut mul = 1;
+        let mut sidx = vec![0; shape.len()];
+        for d in 0..batch.len() {
+            let coord = rem / strides[d];
+            rem %= strides[d];
+            if d >= off {
+                sidx[d - off] = if shape[d - off] == 1 { 0 } else { coord };
+            }
+        }
+        for d in (0..shape.len()).rev() {
+            idx += sidx[d] * mul;
+            mul *= shape[d];
+        }
+        idx
+    };
+    let mut out = vec![0f32; nb * m * n];
+    for bi in 0..nb {
+        let ai = index_of(&a.shape[..ra - 2], bi);
+        let bj = index_of(&b.shape[..rb - 2], bi);
+        let amat = &av[ai * am * ak..(ai + 1) * am * ak];
+        let bmat = &bv[bj * bm * bk..(bj + 1) * bm * bk];
+        let at = if adj_a {
+            transpose2(amat, am, ak)
+        } else {
+            amat.to_vec()
+        };
+        let bt = if adj_b {
+            transpose2(bmat, bm, bk)
+        } else {
+            bmat.to_vec()
+        };
+        gemm(&at, &bt, &mut out[bi * m * n..(bi + 1) * m * n], m, k, n);
+    }
+    let mut shape = batch;
+    shape.extend([m, n]);
+    Ok(Value::from_vec(shape, out))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    Avg,
+}
+
+/// `MaxPool` / `AvgPool` in NHWC. Padded positions are ignored: they never win a
+/// max and are not counted in an average, as in TensorFlow.
+pub fn pool(x: &Value, kind: PoolKind, ksize: [usize; 2], win: &Window) -> Result<Value> {
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let (oh, pt) = out_size(h, ksize[0], win.strides[0], 1, &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, ksize[1], win.strides[1], 1, &win.padding, 1)?;
+    let xs = x.slice::<f32>()?;
+    let mut out = vec![0f32; n * oh * ow * c];
+    let row = ow * c;
+    let compute_row = |r: usize, out_row: &mut [f32]| {
+        let (b, y) = (r / oh, r % oh);
+        let y0 = (y * win.strides[0]) as isize - pt as isize;
+        let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
+        for ox in 0..ow {
+            let x0 = (ox * win.strides[1]) as isize - pl as isize;
+            let xr =
+                x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
+            let acc = &mut out_row[ox * c..(ox + 1) * c];
+            acc.fill(match kind {
+                PoolKind::Max => f32::NEG_INFINITY,
+                PoolKind::Avg => 0.0,
+            });
+            let mut count = 0usize;
+            for iy in ys.clone() {
+                for ix in xr.clone() {
+                    let off = ((b * h + iy) * wd + ix) * c;
+                    let v = &xs[off..off + c];
+                    count += 1;
+                    match kind {
+                        PoolKind::Max => acc.iter_mut().zip(v).for_each(|(a, &x)| {
+                            if x > *a {
+                                *a = x
+                            }
+                        }),
+                        PoolKind::Avg => acc.iter_mut().zip(v).for_each(|(a, &x)| *a += x),
+                    }
+                }
+            }
+            if kind == PoolKind::Avg && count > 0 {
+                let d = count as f32;
+                acc.iter_mut().for_each(|a| *a /= d);
+            }
+        }
+    };
+    if row > 0 {
+        out.chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| compute_row(r, o));
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, c], out))
+}
+
+/// `FusedBatchNorm*` in inference mode: `(x - mean) * (scale * rsqrt(var + eps)) + offset`
+/// along the channel axis, computed in TensorFlow's order.
+pub fn batch_norm_inference(
+    x: &Value,
+    scale: &Value,
+    offset: &Value,
+    mean: &Value,
+    var: &Value,
+    epsilon: f32,
+    channels_first: bool,
+) -> Result<Value> {
+    let axis = if channels_first {
+        1
+    } else {
+        x.rank().wrapping_sub(1)
+    };
+    if x.rank() < 2 {
+        return Err(Error::msg("batch norm input must have rank ≥ 2"));
+    }
+    let c = x.shape[axis];
+    let (s, o, m, v) = (
+        scale.slice::<f32>()?,
+        offset.slice::<f32>()?,
+        mean.slice::<f32>()?,
+        var.slice::<f32>()?,
+    );
+    for (name, t) in [("scale", s), ("offset", o), ("mean", m), ("variance", v)] {
+        if t.len() != c {
+            return Err(Error::msg(format!(
+                "batch norm {name} has {} elements, the input has {c} channels",
+                t.len()
+            )));
+        }
+    }
+    let factor: Vec<f32> = (0..c)
+        .map(|i| (1.0 / (v[i] + epsilon).sqrt()) * s[i])
+        .collect();
+    let xs = x.slice::<f32>()?;
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let out: Vec<f32> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, &xv)| {
+            let ch = (i / inner) % c;
+            (xv - m[ch]) * factor[ch] + o[ch]
+        })
+        .collect();
+    Ok(Value::from_vec(x.shape.clone(), out))
+}
+
+/// `Softmax` (or `LogSoftmax`) over the last axis.
+pub fn softmax(x: &Value, log: bool) -> Result<Value> {
+    let c = *x
+        .shape
+        .last()
+        .ok_or_else(|| Error::msg("softmax needs rank ≥ 1"))?;
+    let mut out = x.slice::<f32>()?.to_vec();
+    if c == 0 {
+        return Ok(Value::from_vec(x.shape.clone(), out));
+    }
+    for row in out.chunks_mut(c) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if log {
+            row.iter_mut().for_each(|v| *v -= max);
+            let sum: f32 = row.iter().map(|v| v.exp()).sum();
+            let ls = sum.ln();
+            row.iter_mut().for_each(|v| *v -= ls);
+        } else {
+            row.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let sum: f32 = row.iter().sum();
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    Ok(Value::from_vec(x.shape.clone(), out))
+}

@@ -1,0 +1,685 @@
+//! Op dispatch: a node's op and attributes are resolved once into a [`Kernel`],
+//! which then runs on input values with no further name lookups.
+
+use super::array::{self, ReduceOp, SliceMasks};
+use super::elementwise::{self, BinaryOp, UnaryOp};
+use super::nn::{self, Padding, PoolKind, Window};
+use super::value::{Buf, Value};
+use crate::error::{Error, Result};
+use crate::ir::{Attr, DType, Node, QuantParams};
+
+/// Quantization of a step's inputs and outputs, as the graph declares it
+/// (`output_quant` of the producing nodes).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepQuant {
+    pub inputs: Vec<Option<QuantParams>>,
+    pub outputs: Vec<Option<QuantParams>>,
+}
+
+/// A node's computation with its attributes parsed.
+#[derive(Debug, Clone)]
+pub enum Kernel {
+    Const(Value),
+    /// Output 0 is input 0 (Identity, StopGradient, unfed PlaceholderWithDefault, ...).
+    Forward,
+    /// Output i is input i.
+    ForwardAll,
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    BiasAdd {
+        channels_first: bool,
+    },
+    Conv2D(Window),
+    Depthwise(Window),
+    MatMul {
+        ta: bool,
+        tb: bool,
+    },
+    BatchMatMul {
+        adj_a: bool,
+        adj_b: bool,
+    },
+    Pool {
+        kind: PoolKind,
+        ksize: [usize; 2],
+        win: Window,
+    },
+    BatchNorm {
+        epsilon: f32,
+        channels_first: bool,
+    },
+    Softmax {
+        log: bool,
+    },
+    Reduce {
+        op: ReduceOp,
+        keep_dims: bool,
+    },
+    ArgReduce {
+        max: bool,
+        out: DType,
+    },
+    Gather {
+        axis_input: bool,
+    },
+    ExpandDims,
+    Squeeze(Vec<i64>),
+    Reshape,
+    Shape(DType),
+    Size(DType),
+    Rank,
+    StridedSlice(SliceMasks),
+    Slice,
+    Pack(i64),
+    Unpack(i64),
+    /// `ConcatV2` (axis last) or `Concat` (axis first).
+    Concat {
+        axis_first: bool,
+    },
+    Pad,
+    PadV2,
+    MirrorPad {
+        reflect: bool,
+    },
+    Transpose,
+    Tile,
+    Fill,
+    ZerosLike,
+    OnesLike,
+    Range,
+    Cast(DType),
+    Select {
+        v2: bool,
+    },
+    RandomUniform {
+        dtype: DType,
+        seed: u64,
+    },
+    Dequantize,
+}
+
+fn bool_attr(node: &Node, key: &str, default: bool) -> Result<bool> {
+    match node.attr(key) {
+        None => Ok(default),
+        Some(_) => Ok(node.attr_bool(key)?),
+    }
+}
+
+fn int_attr(node: &Node, key: &str, default: i64) -> Result<i64> {
+    match node.attr(key) {
+        None => Ok(default),
+        Some(_) => Ok(node.attr_int(key)?),
+    }
+}
+
+fn nhwc(node: &Node) -> Result<()> {
+    match node.attr("data_format") {
+        None => Ok(()),
+        Some(_) => match node.attr_str("data_format")? {
+            "NHWC" => Ok(()),
+            other => Err(Error::msg(format!(
+                "data_format {other} is not supported (only NHWC)"
+            ))),
+        },
+    }
+}
+
+fn channels_first(node: &Node) -> Result<bool> {
+    match node.attr("data_format") {
+        None => Ok(false),
+        Some(_) => match node.attr_str("data_format")? {
+            "NHWC" | "NWC" | "NDHWC" => Ok(false),
+            "NCHW" | "NCW" | "NCDHW" => Ok(true),
+            other => Err(Error::msg(format!("unknown data_format {other}"))),
+        },
+    }
+}
+
+fn spatial4(node: &Node, key: &str, default: Option<[usize; 2]>) -> Result<[usize; 2]> {
+    let v = match (node.attr(key), default) {
+        (None, Some(d)) => return Ok(d),
+        _ => node.attr_ints(key)?,
+    };
+    match v {
+        [1, h, w, 1] if *h > 0 && *w > 0 => Ok([*h as usize, *w as usize]),
+        _ => Err(Error::msg(format!(
+            "attribute '{key}' must be [1, h, w, 1] with positive h and w, got {v:?}"
+        ))),
+    }
+}
+
+fn padding(node: &Node) -> Result<Padding> {
+    match node.attr_str("padding")? {
+        "SAME" => Ok(Padding::Same),
+        "VALID" => Ok(Padding::Valid),
+        "EXPLICIT" => {
+            let p = node.attr_ints("explicit_paddings")?;
+            if p.len() != 8
+                || p.iter().any(|&v| v < 0)
+                || p[0] != 0
+                || p[1] != 0
+                || p[6] != 0
+                || p[7] != 0
+            {
+                return Err(Error::msg(format!("bad explicit_paddings {p:?}")));
+            }
+            Ok(Padding::Explicit([
+                (p[2] as usize, p[3] as usize),
+                (p[4] as usize, p[5] as usize),
+            ]))
+        }
+        other => Err(Error::msg(format!("unknown padding {other}"))),
+    }
+}
+
+fn window(node: &Node) -> Result<Window> {
+    nhwc(node)?;
+    Ok(Window {
+        strides: spatial4(node, "strides", None)?,
+        dilations: spatial4(node, "dilations", Some([1, 1]))?,
+        padding: padding(node)?,
+    })
+}
+
+fn type_attr(node: &Node, key: &str, default: DType) -> Result<DType> {
+    match node.attr(key) {
+        None => Ok(default),
+        Some(_) => Ok(node.attr_type(key)?),
+    }
+}
+
+impl Kernel {
+    /// Resolves a node into a kernel, checking its attributes and input count.
+    /// An op the interpreter cannot run is an error naming it.
+    pub fn compile(node: &Node) -> Result<Kernel> {
+        let n_in = node.inputs.len();
+        let arity = |lo: usize, hi: usize| -> Result<()> {
+            if n_in < lo || n_in > hi {
+                let want = if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}..={hi}")
+                };
+                return Err(Error::msg(format!("expects {want} inputs, has {n_in}")));
+            }
+            Ok(())
+        };
+        let op = node.op.as_str();
+        if let Some(u) = UnaryOp::from_tf(op) {
+            arity(1, 1)?;
+            return Ok(Kernel::Unary(u));
+        }
+        if let Some(b) = BinaryOp::from_tf(op) {
+            arity(2, 2)?;
+            return Ok(Kernel::Binary(b));
+        }
+        let k = match op {
+            "Const" => {
+                arity(0, 0)?;
+                Kernel::Const(Value::from_tensor(node.attr_tensor("value")?)?)
+            }
+            "Identity"
+            | "StopGradient"
+            | "Snapshot"
+            | "PreventGradient"
+            | "CheckNumerics"
+            | "EnsureShape"
+            | "PlaceholderWithDefault" => {
+                arity(1, 1)?;
+                Kernel::Forward
+            }
+            "Print" => {
+                arity(1, usize::MAX)?;
+                Kernel::Forward
+            }
+            "IdentityN" => Kernel::ForwardAll,
+            "LeakyRelu" => {
+                arity(1, 1)?;
+                let alpha = match node.attr("alpha") {
+                    None => 0.2,
+                    Some(_) => node.attr_float("alpha")?,
+                };
+                Kernel::Unary(UnaryOp::LeakyRelu(alpha.to_bits()))
+            }
+            "BiasAdd" | "BiasAddV1" => {
+                arity(2, 2)?;
+                Kernel::BiasAdd {
+                    channels_first: channels_first(node)?,
+                }
+            }
+            "Conv2D" => {
+                arity(2, 2)?;
+                Kernel::Conv2D(window(node)?)
+            }
+            "DepthwiseConv2dNative" => {
+                arity(2, 2)?;
+                Kernel::Depthwise(window(node)?)
+            }
+            "MatMul" => {
+                arity(2, 2)?;
+                Kernel::MatMul {
+                    ta: bool_attr(node, "transpose_a", false)?,
+                    tb: bool_attr(node, "transpose_b", false)?,
+                }
+            }
+            "BatchMatMul" | "BatchMatMulV2" | "BatchMatMulV3" => {
+                arity(2, 2)?;
+                Kernel::BatchMatMul {
+                    adj_a: bool_attr(node, "adj_x", false)?,
+                    adj_b: bool_attr(node, "adj_y", false)?,
+                }
+            }
+            "MaxPool" | "AvgPool" => {
+                arity(1, 1)?;
+                nhwc(node)?;
+                Kernel::Pool {
+                    kind: if op == "MaxPool" {
+                        PoolKind::Max
+                    } else {
+                        PoolKind::Avg
+                    },
+                    ksize: spatial4(node, "ksize", None)?,
+                    win: Window {
+                        strides: spatial4(node, "strides", None)?,
+                        dilations: [1, 1],
+                        padding: padding(node)?,
+                    },
+                }
+            }
+            "FusedBatchNorm" | "FusedBatchNormV2" | "FusedBatchNormV3" => {
+                arity(5, 5)?;
+                if bool_attr(node, "is_training", true)? {
+                    return Err(Error::msg(
+                        "batch norm in training mode (is_training=true) computes batch statistics; \
+                         only inference mode is supported",
+                    ));
+                }
+                Kernel::BatchNorm {
+                    epsilon: match node.attr("epsilon") {
+                        None => 1e-4,
+                        Some(_) => node.attr_float("epsilon")?,
+                    },
+                    channels_first: channels_first(node)?,
+                }
+            }
+            "Softmax" | "LogSoftmax" => {
+                arity(1, 1)?;
+                Kernel::Softmax {
+                    log: op == "LogSoftmax",
+                }
+            }
+            "Sum" | "Mean" | "Max" | "Min" | "Prod" | "Any" | "All" => {
+                arity(2, 2)?;
+                Kernel::Reduce {
+                    op: match op {
+                        "Sum" => ReduceOp::Sum,
+                        "Mean" => ReduceOp::Mean,
+                        "Max" => ReduceOp::Max,
+                        "Min" => ReduceOp::Min,
+                        "Prod" => ReduceOp::Prod,
+                        "Any" => ReduceOp::Any,
+                        _ => ReduceOp::All,
+                    },
+                    keep_dims: bool_attr(node, "keep_dims", false)?,
+                }
+            }
+            "ArgMax" | "ArgMin" => {
+                arity(2, 2)?;
+                Kernel::ArgReduce {
+                    max: op == "ArgMax",
+                    out: type_attr(node, "output_type", DType::I64)?,
+                }
+            }
+            "GatherV2" => {
+                arity(3, 3)?;
+                if int_attr(node, "batch_dims", 0)? != 0 {
+                    return Err(Error::msg("GatherV2 with batch_dims != 0 is not supported"));
+                }
+                Kernel::Gather { axis_input: true }
+            }
+            "Gather" => {
+                arity(2, 2)?;
+                Kernel::Gather { axis_input: false }
+            }
+            "ExpandDims" => {
+                arity(2, 2)?;
+                Kernel::ExpandDims
+            }
+            "Squeeze" => {
+                arity(1, 1)?;
+                Kernel::Squeeze(match node.attr("squeeze_dims") {
+                    None => vec![],
+                    Some(_) => node.attr_ints("squeeze_dims")?.to_vec(),
+                })
+            }
+            "Reshape" => {
+                arity(2, 2)?;
+                Kernel::Reshape
+            }
+            "Shape" => {
+                arity(1, 1)?;
+                Kernel::Shape(type_attr(node, "out_type", DType::I32)?)
+            }
+            "Size" => {
+                arity(1, 1)?;
+                Kernel::Size(type_attr(node, "out_type", DType::I32)?)
+            }
+            "Rank" => {
+                arity(1, 1)?;
+                Kernel::Rank
+            }
+            "StridedSlice" => {
+                arity(4, 4)?;
+                Kernel::StridedSlice(SliceMasks {
+                    begin: int_attr(node, "begin_mask", 0)?,
+                    end: int_attr(node, "end_mask", 0)?,
+                    ellipsis: int_attr(node, "ellipsis_mask", 0)?,
+                    new_axis: int_attr(node, "new_axis_mask", 0)?,
+                    shrink_axis: int_attr(node, "shrink_axis_mask", 0)?,
+                })
+            }
+            "Slice" => {
+                arity(3, 3)?;
+                Kernel::Slice
+            }
+            "Pack" => {
+                arity(1, usize::MAX)?;
+                Kernel::Pack(int_attr(node, "axis", 0)?)
+            }
+            "Unpack" => {
+                arity(1, 1)?;
+                Kernel::Unpack(int_attr(node, "axis", 0)?)
+            }
+            "ConcatV2" | "Concat" => {
+                arity(2, usize::MAX)?;
+                Kernel::Concat {
+                    axis_first: op == "Concat",
+                }
+            }
+            "Pad" => {
+                arity(2, 2)?;
+                Kernel::Pad
+            }
+            "PadV2" => {
+                arity(3, 3)?;
+                Kernel::PadV2
+            }
+            "MirrorPad" => {
+                arity(2, 2)?;
+                Kernel::MirrorPad {
+                    reflect: match node.attr_str("mode")? {
+                        "REFLECT" => true,
+                        "SYMMETRIC" => false,
+                        m => return Err(Error::msg(format!("unknown MirrorPad mode {m}"))),
+                    },
+                }
+            }
+            "Transpose" => {
+                arity(2, 2)?;
+                Kernel::Transpose
+            }
+            "Tile" => {
+                arity(2, 2)?;
+                Kernel::Tile
+            }
+            "Fill" => {
+                arity(2, 2)?;
+                Kernel::Fill
+            }
+            "ZerosLike" => {
+                arity(1, 1)?;
+                Kernel::ZerosLike
+            }
+            "OnesLike" => {
+                arity(1, 1)?;
+                Kernel::OnesLike
+            }
+            "Range" => {
+                arity(3, 3)?;
+                Kernel::Range
+            }
+            "Cast" => {
+                arity(1, 1)?;
+                Kernel::Cast(node.attr_type("DstT")?)
+            }
+            "Select" | "SelectV2" => {
+                arity(3, 3)?;
+                Kernel::Select {
+                    v2: op == "SelectV2",
+                }
+            }
+            "RandomUniform" => {
+                arity(1, 1)?;
+                let s1 = int_attr(node, "seed", 0)? as u64;
+                let s2 = int_attr(node, "seed2", 0)? as u64;
+                Kernel::RandomUniform {
+                    dtype: type_attr(node, "dtype", DType::F32)?,
+                    seed: s1.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s2,
+                }
+            }
+            "Dequantize" => {
+                arity(1, 1)?;
+                if type_attr(node, "dtype", DType::F32)? != DType::F32 {
+                    return Err(Error::msg("Dequantize must produce float32"));
+                }
+                Kernel::Dequantize
+            }
+            "Placeholder" => {
+                return Err(Error::msg("placeholder is needed but was not fed"));
+            }
+            _ => {
+                return Err(Error::msg(
+                    "the interpreter has no kernel for this op".to_string(),
+                ))
+            }
+        };
+        Ok(k)
+    }
+
+    /// Runs the kernel. `inputs` are owned so that element-wise kernels can reuse
+    /// a buffer nobody else holds.
+    pub fn exec(&self, mut inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
+        let one = |v: Value| Ok(vec![v]);
+        let x = |i: usize| -> &Value { &inputs[i] };
+        match self {
+            Kernel::Const(v) => one(v.clone()),
+            Kernel::Forward => {
+                inputs.truncate(1);
+                Ok(inputs)
+            }
+            Kernel::ForwardAll => Ok(inputs),
+            Kernel::Unary(op) => one(elementwise::unary(*op, inputs.swap_remove(0))?),
+            Kernel::Binary(op) => {
+                let b = inputs.pop().expect("arity checked");
+                let a = inputs.pop().expect("arity checked");
+                one(elementwise::binary(*op, a, b)?)
+            }
+            Kernel::BiasAdd { channels_first } => {
+                let b = inputs.pop().expect("arity checked");
+                let a = inputs.pop().expect("arity checked");
+                one(elementwise::bias_add(a, b, *channels_first)?)
+            }
+            Kernel::Conv2D(w) => one(nn::conv2d(x(0), x(1), w)?),
+            Kernel::Depthwise(w) => one(nn::depthwise_conv2d(x(0), x(1), w)?),
+            Kernel::MatMul { ta, tb } => one(nn::matmul(x(0), x(1), *ta, *tb)?),
+            Kernel::BatchMatMul { adj_a, adj_b } => {
+                one(nn::batch_matmul(x(0), x(1), *adj_a, *adj_b)?)
+            }
+            Kernel::Pool { kind, ksize, win } => one(nn::pool(x(0), *kind, *ksize, win)?),
+            Kernel::BatchNorm {
+                epsilon,
+                channels_first,
+            } => {
+                let y = nn::batch_norm_inference(
+                    x(0),
+                    x(1),
+                    x(2),
+                    x(3),
+                    x(4),
+                    *epsilon,
+                    *channels_first,
+                )?;
+                let empty = Value::from_vec(vec![0], Vec::<f32>::new());
+                Ok(vec![
+                    y,
+                    x(3).clone(),
+                    x(4).clone(),
+                    x(3).clone(),
+                    x(4).clone(),
+                    empty,
+                ])
+            }
+            Kernel::Softmax { log } => one(nn::softmax(x(0), *log)?),
+            Kernel::Reduce { op, keep_dims } => one(array::reduce(x(0), x(1), *op, *keep_dims)?),
+            Kernel::ArgReduce { max, out } => one(array::arg_reduce(x(0), x(1), *max, *out)?),
+            Kernel::Gather { axis_input } => {
+                let axis = if *axis_input {
+                    scalar(x(2), "GatherV2 axis")?
+                } else {
+                    0
+                };
+                one(array::gather(x(0), x(1), axis)?)
+            }
+            Kernel::ExpandDims => one(array::expand_dims(x(0), x(1))?),
+            Kernel::Squeeze(dims) => one(array::squeeze(x(0), dims)?),
+            Kernel::Reshape => one(array::reshape(x(0), x(1))?),
+            Kernel::Shape(dt) => one(array::int_vector(&x(0).shape, *dt)?),
+            Kernel::Size(dt) => one(array::int_vector(&[x(0).len()], *dt)?.reshaped(vec![])?),
+            Kernel::Rank => one(Value::scalar(x(0).rank() as i32)),
+            Kernel::StridedSlice(m) => one(array::strided_slice(x(0), x(1), x(2), x(3), *m)?),
+            Kernel::Slice => one(array::slice(x(0), x(1), x(2))?),
+            Kernel::Pack(axis) => one(array::pack(&inputs, *axis)?),
+            Kernel::Unpack(axis) => array::unpack(x(0), *axis),
+            Kernel::Concat { axis_first } => {
+                let (axis, parts) = if *axis_first {
+                    (scalar(x(0), "Concat axis")?, &inputs[1..])
+                } else {
+                    let n = inputs.len();
+                    (scalar(x(n - 1), "ConcatV2 axis")?, &inputs[..n - 1])
+                };
+                one(array::concat(parts, axis)?)
+            }
+            Kernel::Pad => one(array::pad(x(0), x(1), None, None)?),
+            Kernel::PadV2 => one(array::pad(x(0), x(1), Some(x(2)), None)?),
+            Kernel::MirrorPad { reflect } => one(array::pad(x(0), x(1), None, Some(*reflect))?),
+            Kernel::Transpose => one(array::transpose(x(0), x(1))?),
+            Kernel::Tile => one(array::tile(x(0), x(1))?),
+            Kernel::Fill => one(array::fill(x(0), x(1))?),
+            Kernel::ZerosLike | Kernel::OnesLike => {
+                let v = if matches!(self, Kernel::OnesLike) {
+                    1u8
+                } else {
+                    0
+                };
+                let s = elementwise::cast(&Value::scalar(v), x(0).dtype())?;
+                let dims = array::int_vector(&x(0).shape, DType::I64)?;
+                one(array::fill(&dims, &s)?)
+            }
+            Kernel::Range => one(array::range(x(0), x(1), x(2))?),
+            Kernel::Cast(to) => one(elementwise::cast(x(0), *to)?),
+            Kernel::Select { v2 } => one(elementwise::select(x(0), x(1), x(2), *v2)?),
+            Kernel::RandomUniform { dtype, seed } => one(random_uniform(x(0), *dtype, *seed)?),
+            Kernel::Dequantize => one(dequantize(
+                x(0),
+                quant.inputs.first().and_then(|q| q.as_ref()),
+            )?),
+        }
+    }
+}
+
+fn scalar(v: &Value, what: &str) -> Result<i64> {
+    match v.to_i64s()?.as_slice() {
+        [a] => Ok(*a),
+        _ => Err(Error::msg(format!(
+            "{what} must be a scalar, got shape {:?}",
+            v.shape
+        ))),
+    }
+}
+
+/// Uniform values in [0, 1) from a SplitMix64 stream keyed by the op's seeds. The
+/// values differ from TensorFlow's Philox stream; graphs whose outputs depend on
+/// them (dropout in training mode) are not expected to match TensorFlow.
+fn random_uniform(shape: &Value, dtype: DType, seed: u64) -> Result<Value> {
+    let dims = shape.to_i64s()?;
+    if dims.iter().any(|&d| d < 0) {
+        return Err(Error::msg(format!("negative shape {dims:?}")));
+    }
+    let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let n = crate::ir::num_elements(&shape)
+        .filter(|&n| n <= 1 << 31)
+        .ok_or_else(|| Error::msg(format!("shape {dims:?} is too large")))?;
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let v: Vec<f64> = (0..n)
+        .map(|_| (next() >> 40) as f64 / (1u64 << 24) as f64)
+        .collect();
+    elementwise::cast(&Value::from_vec(shape, v), dtype)
+}
+
+/// Float16 → float32, or an affine-quantized integer tensor → float32 with the
+/// quantization of its producer (`(q - zero_point) * scale`, per tensor or per axis).
+pub fn dequantize(x: &Value, q: Option<&QuantParams>) -> Result<Value> {
+    match &*x.buf {
+        Buf::F16(v) => Ok(Value::from_vec(
+            x.shape.clone(),
+            v.iter().map(|h| h.to_f32()).collect(),
+        )),
+        Buf::I8(_) | Buf::U8(_) | Buf::I16(_) | Buf::I32(_) => {
+            let q = q.ok_or_else(|| {
+                Error::msg(format!(
+                    "Dequantize of a {} tensor without quantization parameters",
+                    x.dtype()
+                ))
+            })?;
+            let vals = x.to_i64s()?;
+            let (channels, inner) = match q.axis {
+                None => (1, x.len().max(1)),
+                Some(a) => {
+                    let a = a as usize;
+                    if a >= x.rank() {
+                        return Err(Error::msg(format!(
+                            "quantization axis {a} is out of range for shape {:?}",
+                            x.shape
+                        )));
+                    }
+                    (
+                        x.shape[a],
+                        x.shape[a + 1..].iter().product::<usize>().max(1),
+                    )
+                }
+            };
+            if q.scale.len() != channels || q.zero_point.len() != channels {
+                return Err(Error::msg(format!(
+                    "{} scales / {} zero points for {channels} channels",
+                    q.scale.len(),
+                    q.zero_point.len()
+                )));
+            }
+            let out = vals
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let c = (i / inner) % channels;
+                    (v - q.zero_point[c]) as f32 * q.scale[c]
+                })
+                .collect();
+            Ok(Value::from_vec(x.shape.clone(), out))
+        }
+        _ => Err(Error::msg(format!("Dequantize of a {} tensor", x.dtype()))),
+    }
+}
+
+/// Reads a `Shape` attribute (`None` = unknown rank).
+pub fn shape_attr(node: &Node, key: &str) -> Option<Vec<i64>> {
+    match node.attr(key) {
+        Some(Attr::Shape(s)) => s.clone(),
+        _ => None,
+    }
+}

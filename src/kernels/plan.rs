@@ -1,0 +1,361 @@
+//! Compiling a graph into an execution plan and running it.
+//!
+//! A plan is the nodes the fetches need, in topological order (ties broken by node
+//! position), each resolved to a [`Kernel`] with its inputs as slot numbers. Every
+//! value lives in a slot until its last reader takes it, so intermediate buffers are
+//! freed as soon as they are dead. Control edges are ignored: the graphs qpipe runs
+//! are pure dataflow.
+
+use std::collections::HashMap;
+
+use super::ops::{shape_attr, Kernel, StepQuant};
+use super::value::Value;
+use crate::error::{Error, Result};
+use crate::ir::{DType, Graph, Tensor, TensorRef};
+
+/// A fed tensor: a placeholder (or any node) whose output 0 the caller provides.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub name: String,
+    /// From the placeholder's `dtype` attribute, when it has one.
+    pub dtype: Option<DType>,
+    /// From its `shape` attribute (-1 = any size).
+    pub shape: Option<Vec<i64>>,
+    slot: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    name: String,
+    op: String,
+    kernel: Kernel,
+    /// (slot, whether this step is the slot's last reader and takes the value).
+    inputs: Vec<(usize, bool)>,
+    /// Slot for each output index that someone reads.
+    outputs: Vec<Option<usize>>,
+    quant: StepQuant,
+}
+
+/// A compiled graph, reusable across batches and threads.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    steps: Vec<Step>,
+    n_slots: usize,
+    inputs: Vec<PlanInput>,
+    fetches: Vec<usize>,
+    fetch_refs: Vec<TensorRef>,
+}
+
+impl Plan {
+    /// Compiles the part of `graph` that `fetches` need, with `feeds` (node names)
+    /// provided at run time.
+    pub fn compile(graph: &Graph, feeds: &[&str], fetches: &[TensorRef]) -> Result<Plan> {
+        let index = graph.index()?;
+        let lookup = |name: &str, what: &str| -> Result<usize> {
+            index
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::msg(format!("{what} '{name}' is not a node of the graph")))
+        };
+        let mut fed = vec![false; graph.nodes.len()];
+        let mut feed_idx = Vec::with_capacity(feeds.len());
+        for f in feeds {
+            let i = lookup(f, "feed")?;
+            if std::mem::replace(&mut fed[i], true) {
+                return Err(Error::msg(format!("'{f}' is fed twice")));
+            }
+            feed_idx.push(i);
+        }
+        let mut needed = vec![false; graph.nodes.len()];
+        let mut stack = Vec::new();
+        for r in fetches {
+            let i = lookup(&r.node, "fetch")?;
+            if fed[i] && r.index != 0 {
+                return Err(Error::msg(format!("cannot fetch '{r}' of a fed node")));
+            }
+            stack.push(i);
+        }
+        // Producer position of every data input, resolved once.
+        let mut producers: Vec<Vec<usize>> = vec![Vec::new(); graph.nodes.len()];
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut needed[i], true) || fed[i] {
+                continue;
+            }
+            let node = &graph.nodes[i];
+            for r in &node.inputs {
+                let j = index.get(r.node.as_str()).copied().ok_or_else(|| {
+                    Error::msg(format!(
+                        "node '{}' ({}) has input '{}', which is not in the graph",
+                        node.name, node.op, r.node
+                    ))
+                })?;
+                producers[i].push(j);
+                if !needed[j] {
+                    stack.push(j);
+                }
+            }
+        }
+        // Kahn's algorithm over data edges of needed, unfed nodes; ready nodes by position.
+        let mut indegree = vec![0usize; graph.nodes.len()];
+        let mut succs: Vec<Vec<usize>> = vec![Vec::new(); graph.nodes.len()];
+        for i in 0..graph.nodes.len() {
+            if needed[i] && !fed[i] {
+                for &j in &producers[i] {
+                    if !fed[j] {
+                        indegree[i] += 1;
+                        succs[j].push(i);
+                    }
+                }
+            }
+        }
+        let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
+            (0..graph.nodes.len())
+                .filter(|&i| needed[i] && !fed[i] && indegree[i] == 0)
+                .map(std::cmp::Reverse)
+                .collect();
+        let mut order = Vec::new();
+        while let Some(std::cmp::Reverse(i)) = ready.pop() {
+            order.push(i);
+            for &s in &succs[i] {
+                indegree[s] -= 1;
+                if indegree[s] == 0 {
+                    ready.push(std::cmp::Reverse(s));
+                }
+            }
+        }
+        let n_run = (0..graph.nodes.len())
+            .filter(|&i| needed[i] && !fed[i])
+            .count();
+        if order.len() != n_run {
+            let stuck = (0..graph.nodes.len())
+                .find(|&i| needed[i] && !fed[i] && indegree[i] > 0)
+                .unwrap_or(0);
+            return Err(Error::msg(format!(
+                "the graph has a cycle through node '{}' ({})",
+                graph.nodes[stuck].name, graph.nodes[stuck].op
+            )));
+        }
+
+        let mut slot_of: HashMap<(usize, u32), usize> = HashMap::new();
+        let mut n_slots = 0usize;
+        let mut slot = |key: (usize, u32)| -> usize {
+            *slot_of.entry(key).or_insert_with(|| {
+                n_slots += 1;
+                n_slots - 1
+            })
+        };
+        let inputs: Vec<PlanInput> = feed_idx
+            .iter()
+            .map(|&i| {
+                let n = &graph.nodes[i];
+                PlanInput {
+                    name: n.name.clone(),
+                    dtype: n.attr_type("dtype").ok(),
+                    shape: shape_attr(n, "shape"),
+                    slot: slot((i, 0)),
+                }
+            })
+            .collect();
+        let mut steps = Vec::with_capacity(order.len());
+        for &i in &order {
+            let node = &graph.nodes[i];
+            let kernel = Kernel::compile(node)
+                .map_err(|e| e.context(format!("node '{}' ({})", node.name, node.op)))?;
+            let in_slots: Vec<(usize, bool)> = node
+                .inputs
+                .iter()
+                .zip(&producers[i])
+                .map(|(r, &j)| (slot((j, r.index)), false))
+                .collect();
+            let quant = StepQuant {
+                inputs: node
+                    .inputs
+                    .iter()
+                    .zip(&producers[i])
+                    .map(|(r, &j)| graph.nodes[j].output_quant.get(&r.index).cloned())
+                    .collect(),
+                outputs: Vec::new(),
+            };
+            steps.push(Step {
+                name: node.name.clone(),
+                op: node.op.clone(),
+                kernel,
+                inputs: in_slots,
+                outputs: Vec::new(),
+                quant,
+            });
+        }
+        let fetch_slots: Vec<usize> = fetches
+            .iter()
+            .map(|r| slot((index[r.node.as_str()], r.index)))
+            .collect();
+        // Output slots: only those some step or fetch reads.
+        let step_of: HashMap<usize, usize> =
+            order.iter().enumerate().map(|(s, &i)| (i, s)).collect();
+        for (&(node, port), &s) in &slot_of {
+            if let Some(&st) = step_of.get(&node) {
+                let outs = &mut steps[st].outputs;
+                if outs.len() <= port as usize {
+                    outs.resize(port as usize + 1, None);
+                }
+                outs[port as usize] = Some(s);
+            }
+        }
+        for (st, &i) in order.iter().enumerate() {
+            let q = &graph.nodes[i].output_quant;
+            let n = steps[st].outputs.len();
+            steps[st].quant.outputs = (0..n as u32).map(|p| q.get(&p).cloned()).collect();
+        }
+        let mut last_use = vec![usize::MAX; n_slots];
+        let mut is_fetch = vec![false; n_slots];
+        for &f in &fetch_slots {
+            is_fetch[f] = true;
+        }
+        for (st, step) in steps.iter().enumerate() {
+            for &(s, _) in &step.inputs {
+                last_use[s] = st;
+            }
+        }
+        for (st, step) in steps.iter_mut().enumerate() {
+            let n = step.inputs.len();
+            for k in 0..n {
+                let s = step.inputs[k].0;
+                let later = step.inputs[k + 1..].iter().any(|&(t, _)| t == s);
+                step.inputs[k].1 = last_use[s] == st && !is_fetch[s] && !later;
+            }
+        }
+        Ok(Plan {
+            steps,
+            n_slots,
+            inputs,
+            fetches: fetch_slots,
+            fetch_refs: fetches.to_vec(),
+        })
+    }
+
+    /// The fed tensors, in the order [`Plan::run_values`] expects them.
+    pub fn inputs(&self) -> &[PlanInput] {
+        &self.inputs
+    }
+
+    pub fn fetches(&self) -> &[TensorRef] {
+        &self.fetch_refs
+    }
+
+    /// Number of kernels the plan runs.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Runs the plan on values given in [`Plan::inputs`] order.
+    pub fn run_values(&self, feeds: Vec<Value>) -> Result<Vec<Value>> {
+        if feeds.len() != self.inputs.len() {
+            return Err(Error::msg(format!(
+                "{} feeds given, the plan takes {}",
+                feeds.len(),
+                self.inputs.len()
+            )));
+        }
+        let mut slots: Vec<Option<Value>> = vec![None; self.n_slots];
+        for (inp, v) in self.inputs.iter().zip(feeds) {
+            check_feed(inp, &v)?;
+            slots[inp.slot] = Some(v);
+        }
+        for step in &self.steps {
+            let mut args = Vec::with_capacity(step.inputs.len());
+            for &(s, take) in &step.inputs {
+                let v = if take {
+                    slots[s].take()
+                } else {
+                    slots[s].clone()
+                };
+                args.push(v.ok_or_else(|| {
+                    Error::msg(format!(
+                        "node '{}' ({}): an input was not computed",
+                        step.name, step.op
+                    ))
+                })?);
+            }
+            let outs = step
+                .kernel
+                .exec(args, &step.quant)
+                .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
+            let n_outs = outs.len();
+            for (port, v) in outs.into_iter().enumerate() {
+                if let Some(Some(s)) = step.outputs.get(port) {
+                    slots[*s] = Some(v);
+                }
+            }
+            if step.outputs.len() > n_outs {
+                return Err(Error::msg(format!(
+                    "node '{}' ({}) has {n_outs} outputs, output {} is read",
+                    step.name,
+                    step.op,
+                    step.outputs.len() - 1
+                )));
+            }
+        }
+        self.fetches
+            .iter()
+            .zip(&self.fetch_refs)
+            .map(|(&s, r)| {
+                slots[s]
+                    .clone()
+                    .ok_or_else(|| Error::msg(format!("fetch '{r}' was not computed")))
+            })
+            .collect()
+    }
+
+    /// Runs the plan on named IR tensors (every plan input must be given).
+    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        let mut vals = Vec::with_capacity(self.inputs.len());
+        for inp in &self.inputs {
+            let t = feeds
+                .iter()
+                .find(|(n, _)| *n == inp.name)
+                .ok_or_else(|| Error::msg(format!("input '{}' was not fed", inp.name)))?;
+            vals.push(Value::from_tensor(&t.1)?);
+        }
+        Ok(self
+            .run_values(vals)?
+            .iter()
+            .map(Value::to_tensor)
+            .collect())
+    }
+}
+
+fn check_feed(inp: &PlanInput, v: &Value) -> Result<()> {
+    if let Some(dt) = inp.dtype {
+        if dt != v.dtype() {
+            return Err(Error::msg(format!(
+                "input '{}' is {dt}, the fed tensor is {}",
+                inp.name,
+                v.dtype()
+            )));
+        }
+    }
+    if let Some(shape) = &inp.shape {
+        let ok = shape.len() == v.rank()
+            && shape
+                .iter()
+                .zip(&v.shape)
+                .all(|(&d, &s)| d < 0 || d as usize == s);
+        if !ok {
+            return Err(Error::msg(format!(
+                "input '{}' has shape {shape:?}, the fed tensor has {:?}",
+                inp.name, v.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `graph` once: feeds by node name, fetches by tensor reference.
+pub fn run(graph: &Graph, feeds: &[(&str, Tensor)], fetches: &[TensorRef]) -> Result<Vec<Tensor>> {
+    let names: Vec<&str> = feeds.iter().map(|(n, _)| *n).collect();
+    Plan::compile(graph, &names, fetches)?.run(feeds)
+}
