@@ -398,6 +398,7 @@ fn folds_decomposed_batch_norm_into_matmul() {
     assert!(d <= 1e-6, "{d}");
     let keep = StripOptions {
         fold_batch_norm: false,
+        ..StripOptions::default()
     };
     let (s2, _) = strip(&b.g, &b.g.inputs, &b.g.outputs, &keep).unwrap();
     assert!(ops(&s2).contains_key("Mul") && ops(&s2).contains_key("AddV2"));
@@ -418,6 +419,7 @@ fn training_mode_batch_norm_is_an_error() {
     );
     let nofold = StripOptions {
         fold_batch_norm: false,
+        ..StripOptions::default()
     };
     let e = strip(&b.g, &b.g.inputs, &b.g.outputs, &nofold)
         .unwrap_err()
@@ -545,13 +547,14 @@ impl qpipe::stages::Memo for NoMemo {
 #[test]
 fn runs_as_a_stage_with_the_recipe_model_names() {
     let factory = qpipe::stages::registry::factory("strip_training").unwrap();
-    let table: toml::Table = toml::from_str("input = \"freeze\"").unwrap();
+    let table = qpipe::stages::ConfigTable::parse("input = \"freeze\"").unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(
         stage.deps().stages,
         vec![("input".to_string(), "freeze".to_string())]
     );
-    let bad: toml::Table = toml::from_str("input = \"freeze\"\nfold_batchnorm = false").unwrap();
+    let bad =
+        qpipe::stages::ConfigTable::parse("input = \"freeze\"\nfold_batchnorm = false").unwrap();
     assert!((factory.build)(&bad).is_err());
 
     let g = with_dropout(tf2_dropout(0.0));
@@ -587,4 +590,231 @@ fn runs_as_a_stage_with_the_recipe_model_names() {
         out.metrics["nodes_after"].as_u64().unwrap()
             < out.metrics["nodes_before"].as_u64().unwrap()
     );
+}
+
+fn eval_outputs(g: &Graph, m: &str) -> Vec<f32> {
+    let x = fixture_npy(m, "eval_x.npy");
+    let input = g.inputs[0].clone();
+    let out = qpipe::kernels::run(g, &[(input.as_str(), x)], &g.outputs).unwrap();
+    out[0].to_f32_vec().unwrap()
+}
+
+fn strip_and_check(m: &str, g: &Graph) -> StripReport {
+    let (s, rep) = strip_default(g).unwrap_or_else(|e| panic!("{m}: {e}"));
+    for n in &s.nodes {
+        assert!(
+            !matches!(
+                n.op.as_str(),
+                "RandomUniform"
+                    | "Assert"
+                    | "PlaceholderWithDefault"
+                    | "Identity"
+                    | "Shape"
+                    | "StridedSlice"
+                    | "Pack"
+                    | "Rsqrt"
+                    | "SelectV2"
+                    | "GreaterEqual"
+                    | "VariableV2"
+                    | "VarHandleOp"
+                    | "ReadVariableOp"
+            ) && !n.op.starts_with("FusedBatchNorm"),
+            "{m}: {} ({}) left",
+            n.name,
+            n.op
+        );
+        assert!(n.control_inputs.is_empty());
+    }
+    assert_eq!(s.outputs, g.outputs);
+    let unstripped = eval_outputs(g, m);
+    let stripped = eval_outputs(&s, m);
+    let d = max_abs_diff(&unstripped, &stripped);
+    assert!(d <= 1e-6, "{m}: stripped differs from unstripped by {d}");
+    let tf = fixture_npy(m, "tf_eval_out.npy").to_f32_vec().unwrap();
+    let d = max_abs_diff(&tf, &stripped);
+    assert!(d <= 1e-5, "{m}: stripped differs from TensorFlow by {d}");
+    rep
+}
+
+#[test]
+fn strips_every_fixture_model() {
+    for m in FIXTURES {
+        let rep = strip_and_check(m, &frozen_graph(m));
+        match m {
+            "push_student" => {
+                assert_eq!(rep.removed.get("RandomUniform"), Some(&1));
+                assert_eq!(rep.placeholder_defaults_bound, 1);
+            }
+            "conv_bn" => {
+                assert_eq!(rep.removed.get("RandomUniform"), Some(&1));
+                assert_eq!(rep.reshape_targets_resolved, 1);
+                assert_eq!(rep.batch_norms_folded, 1);
+                assert_eq!(rep.removed.get("FusedBatchNormV3"), Some(&1));
+            }
+            _ => {
+                assert_eq!(rep.folded.get("Rsqrt"), Some(&1));
+                assert_eq!(
+                    (rep.muls_folded_into_weights, rep.adds_folded_into_bias),
+                    (1, 1)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn strips_graphs_qpipe_froze_from_the_checkpoints() {
+    for m in FIXTURES {
+        let info = model_json(m);
+        let model = qpipe::stages::ModelSpec {
+            source: qpipe::stages::ModelSource::Checkpoint(fixture_dir(m).join("best_validation")),
+            inputs: info["inputs"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect(),
+            outputs: info["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o.as_str().unwrap().to_string())
+                .collect(),
+            input_shapes: BTreeMap::new(),
+        };
+        let g = qpipe::formats::tf::freeze_model(&model).unwrap_or_else(|e| panic!("{m}: {e}"));
+        strip_and_check(m, &g);
+    }
+}
+
+#[test]
+fn deep_chains_strip_in_linear_time() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1]));
+    b.konst("one", f32t(&[], &[1.0]));
+    let n = 100_000;
+    let mut prev = "x".to_string();
+    for i in 0..n {
+        let name = format!("n{i}");
+        match i % 4 {
+            0 => b.op(&name, "Identity", &[&prev], &[]),
+            1 => b.op(&name, "Relu", &[&prev], &[]),
+            2 => b.op(&name, "Mul", &[&prev, "one"], &[]),
+            _ => b.op(&name, "StopGradient", &[&prev], &[]),
+        };
+        prev = name;
+    }
+    b.op("out", "Identity", &[&prev], &[]);
+    b.output("out");
+    let t = std::time::Instant::now();
+    let (s, rep) = strip_default(&b.g).unwrap();
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+    assert_eq!(ops(&s).get("Relu"), Some(&(n / 4)));
+    assert_eq!(rep.simplified.get("Mul"), Some(&(n / 4)));
+    assert_eq!(s.nodes.len(), n / 4 + 2);
+    let y = run1(&s, &[("x", f32t(&[2], &[-1., 2.]))], "out");
+    assert_eq!(y.to_f32_vec().unwrap(), vec![0., 2.]);
+}
+
+#[test]
+fn prunes_dead_branches_of_a_constant_learning_phase() {
+    // TF1 Keras: cond(learning_phase, training_fn, inference_fn) as Switch/Merge.
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3]));
+    b.konst("lp/input", Tensor::scalar(false));
+    b.op(
+        "keras_learning_phase",
+        "PlaceholderWithDefault",
+        &["lp/input"],
+        &[
+            ("dtype", Attr::Type(DType::Bool)),
+            ("shape", Attr::Shape(Some(vec![]))),
+        ],
+    );
+    b.op("h", "Relu", &["x"], &[]);
+    b.op(
+        "cond/pred_id",
+        "Identity",
+        &["keras_learning_phase"],
+        &[("T", Attr::Type(DType::Bool))],
+    );
+    b.op("cond/Switch_1", "Switch", &["h", "cond/pred_id"], &[]);
+    // training branch (output 1): a dropout-like scale; inference branch (output 0): identity
+    b.konst("cond/half", f32t(&[], &[0.5]));
+    b.op("cond/mul", "Mul", &["cond/Switch_1:1", "cond/half"], &[]);
+    b.op("cond/Identity", "Identity", &["cond/Switch_1"], &[]);
+    b.op(
+        "cond/Merge",
+        "Merge",
+        &["cond/Identity", "cond/mul"],
+        &[("N", Attr::Int(2))],
+    );
+    b.op("out", "Neg", &["cond/Merge"], &[]);
+    b.output("out");
+    let (s, rep) = strip_default(&b.g).unwrap();
+    assert_eq!(
+        ops(&s),
+        BTreeMap::from([
+            ("Neg".to_string(), 1),
+            ("Placeholder".to_string(), 1),
+            ("Relu".to_string(), 1),
+        ])
+    );
+    assert_eq!(s.node("out").unwrap().inputs[0].node, "h");
+    assert_eq!(
+        (rep.simplified.get("Switch"), rep.simplified.get("Merge")),
+        (Some(&1), Some(&1))
+    );
+    // With the learning phase declared as an input the branches stay, and say so.
+    let inputs = vec!["x".to_string(), "keras_learning_phase".to_string()];
+    let e = strip(&b.g, &inputs, &b.g.outputs, &StripOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(Switch): control flow"), "{e}");
+}
+
+#[test]
+fn binds_plain_placeholders_to_constants() {
+    // A TF1 script's `dropout_keep_prob = tf.placeholder(tf.float32)`.
+    let mut g = with_dropout(tf1_dropout(1.0));
+    let keep = g.node_mut("keep_prob").unwrap();
+    keep.op = "Placeholder".into();
+    keep.inputs.clear();
+    let inputs = vec!["x".to_string()];
+    let e = strip(&g, &inputs, &g.outputs, &StripOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'keep_prob' (Placeholder)"), "{e}");
+    let opts = StripOptions {
+        bind: BTreeMap::from([("keep_prob".to_string(), 1.0)]),
+        ..StripOptions::default()
+    };
+    let (s, _) = strip(&g, &inputs, &g.outputs, &opts).unwrap();
+    assert_clean(&s);
+    let x = f32t(&[2, 6], &Rng::new(2).vec(12));
+    let want = run1(
+        &g,
+        &[("x", x.clone()), ("keep_prob", f32t(&[], &[1.0]))],
+        "out",
+    );
+    assert_eq!(run1(&s, &[("x", x)], "out"), want);
+    let bad = StripOptions {
+        bind: BTreeMap::from([("w".to_string(), 1.0)]),
+        ..StripOptions::default()
+    };
+    let e = strip(&g, &inputs, &g.outputs, &bad).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(
+        e.to_string()
+            .contains("bind: 'w' is a Const node, not a placeholder"),
+        "{e}"
+    );
+
+    let factory = qpipe::stages::registry::factory("strip_training").unwrap();
+    let table = qpipe::stages::ConfigTable::parse(
+        "input = \"freeze\"\nbind = { keep_prob = 1.0, is_training = false }",
+    )
+    .unwrap();
+    let stage = (factory.build)(&table).unwrap();
+    assert_eq!(stage.config()["bind"]["keep_prob"], 1.0);
 }

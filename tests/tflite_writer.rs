@@ -327,10 +327,12 @@ impl qpipe::stages::Memo for NoMemo {
 #[test]
 fn export_tflite_stage_writes_the_file_and_reports_metrics() {
     let factory = qpipe::stages::registry::factory("export_tflite").unwrap();
-    let table: toml::Table = toml::from_str("input = \"strip\"\npath = \"m.tflite\"").unwrap();
+    let table =
+        qpipe::stages::ConfigTable::parse("input = \"strip\"\npath = \"m.tflite\"").unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(stage.deps().stages, vec![("input".into(), "strip".into())]);
-    let bad: toml::Table = toml::from_str("input = \"strip\"\npath = \"m\"\nfoo = 1").unwrap();
+    let bad =
+        qpipe::stages::ConfigTable::parse("input = \"strip\"\npath = \"m\"\nfoo = 1").unwrap();
     assert!((factory.build)(&bad).is_err(), "unknown keys are rejected");
 
     let mut g = small_graph();

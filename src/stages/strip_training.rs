@@ -5,11 +5,17 @@
 //! placeholders and the graph is cut to the declared outputs; pass-through ops
 //! (`Identity` chains, `StopGradient`, `CheckNumerics`, `Print`, undeclared
 //! `PlaceholderWithDefault` = its default) are bypassed; constant folding by abstract
-//! interpretation ([`fold`]) resolves shape computations and removes dropout; batch
+//! interpretation ([`fold`]) resolves shape computations, removes dropout and prunes
+//! `Switch`/`Merge` branches of constant predicates (a Keras learning phase); batch
 //! norms are folded into weights ([`bn`]). What is left must be an inference op:
 //! random, stateful, training-mode or undeclared-input nodes are reported by name.
 //!
-//! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`).
+//! Inputs and outputs are the upstream graph's (which `freeze` takes from the recipe's
+//! `[model]`), or the recipe's when the graph declares none.
+//!
+//! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`);
+//! `bind` (default empty): placeholders to replace by scalar constants, for graphs
+//! whose keep probability or training flag is a plain placeholder.
 
 mod bn;
 mod fold;
@@ -34,13 +40,19 @@ pub struct StripTrainingConfig {
     /// and matrix products) into weights and biases.
     #[serde(default = "yes")]
     pub fold_batch_norm: bool,
+    /// Placeholders to replace by a scalar constant, e.g. `{ dropout_keep_prob = 1.0 }`
+    /// for a TF1 script whose keep probability is a plain placeholder.
+    #[serde(default)]
+    pub bind: BTreeMap<String, toml::Value>,
 }
 
 pub struct StripTraining {
     config: StripTrainingConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(StripTraining {
         config: super::parse_config(table)?,
     }))
@@ -50,14 +62,51 @@ pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::d
 #[derive(Debug, Clone)]
 pub struct StripOptions {
     pub fold_batch_norm: bool,
+    /// Placeholder name → the scalar it is bound to (cast to the placeholder's dtype).
+    pub bind: BTreeMap<String, f64>,
 }
 
 impl Default for StripOptions {
     fn default() -> Self {
         StripOptions {
             fold_batch_norm: true,
+            bind: BTreeMap::new(),
         }
     }
+}
+
+/// Replaces each bound placeholder by a scalar constant of its dtype.
+fn bind_placeholders(g: &mut Graph, bind: &BTreeMap<String, f64>, inputs: &[String]) -> Result<()> {
+    for (name, &v) in bind {
+        if inputs.contains(name) {
+            return Err(Error::usage(format!(
+                "bind: '{name}' is a declared model input; it cannot also be bound"
+            )));
+        }
+        let n = g
+            .node_mut(name)
+            .ok_or_else(|| Error::usage(format!("bind: '{name}' is not a node of the graph")))?;
+        if n.op != "Placeholder" && n.op != "PlaceholderWithDefault" {
+            return Err(Error::usage(format!(
+                "bind: '{name}' is a {} node, not a placeholder",
+                n.op
+            )));
+        }
+        if let Some(Attr::Shape(Some(dims))) = n.attr("shape") {
+            if !dims.is_empty() {
+                return Err(Error::usage(format!(
+                    "bind: '{name}' has shape {dims:?}; only scalars can be bound"
+                )));
+            }
+        }
+        let dtype = n.attr_type("dtype")?;
+        let value = crate::kernels::elementwise::cast(&crate::kernels::Value::scalar(v), dtype)
+            .map_err(|e| e.context(format!("bind: '{name}'")))?;
+        let mut c = Node::constant(name.clone(), value.to_tensor());
+        c.device = n.device.clone();
+        *n = c;
+    }
+    Ok(())
 }
 
 /// What [`strip`] did.
@@ -168,10 +217,7 @@ fn prune(g: &mut Graph) -> Result<()> {
 
 /// Bypasses pass-through nodes: every reader reads the original tensor. Graph
 /// outputs keep their names (as an `Identity` of the resolved tensor).
-fn bypass_passthroughs(
-    g: &mut Graph,
-    declared: &HashSet<String>,
-) -> Result<BTreeMap<String, usize>> {
+fn bypass_passthroughs(g: &mut Graph, declared: &HashSet<String>) -> Result<()> {
     let idx: HashMap<String, usize> = g
         .nodes
         .iter()
@@ -180,51 +226,34 @@ fn bypass_passthroughs(
         .collect();
     let is_pt =
         |n: &Node| passthrough(&n.op) && !declared.contains(&n.name) && !n.inputs.is_empty();
-    let resolve = |r: &TensorRef| -> Result<TensorRef> {
-        let mut cur = r.clone();
-        for _ in 0..=g.nodes.len() {
-            let Some(&i) = idx.get(&cur.node) else {
-                return Ok(cur);
-            };
-            let n = &g.nodes[i];
+    // In topological order a pass-through's own inputs are already resolved, so one
+    // hop resolves a whole chain.
+    for i in g.topo_order()? {
+        let mut inputs = std::mem::take(&mut g.nodes[i].inputs);
+        for r in inputs.iter_mut() {
+            let Some(&j) = idx.get(&r.node) else { continue };
+            let n = &g.nodes[j];
             if !is_pt(n) {
-                return Ok(cur);
+                continue;
             }
-            let k = if n.op == "IdentityN" {
-                cur.index as usize
-            } else if cur.index == 0 {
-                0
-            } else {
-                return Ok(cur);
+            let k = match (n.op.as_str(), r.index) {
+                ("IdentityN", k) => k as usize,
+                (_, 0) => 0,
+                _ => continue,
             };
-            cur = n.inputs.get(k).cloned().ok_or_else(|| {
+            *r = n.inputs.get(k).cloned().ok_or_else(|| {
                 Error::msg(format!("node '{}' ({}) has no input {k}", n.name, n.op))
             })?;
         }
-        Err(Error::msg(format!(
-            "a cycle of pass-through nodes through '{}'",
-            r.node
-        )))
-    };
-    let mut rewired: Vec<Vec<TensorRef>> = Vec::with_capacity(g.nodes.len());
-    for n in &g.nodes {
-        rewired.push(n.inputs.iter().map(&resolve).collect::<Result<_>>()?);
+        g.nodes[i].inputs = inputs;
     }
-    let mut removed = BTreeMap::new();
     let outputs: HashSet<String> = g.outputs.iter().map(|r| r.node.clone()).collect();
-    let mut keep_as_identity = Vec::new();
-    for (i, n) in g.nodes.iter().enumerate() {
-        if is_pt(n) {
-            if outputs.contains(&n.name) && n.op != "IdentityN" {
-                keep_as_identity.push(i);
-            } else {
-                *removed.entry(n.op.clone()).or_default() += 1;
-            }
-        }
-    }
-    for (n, ins) in g.nodes.iter_mut().zip(rewired) {
-        n.inputs = ins;
-    }
+    let keep_as_identity: Vec<usize> = (0..g.nodes.len())
+        .filter(|&i| {
+            let n = &g.nodes[i];
+            is_pt(n) && outputs.contains(&n.name) && n.op != "IdentityN"
+        })
+        .collect();
     for i in keep_as_identity {
         let n = &mut g.nodes[i];
         if n.op != "Identity" {
@@ -239,7 +268,7 @@ fn bypass_passthroughs(
             n.inputs.truncate(1);
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
 /// Strips `graph` to an inference graph from `inputs` to `outputs`.
@@ -283,6 +312,7 @@ pub fn strip(
         report.control_edges_removed += n.control_inputs.len();
         n.control_inputs.clear();
     }
+    bind_placeholders(&mut g, &opts.bind, inputs)?;
     let declared: HashSet<String> = inputs.iter().cloned().collect();
     for n in g.nodes.iter_mut() {
         if !declared.contains(&n.name) || n.op == "Placeholder" {
@@ -406,14 +436,14 @@ impl Stage for StripTraining {
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
-        let inputs = if ctx.model.inputs.is_empty() {
-            graph.inputs.clone()
-        } else {
+        // The upstream graph carries the recipe's inputs/outputs (freeze sets them), which
+        // keeps this stage a function of its input artifact; the recipe is the fallback.
+        let inputs = if graph.inputs.is_empty() {
             ctx.model.inputs.clone()
-        };
-        let outputs: Vec<TensorRef> = if ctx.model.outputs.is_empty() {
-            graph.outputs.clone()
         } else {
+            graph.inputs.clone()
+        };
+        let outputs: Vec<TensorRef> = if graph.outputs.is_empty() {
             ctx.model
                 .outputs
                 .iter()
@@ -422,9 +452,28 @@ impl Stage for StripTraining {
                         .ok_or_else(|| Error::usage(format!("bad output name '{s}'")))
                 })
                 .collect::<Result<_>>()?
+        } else {
+            graph.outputs.clone()
         };
+        let mut bind = BTreeMap::new();
+        for (k, v) in &self.config.bind {
+            let f = match v {
+                toml::Value::Float(f) => *f,
+                toml::Value::Integer(i) => *i as f64,
+                toml::Value::Boolean(b) => *b as u8 as f64,
+                other => {
+                    return Err(Error::usage(format!(
+                        "stage '{}': bind.{k} must be a number or a boolean, not {}",
+                        ctx.id,
+                        other.type_str()
+                    )))
+                }
+            };
+            bind.insert(k.clone(), f);
+        }
         let opts = StripOptions {
             fold_batch_norm: self.config.fold_batch_norm,
+            bind,
         };
         let (g, report) = strip(&graph, &inputs, &outputs, &opts)
             .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;

@@ -49,6 +49,8 @@ pub enum Abs {
     /// An integer vector (or scalar) of dimensions.
     Dims(Vec<D>, bool, DType),
     Unknown(Option<Shape>),
+    /// On a branch of a `Switch` whose predicate is constant and selects the other branch.
+    Dead,
 }
 
 impl Abs {
@@ -62,6 +64,7 @@ impl Abs {
                 vec![D::K(d.len() as i64)]
             }),
             Abs::Unknown(s) => s.clone(),
+            Abs::Dead => None,
         }
     }
 
@@ -175,10 +178,12 @@ struct Pass<'a> {
     cx: Ctx,
     abs: HashMap<String, Vec<Abs>>,
     declared: &'a HashSet<String>,
-    /// Bypass: node name → the input it computes unchanged.
-    alias: HashMap<String, TensorRef>,
-    /// New constant nodes to add (uniform operands made scalar).
+    /// Bypass: a node output → the tensor it equals (an input, or a live `Switch` input).
+    alias: HashMap<(String, u32), TensorRef>,
+    /// New constant nodes to add (resolved reshape targets, uniform operands made scalar).
     new_consts: Vec<Node>,
+    /// Every node name in use, so that new constants get fresh ones.
+    names: HashSet<String>,
     stats: FoldStats,
 }
 
@@ -210,11 +215,14 @@ fn dims_or_const(d: Vec<D>, scalar: bool, dtype: DType) -> Result<Abs> {
 
 impl Pass<'_> {
     fn input_abs(&self, r: &TensorRef) -> Abs {
-        self.abs
-            .get(&r.node)
-            .and_then(|v| v.get(r.index as usize))
-            .cloned()
-            .unwrap_or(Abs::Unknown(None))
+        match self.abs.get(&r.node) {
+            Some(v) if matches!(v.first(), Some(Abs::Dead)) && v.len() == 1 => Abs::Dead,
+            Some(v) => v
+                .get(r.index as usize)
+                .cloned()
+                .unwrap_or(Abs::Unknown(None)),
+            None => Abs::Unknown(None),
+        }
     }
 
     fn shape_from_attr(&mut self, node: &Node) -> Option<Shape> {
@@ -226,10 +234,6 @@ impl Pass<'_> {
             ),
             _ => None,
         }
-    }
-
-    fn unknown_dims(&mut self, s: Option<Shape>) -> Abs {
-        Abs::Unknown(s)
     }
 
     /// Computes the abstract outputs of `node`; may record an alias or rewrite inputs.
@@ -249,12 +253,21 @@ impl Pass<'_> {
                 None => Abs::Unknown(None),
             }]);
         }
+        if op == "Switch" || op == "RefSwitch" {
+            return Ok(self.switch(node, &ins));
+        }
+        if op == "Merge" || op == "RefMerge" {
+            return Ok(self.merge(node, &ins));
+        }
+        if ins.iter().any(|a| matches!(a, Abs::Dead)) {
+            return Ok(vec![Abs::Dead]);
+        }
         if !is_unfoldable(&op) && !ins.is_empty() && ins.iter().all(|a| a.konst().is_some()) {
             let vals: Vec<Value> = ins.iter().filter_map(|a| a.konst().cloned()).collect();
-            let in_bytes: usize = vals.iter().map(|v| v.len()).sum();
+            let in_elems: usize = vals.iter().map(|v| v.len()).sum();
             if let Ok(outs) = eval_node(node, vals, &StepQuant::default()) {
                 let out_elems: usize = outs.iter().map(|v| v.len()).sum();
-                if out_elems <= 2 * in_bytes + (1 << 20) {
+                if out_elems <= 2 * in_elems + (1 << 20) {
                     return Ok(outs.into_iter().map(Abs::Const).collect());
                 }
             }
@@ -343,23 +356,76 @@ impl Pass<'_> {
                 } else if let Some(b) = BinaryOp::from_tf(&op) {
                     self.binary(node, b, &ins)?
                 } else {
-                    let s = self.infer_shape(node, &ins);
-                    self.unknown_dims(s)
+                    Abs::Unknown(self.infer_shape(node, &ins))
                 }
             }
         };
         Ok(vec![out])
     }
 
+    /// Adds a constant named after `base` (made unique) and returns its name.
+    fn add_const(&mut self, base: String, v: &Value) -> String {
+        let mut name = base.clone();
+        let mut k = 1;
+        while self.names.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.names.insert(name.clone());
+        self.new_consts
+            .push(Node::constant(name.clone(), v.to_tensor()));
+        self.abs.insert(name.clone(), vec![Abs::Const(v.clone())]);
+        name
+    }
+
+    /// `Switch(data, pred)` with a constant predicate: output `pred` (1 = true) is
+    /// the data, the other output is dead.
+    fn switch(&mut self, node: &Node, ins: &[Abs]) -> Vec<Abs> {
+        let (Some(data), Some(pred)) = (ins.first(), ins.get(1)) else {
+            return vec![Abs::Unknown(None), Abs::Unknown(None)];
+        };
+        if matches!(data, Abs::Dead) || matches!(pred, Abs::Dead) {
+            return vec![Abs::Dead];
+        }
+        match pred.uniform_value() {
+            Some(p) => {
+                let live = (p != 0.0) as u32;
+                self.alias
+                    .insert((node.name.clone(), live), node.inputs[0].clone());
+                *self.stats.simplified.entry(node.op.clone()).or_default() += 1;
+                let mut out = vec![Abs::Dead, Abs::Dead];
+                out[live as usize] = data.clone();
+                out
+            }
+            None => vec![Abs::Unknown(data.shape()), Abs::Unknown(data.shape())],
+        }
+    }
+
+    /// `Merge` with exactly one live input is that input.
+    fn merge(&mut self, node: &Node, ins: &[Abs]) -> Vec<Abs> {
+        let live: Vec<usize> = (0..ins.len())
+            .filter(|&i| !matches!(ins[i], Abs::Dead))
+            .collect();
+        match live.as_slice() {
+            [] => vec![Abs::Dead],
+            [i] => {
+                self.alias
+                    .insert((node.name.clone(), 0), node.inputs[*i].clone());
+                *self.stats.simplified.entry(node.op.clone()).or_default() += 1;
+                vec![ins[*i].clone(), Abs::Const(Value::scalar(*i as i32))]
+            }
+            _ => vec![Abs::Unknown(None), Abs::Unknown(Some(vec![]))],
+        }
+    }
+
     fn bypass(&mut self, node: &Node, input: usize) {
         if let Some(r) = node.inputs.get(input) {
-            self.alias.insert(node.name.clone(), r.clone());
+            self.alias.insert((node.name.clone(), 0), r.clone());
             *self.stats.simplified.entry(node.op.clone()).or_default() += 1;
         }
     }
 
     fn strided_slice(&mut self, node: &Node, ins: &[Abs]) -> Result<Abs> {
-        let shape_in = ins.first().and_then(Abs::shape);
         let (Some(dims), Some(b), Some(e), Some(s)) = (
             ins.first()
                 .and_then(as_shape_value)
@@ -368,7 +434,6 @@ impl Pass<'_> {
             ins.get(2).and_then(Abs::konst),
             ins.get(3).and_then(Abs::konst),
         ) else {
-            let _ = shape_in;
             return Ok(Abs::Unknown(None));
         };
         let m = SliceMasks {
@@ -479,7 +544,6 @@ impl Pass<'_> {
         if let Some(xs) = &x_shape {
             let (xk, xsyms, _) = count(xs);
             if tminus == 0 && tsyms.len() == 1 && tsyms == xsyms && tk == xk {
-                let sym = tsyms[0];
                 let dims: Vec<i64> = target
                     .iter()
                     .map(|d| match d {
@@ -488,12 +552,9 @@ impl Pass<'_> {
                     })
                     .collect();
                 let v = cast(&Value::from_vec(vec![dims.len()], dims), tdt)?;
-                let name = format!("{}/shape_resolved", node.name);
-                self.new_consts
-                    .push(Node::constant(name.clone(), v.to_tensor()));
+                let name = self.add_const(format!("{}/shape_resolved", node.name), &v);
                 node.inputs[1] = TensorRef::new(name, 0);
                 self.stats.reshape_targets += 1;
-                let _ = sym;
                 return Ok(Abs::Unknown(Some(target)));
             }
             if tminus == 1 && tsyms.is_empty() && xsyms.is_empty() && tk > 0 && xk % tk == 0 {
@@ -640,14 +701,8 @@ impl Pass<'_> {
         for (k, (this, other_shape)) in [(a, &sb), (b, &sa)].into_iter().enumerate() {
             if let Abs::Uniform(v, _) = this {
                 if *other_shape == out {
-                    let name = format!("{}/uniform_{k}", node.name);
-                    self.new_consts
-                        .push(Node::constant(name.clone(), v.to_tensor()));
+                    let name = self.add_const(format!("{}/uniform_{k}", node.name), v);
                     node.inputs[k] = TensorRef::new(name, 0);
-                    self.abs.insert(
-                        format!("{}/uniform_{k}", node.name),
-                        vec![Abs::Const(v.clone())],
-                    );
                     let mut ins2 = ins.to_vec();
                     ins2[k] = Abs::Const(v.clone());
                     return self.binary(node, op, &ins2);
@@ -939,15 +994,14 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
         declared: &declared,
         alias: HashMap::new(),
         new_consts: Vec::new(),
+        names: graph.nodes.iter().map(|n| n.name.clone()).collect(),
         stats: FoldStats::default(),
     };
     for &i in &order {
         let mut node = std::mem::take(&mut graph.nodes[i]);
         for r in node.inputs.iter_mut() {
-            if r.index == 0 {
-                if let Some(t) = pass.alias.get(&r.node) {
-                    *r = t.clone();
-                }
+            if let Some(t) = pass.alias.get(&(r.node.clone(), r.index)) {
+                *r = t.clone();
             }
         }
         let outs = pass
@@ -958,7 +1012,7 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
     }
     let outputs: HashSet<String> = graph.outputs.iter().map(|r| r.node.clone()).collect();
     for node in graph.nodes.iter_mut() {
-        if let Some(target) = pass.alias.get(&node.name) {
+        if let Some(target) = pass.alias.get(&(node.name.clone(), 0)) {
             if outputs.contains(&node.name) {
                 let dt = node.attr_type("T").ok();
                 let mut id = Node::new(node.name.clone(), "Identity").with_input(target.clone());
