@@ -10,10 +10,15 @@
 //! - a `Const` with `output_quant` (int8 weights, int32 biases) is written with
 //!   its scales and zero points; through a `Dequantize` node it is stored int8
 //!   and dequantized at run time. Per-axis `axis` refers to the TF layout of the
-//!   weight (HWIO: 3, depthwise HWCM: 2 or 3, MatMul `[in, out]`: 1) and is
-//!   moved with the data to TFLite's layout (OHWI: 0, 1HW(C·M): 3, `[out, in]`: 0).
-//! - runtime tensors take their dtype from shape inference and their
-//!   quantization from the producing node's `output_quant`.
+//!   weight and is moved with the data to TFLite's layout: Conv2D HWIO axis 3
+//!   → OHWI axis 0; depthwise HWCM axis 3 with C·M scales (or axis 2 when
+//!   M = 1) → 1HW(C·M) axis 3; MatMul `[in, out]` axis 1 → `[out, in]` axis 0.
+//!   Biases are int32 per-axis along axis 0.
+//! - `Quantize` (attribute `dtype`, e.g. int8) becomes QUANTIZE and
+//!   `Dequantize` of a runtime tensor DEQUANTIZE; runtime tensors take their
+//!   dtype from shape inference and their scales and zero points from the
+//!   producing node's `output_quant`. Operator versions follow from the tensor
+//!   types (int8 CONV_2D is version 3, hybrid float-in/int8-weight 2 or 5, ...).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -119,29 +124,35 @@ impl<'g> Lowerer<'g> {
                 .ok_or_else(|| Error::msg(format!("output '{r}' is not a node of the graph")))?;
             stack.push(i);
         }
+        let mut is_input = vec![false; graph.nodes.len()];
         for name in &graph.inputs {
             let i = *index
                 .get(name.as_str())
                 .ok_or_else(|| Error::msg(format!("input '{name}' is not a node of the graph")))?;
+            is_input[i] = true;
             needed[i] = true;
         }
+        // Walk back from the outputs through the inputs each node reads at run
+        // time; declared inputs end the walk (a PlaceholderWithDefault input
+        // does not read its default).
+        let mut visited = vec![false; graph.nodes.len()];
         let mut consumers: HashMap<TensorRef, Vec<usize>> = HashMap::new();
         while let Some(i) = stack.pop() {
-            if needed[i] && !graph.inputs.contains(&graph.nodes[i].name) {
+            if std::mem::replace(&mut visited[i], true) {
                 continue;
             }
             needed[i] = true;
-            let node = &graph.nodes[i];
-            if graph.inputs.contains(&node.name) {
+            if is_input[i] {
                 continue;
             }
+            let node = &graph.nodes[i];
             for k in runtime_inputs(node) {
                 let r = &node.inputs[k];
                 consumers.entry(r.clone()).or_default().push(i);
                 let j = *index.get(r.node.as_str()).ok_or_else(|| {
                     node_err(node, format!("input '{r}' is not a node of the graph"))
                 })?;
-                if !needed[j] {
+                if !visited[j] {
                     stack.push(j);
                 }
             }
