@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod nn;
 pub mod ops;
 pub mod plan;
+pub mod rounding;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};
