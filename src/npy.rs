@@ -166,6 +166,7 @@ impl<'a> Lit<'a> {
         self.ws();
         match self.s.get(self.pos) {
             Some(b'\'') | Some(b'"') => Ok(PyVal::Str(self.string()?)),
+            Some(b'[') => Err("structured dtypes are not supported".into()),
             Some(b'(') => {
                 self.pos += 1;
                 let mut dims = Vec::new();
@@ -212,6 +213,9 @@ fn parse_dict(text: &[u8]) -> std::result::Result<(DType, Vec<usize>), String> {
             break;
         }
         let key = p.string()?;
+        if !matches!(key.as_str(), "descr" | "fortran_order" | "shape") {
+            return Err(format!("unexpected header key '{key}'"));
+        }
         p.expect(b':')?;
         let val = p.value()?;
         match (key.as_str(), val) {
@@ -224,7 +228,7 @@ fn parse_dict(text: &[u8]) -> std::result::Result<(DType, Vec<usize>), String> {
             (k @ ("fortran_order" | "shape"), v) => {
                 return Err(format!("header key '{k}' has an invalid value {v:?}"))
             }
-            (k, _) => return Err(format!("unexpected header key '{k}'")),
+            (k, _) => return Err(format!("header key '{k}' has an invalid value")),
         }
         if !p.eat(b',') {
             p.expect(b'}')?;

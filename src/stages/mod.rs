@@ -2,8 +2,10 @@
 //! [`registry::REGISTRY`]; the pipeline knows stages only through [`Stage`].
 
 pub mod export_graphdef;
+pub mod fp16_cast;
 pub mod freeze;
 pub mod registry;
+pub mod strip_training;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -16,6 +16,14 @@ pub const REGISTRY: &[StageFactory] = &[
         build: super::freeze::build,
     },
     StageFactory {
+        kind: "strip_training",
+        build: super::strip_training::build,
+    },
+    StageFactory {
+        kind: "fp16_cast",
+        build: super::fp16_cast::build,
+    },
+    StageFactory {
         kind: "export_graphdef",
         build: super::export_graphdef::build,
     },

@@ -1,0 +1,173 @@
+//! `fp16_cast`: mixed precision as LiteRT runs it. Float32 constants are stored as
+//! float16 (rounded to nearest even) and widened back by a `Dequantize` node, so
+//! arithmetic stays float32.
+//!
+//! The float16 constant keeps the original node name (so `keep_float`, reports and
+//! later stages name weights as before); its readers read `<name>/dequantize`, a
+//! `Dequantize` node with `T = float16`, `dtype = float32`.
+//!
+//! Config: `input` (required); `min_elements` (default 1: every float32 constant,
+//! scalars included, as the TFLite converter's float16 mode does); `keep_float`
+//! (constant node names to leave float32; each must name a float32 constant).
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use crate::error::{Error, Result};
+use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fp16CastConfig {
+    pub input: String,
+    #[serde(default = "one")]
+    pub min_elements: usize,
+    #[serde(default)]
+    pub keep_float: Vec<String>,
+}
+
+pub struct Fp16Cast {
+    config: Fp16CastConfig,
+}
+
+pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+    Ok(Box::new(Fp16Cast {
+        config: super::parse_config(table)?,
+    }))
+}
+
+/// What [`cast_fp16`] did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Fp16Report {
+    pub tensors_cast: usize,
+    pub tensors_kept_float: usize,
+    /// Bytes of the cast tensors before (float32) and after (float16).
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+/// Casts the float32 constants of `graph` with at least `min_elements` elements,
+/// except those named in `keep_float`, to float16 behind a `Dequantize` node.
+pub fn cast_fp16(
+    graph: &Graph,
+    min_elements: usize,
+    keep_float: &[String],
+) -> Result<(Graph, Fp16Report)> {
+    let mut g = graph.clone();
+    let keep: HashSet<&str> = keep_float.iter().map(String::as_str).collect();
+    for k in &keep {
+        match g.node(k).and_then(Node::const_value) {
+            Some(t) if t.dtype() == DType::F32 => {}
+            Some(t) => {
+                return Err(Error::usage(format!(
+                    "keep_float: '{k}' is a {} constant, not float32",
+                    t.dtype()
+                )))
+            }
+            None => {
+                return Err(Error::usage(format!(
+                    "keep_float: '{k}' is not a constant node of the graph"
+                )))
+            }
+        }
+    }
+    let outputs: HashSet<&str> = graph.outputs.iter().map(|r| r.node.as_str()).collect();
+    let names: HashSet<String> = g.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut report = Fp16Report::default();
+    let mut renamed: Vec<(String, String)> = Vec::new();
+    let mut added = Vec::new();
+    for n in g.nodes.iter_mut() {
+        let Some(t) = n.const_value() else { continue };
+        if t.dtype() != DType::F32 {
+            continue;
+        }
+        if keep.contains(n.name.as_str())
+            || t.len() < min_elements
+            || outputs.contains(n.name.as_str())
+        {
+            report.tensors_kept_float += 1;
+            continue;
+        }
+        let vals = t.values::<f32>()?;
+        let mut half = Vec::with_capacity(vals.len());
+        for (i, &v) in vals.iter().enumerate() {
+            let h = half::f16::from_f32(v);
+            if h.is_infinite() && v.is_finite() {
+                return Err(Error::msg(format!(
+                    "constant '{}': element {i} ({v}) overflows float16; list it in keep_float",
+                    n.name
+                )));
+            }
+            half.push(h);
+        }
+        let shape = t.shape().to_vec();
+        report.tensors_cast += 1;
+        report.bytes_before += t.byte_size();
+        let ht = Tensor::from_vec(shape, &half);
+        report.bytes_after += ht.byte_size();
+        n.attrs.insert("dtype".into(), Attr::Type(DType::F16));
+        n.attrs.insert("value".into(), Attr::Tensor(ht));
+        let mut dq_name = format!("{}/dequantize", n.name);
+        let mut k = 1;
+        while names.contains(&dq_name) {
+            dq_name = format!("{}/dequantize_{k}", n.name);
+            k += 1;
+        }
+        let mut dq = Node::new(dq_name.clone(), "Dequantize")
+            .with_input(TensorRef::new(n.name.clone(), 0))
+            .with_attr("T", Attr::Type(DType::F16))
+            .with_attr("dtype", Attr::Type(DType::F32));
+        dq.device = n.device.clone();
+        added.push(dq);
+        renamed.push((n.name.clone(), dq_name));
+    }
+    let map: std::collections::HashMap<String, String> = renamed.into_iter().collect();
+    for n in g.nodes.iter_mut() {
+        for r in n.inputs.iter_mut() {
+            if let Some(d) = map.get(&r.node) {
+                *r = TensorRef::new(d.clone(), r.index);
+            }
+        }
+    }
+    g.nodes.extend(added);
+    Ok((g, report))
+}
+
+impl Stage for Fp16Cast {
+    fn kind(&self) -> &'static str {
+        "fp16_cast"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn deps(&self) -> StageDeps {
+        StageDeps {
+            stages: vec![("input".into(), self.config.input.clone())],
+            ..StageDeps::default()
+        }
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
+        let graph = ctx.input_graph("input")?;
+        let (g, r) = cast_fp16(&graph, self.config.min_elements, &self.config.keep_float)
+            .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("tensors_cast".into(), r.tensors_cast.into());
+        metrics.insert("tensors_kept_float".into(), r.tensors_kept_float.into());
+        metrics.insert("bytes_before".into(), r.bytes_before.into());
+        metrics.insert("bytes_after".into(), r.bytes_after.into());
+        Ok(StageOutput {
+            artifact: Artifact::Graph(g.into()),
+            metrics,
+            files: vec![],
+        })
+    }
+}

@@ -1,0 +1,437 @@
+//! `strip_training`: turns a frozen training graph into an inference graph.
+//!
+//! In order: control edges are dropped (they only order `Assert`/`Print`/`NoOp`/
+//! update ops, none of which an inference graph runs); declared inputs become
+//! placeholders and the graph is cut to the declared outputs; pass-through ops
+//! (`Identity` chains, `StopGradient`, `CheckNumerics`, `Print`, undeclared
+//! `PlaceholderWithDefault` = its default) are bypassed; constant folding by abstract
+//! interpretation ([`fold`]) resolves shape computations and removes dropout; batch
+//! norms are folded into weights ([`bn`]). What is left must be an inference op:
+//! random, stateful, training-mode or undeclared-input nodes are reported by name.
+//!
+//! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`).
+
+mod bn;
+mod fold;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use crate::error::{Error, Result};
+use crate::ir::{Attr, Graph, Node, TensorRef};
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripTrainingConfig {
+    pub input: String,
+    /// Fold batch norms (and per-channel constant multiplies/adds after convolutions
+    /// and matrix products) into weights and biases.
+    #[serde(default = "yes")]
+    pub fold_batch_norm: bool,
+}
+
+pub struct StripTraining {
+    config: StripTrainingConfig,
+}
+
+pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+    Ok(Box::new(StripTraining {
+        config: super::parse_config(table)?,
+    }))
+}
+
+/// Options of [`strip`].
+#[derive(Debug, Clone)]
+pub struct StripOptions {
+    pub fold_batch_norm: bool,
+}
+
+impl Default for StripOptions {
+    fn default() -> Self {
+        StripOptions {
+            fold_batch_norm: true,
+        }
+    }
+}
+
+/// What [`strip`] did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StripReport {
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    /// Nodes that are gone, by op (pruned, bypassed, folded away).
+    pub removed: BTreeMap<String, usize>,
+    /// Nodes replaced by constants, by their op.
+    pub folded: BTreeMap<String, usize>,
+    /// Nodes bypassed because they compute an input unchanged, by op.
+    pub simplified: BTreeMap<String, usize>,
+    pub control_edges_removed: usize,
+    pub placeholder_defaults_bound: usize,
+    pub reshape_targets_resolved: usize,
+    pub batch_norms_folded: usize,
+    pub muls_folded_into_weights: usize,
+    pub adds_folded_into_bias: usize,
+}
+
+impl StripReport {
+    pub fn metrics(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        let map = |h: &BTreeMap<String, usize>| {
+            serde_json::Value::Object(
+                h.iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+                    .collect(),
+            )
+        };
+        m.insert("nodes_before".into(), self.nodes_before.into());
+        m.insert("nodes_after".into(), self.nodes_after.into());
+        m.insert("removed".into(), map(&self.removed));
+        m.insert("folded".into(), map(&self.folded));
+        m.insert("simplified".into(), map(&self.simplified));
+        m.insert(
+            "control_edges_removed".into(),
+            self.control_edges_removed.into(),
+        );
+        m.insert(
+            "placeholder_defaults_bound".into(),
+            self.placeholder_defaults_bound.into(),
+        );
+        m.insert(
+            "reshape_targets_resolved".into(),
+            self.reshape_targets_resolved.into(),
+        );
+        m.insert("batch_norms_folded".into(), self.batch_norms_folded.into());
+        m.insert(
+            "muls_folded_into_weights".into(),
+            self.muls_folded_into_weights.into(),
+        );
+        m.insert(
+            "adds_folded_into_bias".into(),
+            self.adds_folded_into_bias.into(),
+        );
+        m
+    }
+}
+
+/// Ops that pass input 0 (or, for `IdentityN`, input i) through unchanged.
+fn passthrough(op: &str) -> bool {
+    matches!(
+        op,
+        "Identity"
+            | "IdentityN"
+            | "StopGradient"
+            | "Snapshot"
+            | "PreventGradient"
+            | "CheckNumerics"
+            | "EnsureShape"
+            | "Print"
+            | "PlaceholderWithDefault"
+            | "DebugIdentity"
+    )
+}
+
+/// Ops that must not survive into an inference graph.
+fn forbidden(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "RandomUniform" | "RandomUniformInt" | "RandomStandardNormal" | "TruncatedNormal"
+        | "Multinomial" | "RandomShuffle" | "RandomGamma" | "RandomPoisson" | "RandomPoissonV2" => {
+            "a random op is still on the path to the outputs (dropout that is not disabled, or noise)"
+        }
+        "Assert" | "Print" | "PrintV2" | "NoOp" | "CheckNumerics" => "a debugging op is still on the path",
+        "Placeholder" | "PlaceholderWithDefault" => "a placeholder that is not a declared input is needed",
+        "VariableV2" | "Variable" | "VarHandleOp" | "ReadVariableOp" | "ResourceGather"
+        | "VarIsInitializedOp" => "a variable is still in the graph; freeze the model first",
+        "SaveV2" | "RestoreV2" | "MergeV2Checkpoints" => "a checkpoint op is on the path",
+        "Switch" | "Merge" | "Enter" | "Exit" | "NextIteration" | "LoopCond" => {
+            "control flow that does not fold away is on the path"
+        }
+        _ if op.starts_with("FusedBatchNorm") => "a batch norm could not be folded",
+        _ if op.starts_with("Apply") || op.starts_with("ResourceApply") || op.starts_with("Assign") => {
+            "an optimizer or assignment op is on the path"
+        }
+        _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
+        _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
+        _ => return None,
+    })
+}
+
+fn prune(g: &mut Graph) -> Result<()> {
+    g.prune_to_outputs()?;
+    Ok(())
+}
+
+/// Bypasses pass-through nodes: every reader reads the original tensor. Graph
+/// outputs keep their names (as an `Identity` of the resolved tensor).
+fn bypass_passthroughs(
+    g: &mut Graph,
+    declared: &HashSet<String>,
+) -> Result<BTreeMap<String, usize>> {
+    let idx: HashMap<String, usize> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.clone(), i))
+        .collect();
+    let is_pt =
+        |n: &Node| passthrough(&n.op) && !declared.contains(&n.name) && !n.inputs.is_empty();
+    let resolve = |r: &TensorRef| -> Result<TensorRef> {
+        let mut cur = r.clone();
+        for _ in 0..=g.nodes.len() {
+            let Some(&i) = idx.get(&cur.node) else {
+                return Ok(cur);
+            };
+            let n = &g.nodes[i];
+            if !is_pt(n) {
+                return Ok(cur);
+            }
+            let k = if n.op == "IdentityN" {
+                cur.index as usize
+            } else if cur.index == 0 {
+                0
+            } else {
+                return Ok(cur);
+            };
+            cur = n.inputs.get(k).cloned().ok_or_else(|| {
+                Error::msg(format!("node '{}' ({}) has no input {k}", n.name, n.op))
+            })?;
+        }
+        Err(Error::msg(format!(
+            "a cycle of pass-through nodes through '{}'",
+            r.node
+        )))
+    };
+    let mut rewired: Vec<Vec<TensorRef>> = Vec::with_capacity(g.nodes.len());
+    for n in &g.nodes {
+        rewired.push(n.inputs.iter().map(&resolve).collect::<Result<_>>()?);
+    }
+    let mut removed = BTreeMap::new();
+    let outputs: HashSet<String> = g.outputs.iter().map(|r| r.node.clone()).collect();
+    let mut keep_as_identity = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if is_pt(n) {
+            if outputs.contains(&n.name) && n.op != "IdentityN" {
+                keep_as_identity.push(i);
+            } else {
+                *removed.entry(n.op.clone()).or_default() += 1;
+            }
+        }
+    }
+    for (n, ins) in g.nodes.iter_mut().zip(rewired) {
+        n.inputs = ins;
+    }
+    for i in keep_as_identity {
+        let n = &mut g.nodes[i];
+        if n.op != "Identity" {
+            let dt = n.attr_type("T").or_else(|_| n.attr_type("dtype")).ok();
+            let mut id = Node::new(n.name.clone(), "Identity").with_input(n.inputs[0].clone());
+            if let Some(dt) = dt {
+                id = id.with_attr("T", Attr::Type(dt));
+            }
+            id.device = n.device.clone();
+            *n = id;
+        } else {
+            n.inputs.truncate(1);
+        }
+    }
+    Ok(removed)
+}
+
+/// Strips `graph` to an inference graph from `inputs` to `outputs`.
+pub fn strip(
+    graph: &Graph,
+    inputs: &[String],
+    outputs: &[TensorRef],
+    opts: &StripOptions,
+) -> Result<(Graph, StripReport)> {
+    let mut g = graph.clone();
+    let mut report = StripReport {
+        nodes_before: g.nodes.len(),
+        ..StripReport::default()
+    };
+    let before = g.op_histogram();
+    if outputs.is_empty() {
+        return Err(Error::usage(
+            "strip_training needs at least one model output",
+        ));
+    }
+    let idx = g.index()?;
+    for r in outputs {
+        if !idx.contains_key(r.node.as_str()) {
+            return Err(Error::msg(format!(
+                "output '{r}' is not a node of the graph"
+            )));
+        }
+    }
+    for name in inputs {
+        if !idx.contains_key(name.as_str()) {
+            return Err(Error::msg(format!(
+                "input '{name}' is not a node of the graph"
+            )));
+        }
+    }
+    drop(idx);
+    g.inputs = inputs.to_vec();
+    g.outputs = outputs.to_vec();
+
+    for n in g.nodes.iter_mut() {
+        report.control_edges_removed += n.control_inputs.len();
+        n.control_inputs.clear();
+    }
+    let declared: HashSet<String> = inputs.iter().cloned().collect();
+    for n in g.nodes.iter_mut() {
+        if !declared.contains(&n.name) || n.op == "Placeholder" {
+            continue;
+        }
+        let dtype = n
+            .attr_type("dtype")
+            .or_else(|_| n.attr_type("T"))
+            .map_err(|_| {
+                Error::msg(format!(
+                    "input '{}' ({}) has no dtype attribute to make a placeholder from",
+                    n.name, n.op
+                ))
+            })?;
+        let shape = match n.attr("shape") {
+            Some(Attr::Shape(s)) => s.clone(),
+            _ => None,
+        };
+        let mut p = Node::new(n.name.clone(), "Placeholder")
+            .with_attr("dtype", Attr::Type(dtype))
+            .with_attr("shape", Attr::Shape(shape));
+        p.device = n.device.clone();
+        *n = p;
+    }
+    let placeholders: Vec<Node> = g
+        .nodes
+        .iter()
+        .filter(|n| declared.contains(&n.name))
+        .cloned()
+        .collect();
+    prune(&mut g)?;
+    report.placeholder_defaults_bound = g
+        .nodes
+        .iter()
+        .filter(|n| n.op == "PlaceholderWithDefault")
+        .count();
+    bypass_passthroughs(&mut g, &declared)?;
+    prune(&mut g)?;
+
+    let fs = fold::fold(&mut g, inputs)?;
+    report.folded = fs.folded;
+    report.simplified = fs.simplified;
+    report.reshape_targets_resolved = fs.reshape_targets;
+    bypass_passthroughs(&mut g, &declared)?;
+    prune(&mut g)?;
+
+    if opts.fold_batch_norm {
+        let bs = bn::fold_batch_norms(&mut g)?;
+        report.batch_norms_folded = bs.fused_batch_norms;
+        report.muls_folded_into_weights = bs.muls_into_weights;
+        report.adds_folded_into_bias = bs.adds_into_bias;
+        // Folding leaves constant-only subgraphs (e.g. the decomposed form's statistics) dead.
+        bypass_passthroughs(&mut g, &declared)?;
+        prune(&mut g)?;
+    }
+
+    for n in &g.nodes {
+        if declared.contains(&n.name) {
+            continue;
+        }
+        if let Some(why) = forbidden(&n.op) {
+            let bn_training =
+                n.op.starts_with("FusedBatchNorm") && n.attr_bool("is_training").unwrap_or(false);
+            let why = if bn_training {
+                "a batch norm is in training mode (is_training=true)"
+            } else {
+                why
+            };
+            return Err(Error::msg(format!(
+                "cannot strip node '{}' ({}): {why}",
+                n.name, n.op
+            )));
+        }
+    }
+    for p in placeholders.into_iter().rev() {
+        if g.node(&p.name).is_none() {
+            g.nodes.insert(0, p);
+        }
+    }
+    let names: HashSet<String> = g.nodes.iter().map(|n| n.name.clone()).collect();
+    for n in g.nodes.iter_mut() {
+        if let Some(Attr::Strs(locs)) = n.attrs.get_mut("_class") {
+            locs.retain(|l| {
+                l.strip_prefix(b"loc:@")
+                    .map(|t| names.contains(&*String::from_utf8_lossy(t)))
+                    .unwrap_or(true)
+            });
+            if locs.is_empty() {
+                n.attrs.remove("_class");
+            }
+        }
+        n.attrs.remove("_output_shapes");
+    }
+    report.nodes_after = g.nodes.len();
+    let after = g.op_histogram();
+    for (op, &c) in &before {
+        let a = after.get(op).copied().unwrap_or(0);
+        if c > a {
+            report.removed.insert(op.clone(), c - a);
+        }
+    }
+    Ok((g, report))
+}
+
+impl Stage for StripTraining {
+    fn kind(&self) -> &'static str {
+        "strip_training"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn deps(&self) -> StageDeps {
+        StageDeps {
+            stages: vec![("input".into(), self.config.input.clone())],
+            model: false,
+            ..StageDeps::default()
+        }
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
+        let graph = ctx.input_graph("input")?;
+        let inputs = if ctx.model.inputs.is_empty() {
+            graph.inputs.clone()
+        } else {
+            ctx.model.inputs.clone()
+        };
+        let outputs: Vec<TensorRef> = if ctx.model.outputs.is_empty() {
+            graph.outputs.clone()
+        } else {
+            ctx.model
+                .outputs
+                .iter()
+                .map(|s| {
+                    TensorRef::parse(s)
+                        .ok_or_else(|| Error::usage(format!("bad output name '{s}'")))
+                })
+                .collect::<Result<_>>()?
+        };
+        let opts = StripOptions {
+            fold_batch_norm: self.config.fold_batch_norm,
+        };
+        let (g, report) = strip(&graph, &inputs, &outputs, &opts)
+            .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;
+        Ok(StageOutput {
+            artifact: Artifact::Graph(g.into()),
+            metrics: report.metrics(),
+            files: vec![],
+        })
+    }
+}

@@ -1,0 +1,314 @@
+//! Execution plans (order, feeds, errors, deep graphs) and the batched data-set runner.
+
+mod kern_util;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kern_util::*;
+use qpipe::ir::{Attr, DType, Graph, Node, Tensor};
+use qpipe::kernels::{evaluate, EvalOptions, Plan};
+use qpipe::stages::DatasetSpec;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qpipe-plan-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn order_is_topological_regardless_of_node_order() {
+    let mut b = G::new();
+    b.op("y", "Relu", &["s"], &[]);
+    b.op("s", "Sub", &["x", "one"], &[]);
+    b.konst("one", f32t(&[], &[1.0]));
+    b.placeholder("x", DType::F32, Some(&[-1]));
+    let y = run1(&b.g, &[("x", f32t(&[3], &[0., 1., 5.]))], "y");
+    assert_eq!(y.to_f32_vec().unwrap(), vec![0., 0., 4.]);
+}
+
+#[test]
+fn unneeded_nodes_are_not_compiled_and_control_edges_are_ignored() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, None);
+    b.op("unsupported", "Frobnicate", &["x"], &[]);
+    b.op("assert", "Assert", &["x"], &[]);
+    b.op("y", "Neg", &["x"], &[]);
+    b.g.nodes
+        .last_mut()
+        .unwrap()
+        .control_inputs
+        .push("assert".into());
+    let y = run1(&b.g, &[("x", f32t(&[1], &[2.]))], "y");
+    assert_eq!(y.to_f32_vec().unwrap(), vec![-2.]);
+    let e = Plan::compile(&b.g, &["x"], &[r("unsupported")])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "node 'unsupported' (Frobnicate): the interpreter has no kernel for this op"
+    );
+}
+
+#[test]
+fn feed_errors_name_the_input() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 2]));
+    b.op("y", "Relu", &["x"], &[]);
+    let e = qpipe::kernels::run(&b.g, &[("x", i32t(&[1, 2], &[1, 2]))], &[r("y")])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "input 'x' is float32, the fed tensor is int32");
+    let e = qpipe::kernels::run(&b.g, &[("x", f32t(&[1, 3], &[1., 2., 3.]))], &[r("y")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("input 'x' has shape [-1, 2], the fed tensor has [1, 3]"),
+        "{e}"
+    );
+    let e = qpipe::kernels::run(&b.g, &[], &[r("y")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("node 'x' (Placeholder): placeholder is needed but was not fed"),
+        "{e}"
+    );
+    let e = qpipe::kernels::run(&b.g, &[("nope", f32t(&[1], &[1.]))], &[r("y")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("feed 'nope' is not a node of the graph"), "{e}");
+    let e = qpipe::kernels::run(&b.g, &[], &[r("missing")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fetch 'missing' is not a node"), "{e}");
+}
+
+#[test]
+fn placeholder_with_default_runs_its_default_unless_fed() {
+    let mut b = G::new();
+    b.konst("d", f32t(&[], &[1.0]));
+    b.op(
+        "keep",
+        "PlaceholderWithDefault",
+        &["d"],
+        &[("dtype", Attr::Type(DType::F32))],
+    );
+    b.op("y", "Mul", &["keep", "keep"], &[]);
+    assert_eq!(run1(&b.g, &[], "y").to_f32_vec().unwrap(), vec![1.0]);
+    assert_eq!(
+        run1(&b.g, &[("keep", f32t(&[], &[3.0]))], "y")
+            .to_f32_vec()
+            .unwrap(),
+        vec![9.0]
+    );
+}
+
+#[test]
+fn fetching_an_intermediate_keeps_it_alive() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, None);
+    b.op("a", "Relu", &["x"], &[]);
+    b.op("b", "Neg", &["a"], &[]);
+    b.op("c", "Add", &["a", "b"], &[]);
+    let out = qpipe::kernels::run(
+        &b.g,
+        &[("x", f32t(&[2], &[-1., 2.]))],
+        &[r("a"), r("c"), r("a")],
+    )
+    .unwrap();
+    assert_eq!(out[0].to_f32_vec().unwrap(), vec![0., 2.]);
+    assert_eq!(out[1].to_f32_vec().unwrap(), vec![0., 0.]);
+    assert_eq!(out[2], out[0]);
+}
+
+#[test]
+fn deep_chains_run_iteratively() {
+    let mut g = Graph::default();
+    g.nodes
+        .push(Node::new("x", "Placeholder").with_attr("dtype", Attr::Type(DType::F32)));
+    let n = 100_000;
+    for i in 0..n {
+        let prev = if i == 0 {
+            "x".to_string()
+        } else {
+            format!("n{}", i - 1)
+        };
+        g.nodes
+            .push(Node::new(format!("n{i}"), "Identity").with_input(r(&prev)));
+    }
+    g.nodes.reverse();
+    let out = qpipe::kernels::run(
+        &g,
+        &[("x", f32t(&[1], &[4.0]))],
+        &[r(&format!("n{}", n - 1))],
+    )
+    .unwrap();
+    assert_eq!(out[0].to_f32_vec().unwrap(), vec![4.0]);
+}
+
+#[test]
+fn cycles_are_reported() {
+    let mut b = G::new();
+    b.op("a", "Neg", &["b"], &[]);
+    b.op("b", "Neg", &["a"], &[]);
+    let e = qpipe::kernels::run(&b.g, &[], &[r("a")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cycle through node"), "{e}");
+}
+
+/// x [n, 3] → MatMul W [3, 2] → Softmax; class 1 wins when x0 > x1.
+fn classifier() -> Graph {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3]));
+    b.konst("w", f32t(&[3, 2], &[-1., 1., 1., -1., 0., 0.]));
+    b.op("logits", "MatMul", &["x", "w"], &[]);
+    b.op("probs", "Softmax", &["logits"], &[]);
+    b.output("probs");
+    b.g
+}
+
+#[test]
+fn evaluate_streams_batches_and_writes_outputs() {
+    let dir = tmpdir("eval");
+    let mut rng = Rng::new(3);
+    let n = 23;
+    let x: Vec<f32> = rng.vec(n * 3);
+    let want_cls: Vec<i64> = (0..n).map(|i| (x[i * 3] > x[i * 3 + 1]) as i64).collect();
+    let mut labels = want_cls.clone();
+    labels[0] = 1 - labels[0];
+    labels[5] = 1 - labels[5];
+    // Inputs as float64 (converted to the placeholder's float32), labels as int64 class ids.
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    qpipe::npy::write(&dir.join("x.npy"), &Tensor::from_vec(vec![n, 3], &x64)).unwrap();
+    qpipe::npy::write(&dir.join("y.npy"), &Tensor::from_vec(vec![n], &labels)).unwrap();
+    let spec = DatasetSpec {
+        tensors: BTreeMap::from([("x".to_string(), dir.join("x.npy"))]),
+        labels: Some(dir.join("y.npy")),
+    };
+    let g = classifier();
+    let whole = run1(&g, &[("x", f32t(&[n, 3], &x))], "probs");
+    for batch in [1, 4, 7, 64] {
+        let out = dir.join(format!("out{batch}.npy"));
+        let rep = evaluate(
+            &g,
+            &spec,
+            &EvalOptions {
+                batch_size: batch,
+                samples: None,
+                outputs_npy: Some(out.clone()),
+            },
+        )
+        .unwrap();
+        assert_eq!(rep.samples, n);
+        assert_eq!(rep.correct, n - 2, "batch {batch}");
+        assert_eq!(rep.accuracy, Some((n - 2) as f64 / n as f64));
+        assert_eq!(rep.written, vec![out.clone()]);
+        assert_eq!(qpipe::npy::read(&out).unwrap(), whole, "batch {batch}");
+    }
+    let rep = evaluate(
+        &g,
+        &spec,
+        &EvalOptions {
+            batch_size: 5,
+            samples: Some(6),
+            outputs_npy: None,
+        },
+    )
+    .unwrap();
+    assert_eq!((rep.samples, rep.correct), (6, 4));
+
+    // One-hot labels give the same accuracy.
+    let onehot: Vec<f32> = labels
+        .iter()
+        .flat_map(|&c| if c == 0 { [1., 0.] } else { [0., 1.] })
+        .collect();
+    qpipe::npy::write(&dir.join("y1.npy"), &Tensor::from_vec(vec![n, 2], &onehot)).unwrap();
+    let spec1 = DatasetSpec {
+        labels: Some(dir.join("y1.npy")),
+        ..spec.clone()
+    };
+    assert_eq!(
+        evaluate(&g, &spec1, &EvalOptions::default())
+            .unwrap()
+            .correct,
+        n - 2
+    );
+
+    // No labels: no accuracy.
+    let spec2 = DatasetSpec {
+        labels: None,
+        ..spec.clone()
+    };
+    assert_eq!(
+        evaluate(&g, &spec2, &EvalOptions::default())
+            .unwrap()
+            .accuracy,
+        None
+    );
+}
+
+#[test]
+fn data_set_errors() {
+    let dir = tmpdir("errors");
+    qpipe::npy::write(&dir.join("x.npy"), &f32t(&[4, 3], &[0.; 12])).unwrap();
+    qpipe::npy::write(&dir.join("y.npy"), &Tensor::from_vec(vec![5], &[0i64; 5])).unwrap();
+    let spec = DatasetSpec {
+        tensors: BTreeMap::from([("x".to_string(), dir.join("x.npy"))]),
+        labels: Some(dir.join("y.npy")),
+    };
+    let e = evaluate(&classifier(), &spec, &EvalOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("y.npy") && e.contains("has 5 rows, other files of the data set have 4"),
+        "{e}"
+    );
+
+    let spec = DatasetSpec {
+        tensors: BTreeMap::from([("other".to_string(), dir.join("x.npy"))]),
+        labels: None,
+    };
+    let e = evaluate(&classifier(), &spec, &EvalOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the data set has no tensor for input 'x'"),
+        "{e}"
+    );
+
+    // int64 data into an int32 input: converted when it fits, an error when it does not.
+    let mut b = G::new();
+    b.placeholder("ids", DType::I32, Some(&[-1]));
+    b.op("y", "Cast", &["ids"], &[("DstT", Attr::Type(DType::F32))]);
+    b.op("probs", "ExpandDims", &["y", "ax"], &[]);
+    b.konst("ax", i32t(&[], &[1]));
+    b.output("probs");
+    qpipe::npy::write(&dir.join("ids.npy"), &Tensor::from_vec(vec![2], &[1i64, 2])).unwrap();
+    let spec = DatasetSpec {
+        tensors: BTreeMap::from([("ids".to_string(), dir.join("ids.npy"))]),
+        labels: None,
+    };
+    assert_eq!(
+        evaluate(&b.g, &spec, &EvalOptions::default())
+            .unwrap()
+            .samples,
+        2
+    );
+    qpipe::npy::write(
+        &dir.join("big.npy"),
+        &Tensor::from_vec(vec![1], &[1i64 << 40]),
+    )
+    .unwrap();
+    let spec = DatasetSpec {
+        tensors: BTreeMap::from([("ids".to_string(), dir.join("big.npy"))]),
+        labels: None,
+    };
+    let e = evaluate(&b.g, &spec, &EvalOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("big.npy") && e.contains("do not fit the input's int32"),
+        "{e}"
+    );
+}
