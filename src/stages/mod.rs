@@ -4,6 +4,7 @@
 pub mod export_graphdef;
 pub mod fp16_cast;
 pub mod freeze;
+pub mod quantize_int8;
 pub mod registry;
 pub mod strip_training;
 

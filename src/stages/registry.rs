@@ -27,6 +27,10 @@ pub const REGISTRY: &[StageFactory] = &[
         kind: "export_graphdef",
         build: super::export_graphdef::build,
     },
+    StageFactory {
+        kind: "quantize_int8",
+        build: super::quantize_int8::build,
+    },
 ];
 
 pub fn factory(kind: &str) -> Option<&'static StageFactory> {
