@@ -23,7 +23,9 @@ fn numpy_header(dict: &str) -> Vec<u8> {
 }
 
 fn err_of(bytes: &[u8]) -> String {
-    npy::decode(bytes, Path::new("x.npy")).unwrap_err().to_string()
+    npy::decode(bytes, Path::new("x.npy"))
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -31,8 +33,9 @@ fn writer_matches_numpy_bytes() {
     // np.save(np.arange(6, dtype='<f4').reshape(2, 3)): a 118-byte dict padded to 128.
     let t = Tensor::from_vec(vec![2, 3], &[0f32, 1., 2., 3., 4., 5.]);
     let bytes = npy::encode(&t).unwrap();
-    let mut want = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
-        .to_vec();
+    let mut want =
+        b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
+            .to_vec();
     want.resize(127, b' ');
     want.push(b'\n');
     for v in [0f32, 1., 2., 3., 4., 5.] {
@@ -41,7 +44,10 @@ fn writer_matches_numpy_bytes() {
     assert_eq!(bytes, want);
 
     let b = npy::encode(&Tensor::from_vec(vec![3], &[true, false, true])).unwrap();
-    assert_eq!(&b[..80], &numpy_header("{'descr': '|b1', 'fortran_order': False, 'shape': (3,), }")[..80]);
+    assert_eq!(
+        &b[..80],
+        &numpy_header("{'descr': '|b1', 'fortran_order': False, 'shape': (3,), }")[..80]
+    );
     assert_eq!(b.len(), 131);
     let s = npy::encode(&Tensor::scalar(7i64)).unwrap();
     assert!(String::from_utf8_lossy(&s).contains("'shape': (), }"));
@@ -53,7 +59,10 @@ fn round_trip_every_dtype() {
     let cases = vec![
         Tensor::from_vec(vec![2, 2], &[1.5f32, -2.0, 3.25, f32::MAX]),
         Tensor::from_vec(vec![3], &[1.0f64, -1e300, 0.5]),
-        Tensor::from_vec(vec![2], &[half::f16::from_f32(0.5), half::f16::from_f32(-3.0)]),
+        Tensor::from_vec(
+            vec![2],
+            &[half::f16::from_f32(0.5), half::f16::from_f32(-3.0)],
+        ),
         Tensor::from_vec(vec![3], &[-128i8, 0, 127]),
         Tensor::from_vec(vec![3], &[0u8, 128, 255]),
         Tensor::from_vec(vec![2], &[i16::MIN, i16::MAX]),
@@ -79,7 +88,9 @@ fn round_trip_every_dtype() {
 #[test]
 fn reads_versions_2_and_3_and_one_byte_descrs() {
     // np.lib.format.write_array(f, np.arange(3, dtype='<i2'), version=(2, 0))
-    let mut v2 = b"\x93NUMPY\x02\x00t\x00\x00\x00{'descr': '<i2', 'fortran_order': False, 'shape': (3,), }".to_vec();
+    let mut v2 =
+        b"\x93NUMPY\x02\x00t\x00\x00\x00{'descr': '<i2', 'fortran_order': False, 'shape': (3,), }"
+            .to_vec();
     v2.resize(127, b' ');
     v2.push(b'\n');
     v2.extend_from_slice(&[0, 0, 1, 0, 2, 0]);
@@ -139,7 +150,10 @@ fn refuses_unsupported_and_damaged_files() {
     let mut short = numpy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 3), }");
     short.extend_from_slice(&[0u8; 35]);
     let e = err_of(&short);
-    assert!(e.contains("needs 36 data bytes, the file has 35") && e.starts_with("x.npy: "), "{e}");
+    assert!(
+        e.contains("needs 36 data bytes, the file has 35") && e.starts_with("x.npy: "),
+        "{e}"
+    );
     let mut long = numpy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }");
     long.extend_from_slice(&[0u8; 5]);
     assert!(err_of(&long).contains("needs 4 data bytes, the file has 5"));
@@ -176,7 +190,9 @@ fn error_names_the_file() {
     std::fs::write(&p, b"\x93NUMPY\x01\x00").unwrap();
     let e = NpyReader::open(&p).err().unwrap().to_string();
     assert!(e.contains("broken.npy"), "{e}");
-    let e = npy::read(&tmp("does-not-exist.npy")).unwrap_err().to_string();
+    let e = npy::read(&tmp("does-not-exist.npy"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("does-not-exist.npy"), "{e}");
 }
 
@@ -187,13 +203,19 @@ fn reads_row_ranges() {
     let p = tmp("rows.npy");
     npy::write(&p, &t).unwrap();
     let r = NpyReader::open(&p).unwrap();
-    assert_eq!((r.rows(), r.dtype(), r.shape()), (5, DType::I32, &[5usize, 3, 2][..]));
+    assert_eq!(
+        (r.rows(), r.dtype(), r.shape()),
+        (5, DType::I32, &[5usize, 3, 2][..])
+    );
     let mid = r.read_rows(1, 3).unwrap();
     assert_eq!(mid.shape(), &[2, 3, 2]);
     assert_eq!(mid.values::<i32>().unwrap(), (6..18).collect::<Vec<_>>());
     assert_eq!(r.read_rows(4, 4).unwrap().shape(), &[0, 3, 2]);
     let e = r.read_rows(3, 6).unwrap_err().to_string();
-    assert!(e.contains("rows 3..6 are out of range (the file has 5)") && e.contains("rows.npy"), "{e}");
+    assert!(
+        e.contains("rows 3..6 are out of range (the file has 5)") && e.contains("rows.npy"),
+        "{e}"
+    );
     // Concurrent readers share one handle.
     let parts: Vec<Vec<i32>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..5)
@@ -211,13 +233,15 @@ fn reads_row_ranges() {
 fn streaming_writer() {
     let p = tmp("stream.npy");
     let mut w = NpyWriter::create(&p, DType::F32, 3, &[2]).unwrap();
-    w.write_rows(&Tensor::from_vec(vec![2, 2], &[1f32, 2., 3., 4.])).unwrap();
+    w.write_rows(&Tensor::from_vec(vec![2, 2], &[1f32, 2., 3., 4.]))
+        .unwrap();
     let e = w
         .write_rows(&Tensor::from_vec(vec![1, 3], &[0f32; 3]))
         .unwrap_err()
         .to_string();
     assert!(e.contains("do not fit"), "{e}");
-    w.write_rows(&Tensor::from_vec(vec![1, 2], &[5f32, 6.])).unwrap();
+    w.write_rows(&Tensor::from_vec(vec![1, 2], &[5f32, 6.]))
+        .unwrap();
     w.finish().unwrap();
     assert_eq!(
         npy::read(&p).unwrap(),
@@ -225,7 +249,11 @@ fn streaming_writer() {
     );
     let mut w = NpyWriter::create(&tmp("short.npy"), DType::F32, 3, &[]).unwrap();
     w.write_rows(&Tensor::from_vec(vec![1], &[1f32])).unwrap();
-    assert!(w.finish().unwrap_err().to_string().contains("1 of 3 rows written"));
+    assert!(w
+        .finish()
+        .unwrap_err()
+        .to_string()
+        .contains("1 of 3 rows written"));
     assert!(npy::encode(&Tensor::from_vec(vec![1], &[half::bf16::ONE]))
         .unwrap_err()
         .to_string()

@@ -2,6 +2,7 @@
 //! [`registry::REGISTRY`]; the pipeline knows stages only through [`Stage`].
 
 pub mod export_graphdef;
+pub mod export_tflite;
 pub mod fp16_cast;
 pub mod freeze;
 pub mod quantize_int8;

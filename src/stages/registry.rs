@@ -31,6 +31,10 @@ pub const REGISTRY: &[StageFactory] = &[
         kind: "quantize_int8",
         build: super::quantize_int8::build,
     },
+    StageFactory {
+        kind: "export_tflite",
+        build: super::export_tflite::build,
+    },
 ];
 
 pub fn factory(kind: &str) -> Option<&'static StageFactory> {
