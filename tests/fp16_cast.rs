@@ -158,3 +158,47 @@ fn stage_reports_metrics() {
     let table: toml::Table = toml::from_str("input = \"strip\"").unwrap();
     assert_eq!((factory.build)(&table).unwrap().config()["min_elements"], 1);
 }
+
+#[test]
+fn fp16_fixture_models_stay_within_2e_3() {
+    for m in FIXTURES {
+        let g = frozen_graph(m);
+        let (s, _) =
+            qpipe::stages::strip_training::strip(&g, &g.inputs, &g.outputs, &Default::default())
+                .unwrap();
+        let (h, rep) = cast_fp16(&s, 1, &[]).unwrap();
+        assert!(
+            rep.tensors_cast > 0 && rep.bytes_after * 2 == rep.bytes_before,
+            "{m}: {rep:?}"
+        );
+        let x = fixture_npy(m, "eval_x.npy");
+        let input = g.inputs[0].clone();
+        let float = qpipe::kernels::run(&s, &[(input.as_str(), x.clone())], &s.outputs).unwrap();
+        let half = qpipe::kernels::run(&h, &[(input.as_str(), x)], &h.outputs).unwrap();
+        let (f, hv) = (
+            float[0].to_f32_vec().unwrap(),
+            half[0].to_f32_vec().unwrap(),
+        );
+        let d = max_abs_diff(&f, &hv);
+        assert!(
+            d > 0.0 && d <= 2e-3,
+            "{m}: fp16 differs from float32 by {d}"
+        );
+        let classes = float[0].shape()[1];
+        let n = f.len() / classes;
+        let top = |v: &[f32]| {
+            let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+            qpipe::kernels::dataset::argmax_rows(&v, n, classes)
+        };
+        let agree = top(&f)
+            .iter()
+            .zip(top(&hv))
+            .filter(|(a, b)| **a == *b)
+            .count();
+        assert!(
+            agree as f64 >= 0.999 * n as f64,
+            "{m}: top-1 agreement {agree}/{n}"
+        );
+        eprintln!("{m}: fp16 max abs diff {d:e}, top-1 agreement {agree}/{n}");
+    }
+}

@@ -588,3 +588,127 @@ fn runs_as_a_stage_with_the_recipe_model_names() {
             < out.metrics["nodes_before"].as_u64().unwrap()
     );
 }
+
+fn eval_outputs(g: &Graph, m: &str) -> Vec<f32> {
+    let x = fixture_npy(m, "eval_x.npy");
+    let input = g.inputs[0].clone();
+    let out = qpipe::kernels::run(g, &[(input.as_str(), x)], &g.outputs).unwrap();
+    out[0].to_f32_vec().unwrap()
+}
+
+fn strip_and_check(m: &str, g: &Graph) -> StripReport {
+    let (s, rep) = strip_default(g).unwrap_or_else(|e| panic!("{m}: {e}"));
+    for n in &s.nodes {
+        assert!(
+            !matches!(
+                n.op.as_str(),
+                "RandomUniform"
+                    | "Assert"
+                    | "PlaceholderWithDefault"
+                    | "Identity"
+                    | "Shape"
+                    | "StridedSlice"
+                    | "Pack"
+                    | "Rsqrt"
+                    | "SelectV2"
+                    | "GreaterEqual"
+                    | "VariableV2"
+                    | "VarHandleOp"
+                    | "ReadVariableOp"
+            ) && !n.op.starts_with("FusedBatchNorm"),
+            "{m}: {} ({}) left",
+            n.name,
+            n.op
+        );
+        assert!(n.control_inputs.is_empty());
+    }
+    assert_eq!(s.outputs, g.outputs);
+    let unstripped = eval_outputs(g, m);
+    let stripped = eval_outputs(&s, m);
+    let d = max_abs_diff(&unstripped, &stripped);
+    assert!(d <= 1e-6, "{m}: stripped differs from unstripped by {d}");
+    let tf = fixture_npy(m, "tf_eval_out.npy").to_f32_vec().unwrap();
+    let d = max_abs_diff(&tf, &stripped);
+    assert!(d <= 1e-5, "{m}: stripped differs from TensorFlow by {d}");
+    rep
+}
+
+#[test]
+fn strips_every_fixture_model() {
+    for m in FIXTURES {
+        let rep = strip_and_check(m, &frozen_graph(m));
+        match m {
+            "push_student" => {
+                assert_eq!(rep.removed.get("RandomUniform"), Some(&1));
+                assert_eq!(rep.placeholder_defaults_bound, 1);
+            }
+            "conv_bn" => {
+                assert_eq!(rep.removed.get("RandomUniform"), Some(&1));
+                assert_eq!(rep.reshape_targets_resolved, 1);
+                assert_eq!(rep.batch_norms_folded, 1);
+                assert_eq!(rep.removed.get("FusedBatchNormV3"), Some(&1));
+            }
+            _ => {
+                assert_eq!(rep.folded.get("Rsqrt"), Some(&1));
+                assert_eq!(
+                    (rep.muls_folded_into_weights, rep.adds_folded_into_bias),
+                    (1, 1)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn strips_graphs_qpipe_froze_from_the_checkpoints() {
+    for m in FIXTURES {
+        let info = model_json(m);
+        let model = qpipe::stages::ModelSpec {
+            source: qpipe::stages::ModelSource::Checkpoint(fixture_dir(m).join("best_validation")),
+            inputs: info["inputs"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect(),
+            outputs: info["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o.as_str().unwrap().to_string())
+                .collect(),
+            input_shapes: BTreeMap::new(),
+        };
+        let g = qpipe::formats::tf::freeze_model(&model).unwrap_or_else(|e| panic!("{m}: {e}"));
+        strip_and_check(m, &g);
+    }
+}
+
+#[test]
+fn deep_chains_strip_in_linear_time() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1]));
+    b.konst("one", f32t(&[], &[1.0]));
+    let n = 100_000;
+    let mut prev = "x".to_string();
+    for i in 0..n {
+        let name = format!("n{i}");
+        match i % 4 {
+            0 => b.op(&name, "Identity", &[&prev], &[]),
+            1 => b.op(&name, "Relu", &[&prev], &[]),
+            2 => b.op(&name, "Mul", &[&prev, "one"], &[]),
+            _ => b.op(&name, "StopGradient", &[&prev], &[]),
+        };
+        prev = name;
+    }
+    b.op("out", "Identity", &[&prev], &[]);
+    b.output("out");
+    let t = std::time::Instant::now();
+    let (s, rep) = strip_default(&b.g).unwrap();
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+    assert_eq!(ops(&s).get("Relu"), Some(&(n / 4)));
+    assert_eq!(rep.simplified.get("Mul"), Some(&(n / 4)));
+    assert_eq!(s.nodes.len(), n / 4 + 2);
+    let y = run1(&s, &[("x", f32t(&[2], &[-1., 2.]))], "out");
+    assert_eq!(y.to_f32_vec().unwrap(), vec![0., 2.]);
+}

@@ -639,7 +639,7 @@ pub fn bias_add(x: Value, bias: Value, channels_first: bool) -> Result<Value> {
     binary(BinaryOp::Add, x, bias)
 }
 
-/// `Select` (v1: `cond` has `x`'s shape or is a vector over its first dimension) and
+/// `Select` (v1: `cond` is a scalar, has `x`'s shape, or is a vector over its first dimension) and
 /// `SelectV2` (all three broadcast).
 pub fn select(cond: &Value, x: &Value, y: &Value, v2: bool) -> Result<Value> {
     if x.dtype() != y.dtype() {
@@ -658,7 +658,7 @@ pub fn select(cond: &Value, x: &Value, y: &Value, v2: bool) -> Result<Value> {
                 x.shape, y.shape
             )));
         }
-        if cond.shape != x.shape {
+        if cond.shape != x.shape && cond.rank() > 0 {
             if cond.rank() == 1 && x.rank() >= 1 && cond.shape[0] == x.shape[0] {
                 cshape.extend(std::iter::repeat_n(1, x.rank() - 1));
             } else {

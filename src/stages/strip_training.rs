@@ -9,6 +9,9 @@
 //! norms are folded into weights ([`bn`]). What is left must be an inference op:
 //! random, stateful, training-mode or undeclared-input nodes are reported by name.
 //!
+//! Inputs and outputs are the upstream graph's (which `freeze` takes from the recipe's
+//! `[model]`), or the recipe's when the graph declares none.
+//!
 //! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`).
 
 mod bn;
@@ -168,10 +171,7 @@ fn prune(g: &mut Graph) -> Result<()> {
 
 /// Bypasses pass-through nodes: every reader reads the original tensor. Graph
 /// outputs keep their names (as an `Identity` of the resolved tensor).
-fn bypass_passthroughs(
-    g: &mut Graph,
-    declared: &HashSet<String>,
-) -> Result<BTreeMap<String, usize>> {
+fn bypass_passthroughs(g: &mut Graph, declared: &HashSet<String>) -> Result<()> {
     let idx: HashMap<String, usize> = g
         .nodes
         .iter()
@@ -180,51 +180,34 @@ fn bypass_passthroughs(
         .collect();
     let is_pt =
         |n: &Node| passthrough(&n.op) && !declared.contains(&n.name) && !n.inputs.is_empty();
-    let resolve = |r: &TensorRef| -> Result<TensorRef> {
-        let mut cur = r.clone();
-        for _ in 0..=g.nodes.len() {
-            let Some(&i) = idx.get(&cur.node) else {
-                return Ok(cur);
-            };
-            let n = &g.nodes[i];
+    // In topological order a pass-through's own inputs are already resolved, so one
+    // hop resolves a whole chain.
+    for i in g.topo_order()? {
+        let mut inputs = std::mem::take(&mut g.nodes[i].inputs);
+        for r in inputs.iter_mut() {
+            let Some(&j) = idx.get(&r.node) else { continue };
+            let n = &g.nodes[j];
             if !is_pt(n) {
-                return Ok(cur);
+                continue;
             }
-            let k = if n.op == "IdentityN" {
-                cur.index as usize
-            } else if cur.index == 0 {
-                0
-            } else {
-                return Ok(cur);
+            let k = match (n.op.as_str(), r.index) {
+                ("IdentityN", k) => k as usize,
+                (_, 0) => 0,
+                _ => continue,
             };
-            cur = n.inputs.get(k).cloned().ok_or_else(|| {
+            *r = n.inputs.get(k).cloned().ok_or_else(|| {
                 Error::msg(format!("node '{}' ({}) has no input {k}", n.name, n.op))
             })?;
         }
-        Err(Error::msg(format!(
-            "a cycle of pass-through nodes through '{}'",
-            r.node
-        )))
-    };
-    let mut rewired: Vec<Vec<TensorRef>> = Vec::with_capacity(g.nodes.len());
-    for n in &g.nodes {
-        rewired.push(n.inputs.iter().map(&resolve).collect::<Result<_>>()?);
+        g.nodes[i].inputs = inputs;
     }
-    let mut removed = BTreeMap::new();
     let outputs: HashSet<String> = g.outputs.iter().map(|r| r.node.clone()).collect();
-    let mut keep_as_identity = Vec::new();
-    for (i, n) in g.nodes.iter().enumerate() {
-        if is_pt(n) {
-            if outputs.contains(&n.name) && n.op != "IdentityN" {
-                keep_as_identity.push(i);
-            } else {
-                *removed.entry(n.op.clone()).or_default() += 1;
-            }
-        }
-    }
-    for (n, ins) in g.nodes.iter_mut().zip(rewired) {
-        n.inputs = ins;
-    }
+    let keep_as_identity: Vec<usize> = (0..g.nodes.len())
+        .filter(|&i| {
+            let n = &g.nodes[i];
+            is_pt(n) && outputs.contains(&n.name) && n.op != "IdentityN"
+        })
+        .collect();
     for i in keep_as_identity {
         let n = &mut g.nodes[i];
         if n.op != "Identity" {
@@ -239,7 +222,7 @@ fn bypass_passthroughs(
             n.inputs.truncate(1);
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
 /// Strips `graph` to an inference graph from `inputs` to `outputs`.
@@ -406,14 +389,14 @@ impl Stage for StripTraining {
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
-        let inputs = if ctx.model.inputs.is_empty() {
-            graph.inputs.clone()
-        } else {
+        // The upstream graph carries the recipe's inputs/outputs (freeze sets them), which
+        // keeps this stage a function of its input artifact; the recipe is the fallback.
+        let inputs = if graph.inputs.is_empty() {
             ctx.model.inputs.clone()
-        };
-        let outputs: Vec<TensorRef> = if ctx.model.outputs.is_empty() {
-            graph.outputs.clone()
         } else {
+            graph.inputs.clone()
+        };
+        let outputs: Vec<TensorRef> = if graph.outputs.is_empty() {
             ctx.model
                 .outputs
                 .iter()
@@ -422,6 +405,8 @@ impl Stage for StripTraining {
                         .ok_or_else(|| Error::usage(format!("bad output name '{s}'")))
                 })
                 .collect::<Result<_>>()?
+        } else {
+            graph.outputs.clone()
         };
         let opts = StripOptions {
             fold_batch_norm: self.config.fold_batch_norm,

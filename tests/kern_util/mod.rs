@@ -116,3 +116,58 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// The fixture models with their declared input and output.
+pub const FIXTURES: [&str; 3] = ["push_student", "conv_bn", "mlp_res"];
+
+pub fn fixture_dir(model: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(model)
+}
+
+pub fn model_json(model: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir(model).join("model.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `tf_frozen.pb` (TF's convert_variables_to_constants) with inputs/outputs from model.json.
+pub fn frozen_graph(model: &str) -> Graph {
+    let mut g =
+        qpipe::formats::tf::graph_def::read_graph_def(&fixture_dir(model).join("tf_frozen.pb"))
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+    let info = model_json(model);
+    g.inputs = info["inputs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    g.outputs = info["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| r(o.as_str().unwrap()))
+        .collect();
+    g
+}
+
+pub fn fixture_npy(model: &str, file: &str) -> Tensor {
+    qpipe::npy::read(&fixture_dir(model).join(file)).unwrap()
+}
+
+/// The eval set of a fixture as a data set spec (input tensor and labels).
+pub fn eval_spec(model: &str) -> qpipe::stages::DatasetSpec {
+    let info = model_json(model);
+    let input = info["inputs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    qpipe::stages::DatasetSpec {
+        tensors: std::collections::BTreeMap::from([(input, fixture_dir(model).join("eval_x.npy"))]),
+        labels: Some(fixture_dir(model).join("eval_y.npy")),
+    }
+}

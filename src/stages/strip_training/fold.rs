@@ -177,8 +177,10 @@ struct Pass<'a> {
     declared: &'a HashSet<String>,
     /// Bypass: node name → the input it computes unchanged.
     alias: HashMap<String, TensorRef>,
-    /// New constant nodes to add (uniform operands made scalar).
+    /// New constant nodes to add (resolved reshape targets, uniform operands made scalar).
     new_consts: Vec<Node>,
+    /// Every node name in use, so that new constants get fresh ones.
+    names: HashSet<String>,
     stats: FoldStats,
 }
 
@@ -228,10 +230,6 @@ impl Pass<'_> {
         }
     }
 
-    fn unknown_dims(&mut self, s: Option<Shape>) -> Abs {
-        Abs::Unknown(s)
-    }
-
     /// Computes the abstract outputs of `node`; may record an alias or rewrite inputs.
     fn visit(&mut self, node: &mut Node) -> Result<Vec<Abs>> {
         let ins: Vec<Abs> = node.inputs.iter().map(|r| self.input_abs(r)).collect();
@@ -251,10 +249,10 @@ impl Pass<'_> {
         }
         if !is_unfoldable(&op) && !ins.is_empty() && ins.iter().all(|a| a.konst().is_some()) {
             let vals: Vec<Value> = ins.iter().filter_map(|a| a.konst().cloned()).collect();
-            let in_bytes: usize = vals.iter().map(|v| v.len()).sum();
+            let in_elems: usize = vals.iter().map(|v| v.len()).sum();
             if let Ok(outs) = eval_node(node, vals, &StepQuant::default()) {
                 let out_elems: usize = outs.iter().map(|v| v.len()).sum();
-                if out_elems <= 2 * in_bytes + (1 << 20) {
+                if out_elems <= 2 * in_elems + (1 << 20) {
                     return Ok(outs.into_iter().map(Abs::Const).collect());
                 }
             }
@@ -343,12 +341,26 @@ impl Pass<'_> {
                 } else if let Some(b) = BinaryOp::from_tf(&op) {
                     self.binary(node, b, &ins)?
                 } else {
-                    let s = self.infer_shape(node, &ins);
-                    self.unknown_dims(s)
+                    Abs::Unknown(self.infer_shape(node, &ins))
                 }
             }
         };
         Ok(vec![out])
+    }
+
+    /// Adds a constant named after `base` (made unique) and returns its name.
+    fn add_const(&mut self, base: String, v: &Value) -> String {
+        let mut name = base.clone();
+        let mut k = 1;
+        while self.names.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.names.insert(name.clone());
+        self.new_consts
+            .push(Node::constant(name.clone(), v.to_tensor()));
+        self.abs.insert(name.clone(), vec![Abs::Const(v.clone())]);
+        name
     }
 
     fn bypass(&mut self, node: &Node, input: usize) {
@@ -359,7 +371,6 @@ impl Pass<'_> {
     }
 
     fn strided_slice(&mut self, node: &Node, ins: &[Abs]) -> Result<Abs> {
-        let shape_in = ins.first().and_then(Abs::shape);
         let (Some(dims), Some(b), Some(e), Some(s)) = (
             ins.first()
                 .and_then(as_shape_value)
@@ -368,7 +379,6 @@ impl Pass<'_> {
             ins.get(2).and_then(Abs::konst),
             ins.get(3).and_then(Abs::konst),
         ) else {
-            let _ = shape_in;
             return Ok(Abs::Unknown(None));
         };
         let m = SliceMasks {
@@ -479,7 +489,6 @@ impl Pass<'_> {
         if let Some(xs) = &x_shape {
             let (xk, xsyms, _) = count(xs);
             if tminus == 0 && tsyms.len() == 1 && tsyms == xsyms && tk == xk {
-                let sym = tsyms[0];
                 let dims: Vec<i64> = target
                     .iter()
                     .map(|d| match d {
@@ -488,12 +497,9 @@ impl Pass<'_> {
                     })
                     .collect();
                 let v = cast(&Value::from_vec(vec![dims.len()], dims), tdt)?;
-                let name = format!("{}/shape_resolved", node.name);
-                self.new_consts
-                    .push(Node::constant(name.clone(), v.to_tensor()));
+                let name = self.add_const(format!("{}/shape_resolved", node.name), &v);
                 node.inputs[1] = TensorRef::new(name, 0);
                 self.stats.reshape_targets += 1;
-                let _ = sym;
                 return Ok(Abs::Unknown(Some(target)));
             }
             if tminus == 1 && tsyms.is_empty() && xsyms.is_empty() && tk > 0 && xk % tk == 0 {
@@ -640,14 +646,8 @@ impl Pass<'_> {
         for (k, (this, other_shape)) in [(a, &sb), (b, &sa)].into_iter().enumerate() {
             if let Abs::Uniform(v, _) = this {
                 if *other_shape == out {
-                    let name = format!("{}/uniform_{k}", node.name);
-                    self.new_consts
-                        .push(Node::constant(name.clone(), v.to_tensor()));
+                    let name = self.add_const(format!("{}/uniform_{k}", node.name), v);
                     node.inputs[k] = TensorRef::new(name, 0);
-                    self.abs.insert(
-                        format!("{}/uniform_{k}", node.name),
-                        vec![Abs::Const(v.clone())],
-                    );
                     let mut ins2 = ins.to_vec();
                     ins2[k] = Abs::Const(v.clone());
                     return self.binary(node, op, &ins2);
@@ -939,6 +939,7 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
         declared: &declared,
         alias: HashMap::new(),
         new_consts: Vec::new(),
+        names: graph.nodes.iter().map(|n| n.name.clone()).collect(),
         stats: FoldStats::default(),
     };
     for &i in &order {
