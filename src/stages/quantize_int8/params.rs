@@ -76,7 +76,8 @@ pub fn symmetric_weights(
 }
 
 /// Int32 bias: `round(b / (in_scale * w_scale[c]))` (the product in f32), clamped to
-/// ±(2^31 - 1); its scales are those products, zero points 0, along axis 0.
+/// ±(2^31 - 1); its scales are those products, zero points 0, along axis 0 (per
+/// tensor when the weights are).
 pub fn bias_int32(bias: &[f32], in_scale: f32, w_scales: &[f32]) -> (Vec<i32>, QuantParams) {
     let scales: Vec<f32> = (0..bias.len())
         .map(|c| in_scale * w_scales[if w_scales.len() == 1 { 0 } else { c }])
@@ -90,6 +91,11 @@ pub fn bias_int32(bias: &[f32], in_scale: f32, w_scales: &[f32]) -> (Vec<i32>, Q
         })
         .collect();
     let n = scales.len();
+    if w_scales.len() == 1 {
+        // Per-tensor weights: a per-tensor bias (TFLite checks the legacy scalar
+        // scales of the two against each other).
+        return (q, QuantParams::per_tensor(in_scale * w_scales[0], 0));
+    }
     (q, QuantParams::per_axis(scales, vec![0; n], 0))
 }
 
