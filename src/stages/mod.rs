@@ -8,6 +8,7 @@ pub mod freeze;
 pub mod quantize_int8;
 pub mod registry;
 pub mod strip_training;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

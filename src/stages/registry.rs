@@ -32,6 +32,10 @@ pub const REGISTRY: &[StageFactory] = &[
         build: super::quantize_int8::build,
     },
     StageFactory {
+        kind: "validate",
+        build: super::validate::build,
+    },
+    StageFactory {
         kind: "export_tflite",
         build: super::export_tflite::build,
     },
