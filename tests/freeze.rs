@@ -399,3 +399,20 @@ fn restore_graph_keys_match_the_bundle() {
         );
     }
 }
+
+#[test]
+fn an_unfrozen_pb_is_refused() {
+    let mgd = MetaGraphDef::decode(read("conv_bn/best_validation.meta").as_slice()).unwrap();
+    let dir = scratch(
+        "unfrozen",
+        &[("g.pb", &mgd.graph_def.unwrap().encode_to_vec())],
+    );
+    let mut spec = spec("conv_bn");
+    spec.source = ModelSource::Graph(dir.join("g.pb"));
+    let e = freeze_model(&spec).unwrap_err().to_string();
+    assert!(
+        e.contains("g.pb") && e.contains("not frozen") && e.contains("VarHandleOp"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

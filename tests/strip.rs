@@ -398,6 +398,7 @@ fn folds_decomposed_batch_norm_into_matmul() {
     assert!(d <= 1e-6, "{d}");
     let keep = StripOptions {
         fold_batch_norm: false,
+        ..StripOptions::default()
     };
     let (s2, _) = strip(&b.g, &b.g.inputs, &b.g.outputs, &keep).unwrap();
     assert!(ops(&s2).contains_key("Mul") && ops(&s2).contains_key("AddV2"));
@@ -418,6 +419,7 @@ fn training_mode_batch_norm_is_an_error() {
     );
     let nofold = StripOptions {
         fold_batch_norm: false,
+        ..StripOptions::default()
     };
     let e = strip(&b.g, &b.g.inputs, &b.g.outputs, &nofold)
         .unwrap_err()
@@ -545,13 +547,14 @@ impl qpipe::stages::Memo for NoMemo {
 #[test]
 fn runs_as_a_stage_with_the_recipe_model_names() {
     let factory = qpipe::stages::registry::factory("strip_training").unwrap();
-    let table: toml::Table = toml::from_str("input = \"freeze\"").unwrap();
+    let table = qpipe::stages::ConfigTable::parse("input = \"freeze\"").unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(
         stage.deps().stages,
         vec![("input".to_string(), "freeze".to_string())]
     );
-    let bad: toml::Table = toml::from_str("input = \"freeze\"\nfold_batchnorm = false").unwrap();
+    let bad =
+        qpipe::stages::ConfigTable::parse("input = \"freeze\"\nfold_batchnorm = false").unwrap();
     assert!((factory.build)(&bad).is_err());
 
     let g = with_dropout(tf2_dropout(0.0));
@@ -711,4 +714,107 @@ fn deep_chains_strip_in_linear_time() {
     assert_eq!(s.nodes.len(), n / 4 + 2);
     let y = run1(&s, &[("x", f32t(&[2], &[-1., 2.]))], "out");
     assert_eq!(y.to_f32_vec().unwrap(), vec![0., 2.]);
+}
+
+#[test]
+fn prunes_dead_branches_of_a_constant_learning_phase() {
+    // TF1 Keras: cond(learning_phase, training_fn, inference_fn) as Switch/Merge.
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3]));
+    b.konst("lp/input", Tensor::scalar(false));
+    b.op(
+        "keras_learning_phase",
+        "PlaceholderWithDefault",
+        &["lp/input"],
+        &[
+            ("dtype", Attr::Type(DType::Bool)),
+            ("shape", Attr::Shape(Some(vec![]))),
+        ],
+    );
+    b.op("h", "Relu", &["x"], &[]);
+    b.op(
+        "cond/pred_id",
+        "Identity",
+        &["keras_learning_phase"],
+        &[("T", Attr::Type(DType::Bool))],
+    );
+    b.op("cond/Switch_1", "Switch", &["h", "cond/pred_id"], &[]);
+    // training branch (output 1): a dropout-like scale; inference branch (output 0): identity
+    b.konst("cond/half", f32t(&[], &[0.5]));
+    b.op("cond/mul", "Mul", &["cond/Switch_1:1", "cond/half"], &[]);
+    b.op("cond/Identity", "Identity", &["cond/Switch_1"], &[]);
+    b.op(
+        "cond/Merge",
+        "Merge",
+        &["cond/Identity", "cond/mul"],
+        &[("N", Attr::Int(2))],
+    );
+    b.op("out", "Neg", &["cond/Merge"], &[]);
+    b.output("out");
+    let (s, rep) = strip_default(&b.g).unwrap();
+    assert_eq!(
+        ops(&s),
+        BTreeMap::from([
+            ("Neg".to_string(), 1),
+            ("Placeholder".to_string(), 1),
+            ("Relu".to_string(), 1),
+        ])
+    );
+    assert_eq!(s.node("out").unwrap().inputs[0].node, "h");
+    assert_eq!(
+        (rep.simplified.get("Switch"), rep.simplified.get("Merge")),
+        (Some(&1), Some(&1))
+    );
+    // With the learning phase declared as an input the branches stay, and say so.
+    let inputs = vec!["x".to_string(), "keras_learning_phase".to_string()];
+    let e = strip(&b.g, &inputs, &b.g.outputs, &StripOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(Switch): control flow"), "{e}");
+}
+
+#[test]
+fn binds_plain_placeholders_to_constants() {
+    // A TF1 script's `dropout_keep_prob = tf.placeholder(tf.float32)`.
+    let mut g = with_dropout(tf1_dropout(1.0));
+    let keep = g.node_mut("keep_prob").unwrap();
+    keep.op = "Placeholder".into();
+    keep.inputs.clear();
+    let inputs = vec!["x".to_string()];
+    let e = strip(&g, &inputs, &g.outputs, &StripOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'keep_prob' (Placeholder)"), "{e}");
+    let opts = StripOptions {
+        bind: BTreeMap::from([("keep_prob".to_string(), 1.0)]),
+        ..StripOptions::default()
+    };
+    let (s, _) = strip(&g, &inputs, &g.outputs, &opts).unwrap();
+    assert_clean(&s);
+    let x = f32t(&[2, 6], &Rng::new(2).vec(12));
+    let want = run1(
+        &g,
+        &[("x", x.clone()), ("keep_prob", f32t(&[], &[1.0]))],
+        "out",
+    );
+    assert_eq!(run1(&s, &[("x", x)], "out"), want);
+    let bad = StripOptions {
+        bind: BTreeMap::from([("w".to_string(), 1.0)]),
+        ..StripOptions::default()
+    };
+    let e = strip(&g, &inputs, &g.outputs, &bad).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(
+        e.to_string()
+            .contains("bind: 'w' is a Const node, not a placeholder"),
+        "{e}"
+    );
+
+    let factory = qpipe::stages::registry::factory("strip_training").unwrap();
+    let table = qpipe::stages::ConfigTable::parse(
+        "input = \"freeze\"\nbind = { keep_prob = 1.0, is_training = false }",
+    )
+    .unwrap();
+    let stage = (factory.build)(&table).unwrap();
+    assert_eq!(stage.config()["bind"]["keep_prob"], 1.0);
 }

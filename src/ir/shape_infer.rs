@@ -177,11 +177,23 @@ fn window_out(
     dilation: i64,
     padding: &str,
 ) -> Result<i64, IrError> {
-    if stride <= 0 || k <= 0 || dilation <= 0 {
-        return Err(err(node, "window, stride and dilation must be positive"));
+    let limit = i64::from(i32::MAX);
+    if !(1..=limit).contains(&stride)
+        || !(1..=limit).contains(&k)
+        || !(1..=limit).contains(&dilation)
+    {
+        return Err(err(
+            node,
+            format!(
+            "window {k}, stride {stride} and dilation {dilation} must be positive 32-bit values"
+        ),
+        ));
     }
     if size < 0 {
         return Ok(-1);
+    }
+    if size > limit {
+        return Err(err(node, format!("input size {size} is out of range")));
     }
     let eff = (k - 1) * dilation + 1;
     Ok(match padding {
@@ -266,7 +278,12 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
         "Placeholder" => {
             let dtype = dtype_attr(node, &["dtype"])?;
             let shape = match node.attr("shape") {
-                Some(Attr::Shape(Some(dims))) => dims.iter().map(|&d| d.max(-1)).collect(),
+                Some(Attr::Shape(Some(dims))) => {
+                    if let Some(d) = dims.iter().find(|&&d| d > i64::from(i32::MAX)) {
+                        return Err(err(node, format!("dimension {d} is out of range")));
+                    }
+                    dims.iter().map(|&d| d.max(-1)).collect()
+                }
                 _ => return Err(err(node, "has no static rank (shape attribute)")),
             };
             vec![TensorInfo::new(dtype, shape)]
@@ -638,12 +655,14 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 .enumerate()
                 .map(|(j, &d)| {
                     if d < 0 {
-                        -1
-                    } else {
-                        d + pads[2 * j] + pads[2 * j + 1]
+                        return Ok(-1);
                     }
+                    d.checked_add(pads[2 * j])
+                        .and_then(|v| v.checked_add(pads[2 * j + 1]))
+                        .filter(|&v| v >= 0)
+                        .ok_or_else(|| err(node, format!("paddings {pads:?} are out of range")))
                 })
-                .collect();
+                .collect::<Result<_, _>>()?;
             vec![TensorInfo::new(x.dtype, shape)]
         }
         "Transpose" => {
@@ -831,11 +850,12 @@ fn strided_slice(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrE
         } else {
             clamp(norm(end[j]), lo, hi)
         };
-        let len = if s > 0 {
-            ((e - b).max(0) + s - 1) / s
+        let (span, step) = if s > 0 {
+            ((e - b).max(0), s)
         } else {
-            ((b - e).max(0) + (-s) - 1) / (-s)
+            ((b - e).max(0), s.checked_neg().unwrap_or(i64::MAX))
         };
+        let len = span / step + i64::from(span % step != 0);
         shape.push(len);
         ranges.push(Some((b, e, s)));
     }
@@ -844,8 +864,15 @@ fn strided_slice(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrE
             let mut out = Vec::new();
             let mut i = *b;
             while (*s > 0 && i < *e) || (*s < 0 && i > *e) {
-                out.push(v.get(i as usize).copied().flatten());
-                i += s;
+                out.push(
+                    usize::try_from(i)
+                        .ok()
+                        .and_then(|i| v.get(i).copied().flatten()),
+                );
+                match i.checked_add(*s) {
+                    Some(next) => i = next,
+                    None => break,
+                }
             }
             Some(out)
         }
@@ -954,5 +981,43 @@ mod tests {
         );
         let e = infer_shapes(&g).unwrap_err().to_string();
         assert!(e.contains("'rs'"), "{e}");
+    }
+
+    #[test]
+    fn extreme_values_are_errors_not_overflows() {
+        let mut g = Graph::default();
+        g.nodes.push(placeholder("x", DType::F32, &[1 << 40, 2]));
+        assert!(infer_shapes(&g).unwrap_err().to_string().contains("'x'"));
+
+        let mut g = Graph::default();
+        g.nodes.push(placeholder("x", DType::F32, &[-1, 2]));
+        g.nodes.push(Node::constant(
+            "p",
+            Tensor::from_vec(vec![2, 2], &[0i64, 0, i64::MAX, 1]),
+        ));
+        g.nodes.push(
+            Node::new("pad", "Pad")
+                .with_input(r("x"))
+                .with_input(r("p")),
+        );
+        assert!(infer_shapes(&g).unwrap_err().to_string().contains("'pad'"));
+
+        let mut g = Graph::default();
+        g.nodes.push(placeholder("x", DType::F32, &[-1, 5, 3]));
+        g.nodes.push(Node::new("shape", "Shape").with_input(r("x")));
+        for (n, v) in [("b", 1i64), ("e", i64::MAX), ("s", i64::MAX)] {
+            g.nodes
+                .push(Node::constant(n, Tensor::from_vec(vec![1], &[v])));
+        }
+        g.nodes.push(
+            Node::new("slice", "StridedSlice")
+                .with_input(r("shape"))
+                .with_input(r("b"))
+                .with_input(r("e"))
+                .with_input(r("s")),
+        );
+        let infos = infer_shapes(&g).unwrap();
+        assert_eq!(infos[&r("slice")].shape, vec![1]);
+        assert_eq!(infos[&r("slice")].value, Some(vec![Some(5)]));
     }
 }

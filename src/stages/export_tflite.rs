@@ -23,7 +23,9 @@ pub struct ExportTflite {
     config: ExportTfliteConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(ExportTflite {
         config: super::parse_config(table)?,
     }))

@@ -36,7 +36,9 @@ pub struct Fp16Cast {
     config: Fp16CastConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(Fp16Cast {
         config: super::parse_config(table)?,
     }))

@@ -1,9 +1,9 @@
 //! The one list of stage kinds. Adding a kind = its own file plus one line here.
 
-use super::Stage;
+use super::{ConfigError, ConfigTable, Stage};
 
-/// Builds a stage from its recipe table (without the `kind` key).
-pub type BuildFn = fn(&toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error>;
+/// Builds a stage from its recipe table (without the `kind` and `matrix` keys).
+pub type BuildFn = fn(&ConfigTable) -> Result<Box<dyn Stage>, ConfigError>;
 
 pub struct StageFactory {
     pub kind: &'static str,

@@ -5,14 +5,17 @@
 //! placeholders and the graph is cut to the declared outputs; pass-through ops
 //! (`Identity` chains, `StopGradient`, `CheckNumerics`, `Print`, undeclared
 //! `PlaceholderWithDefault` = its default) are bypassed; constant folding by abstract
-//! interpretation ([`fold`]) resolves shape computations and removes dropout; batch
+//! interpretation ([`fold`]) resolves shape computations, removes dropout and prunes
+//! `Switch`/`Merge` branches of constant predicates (a Keras learning phase); batch
 //! norms are folded into weights ([`bn`]). What is left must be an inference op:
 //! random, stateful, training-mode or undeclared-input nodes are reported by name.
 //!
 //! Inputs and outputs are the upstream graph's (which `freeze` takes from the recipe's
 //! `[model]`), or the recipe's when the graph declares none.
 //!
-//! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`).
+//! Config: `input` (upstream stage, required); `fold_batch_norm` (default `true`);
+//! `bind` (default empty): placeholders to replace by scalar constants, for graphs
+//! whose keep probability or training flag is a plain placeholder.
 
 mod bn;
 mod fold;
@@ -37,13 +40,19 @@ pub struct StripTrainingConfig {
     /// and matrix products) into weights and biases.
     #[serde(default = "yes")]
     pub fold_batch_norm: bool,
+    /// Placeholders to replace by a scalar constant, e.g. `{ dropout_keep_prob = 1.0 }`
+    /// for a TF1 script whose keep probability is a plain placeholder.
+    #[serde(default)]
+    pub bind: BTreeMap<String, toml::Value>,
 }
 
 pub struct StripTraining {
     config: StripTrainingConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(StripTraining {
         config: super::parse_config(table)?,
     }))
@@ -53,14 +62,51 @@ pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::d
 #[derive(Debug, Clone)]
 pub struct StripOptions {
     pub fold_batch_norm: bool,
+    /// Placeholder name → the scalar it is bound to (cast to the placeholder's dtype).
+    pub bind: BTreeMap<String, f64>,
 }
 
 impl Default for StripOptions {
     fn default() -> Self {
         StripOptions {
             fold_batch_norm: true,
+            bind: BTreeMap::new(),
         }
     }
+}
+
+/// Replaces each bound placeholder by a scalar constant of its dtype.
+fn bind_placeholders(g: &mut Graph, bind: &BTreeMap<String, f64>, inputs: &[String]) -> Result<()> {
+    for (name, &v) in bind {
+        if inputs.contains(name) {
+            return Err(Error::usage(format!(
+                "bind: '{name}' is a declared model input; it cannot also be bound"
+            )));
+        }
+        let n = g
+            .node_mut(name)
+            .ok_or_else(|| Error::usage(format!("bind: '{name}' is not a node of the graph")))?;
+        if n.op != "Placeholder" && n.op != "PlaceholderWithDefault" {
+            return Err(Error::usage(format!(
+                "bind: '{name}' is a {} node, not a placeholder",
+                n.op
+            )));
+        }
+        if let Some(Attr::Shape(Some(dims))) = n.attr("shape") {
+            if !dims.is_empty() {
+                return Err(Error::usage(format!(
+                    "bind: '{name}' has shape {dims:?}; only scalars can be bound"
+                )));
+            }
+        }
+        let dtype = n.attr_type("dtype")?;
+        let value = crate::kernels::elementwise::cast(&crate::kernels::Value::scalar(v), dtype)
+            .map_err(|e| e.context(format!("bind: '{name}'")))?;
+        let mut c = Node::constant(name.clone(), value.to_tensor());
+        c.device = n.device.clone();
+        *n = c;
+    }
+    Ok(())
 }
 
 /// What [`strip`] did.
@@ -266,6 +312,7 @@ pub fn strip(
         report.control_edges_removed += n.control_inputs.len();
         n.control_inputs.clear();
     }
+    bind_placeholders(&mut g, &opts.bind, inputs)?;
     let declared: HashSet<String> = inputs.iter().cloned().collect();
     for n in g.nodes.iter_mut() {
         if !declared.contains(&n.name) || n.op == "Placeholder" {
@@ -408,8 +455,25 @@ impl Stage for StripTraining {
         } else {
             graph.outputs.clone()
         };
+        let mut bind = BTreeMap::new();
+        for (k, v) in &self.config.bind {
+            let f = match v {
+                toml::Value::Float(f) => *f,
+                toml::Value::Integer(i) => *i as f64,
+                toml::Value::Boolean(b) => *b as u8 as f64,
+                other => {
+                    return Err(Error::usage(format!(
+                        "stage '{}': bind.{k} must be a number or a boolean, not {}",
+                        ctx.id,
+                        other.type_str()
+                    )))
+                }
+            };
+            bind.insert(k.clone(), f);
+        }
         let opts = StripOptions {
             fold_batch_norm: self.config.fold_batch_norm,
+            bind,
         };
         let (g, report) = strip(&graph, &inputs, &outputs, &opts)
             .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;

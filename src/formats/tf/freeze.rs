@@ -127,7 +127,9 @@ pub fn freeze_meta_graph(mg: MetaGraph, bundle: &Bundle, outputs: &[String]) -> 
     let keys = variable_keys(&graph, mg.saver.as_ref(), &mg.variables)?;
     let roots: Vec<&str> = outputs.iter().map(|r| r.node.as_str()).collect();
     extract_sub_graph(&mut graph, &roots)?;
-    convert_variables(&mut graph, &keys, bundle)?;
+    convert_variables(&mut graph, &keys, &mut |node, vk| {
+        load_variable(bundle, node, vk)
+    })?;
     graph.outputs = outputs;
     Ok(graph)
 }
@@ -551,11 +553,12 @@ fn uses_variable_state(op: &str) -> bool {
         )
 }
 
-/// Replaces every variable of the cut graph by a `Const` and rewrites its readers.
-fn convert_variables(
+/// Replaces every variable of the cut graph by a `Const` holding what `load` gives
+/// for it, and rewrites its readers.
+pub fn convert_variables(
     graph: &mut Graph,
     keys: &HashMap<String, VariableKey>,
-    bundle: &Bundle,
+    load: &mut dyn FnMut(&Node, &VariableKey) -> Result<Tensor>,
 ) -> Result<()> {
     let mut handles: Vec<(String, DType)> = Vec::new();
     let mut refs: Vec<String> = Vec::new();
@@ -566,7 +569,7 @@ fn convert_variables(
         let vk = keys
             .get(&node.name)
             .ok_or_else(|| Error::msg(format!("variable '{}' has no checkpoint key", node.name)))?;
-        let value = load_variable(bundle, node, vk)?;
+        let value = load(node, vk)?;
         if node.op == "VarHandleOp" {
             handles.push((node.name.clone(), value.dtype()));
         } else {
@@ -766,6 +769,99 @@ mod tests {
             [2, 3]
         );
         assert_eq!(merge_shape(None, &[2]).unwrap(), [2]);
+    }
+
+    fn keys_of(g: &Graph) -> HashMap<String, VariableKey> {
+        variable_keys(g, None, &[]).unwrap()
+    }
+
+    fn freeze_with_ones(g: &mut Graph) -> Result<()> {
+        let keys = keys_of(g);
+        convert_variables(g, &keys, &mut |node, _| {
+            let dims = match node.attrs.get("shape") {
+                Some(Attr::Shape(Some(d))) => d.iter().map(|&d| d as usize).collect(),
+                _ => vec![],
+            };
+            let n = num_elements(&dims).unwrap();
+            Ok(Tensor::from_vec(dims, &vec![1.0f32; n]))
+        })
+    }
+
+    fn handle(name: &str) -> Node {
+        Node::new(name, "VarHandleOp")
+            .with_attr("dtype", Attr::Type(DType::F32))
+            .with_attr("shape", Attr::Shape(Some(vec![2])))
+            .with_attr("shared_name", Attr::Str(name.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn handles_passed_through_identity_and_merge_are_retyped() {
+        let mut g = Graph::default();
+        g.nodes.push(handle("v"));
+        g.nodes.push(
+            Node::new("v/id", "Identity")
+                .with_input(TensorRef::new("v", 0))
+                .with_attr("T", Attr::Type(DType::Resource))
+                .with_attr("_output_shapes", Attr::Shapes(vec![Some(vec![])])),
+        );
+        g.nodes.push(
+            Node::new("m", "Merge")
+                .with_input(TensorRef::new("v/id", 0))
+                .with_attr("T", Attr::Type(DType::Resource)),
+        );
+        g.nodes.push(
+            Node::new("read", "ReadVariableOp")
+                .with_input(TensorRef::new("m", 0))
+                .with_attr("dtype", Attr::Type(DType::F32)),
+        );
+        freeze_with_ones(&mut g).unwrap();
+        assert_eq!(g.node("v").unwrap().op, "Const");
+        let id = g.node("v/id").unwrap();
+        assert_eq!(id.attr_type("T").unwrap(), DType::F32);
+        assert!(!id.attrs.contains_key("_output_shapes"));
+        assert_eq!(g.node("m").unwrap().attr_type("T").unwrap(), DType::F32);
+        assert_eq!(g.node("read").unwrap().op, "Identity");
+    }
+
+    #[test]
+    fn state_changing_readers_cannot_be_frozen() {
+        let mut g = Graph::default();
+        g.nodes.push(handle("v"));
+        g.nodes.push(
+            Node::new("assign", "AssignVariableOp")
+                .with_input(TensorRef::new("v", 0))
+                .with_input(TensorRef::new("x", 0)),
+        );
+        let e = freeze_with_ones(&mut g).unwrap_err().to_string();
+        assert!(
+            e.contains("'assign' (AssignVariableOp)") && e.contains("'v'"),
+            "{e}"
+        );
+
+        let mut g = Graph::default();
+        g.nodes.push(
+            Node::new("w", "VariableV2")
+                .with_attr("dtype", Attr::Type(DType::F32))
+                .with_attr("shape", Attr::Shape(Some(vec![2]))),
+        );
+        g.nodes.push(
+            Node::new("upd", "AssignAdd")
+                .with_input(TensorRef::new("w", 0))
+                .with_input(TensorRef::new("d", 0)),
+        );
+        let e = freeze_with_ones(&mut g).unwrap_err().to_string();
+        assert!(e.contains("'upd' (AssignAdd) changes variable 'w'"), "{e}");
+    }
+
+    #[test]
+    fn default_keys_are_shared_name_then_op_name() {
+        let mut g = Graph::default();
+        g.nodes
+            .push(handle("h").with_attr("shared_name", Attr::Str(b"other".to_vec())));
+        g.nodes.push(Node::new("r", "VariableV2"));
+        let keys = keys_of(&g);
+        assert_eq!(keys["h"].key, "other");
+        assert_eq!(keys["r"].key, "r");
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod crc32c;
 pub mod freeze;
 pub mod graph_def;
+pub mod inspect;
 pub mod meta_graph;
 pub mod proto;
 pub mod snappy;

@@ -136,7 +136,10 @@ fn parse(data: &[u8]) -> std::result::Result<Table, String> {
     let metaindex = decode_handle(handles, &mut pos).map_err(|e| format!("footer: {e}"))?;
     let index = decode_handle(handles, &mut pos).map_err(|e| format!("footer: {e}"))?;
     let blocks_end = (data.len() - FOOTER_LEN) as u64;
-    block_range(metaindex, blocks_end).map_err(|e| format!("metaindex {e}"))?;
+    // TF adds no meta blocks, but the (empty) metaindex block is checked like any other.
+    let meta_block =
+        read_block(data, metaindex, blocks_end).map_err(|e| format!("metaindex {e}"))?;
+    parse_block(&meta_block).map_err(|e| format!("metaindex {}: {e}", describe(metaindex)))?;
 
     let index_block = read_block(data, index, blocks_end).map_err(|e| format!("index {e}"))?;
     let index_entries =
@@ -273,6 +276,10 @@ pub fn parse_block(block: &[u8]) -> std::result::Result<Vec<Entry>, String> {
     }
     if limit > 0 && restarts.first() != Some(&0) {
         return Err("restart array out of range: first restart point is not 0".into());
+    }
+    if limit == 0 {
+        // An empty block (e.g. the metaindex) has the single restart point 0.
+        return Ok(Vec::new());
     }
 
     let mut entries = Vec::new();
@@ -563,7 +570,8 @@ pub(crate) mod tests {
         // Index handle pointing past the end.
         let mut f = good.clone();
         let n = f.len();
-        let mut footer = handle_bytes(BlockHandle { offset: 0, size: 0 });
+        let meta = decode_handle(&f[n - FOOTER_LEN..], &mut 0).unwrap();
+        let mut footer = handle_bytes(meta);
         footer.extend(handle_bytes(BlockHandle {
             offset: 1 << 40,
             size: 10,

@@ -119,29 +119,35 @@ impl<'g> Lowerer<'g> {
                 .ok_or_else(|| Error::msg(format!("output '{r}' is not a node of the graph")))?;
             stack.push(i);
         }
+        let mut is_input = vec![false; graph.nodes.len()];
         for name in &graph.inputs {
             let i = *index
                 .get(name.as_str())
                 .ok_or_else(|| Error::msg(format!("input '{name}' is not a node of the graph")))?;
+            is_input[i] = true;
             needed[i] = true;
         }
+        // Walk back from the outputs through the inputs each node reads at run
+        // time; declared inputs end the walk (a PlaceholderWithDefault input
+        // does not read its default).
+        let mut visited = vec![false; graph.nodes.len()];
         let mut consumers: HashMap<TensorRef, Vec<usize>> = HashMap::new();
         while let Some(i) = stack.pop() {
-            if needed[i] && !graph.inputs.contains(&graph.nodes[i].name) {
+            if std::mem::replace(&mut visited[i], true) {
                 continue;
             }
             needed[i] = true;
-            let node = &graph.nodes[i];
-            if graph.inputs.contains(&node.name) {
+            if is_input[i] {
                 continue;
             }
+            let node = &graph.nodes[i];
             for k in runtime_inputs(node) {
                 let r = &node.inputs[k];
                 consumers.entry(r.clone()).or_default().push(i);
                 let j = *index.get(r.node.as_str()).ok_or_else(|| {
                     node_err(node, format!("input '{r}' is not a node of the graph"))
                 })?;
-                if !needed[j] {
+                if !visited[j] {
                     stack.push(j);
                 }
             }

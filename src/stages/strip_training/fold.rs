@@ -49,6 +49,8 @@ pub enum Abs {
     /// An integer vector (or scalar) of dimensions.
     Dims(Vec<D>, bool, DType),
     Unknown(Option<Shape>),
+    /// On a branch of a `Switch` whose predicate is constant and selects the other branch.
+    Dead,
 }
 
 impl Abs {
@@ -62,6 +64,7 @@ impl Abs {
                 vec![D::K(d.len() as i64)]
             }),
             Abs::Unknown(s) => s.clone(),
+            Abs::Dead => None,
         }
     }
 
@@ -175,8 +178,8 @@ struct Pass<'a> {
     cx: Ctx,
     abs: HashMap<String, Vec<Abs>>,
     declared: &'a HashSet<String>,
-    /// Bypass: node name → the input it computes unchanged.
-    alias: HashMap<String, TensorRef>,
+    /// Bypass: a node output → the tensor it equals (an input, or a live `Switch` input).
+    alias: HashMap<(String, u32), TensorRef>,
     /// New constant nodes to add (resolved reshape targets, uniform operands made scalar).
     new_consts: Vec<Node>,
     /// Every node name in use, so that new constants get fresh ones.
@@ -212,11 +215,14 @@ fn dims_or_const(d: Vec<D>, scalar: bool, dtype: DType) -> Result<Abs> {
 
 impl Pass<'_> {
     fn input_abs(&self, r: &TensorRef) -> Abs {
-        self.abs
-            .get(&r.node)
-            .and_then(|v| v.get(r.index as usize))
-            .cloned()
-            .unwrap_or(Abs::Unknown(None))
+        match self.abs.get(&r.node) {
+            Some(v) if matches!(v.first(), Some(Abs::Dead)) && v.len() == 1 => Abs::Dead,
+            Some(v) => v
+                .get(r.index as usize)
+                .cloned()
+                .unwrap_or(Abs::Unknown(None)),
+            None => Abs::Unknown(None),
+        }
     }
 
     fn shape_from_attr(&mut self, node: &Node) -> Option<Shape> {
@@ -246,6 +252,15 @@ impl Pass<'_> {
                 },
                 None => Abs::Unknown(None),
             }]);
+        }
+        if op == "Switch" || op == "RefSwitch" {
+            return Ok(self.switch(node, &ins));
+        }
+        if op == "Merge" || op == "RefMerge" {
+            return Ok(self.merge(node, &ins));
+        }
+        if ins.iter().any(|a| matches!(a, Abs::Dead)) {
+            return Ok(vec![Abs::Dead]);
         }
         if !is_unfoldable(&op) && !ins.is_empty() && ins.iter().all(|a| a.konst().is_some()) {
             let vals: Vec<Value> = ins.iter().filter_map(|a| a.konst().cloned()).collect();
@@ -363,9 +378,49 @@ impl Pass<'_> {
         name
     }
 
+    /// `Switch(data, pred)` with a constant predicate: output `pred` (1 = true) is
+    /// the data, the other output is dead.
+    fn switch(&mut self, node: &Node, ins: &[Abs]) -> Vec<Abs> {
+        let (Some(data), Some(pred)) = (ins.first(), ins.get(1)) else {
+            return vec![Abs::Unknown(None), Abs::Unknown(None)];
+        };
+        if matches!(data, Abs::Dead) || matches!(pred, Abs::Dead) {
+            return vec![Abs::Dead];
+        }
+        match pred.uniform_value() {
+            Some(p) => {
+                let live = (p != 0.0) as u32;
+                self.alias
+                    .insert((node.name.clone(), live), node.inputs[0].clone());
+                *self.stats.simplified.entry(node.op.clone()).or_default() += 1;
+                let mut out = vec![Abs::Dead, Abs::Dead];
+                out[live as usize] = data.clone();
+                out
+            }
+            None => vec![Abs::Unknown(data.shape()), Abs::Unknown(data.shape())],
+        }
+    }
+
+    /// `Merge` with exactly one live input is that input.
+    fn merge(&mut self, node: &Node, ins: &[Abs]) -> Vec<Abs> {
+        let live: Vec<usize> = (0..ins.len())
+            .filter(|&i| !matches!(ins[i], Abs::Dead))
+            .collect();
+        match live.as_slice() {
+            [] => vec![Abs::Dead],
+            [i] => {
+                self.alias
+                    .insert((node.name.clone(), 0), node.inputs[*i].clone());
+                *self.stats.simplified.entry(node.op.clone()).or_default() += 1;
+                vec![ins[*i].clone(), Abs::Const(Value::scalar(*i as i32))]
+            }
+            _ => vec![Abs::Unknown(None), Abs::Unknown(Some(vec![]))],
+        }
+    }
+
     fn bypass(&mut self, node: &Node, input: usize) {
         if let Some(r) = node.inputs.get(input) {
-            self.alias.insert(node.name.clone(), r.clone());
+            self.alias.insert((node.name.clone(), 0), r.clone());
             *self.stats.simplified.entry(node.op.clone()).or_default() += 1;
         }
     }
@@ -945,10 +1000,8 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
     for &i in &order {
         let mut node = std::mem::take(&mut graph.nodes[i]);
         for r in node.inputs.iter_mut() {
-            if r.index == 0 {
-                if let Some(t) = pass.alias.get(&r.node) {
-                    *r = t.clone();
-                }
+            if let Some(t) = pass.alias.get(&(r.node.clone(), r.index)) {
+                *r = t.clone();
             }
         }
         let outs = pass
@@ -959,7 +1012,7 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
     }
     let outputs: HashSet<String> = graph.outputs.iter().map(|r| r.node.clone()).collect();
     for node in graph.nodes.iter_mut() {
-        if let Some(target) = pass.alias.get(&node.name) {
+        if let Some(target) = pass.alias.get(&(node.name.clone(), 0)) {
             if outputs.contains(&node.name) {
                 let dt = node.attr_type("T").ok();
                 let mut id = Node::new(node.name.clone(), "Identity").with_input(target.clone());
