@@ -267,6 +267,14 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
     };
     let op = node.op.as_str();
     Ok(match op {
+        // quantize_int8's fused ops (x, weights, bias): shaped like the matrix op.
+        "_FusedConv2D" | "_FusedDepthwiseConv2dNative" | "_FusedMatMul" => {
+            want_inputs(node, ins, 3)?;
+            let mut base = node.clone();
+            base.op = op["_Fused".len()..].to_string();
+            base.inputs.truncate(2);
+            return infer_node(&base, &ins[..2]);
+        }
         "Placeholder" => {
             let dtype = dtype_attr(node, &["dtype"])?;
             let shape = match node.attr("shape") {

@@ -9,6 +9,7 @@
 pub mod array;
 pub mod dataset;
 pub mod elementwise;
+pub mod int8;
 pub mod nn;
 pub mod ops;
 pub mod plan;

@@ -4,6 +4,7 @@
 use super::array::{self, ReduceOp, SliceMasks};
 use super::elementwise::{self, BinaryOp, UnaryOp};
 use super::nn::{self, Padding, PoolKind, Window};
+use super::rounding::FusedActivation;
 use super::value::{Buf, Value};
 use crate::error::{Error, Result};
 use crate::ir::{Attr, DType, Node, QuantParams};
@@ -96,6 +97,24 @@ pub enum Kernel {
         seed: u64,
     },
     Dequantize,
+    /// `_FusedConv2D` (`BiasAdd`, then an optional activation).
+    FusedConv2D {
+        win: Window,
+        act: FusedActivation,
+    },
+    /// `_FusedDepthwiseConv2dNative`.
+    FusedDepthwise {
+        win: Window,
+        act: FusedActivation,
+    },
+    /// `_FusedMatMul`.
+    FusedMatMul {
+        ta: bool,
+        tb: bool,
+        act: FusedActivation,
+    },
+    /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
+    Quantize,
 }
 
 fn bool_attr(node: &Node, key: &str, default: bool) -> Result<bool> {
@@ -464,6 +483,32 @@ impl Kernel {
                 }
                 Kernel::Dequantize
             }
+            "_FusedConv2D" => {
+                arity(3, 3)?;
+                Kernel::FusedConv2D {
+                    win: window(node)?,
+                    act: super::int8::fused_activation(node)?,
+                }
+            }
+            "_FusedDepthwiseConv2dNative" => {
+                arity(3, 3)?;
+                Kernel::FusedDepthwise {
+                    win: window(node)?,
+                    act: super::int8::fused_activation(node)?,
+                }
+            }
+            "_FusedMatMul" => {
+                arity(3, 3)?;
+                Kernel::FusedMatMul {
+                    ta: bool_attr(node, "transpose_a", false)?,
+                    tb: bool_attr(node, "transpose_b", false)?,
+                    act: super::int8::fused_activation(node)?,
+                }
+            }
+            "Quantize" => {
+                arity(1, 1)?;
+                Kernel::Quantize
+            }
             "Placeholder" => {
                 return Err(Error::msg("placeholder is needed but was not fed"));
             }
@@ -479,6 +524,9 @@ impl Kernel {
     /// Runs the kernel. `inputs` are owned so that element-wise kernels can reuse
     /// a buffer nobody else holds.
     pub fn exec(&self, mut inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
+        if let Some(out) = super::int8::exec(self, &inputs, quant)? {
+            return Ok(out);
+        }
         let one = |v: Value| Ok(vec![v]);
         let x = |i: usize| -> &Value { &inputs[i] };
         match self {
@@ -583,6 +631,16 @@ impl Kernel {
                 x(0),
                 quant.inputs.first().and_then(|q| q.as_ref()),
             )?),
+            Kernel::FusedConv2D { win, act } => {
+                one(super::int8::fused_conv_float(&inputs, win, *act)?)
+            }
+            Kernel::FusedDepthwise { win, act } => {
+                one(super::int8::fused_depthwise_float(&inputs, win, *act)?)
+            }
+            Kernel::FusedMatMul { ta, tb, act } => {
+                one(super::int8::fused_matmul_float(&inputs, *ta, *tb, *act)?)
+            }
+            Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
         }
     }
 }

@@ -173,6 +173,196 @@ pub enum FusedActivation {
     ReluN1To1,
 }
 
+/// `QuantizeMultiplierGreaterThanOne` applied at run time: gemmlowp's
+/// `SaturatingRoundingDoublingHighMul(x * 2^left_shift, q)` (double-rounding build).
+pub fn multiply_by_quantized_multiplier_greater_than_one(x: i32, q: i32, left_shift: i32) -> i32 {
+    saturating_rounding_doubling_high_mul(x.wrapping_mul(1i32.wrapping_shl(left_shift as u32)), q)
+}
+
+/// The reference MEAN kernel folds `1 / count` into the input/output multiplier:
+/// `shift = floor(log2(count))` (capped at 32 and at `31 + shift`), then
+/// `q' = (q << shift) / count` with integer division, `shift' = shift - that`.
+pub fn mean_multiplier(q: i32, shift: i32, count: i64) -> (i32, i32) {
+    if count <= 0 {
+        return (q, shift);
+    }
+    let s = (63 - (count as u64).leading_zeros() as i32)
+        .min(32)
+        .min(31 + shift);
+    let s = s.max(0);
+    ((((q as i64) << s) / count) as i32, shift - s)
+}
+
+/// An int8 → int8 lookup table for an element-wise function, as TFLite's
+/// `LUTPopulate<int8_t>` builds it: dequantize in f32, apply `f` in f32, multiply by
+/// `1 / out_scale` (f32), round half away from zero, add the zero point, clamp.
+/// Indexed by the input's bits as `u8`.
+pub fn lut_int8(
+    in_scale: f32,
+    in_zp: i32,
+    out_scale: f32,
+    out_zp: i32,
+    f: impl Fn(f32) -> f32,
+) -> [i8; 256] {
+    let inverse = 1.0f32 / out_scale;
+    let mut lut = [0i8; 256];
+    for v in -128i32..=127 {
+        let x = in_scale * (v - in_zp) as f32;
+        let r = round_half_away_f32(f(x) * inverse);
+        let q = if r.is_nan() {
+            out_zp
+        } else {
+            (r.clamp(i32::MIN as f32, i32::MAX as f32) as i32).saturating_add(out_zp)
+        };
+        lut[(v as i8) as u8 as usize] = q.clamp(-128, 127) as i8;
+    }
+    lut
+}
+
+/// gemmlowp fixed-point arithmetic on raw i32 values (`FixedPoint<int32_t, N>`), as
+/// used by TFLite's reference int8 SOFTMAX.
+pub mod fixed {
+    use super::{rounding_divide_by_pot, saturating_rounding_doubling_high_mul as srdhm};
+
+    /// `RoundingHalfSum`: `(a + b) / 2` rounded half away from zero.
+    pub fn rounding_half_sum(a: i32, b: i32) -> i32 {
+        let sum = a as i64 + b as i64;
+        let sign = if sum >= 0 { 1 } else { -1 };
+        ((sum + sign) / 2) as i32
+    }
+
+    /// `SaturatingRoundingMultiplyByPOT<exponent>`.
+    pub fn saturating_rounding_multiply_by_pot(x: i32, exponent: i32) -> i32 {
+        match exponent.cmp(&0) {
+            std::cmp::Ordering::Equal => x,
+            std::cmp::Ordering::Less => rounding_divide_by_pot(x, -exponent),
+            std::cmp::Ordering::Greater => {
+                let threshold = (1i32 << (31 - exponent)) - 1;
+                if x > threshold {
+                    i32::MAX
+                } else if x < -threshold {
+                    i32::MIN
+                } else {
+                    x << exponent
+                }
+            }
+        }
+    }
+
+    /// `Rescale<dst_bits>` of a value with `src_bits` integer bits.
+    pub fn rescale(x: i32, src_bits: i32, dst_bits: i32) -> i32 {
+        saturating_rounding_multiply_by_pot(x, src_bits - dst_bits)
+    }
+
+    /// `exp(x)` for `x` in `[-1/4, 0)`, Q0.31 in and out.
+    fn exp_on_interval_between_negative_one_quarter_and_0_excl(a: i32) -> i32 {
+        const CONSTANT_TERM: i32 = 1895147668; // exp(-1/8)
+        const ONE_THIRD: i32 = 715827883;
+        let x = a.wrapping_add(1 << 28);
+        let x2 = srdhm(x, x);
+        let x3 = srdhm(x2, x);
+        let x4 = srdhm(x2, x2);
+        let x4_over_4 = saturating_rounding_multiply_by_pot(x4, -2);
+        let poly = saturating_rounding_multiply_by_pot(
+            srdhm(x4_over_4.wrapping_add(x3), ONE_THIRD).wrapping_add(x2),
+            -1,
+        );
+        CONSTANT_TERM.wrapping_add(srdhm(CONSTANT_TERM, x.wrapping_add(poly)))
+    }
+
+    /// `exp_on_negative_values` for a `FixedPoint<int32_t, integer_bits>` input; the
+    /// result is Q0.31.
+    pub fn exp_on_negative_values(a: i32, integer_bits: i32) -> i32 {
+        let fractional_bits = 31 - integer_bits;
+        let one_quarter = 1i32 << (fractional_bits - 2);
+        let mask = one_quarter - 1;
+        let a_mod_quarter_minus_one_quarter = (a & mask).wrapping_sub(one_quarter);
+        let mut result = exp_on_interval_between_negative_one_quarter_and_0_excl(rescale(
+            a_mod_quarter_minus_one_quarter,
+            integer_bits,
+            0,
+        ));
+        let remainder = a_mod_quarter_minus_one_quarter.wrapping_sub(a);
+        let barrel: [(i32, i32); 7] = [
+            (-2, 1672461947),
+            (-1, 1302514674),
+            (0, 790015084),
+            (1, 290630308),
+            (2, 39332535),
+            (3, 720401),
+            (4, 242),
+        ];
+        for (exponent, multiplier) in barrel {
+            if integer_bits > exponent {
+                let shift = fractional_bits + exponent;
+                if remainder & (1i32 << shift) != 0 {
+                    result = srdhm(result, multiplier);
+                }
+            }
+        }
+        if integer_bits > 5 {
+            let clamp = -(1i32 << (36 - integer_bits));
+            if a < clamp {
+                result = 0;
+            }
+        }
+        if a == 0 {
+            result = i32::MAX;
+        }
+        result
+    }
+
+    /// `1 / (1 + x)` for `x` in `(0, 1)`, Q0.31 in and out (Newton-Raphson, 3 steps).
+    pub fn one_over_one_plus_x_for_x_in_0_1(a: i32) -> i32 {
+        const F2_ONE: i32 = 1 << 29;
+        const C48_17: i32 = 1515870810;
+        const CNEG32_17: i32 = -1010580540;
+        let half_denominator = rounding_half_sum(a, i32::MAX);
+        let mut x = C48_17.wrapping_add(srdhm(half_denominator, CNEG32_17));
+        for _ in 0..3 {
+            let half_denominator_times_x = srdhm(half_denominator, x);
+            let one_minus = F2_ONE.wrapping_sub(half_denominator_times_x);
+            x = x.wrapping_add(rescale(srdhm(x, one_minus), 4, 2));
+        }
+        // ExactMulByPot<-1> turns Q2 into Q1 (same raw), then Rescale<0>.
+        rescale(x, 1, 0)
+    }
+
+    /// TFLite `GetReciprocal`: `1 / x` for `x` with `x_integer_digits` integer bits,
+    /// as a Q0.31 value and the number of bits of `x` above 1.0.
+    pub fn get_reciprocal(x: i32, x_integer_digits: i32) -> (i32, i32) {
+        let headroom_plus_one = (x as u32).leading_zeros() as i32;
+        let num_bits_over_unit = x_integer_digits - headroom_plus_one;
+        let shifted_sum_minus_one =
+            ((x as u32).wrapping_shl(headroom_plus_one as u32)).wrapping_sub(1u32 << 31) as i32;
+        (
+            one_over_one_plus_x_for_x_in_0_1(shifted_sum_minus_one),
+            num_bits_over_unit,
+        )
+    }
+}
+
+/// TFLite `PreprocessSoftmaxScaling` (double-rounding build): the Q31 multiplier and
+/// left shift that map an input difference to `FixedPoint<int32, input_integer_bits>`.
+pub fn preprocess_softmax_scaling(
+    beta: f64,
+    input_scale: f64,
+    input_integer_bits: i32,
+) -> (i32, i32) {
+    let max_real_multiplier = ((1i64 << 31) - 1) as f64;
+    let m =
+        (beta * input_scale * (1i64 << (31 - input_integer_bits)) as f64).min(max_real_multiplier);
+    quantize_multiplier(m)
+}
+
+/// TFLite `CalculateInputRadius` (31 total signed bits).
+pub fn calculate_input_radius(input_integer_bits: i32, input_left_shift: i32) -> i32 {
+    let max_input_rescaled = ((1i64 << input_integer_bits) - 1) as f64
+        * (1i64 << (31 - input_integer_bits)) as f64
+        / (1i64 << input_left_shift) as f64;
+    max_input_rescaled.floor() as i32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +457,60 @@ mod tests {
             activation_range(FusedActivation::Relu6, 0.05, -128, -128, 127),
             (-128, -8)
         );
+    }
+
+    #[test]
+    fn gemmlowp_fixed_point_exp_and_reciprocal() {
+        let q31 = |v: i32| v as f64 / 2f64.powi(31);
+        for v in [0.0f64, -0.1, -0.25, -1.0, -3.7, -8.0, -20.0] {
+            let raw = (v * (1u64 << 26) as f64) as i32;
+            let e = q31(fixed::exp_on_negative_values(raw, 5));
+            assert!((e - v.exp()).abs() < 5e-7, "exp({v}) = {e}");
+        }
+        for v in [0.0f64, 0.1, 0.5, 0.9] {
+            let r = q31(fixed::one_over_one_plus_x_for_x_in_0_1(
+                (v * 2f64.powi(31)) as i32,
+            ));
+            assert!((r - 1.0 / (1.0 + v)).abs() < 1e-8, "1/(1+{v}) = {r}");
+        }
+        let (r, bits) = fixed::get_reciprocal((2.5 * 2f64.powi(19)) as i32, 12);
+        assert_eq!(bits, 1);
+        assert!((q31(r) - 0.8).abs() < 1e-8);
+        assert_eq!(fixed::rounding_half_sum(3, 4), 4);
+        assert_eq!(fixed::rounding_half_sum(-3, -4), -4);
+        assert_eq!(
+            fixed::saturating_rounding_multiply_by_pot(1 << 29, 2),
+            i32::MAX
+        );
+        assert_eq!(
+            fixed::saturating_rounding_multiply_by_pot(-(1 << 29), 2),
+            i32::MIN
+        );
+        assert_eq!(fixed::saturating_rounding_multiply_by_pot(5, -1), 3);
+    }
+
+    #[test]
+    fn mean_multiplier_folds_the_count() {
+        let (q, s) = quantize_multiplier(0.8);
+        let (q2, s2) = mean_multiplier(q, s, 12);
+        let m = q2 as f64 * 2f64.powi(s2 - 31);
+        assert!((m - 0.8 / 12.0).abs() < 1e-9, "{m}");
+        assert_eq!(mean_multiplier(q, s, 1), (q, s));
+    }
+
+    #[test]
+    fn lut_matches_direct_evaluation() {
+        let lut = lut_int8(0.05, 3, 1.0 / 128.0, 0, f32::tanh);
+        for v in -128i32..=127 {
+            let want = ((0.05f32 * (v - 3) as f32).tanh() * 128.0)
+                .round()
+                .clamp(-128.0, 127.0);
+            assert_eq!(lut[v as i8 as u8 as usize] as f32, want);
+        }
+        assert_eq!(
+            preprocess_softmax_scaling(1.0, 0.5, 5),
+            quantize_multiplier(0.5 * (1u64 << 26) as f64)
+        );
+        assert_eq!(calculate_input_radius(5, 20), ((31i64 << 26) >> 20) as i32);
     }
 }

@@ -5,8 +5,10 @@ pub mod export_graphdef;
 pub mod export_tflite;
 pub mod fp16_cast;
 pub mod freeze;
+pub mod quantize_int8;
 pub mod registry;
 pub mod strip_training;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -28,6 +28,14 @@ pub const REGISTRY: &[StageFactory] = &[
         build: super::export_graphdef::build,
     },
     StageFactory {
+        kind: "quantize_int8",
+        build: super::quantize_int8::build,
+    },
+    StageFactory {
+        kind: "validate",
+        build: super::validate::build,
+    },
+    StageFactory {
         kind: "export_tflite",
         build: super::export_tflite::build,
     },

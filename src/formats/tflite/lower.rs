@@ -451,6 +451,9 @@ impl<'g> Lowerer<'g> {
             "Cast" | "Dequantize" => self.lower_cast(node)?,
             "Reshape" | "ExpandDims" | "Squeeze" => self.lower_reshape(node)?,
             "Conv2D" | "DepthwiseConv2dNative" | "MatMul" => self.lower_linear(i, node)?,
+            "_FusedConv2D" | "_FusedDepthwiseConv2dNative" | "_FusedMatMul" => {
+                self.lower_fused(node)?
+            }
             "BiasAdd" => self.binary(
                 node,
                 Op::Add {
@@ -780,7 +783,31 @@ impl<'g> Lowerer<'g> {
             }
         }
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
-        let (operator, w) = match op {
+        let (operator, w) = self.linear_op(node, op, activation)?;
+        let b = match &bias {
+            Some(r) => self.input(r, Layout::AsIs)?,
+            None if op == "MatMul" => -1,
+            // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
+            None => self.zero_bias(node, x, w)?,
+        };
+        let tail_node = &graph.nodes[tail];
+        let out_ref = TensorRef::new(tail_node.name.clone(), 0);
+        let t = self.runtime_tensor(tail_node, &out_ref)?;
+        self.add_op(operator, vec![x, w, b], vec![t]);
+        self.values.insert(out_ref, Value::Runtime(t));
+        let mut k = i;
+        while k != tail {
+            let r = TensorRef::new(graph.nodes[k].name.clone(), 0);
+            k = self.consumers[&r][0];
+            self.absorbed.insert(k);
+        }
+        Ok(())
+    }
+
+    /// The TFLite operator of a `Conv2D`, `DepthwiseConv2dNative` or `MatMul`
+    /// (`op`) with its weights in TFLite's layout.
+    fn linear_op(&mut self, node: &Node, op: &str, activation: Activation) -> Result<(Op, i32)> {
+        Ok(match op {
             "Conv2D" => {
                 let (sh, sw) = spatial(node, "strides")?;
                 let (dh, dw) = dilations(node)?;
@@ -835,25 +862,26 @@ impl<'g> Lowerer<'g> {
                     w,
                 )
             }
-        };
-        let b = match &bias {
-            Some(r) => self.input(r, Layout::AsIs)?,
-            None if op == "MatMul" => -1,
-            // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
-            None => self.zero_bias(node, x, w)?,
-        };
-        let tail_node = &graph.nodes[tail];
-        let out_ref = TensorRef::new(tail_node.name.clone(), 0);
-        let t = self.runtime_tensor(tail_node, &out_ref)?;
-        self.add_op(operator, vec![x, w, b], vec![t]);
-        self.values.insert(out_ref, Value::Runtime(t));
-        let mut k = i;
-        while k != tail {
-            let r = TensorRef::new(graph.nodes[k].name.clone(), 0);
-            k = self.consumers[&r][0];
-            self.absorbed.insert(k);
+        })
+    }
+
+    /// `_FusedConv2D`, `_FusedDepthwiseConv2dNative`, `_FusedMatMul` (from
+    /// `quantize_int8`): inputs (x, weights, bias), activation from `fused_ops`.
+    fn lower_fused(&mut self, node: &Node) -> Result<()> {
+        use crate::kernels::rounding::FusedActivation;
+        if node.inputs.len() != 3 {
+            return Err(node_err(node, "needs three inputs"));
         }
-        Ok(())
+        let activation = match crate::kernels::int8::fused_activation(node)? {
+            FusedActivation::None => Activation::None,
+            FusedActivation::Relu => Activation::Relu,
+            FusedActivation::Relu6 => Activation::Relu6,
+            FusedActivation::ReluN1To1 => Activation::ReluN1To1,
+        };
+        let x = self.input(&node.inputs[0], Layout::AsIs)?;
+        let (operator, w) = self.linear_op(node, &node.op["_Fused".len()..], activation)?;
+        let b = self.input(&node.inputs[2], Layout::AsIs)?;
+        self.emit(node, operator, vec![x, w, b])
     }
 
     /// A zero bias for a convolution that has none: float32 for float (and

@@ -1,0 +1,367 @@
+//! Convolutions, fully connected and pooling in int8 (TFLite `reference_integer_ops`
+//! `ConvPerChannel`, `DepthwiseConvPerChannel`, `FullyConnected[PerChannel]`,
+//! `AveragePool`, `MaxPool`), and the float kernels of the fused ops.
+
+use rayon::prelude::*;
+
+use super::{channel_scales, input_affine, output_affine, sat8, ROUNDING};
+use crate::error::{Error, Result};
+use crate::kernels::elementwise::{self, UnaryOp};
+use crate::kernels::nn::{self, out_size, PoolKind, Window};
+use crate::kernels::ops::StepQuant;
+use crate::kernels::rounding::{
+    activation_range, multiply_by_quantized_multiplier, quantize_multiplier, requantize_in_double,
+    FusedActivation,
+};
+use crate::kernels::value::Value;
+
+fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(v.shape.as_slice())
+        .map_err(|_| Error::msg(format!("{what} must have rank 4, got shape {:?}", v.shape)))
+}
+
+/// The int32 bias of a fused op with `channels` outputs.
+fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
+    let b = v.slice::<i32>().map_err(|e| e.context("int8 bias"))?;
+    if b.len() != channels || v.rank() != 1 {
+        return Err(Error::msg(format!(
+            "bias of shape {:?} for {channels} output channels",
+            v.shape
+        )));
+    }
+    Ok(b)
+}
+
+/// Per-channel (multiplier, shift) as `PopulateConvolutionQuantizationParams`
+/// computes them: `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`.
+fn conv_multipliers(in_scale: f32, w_scales: &[f32], out_scale: f32) -> Vec<(i32, i32)> {
+    w_scales
+        .iter()
+        .map(|&ws| quantize_multiplier(in_scale as f64 * ws as f64 / out_scale as f64))
+        .collect()
+}
+
+/// `_FusedConv2D` on int8: input NHWC, filter HWIO (per output channel), int32 bias.
+pub fn conv2d(
+    inputs: &[Value],
+    win: &Window,
+    act: FusedActivation,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg("int8 convolution needs input, filter and bias"));
+    };
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let [kh, kw, kc, o] = dims4(w, "filter")?;
+    if kc != c {
+        return Err(Error::msg(format!(
+            "filter has {kc} input channels, the input has {c}"
+        )));
+    }
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    let ws = channel_scales(quant, 1, o)?;
+    let bias = bias_i32(b, o)?;
+    let mult = conv_multipliers(xin.scale, &ws, out.scale);
+    let (lo, hi) = activation_range(act, out.scale, out.zero_point, -128, 127);
+    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    let xs = x.slice::<i8>()?;
+    let wv = w.slice::<i8>()?;
+    let in_off = -xin.zero_point;
+    let mut res = vec![0i8; n * oh * ow * o];
+    let row = ow * o;
+    let compute = |r: usize, out_row: &mut [i8]| {
+        let (bi, oy) = (r / oh, r % oh);
+        let mut acc = vec![0i32; o];
+        for ox in 0..ow {
+            acc.iter_mut().for_each(|a| *a = 0);
+            for ky in 0..kh {
+                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+                    if ix < 0 || ix >= wd as isize {
+                        continue;
+                    }
+                    let xo = ((bi * h + iy as usize) * wd + ix as usize) * c;
+                    for ic in 0..c {
+                        let xv = xs[xo + ic] as i32 + in_off;
+                        let wo = ((ky * kw + kx) * c + ic) * o;
+                        for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
+                            *a = a.wrapping_add((wq as i32).wrapping_mul(xv));
+                        }
+                    }
+                }
+            }
+            for (oc, a) in acc.iter().enumerate() {
+                let v = a.wrapping_add(bias[oc]);
+                let (q, s) = mult[oc];
+                let v = multiply_by_quantized_multiplier(v, q, s, ROUNDING) + out.zero_point;
+                out_row[ox * o + oc] = sat8(v.clamp(lo, hi));
+            }
+        }
+    };
+    if row > 0 {
+        res.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| compute(r, o));
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, o], res))
+}
+
+/// `_FusedDepthwiseConv2dNative` on int8: filter `[kh, kw, C, M]`, output channel
+/// `c * M + m`, per output channel scales.
+pub fn depthwise(
+    inputs: &[Value],
+    win: &Window,
+    act: FusedActivation,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg(
+            "int8 depthwise convolution needs input, filter and bias",
+        ));
+    };
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let [kh, kw, kc, m] = dims4(w, "filter")?;
+    if kc != c {
+        return Err(Error::msg(format!(
+            "depthwise filter has {kc} channels, the input has {c}"
+        )));
+    }
+    let o = c * m;
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    let ws = channel_scales(quant, 1, o)?;
+    let bias = bias_i32(b, o)?;
+    let mult = conv_multipliers(xin.scale, &ws, out.scale);
+    let (lo, hi) = activation_range(act, out.scale, out.zero_point, -128, 127);
+    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    let xs = x.slice::<i8>()?;
+    let wv = w.slice::<i8>()?;
+    let in_off = -xin.zero_point;
+    let mut res = vec![0i8; n * oh * ow * o];
+    let row = ow * o;
+    let compute = |r: usize, out_row: &mut [i8]| {
+        let (bi, oy) = (r / oh, r % oh);
+        let mut acc = vec![0i32; o];
+        for ox in 0..ow {
+            acc.iter_mut().for_each(|a| *a = 0);
+            for ky in 0..kh {
+                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+                    if ix < 0 || ix >= wd as isize {
+                        continue;
+                    }
+                    let xo = ((bi * h + iy as usize) * wd + ix as usize) * c;
+                    let wo = (ky * kw + kx) * c * m;
+                    for ic in 0..c {
+                        let xv = xs[xo + ic] as i32 + in_off;
+                        for mm in 0..m {
+                            let oc = ic * m + mm;
+                            acc[oc] = acc[oc].wrapping_add((wv[wo + oc] as i32).wrapping_mul(xv));
+                        }
+                    }
+                }
+            }
+            for (oc, a) in acc.iter().enumerate() {
+                let v = a.wrapping_add(bias[oc]);
+                let (q, s) = mult[oc];
+                let v = multiply_by_quantized_multiplier(v, q, s, ROUNDING) + out.zero_point;
+                out_row[ox * o + oc] = sat8(v.clamp(lo, hi));
+            }
+        }
+    };
+    if row > 0 {
+        res.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| compute(r, o));
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, o], res))
+}
+
+/// `_FusedMatMul` on int8 as TFLite's reference FULLY_CONNECTED computes it: the
+/// accumulator is requantized in double, `round(acc * in * w[c] / out)`, per channel
+/// or per tensor alike (the reference kernel's float-scale overloads).
+pub fn fully_connected(
+    inputs: &[Value],
+    ta: bool,
+    tb: bool,
+    act: FusedActivation,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg(
+            "int8 fully connected needs input, weights and bias",
+        ));
+    };
+    if ta {
+        return Err(Error::msg(
+            "int8 fully connected cannot transpose its input",
+        ));
+    }
+    if x.rank() != 2 || w.rank() != 2 {
+        return Err(Error::msg(format!(
+            "int8 fully connected needs matrices, got {:?} and {:?}",
+            x.shape, w.shape
+        )));
+    }
+    let (batch, k) = (x.shape[0], x.shape[1]);
+    let (wk, units) = if tb {
+        (w.shape[1], w.shape[0])
+    } else {
+        (w.shape[0], w.shape[1])
+    };
+    if wk != k {
+        return Err(Error::msg(format!(
+            "weights {:?} do not match input {:?}",
+            w.shape, x.shape
+        )));
+    }
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    let ws = channel_scales(quant, 1, units)?;
+    let bias = bias_i32(b, units)?;
+    let (lo, hi) = activation_range(act, out.scale, out.zero_point, -128, 127);
+    let xs = x.slice::<i8>()?;
+    let wv = w.slice::<i8>()?;
+    let in_off = -xin.zero_point;
+    let mut res = vec![0i8; batch * units];
+    for bi in 0..batch {
+        for u in 0..units {
+            let mut acc = 0i32;
+            for kk in 0..k {
+                let wq = if tb {
+                    wv[u * k + kk]
+                } else {
+                    wv[kk * units + u]
+                } as i32;
+                acc = acc.wrapping_add(wq.wrapping_mul(xs[bi * k + kk] as i32 + in_off));
+            }
+            acc = acc.wrapping_add(bias[u]);
+            let v = requantize_in_double(acc, xin.scale, ws[u], out.scale)
+                .saturating_add(out.zero_point);
+            res[bi * units + u] = sat8(v.clamp(lo, hi));
+        }
+    }
+    Ok(Value::from_vec(vec![batch, units], res))
+}
+
+/// Int8 pooling. Both require the output's parameters to equal the input's; the
+/// average is the rounded (half away from zero) quotient of the raw int8 sum.
+pub fn pool(
+    x: &Value,
+    kind: PoolKind,
+    ksize: [usize; 2],
+    win: &Window,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    if xin != out {
+        return Err(Error::msg(format!(
+            "int8 pooling needs equal input and output parameters, got {xin:?} and {out:?}"
+        )));
+    }
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let (oh, pt) = out_size(h, ksize[0], win.strides[0], 1, &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, ksize[1], win.strides[1], 1, &win.padding, 1)?;
+    let xs = x.slice::<i8>()?;
+    let mut res = vec![0i8; n * oh * ow * c];
+    for bi in 0..n {
+        for oy in 0..oh {
+            let y0 = (oy * win.strides[0]) as isize - pt as isize;
+            let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
+            for ox in 0..ow {
+                let x0 = (ox * win.strides[1]) as isize - pl as isize;
+                let xr =
+                    x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
+                for ch in 0..c {
+                    let mut count = 0i64;
+                    let mut sum = 0i64;
+                    let mut max = i8::MIN;
+                    for iy in ys.clone() {
+                        for ix in xr.clone() {
+                            let v = xs[((bi * h + iy) * wd + ix) * c + ch];
+                            sum += v as i64;
+                            max = max.max(v);
+                            count += 1;
+                        }
+                    }
+                    let v = match kind {
+                        PoolKind::Max => max,
+                        PoolKind::Avg => {
+                            if count == 0 {
+                                return Err(Error::msg("average pool over an empty window"));
+                            }
+                            let q = if sum > 0 {
+                                (sum + count / 2) / count
+                            } else {
+                                (sum - count / 2) / count
+                            };
+                            q.clamp(-128, 127) as i8
+                        }
+                    };
+                    res[((bi * oh + oy) * ow + ox) * c + ch] = v;
+                }
+            }
+        }
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, c], res))
+}
+
+fn activate(v: Value, act: FusedActivation) -> Result<Value> {
+    match act {
+        FusedActivation::None => Ok(v),
+        FusedActivation::Relu => elementwise::unary(UnaryOp::Relu, v),
+        FusedActivation::Relu6 => elementwise::unary(UnaryOp::Relu6, v),
+        FusedActivation::ReluN1To1 => Err(Error::msg("RELU_N1_TO_1 has no float fused form")),
+    }
+}
+
+/// Float `_FusedConv2D`: `Conv2D`, `BiasAdd`, activation, in that order (the same
+/// f32 arithmetic as the unfused ops).
+pub fn fused_conv_float(inputs: &[Value], win: &Window, act: FusedActivation) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg("_FusedConv2D needs input, filter and bias"));
+    };
+    let y = nn::conv2d(x, w, win)?;
+    activate(elementwise::bias_add(y, b.clone(), false)?, act)
+}
+
+/// Float `_FusedDepthwiseConv2dNative`.
+pub fn fused_depthwise_float(
+    inputs: &[Value],
+    win: &Window,
+    act: FusedActivation,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg(
+            "_FusedDepthwiseConv2dNative needs input, filter and bias",
+        ));
+    };
+    let y = nn::depthwise_conv2d(x, w, win)?;
+    activate(elementwise::bias_add(y, b.clone(), false)?, act)
+}
+
+/// Float `_FusedMatMul`.
+pub fn fused_matmul_float(
+    inputs: &[Value],
+    ta: bool,
+    tb: bool,
+    act: FusedActivation,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg("_FusedMatMul needs input, weights and bias"));
+    };
+    let y = nn::matmul(x, w, ta, tb)?;
+    activate(elementwise::bias_add(y, b.clone(), false)?, act)
+}

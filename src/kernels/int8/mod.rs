@@ -1,0 +1,219 @@
+//! Int8 kernels with TFLite's reference arithmetic, and the float kernels of the
+//! fused ops the quantizer introduces (`_FusedConv2D`, `_FusedDepthwiseConv2dNative`,
+//! `_FusedMatMul`).
+//!
+//! A step runs in int8 when its data input is an int8 value; the quantization of
+//! every input and output comes with the step ([`StepQuant`]). Each kernel follows
+//! the TFLite reference kernel (`BUILTIN_REF` resolver) of the op it lowers to, so
+//! that an exported model gives the same bits in LiteRT. Every requantization goes
+//! through [`super::rounding`].
+//!
+//! Which rounding each op uses, and where TFLite computes a multiplier in f32
+//! rather than f64, is part of the arithmetic and is listed with each kernel.
+
+mod conv;
+mod elementwise;
+mod reduce;
+
+use super::ops::{Kernel, StepQuant};
+use super::rounding::{FusedActivation, Rounding};
+use super::value::Value;
+use crate::error::{Error, Result};
+use crate::ir::{Attr, DType, Node, QuantParams};
+
+pub use conv::{fused_conv_float, fused_depthwise_float, fused_matmul_float};
+
+/// How TFLite was built: `TFLITE_SINGLE_ROUNDING` is off in LiteRT's release
+/// builds, so `MultiplyByQuantizedMultiplier` rounds twice (gemmlowp).
+pub const ROUNDING: Rounding = Rounding::Double;
+
+/// Per-tensor int8 parameters of an activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    pub scale: f32,
+    pub zero_point: i32,
+}
+
+impl Affine {
+    pub fn from_params(q: &QuantParams, what: &str) -> Result<Affine> {
+        match (q.scale.as_slice(), q.zero_point.as_slice(), q.axis) {
+            ([s], [z], None) | ([s], [z], Some(_)) => {
+                if !(s.is_finite() && *s > 0.0) {
+                    return Err(Error::msg(format!("{what} has scale {s}")));
+                }
+                if !(-128..=127).contains(z) {
+                    return Err(Error::msg(format!(
+                        "{what} has zero point {z}, outside int8"
+                    )));
+                }
+                Ok(Affine {
+                    scale: *s,
+                    zero_point: *z as i32,
+                })
+            }
+            _ => Err(Error::msg(format!(
+                "{what} must be quantized per tensor, it has {} scales",
+                q.scale.len()
+            ))),
+        }
+    }
+}
+
+fn input_affine(quant: &StepQuant, i: usize) -> Result<Affine> {
+    let q = quant
+        .inputs
+        .get(i)
+        .and_then(|q| q.as_ref())
+        .ok_or_else(|| Error::msg(format!("int8 input {i} has no quantization parameters")))?;
+    Affine::from_params(q, &format!("input {i}"))
+}
+
+fn output_affine(quant: &StepQuant) -> Result<Affine> {
+    let q = quant
+        .outputs
+        .first()
+        .and_then(|q| q.as_ref())
+        .ok_or_else(|| {
+            Error::msg("an int8 kernel's output has no quantization parameters".to_string())
+        })?;
+    Affine::from_params(q, "output")
+}
+
+/// Per-channel scales of a weight tensor with `channels` output channels
+/// (a per-tensor scale is repeated).
+fn channel_scales(quant: &StepQuant, i: usize, channels: usize) -> Result<Vec<f32>> {
+    let q = quant
+        .inputs
+        .get(i)
+        .and_then(|q| q.as_ref())
+        .ok_or_else(|| Error::msg(format!("int8 weights (input {i}) have no quantization")))?;
+    if q.zero_point.iter().any(|&z| z != 0) {
+        return Err(Error::msg("int8 weights must have zero point 0"));
+    }
+    let s = match q.scale.len() {
+        1 => vec![q.scale[0]; channels],
+        n if n == channels => q.scale.clone(),
+        n => {
+            return Err(Error::msg(format!(
+                "weights have {n} scales for {channels} output channels"
+            )))
+        }
+    };
+    if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(Error::msg("weights have a non-positive scale"));
+    }
+    Ok(s)
+}
+
+/// The fused activation a fused node applies (`fused_ops` after `BiasAdd`).
+pub fn fused_activation(node: &Node) -> Result<FusedActivation> {
+    let ops = match node.attr("fused_ops") {
+        Some(Attr::Strs(v)) => v
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect::<Vec<_>>(),
+        Some(_) => return Err(Error::msg("attribute 'fused_ops' is not a list of strings")),
+        None => return Err(Error::msg("attribute 'fused_ops' is missing")),
+    };
+    match ops
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["BiasAdd"] => Ok(FusedActivation::None),
+        ["BiasAdd", "Relu"] => Ok(FusedActivation::Relu),
+        ["BiasAdd", "Relu6"] => Ok(FusedActivation::Relu6),
+        other => Err(Error::msg(format!(
+            "fused_ops {other:?} is not supported (BiasAdd, then optionally Relu or Relu6)"
+        ))),
+    }
+}
+
+/// Runs `kernel` in int8 when its data inputs are int8. `None` means the generic
+/// (dtype-agnostic) kernel is right for int8 too, or the step is not int8.
+pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Option<Vec<Value>>> {
+    let is_i8 = |i: usize| {
+        inputs.get(i).is_some_and(|v| v.dtype() == DType::I8)
+            && quant.inputs.get(i).is_some_and(|q| q.is_some())
+    };
+    if let Kernel::Quantize = kernel {
+        let x = inputs
+            .first()
+            .ok_or_else(|| Error::msg("Quantize needs an input"))?;
+        return elementwise::quantize(x, quant).map(|v| Some(vec![v]));
+    }
+    let binary = matches!(kernel, Kernel::Binary(_));
+    if !(is_i8(0) || binary && is_i8(1)) {
+        return Ok(None);
+    }
+    let one = |v: Value| Ok(Some(vec![v]));
+    match kernel {
+        Kernel::FusedConv2D { win, act } => one(conv::conv2d(inputs, win, *act, quant)?),
+        Kernel::FusedDepthwise { win, act } => one(conv::depthwise(inputs, win, *act, quant)?),
+        Kernel::FusedMatMul { ta, tb, act } => {
+            one(conv::fully_connected(inputs, *ta, *tb, *act, quant)?)
+        }
+        Kernel::Pool { kind, ksize, win } => {
+            one(conv::pool(&inputs[0], *kind, *ksize, win, quant)?)
+        }
+        Kernel::Binary(op) => one(elementwise::binary(*op, &inputs[0], &inputs[1], quant)?),
+        Kernel::Unary(op) => one(elementwise::unary(*op, &inputs[0], quant)?),
+        Kernel::Softmax { log: false } => one(reduce::softmax(&inputs[0], quant)?),
+        Kernel::Reduce { op, keep_dims } => one(reduce::reduce(
+            &inputs[0], &inputs[1], *op, *keep_dims, quant,
+        )?),
+        Kernel::Pad | Kernel::PadV2 => one(elementwise::pad(inputs, quant)?),
+        Kernel::Concat { .. } => {
+            same_params_everywhere(quant, "ConcatV2")?;
+            Ok(None)
+        }
+        Kernel::Forward
+        | Kernel::ForwardAll
+        | Kernel::Gather { .. }
+        | Kernel::ExpandDims
+        | Kernel::Squeeze(_)
+        | Kernel::Reshape
+        | Kernel::Shape(_)
+        | Kernel::Size(_)
+        | Kernel::Rank
+        | Kernel::StridedSlice(_)
+        | Kernel::Slice
+        | Kernel::Transpose
+        | Kernel::Dequantize
+        | Kernel::Const(_)
+        | Kernel::ArgReduce { .. } => Ok(None),
+        other => Err(Error::msg(format!(
+            "no int8 kernel for {}",
+            kernel_name(other)
+        ))),
+    }
+}
+
+fn kernel_name(k: &Kernel) -> String {
+    let s = format!("{k:?}");
+    s.split(['(', ' ', '{']).next().unwrap_or("").to_string()
+}
+
+/// TFLite's int8 CONCATENATION requires every input to carry the output's parameters.
+fn same_params_everywhere(quant: &StepQuant, what: &str) -> Result<()> {
+    let out = output_affine(quant)?;
+    for (i, q) in quant.inputs.iter().enumerate() {
+        let Some(q) = q else { continue };
+        let a = Affine::from_params(q, &format!("input {i}"))?;
+        if a != out {
+            return Err(Error::msg(format!(
+                "int8 {what} input {i} has scale {} zero point {}, the output {} / {}; \
+                 they must be equal",
+                a.scale, a.zero_point, out.scale, out.zero_point
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Saturates an i32 into int8.
+#[inline]
+fn sat8(v: i32) -> i8 {
+    v.clamp(-128, 127) as i8
+}

@@ -1,0 +1,173 @@
+//! Int8 reductions and softmax: MEAN (`reference_ops::QuantizedMeanOrSum`),
+//! REDUCE_MAX (raw int8 maximum, equal parameters) and SOFTMAX
+//! (`reference_ops::Softmax` with gemmlowp fixed-point exp).
+
+use super::{input_affine, output_affine, sat8, ROUNDING};
+use crate::error::{Error, Result};
+use crate::kernels::array::{norm_axis, ReduceOp};
+use crate::kernels::ops::StepQuant;
+use crate::kernels::rounding::{
+    calculate_input_radius, fixed, mean_multiplier, multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_greater_than_one, preprocess_softmax_scaling,
+    quantize_multiplier, rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
+};
+use crate::kernels::value::Value;
+
+/// Output shape and, for every input element, the index of its output element.
+fn reduction_map(
+    shape: &[usize],
+    axes: &Value,
+    keep_dims: bool,
+) -> Result<(Vec<usize>, Vec<usize>, usize)> {
+    let r = shape.len();
+    let mut red = vec![false; r];
+    for a in axes.to_i64s()? {
+        red[norm_axis(a, r, false)?] = true;
+    }
+    let full: Vec<usize> = (0..r).map(|d| if red[d] { 1 } else { shape[d] }).collect();
+    let out_shape = if keep_dims {
+        full.clone()
+    } else {
+        (0..r).filter(|&d| !red[d]).map(|d| shape[d]).collect()
+    };
+    let mut strides = vec![0usize; r];
+    let mut s = 1;
+    for d in (0..r).rev() {
+        strides[d] = if red[d] { 0 } else { s };
+        s *= full[d];
+    }
+    let n_in: usize = shape.iter().product();
+    let n_out: usize = full.iter().product();
+    let mut map = Vec::with_capacity(n_in);
+    let mut idx = vec![0usize; r];
+    for _ in 0..n_in {
+        map.push(idx.iter().zip(&strides).map(|(i, s)| i * s).sum());
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    let count = n_in.checked_div(n_out).unwrap_or(0);
+    Ok((out_shape, map, count))
+}
+
+pub fn reduce(
+    x: &Value,
+    axes: &Value,
+    op: ReduceOp,
+    keep_dims: bool,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let xs = x.slice::<i8>()?;
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    let (shape, map, count) = reduction_map(&x.shape, axes, keep_dims)?;
+    let n_out: usize = shape.iter().product();
+    match op {
+        ReduceOp::Max | ReduceOp::Min => {
+            if xin != out {
+                return Err(Error::msg(format!(
+                    "int8 {op:?} needs equal input and output parameters, got {xin:?} and {out:?}"
+                )));
+            }
+            let max = op == ReduceOp::Max;
+            let mut acc = vec![if max { i8::MIN } else { i8::MAX }; n_out];
+            for (&v, &o) in xs.iter().zip(&map) {
+                acc[o] = if max { acc[o].max(v) } else { acc[o].min(v) };
+            }
+            Ok(Value::from_vec(shape, acc))
+        }
+        ReduceOp::Mean | ReduceOp::Sum => {
+            let mut sums = vec![0i32; n_out];
+            for (&v, &o) in xs.iter().zip(&map) {
+                sums[o] = sums[o].wrapping_add(v as i32);
+            }
+            let (q, s) = quantize_multiplier(xin.scale as f64 / out.scale as f64);
+            let (q, s) = if op == ReduceOp::Mean {
+                mean_multiplier(q, s, count as i64)
+            } else {
+                (q, s)
+            };
+            let res: Vec<i8> = if count == 0 {
+                vec![0; n_out]
+            } else {
+                sums.iter()
+                    .map(|&sum| {
+                        let shifted = (sum as i64 - xin.zero_point as i64 * count as i64) as i32;
+                        sat8(
+                            multiply_by_quantized_multiplier(shifted, q, s, ROUNDING)
+                                + out.zero_point,
+                        )
+                    })
+                    .collect()
+            };
+            Ok(Value::from_vec(shape, res))
+        }
+        other => Err(Error::msg(format!(
+            "no int8 kernel for reduction {other:?}"
+        ))),
+    }
+}
+
+/// Integer bits of the scaled input difference (`kScaledDiffIntegerBits`) and of the
+/// sum of exponentials (`kAccumulationIntegerBits`).
+const SCALED_DIFF_BITS: i32 = 5;
+const ACCUM_BITS: i32 = 12;
+
+pub fn softmax(x: &Value, quant: &StepQuant) -> Result<Value> {
+    let xs = x.slice::<i8>()?;
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    if out.zero_point != -128 || (out.scale - 1.0 / 256.0).abs() > 0.001 / 256.0 {
+        return Err(Error::msg(format!(
+            "int8 Softmax output must be quantized (1/256, -128), got {out:?}"
+        )));
+    }
+    let depth = *x
+        .shape
+        .last()
+        .ok_or_else(|| Error::msg("Softmax needs rank ≥ 1"))?;
+    let (mult, left_shift) = preprocess_softmax_scaling(1.0, xin.scale as f64, SCALED_DIFF_BITS);
+    let diff_min = -calculate_input_radius(SCALED_DIFF_BITS, left_shift);
+    let mut res = vec![0i8; xs.len()];
+    if depth == 0 {
+        return Ok(Value::from_vec(x.shape.clone(), res));
+    }
+    let exp_of = |diff: i32| {
+        let rescaled = multiply_by_quantized_multiplier_greater_than_one(diff, mult, left_shift);
+        fixed::exp_on_negative_values(rescaled, SCALED_DIFF_BITS)
+    };
+    for (row, orow) in xs.chunks(depth).zip(res.chunks_mut(depth)) {
+        let max = row.iter().copied().max().unwrap_or(i8::MIN) as i32;
+        let mut sum = 0i32;
+        for &v in row {
+            let diff = v as i32 - max;
+            if diff >= diff_min {
+                sum = sum.wrapping_add(fixed::rescale(exp_of(diff), 0, ACCUM_BITS));
+            }
+        }
+        let (scale, bits_over_unit) = fixed::get_reciprocal(sum, ACCUM_BITS);
+        let exponent = bits_over_unit + 31 - 8;
+        if !(0..=31).contains(&exponent) {
+            return Err(Error::msg(format!(
+                "softmax exponent {exponent} out of range"
+            )));
+        }
+        for (&v, o) in row.iter().zip(orow.iter_mut()) {
+            let diff = v as i32 - max;
+            *o = if diff >= diff_min {
+                let unsat = rounding_divide_by_pot(
+                    saturating_rounding_doubling_high_mul(scale, exp_of(diff)),
+                    exponent,
+                );
+                sat8(unsat - 128)
+            } else {
+                -128
+            };
+        }
+    }
+    Ok(Value::from_vec(x.shape.clone(), res))
+}

@@ -1,0 +1,321 @@
+//! `quantize_int8`: post-training int8 quantization with TFLite's arithmetic.
+//!
+//! # The quantized IR
+//!
+//! This is the contract between the quantizer, the interpreter's int8 kernels
+//! ([`crate::kernels::int8`]) and the TFLite exporter.
+//!
+//! * **Fusion** (as TF's grappler remapper): `Conv2D`, `DepthwiseConv2dNative` or
+//!   `MatMul` followed by `BiasAdd` (and `Relu` or `Relu6`) becomes one
+//!   `_FusedConv2D`, `_FusedDepthwiseConv2dNative` or `_FusedMatMul(x, filter,
+//!   bias)` with `fused_ops = ["BiasAdd"(, "Relu"|"Relu6")]`, `num_args = 1` and the
+//!   matrix op's attributes, named after the last node of the chain. A `Conv2D`
+//!   followed by a channel-preserving `Squeeze`/`Reshape` before its bias
+//!   (`tf.nn.conv1d`) keeps its own name and the `Squeeze`/`Reshape` moves after it
+//!   under the chain's last name. Without a bias, a zero bias is added (full integer
+//!   only). See [`fuse`].
+//! * **Int8 weights**: a `Const` of `DType::I8` whose `output_quant[0]` is symmetric
+//!   (zero points 0), per axis along the output channel of the TF layout: Conv2D
+//!   filter HWIO → axis 3; depthwise `[H, W, C, M]` → axis 2 when `M == 1`, per
+//!   tensor otherwise; MatMul `[in, out]` → axis 1 (axis 0 with `transpose_b`), or
+//!   per tensor with `per_channel_dense = false`.
+//! * **Biases**: `Const` of `DType::I32`, `output_quant[0]` per axis 0 with
+//!   `scale[c] = in_scale * w_scale[c]` (f32 product), zero points 0.
+//! * **Activations**: the producer of every int8 tensor has `output_quant[index]`
+//!   per tensor (scale, zero point). A node computes in int8 when its data inputs
+//!   are int8; it keeps its op name (`"T"` becomes int8).
+//! * **`Quantize`** (TFLite QUANTIZE): float → int8 with the parameters in its
+//!   `output_quant[0]` (`T = float32`), or int8 → int8 requantization (`T = int8`).
+//!   Named `<tensor>/quantize` and `<tensor>/requantize`.
+//! * **`Dequantize`** (TFLite DEQUANTIZE, shared with `fp16_cast`): int8 (or
+//!   float16) → float32 with its input's parameters, `T` = input type, `dtype =
+//!   float32`. Named `<tensor>/dequantize`. Graph outputs of the float interface
+//!   point at these nodes.
+//! * **Weight-only / dynamic range**: weight constants become int8 constants of the
+//!   same name read through `<name>/dequantize`; compute stays float. Dynamic range
+//!   (DEFAULT without calibration) is represented the same way, restricted to
+//!   weights of ≥ 1024 elements; qpipe has no hybrid kernels.
+//!
+//! # Parameters
+//!
+//! Activations: `GetAsymmetricQuantizationParams` over the calibrated min/max.
+//! Softmax and Sigmoid outputs are (1/256, -128), Tanh (1/128, 0). Ops whose int8
+//! kernels need equal input and output parameters (pools, reshapes, concat,
+//! gather, pad, reduce max/min, maximum/minimum) put all their tensors in one group
+//! whose range is the union of the members' ranges; a conflict between two fixed
+//! groups is resolved with a requantizing `Quantize`. Embedding tables read by
+//! `GatherV2` are quantized like activations, with the gather's parameters.
+//!
+//! # Strategies
+//!
+//! * `DEFAULT`: with `calibration`, full integer with a float interface; ops with no
+//!   int8 kernel (and `exclude`d nodes) stay float between `Dequantize`/`Quantize`.
+//!   Without calibration, dynamic range (int8 weights ≥ 1024 elements).
+//! * `OPTIMIZE_FOR_SIZE`: weight-only int8 of every weight (conv, depthwise and
+//!   matmul weights, embedding tables), float compute, no calibration.
+//! * `OPTIMIZE_FOR_LATENCY`: full integer with int8 inputs and outputs; any op left
+//!   in float that was not excluded is an error naming it.
+//!
+//! Config: `input` (required), `strategy` (`"DEFAULT"`), `calibration` (a data set
+//! name), `samples` (default: every row), `method` (`"minmax"`),
+//! `per_channel_dense` (`true`), `exclude` (`[]`).
+
+pub mod calibration;
+pub mod fuse;
+pub mod params;
+pub mod rewrite;
+pub mod weights;
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use calibration::{Method, Stats};
+
+/// Calibration batch size (memory is bounded by a few batches per thread).
+const CALIBRATION_BATCH: usize = 32;
+/// TFLite's `kWeightsMinNumElementsDefault` for dynamic-range quantization.
+const DYNAMIC_RANGE_MIN_ELEMENTS: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Strategy {
+    #[default]
+    #[serde(rename = "DEFAULT")]
+    Default,
+    #[serde(rename = "OPTIMIZE_FOR_SIZE")]
+    OptimizeForSize,
+    #[serde(rename = "OPTIMIZE_FOR_LATENCY")]
+    OptimizeForLatency,
+}
+
+impl Strategy {
+    fn name(self) -> &'static str {
+        match self {
+            Strategy::Default => "DEFAULT",
+            Strategy::OptimizeForSize => "OPTIMIZE_FOR_SIZE",
+            Strategy::OptimizeForLatency => "OPTIMIZE_FOR_LATENCY",
+        }
+    }
+}
+
+fn default_method() -> Method {
+    Method::Minmax
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeInt8Config {
+    pub input: String,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub calibration: Option<String>,
+    #[serde(default)]
+    pub samples: Option<usize>,
+    #[serde(default = "default_method")]
+    pub method: Method,
+    #[serde(default = "yes")]
+    pub per_channel_dense: bool,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+pub struct QuantizeInt8 {
+    config: QuantizeInt8Config,
+}
+
+pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+    Ok(Box::new(QuantizeInt8 {
+        config: super::parse_config(table)?,
+    }))
+}
+
+fn weight_bytes(g: &Graph) -> usize {
+    g.nodes
+        .iter()
+        .filter_map(|n| n.const_value())
+        .map(|t| t.byte_size())
+        .sum()
+}
+
+/// The key under which calibration statistics are cached: everything they depend on.
+pub fn calibration_key(
+    fused: &Graph,
+    dataset: &str,
+    digest: &[u8; 32],
+    samples: Option<usize>,
+    method: Method,
+) -> Vec<u8> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"qpipe calibration v1\0");
+    h.update(&crate::ir::serialize::encode(fused));
+    h.update(dataset.as_bytes());
+    h.update(&[0]);
+    h.update(digest);
+    h.update(format!("{samples:?}/{method:?}").as_bytes());
+    h.finalize().as_bytes().to_vec()
+}
+
+impl QuantizeInt8 {
+    fn calibration_used(&self) -> Option<&str> {
+        match self.config.strategy {
+            Strategy::OptimizeForSize => None,
+            _ => self.config.calibration.as_deref(),
+        }
+    }
+}
+
+impl Stage for QuantizeInt8 {
+    fn kind(&self) -> &'static str {
+        "quantize_int8"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn deps(&self) -> StageDeps {
+        StageDeps {
+            stages: vec![("input".into(), self.config.input.clone())],
+            datasets: self
+                .calibration_used()
+                .map(|d| vec![d.to_string()])
+                .unwrap_or_default(),
+            model: false,
+        }
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
+        let graph = ctx.input_graph("input")?;
+        let c = &self.config;
+        let names: HashSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
+        for e in &c.exclude {
+            if !names.contains(e.as_str()) {
+                return Err(Error::usage(format!(
+                    "stage '{}': exclude names '{e}', which is not a node of the input graph",
+                    ctx.id
+                )));
+            }
+        }
+        let exclude: HashSet<String> = c.exclude.iter().cloned().collect();
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("strategy".into(), c.strategy.name().into());
+        metrics.insert("weight_bytes_before".into(), weight_bytes(&graph).into());
+        let full = match (c.strategy, self.calibration_used()) {
+            (Strategy::OptimizeForSize, _) => None,
+            (Strategy::Default, None) => None,
+            (Strategy::OptimizeForLatency, None) => {
+                return Err(Error::usage(format!(
+                    "stage '{}': OPTIMIZE_FOR_LATENCY needs a calibration data set \
+                     (calibration = \"<dataset>\")",
+                    ctx.id
+                )))
+            }
+            (_, Some(ds)) => Some(ds),
+        };
+        let out = match full {
+            None => {
+                let (fused, _) = fuse::fuse(&graph, false)?;
+                let min = if c.strategy == Strategy::OptimizeForSize {
+                    1
+                } else {
+                    DYNAMIC_RANGE_MIN_ELEMENTS
+                };
+                let (g, r) = weights::quantize_weights(&fused, min, c.per_channel_dense, &exclude)?;
+                metrics.insert(
+                    "mode".into(),
+                    if c.strategy == Strategy::OptimizeForSize {
+                        "weight_only"
+                    } else {
+                        "dynamic_range"
+                    }
+                    .into(),
+                );
+                metrics.insert("weights_quantized".into(), r.tensors.into());
+                metrics.insert("weights_per_channel".into(), r.per_channel.into());
+                let float_ops = g
+                    .nodes
+                    .iter()
+                    .filter(|n| rewrite::is_compute(&n.op))
+                    .count();
+                metrics.insert("int8_ops".into(), 0.into());
+                metrics.insert("float_ops".into(), float_ops.into());
+                g
+            }
+            Some(ds) => {
+                let spec = ctx.datasets.get(ds).ok_or_else(|| {
+                    Error::usage(format!(
+                        "stage '{}': calibration data set '{ds}' is not defined",
+                        ctx.id
+                    ))
+                })?;
+                let (fused, _) = fuse::fuse(&graph, true)?;
+                let digest = calibration::dataset_digest(spec)?;
+                let key = calibration_key(&fused, ds, &digest, c.samples, c.method);
+                let mut computed = false;
+                let bytes = ctx.memo.get_or_compute("calibration", &key, &mut || {
+                    computed = true;
+                    (ctx.progress)(&format!("{}: calibrating on '{ds}'", ctx.id));
+                    calibration::calibrate(&fused, spec, c.samples, c.method, CALIBRATION_BATCH)
+                        .map(|s| s.to_bytes())
+                })?;
+                let stats = Stats::from_bytes(&bytes)?;
+                let opts = rewrite::FullOptions {
+                    per_channel_dense: c.per_channel_dense,
+                    exclude: exclude.clone(),
+                    int8_io: c.strategy == Strategy::OptimizeForLatency,
+                };
+                let (g, r) = rewrite::quantize_full(&fused, &stats, &opts)
+                    .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;
+                if c.strategy == Strategy::OptimizeForLatency {
+                    let blocking: Vec<String> = r
+                        .float_nodes
+                        .iter()
+                        .filter(|(n, op, _)| !exclude.contains(n) && rewrite::is_compute(op))
+                        .map(|(n, op, why)| format!("'{n}' ({op}): {why}"))
+                        .collect();
+                    if !blocking.is_empty() {
+                        return Err(Error::msg(format!(
+                            "stage '{}': OPTIMIZE_FOR_LATENCY needs every op in int8, but {} \
+                             cannot be: {}",
+                            ctx.id,
+                            blocking.len(),
+                            blocking.join("; ")
+                        )));
+                    }
+                }
+                metrics.insert("mode".into(), "full_integer".into());
+                metrics.insert("calibration_samples".into(), stats.samples.into());
+                metrics.insert("calibration_cached".into(), (!computed).into());
+                metrics.insert("int8_ops".into(), r.int8_ops.into());
+                metrics.insert("float_ops".into(), r.float_ops.into());
+                metrics.insert("quantize_ops".into(), r.quantize_ops.into());
+                metrics.insert("requantize_ops".into(), r.requantize_ops.into());
+                metrics.insert("dequantize_ops".into(), r.dequantize_ops.into());
+                metrics.insert(
+                    "float_nodes".into(),
+                    serde_json::Value::Array(
+                        r.float_nodes
+                            .iter()
+                            .map(|(n, op, why)| serde_json::json!({"node": n, "op": op, "reason": why}))
+                            .collect(),
+                    ),
+                );
+                g
+            }
+        };
+        metrics.insert("weight_bytes_after".into(), weight_bytes(&out).into());
+        Ok(StageOutput {
+            artifact: Artifact::Graph(out.into()),
+            metrics,
+            files: vec![],
+        })
+    }
+}

@@ -1,0 +1,189 @@
+//! Calibration: run the float graph on a data set and record every float
+//! activation's range, batch by batch (memory bounded by a window of batches),
+//! batches in parallel. The statistics serialize to JSON so that the pipeline can
+//! cache them apart from the quantization settings.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ir::{Graph, TensorRef};
+use crate::kernels::dataset::{run_batches, Dataset};
+use crate::kernels::{Buf, Plan, Value};
+use crate::stages::DatasetSpec;
+
+/// How a tensor's range is derived from what calibration saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Observed minimum and maximum (TFLite's calibrator).
+    Minmax,
+}
+
+/// Range of one tensor over the calibration samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Range32 {
+    pub min: f32,
+    pub max: f32,
+}
+
+/// Per-tensor statistics, keyed by tensor name (`node` or `node:k`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub samples: usize,
+    pub ranges: BTreeMap<String, Range32>,
+    /// Shape of each tensor without its batch dimension (from the first batch).
+    pub shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl Stats {
+    pub fn get(&self, t: &TensorRef) -> Option<Range32> {
+        self.ranges.get(&t.to_string()).copied()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Stats> {
+        serde_json::from_slice(b)
+            .map_err(|e| Error::msg(format!("cached calibration statistics are unreadable: {e}")))
+    }
+}
+
+/// The tensors calibration records: output 0 of every node but constants, and the
+/// other outputs that some node reads.
+fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
+    let mut set = std::collections::BTreeSet::new();
+    for n in &g.nodes {
+        if n.op != "Const" {
+            set.insert(TensorRef::new(n.name.clone(), 0));
+        }
+        for r in &n.inputs {
+            set.insert(r.clone());
+        }
+    }
+    for r in &g.outputs {
+        set.insert(r.clone());
+    }
+    let consts: std::collections::HashSet<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| n.op == "Const")
+        .map(|n| n.name.as_str())
+        .collect();
+    set.into_iter()
+        .filter(|r| !consts.contains(r.node.as_str()))
+        .collect()
+}
+
+/// A tensor's range in one batch and its shape without the batch dimension.
+type Seen = (Range32, Vec<usize>);
+
+/// Min/max of each fetched float tensor of one batch. NaN or Inf is an error.
+fn batch_ranges(
+    rows: Range<usize>,
+    fetches: &[TensorRef],
+    outs: Vec<Value>,
+) -> Result<Vec<Option<Seen>>> {
+    fetches
+        .iter()
+        .zip(outs)
+        .map(|(r, v)| {
+            let Buf::F32(x) = &*v.buf else {
+                return Ok(None);
+            };
+            let mut lo = f32::INFINITY;
+            let mut hi = f32::NEG_INFINITY;
+            for (i, &f) in x.iter().enumerate() {
+                if !f.is_finite() {
+                    return Err(Error::msg(format!(
+                        "calibration: tensor '{r}' has {f} (element {i} of rows {}..{}); \
+                         the float model produces non-finite activations on this data",
+                        rows.start, rows.end
+                    )));
+                }
+                lo = lo.min(f);
+                hi = hi.max(f);
+            }
+            let shape = v.shape.get(1..).map(<[usize]>::to_vec).unwrap_or_default();
+            Ok(Some((Range32 { min: lo, max: hi }, shape)))
+        })
+        .collect()
+}
+
+/// Runs `graph` on the first `samples` rows of `data` and records the ranges.
+pub fn calibrate(
+    graph: &Graph,
+    data: &DatasetSpec,
+    samples: Option<usize>,
+    method: Method,
+    batch_size: usize,
+) -> Result<Stats> {
+    let Method::Minmax = method;
+    let feeds: Vec<&str> = graph.inputs.iter().map(String::as_str).collect();
+    let fetches: Vec<TensorRef> = calibrated_tensors(graph)
+        .into_iter()
+        .filter(|r| !feeds.contains(&r.node.as_str()) || r.index == 0)
+        .collect();
+    let plan = Plan::compile(graph, &feeds, &fetches)?;
+    let ds = Dataset::open(data)?;
+    let total = samples.map_or(ds.rows(), |s| s.min(ds.rows()));
+    if total == 0 {
+        return Err(Error::msg("calibration: the data set has no rows"));
+    }
+    let mut stats = Stats {
+        samples: total,
+        ..Stats::default()
+    };
+    run_batches(
+        &plan,
+        &ds,
+        batch_size,
+        Some(total),
+        |rows, outs| batch_ranges(rows, &fetches, outs),
+        |_, ranges| {
+            for (r, v) in fetches.iter().zip(ranges) {
+                let Some((range, shape)) = v else { continue };
+                let key = r.to_string();
+                let e = stats.ranges.entry(key.clone()).or_insert(range);
+                e.min = e.min.min(range.min);
+                e.max = e.max.max(range.max);
+                stats.shapes.entry(key).or_insert(shape);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(stats)
+}
+
+/// blake3 of the files of a data set, in name order (what the calibration cache
+/// key needs besides the graph and settings).
+pub fn dataset_digest(data: &DatasetSpec) -> Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut hash_file = |label: &str, p: &std::path::Path| -> Result<()> {
+        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        h.update(label.as_bytes());
+        h.update(&[0]);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(p, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        h.update(&[0xff]);
+        Ok(())
+    };
+    for (name, p) in &data.tensors {
+        hash_file(name, p)?;
+    }
+    if let Some(l) = &data.labels {
+        hash_file("\u{0}labels", l)?;
+    }
+    Ok(*h.finalize().as_bytes())
+}

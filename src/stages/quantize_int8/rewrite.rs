@@ -1,0 +1,725 @@
+//! Full-integer rewrite: decides which nodes compute in int8, gives every int8
+//! tensor its parameters (calibrated ranges, TFLite's fixed output parameters, and
+//! the same-scale constraints), and rewrites the graph with int8 weights, int32
+//! biases and `Quantize`/`Dequantize` nodes at the float/int8 boundaries.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::calibration::{Range32, Stats};
+use super::params::{asymmetric_params, bias_int32, quantize_with, symmetric_weights};
+use crate::error::{Error, Result};
+use crate::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+
+/// Options of [`quantize_full`].
+#[derive(Debug, Clone, Default)]
+pub struct FullOptions {
+    /// Per-channel weights for `_FusedMatMul` (per tensor otherwise).
+    pub per_channel_dense: bool,
+    /// Nodes kept in float.
+    pub exclude: HashSet<String>,
+    /// Int8 model inputs and outputs (no float interface).
+    pub int8_io: bool,
+}
+
+/// What [`quantize_full`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FullReport {
+    pub int8_ops: usize,
+    pub float_ops: usize,
+    pub quantize_ops: usize,
+    pub requantize_ops: usize,
+    pub dequantize_ops: usize,
+    /// Float compute nodes left, with the reason each could not be quantized.
+    pub float_nodes: Vec<(String, String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Role {
+    /// A float activation (or a float constant, quantized like one).
+    Data,
+    /// Symmetric int8 weights, per channel along the axis when there is one.
+    Weight(Option<usize>),
+    /// The int32 bias of a fused op.
+    Bias,
+    /// Shapes, axes, indices, paddings: left as they are.
+    Aux,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// Output parameters come from its calibrated range.
+    Free,
+    /// Inputs and output share parameters.
+    Same,
+    /// TFLite fixes the output parameters.
+    Fixed(f32, i64),
+}
+
+struct Spec {
+    kind: Kind,
+    roles: Vec<Role>,
+}
+
+fn padding_ok(n: &Node) -> bool {
+    matches!(n.attr_str("padding"), Ok("SAME") | Ok("VALID"))
+}
+
+fn nhwc(n: &Node) -> bool {
+    match n.attr("data_format") {
+        None => true,
+        Some(_) => n
+            .attr_str("data_format")
+            .map(|s| s == "NHWC")
+            .unwrap_or(false),
+    }
+}
+
+struct Ctx<'a> {
+    g: &'a Graph,
+    index: HashMap<&'a str, usize>,
+    stats: &'a Stats,
+}
+
+impl<'a> Ctx<'a> {
+    fn node_of(&self, r: &TensorRef) -> Option<&'a Node> {
+        self.index.get(r.node.as_str()).map(|&i| &self.g.nodes[i])
+    }
+
+    fn const_f32(&self, r: &TensorRef) -> Option<&'a Tensor> {
+        self.node_of(r)
+            .and_then(Node::const_value)
+            .filter(|t| t.dtype() == DType::F32 && r.index == 0)
+    }
+
+    fn is_float_activation(&self, r: &TensorRef) -> bool {
+        self.stats.get(r).is_some()
+    }
+
+    fn data_ok(&self, r: &TensorRef) -> bool {
+        self.is_float_activation(r) || self.const_f32(r).is_some()
+    }
+}
+
+/// The int8 form of `n`, or why it has none.
+fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec, String> {
+    use Role::*;
+    let ins = &n.inputs;
+    let need_data = |idx: &[usize]| -> std::result::Result<(), String> {
+        for &i in idx {
+            let r = ins.get(i).ok_or_else(|| format!("has no input {i}"))?;
+            if !cx.data_ok(r) {
+                return Err(format!("input '{r}' is not a float tensor"));
+            }
+        }
+        Ok(())
+    };
+    let weights = |i: usize, rank: usize| -> std::result::Result<&Tensor, String> {
+        let t = ins
+            .get(i)
+            .and_then(|r| cx.const_f32(r))
+            .ok_or_else(|| format!("input {i} is not a float32 constant"))?;
+        if t.shape().len() != rank {
+            return Err(format!("input {i} has shape {:?}", t.shape()));
+        }
+        Ok(t)
+    };
+    let op = n.op.as_str();
+    let spec = match op {
+        "_FusedConv2D" | "_FusedDepthwiseConv2dNative" | "_FusedMatMul" => {
+            if ins.len() != 3 {
+                return Err("expects 3 inputs".into());
+            }
+            crate::kernels::int8::fused_activation(n).map_err(|e| e.to_string())?;
+            need_data(&[0])?;
+            if cx.const_f32(&ins[0]).is_some() {
+                return Err("its input is a constant".into());
+            }
+            let axis = match op {
+                "_FusedConv2D" => {
+                    weights(1, 4)?;
+                    if !padding_ok(n) || !nhwc(n) {
+                        return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
+                    }
+                    Some(3)
+                }
+                "_FusedDepthwiseConv2dNative" => {
+                    let w = weights(1, 4)?;
+                    if !padding_ok(n) || !nhwc(n) {
+                        return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
+                    }
+                    (w.shape()[3] == 1).then_some(2)
+                }
+                _ => {
+                    weights(1, 2)?;
+                    if matches!(n.attr("transpose_a"), Some(Attr::Bool(true))) {
+                        return Err("FULLY_CONNECTED cannot transpose its input".into());
+                    }
+                    let tb = matches!(n.attr("transpose_b"), Some(Attr::Bool(true)));
+                    per_channel_dense.then_some(if tb { 0 } else { 1 })
+                }
+            };
+            if cx.const_f32(&ins[2]).is_none() {
+                return Err("its bias is not a float32 constant".into());
+            }
+            Spec {
+                kind: Kind::Free,
+                roles: vec![Data, Weight(axis), Bias],
+            }
+        }
+        "MaxPool" | "AvgPool" => {
+            if !padding_ok(n) || !nhwc(n) {
+                return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
+            }
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Same,
+                roles: vec![Data],
+            }
+        }
+        "Reshape" | "ExpandDims" => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Same,
+                roles: vec![Data, Aux],
+            }
+        }
+        "Squeeze" | "Identity" => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Same,
+                roles: vec![Data],
+            }
+        }
+        "ConcatV2" => {
+            let k = ins.len().saturating_sub(1);
+            need_data(&(0..k).collect::<Vec<_>>())?;
+            let mut roles = vec![Data; k];
+            roles.push(Aux);
+            Spec {
+                kind: Kind::Same,
+                roles,
+            }
+        }
+        "GatherV2" => {
+            need_data(&[0])?;
+            if ins.get(1).is_some_and(|r| cx.is_float_activation(r)) {
+                return Err("its indices are float".into());
+            }
+            if matches!(n.attr("batch_dims"), Some(Attr::Int(b)) if *b != 0) {
+                return Err("batch_dims != 0".into());
+            }
+            Spec {
+                kind: Kind::Same,
+                roles: vec![Data, Aux, Aux],
+            }
+        }
+        "Max" | "Min" | "Pad" => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Same,
+                roles: vec![Data, Aux],
+            }
+        }
+        "Mean" | "Sum" => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Free,
+                roles: vec![Data, Aux],
+            }
+        }
+        "Add" | "AddV2" | "Sub" | "Mul" | "Maximum" | "Minimum" => {
+            need_data(&[0, 1])?;
+            if cx.const_f32(&ins[0]).is_some() && cx.const_f32(&ins[1]).is_some() {
+                return Err("both inputs are constants".into());
+            }
+            Spec {
+                kind: if matches!(op, "Maximum" | "Minimum") {
+                    Kind::Same
+                } else {
+                    Kind::Free
+                },
+                roles: vec![Data, Data],
+            }
+        }
+        "Relu" | "Relu6" => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Free,
+                roles: vec![Data],
+            }
+        }
+        "Softmax" | "Sigmoid" | "Tanh" => {
+            need_data(&[0])?;
+            let kind = if op == "Tanh" {
+                Kind::Fixed(1.0 / 128.0, 0)
+            } else {
+                Kind::Fixed(1.0 / 256.0, -128)
+            };
+            Spec {
+                kind,
+                roles: vec![Data],
+            }
+        }
+        _ => return Err(format!("no int8 kernel for {op}")),
+    };
+    if spec.roles.len() != ins.len() {
+        return Err(format!(
+            "expects {} inputs, has {}",
+            spec.roles.len(),
+            ins.len()
+        ));
+    }
+    for (r, role) in ins.iter().zip(&spec.roles) {
+        if *role == Data && cx.const_f32(r).is_none() && !cx.is_float_activation(r) {
+            return Err(format!("input '{r}' is not a float tensor"));
+        }
+    }
+    Ok(spec)
+}
+
+/// Union-find over tensor keys, each group with an optional fixed parameter pair.
+#[derive(Default)]
+struct Groups {
+    parent: Vec<usize>,
+    fixed: Vec<Option<(f32, i64)>>,
+    ids: HashMap<String, usize>,
+}
+
+impl Groups {
+    fn id(&mut self, key: &str) -> usize {
+        if let Some(&i) = self.ids.get(key) {
+            return i;
+        }
+        let i = self.parent.len();
+        self.parent.push(i);
+        self.fixed.push(None);
+        self.ids.insert(key.to_string(), i);
+        i
+    }
+
+    fn find(&mut self, mut i: usize) -> usize {
+        while self.parent[i] != i {
+            self.parent[i] = self.parent[self.parent[i]];
+            i = self.parent[i];
+        }
+        i
+    }
+
+    /// Merges two groups unless both are fixed to different parameters.
+    fn union(&mut self, a: usize, b: usize) -> bool {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return true;
+        }
+        match (self.fixed[ra], self.fixed[rb]) {
+            (Some(x), Some(y)) if x != y => false,
+            (fa, fb) => {
+                self.parent[rb] = ra;
+                self.fixed[ra] = fa.or(fb);
+                true
+            }
+        }
+    }
+}
+
+fn key(r: &TensorRef) -> String {
+    r.to_string()
+}
+
+fn const_key(consumer: &str, input: usize) -> String {
+    format!("\u{0}const:{consumer}:{input}")
+}
+
+fn range_of(values: &[f32]) -> Range32 {
+    let mut r = Range32 { min: 0.0, max: 0.0 };
+    for &v in values {
+        if v.is_finite() {
+            r.min = r.min.min(v);
+            r.max = r.max.max(v);
+        }
+    }
+    r
+}
+
+struct Names {
+    used: HashSet<String>,
+}
+
+impl Names {
+    fn fresh(&mut self, base: &str) -> String {
+        let base = base.replace(':', "_");
+        let mut name = base.clone();
+        let mut k = 1;
+        while self.used.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.used.insert(name.clone());
+        name
+    }
+}
+
+fn int8_const(name: String, values: Vec<i8>, shape: &[usize], q: QuantParams) -> Node {
+    let mut n = Node::constant(name, Tensor::from_vec(shape.to_vec(), &values));
+    n.output_quant.insert(0, q);
+    n
+}
+
+/// Quantizes `g` (already fused) to full int8 with the calibration `stats`.
+pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Graph, FullReport)> {
+    let cx = Ctx {
+        g,
+        index: g.index()?,
+        stats,
+    };
+    let order = g.topo_order()?;
+    let mut report = FullReport::default();
+    // 1. Which nodes run in int8.
+    let mut specs: HashMap<usize, Spec> = HashMap::new();
+    for &i in &order {
+        let n = &g.nodes[i];
+        if matches!(n.op.as_str(), "Const" | "Placeholder") {
+            continue;
+        }
+        if opts.exclude.contains(&n.name) {
+            report
+                .float_nodes
+                .push((n.name.clone(), n.op.clone(), "excluded".into()));
+            continue;
+        }
+        match spec(&cx, n, opts.per_channel_dense) {
+            Ok(s) => {
+                specs.insert(i, s);
+            }
+            Err(why) => report.float_nodes.push((n.name.clone(), n.op.clone(), why)),
+        }
+    }
+    // 2. Parameter groups.
+    let mut groups = Groups::default();
+    let mut requant: HashSet<(usize, usize)> = HashSet::new();
+    let mut members: Vec<(usize, Range32)> = Vec::new();
+    for &i in &order {
+        let Some(s) = specs.get(&i) else { continue };
+        let n = &g.nodes[i];
+        let out = groups.id(&key(&TensorRef::new(n.name.clone(), 0)));
+        if let Kind::Fixed(sc, zp) = s.kind {
+            let r = groups.find(out);
+            groups.fixed[r] = Some((sc, zp));
+        } else if let Some(r) = stats.get(&TensorRef::new(n.name.clone(), 0)) {
+            members.push((out, r));
+        }
+        for (k, (r, role)) in n.inputs.iter().zip(&s.roles).enumerate() {
+            if *role != Role::Data {
+                continue;
+            }
+            let id = if let Some(t) = cx.const_f32(r) {
+                let id = groups.id(&const_key(&n.name, k));
+                members.push((id, range_of(&t.values::<f32>()?)));
+                id
+            } else {
+                let id = groups.id(&key(r));
+                if let Some(rg) = stats.get(r) {
+                    members.push((id, rg));
+                }
+                id
+            };
+            if s.kind == Kind::Same && !groups.union(out, id) {
+                requant.insert((i, k));
+            }
+        }
+    }
+    let mut ranges: HashMap<usize, Range32> = HashMap::new();
+    for (id, r) in members {
+        let root = groups.find(id);
+        let e = ranges.entry(root).or_insert(r);
+        e.min = e.min.min(r.min);
+        e.max = e.max.max(r.max);
+    }
+    let params_of = |groups: &mut Groups, k: &str| -> Option<QuantParams> {
+        let id = *groups.ids.get(k)?;
+        let root = groups.find(id);
+        if let Some((s, z)) = groups.fixed[root] {
+            return Some(QuantParams::per_tensor(s, z));
+        }
+        let r = ranges
+            .get(&root)
+            .copied()
+            .unwrap_or(Range32 { min: 0.0, max: 0.0 });
+        Some(asymmetric_params(r.min, r.max))
+    };
+
+    // 3. Rewrite.
+    let mut names = Names {
+        used: g.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    // Tensors that are int8 in the new graph, with their parameters.
+    let mut int8_tensors: HashMap<String, QuantParams> = HashMap::new();
+    let mut new_nodes: Vec<Node> = Vec::new();
+    let mut quantized_of: HashMap<String, TensorRef> = HashMap::new();
+    let mut dequantized_of: HashMap<String, TensorRef> = HashMap::new();
+    let mut weight_cache: HashMap<(String, Option<usize>), (TensorRef, QuantParams)> =
+        HashMap::new();
+    let consumers = g.consumers();
+
+    for &i in &order {
+        let n = &g.nodes[i];
+        if n.op == "Placeholder" {
+            let mut p = n.clone();
+            let k = key(&TensorRef::new(n.name.clone(), 0));
+            let float = matches!(n.attr("dtype"), Some(Attr::Type(DType::F32)));
+            if opts.int8_io && float {
+                if let Some(q) = params_of(&mut groups, &k) {
+                    p.attrs.insert("dtype".into(), Attr::Type(DType::I8));
+                    p.output_quant.insert(0, q.clone());
+                    int8_tensors.insert(k, q);
+                }
+            }
+            new_nodes.push(p);
+            continue;
+        }
+        if n.op == "Const" {
+            new_nodes.push(n.clone());
+            continue;
+        }
+        let Some(s) = specs.get(&i) else {
+            // A float node: int8 inputs are dequantized first.
+            let mut f = n.clone();
+            for r in f.inputs.iter_mut() {
+                let k = key(r);
+                if int8_tensors.contains_key(&k) {
+                    let dq = dequantized_of.entry(k.clone()).or_insert_with(|| {
+                        let name = names.fresh(&format!("{k}/dequantize"));
+                        let mut d = Node::new(name.clone(), "Dequantize")
+                            .with_input(r.clone())
+                            .with_attr("T", Attr::Type(DType::I8))
+                            .with_attr("dtype", Attr::Type(DType::F32));
+                        d.device = n.device.clone();
+                        new_nodes.push(d);
+                        report.dequantize_ops += 1;
+                        TensorRef::new(name, 0)
+                    });
+                    *r = dq.clone();
+                }
+            }
+            new_nodes.push(f);
+            continue;
+        };
+        let out_key = key(&TensorRef::new(n.name.clone(), 0));
+        let out_q = params_of(&mut groups, &out_key)
+            .ok_or_else(|| Error::msg(format!("node '{}' has no output parameters", n.name)))?;
+        let mut q = n.clone();
+        let mut in_scale = None;
+        for (k, role) in s.roles.iter().enumerate() {
+            let r = n.inputs[k].clone();
+            match role {
+                Role::Aux => {}
+                Role::Data => {
+                    if let Some(t) = cx.const_f32(&r) {
+                        let ck = const_key(&n.name, k);
+                        let p = params_of(&mut groups, &ck).unwrap_or_else(|| out_q.clone());
+                        let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
+                        let name = if sole {
+                            r.node.clone()
+                        } else {
+                            names.fresh(&format!("{}/int8", r.node))
+                        };
+                        let vals = quantize_with(&t.values::<f32>()?, p.scale[0], p.zero_point[0]);
+                        new_nodes.retain(|x| x.name != name);
+                        let mut c = int8_const(name.clone(), vals, t.shape(), p.clone());
+                        if let Some(orig) = cx.node_of(&r) {
+                            c.device = orig.device.clone();
+                        }
+                        new_nodes.push(c);
+                        q.inputs[k] = TensorRef::new(name, 0);
+                        if k == 0 {
+                            in_scale = Some(p.scale[0]);
+                        }
+                        continue;
+                    }
+                    let tk = key(&r);
+                    let want = if requant.contains(&(i, k)) {
+                        out_q.clone()
+                    } else {
+                        params_of(&mut groups, &tk).unwrap_or_else(|| out_q.clone())
+                    };
+                    let src = if let Some(have) = int8_tensors.get(&tk) {
+                        if *have == want {
+                            r.clone()
+                        } else {
+                            let name = names.fresh(&format!("{tk}/requantize"));
+                            let mut rq = Node::new(name.clone(), "Quantize")
+                                .with_input(r.clone())
+                                .with_attr("T", Attr::Type(DType::I8))
+                                .with_attr("dtype", Attr::Type(DType::I8));
+                            rq.output_quant.insert(0, want.clone());
+                            new_nodes.push(rq);
+                            report.requantize_ops += 1;
+                            TensorRef::new(name, 0)
+                        }
+                    } else {
+                        quantized_of
+                            .entry(format!("{tk}@{:e}/{}", want.scale[0], want.zero_point[0]))
+                            .or_insert_with(|| {
+                                let name = names.fresh(&format!("{tk}/quantize"));
+                                let mut qn = Node::new(name.clone(), "Quantize")
+                                    .with_input(r.clone())
+                                    .with_attr("T", Attr::Type(DType::F32))
+                                    .with_attr("dtype", Attr::Type(DType::I8));
+                                qn.output_quant.insert(0, want.clone());
+                                new_nodes.push(qn);
+                                report.quantize_ops += 1;
+                                TensorRef::new(name, 0)
+                            })
+                            .clone()
+                    };
+                    q.inputs[k] = src;
+                    if k == 0 {
+                        in_scale = Some(want.scale[0]);
+                    }
+                }
+                Role::Weight(axis) => {
+                    let t = cx
+                        .const_f32(&r)
+                        .ok_or_else(|| Error::msg(format!("weights '{r}' are not constant")))?;
+                    let ck = (r.node.clone(), *axis);
+                    let (wr, _) = match weight_cache.get(&ck) {
+                        Some(v) => v.clone(),
+                        None => {
+                            let (vals, p) =
+                                symmetric_weights(&t.values::<f32>()?, t.shape(), *axis);
+                            let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
+                            let name = if sole {
+                                r.node.clone()
+                            } else {
+                                names.fresh(&format!("{}/int8", r.node))
+                            };
+                            let mut c = int8_const(name.clone(), vals, t.shape(), p.clone());
+                            if let Some(orig) = cx.node_of(&r) {
+                                c.device = orig.device.clone();
+                            }
+                            new_nodes.retain(|x| x.name != name);
+                            new_nodes.push(c);
+                            let v = (TensorRef::new(name, 0), p);
+                            weight_cache.insert(ck.clone(), v.clone());
+                            v
+                        }
+                    };
+                    q.inputs[k] = wr;
+                }
+                Role::Bias => {}
+            }
+        }
+        if let Some(bk) = s.roles.iter().position(|r| *r == Role::Bias) {
+            let r = n.inputs[bk].clone();
+            let t = cx
+                .const_f32(&r)
+                .ok_or_else(|| Error::msg(format!("bias '{r}' is not constant")))?;
+            let wk = s
+                .roles
+                .iter()
+                .position(|r| matches!(r, Role::Weight(_)))
+                .unwrap_or(1);
+            let wq = weight_cache
+                .get(&(
+                    n.inputs[wk].node.clone(),
+                    match s.roles[wk] {
+                        Role::Weight(a) => a,
+                        _ => None,
+                    },
+                ))
+                .map(|v| v.1.clone())
+                .ok_or_else(|| Error::msg("weights were not quantized before the bias"))?;
+            let s_in = in_scale.ok_or_else(|| Error::msg("no input scale for the bias"))?;
+            let (vals, bq) = bias_int32(&t.values::<f32>()?, s_in, &wq.scale);
+            let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
+            let name = if sole {
+                r.node.clone()
+            } else {
+                names.fresh(&format!("{}/int32", r.node))
+            };
+            new_nodes.retain(|x| x.name != name);
+            let mut b = Node::constant(name.clone(), Tensor::from_vec(t.shape().to_vec(), &vals));
+            b.output_quant.insert(0, bq);
+            new_nodes.push(b);
+            q.inputs[bk] = TensorRef::new(name, 0);
+        }
+        for key_name in ["T", "Tparams"] {
+            if q.attrs.contains_key(key_name) {
+                q.attrs.insert(key_name.into(), Attr::Type(DType::I8));
+            }
+        }
+        q.output_quant.insert(0, out_q.clone());
+        int8_tensors.insert(out_key, out_q);
+        new_nodes.push(q);
+        report.int8_ops += 1;
+    }
+    // Constants replaced in place by their int8 form are pushed twice above; keep the
+    // last (quantized) one.
+    let mut seen = HashSet::new();
+    let mut dedup = Vec::with_capacity(new_nodes.len());
+    for n in new_nodes.into_iter().rev() {
+        if seen.insert(n.name.clone()) {
+            dedup.push(n);
+        }
+    }
+    dedup.reverse();
+    let mut out = g.clone();
+    out.nodes = dedup;
+    // Graph outputs: dequantized unless the interface is int8.
+    let mut outputs = Vec::new();
+    for r in &g.outputs {
+        let k = key(r);
+        if int8_tensors.contains_key(&k) && !opts.int8_io {
+            let d = match dequantized_of.get(&k) {
+                Some(d) => d.clone(),
+                None => {
+                    let name = names.fresh(&format!("{k}/dequantize"));
+                    out.nodes.push(
+                        Node::new(name.clone(), "Dequantize")
+                            .with_input(r.clone())
+                            .with_attr("T", Attr::Type(DType::I8))
+                            .with_attr("dtype", Attr::Type(DType::F32)),
+                    );
+                    report.dequantize_ops += 1;
+                    TensorRef::new(name, 0)
+                }
+            };
+            outputs.push(d);
+        } else {
+            outputs.push(r.clone());
+        }
+    }
+    out.outputs = outputs;
+    out.prune_to_outputs()?;
+    report.float_ops = out
+        .nodes
+        .iter()
+        .filter(|n| {
+            !matches!(
+                n.op.as_str(),
+                "Const" | "Placeholder" | "Quantize" | "Dequantize"
+            ) && !n.output_quant.contains_key(&0)
+        })
+        .count();
+    report
+        .float_nodes
+        .retain(|(name, _, _)| out.nodes.iter().any(|n| &n.name == name));
+    Ok((out, report))
+}
+
+/// Ops that compute nothing (their absence from int8 does not block an int8-only model).
+pub fn is_compute(op: &str) -> bool {
+    !matches!(
+        op,
+        "Const" | "Placeholder" | "Identity" | "Quantize" | "Dequantize"
+    )
+}
+
+/// The quantized tensors of a graph: name → parameters (for reports).
+pub fn quantized_tensors(g: &Graph) -> BTreeMap<String, QuantParams> {
+    g.nodes
+        .iter()
+        .filter(|n| n.op != "Const")
+        .filter_map(|n| n.output_quant.get(&0).map(|q| (n.name.clone(), q.clone())))
+        .collect()
+}

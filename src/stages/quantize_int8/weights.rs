@@ -1,0 +1,127 @@
+//! Weight-only int8 (OPTIMIZE_FOR_SIZE) and dynamic range (DEFAULT without a
+//! calibration set): float weight constants become symmetric int8 constants of the
+//! same name, read through a `Dequantize` node (`<name>/dequantize`); arithmetic
+//! stays float.
+
+use std::collections::{HashMap, HashSet};
+
+use super::params::symmetric_weights;
+use crate::error::Result;
+use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+
+/// What [`quantize_weights`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WeightReport {
+    pub tensors: usize,
+    pub per_channel: usize,
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+/// The axis a consumer quantizes weight input `k` along: `Some(Some(axis))` per
+/// channel, `Some(None)` per tensor, `None` when this is not a weight use.
+fn weight_use(n: &Node, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<Option<usize>> {
+    let tb = matches!(n.attr("transpose_b"), Some(Attr::Bool(true)));
+    match (n.op.as_str(), k) {
+        ("Conv2D" | "_FusedConv2D", 1) if w.shape().len() == 4 => Some(Some(3)),
+        ("DepthwiseConv2dNative" | "_FusedDepthwiseConv2dNative", 1) if w.shape().len() == 4 => {
+            Some((w.shape()[3] == 1).then_some(2))
+        }
+        ("MatMul" | "_FusedMatMul", 1) if w.shape().len() == 2 => {
+            Some(per_channel_dense.then_some(if tb { 0 } else { 1 }))
+        }
+        ("GatherV2" | "Gather", 0) => Some(None),
+        _ => None,
+    }
+}
+
+/// Quantizes the weight constants of `g` with at least `min_elements` elements.
+pub fn quantize_weights(
+    g: &Graph,
+    min_elements: usize,
+    per_channel_dense: bool,
+    exclude: &HashSet<String>,
+) -> Result<(Graph, WeightReport)> {
+    let index = g.index()?;
+    let outputs: HashSet<&str> = g.outputs.iter().map(|r| r.node.as_str()).collect();
+    // Constant → (axis, ok) from all its uses.
+    let mut uses: HashMap<&str, Option<Option<usize>>> = HashMap::new();
+    let mut blocked: HashSet<&str> = HashSet::new();
+    for n in &g.nodes {
+        for (k, r) in n.inputs.iter().enumerate() {
+            let Some(&ci) = index.get(r.node.as_str()) else {
+                continue;
+            };
+            let Some(t) = g.nodes[ci].const_value() else {
+                continue;
+            };
+            if t.dtype() != DType::F32 {
+                continue;
+            }
+            match weight_use(n, k, t, per_channel_dense) {
+                Some(axis) if !exclude.contains(&n.name) => {
+                    let e = uses.entry(r.node.as_str()).or_insert(Some(axis));
+                    if *e != Some(axis) {
+                        *e = Some(None);
+                    }
+                }
+                _ => {
+                    blocked.insert(r.node.as_str());
+                }
+            }
+        }
+    }
+    let mut report = WeightReport::default();
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut names: HashSet<String> = g.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut out = g.clone();
+    let mut added = Vec::new();
+    for n in out.nodes.iter_mut() {
+        let Some(Some(axis)) = uses.get(n.name.as_str()).copied() else {
+            continue;
+        };
+        if blocked.contains(n.name.as_str())
+            || exclude.contains(&n.name)
+            || outputs.contains(n.name.as_str())
+        {
+            continue;
+        }
+        let Some(t) = n.const_value() else { continue };
+        if t.len() < min_elements.max(1) {
+            continue;
+        }
+        let (vals, q) = symmetric_weights(&t.values::<f32>()?, t.shape(), axis);
+        report.tensors += 1;
+        report.per_channel += usize::from(q.axis.is_some());
+        report.bytes_before += t.byte_size();
+        report.bytes_after += vals.len();
+        let shape = t.shape().to_vec();
+        n.attrs.insert("dtype".into(), Attr::Type(DType::I8));
+        n.attrs
+            .insert("value".into(), Attr::Tensor(Tensor::from_vec(shape, &vals)));
+        n.output_quant.insert(0, q);
+        let mut name = format!("{}/dequantize", n.name);
+        let mut k = 1;
+        while names.contains(&name) {
+            name = format!("{}/dequantize_{k}", n.name);
+            k += 1;
+        }
+        names.insert(name.clone());
+        let mut dq = Node::new(name.clone(), "Dequantize")
+            .with_input(TensorRef::new(n.name.clone(), 0))
+            .with_attr("T", Attr::Type(DType::I8))
+            .with_attr("dtype", Attr::Type(DType::F32));
+        dq.device = n.device.clone();
+        added.push(dq);
+        renamed.insert(n.name.clone(), name);
+    }
+    for n in out.nodes.iter_mut() {
+        for r in n.inputs.iter_mut() {
+            if let Some(d) = renamed.get(&r.node) {
+                *r = TensorRef::new(d.clone(), r.index);
+            }
+        }
+    }
+    out.nodes.extend(added);
+    Ok((out, report))
+}

@@ -1,0 +1,146 @@
+//! Shared by the `quantize_*` and `validate` tests: running stages with an
+//! in-memory memo, fixture data sets, and the LiteRT comparison of quantized models.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use qpipe::ir::{Graph, Tensor};
+use qpipe::stages::{
+    registry, Artifact, DatasetSpec, Memo, ModelSource, ModelSpec, StageContext, StageOutput,
+};
+
+use crate::tfl_util::{fixture, stripped_fixture};
+
+type MemoMap = HashMap<(String, Vec<u8>), Vec<u8>>;
+
+/// A memo that keeps values in memory and counts how often it computed one.
+#[derive(Default)]
+pub struct MemMemo {
+    map: Mutex<MemoMap>,
+    pub computed: AtomicUsize,
+}
+
+impl Memo for MemMemo {
+    fn get_or_compute(
+        &self,
+        name: &str,
+        key: &[u8],
+        compute: &mut dyn FnMut() -> qpipe::Result<Vec<u8>>,
+    ) -> qpipe::Result<Vec<u8>> {
+        let k = (name.to_string(), key.to_vec());
+        if let Some(v) = self.map.lock().unwrap().get(&k) {
+            return Ok(v.clone());
+        }
+        let v = compute()?;
+        self.computed.fetch_add(1, Ordering::SeqCst);
+        self.map.lock().unwrap().insert(k, v.clone());
+        Ok(v)
+    }
+}
+
+impl MemMemo {
+    pub fn computed(&self) -> usize {
+        self.computed.load(Ordering::SeqCst)
+    }
+}
+
+/// The fixture's data sets: `calib` (calib_x) and `eval` (eval_x with eval_y).
+pub fn fixture_datasets(model: &str) -> BTreeMap<String, DatasetSpec> {
+    BTreeMap::from([
+        (
+            "calib".to_string(),
+            DatasetSpec {
+                tensors: BTreeMap::from([(
+                    "input_x".to_string(),
+                    fixture(&format!("{model}/calib_x.npy")),
+                )]),
+                labels: None,
+            },
+        ),
+        (
+            "eval".to_string(),
+            DatasetSpec {
+                tensors: BTreeMap::from([(
+                    "input_x".to_string(),
+                    fixture(&format!("{model}/eval_x.npy")),
+                )]),
+                labels: Some(fixture(&format!("{model}/eval_y.npy"))),
+            },
+        ),
+    ])
+}
+
+/// Runs stage `kind` configured by `config` (TOML) on upstream artifacts.
+pub fn run_stage(
+    kind: &str,
+    config: &str,
+    inputs: Vec<(&str, Artifact)>,
+    datasets: &BTreeMap<String, DatasetSpec>,
+    memo: &dyn Memo,
+) -> qpipe::Result<StageOutput> {
+    let table: toml::Table = toml::from_str(config).expect("test config is TOML");
+    let stage = (registry::factory(kind).expect("registered").build)(&table)
+        .unwrap_or_else(|e| panic!("config of {kind}: {e}"));
+    let model = ModelSpec {
+        source: ModelSource::Graph(PathBuf::from("unused.pb")),
+        inputs: vec!["input_x".into()],
+        outputs: vec![],
+        input_shapes: BTreeMap::new(),
+    };
+    let ctx = StageContext {
+        id: "q",
+        model: &model,
+        datasets,
+        inputs: inputs
+            .into_iter()
+            .map(|(k, a)| (k.to_string(), Arc::new(a)))
+            .collect(),
+        memo,
+        progress: &|_| {},
+    };
+    stage.run(&ctx)
+}
+
+pub fn graph_of(out: &StageOutput) -> Graph {
+    out.artifact.graph().expect("a graph").as_ref().clone()
+}
+
+/// A fixture model quantized by the stage with `extra` config lines.
+pub fn quantize_fixture(model: &str, extra: &str) -> (Graph, StageOutput) {
+    let g = stripped_fixture(model);
+    let ds = fixture_datasets(model);
+    let memo = MemMemo::default();
+    let out = run_stage(
+        "quantize_int8",
+        &format!("input = \"strip\"\n{extra}"),
+        vec![("input", Artifact::Graph(Arc::new(g)))],
+        &ds,
+        &memo,
+    )
+    .unwrap_or_else(|e| panic!("{model}: {e}"));
+    (graph_of(&out), out)
+}
+
+/// Outputs of `g` on a whole `.npy` input file with qpipe's interpreter.
+pub fn run_qpipe(g: &Graph, input: &std::path::Path) -> Vec<Tensor> {
+    let x = qpipe::npy::read(input).unwrap();
+    qpipe::kernels::run(g, &[("input_x", x)], &g.outputs).unwrap()
+}
+
+/// Number of elements that differ and the largest difference, in units of `lsb`.
+pub fn lsb_diff(a: &Tensor, b: &Tensor, lsb: f32) -> (usize, f32) {
+    assert_eq!(a.shape(), b.shape());
+    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    let mut n = 0;
+    let mut worst = 0f32;
+    for (x, y) in a.iter().zip(&b) {
+        if x.to_bits() != y.to_bits() {
+            n += 1;
+            worst = worst.max((x - y).abs() / lsb);
+        }
+    }
+    (n, worst)
+}
