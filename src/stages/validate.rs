@@ -51,7 +51,19 @@ pub struct Validate {
     config: ValidateConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+impl Validate {
+    /// Where the per-layer table goes: `report`, or `<candidate>.layers.json`.
+    fn report_path(&self) -> String {
+        self.config
+            .report
+            .clone()
+            .unwrap_or_else(|| format!("{}.layers.json", self.config.candidate))
+    }
+}
+
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(Validate {
         config: super::parse_config(table)?,
     }))
@@ -290,6 +302,10 @@ impl Stage for Validate {
             ],
             datasets: vec![self.config.dataset.clone()],
             model: false,
+            outputs: vec![(
+                "report".to_string(),
+                std::path::PathBuf::from(self.report_path()),
+            )],
         }
     }
     fn config(&self) -> serde_json::Value {
@@ -483,10 +499,7 @@ impl Stage for Validate {
                 )));
             }
         }
-        let path = c
-            .report
-            .clone()
-            .unwrap_or_else(|| format!("{id}.layers.json"));
+        let path = self.report_path();
         let table = serde_json::json!({ "layers": layers });
         let mut report = serde_json::Value::Object(metrics.clone());
         report["layers"] = table["layers"].clone();

@@ -81,7 +81,7 @@ pub fn run_stage(
     datasets: &BTreeMap<String, DatasetSpec>,
     memo: &dyn Memo,
 ) -> qpipe::Result<StageOutput> {
-    let table: toml::Table = toml::from_str(config).expect("test config is TOML");
+    let table = qpipe::stages::ConfigTable::parse(config).expect("test config is TOML");
     let stage = (registry::factory(kind).expect("registered").build)(&table)
         .unwrap_or_else(|e| panic!("config of {kind}: {e}"));
     let model = ModelSpec {
