@@ -131,7 +131,9 @@ pub struct QuantizeInt8 {
     config: QuantizeInt8Config,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(QuantizeInt8 {
         config: super::parse_config(table)?,
     }))
@@ -186,7 +188,7 @@ impl Stage for QuantizeInt8 {
                 .calibration_used()
                 .map(|d| vec![d.to_string()])
                 .unwrap_or_default(),
-            model: false,
+            ..StageDeps::default()
         }
     }
     fn config(&self) -> serde_json::Value {

@@ -10,7 +10,7 @@
 //!
 //! Config: `reference`, `candidate` (stage ids), `dataset`, `max_accuracy_drop`,
 //! `min_agreement`, `samples` (default: every row), `report` (path of the
-//! per-layer table under `out_dir`; default `<stage id>.layers.json`).
+//! per-layer table under `out_dir`; default `<candidate>.layers.json`).
 //!
 //! Reference tensors are matched by name after the reference is fused the way
 //! `quantize_int8` fuses (which does not change its values), so a fused int8
@@ -51,7 +51,9 @@ pub struct Validate {
     config: ValidateConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(
+    table: &super::ConfigTable,
+) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
     Ok(Box::new(Validate {
         config: super::parse_config(table)?,
     }))
@@ -275,6 +277,16 @@ fn finite_or_null(x: f64) -> serde_json::Value {
     }
 }
 
+impl Validate {
+    /// Where the per-layer table goes under `out_dir`.
+    fn report_path(&self) -> String {
+        self.config
+            .report
+            .clone()
+            .unwrap_or_else(|| format!("{}.layers.json", self.config.candidate))
+    }
+}
+
 impl Stage for Validate {
     fn kind(&self) -> &'static str {
         "validate"
@@ -289,7 +301,8 @@ impl Stage for Validate {
                 ("candidate".into(), self.config.candidate.clone()),
             ],
             datasets: vec![self.config.dataset.clone()],
-            model: false,
+            outputs: vec![("report".into(), self.report_path().into())],
+            ..StageDeps::default()
         }
     }
     fn config(&self) -> serde_json::Value {
@@ -483,10 +496,7 @@ impl Stage for Validate {
                 )));
             }
         }
-        let path = c
-            .report
-            .clone()
-            .unwrap_or_else(|| format!("{id}.layers.json"));
+        let path = self.report_path();
         let table = serde_json::json!({ "layers": layers });
         let mut report = serde_json::Value::Object(metrics.clone());
         report["layers"] = table["layers"].clone();
