@@ -248,7 +248,7 @@ fn unknown_stage_kind() {
         &c,
         pos(&c.text, "", "\"freez\""),
         "stages.freeze.kind",
-        "unknown stage kind 'freez' (kinds: freeze, export_graphdef",
+        "unknown stage kind 'freez' (kinds: freeze, ",
     );
 }
 

@@ -56,3 +56,42 @@ fn float16_fixture_models_match_tensorflow_in_litert() {
         check_against_tf(model, "f16", &g16, 2e-3);
     }
 }
+
+/// The whole path from the training checkpoint: qpipe's freeze, strip_training,
+/// export_tflite; LiteRT's outputs match TensorFlow's.
+#[test]
+fn checkpoints_frozen_by_qpipe_export_and_match_tensorflow() {
+    use qpipe::stages::strip_training::{strip, StripOptions};
+    use qpipe::stages::{ModelSource, ModelSpec};
+    for model in MODELS {
+        let json: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixture(&format!("{model}/model.json"))).unwrap(),
+        )
+        .unwrap();
+        let spec = ModelSpec {
+            source: ModelSource::Checkpoint(fixture(model).join("best_validation")),
+            inputs: json["inputs"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect(),
+            outputs: json["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o.as_str().unwrap().to_string())
+                .collect(),
+            input_shapes: Default::default(),
+        };
+        let frozen = qpipe::formats::tf::freeze_model(&spec).unwrap();
+        let (g, _) = strip(
+            &frozen,
+            &frozen.inputs,
+            &frozen.outputs,
+            &StripOptions::default(),
+        )
+        .unwrap();
+        check_against_tf(model, "ckpt", &g, 1e-5);
+    }
+}

@@ -331,6 +331,10 @@ fn export_tflite_stage_writes_the_file_and_reports_metrics() {
         qpipe::stages::ConfigTable::parse("input = \"strip\"\npath = \"m.tflite\"").unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(stage.deps().stages, vec![("input".into(), "strip".into())]);
+    assert_eq!(
+        stage.deps().outputs,
+        vec![("path".into(), "m.tflite".into())]
+    );
     let bad =
         qpipe::stages::ConfigTable::parse("input = \"strip\"\npath = \"m\"\nfoo = 1").unwrap();
     assert!((factory.build)(&bad).is_err(), "unknown keys are rejected");

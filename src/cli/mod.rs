@@ -35,6 +35,39 @@ pub enum Command {
     /// Inspect and maintain the cache directory.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Summarize a checkpoint, a `.meta`, a frozen `.pb` or a `.tflite` file.
+    Inspect(InspectArgs),
+    /// Run a built stage's model on a data set with qpipe's interpreter.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A checkpoint prefix (or its .index/.data/.meta file or directory), a .pb, or a .tflite.
+    pub path: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    pub recipe: PathBuf,
+    /// The stage whose model to run (it must have been built by `qpipe run`).
+    #[arg(long)]
+    pub stage: String,
+    /// A `[datasets.NAME]` of the recipe.
+    #[arg(long)]
+    pub dataset: String,
+    /// Only the first N samples.
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Write the model's first output to this .npy file (further outputs beside it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -120,7 +153,104 @@ fn dispatch(cli: Cli, registry: &'static [StageFactory]) -> Result<i32> {
         Command::Cache(CacheCommand::Ls(a)) => cmd_cache_ls(a, registry),
         Command::Cache(CacheCommand::Gc(a)) => cmd_cache_gc(a, registry),
         Command::Cache(CacheCommand::Verify(a)) => cmd_cache_verify(a, registry),
+        Command::Inspect(a) => cmd_inspect(a),
+        Command::Eval(a) => cmd_eval(a, registry),
     }
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<i32> {
+    let is_tflite = a.path.extension().is_some_and(|e| e == "tflite");
+    let (text, json) = if is_tflite {
+        let bytes = crate::error::read_file(&a.path)?;
+        let summary = crate::formats::tflite::reader::read(&bytes, &a.path.display().to_string())?;
+        (summary.render(), summary.to_json())
+    } else {
+        let ins = crate::formats::tf::inspect::inspect(&a.path)?;
+        (ins.to_string(), ins.to_json())
+    };
+    if a.json {
+        print_stdout(&format!("{json}\n"))?;
+    } else {
+        print_stdout(&text)?;
+    }
+    Ok(0)
+}
+
+fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = Recipe::load_with(&a.recipe, registry)?;
+    let recipe_name = a.recipe.display();
+    let idx = recipe
+        .stages
+        .iter()
+        .position(|s| s.id == a.stage)
+        .ok_or_else(|| {
+            let ids: Vec<&str> = recipe.stages.iter().map(|s| s.id.as_str()).collect();
+            Error::usage(format!(
+                "{recipe_name}: no stage '{}' (stages: {})",
+                a.stage,
+                ids.join(", ")
+            ))
+        })?;
+    let spec = recipe.datasets.get(&a.dataset).ok_or_else(|| {
+        let names: Vec<&str> = recipe.datasets.keys().map(String::as_str).collect();
+        Error::usage(format!(
+            "{recipe_name}: no dataset '{}' (datasets: {})",
+            a.dataset,
+            names.join(", ")
+        ))
+    })?;
+    let entry = pipeline::cached_results(&recipe)?
+        .into_iter()
+        .nth(idx)
+        .flatten()
+        .ok_or_else(|| {
+            Error::msg(format!(
+                "stage '{}' is not built (or is stale); run `qpipe run {recipe_name}` first",
+                a.stage
+            ))
+        })?;
+    let artifact = pipeline::load_artifact(&recipe, &entry.artifact)?;
+    let graph = artifact.graph().ok_or_else(|| {
+        Error::usage(format!(
+            "stage '{}' produces a report, not a model",
+            a.stage
+        ))
+    })?;
+    let opts = crate::kernels::EvalOptions {
+        samples: a.samples,
+        outputs_npy: a.out.clone(),
+        ..Default::default()
+    };
+    let report = crate::kernels::evaluate(graph, spec, &opts)
+        .map_err(|e| e.context(format!("stage '{}' on dataset '{}'", a.stage, a.dataset)))?;
+    if a.json {
+        let doc = serde_json::json!({
+            "stage": a.stage,
+            "dataset": a.dataset,
+            "samples": report.samples,
+            "accuracy": report.accuracy,
+            "correct": report.correct,
+            "written": report.written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        });
+        print_stdout(&format!("{doc}\n"))?;
+    } else {
+        let mut text = format!(
+            "stage {} on {}: {} samples",
+            a.stage, a.dataset, report.samples
+        );
+        if let Some(acc) = report.accuracy {
+            text.push_str(&format!(
+                ", accuracy {:.4} ({} correct)",
+                acc, report.correct
+            ));
+        }
+        text.push('\n');
+        for p in &report.written {
+            text.push_str(&format!("wrote {}\n", p.display()));
+        }
+        print_stdout(&text)?;
+    }
+    Ok(0)
 }
 
 fn print_stdout(text: &str) -> Result<()> {

@@ -870,6 +870,18 @@ impl<'r> Engine<'r> {
             }
         };
         let seconds = t0.elapsed().as_secs_f64();
+        // A stage that hands an input graph on unchanged (an export) has that input's
+        // artifact: no need to serialize and store it again.
+        let passed_through =
+            match &output.artifact {
+                Artifact::Graph(g) => s.inputs.iter().find_map(|(k, up)| {
+                    match ctx.inputs.get(k).map(|a| a.as_ref()) {
+                        Some(Artifact::Graph(h)) if Arc::ptr_eq(g, h) => self.done_artifact(*up),
+                        _ => None,
+                    }
+                }),
+                Artifact::Report(_) => None,
+            };
         drop(ctx);
         for (f, before) in hashes {
             if !self.hasher.unchanged(&f.path, before)? {
@@ -906,11 +918,19 @@ impl<'r> Engine<'r> {
                 extra.path.display()
             )));
         }
-        let (kind, bytes) = encode_artifact(&output.artifact);
-        let blob = self
-            .store
-            .put_blob(&bytes, &|| self.pause_point("store", i))?;
-        drop(bytes);
+        let artifact = match passed_through {
+            Some(a) if self.store.check_blob(&a.blob, false).is_ok() => a,
+            _ => {
+                let (kind, bytes) = encode_artifact(&output.artifact);
+                let blob = self
+                    .store
+                    .put_blob(&bytes, &|| self.pause_point("store", i))?;
+                ArtifactRef {
+                    kind: kind.to_string(),
+                    blob,
+                }
+            }
+        };
         let mut outputs = Vec::new();
         for (decl, _, data) in &files {
             outputs.push(OutputRef {
@@ -926,10 +946,7 @@ impl<'r> Engine<'r> {
             key,
             stage: s.id.clone(),
             manifest,
-            artifact: ArtifactRef {
-                kind: kind.to_string(),
-                blob,
-            },
+            artifact,
             outputs,
             metrics: output.metrics,
             memo: lock(&memo.used).iter().cloned().collect(),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, OutputFile, Stage, StageContext, StageDeps, StageOutput};
+use super::{
+    Artifact, ConfigError, ConfigTable, OutputFile, Stage, StageContext, StageDeps, StageOutput,
+};
 use crate::error::{Result, ResultExt};
 use crate::ir::TensorRef;
 
@@ -23,9 +25,7 @@ pub struct ExportTflite {
     config: ExportTfliteConfig,
 }
 
-pub fn build(
-    table: &super::ConfigTable,
-) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
+pub fn build(table: &ConfigTable) -> std::result::Result<Box<dyn Stage>, ConfigError> {
     Ok(Box::new(ExportTflite {
         config: super::parse_config(table)?,
     }))
@@ -41,6 +41,7 @@ impl Stage for ExportTflite {
     fn deps(&self) -> StageDeps {
         StageDeps {
             stages: vec![("input".into(), self.config.input.clone())],
+            outputs: vec![("path".into(), self.config.path.clone())],
             ..StageDeps::default()
         }
     }

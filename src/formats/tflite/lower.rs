@@ -10,10 +10,15 @@
 //! - a `Const` with `output_quant` (int8 weights, int32 biases) is written with
 //!   its scales and zero points; through a `Dequantize` node it is stored int8
 //!   and dequantized at run time. Per-axis `axis` refers to the TF layout of the
-//!   weight (HWIO: 3, depthwise HWCM: 2 or 3, MatMul `[in, out]`: 1) and is
-//!   moved with the data to TFLite's layout (OHWI: 0, 1HW(C·M): 3, `[out, in]`: 0).
-//! - runtime tensors take their dtype from shape inference and their
-//!   quantization from the producing node's `output_quant`.
+//!   weight and is moved with the data to TFLite's layout: Conv2D HWIO axis 3
+//!   → OHWI axis 0; depthwise HWCM axis 3 with C·M scales (or axis 2 when
+//!   M = 1) → 1HW(C·M) axis 3; MatMul `[in, out]` axis 1 → `[out, in]` axis 0.
+//!   Biases are int32 per-axis along axis 0.
+//! - `Quantize` (attribute `dtype`, e.g. int8) becomes QUANTIZE and
+//!   `Dequantize` of a runtime tensor DEQUANTIZE; runtime tensors take their
+//!   dtype from shape inference and their scales and zero points from the
+//!   producing node's `output_quant`. Operator versions follow from the tensor
+//!   types (int8 CONV_2D is version 3, hybrid float-in/int8-weight 2 or 5, ...).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

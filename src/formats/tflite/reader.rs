@@ -320,4 +320,45 @@ impl ModelSummary {
         }
         s
     }
+
+    /// Operator count by TFLite name.
+    pub fn op_histogram(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut h = std::collections::BTreeMap::new();
+        for op in &self.operators {
+            *h.entry(op.name).or_insert(0) += 1;
+        }
+        h
+    }
+
+    fn io(&self, list: &[i32]) -> Vec<&TensorSummary> {
+        list.iter()
+            .filter_map(|&i| usize::try_from(i).ok().and_then(|i| self.tensors.get(i)))
+            .collect()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let tensor = |t: &TensorSummary| {
+            serde_json::json!({
+                "name": t.name,
+                "type": t.type_name,
+                "shape": t.shape_signature.as_ref().unwrap_or(&t.shape),
+                "quantization": t.quant.as_ref().map(|q| serde_json::json!({
+                    "scale": q.scale, "zero_point": q.zero_point, "quantized_dimension": q.quantized_dimension,
+                })),
+            })
+        };
+        serde_json::json!({
+            "format": "tflite",
+            "version": self.version,
+            "description": self.description,
+            "subgraphs": self.subgraphs,
+            "tensors": self.tensors.len(),
+            "constant_bytes": self.constant_bytes(),
+            "operators": self.op_histogram(),
+            "op_versions": self.op_codes.iter().map(|(c, v)| serde_json::json!({"op": builtin_name(*c), "version": v})).collect::<Vec<_>>(),
+            "inputs": self.io(&self.inputs).into_iter().map(tensor).collect::<Vec<_>>(),
+            "outputs": self.io(&self.outputs).into_iter().map(tensor).collect::<Vec<_>>(),
+            "signatures": self.signatures.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+        })
+    }
 }
