@@ -34,6 +34,7 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
             )));
         };
     }
+    super::value::checked_len(&out)?;
     Ok(out)
 }
 
