@@ -401,6 +401,25 @@ fn pooling_softmax_reductions() {
     );
     let y = red("Min", Tensor::from_vec(vec![1], &[0i64]), false);
     assert_eq!(y.to_f32_vec().unwrap(), vec![1., 2., 3.]);
+    // Non-contiguous axes and integers take the general path.
+    let mut b = G::new();
+    b.konst("x", iota(&[2, 2, 2]));
+    b.konst("a", i32t(&[2], &[0, 2]));
+    b.op("y", "Sum", &["x", "a"], &[("T", Attr::Type(DType::I32))]);
+    let y = run1(&b.g, &[], "y");
+    assert_eq!(
+        (y.shape().to_vec(), y.values::<i32>().unwrap()),
+        (vec![2], vec![10, 18])
+    );
+    let mut b = G::new();
+    b.konst("x", f32t(&[2, 2, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]));
+    b.konst("a", i32t(&[2], &[2, 0]));
+    b.op("y", "Max", &["x", "a"], &[("keep_dims", Attr::Bool(true))]);
+    let y = run1(&b.g, &[], "y");
+    assert_eq!(
+        (y.shape().to_vec(), y.to_f32_vec().unwrap()),
+        (vec![1, 2, 1], vec![6., 8.])
+    );
     let y = red("ArgMax", i32t(&[], &[1]), false);
     assert_eq!(y.values::<i64>().unwrap(), vec![2, 2]);
     let e = qpipe::kernels::run(

@@ -705,6 +705,53 @@ pub fn reduce(x: &Value, axes: &Value, op: ReduceOp, keep_dims: bool) -> Result<
     };
     let n_out = num_elements(&out_full).unwrap_or(0);
     let count = x.len().checked_div(n_out).unwrap_or(0);
+    // Reduced axes forming one contiguous block: [outer, reduced, inner] loops.
+    let first = red.iter().position(|&b| b);
+    let last = red.iter().rposition(|&b| b);
+    if let (Some(f), Some(l), DType::F32) = (first, last, x.dtype()) {
+        if red[f..=l].iter().all(|&b| b)
+            && matches!(
+                op,
+                ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+            )
+        {
+            let outer: usize = x.shape[..f].iter().product();
+            let rn: usize = x.shape[f..=l].iter().product();
+            let inner: usize = x.shape[l + 1..].iter().product();
+            let xs = x.slice::<f32>()?;
+            let init = match op {
+                ReduceOp::Max => f32::NEG_INFINITY,
+                ReduceOp::Min => f32::INFINITY,
+                _ => 0.0,
+            };
+            let mut acc = vec![init; outer * inner];
+            if inner > 0 && rn > 0 {
+                for (o, a) in acc.chunks_mut(inner).enumerate() {
+                    for k in 0..rn {
+                        let row = &xs[(o * rn + k) * inner..(o * rn + k + 1) * inner];
+                        match op {
+                            ReduceOp::Max => a.iter_mut().zip(row).for_each(|(a, &v)| {
+                                if v > *a {
+                                    *a = v
+                                }
+                            }),
+                            ReduceOp::Min => a.iter_mut().zip(row).for_each(|(a, &v)| {
+                                if v < *a {
+                                    *a = v
+                                }
+                            }),
+                            _ => a.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
+                        }
+                    }
+                }
+            }
+            if op == ReduceOp::Mean {
+                let n = count as f32;
+                acc.iter_mut().for_each(|a| *a /= n);
+            }
+            return Ok(Value::from_vec(out_shape, acc));
+        }
+    }
     let mut out_strides = vec![0usize; r];
     let mut s = 1;
     for d in (0..r).rev() {

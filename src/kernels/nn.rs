@@ -439,16 +439,21 @@ pub fn batch_norm_inference(
     let factor: Vec<f32> = (0..c)
         .map(|i| (1.0 / (v[i] + epsilon).sqrt()) * s[i])
         .collect();
-    let xs = x.slice::<f32>()?;
     let inner: usize = x.shape[axis + 1..].iter().product();
-    let out: Vec<f32> = xs
-        .iter()
-        .enumerate()
-        .map(|(i, &xv)| {
-            let ch = (i / inner) % c;
-            (xv - m[ch]) * factor[ch] + o[ch]
-        })
-        .collect();
+    let mut out = x.slice::<f32>()?.to_vec();
+    if c > 0 && inner == 1 {
+        for px in out.chunks_mut(c) {
+            for (i, v) in px.iter_mut().enumerate() {
+                *v = (*v - m[i]) * factor[i] + o[i];
+            }
+        }
+    } else if c > 0 && inner > 0 {
+        for (k, run) in out.chunks_mut(inner).enumerate() {
+            let ch = k % c;
+            let (mc, fc, oc) = (m[ch], factor[ch], o[ch]);
+            run.iter_mut().for_each(|v| *v = (*v - mc) * fc + oc);
+        }
+    }
     Ok(Value::from_vec(x.shape.clone(), out))
 }
 
