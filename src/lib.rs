@@ -4,6 +4,7 @@
 //! schedules stages and caches their artifacts, knowing stages only through the
 //! [`stages::Stage`] trait.
 
+pub mod cli;
 pub mod error;
 pub mod formats;
 pub mod ir;

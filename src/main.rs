@@ -1,15 +1,9 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match qpipe_cli() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
-}
-
-fn qpipe_cli() -> qpipe::Result<ExitCode> {
-    Err(qpipe::Error::usage("no commands yet"))
+    let code = qpipe::cli::main(
+        std::env::args_os().collect(),
+        qpipe::stages::registry::REGISTRY,
+    );
+    ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -150,12 +150,13 @@ fn overflow_is_an_error_naming_the_constant() {
 #[test]
 fn stage_reports_metrics() {
     let factory = qpipe::stages::registry::factory("fp16_cast").unwrap();
-    let table: toml::Table =
-        toml::from_str("input = \"strip\"\nmin_elements = 4\nkeep_float = []").unwrap();
+    let table =
+        qpipe::stages::ConfigTable::parse("input = \"strip\"\nmin_elements = 4\nkeep_float = []")
+            .unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(stage.kind(), "fp16_cast");
     assert_eq!(stage.config()["min_elements"], 4);
-    let table: toml::Table = toml::from_str("input = \"strip\"").unwrap();
+    let table = qpipe::stages::ConfigTable::parse("input = \"strip\"").unwrap();
     assert_eq!((factory.build)(&table).unwrap().config()["min_elements"], 1);
 }
 

@@ -547,13 +547,14 @@ impl qpipe::stages::Memo for NoMemo {
 #[test]
 fn runs_as_a_stage_with_the_recipe_model_names() {
     let factory = qpipe::stages::registry::factory("strip_training").unwrap();
-    let table: toml::Table = toml::from_str("input = \"freeze\"").unwrap();
+    let table = qpipe::stages::ConfigTable::parse("input = \"freeze\"").unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(
         stage.deps().stages,
         vec![("input".to_string(), "freeze".to_string())]
     );
-    let bad: toml::Table = toml::from_str("input = \"freeze\"\nfold_batchnorm = false").unwrap();
+    let bad =
+        qpipe::stages::ConfigTable::parse("input = \"freeze\"\nfold_batchnorm = false").unwrap();
     assert!((factory.build)(&bad).is_err());
 
     let g = with_dropout(tf2_dropout(0.0));
@@ -810,9 +811,10 @@ fn binds_plain_placeholders_to_constants() {
     );
 
     let factory = qpipe::stages::registry::factory("strip_training").unwrap();
-    let table: toml::Table =
-        toml::from_str("input = \"freeze\"\nbind = { keep_prob = 1.0, is_training = false }")
-            .unwrap();
+    let table = qpipe::stages::ConfigTable::parse(
+        "input = \"freeze\"\nbind = { keep_prob = 1.0, is_training = false }",
+    )
+    .unwrap();
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(stage.config()["bind"]["keep_prob"], 1.0);
 }

@@ -3,6 +3,7 @@
 mod dtype;
 mod graph;
 pub mod serialize;
+pub mod shape_infer;
 mod tensor;
 
 pub use dtype::DType;

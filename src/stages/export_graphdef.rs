@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, OutputFile, Stage, StageContext, StageDeps, StageOutput};
+use super::{
+    Artifact, ConfigError, ConfigTable, OutputFile, Stage, StageContext, StageDeps, StageOutput,
+};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -18,7 +20,7 @@ pub struct ExportGraphDef {
     config: ExportGraphDefConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(table: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
     Ok(Box::new(ExportGraphDef {
         config: super::parse_config(table)?,
     }))
@@ -34,6 +36,7 @@ impl Stage for ExportGraphDef {
     fn deps(&self) -> StageDeps {
         StageDeps {
             stages: vec![("input".into(), self.config.input.clone())],
+            outputs: vec![("path".into(), self.config.path.clone())],
             ..StageDeps::default()
         }
     }

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use super::{Artifact, ConfigError, ConfigTable, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Error, Result};
 use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
 
@@ -36,7 +36,7 @@ pub struct Fp16Cast {
     config: Fp16CastConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(table: &ConfigTable) -> std::result::Result<Box<dyn Stage>, ConfigError> {
     Ok(Box::new(Fp16Cast {
         config: super::parse_config(table)?,
     }))

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use super::{Artifact, ConfigError, ConfigTable, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -14,7 +14,7 @@ pub struct Freeze {
     config: FreezeConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(table: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
     Ok(Box::new(Freeze {
         config: super::parse_config(table)?,
     }))

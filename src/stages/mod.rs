@@ -2,16 +2,21 @@
 //! [`registry::REGISTRY`]; the pipeline knows stages only through [`Stage`].
 
 pub mod export_graphdef;
+pub mod export_tflite;
 pub mod fp16_cast;
 pub mod freeze;
 pub mod registry;
 pub mod strip_training;
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
 
 use crate::error::Result;
 use crate::ir::Graph;
@@ -85,6 +90,10 @@ pub struct StageDeps {
     pub datasets: Vec<String>,
     /// Whether it reads the `[model]` files.
     pub model: bool,
+    /// Files it writes under `out_dir`: (config key, path relative to `out_dir`). Every
+    /// [`OutputFile`] a run returns must be declared here; the pipeline checks the paths
+    /// before anything runs and restores cached outputs to exactly these paths.
+    pub outputs: Vec<(String, PathBuf)>,
 }
 
 /// A store for intermediate results a stage wants cached on their own key (for
@@ -142,9 +151,85 @@ pub trait Stage: Send + Sync {
     fn run(&self, ctx: &StageContext) -> Result<StageOutput>;
 }
 
-/// Parses a stage's config table into its typed form (unknown keys are denied by the type).
-pub fn parse_config<T: DeserializeOwned>(
-    table: &toml::Table,
-) -> std::result::Result<T, toml::de::Error> {
-    toml::Value::Table(table.clone()).try_into()
+/// A stage's table from the recipe (without `kind` and `matrix`), keeping source
+/// positions so that a config error can name the recipe line, column and key.
+#[derive(Debug, Clone)]
+pub struct ConfigTable<'a> {
+    table: Spanned<DeTable<'a>>,
+}
+
+impl<'a> ConfigTable<'a> {
+    pub fn new(table: Spanned<DeTable<'a>>) -> Self {
+        ConfigTable { table }
+    }
+
+    /// Parses a TOML snippet as a stage table (for tests and programmatic recipes).
+    pub fn parse(toml: &'a str) -> Result<Self, ConfigError> {
+        Ok(ConfigTable {
+            table: DeTable::parse(toml)?,
+        })
+    }
+
+    pub fn table(&self) -> &DeTable<'a> {
+        self.table.get_ref()
+    }
+
+    /// Byte range of the whole table in the recipe.
+    pub fn span(&self) -> Range<usize> {
+        self.table.span()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Spanned<DeValue<'a>>> {
+        self.table.get_ref().get(key)
+    }
+
+    /// A string value, if `key` is present and holds one.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(|v| v.get_ref().as_str())
+    }
+
+    /// An error about `key`, pointing at its value in the recipe (for checks serde cannot express).
+    pub fn error(&self, key: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            message: message.to_string(),
+            key: Some(key.to_string()),
+            span: self.get(key).map(|v| v.span()),
+        }
+    }
+}
+
+/// A stage config that does not fit the stage's typed config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub message: String,
+    /// The config key it is about, when known (the recipe finds it from `span` otherwise).
+    pub key: Option<String>,
+    /// Byte range in the recipe.
+    pub span: Option<Range<usize>>,
+}
+
+impl From<toml::de::Error> for ConfigError {
+    fn from(e: toml::de::Error) -> Self {
+        ConfigError {
+            message: e.message().to_string(),
+            key: None,
+            span: e.span(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{k}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Parses a stage's config table into its typed form (unknown keys are denied by the
+/// type). Errors carry the position of the offending key or value.
+pub fn parse_config<T: DeserializeOwned>(table: &ConfigTable) -> Result<T, ConfigError> {
+    let value = Spanned::new(table.span(), DeValue::Table(table.table().clone()));
+    Ok(T::deserialize(ValueDeserializer::from(value))?)
 }

@@ -1,9 +1,9 @@
 //! The one list of stage kinds. Adding a kind = its own file plus one line here.
 
-use super::Stage;
+use super::{ConfigError, ConfigTable, Stage};
 
-/// Builds a stage from its recipe table (without the `kind` key).
-pub type BuildFn = fn(&toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error>;
+/// Builds a stage from its recipe table (without the `kind` and `matrix` keys).
+pub type BuildFn = fn(&ConfigTable) -> Result<Box<dyn Stage>, ConfigError>;
 
 pub struct StageFactory {
     pub kind: &'static str,
@@ -26,6 +26,10 @@ pub const REGISTRY: &[StageFactory] = &[
     StageFactory {
         kind: "export_graphdef",
         build: super::export_graphdef::build,
+    },
+    StageFactory {
+        kind: "export_tflite",
+        build: super::export_tflite::build,
     },
 ];
 

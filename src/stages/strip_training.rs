@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use super::{Artifact, ConfigError, ConfigTable, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Error, Result};
 use crate::ir::{Attr, Graph, Node, TensorRef};
 
@@ -50,7 +50,7 @@ pub struct StripTraining {
     config: StripTrainingConfig,
 }
 
-pub fn build(table: &toml::Table) -> std::result::Result<Box<dyn Stage>, toml::de::Error> {
+pub fn build(table: &ConfigTable) -> std::result::Result<Box<dyn Stage>, ConfigError> {
     Ok(Box::new(StripTraining {
         config: super::parse_config(table)?,
     }))

@@ -1,0 +1,345 @@
+//! The `qpipe` command line. Each subcommand is one small function; the stage kinds are
+//! passed in (the binary passes [`crate::stages::registry::REGISTRY`]).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::pipeline::store::{short, Store};
+use crate::pipeline::{self, Event, Observer, Recipe, RunOptions};
+use crate::stages::registry::StageFactory;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qpipe",
+    version,
+    about = "Compress TensorFlow models through declarative, cached build pipelines"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build what is out of date in a recipe; serve the rest from the cache.
+    Run(RunArgs),
+    /// List every stage as fresh or stale (and why) without running anything.
+    Status(StatusArgs),
+    /// Show the stage graph (text, or Graphviz with --dot).
+    Graph(GraphArgs),
+    /// Inspect and maintain the cache directory.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    /// Stages to run at once (default: the number of CPUs).
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub jobs: Option<u32>,
+    /// Print why each stage runs.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Print one JSON document on stdout instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+    /// After a failure, keep running what does not depend on it (the default).
+    #[arg(long, overrides_with = "fail_fast")]
+    pub keep_going: bool,
+    /// After a failure, start no further stage.
+    #[arg(long, overrides_with = "keep_going")]
+    pub fail_fast: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub recipe: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    pub recipe: PathBuf,
+    /// Graphviz output.
+    #[arg(long)]
+    pub dot: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List cached stage results and sizes.
+    Ls(CacheArgs),
+    /// Remove everything no recipe's last run references (with RECIPE: also results
+    /// of its stages that are no longer in it).
+    Gc(CacheArgs),
+    /// Rehash every cache file; report and remove corrupt ones (exit code 1 if any).
+    Verify(CacheArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// The cache directory (default: $QPIPE_CACHE_DIR, else RECIPE's cache_dir, else ./.qpipe).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Use this recipe's cache directory.
+    pub recipe: Option<PathBuf>,
+}
+
+/// Runs the command line `args` (including the program name) with the given stage
+/// kinds; returns the exit code (0 success, 1 a stage or the work failed, 2 usage or recipe error).
+pub fn main(args: Vec<OsString>, registry: &'static [StageFactory]) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    match dispatch(cli, registry) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr().lock(), "error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn dispatch(cli: Cli, registry: &'static [StageFactory]) -> Result<i32> {
+    match cli.command {
+        Command::Run(a) => cmd_run(a, registry),
+        Command::Status(a) => cmd_status(a, registry),
+        Command::Graph(a) => cmd_graph(a, registry),
+        Command::Cache(CacheCommand::Ls(a)) => cmd_cache_ls(a, registry),
+        Command::Cache(CacheCommand::Gc(a)) => cmd_cache_gc(a, registry),
+        Command::Cache(CacheCommand::Verify(a)) => cmd_cache_verify(a, registry),
+    }
+}
+
+fn print_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(|e| Error::msg(format!("cannot write to stdout: {e}")))
+}
+
+fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = Recipe::load_with(&a.recipe, registry)?;
+    let mut opts = RunOptions {
+        fail_fast: a.fail_fast,
+        ..RunOptions::default()
+    };
+    if let Some(j) = a.jobs {
+        opts.jobs = j as usize;
+    }
+    let observer = Terminal::new(a.verbose);
+    let report = pipeline::run(&recipe, &opts, &observer)?;
+    if a.json {
+        print_stdout(&format!("{}\n", report.to_json()))?;
+    } else {
+        print_stdout(&report.summary_table())?;
+    }
+    Ok(if report.ok { 0 } else { 1 })
+}
+
+fn cmd_status(a: StatusArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = Recipe::load_with(&a.recipe, registry)?;
+    let report = pipeline::status(&recipe)?;
+    if a.json {
+        print_stdout(&format!("{}\n", report.to_json()))?;
+    } else {
+        print_stdout(&report.render())?;
+    }
+    Ok(0)
+}
+
+fn cmd_graph(a: GraphArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = Recipe::load_with(&a.recipe, registry)?;
+    let dag = pipeline::dag::Dag::new(&recipe);
+    let text = if a.dot {
+        dag.render_dot(&recipe)
+    } else {
+        dag.render_text(&recipe)
+    };
+    print_stdout(&text)?;
+    Ok(0)
+}
+
+fn cache_dir(a: &CacheArgs, recipe: Option<&Recipe>) -> PathBuf {
+    if let Some(d) = &a.cache_dir {
+        return d.clone();
+    }
+    if let Some(r) = recipe {
+        return r.cache_dir.clone();
+    }
+    if let Some(d) = std::env::var_os("QPIPE_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(".qpipe")
+}
+
+fn cache_recipe(a: &CacheArgs, registry: &'static [StageFactory]) -> Result<Option<Recipe>> {
+    a.recipe
+        .as_ref()
+        .map(|r| Recipe::load_with(r, registry))
+        .transpose()
+}
+
+fn existing_store(dir: &Path) -> Result<Store> {
+    let store = Store::at(dir);
+    if !store.exists() {
+        return Err(Error::usage(format!(
+            "{}: no qpipe cache here",
+            dir.display()
+        )));
+    }
+    Ok(store)
+}
+
+fn cmd_cache_ls(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = cache_recipe(&a, registry)?;
+    let store = existing_store(&cache_dir(&a, recipe.as_ref()))?;
+    let l = store.listing();
+    let mut rows = vec![["PIPELINE", "STAGE", "KIND", "KEY", "SIZE"]
+        .map(String::from)
+        .to_vec()];
+    for s in &l.stages {
+        rows.push(vec![
+            s.pipeline.clone(),
+            s.stage.clone(),
+            s.kind.clone(),
+            short(&s.key).to_string(),
+            if s.present {
+                human_bytes(s.bytes)
+            } else {
+                "gone".into()
+            },
+        ]);
+    }
+    let mut text = format!("cache {}\n", l.root.display());
+    text.push_str(&pipeline::report::table(&rows));
+    text.push_str(&format!(
+        "{} blobs, {}; {} stage results ({} not referenced by any recipe's last run); {} memo entries\n",
+        l.objects,
+        human_bytes(l.object_bytes),
+        l.actions,
+        l.unreferenced_actions,
+        l.memo
+    ));
+    print_stdout(&text)?;
+    Ok(0)
+}
+
+fn cmd_cache_gc(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = cache_recipe(&a, registry)?;
+    let store = existing_store(&cache_dir(&a, recipe.as_ref()))?;
+    let ids: BTreeSet<String> = recipe
+        .iter()
+        .flat_map(|r| r.stages.iter().map(|s| s.id.clone()))
+        .collect();
+    let current = recipe.as_ref().map(|r| (r.name.as_str(), &ids));
+    let r = store.gc(current)?;
+    print_stdout(&format!(
+        "kept {} stage results; removed {} stage results ({} of stages gone from the recipe), {} blobs ({} files, {})\n",
+        r.kept_actions,
+        r.removed_actions,
+        r.dropped_refs,
+        r.removed_objects,
+        r.removed_files,
+        human_bytes(r.removed_bytes)
+    ))?;
+    Ok(0)
+}
+
+fn cmd_cache_verify(a: CacheArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = cache_recipe(&a, registry)?;
+    let store = existing_store(&cache_dir(&a, recipe.as_ref()))?;
+    let r = store.verify()?;
+    let mut text = String::new();
+    for c in &r.corrupt {
+        text.push_str(&format!("corrupt (removed): {c}\n"));
+    }
+    text.push_str(&format!(
+        "checked {} blobs, {} stage results, {} memo entries, {} refs: {} corrupt\n",
+        r.objects,
+        r.actions,
+        r.memo,
+        r.refs,
+        r.corrupt.len()
+    ));
+    print_stdout(&text)?;
+    Ok(if r.corrupt.is_empty() { 0 } else { 1 })
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Progress on stderr: one line per stage event on a terminal; failures, warnings
+/// and (with `-v`) rebuild reasons always.
+struct Terminal {
+    verbose: bool,
+    tty: bool,
+}
+
+impl Terminal {
+    fn new(verbose: bool) -> Self {
+        Terminal {
+            verbose,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{text}");
+    }
+}
+
+impl Observer for Terminal {
+    fn event(&self, e: Event<'_>) {
+        match e {
+            Event::Dirty { id, reason } if self.verbose => {
+                self.line(&format!("[dirty]   {id}: {reason}"))
+            }
+            Event::Dirty { .. } => {}
+            Event::Running { id } if self.tty => self.line(&format!("running   {id}")),
+            Event::Cached { id } if self.tty || self.verbose => {
+                self.line(&format!("cached    {id}"))
+            }
+            Event::Ran { id, seconds } if self.tty || self.verbose => {
+                self.line(&format!("done      {id} ({seconds:.2}s)"))
+            }
+            Event::Failed { id, error } => self.line(&format!("FAILED    {id}: {error}")),
+            Event::Skipped { id, reason } if self.tty || self.verbose => {
+                self.line(&format!("skipped   {id}: {reason}"))
+            }
+            Event::Restored { id, path } if self.tty || self.verbose => {
+                self.line(&format!("restored  {} (from {id})", path.display()))
+            }
+            Event::Progress { id, line } if self.tty => {
+                self.line(&format!("  ...     {id}: {line}"))
+            }
+            Event::Warning(w) => self.line(&format!("warning: {w}")),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,1124 @@
+//! IR graph → TFLite [`Model`]: picks builtin operators, fuses biases and
+//! activations where TFLite fuses them, converts weight layouts, and gives every
+//! tensor its TFLite shape.
+//!
+//! The graph is a frozen inference graph (after `strip_training`). Conventions
+//! for constants that are not float32:
+//! - a float16 `Const` read through `Cast` (to float32) or `Dequantize` is
+//!   stored as a FLOAT16 tensor followed by a DEQUANTIZE operator, as the TFLite
+//!   converter writes float16 models;
+//! - a `Const` with `output_quant` (int8 weights, int32 biases) is written with
+//!   its scales and zero points; through a `Dequantize` node it is stored int8
+//!   and dequantized at run time. Per-axis `axis` refers to the TF layout of the
+//!   weight (HWIO: 3, depthwise HWCM: 2 or 3, MatMul `[in, out]`: 1) and is
+//!   moved with the data to TFLite's layout (OHWI: 0, 1HW(C·M): 3, `[out, in]`: 0).
+//! - runtime tensors take their dtype from shape inference and their
+//!   quantization from the producing node's `output_quant`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::model::{Activation, ConvOptions, Model, Op, Operator, Padding, PoolOptions, TensorDef};
+use crate::error::{Error, Result};
+use crate::ir::shape_infer::{infer_shapes, TensorInfo};
+use crate::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+
+/// Description written into every model qpipe exports.
+pub const DESCRIPTION: &str = "qpipe";
+
+/// What an IR tensor is once lowered.
+#[derive(Debug, Clone)]
+enum Value {
+    /// A TFLite tensor computed at run time (or a subgraph input).
+    Runtime(i32),
+    /// A constant known at export time.
+    Const(Tensor, Option<QuantParams>),
+    /// A constant stored in a compact type (float16, int8) and dequantized to float32 at run time.
+    /// The last field names the constant the data comes from.
+    Stored(Tensor, Option<QuantParams>, String),
+}
+
+/// How a weight constant's data is rearranged for its TFLite operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Layout {
+    AsIs,
+    /// Conv2D filter HWIO → OHWI.
+    Ohwi,
+    /// Depthwise filter HWCM → 1HW(C·M).
+    Depthwise,
+    /// MatMul `[in, out]` → FULLY_CONNECTED `[out, in]`.
+    Transposed,
+}
+
+/// Lowers `graph` to a TFLite model. An op with no TFLite equivalent, or a
+/// pattern qpipe cannot express, is an error naming the node and op.
+pub fn lower(graph: &Graph) -> Result<Model> {
+    Lowerer::new(graph)?.run()
+}
+
+struct Lowerer<'g> {
+    graph: &'g Graph,
+    index: HashMap<&'g str, usize>,
+    infos: HashMap<TensorRef, TensorInfo>,
+    /// Needed nodes reading each tensor (data edges).
+    consumers: HashMap<TensorRef, Vec<usize>>,
+    outputs: HashSet<TensorRef>,
+    needed: Vec<bool>,
+    values: HashMap<TensorRef, Value>,
+    /// Constant tensors already written, by source tensor and layout.
+    materialized: HashMap<(TensorRef, Layout), i32>,
+    /// Nodes already emitted as part of a fused operator.
+    absorbed: HashSet<usize>,
+    model: Model,
+}
+
+fn node_err(node: &Node, msg: impl std::fmt::Display) -> Error {
+    Error::msg(format!("node '{}' ({}): {msg}", node.name, node.op))
+}
+
+/// Ops that, given constant inputs, give a constant without computing anything.
+const CONST_LIKE: &[&str] = &[
+    "Const",
+    "Identity",
+    "StopGradient",
+    "Snapshot",
+    "Cast",
+    "Dequantize",
+    "Reshape",
+    "ExpandDims",
+    "Squeeze",
+];
+
+/// The inputs of `node` whose values it needs at run time; the others (axes,
+/// target shapes, paddings) are read from shape inference at export time.
+fn runtime_inputs(node: &Node) -> std::ops::Range<usize> {
+    let n = node.inputs.len();
+    let k = match node.op.as_str() {
+        "Reshape" | "ExpandDims" | "Max" | "Min" | "Sum" | "Mean" | "Pad" | "PadV2" => 1,
+        "ConcatV2" => n.saturating_sub(1),
+        "GatherV2" => 2,
+        "Shape" | "Size" | "Rank" => 0,
+        _ => n,
+    };
+    0..k.min(n)
+}
+
+impl<'g> Lowerer<'g> {
+    fn new(graph: &'g Graph) -> Result<Lowerer<'g>> {
+        let index = graph.index()?;
+        let infos = infer_shapes(graph)?;
+        let outputs: HashSet<TensorRef> = graph.outputs.iter().cloned().collect();
+        if outputs.is_empty() {
+            return Err(Error::msg("the graph declares no outputs"));
+        }
+        let mut needed = vec![false; graph.nodes.len()];
+        let mut stack: Vec<usize> = Vec::new();
+        for r in &graph.outputs {
+            let i = *index
+                .get(r.node.as_str())
+                .ok_or_else(|| Error::msg(format!("output '{r}' is not a node of the graph")))?;
+            stack.push(i);
+        }
+        for name in &graph.inputs {
+            let i = *index
+                .get(name.as_str())
+                .ok_or_else(|| Error::msg(format!("input '{name}' is not a node of the graph")))?;
+            needed[i] = true;
+        }
+        let mut consumers: HashMap<TensorRef, Vec<usize>> = HashMap::new();
+        while let Some(i) = stack.pop() {
+            if needed[i] && !graph.inputs.contains(&graph.nodes[i].name) {
+                continue;
+            }
+            needed[i] = true;
+            let node = &graph.nodes[i];
+            if graph.inputs.contains(&node.name) {
+                continue;
+            }
+            for k in runtime_inputs(node) {
+                let r = &node.inputs[k];
+                consumers.entry(r.clone()).or_default().push(i);
+                let j = *index.get(r.node.as_str()).ok_or_else(|| {
+                    node_err(node, format!("input '{r}' is not a node of the graph"))
+                })?;
+                if !needed[j] {
+                    stack.push(j);
+                }
+            }
+        }
+        Ok(Lowerer {
+            graph,
+            index,
+            infos,
+            consumers,
+            outputs,
+            needed,
+            values: HashMap::new(),
+            materialized: HashMap::new(),
+            absorbed: HashSet::new(),
+            model: Model {
+                description: DESCRIPTION.to_string(),
+                ..Model::default()
+            },
+        })
+    }
+
+    fn run(mut self) -> Result<Model> {
+        let graph = self.graph;
+        let declared: Vec<usize> = if graph.inputs.is_empty() {
+            (0..graph.nodes.len())
+                .filter(|&i| self.needed[i] && graph.nodes[i].op == "Placeholder")
+                .collect()
+        } else {
+            graph
+                .inputs
+                .iter()
+                .map(|n| self.index[n.as_str()])
+                .collect()
+        };
+        for &i in &declared {
+            let node = &graph.nodes[i];
+            let r = TensorRef::new(node.name.clone(), 0);
+            let t = self.runtime_tensor(node, &r)?;
+            self.values.insert(r, Value::Runtime(t));
+            self.model.inputs.push((node.name.clone(), t));
+        }
+        let inputs: HashSet<usize> = declared.into_iter().collect();
+        let order = graph.topo_order()?;
+        // Constants first (and what only reshapes, casts or passes them on), so
+        // that fusing a bias never depends on where its node sits in the graph.
+        for &i in &order {
+            let node = &graph.nodes[i];
+            if !self.needed[i] || inputs.contains(&i) || !CONST_LIKE.contains(&node.op.as_str()) {
+                continue;
+            }
+            let all_const = runtime_inputs(node).all(|k| {
+                matches!(
+                    self.values.get(&node.inputs[k]),
+                    Some(Value::Const(..)) | Some(Value::Stored(..))
+                )
+            });
+            if all_const {
+                self.lower_node(i, node).map_err(|e| {
+                    e.context(format!("exporting node '{}' ({})", node.name, node.op))
+                })?;
+            }
+        }
+        for i in order {
+            let done = self
+                .values
+                .contains_key(&TensorRef::new(graph.nodes[i].name.clone(), 0));
+            if !self.needed[i] || inputs.contains(&i) || self.absorbed.contains(&i) || done {
+                continue;
+            }
+            let node = &graph.nodes[i];
+            self.lower_node(i, node)
+                .map_err(|e| e.context(format!("exporting node '{}' ({})", node.name, node.op)))?;
+        }
+        for r in &graph.outputs {
+            let t = match self.values.get(r).cloned() {
+                Some(Value::Runtime(t)) => t,
+                Some(Value::Stored(..)) => self.input(r, Layout::AsIs)?,
+                Some(Value::Const(..)) => {
+                    return Err(Error::msg(format!(
+                        "output '{r}' is a constant; a TFLite model needs a computed output"
+                    )))
+                }
+                None => return Err(Error::msg(format!("output '{r}' was not lowered"))),
+            };
+            self.model.outputs.push((r.to_string(), t));
+        }
+        if self.model.operators.iter().any(|op| {
+            op.op == Op::Dequantize && self.tensor_dtype(op.inputs[0]) == Some(DType::F16)
+        }) {
+            self.model
+                .metadata
+                .push(("reduced_precision_support".into(), b"fp16accfp32".to_vec()));
+        }
+        Ok(self.model)
+    }
+
+    fn tensor_dtype(&self, t: i32) -> Option<DType> {
+        self.model.tensor(t).map(|t| t.dtype)
+    }
+
+    fn info(&self, node: &Node, r: &TensorRef) -> Result<&TensorInfo> {
+        self.infos
+            .get(r)
+            .ok_or_else(|| node_err(node, format!("no shape was inferred for '{r}'")))
+    }
+
+    /// A new runtime tensor for IR tensor `r` (named after it).
+    fn runtime_tensor(&mut self, node: &Node, r: &TensorRef) -> Result<i32> {
+        let info = self.info(node, r)?.clone();
+        let producer = &self.graph.nodes[self.index[r.node.as_str()]];
+        let quant = producer.output_quant.get(&r.index).cloned();
+        self.add_tensor(node, r.to_string(), info.dtype, &info.shape, None, quant)
+    }
+
+    fn add_tensor(
+        &mut self,
+        node: &Node,
+        name: String,
+        dtype: DType,
+        dims: &[i64],
+        data: Option<Arc<[u8]>>,
+        quant: Option<QuantParams>,
+    ) -> Result<i32> {
+        if matches!(dtype, DType::String | DType::Resource | DType::Variant) {
+            return Err(node_err(
+                node,
+                format!("{dtype} tensors cannot be exported"),
+            ));
+        }
+        let mut shape = Vec::with_capacity(dims.len());
+        for &d in dims {
+            shape.push(if d < 0 {
+                1
+            } else {
+                i32::try_from(d)
+                    .map_err(|_| node_err(node, format!("dimension {d} is too large")))?
+            });
+        }
+        let shape_signature = dims.iter().any(|&d| d < 0).then(|| {
+            dims.iter()
+                .map(|&d| if d < 0 { -1 } else { d as i32 })
+                .collect()
+        });
+        let index = i32::try_from(self.model.tensors.len())
+            .map_err(|_| node_err(node, "too many tensors"))?;
+        self.model.tensors.push(TensorDef {
+            name,
+            dtype,
+            shape,
+            shape_signature,
+            data,
+            quant,
+        });
+        Ok(index)
+    }
+
+    fn add_op(&mut self, op: Op, inputs: Vec<i32>, outputs: Vec<i32>) {
+        self.model.operators.push(Operator {
+            op,
+            inputs,
+            outputs,
+        });
+    }
+
+    /// An int32 constant tensor for an operator parameter (axes, shapes, paddings).
+    fn int_const(
+        &mut self,
+        node: &Node,
+        name: String,
+        dims: &[i64],
+        values: &[i64],
+    ) -> Result<i32> {
+        let mut bytes = Vec::with_capacity(values.len() * 4);
+        for &v in values {
+            let v = i32::try_from(v)
+                .map_err(|_| node_err(node, format!("value {v} does not fit int32")))?;
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        self.add_tensor(node, name, DType::I32, dims, Some(bytes.into()), None)
+    }
+
+    /// The TFLite tensor that holds IR tensor `r` at run time, writing a constant
+    /// (rearranged to `layout`) or a stored constant plus its DEQUANTIZE on first use.
+    fn input(&mut self, r: &TensorRef, layout: Layout) -> Result<i32> {
+        let producer = &self.graph.nodes[self.index[r.node.as_str()]];
+        let value =
+            self.values.get(r).cloned().ok_or_else(|| {
+                node_err(producer, format!("'{r}' is needed but was not lowered"))
+            })?;
+        if let Value::Runtime(t) = value {
+            if layout != Layout::AsIs {
+                return Err(node_err(
+                    producer,
+                    "weights computed at run time are not supported; they must be constant",
+                ));
+            }
+            return Ok(t);
+        }
+        if let Some(&t) = self.materialized.get(&(r.clone(), layout)) {
+            return Ok(t);
+        }
+        let (tensor, quant, source) = match value {
+            Value::Const(t, q) => (t, q, None),
+            Value::Stored(t, q, source) => (t, q, Some(source)),
+            Value::Runtime(_) => unreachable!("handled above"),
+        };
+        let (tensor, quant) = rearrange(producer, &tensor, quant, layout)?;
+        let dims: Vec<i64> = tensor.shape().iter().map(|&d| d as i64).collect();
+        let name = r.to_string();
+        let data = Some(Arc::<[u8]>::from(tensor.bytes()));
+        let t = if let Some(source) = source {
+            let src = self.add_tensor(producer, source, tensor.dtype(), &dims, data, quant)?;
+            let out = self.add_tensor(producer, name, DType::F32, &dims, None, None)?;
+            self.add_op(Op::Dequantize, vec![src], vec![out]);
+            out
+        } else {
+            self.add_tensor(producer, name, tensor.dtype(), &dims, data, quant)?
+        };
+        self.materialized.insert((r.clone(), layout), t);
+        Ok(t)
+    }
+
+    /// The only needed consumer of `r`, when there is exactly one and `r` is not a graph output.
+    fn sole_consumer(&self, r: &TensorRef) -> Option<usize> {
+        if self.outputs.contains(r) {
+            return None;
+        }
+        match self.consumers.get(r).map(Vec::as_slice) {
+            Some([c]) => Some(*c),
+            _ => None,
+        }
+    }
+
+    fn known_ints(&self, node: &Node, k: usize, what: &str) -> Result<Vec<i64>> {
+        let r = node
+            .inputs
+            .get(k)
+            .ok_or_else(|| node_err(node, format!("has no {what} input")))?;
+        self.info(node, r)?
+            .known_value()
+            .ok_or_else(|| node_err(node, format!("{what} ('{r}') is not known before run time")))
+    }
+
+    fn out_shape(&self, node: &Node) -> Result<Vec<i64>> {
+        Ok(self
+            .info(node, &TensorRef::new(node.name.clone(), 0))?
+            .shape
+            .clone())
+    }
+
+    fn set(&mut self, node: &Node, value: Value) {
+        self.values
+            .insert(TensorRef::new(node.name.clone(), 0), value);
+    }
+
+    fn lower_node(&mut self, i: usize, node: &'g Node) -> Result<()> {
+        let out = TensorRef::new(node.name.clone(), 0);
+        // Shape arithmetic whose value is known before run time is a constant.
+        if let Some(info) = self.infos.get(&out) {
+            if !matches!(node.op.as_str(), "Const" | "Placeholder") {
+                if let Some(v) = info.known_value() {
+                    let dims: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+                    let t = match info.dtype {
+                        DType::I64 => Some(Tensor::from_vec(dims, &v)),
+                        DType::I32 => {
+                            let v: Option<Vec<i32>> =
+                                v.iter().map(|&x| i32::try_from(x).ok()).collect();
+                            v.map(|v| Tensor::from_vec(dims, &v))
+                        }
+                        _ => None,
+                    };
+                    if let Some(t) = t {
+                        self.set(node, Value::Const(t, None));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let op = node.op.as_str();
+        match op {
+            "Const" => {
+                let t = node.attr_tensor("value")?.clone();
+                let q = node.output_quant.get(&0).cloned();
+                self.set(node, Value::Const(t, q));
+            }
+            "Placeholder" => {
+                return Err(node_err(
+                    node,
+                    "is a placeholder the graph does not declare as an input",
+                ))
+            }
+            "Identity" | "StopGradient" | "Snapshot" | "PlaceholderWithDefault" | "EnsureShape" => {
+                let v = self.input_value(node, 0)?;
+                self.set(node, v);
+            }
+            "Cast" | "Dequantize" => self.lower_cast(node)?,
+            "Reshape" | "ExpandDims" | "Squeeze" => self.lower_reshape(node)?,
+            "Conv2D" | "DepthwiseConv2dNative" | "MatMul" => self.lower_linear(i, node)?,
+            "BiasAdd" => self.binary(
+                node,
+                Op::Add {
+                    activation: Activation::None,
+                },
+            )?,
+            "Add" | "AddV2" => self.binary(
+                node,
+                Op::Add {
+                    activation: Activation::None,
+                },
+            )?,
+            "Sub" => self.binary(
+                node,
+                Op::Sub {
+                    activation: Activation::None,
+                },
+            )?,
+            "Mul" => self.binary(
+                node,
+                Op::Mul {
+                    activation: Activation::None,
+                },
+            )?,
+            "RealDiv" => self.binary(
+                node,
+                Op::Div {
+                    activation: Activation::None,
+                },
+            )?,
+            "Maximum" => self.binary(node, Op::Maximum)?,
+            "Minimum" => self.binary(node, Op::Minimum)?,
+            "Relu" => self.unary(node, Op::Relu)?,
+            "Relu6" => self.unary(node, Op::Relu6)?,
+            "Tanh" => self.unary(node, Op::Tanh)?,
+            "Sigmoid" => self.unary(node, Op::Logistic)?,
+            "Quantize" => self.unary(node, Op::Quantize)?,
+            "Softmax" => self.unary(node, Op::Softmax { beta: 1.0 })?,
+            "Max" | "Min" | "Sum" | "Mean" => {
+                let keep_dims = matches!(node.attr("keep_dims"), Some(Attr::Bool(true)));
+                let op = match op {
+                    "Max" => Op::ReduceMax { keep_dims },
+                    "Min" => Op::ReduceMin { keep_dims },
+                    "Sum" => Op::Sum { keep_dims },
+                    _ => Op::Mean { keep_dims },
+                };
+                let rank = self.input_rank(node, 0)?;
+                let axes = self
+                    .known_ints(node, 1, "reduction axes")?
+                    .into_iter()
+                    .map(|a| norm_axis(node, a, rank))
+                    .collect::<Result<Vec<_>>>()?;
+                let x = self.input(&node.inputs[0], Layout::AsIs)?;
+                let a = self.int_const(
+                    node,
+                    format!("{}/axes", node.name),
+                    &[axes.len() as i64],
+                    &axes,
+                )?;
+                self.emit(node, op, vec![x, a])?;
+            }
+            "ConcatV2" => {
+                let n = node.inputs.len().saturating_sub(1);
+                let axis = single(node, self.known_ints(node, n, "axis")?)?;
+                let axis = norm_axis(node, axis, self.input_rank(node, 0)?)?;
+                let mut ins = Vec::with_capacity(n);
+                for r in &node.inputs[..n] {
+                    ins.push(self.input(r, Layout::AsIs)?);
+                }
+                self.emit(
+                    node,
+                    Op::Concatenation {
+                        axis: axis as i32,
+                        activation: Activation::None,
+                    },
+                    ins,
+                )?;
+            }
+            "GatherV2" => {
+                let axis = single(node, self.known_ints(node, 2, "axis")?)?;
+                let axis = norm_axis(node, axis, self.input_rank(node, 0)?)?;
+                let batch_dims = match node.attr("batch_dims") {
+                    Some(Attr::Int(b)) => *b as i32,
+                    _ => 0,
+                };
+                let params = self.input(&node.inputs[0], Layout::AsIs)?;
+                let indices = self.input(&node.inputs[1], Layout::AsIs)?;
+                self.emit(
+                    node,
+                    Op::Gather {
+                        axis: axis as i32,
+                        batch_dims,
+                    },
+                    vec![params, indices],
+                )?;
+            }
+            "Pad" | "PadV2" => {
+                if op == "PadV2" {
+                    let c = self.input_value(node, 2)?;
+                    let zero = matches!(&c, Value::Const(t, None) if t.to_f64_vec().is_ok_and(|v| v.iter().all(|x| *x == 0.0)));
+                    if !zero {
+                        return Err(node_err(node, "only zero padding is supported"));
+                    }
+                }
+                let pads = self.known_ints(node, 1, "paddings")?;
+                let rank = pads.len() as i64 / 2;
+                let x = self.input(&node.inputs[0], Layout::AsIs)?;
+                let p =
+                    self.int_const(node, format!("{}/paddings", node.name), &[rank, 2], &pads)?;
+                self.emit(node, Op::Pad, vec![x, p])?;
+            }
+            "MaxPool" | "AvgPool" => {
+                let (kh, kw) = spatial(node, "ksize")?;
+                let (sh, sw) = spatial(node, "strides")?;
+                let opts = PoolOptions {
+                    padding: padding(node)?,
+                    stride_h: sh,
+                    stride_w: sw,
+                    filter_h: kh,
+                    filter_w: kw,
+                    activation: Activation::None,
+                };
+                let op = if op == "MaxPool" {
+                    Op::MaxPool2d(opts)
+                } else {
+                    Op::AveragePool2d(opts)
+                };
+                self.unary(node, op)?;
+            }
+            _ => {
+                return Err(node_err(
+                    node,
+                    "has no TFLite equivalent that qpipe can export",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn input_value(&self, node: &Node, k: usize) -> Result<Value> {
+        let r = node
+            .inputs
+            .get(k)
+            .ok_or_else(|| node_err(node, format!("has no input {k}")))?;
+        self.values
+            .get(r)
+            .cloned()
+            .ok_or_else(|| node_err(node, format!("input '{r}' was not lowered")))
+    }
+
+    fn input_rank(&self, node: &Node, k: usize) -> Result<usize> {
+        let r = node
+            .inputs
+            .get(k)
+            .ok_or_else(|| node_err(node, format!("has no input {k}")))?;
+        Ok(self.info(node, r)?.shape.len())
+    }
+
+    /// Emits `op` with a new output tensor for the node's output 0.
+    fn emit(&mut self, node: &Node, op: Op, inputs: Vec<i32>) -> Result<()> {
+        let out = TensorRef::new(node.name.clone(), 0);
+        let t = self.runtime_tensor(node, &out)?;
+        self.add_op(op, inputs, vec![t]);
+        self.set(node, Value::Runtime(t));
+        Ok(())
+    }
+
+    fn unary(&mut self, node: &Node, op: Op) -> Result<()> {
+        let r = node
+            .inputs
+            .first()
+            .ok_or_else(|| node_err(node, "has no input"))?
+            .clone();
+        let x = self.input(&r, Layout::AsIs)?;
+        self.emit(node, op, vec![x])
+    }
+
+    fn binary(&mut self, node: &Node, op: Op) -> Result<()> {
+        if node.inputs.len() != 2 {
+            return Err(node_err(node, "needs two inputs"));
+        }
+        let a = self.input(&node.inputs[0], Layout::AsIs)?;
+        let b = self.input(&node.inputs[1], Layout::AsIs)?;
+        self.emit(node, op, vec![a, b])
+    }
+
+    /// `Cast`/`Dequantize`: of a compact constant → a stored constant; of a
+    /// runtime tensor → DEQUANTIZE (or nothing, for a cast to the same type).
+    fn lower_cast(&mut self, node: &Node) -> Result<()> {
+        let out = self
+            .info(node, &TensorRef::new(node.name.clone(), 0))?
+            .dtype;
+        match self.input_value(node, 0)? {
+            Value::Const(t, q) => {
+                if out == DType::F32
+                    && (t.dtype() == DType::F16 || (q.is_some() && t.dtype() == DType::I8))
+                {
+                    self.set(node, Value::Stored(t, q, node.inputs[0].to_string()));
+                } else if t.dtype() == out {
+                    self.set(node, Value::Const(t, q));
+                } else {
+                    return Err(node_err(
+                        node,
+                        format!(
+                            "a constant {} → {out} cast was not folded (run strip_training first)",
+                            t.dtype()
+                        ),
+                    ));
+                }
+            }
+            Value::Stored(..) => {
+                return Err(node_err(
+                    node,
+                    "dequantizes an already dequantized constant",
+                ))
+            }
+            Value::Runtime(t) => {
+                let from = self.tensor_dtype(t);
+                if from == Some(out) {
+                    self.set(node, Value::Runtime(t));
+                } else if node.op == "Dequantize" && out == DType::F32 {
+                    self.emit(node, Op::Dequantize, vec![t])?;
+                } else {
+                    return Err(node_err(
+                        node,
+                        format!(
+                            "casting {} to {out} at run time has no TFLite builtin qpipe exports",
+                            from.map_or("?", |d| d.name())
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lower_reshape(&mut self, node: &Node) -> Result<()> {
+        let shape = self.out_shape(node)?;
+        match self.input_value(node, 0)? {
+            Value::Const(t, q) => {
+                let (t, q) = reshape_const(node, &t, q, &shape)?;
+                self.set(node, Value::Const(t, q));
+                return Ok(());
+            }
+            Value::Stored(t, q, source) => {
+                let (t, q) = reshape_const(node, &t, q, &shape)?;
+                self.set(node, Value::Stored(t, q, source));
+                return Ok(());
+            }
+            Value::Runtime(_) => {}
+        }
+        let x = self.input(&node.inputs[0], Layout::AsIs)?;
+        match node.op.as_str() {
+            "Reshape" => {
+                if shape.iter().filter(|&&d| d < 0).count() > 1 {
+                    return Err(node_err(
+                        node,
+                        format!("output shape {shape:?} has more than one dimension unknown before run time"),
+                    ));
+                }
+                let s = self.int_const(
+                    node,
+                    format!("{}/shape", node.name),
+                    &[shape.len() as i64],
+                    &shape,
+                )?;
+                self.emit(node, Op::Reshape, vec![x, s])
+            }
+            "ExpandDims" => {
+                let axis = single(node, self.known_ints(node, 1, "axis")?)?;
+                let axis = norm_axis(node, axis, shape.len())?;
+                let a = self.int_const(node, format!("{}/axis", node.name), &[1], &[axis])?;
+                self.emit(node, Op::ExpandDims, vec![x, a])
+            }
+            _ => {
+                let in_shape = self.info(node, &node.inputs[0])?.shape.clone();
+                let listed = match node.attr("squeeze_dims").or(node.attr("axis")) {
+                    Some(Attr::Ints(v)) if !v.is_empty() => v
+                        .iter()
+                        .map(|&a| norm_axis(node, a, in_shape.len()).map(|a| a as i32))
+                        .collect::<Result<Vec<_>>>()?,
+                    _ => (0..in_shape.len() as i32)
+                        .filter(|&j| in_shape[j as usize] == 1)
+                        .collect(),
+                };
+                self.emit(node, Op::Squeeze { dims: listed }, vec![x])
+            }
+        }
+    }
+
+    /// CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED, absorbing a following
+    /// bias add and ReLU/ReLU6 when nothing else reads the intermediate tensors.
+    fn lower_linear(&mut self, i: usize, node: &'g Node) -> Result<()> {
+        let graph = self.graph;
+        if node.inputs.len() != 2 {
+            return Err(node_err(node, "needs two inputs"));
+        }
+        let op = node.op.as_str();
+        let out_channels = *self.out_shape(node)?.last().unwrap_or(&-1);
+        // Find the chain: node [→ bias add] [→ relu/relu6].
+        let mut tail = i;
+        let mut bias: Option<TensorRef> = None;
+        let mut activation = Activation::None;
+        let here = TensorRef::new(node.name.clone(), 0);
+        if let Some(c) = self.sole_consumer(&here) {
+            let cn = &graph.nodes[c];
+            if let Some(b) = self.bias_operand(cn, &here, out_channels) {
+                bias = Some(b);
+                tail = c;
+            }
+        }
+        let tail_ref = TensorRef::new(graph.nodes[tail].name.clone(), 0);
+        if let Some(c) = self.sole_consumer(&tail_ref) {
+            let cn = &graph.nodes[c];
+            let act = match cn.op.as_str() {
+                "Relu" => Some(Activation::Relu),
+                "Relu6" => Some(Activation::Relu6),
+                _ => None,
+            };
+            if let (Some(a), true) = (act, cn.inputs.len() == 1) {
+                let same_quant = !graph.nodes[tail].output_quant.contains_key(&0)
+                    || cn.output_quant.contains_key(&0);
+                if same_quant {
+                    activation = a;
+                    tail = c;
+                }
+            }
+        }
+        let x = self.input(&node.inputs[0], Layout::AsIs)?;
+        let (operator, w) = match op {
+            "Conv2D" => {
+                let (sh, sw) = spatial(node, "strides")?;
+                let (dh, dw) = dilations(node)?;
+                let w = self.input(&node.inputs[1], Layout::Ohwi)?;
+                let o = ConvOptions {
+                    padding: padding(node)?,
+                    stride_h: sh,
+                    stride_w: sw,
+                    dilation_h: dh,
+                    dilation_w: dw,
+                    activation,
+                };
+                (Op::Conv2d(o), w)
+            }
+            "DepthwiseConv2dNative" => {
+                let (sh, sw) = spatial(node, "strides")?;
+                let (dh, dw) = dilations(node)?;
+                let fshape = self.info(node, &node.inputs[1])?.shape.clone();
+                let m = fshape.get(3).copied().unwrap_or(1);
+                let w = self.input(&node.inputs[1], Layout::Depthwise)?;
+                let conv = ConvOptions {
+                    padding: padding(node)?,
+                    stride_h: sh,
+                    stride_w: sw,
+                    dilation_h: dh,
+                    dilation_w: dw,
+                    activation,
+                };
+                (
+                    Op::DepthwiseConv2d {
+                        conv,
+                        depth_multiplier: m as i32,
+                    },
+                    w,
+                )
+            }
+            _ => {
+                if matches!(node.attr("transpose_a"), Some(Attr::Bool(true))) {
+                    return Err(node_err(node, "transpose_a is not supported"));
+                }
+                let layout = if matches!(node.attr("transpose_b"), Some(Attr::Bool(true))) {
+                    Layout::AsIs
+                } else {
+                    Layout::Transposed
+                };
+                let w = self.input(&node.inputs[1], layout)?;
+                (
+                    Op::FullyConnected {
+                        activation,
+                        keep_num_dims: false,
+                    },
+                    w,
+                )
+            }
+        };
+        let b = match &bias {
+            Some(r) => self.input(r, Layout::AsIs)?,
+            None if op == "MatMul" => -1,
+            // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
+            None => self.zero_bias(node, x, w)?,
+        };
+        let tail_node = &graph.nodes[tail];
+        let out_ref = TensorRef::new(tail_node.name.clone(), 0);
+        let t = self.runtime_tensor(tail_node, &out_ref)?;
+        self.add_op(operator, vec![x, w, b], vec![t]);
+        self.values.insert(out_ref, Value::Runtime(t));
+        let mut k = i;
+        while k != tail {
+            let r = TensorRef::new(graph.nodes[k].name.clone(), 0);
+            k = self.consumers[&r][0];
+            self.absorbed.insert(k);
+        }
+        Ok(())
+    }
+
+    /// A zero bias for a convolution that has none: float32 for float (and
+    /// hybrid) kernels; for int8 ones int32 with scale input_scale × weight_scale
+    /// per output channel, as TFLite's quantization spec requires.
+    fn zero_bias(&mut self, node: &Node, x: i32, w: i32) -> Result<i32> {
+        let (xt, wt) = (
+            &self.model.tensors[x as usize],
+            &self.model.tensors[w as usize],
+        );
+        let channels = match (&node.op[..], wt.shape.as_slice()) {
+            ("Conv2D", [o, ..]) => *o as usize,
+            (_, [.., c]) => *c as usize,
+            _ => return Err(node_err(node, "filter has no channel dimension")),
+        };
+        let name = format!("{}/bias", node.name);
+        let (dtype, quant) = match (xt.dtype, wt.dtype) {
+            (DType::I8, DType::I8) => {
+                let (Some(xq), Some(wq)) = (&xt.quant, &wt.quant) else {
+                    return Err(node_err(
+                        node,
+                        "int8 convolution without quantization parameters",
+                    ));
+                };
+                let xs = xq.scale.first().copied().unwrap_or(0.0);
+                let scale: Vec<f32> = (0..channels)
+                    .map(|c| xs * wq.scale.get(c).or(wq.scale.first()).copied().unwrap_or(0.0))
+                    .collect();
+                (
+                    DType::I32,
+                    Some(QuantParams::per_axis(scale, vec![0; channels], 0)),
+                )
+            }
+            (DType::I16, _) => (DType::I64, None),
+            _ => (DType::F32, None),
+        };
+        let size = dtype.size().unwrap_or(4);
+        let data: Arc<[u8]> = vec![0u8; channels * size].into();
+        self.add_tensor(node, name, dtype, &[channels as i64], Some(data), quant)
+    }
+
+    /// The bias operand when `add` adds a constant vector of `channels` values to `x`.
+    fn bias_operand(&self, add: &Node, x: &TensorRef, channels: i64) -> Option<TensorRef> {
+        if !matches!(add.op.as_str(), "BiasAdd" | "Add" | "AddV2") || add.inputs.len() != 2 {
+            return None;
+        }
+        let other = if &add.inputs[0] == x {
+            &add.inputs[1]
+        } else if add.op != "BiasAdd" && &add.inputs[1] == x {
+            &add.inputs[0]
+        } else {
+            return None;
+        };
+        if &add.inputs[0] == other && &add.inputs[1] == other {
+            return None;
+        }
+        let is_const = matches!(
+            self.values.get(other),
+            Some(Value::Const(..)) | Some(Value::Stored(..))
+        );
+        let shape = &self.infos.get(other)?.shape;
+        (is_const && channels >= 0 && shape.as_slice() == [channels]).then(|| other.clone())
+    }
+}
+
+fn single(node: &Node, v: Vec<i64>) -> Result<i64> {
+    match v[..] {
+        [a] => Ok(a),
+        _ => Err(node_err(node, format!("expected a single axis, got {v:?}"))),
+    }
+}
+
+fn norm_axis(node: &Node, axis: i64, rank: usize) -> Result<i64> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r.max(1) {
+        return Err(node_err(
+            node,
+            format!("axis {axis} is out of range for rank {rank}"),
+        ));
+    }
+    Ok(a)
+}
+
+fn padding(node: &Node) -> Result<Padding> {
+    match node.attr_str("padding")? {
+        "SAME" => Ok(Padding::Same),
+        "VALID" => Ok(Padding::Valid),
+        p => Err(node_err(
+            node,
+            format!("padding {p} has no TFLite equivalent"),
+        )),
+    }
+}
+
+/// `[1, h, w, 1]` attribute → (h, w).
+fn spatial(node: &Node, key: &str) -> Result<(i32, i32)> {
+    let v = node.attr_ints(key)?;
+    match v {
+        [1, h, w, 1] => Ok((
+            i32::try_from(*h).map_err(|_| node_err(node, format!("{key} {v:?} is too large")))?,
+            i32::try_from(*w).map_err(|_| node_err(node, format!("{key} {v:?} is too large")))?,
+        )),
+        _ => Err(node_err(
+            node,
+            format!("{key} {v:?} must be [1, h, w, 1] (NHWC)"),
+        )),
+    }
+}
+
+fn dilations(node: &Node) -> Result<(i32, i32)> {
+    if node.attr("dilations").is_none() {
+        return Ok((1, 1));
+    }
+    spatial(node, "dilations")
+}
+
+/// A constant reshaped to `shape`; a per-axis quantization follows its axis
+/// (the dimension with the same size and the same number of elements before it).
+fn reshape_const(
+    node: &Node,
+    t: &Tensor,
+    quant: Option<QuantParams>,
+    shape: &[i64],
+) -> Result<(Tensor, Option<QuantParams>)> {
+    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    let quant = match quant {
+        Some(q) if q.axis.is_some() => {
+            let old = t.shape();
+            let axis = q.axis.unwrap_or_default() as usize;
+            let before: usize = old.iter().take(axis).product();
+            let size = old.get(axis).copied();
+            let new_axis = (0..dims.len())
+                .find(|&k| Some(dims[k]) == size && dims[..k].iter().product::<usize>() == before);
+            match new_axis {
+                Some(k) => Some(QuantParams {
+                    axis: Some(k as u32),
+                    ..q
+                }),
+                None => {
+                    return Err(node_err(
+                        node,
+                        format!("reshaping {old:?} to {dims:?} splits the quantized axis {axis}"),
+                    ))
+                }
+            }
+        }
+        q => q,
+    };
+    let t = t.reshaped(dims).map_err(|e| node_err(node, e))?;
+    Ok((t, quant))
+}
+
+/// Rearranges a weight constant for its TFLite operator, moving its per-axis quantization with it.
+fn rearrange(
+    node: &Node,
+    t: &Tensor,
+    quant: Option<QuantParams>,
+    layout: Layout,
+) -> Result<(Tensor, Option<QuantParams>)> {
+    let s = t.shape().to_vec();
+    let move_axis = |from: &[u32],
+                     to: u32,
+                     q: Option<QuantParams>,
+                     channels: usize|
+     -> Result<Option<QuantParams>> {
+        match q {
+            Some(q) if q.axis.is_some() => {
+                let axis = q.axis.unwrap_or_default();
+                if !from.contains(&axis) || q.scale.len() != channels {
+                    return Err(node_err(
+                        node,
+                        format!("per-axis quantization along axis {axis} with {} scales does not fit weights {s:?}", q.scale.len()),
+                    ));
+                }
+                Ok(Some(QuantParams {
+                    axis: Some(to),
+                    ..q
+                }))
+            }
+            q => Ok(q),
+        }
+    };
+    match layout {
+        Layout::AsIs => Ok((t.clone(), quant)),
+        Layout::Ohwi => {
+            let [h, w, i, o] = s[..] else {
+                return Err(node_err(node, format!("filter shape {s:?} is not HWIO")));
+            };
+            let t2 = transpose(node, t, &[3, 0, 1, 2])?;
+            debug_assert_eq!(t2.shape(), [o, h, w, i]);
+            Ok((t2, move_axis(&[3], 0, quant, o)?))
+        }
+        Layout::Depthwise => {
+            let [h, w, c, m] = s[..] else {
+                return Err(node_err(node, format!("filter shape {s:?} is not HWCM")));
+            };
+            let t2 = t
+                .reshaped(vec![1, h, w, c * m])
+                .map_err(|e| node_err(node, e))?;
+            let from: &[u32] = if m == 1 { &[2, 3] } else { &[3] };
+            Ok((t2, move_axis(from, 3, quant, c * m)?))
+        }
+        Layout::Transposed => {
+            let [i, o] = s[..] else {
+                return Err(node_err(node, format!("weight shape {s:?} is not 2-D")));
+            };
+            let _ = i;
+            Ok((transpose(node, t, &[1, 0])?, move_axis(&[1], 0, quant, o)?))
+        }
+    }
+}
+
+/// Permutes the dimensions of a numeric tensor (`perm[k]` = source dim of output dim k).
+fn transpose(node: &Node, t: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let s = t.shape();
+    let size = t
+        .dtype()
+        .size()
+        .ok_or_else(|| node_err(node, format!("cannot rearrange a {} tensor", t.dtype())))?;
+    let rank = s.len();
+    let out_shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+    let mut in_strides = vec![1usize; rank];
+    for k in (0..rank.saturating_sub(1)).rev() {
+        in_strides[k] = in_strides[k + 1] * s[k + 1];
+    }
+    let src = t.bytes();
+    let n = t.len();
+    let mut out = Vec::with_capacity(src.len());
+    let mut idx = vec![0usize; rank];
+    for _ in 0..n {
+        let off: usize = (0..rank).map(|k| idx[k] * in_strides[perm[k]]).sum();
+        out.extend_from_slice(&src[off * size..(off + 1) * size]);
+        for k in (0..rank).rev() {
+            idx[k] += 1;
+            if idx[k] < out_shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    Tensor::from_bytes(t.dtype(), out_shape, out).map_err(|e| node_err(node, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_hwio_to_ohwi_moves_elements() {
+        let node = Node::new("w", "Const");
+        let vals: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let t = Tensor::from_vec(vec![1, 2, 3, 4], &vals);
+        let out = transpose(&node, &t, &[3, 0, 1, 2]).unwrap();
+        assert_eq!(out.shape(), [4, 1, 2, 3]);
+        let o: Vec<f32> = out.values().unwrap();
+        // out[o][0][w][i] = in[0][w][i][o] = w*12 + i*4 + o
+        for oc in 0..4 {
+            for w in 0..2 {
+                for i in 0..3 {
+                    assert_eq!(o[oc * 6 + w * 3 + i], (w * 12 + i * 4 + oc) as f32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn per_axis_quant_follows_the_output_channel() {
+        let node = Node::new("w", "Const");
+        let t = Tensor::from_vec(vec![2, 3], &[1i8, 2, 3, 4, 5, 6]);
+        let q = QuantParams::per_axis(vec![0.1, 0.2, 0.3], vec![0, 0, 0], 1);
+        let (t2, q2) = rearrange(&node, &t, Some(q), Layout::Transposed).unwrap();
+        assert_eq!(t2.shape(), [3, 2]);
+        assert_eq!(t2.values::<i8>().unwrap(), vec![1, 4, 2, 5, 3, 6]);
+        assert_eq!(q2.unwrap().axis, Some(0));
+        let bad = QuantParams::per_axis(vec![0.1, 0.2], vec![0, 0], 0);
+        assert!(rearrange(&node, &t, Some(bad), Layout::Transposed).is_err());
+    }
+}

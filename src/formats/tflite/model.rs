@@ -1,0 +1,256 @@
+//! A TFLite model as plain data: what [`super::lower`] decides and
+//! [`super::writer`] serializes. Tensor and operator indices are positions in
+//! [`Model::tensors`] and [`Model::operators`].
+
+use std::sync::Arc;
+
+use crate::ir::{DType, QuantParams};
+
+/// Fused activation of CONV_2D, FULLY_CONNECTED, ADD, ... (`ActivationFunctionType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    None,
+    Relu,
+    ReluN1To1,
+    Relu6,
+    Tanh,
+}
+
+impl Activation {
+    /// The schema's `ActivationFunctionType` value.
+    pub fn code(self) -> i8 {
+        match self {
+            Activation::None => 0,
+            Activation::Relu => 1,
+            Activation::ReluN1To1 => 2,
+            Activation::Relu6 => 3,
+            Activation::Tanh => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Same,
+    Valid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvOptions {
+    pub padding: Padding,
+    pub stride_h: i32,
+    pub stride_w: i32,
+    pub dilation_h: i32,
+    pub dilation_w: i32,
+    pub activation: Activation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub padding: Padding,
+    pub stride_h: i32,
+    pub stride_w: i32,
+    pub filter_h: i32,
+    pub filter_w: i32,
+    pub activation: Activation,
+}
+
+/// A builtin operator with its options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Add {
+        activation: Activation,
+    },
+    AveragePool2d(PoolOptions),
+    Concatenation {
+        axis: i32,
+        activation: Activation,
+    },
+    Conv2d(ConvOptions),
+    DepthwiseConv2d {
+        conv: ConvOptions,
+        depth_multiplier: i32,
+    },
+    Dequantize,
+    FullyConnected {
+        activation: Activation,
+        keep_num_dims: bool,
+    },
+    Logistic,
+    MaxPool2d(PoolOptions),
+    Mul {
+        activation: Activation,
+    },
+    Relu,
+    Relu6,
+    Reshape,
+    Softmax {
+        beta: f32,
+    },
+    Tanh,
+    Pad,
+    Gather {
+        axis: i32,
+        batch_dims: i32,
+    },
+    Mean {
+        keep_dims: bool,
+    },
+    Sub {
+        activation: Activation,
+    },
+    Div {
+        activation: Activation,
+    },
+    Squeeze {
+        dims: Vec<i32>,
+    },
+    Maximum,
+    Minimum,
+    ExpandDims,
+    Sum {
+        keep_dims: bool,
+    },
+    ReduceMax {
+        keep_dims: bool,
+    },
+    ReduceMin {
+        keep_dims: bool,
+    },
+    Quantize,
+}
+
+impl Op {
+    /// The schema's `BuiltinOperator` value.
+    pub fn builtin_code(&self) -> i32 {
+        match self {
+            Op::Add { .. } => 0,
+            Op::AveragePool2d(_) => 1,
+            Op::Concatenation { .. } => 2,
+            Op::Conv2d(_) => 3,
+            Op::DepthwiseConv2d { .. } => 4,
+            Op::Dequantize => 6,
+            Op::FullyConnected { .. } => 9,
+            Op::Logistic => 14,
+            Op::MaxPool2d(_) => 17,
+            Op::Mul { .. } => 18,
+            Op::Relu => 19,
+            Op::Relu6 => 21,
+            Op::Reshape => 22,
+            Op::Softmax { .. } => 25,
+            Op::Tanh => 28,
+            Op::Pad => 34,
+            Op::Gather { .. } => 36,
+            Op::Mean { .. } => 40,
+            Op::Sub { .. } => 41,
+            Op::Div { .. } => 42,
+            Op::Squeeze { .. } => 43,
+            Op::Maximum => 55,
+            Op::Minimum => 57,
+            Op::ExpandDims => 70,
+            Op::Sum { .. } => 74,
+            Op::ReduceMax { .. } => 82,
+            Op::ReduceMin { .. } => 89,
+            Op::Quantize => 114,
+        }
+    }
+
+    /// The operator's name in TFLite (`CONV_2D`, ...).
+    pub fn name(&self) -> &'static str {
+        builtin_name(self.builtin_code())
+    }
+}
+
+/// TFLite's name of a builtin operator code, `"UNKNOWN"` for codes qpipe does not know.
+pub fn builtin_name(code: i32) -> &'static str {
+    const NAMES: &[(i32, &str)] = &[
+        (0, "ADD"),
+        (1, "AVERAGE_POOL_2D"),
+        (2, "CONCATENATION"),
+        (3, "CONV_2D"),
+        (4, "DEPTHWISE_CONV_2D"),
+        (6, "DEQUANTIZE"),
+        (9, "FULLY_CONNECTED"),
+        (14, "LOGISTIC"),
+        (17, "MAX_POOL_2D"),
+        (18, "MUL"),
+        (19, "RELU"),
+        (21, "RELU6"),
+        (22, "RESHAPE"),
+        (25, "SOFTMAX"),
+        (28, "TANH"),
+        (34, "PAD"),
+        (36, "GATHER"),
+        (40, "MEAN"),
+        (41, "SUB"),
+        (42, "DIV"),
+        (43, "SQUEEZE"),
+        (55, "MAXIMUM"),
+        (57, "MINIMUM"),
+        (70, "EXPAND_DIMS"),
+        (74, "SUM"),
+        (82, "REDUCE_MAX"),
+        (89, "REDUCE_MIN"),
+        (114, "QUANTIZE"),
+    ];
+    NAMES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, n)| *n)
+        .unwrap_or("UNKNOWN")
+}
+
+/// One tensor of the model's only subgraph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorDef {
+    pub name: String,
+    pub dtype: DType,
+    /// Static shape; dimensions unknown at conversion time are 1 here.
+    pub shape: Vec<i32>,
+    /// `shape` with -1 for unknown dimensions; `None` when every dimension is known.
+    pub shape_signature: Option<Vec<i32>>,
+    /// Little-endian contents of a constant tensor.
+    pub data: Option<Arc<[u8]>>,
+    pub quant: Option<QuantParams>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operator {
+    pub op: Op,
+    /// Tensor indices; -1 marks an absent optional input.
+    pub inputs: Vec<i32>,
+    pub outputs: Vec<i32>,
+}
+
+/// A single-subgraph TFLite model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Model {
+    pub description: String,
+    pub tensors: Vec<TensorDef>,
+    /// In execution order.
+    pub operators: Vec<Operator>,
+    /// (signature name, tensor index) of the subgraph inputs and outputs, in order.
+    pub inputs: Vec<(String, i32)>,
+    pub outputs: Vec<(String, i32)>,
+    /// Extra `Model.metadata` entries (name, buffer contents), written after
+    /// `min_runtime_version`.
+    pub metadata: Vec<(String, Vec<u8>)>,
+}
+
+impl Model {
+    pub fn tensor(&self, index: i32) -> Option<&TensorDef> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.tensors.get(i))
+    }
+
+    /// Operator count by TFLite name, sorted by name.
+    pub fn op_histogram(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut h = std::collections::BTreeMap::new();
+        for op in &self.operators {
+            *h.entry(op.op.name()).or_insert(0) += 1;
+        }
+        h
+    }
+}

@@ -1,0 +1,150 @@
+//! Crash-safe file writes, advisory locks and checked JSON files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other thread or process will pick for a temporary file.
+pub fn unique_tmp_name(stem: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{stem}.qpipe-tmp.{}.{}.{nanos}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes `bytes` to `dest` atomically: a temporary file in `tmp_dir` (same
+/// filesystem as `dest`), fsync, rename over `dest`, fsync of `dest`'s directory.
+/// A reader sees the old file or the new one, never a torn one; a crash leaves at
+/// most an orphaned temporary file. `mid_write` runs after half the bytes are
+/// written (a test hook for crashes during a write).
+pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mid_write: &dyn Fn()) -> Result<()> {
+    let stem = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = tmp_dir.join(unique_tmp_name(&format!(".{stem}")));
+    let result = (|| -> io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half])?;
+        mid_write();
+        f.write_all(&bytes[half..])?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, dest)?;
+        sync_dir(dest.parent().unwrap_or(Path::new(".")))
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(dest, e));
+    }
+    Ok(())
+}
+
+/// Makes a rename or creation in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    match File::open(dir) {
+        Ok(d) => d.sync_all().or_else(|e| {
+            // Some filesystems refuse fsync on directories; the rename is still atomic.
+            if e.kind() == io::ErrorKind::InvalidInput || e.raw_os_error() == Some(22) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// An advisory lock held until dropped (flock on Unix: released by the kernel when
+/// the process dies, so a killed run never leaves a lock behind).
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Waits for an exclusive lock on `path` (created if missing).
+    pub fn exclusive(path: &Path) -> Result<FileLock> {
+        let file = open_lock_file(path)?;
+        file.lock().map_err(|e| Error::io(path, e))?;
+        Ok(FileLock { _file: file })
+    }
+
+    /// Waits for a shared lock on `path` (created if missing).
+    pub fn shared(path: &Path) -> Result<FileLock> {
+        let file = open_lock_file(path)?;
+        file.lock_shared().map_err(|e| Error::io(path, e))?;
+        Ok(FileLock { _file: file })
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+const CHECKED_MAGIC: &str = "qpipe-json v1 blake3=";
+
+/// Serializes `value` as a "checked JSON" file: a header line with the blake3 of the
+/// JSON bytes that follow. Any truncation or bit flip is detected before parsing.
+pub fn to_checked_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::msg(format!("cannot serialize cache record: {e}")))?;
+    let mut out = format!("{CHECKED_MAGIC}{}\n", blake3::hash(&json).to_hex()).into_bytes();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Parses a checked JSON file; the error says what is wrong with it.
+pub fn from_checked_json<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no header line")?;
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not UTF-8")?;
+    let want = header
+        .strip_prefix(CHECKED_MAGIC)
+        .ok_or("unknown header (not a qpipe v1 record)")?;
+    let body = &bytes[nl + 1..];
+    if blake3::hash(body).to_hex().as_str() != want {
+        return Err("checksum mismatch (truncated or modified)".into());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("bad record: {e}"))
+}
+
+/// Reads a file, distinguishing "absent" (Ok(None)) from other failures.
+pub fn read_optional(path: &Path) -> std::result::Result<Option<Vec<u8>>, io::Error> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `path` made absolute against the current directory, without touching the filesystem.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}

@@ -1,0 +1,58 @@
+//! Exported models checked against the real interpreter: every fixture model,
+//! float32 and float16, run in LiteRT with the default and the reference op
+//! resolver, compared with the outputs TensorFlow recorded.
+
+mod tfl_util;
+
+use qpipe::formats::tflite;
+use qpipe::stages::fp16_cast::cast_fp16;
+use tfl_util::*;
+
+/// Exports `graph`, runs it on the fixture's eval set with both resolvers and
+/// checks it against TensorFlow's recorded outputs.
+fn check_against_tf(model: &str, variant: &str, graph: &qpipe::ir::Graph, tol: f32) {
+    let dir = scratch(&format!("{model}_{variant}"));
+    let (_, bytes) = tflite::export(graph).unwrap();
+    let path = dir.join("model.tflite");
+    std::fs::write(&path, &bytes).unwrap();
+    let x = fixture(&format!("{model}/eval_x.npy"));
+    let want = qpipe::npy::read(&fixture(&format!("{model}/tf_eval_out.npy"))).unwrap();
+    for resolver in Resolver::ALL {
+        let out_dir = dir.join(format!("{resolver:?}"));
+        let got = run_litert(&path, &[("input_x", &x)], resolver, &out_dir)
+            .unwrap_or_else(|e| panic!("{model} {variant}: {e}"));
+        assert_eq!(got.len(), 1);
+        let diff = max_abs_diff(&got[0], &want);
+        let agree = top1_agreement(&got[0], &want);
+        eprintln!(
+            "{model} {variant} {resolver:?}: {} bytes, max abs diff {diff:e}, top-1 agreement {agree}",
+            bytes.len()
+        );
+        assert!(
+            diff <= tol,
+            "{model} {variant} {resolver:?}: max abs diff {diff} > {tol}"
+        );
+        assert!(
+            agree >= 0.999,
+            "{model} {variant} {resolver:?}: top-1 agreement {agree} < 0.999"
+        );
+    }
+}
+
+#[test]
+fn float32_fixture_models_match_tensorflow_in_litert() {
+    for model in MODELS {
+        let g = stripped_fixture(model);
+        check_against_tf(model, "f32", &g, 1e-5);
+    }
+}
+
+#[test]
+fn float16_fixture_models_match_tensorflow_in_litert() {
+    for model in MODELS {
+        let g = stripped_fixture(model);
+        let (g16, report) = cast_fp16(&g, 1, &[]).unwrap();
+        assert!(report.tensors_cast > 0);
+        check_against_tf(model, "f16", &g16, 2e-3);
+    }
+}
