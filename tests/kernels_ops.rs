@@ -401,6 +401,25 @@ fn pooling_softmax_reductions() {
     );
     let y = red("Min", Tensor::from_vec(vec![1], &[0i64]), false);
     assert_eq!(y.to_f32_vec().unwrap(), vec![1., 2., 3.]);
+    // Non-contiguous axes and integers take the general path.
+    let mut b = G::new();
+    b.konst("x", iota(&[2, 2, 2]));
+    b.konst("a", i32t(&[2], &[0, 2]));
+    b.op("y", "Sum", &["x", "a"], &[("T", Attr::Type(DType::I32))]);
+    let y = run1(&b.g, &[], "y");
+    assert_eq!(
+        (y.shape().to_vec(), y.values::<i32>().unwrap()),
+        (vec![2], vec![10, 18])
+    );
+    let mut b = G::new();
+    b.konst("x", f32t(&[2, 2, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]));
+    b.konst("a", i32t(&[2], &[2, 0]));
+    b.op("y", "Max", &["x", "a"], &[("keep_dims", Attr::Bool(true))]);
+    let y = run1(&b.g, &[], "y");
+    assert_eq!(
+        (y.shape().to_vec(), y.to_f32_vec().unwrap()),
+        (vec![1, 2, 1], vec![6., 8.])
+    );
     let y = red("ArgMax", i32t(&[], &[1]), false);
     assert_eq!(y.values::<i64>().unwrap(), vec![2, 2]);
     let e = qpipe::kernels::run(
@@ -715,4 +734,54 @@ fn dequantize_fp16_and_int8() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("without quantization parameters"), "{e}");
+}
+
+#[test]
+fn hostile_shapes_are_errors_not_aborts() {
+    let err = |g: &G, y: &str| {
+        qpipe::kernels::run(&g.g, &[], &[r(y)])
+            .unwrap_err()
+            .to_string()
+    };
+    let mut b = G::new();
+    b.konst("col", f32t(&[100_000, 1], &vec![0.; 100_000]));
+    b.konst("row", f32t(&[1, 100_000], &vec![0.; 100_000]));
+    b.op("outer", "Add", &["col", "row"], &[]);
+    assert!(err(&b, "outer").contains("more than 2147483648 elements"));
+    b.konst(
+        "pads",
+        Tensor::from_vec(vec![2, 2], &[0i64, i64::MAX, 0, 1]),
+    );
+    b.op("pad", "Pad", &["col", "pads"], &[]);
+    assert!(err(&b, "pad").contains("more than"), "{}", err(&b, "pad"));
+    b.konst("mult", i32t(&[2], &[1 << 30, 4]));
+    b.op("tile", "Tile", &["col", "mult"], &[]);
+    assert!(err(&b, "tile").contains("more than"), "{}", err(&b, "tile"));
+    b.konst("kdepth", f32t(&[100_000, 0], &[]));
+    b.konst("kdepth2", f32t(&[0, 100_000], &[]));
+    b.op("mm", "MatMul", &["kdepth", "kdepth2"], &[]);
+    assert!(err(&b, "mm").contains("more than"), "{}", err(&b, "mm"));
+    let long = vec![0i32; 64];
+    b.konst("x", i32t(&[1], &[1]));
+    b.konst("l", i32t(&[64], &long));
+    b.op(
+        "ss",
+        "StridedSlice",
+        &["x", "l", "l", "l"],
+        &[("T", Attr::Type(DType::I32))],
+    );
+    assert!(err(&b, "ss").contains("too long"), "{}", err(&b, "ss"));
+    b.konst("one", i32t(&[1], &[1]));
+    b.op(
+        "ss2",
+        "StridedSlice",
+        &["x", "one", "one", "one"],
+        &[
+            ("T", Attr::Type(DType::I32)),
+            ("ellipsis_mask", Attr::Int(i64::MIN)),
+        ],
+    );
+    // A mask bit beyond the spec is ignored, as TensorFlow does; it must not overflow.
+    let y = qpipe::kernels::run(&b.g, &[], &[r("ss2")]).unwrap();
+    assert_eq!(y[0].shape(), &[0]);
 }

@@ -12,7 +12,7 @@ use kern_util::*;
 use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::ir::{DType, Graph};
-use qpipe::stages::{registry, Artifact, DatasetSpec};
+use qpipe::stages::{registry, Artifact, ConfigTable, DatasetSpec};
 use tfl_util::*;
 
 fn metric<'a>(out: &'a qpipe::stages::StageOutput, key: &str) -> &'a serde_json::Value {
@@ -134,7 +134,7 @@ fn calibration_is_cached_apart_from_the_quantization_settings() {
 #[test]
 fn the_stage_declares_its_calibration_data_set() {
     let build = |cfg: &str| {
-        let t = qpipe::stages::ConfigTable::parse(cfg).unwrap();
+        let t = ConfigTable::parse(cfg).unwrap();
         (registry::factory("quantize_int8").unwrap().build)(&t).unwrap()
     };
     let s = build("input = \"a\"\ncalibration = \"calib\"");
@@ -142,9 +142,9 @@ fn the_stage_declares_its_calibration_data_set() {
     assert_eq!(s.deps().stages, vec![("input".into(), "a".into())]);
     let s = build("input = \"a\"\ncalibration = \"calib\"\nstrategy = \"OPTIMIZE_FOR_SIZE\"");
     assert!(s.deps().datasets.is_empty());
-    let t = qpipe::stages::ConfigTable::parse("input = \"a\"\nstrategy = \"FAST\"").unwrap();
+    let t = ConfigTable::parse("input = \"a\"\nstrategy = \"FAST\"").unwrap();
     assert!((registry::factory("quantize_int8").unwrap().build)(&t).is_err());
-    let t = qpipe::stages::ConfigTable::parse("input = \"a\"\nsamplez = 3").unwrap();
+    let t = ConfigTable::parse("input = \"a\"\nsamplez = 3").unwrap();
     assert!((registry::factory("quantize_int8").unwrap().build)(&t).is_err());
 }
 

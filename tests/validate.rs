@@ -101,7 +101,7 @@ fn reports_accuracy_agreement_errors_and_a_layer_table() {
             assert!(l["scale"].as_f64().unwrap() > 0.0);
         }
         assert_eq!(out.files.len(), 1);
-        assert_eq!(out.files[0].path.to_str(), Some("q.layers.json"));
+        assert_eq!(out.files[0].path.to_str(), Some("quant.layers.json"));
         let file: serde_json::Value = serde_json::from_slice(&out.files[0].bytes).unwrap();
         assert_eq!(file["layers"].as_array().unwrap().len(), layers.len());
 

@@ -140,6 +140,7 @@ pub fn gather(params: &Value, indices: &Value, axis: i64) -> Result<Value> {
     let mut shape = params.shape[..a].to_vec();
     shape.extend_from_slice(&indices.shape);
     shape.extend_from_slice(&params.shape[a + 1..]);
+    super::value::checked_len(&shape)?;
     fn go<T: Elem>(p: &[T], idx: &[i64], outer: usize, dim: usize, inner: usize) -> Vec<T> {
         let mut out = Vec::with_capacity(outer * idx.len() * inner);
         for o in 0..outer {
@@ -226,10 +227,10 @@ pub fn strided_slice_spec(
             "StridedSlice begin, end and strides differ in length",
         ));
     }
-    if n > 64 {
+    if n > 62 {
         return Err(Error::msg("StridedSlice spec is too long"));
     }
-    if m.ellipsis & (m.ellipsis - 1) != 0 && m.ellipsis != 0 {
+    if m.ellipsis & m.ellipsis.wrapping_sub(1) != 0 && m.ellipsis != 0 {
         return Err(Error::msg("StridedSlice has more than one ellipsis"));
     }
     let bit = |mask: i64, i: usize| (mask >> i) & 1 == 1;
@@ -495,8 +496,14 @@ pub fn pad(
                 )));
             }
         }
-        shape.push(x.shape[d] + (b + a) as usize);
+        let grown = usize::try_from(b)
+            .ok()
+            .zip(usize::try_from(a).ok())
+            .and_then(|(b, a)| x.shape[d].checked_add(b)?.checked_add(a))
+            .ok_or_else(|| Error::msg(format!("padding {p:?} is too large")))?;
+        shape.push(grown);
     }
+    super::value::checked_len(&shape)?;
     let total = num_elements(&shape).unwrap_or(0);
     let mut src = Vec::with_capacity(total);
     let mut idx = vec![0usize; r];
@@ -609,6 +616,13 @@ pub fn tile(x: &Value, multiples: &Value) -> Result<Value> {
             x.shape
         )));
     }
+    let tiled: Vec<usize> = x
+        .shape
+        .iter()
+        .zip(&m)
+        .map(|(&d, &k)| d.saturating_mul(k as usize))
+        .collect();
+    super::value::checked_len(&tiled)?;
     let mut out = x.clone();
     for (d, &k) in m.iter().enumerate() {
         if k != 1 {
@@ -691,6 +705,53 @@ pub fn reduce(x: &Value, axes: &Value, op: ReduceOp, keep_dims: bool) -> Result<
     };
     let n_out = num_elements(&out_full).unwrap_or(0);
     let count = x.len().checked_div(n_out).unwrap_or(0);
+    // Reduced axes forming one contiguous block: [outer, reduced, inner] loops.
+    let first = red.iter().position(|&b| b);
+    let last = red.iter().rposition(|&b| b);
+    if let (Some(f), Some(l), DType::F32) = (first, last, x.dtype()) {
+        if red[f..=l].iter().all(|&b| b)
+            && matches!(
+                op,
+                ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+            )
+        {
+            let outer: usize = x.shape[..f].iter().product();
+            let rn: usize = x.shape[f..=l].iter().product();
+            let inner: usize = x.shape[l + 1..].iter().product();
+            let xs = x.slice::<f32>()?;
+            let init = match op {
+                ReduceOp::Max => f32::NEG_INFINITY,
+                ReduceOp::Min => f32::INFINITY,
+                _ => 0.0,
+            };
+            let mut acc = vec![init; outer * inner];
+            if inner > 0 && rn > 0 {
+                for (o, a) in acc.chunks_mut(inner).enumerate() {
+                    for k in 0..rn {
+                        let row = &xs[(o * rn + k) * inner..(o * rn + k + 1) * inner];
+                        match op {
+                            ReduceOp::Max => a.iter_mut().zip(row).for_each(|(a, &v)| {
+                                if v > *a {
+                                    *a = v
+                                }
+                            }),
+                            ReduceOp::Min => a.iter_mut().zip(row).for_each(|(a, &v)| {
+                                if v < *a {
+                                    *a = v
+                                }
+                            }),
+                            _ => a.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
+                        }
+                    }
+                }
+            }
+            if op == ReduceOp::Mean {
+                let n = count as f32;
+                acc.iter_mut().for_each(|a| *a /= n);
+            }
+            return Ok(Value::from_vec(out_shape, acc));
+        }
+    }
     let mut out_strides = vec![0usize; r];
     let mut s = 1;
     for d in (0..r).rev() {

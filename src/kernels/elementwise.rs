@@ -1,8 +1,6 @@
 //! Element-wise kernels with NumPy broadcasting: unary math, binary arithmetic and
 //! comparisons, `Select`, `Cast`.
 
-use std::sync::Arc;
-
 use half::{bf16, f16};
 
 use super::value::{Buf, Elem, Value};
@@ -34,6 +32,7 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
             )));
         };
     }
+    super::value::checked_len(&out)?;
     Ok(out)
 }
 
@@ -297,7 +296,18 @@ pub fn unary(op: UnaryOp, x: Value) -> Result<Value> {
     match (op, x.dtype()) {
         (UnaryOp::LogicalNot, DType::Bool) => map_in_place::<bool>(x, |b| !b),
         (UnaryOp::LogicalNot, d) => Err(Error::msg(format!("LogicalNot needs bool, got {d}"))),
-        (_, DType::F32) => map_in_place::<f32>(x, |v| float_unary!(f32, op, v)),
+        (_, DType::F32) => {
+            // One loop per op, so that each is compiled with its op known.
+            macro_rules! each {
+                ($($o:ident),*) => {
+                    match op {
+                        $(UnaryOp::$o => map_in_place::<f32>(x, |v| float_unary!(f32, UnaryOp::$o, v)),)*
+                        _ => map_in_place::<f32>(x, |v| float_unary!(f32, op, v)),
+                    }
+                };
+            }
+            each!(Relu, Relu6, Tanh, Sigmoid, Rsqrt, Sqrt, Square, Exp, Neg, Abs, Floor)
+        }
         (_, DType::F64) => map_in_place::<f64>(x, |v| float_unary!(f64, op, v)),
         (_, DType::F16) => map_in_place::<f16>(x, |v| {
             let v = v.to_f32();
@@ -498,21 +508,32 @@ fn same_dtype(op: BinaryOp, a: &Value, b: &Value) -> Result<DType> {
     Ok(a.dtype())
 }
 
+/// Whether `small` broadcasts against `big` only by repeating it whole: its shape,
+/// without leading 1s, is a suffix of `big` (scalars, biases, per-channel vectors).
+fn repeats_whole(small: &[usize], big: &[usize]) -> bool {
+    let lead = small.iter().take_while(|&&d| d == 1).count();
+    let core = &small[lead..];
+    core.len() <= big.len() && big[big.len() - core.len()..] == *core
+}
+
 fn float_arith<T: Elem + Copy>(a: Value, b: Value, f: impl Fn(T, T) -> T) -> Result<Value> {
     let out_shape = broadcast_shape(&a.shape, &b.shape)?;
-    if out_shape == a.shape
-        && (b.shape == a.shape || b.len() == 1)
-        && Arc::strong_count(&a.buf) == 1
-    {
+    // Output in the buffer of the full-size operand, which is reused when unshared.
+    if out_shape == a.shape && !b.is_empty() && repeats_whole(&b.shape, &a.shape) {
         let bv = b.slice::<T>()?;
         let mut av = a.into_vec::<T>()?;
-        if bv.len() == 1 {
-            let y = bv[0];
-            av.iter_mut().for_each(|x| *x = f(*x, y));
-        } else {
-            av.iter_mut().zip(bv).for_each(|(x, &y)| *x = f(*x, y));
+        for chunk in av.chunks_mut(bv.len()) {
+            chunk.iter_mut().zip(bv).for_each(|(x, &y)| *x = f(*x, y));
         }
         return Ok(Value::from_vec(out_shape, av));
+    }
+    if out_shape == b.shape && !a.is_empty() && repeats_whole(&a.shape, &b.shape) {
+        let av = a.slice::<T>()?;
+        let mut bv = b.into_vec::<T>()?;
+        for chunk in bv.chunks_mut(av.len()) {
+            chunk.iter_mut().zip(av).for_each(|(y, &x)| *y = f(x, *y));
+        }
+        return Ok(Value::from_vec(out_shape, bv));
     }
     let (v, shape) = broadcast_map(a.slice::<T>()?, &a.shape, b.slice::<T>()?, &b.shape, f)?;
     Ok(Value::from_vec(shape, v))

@@ -76,6 +76,7 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     }
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    super::value::checked_len(&[n, oh, ow, o])?;
     let xs = x.slice::<f32>()?;
     let ws = w.slice::<f32>()?;
     let k = kh * kw * c;
@@ -138,6 +139,7 @@ pub fn depthwise_conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     }
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    super::value::checked_len(&[n, oh, ow, c, m])?;
     let xs = x.slice::<f32>()?;
     let ws = w.slice::<f32>()?;
     let oc = c * m;
@@ -250,6 +252,7 @@ pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool) -> Result<Value> {
             if tb { "ᵀ" } else { "" }
         )));
     }
+    super::value::checked_len(&[m, n])?;
     let av = a.slice::<f32>()?;
     let bv = b.slice::<f32>()?;
     let at;
@@ -289,6 +292,7 @@ pub fn batch_matmul(a: &Value, b: &Value, adj_a: bool, adj_b: bool) -> Result<Va
             a.shape, b.shape
         )));
     }
+    super::value::checked_len(&[nb, m, n])?;
     let av = a.slice::<f32>()?;
     let bv = b.slice::<f32>()?;
     let index_of = |shape: &[usize], bi: usize| -> usize {
@@ -351,6 +355,7 @@ pub fn pool(x: &Value, kind: PoolKind, ksize: [usize; 2], win: &Window) -> Resul
     let [n, h, wd, c] = dims4(x, "input")?;
     let (oh, pt) = out_size(h, ksize[0], win.strides[0], 1, &win.padding, 0)?;
     let (ow, pl) = out_size(wd, ksize[1], win.strides[1], 1, &win.padding, 1)?;
+    super::value::checked_len(&[n, oh, ow, c])?;
     let xs = x.slice::<f32>()?;
     let mut out = vec![0f32; n * oh * ow * c];
     let row = ow * c;
@@ -434,16 +439,21 @@ pub fn batch_norm_inference(
     let factor: Vec<f32> = (0..c)
         .map(|i| (1.0 / (v[i] + epsilon).sqrt()) * s[i])
         .collect();
-    let xs = x.slice::<f32>()?;
     let inner: usize = x.shape[axis + 1..].iter().product();
-    let out: Vec<f32> = xs
-        .iter()
-        .enumerate()
-        .map(|(i, &xv)| {
-            let ch = (i / inner) % c;
-            (xv - m[ch]) * factor[ch] + o[ch]
-        })
-        .collect();
+    let mut out = x.slice::<f32>()?.to_vec();
+    if c > 0 && inner == 1 {
+        for px in out.chunks_mut(c) {
+            for (i, v) in px.iter_mut().enumerate() {
+                *v = (*v - m[i]) * factor[i] + o[i];
+            }
+        }
+    } else if c > 0 && inner > 0 {
+        for (k, run) in out.chunks_mut(inner).enumerate() {
+            let ch = k % c;
+            let (mc, fc, oc) = (m[ch], factor[ch], o[ch]);
+            run.iter_mut().for_each(|v| *v = (*v - mc) * fc + oc);
+        }
+    }
     Ok(Value::from_vec(x.shape.clone(), out))
 }
 

@@ -192,6 +192,21 @@ impl Buf {
     }
 }
 
+/// The most elements a kernel will allocate for one output (2^31: 8 GiB of float32).
+pub const MAX_ELEMENTS: usize = 1 << 31;
+
+/// The element count of an output shape, or an error when it is absurdly large (a
+/// malformed graph must not abort the process by exhausting memory).
+pub fn checked_len(shape: &[usize]) -> Result<usize> {
+    num_elements(shape)
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| {
+            Error::msg(format!(
+                "an output of shape {shape:?} would have more than {MAX_ELEMENTS} elements"
+            ))
+        })
+}
+
 /// A tensor value during interpretation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Value {

@@ -188,8 +188,7 @@ impl Stage for QuantizeInt8 {
                 .calibration_used()
                 .map(|d| vec![d.to_string()])
                 .unwrap_or_default(),
-            model: false,
-            outputs: vec![],
+            ..StageDeps::default()
         }
     }
     fn config(&self) -> serde_json::Value {

@@ -10,7 +10,7 @@
 //!
 //! Config: `reference`, `candidate` (stage ids), `dataset`, `max_accuracy_drop`,
 //! `min_agreement`, `samples` (default: every row), `report` (path of the
-//! per-layer table under `out_dir`; default `<stage id>.layers.json`).
+//! per-layer table under `out_dir`; default `<candidate>.layers.json`).
 //!
 //! Reference tensors are matched by name after the reference is fused the way
 //! `quantize_int8` fuses (which does not change its values), so a fused int8
@@ -49,16 +49,6 @@ pub struct ValidateConfig {
 
 pub struct Validate {
     config: ValidateConfig,
-}
-
-impl Validate {
-    /// Where the per-layer table goes: `report`, or `<candidate>.layers.json`.
-    fn report_path(&self) -> String {
-        self.config
-            .report
-            .clone()
-            .unwrap_or_else(|| format!("{}.layers.json", self.config.candidate))
-    }
 }
 
 pub fn build(
@@ -287,6 +277,16 @@ fn finite_or_null(x: f64) -> serde_json::Value {
     }
 }
 
+impl Validate {
+    /// Where the per-layer table goes under `out_dir`.
+    fn report_path(&self) -> String {
+        self.config
+            .report
+            .clone()
+            .unwrap_or_else(|| format!("{}.layers.json", self.config.candidate))
+    }
+}
+
 impl Stage for Validate {
     fn kind(&self) -> &'static str {
         "validate"
@@ -301,11 +301,8 @@ impl Stage for Validate {
                 ("candidate".into(), self.config.candidate.clone()),
             ],
             datasets: vec![self.config.dataset.clone()],
-            model: false,
-            outputs: vec![(
-                "report".to_string(),
-                std::path::PathBuf::from(self.report_path()),
-            )],
+            outputs: vec![("report".into(), self.report_path().into())],
+            ..StageDeps::default()
         }
     }
     fn config(&self) -> serde_json::Value {

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use qpipe::ir::{Graph, Tensor};
 use qpipe::stages::{
-    registry, Artifact, DatasetSpec, Memo, ModelSource, ModelSpec, StageContext, StageOutput,
+    registry, Artifact, ConfigTable, DatasetSpec, Memo, ModelSource, ModelSpec, StageContext,
+    StageOutput,
 };
 
 use crate::tfl_util::{fixture, stripped_fixture};
@@ -81,7 +82,7 @@ pub fn run_stage(
     datasets: &BTreeMap<String, DatasetSpec>,
     memo: &dyn Memo,
 ) -> qpipe::Result<StageOutput> {
-    let table = qpipe::stages::ConfigTable::parse(config).expect("test config is TOML");
+    let table = ConfigTable::parse(config).expect("test config is TOML");
     let stage = (registry::factory(kind).expect("registered").build)(&table)
         .unwrap_or_else(|e| panic!("config of {kind}: {e}"));
     let model = ModelSpec {
