@@ -165,3 +165,36 @@ fn eval_names_what_is_missing() {
         out
     );
 }
+
+#[test]
+fn every_recipe_in_the_repository_builds_and_passes_its_gates() {
+    let ws = workspace("all_recipes");
+    let mut names: Vec<String> = std::fs::read_dir(ws.join("recipes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 3, "{names:?}");
+    for name in names {
+        let recipe = format!("recipes/{name}");
+        let report = json(&qpipe(&["run", &recipe, "--json"], &ws));
+        assert_eq!(report["ok"], true, "{recipe}: {report}");
+        let validated = report["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["kind"] == "validate")
+            .count();
+        assert!(validated >= 2, "{recipe} validates fp16 and int8");
+        let again = json(&qpipe(&["run", &recipe, "--json"], &ws));
+        assert!(
+            again["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["status"] == "cached"),
+            "{recipe}: second run is a no-op: {again}"
+        );
+    }
+}
