@@ -51,65 +51,22 @@ pub fn conv2d(
     let [x, w, b] = inputs else {
         return Err(Error::msg("int8 convolution needs input, filter and bias"));
     };
-    let [n, h, wd, c] = dims4(x, "input")?;
-    let [kh, kw, kc, o] = dims4(w, "filter")?;
+    let [_, _, _, c] = dims4(x, "input")?;
+    let [_, _, kc, o] = dims4(w, "filter")?;
     if kc != c {
         return Err(Error::msg(format!(
             "filter has {kc} input channels, the input has {c}"
         )));
     }
-    let xin = input_affine(quant, 0)?;
-    let out = output_affine(quant)?;
-    let ws = channel_scales(quant, 1, o)?;
-    let bias = bias_i32(b, o)?;
-    let mult = conv_multipliers(xin.scale, &ws, out.scale);
-    let (lo, hi) = activation_range(act, out.scale, out.zero_point, -128, 127);
-    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
-    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
-    let xs = x.slice::<i8>()?;
-    let wv = w.slice::<i8>()?;
-    let in_off = -xin.zero_point;
-    let mut res = vec![0i8; n * oh * ow * o];
-    let row = ow * o;
-    let compute = |r: usize, out_row: &mut [i8]| {
-        let (bi, oy) = (r / oh, r % oh);
-        let mut acc = vec![0i32; o];
-        for ox in 0..ow {
-            acc.iter_mut().for_each(|a| *a = 0);
-            for ky in 0..kh {
-                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
-                    if ix < 0 || ix >= wd as isize {
-                        continue;
-                    }
-                    let xo = ((bi * h + iy as usize) * wd + ix as usize) * c;
-                    for ic in 0..c {
-                        let xv = xs[xo + ic] as i32 + in_off;
-                        let wo = ((ky * kw + kx) * c + ic) * o;
-                        for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
-                            *a = a.wrapping_add((wq as i32).wrapping_mul(xv));
-                        }
-                    }
-                }
-            }
-            for (oc, a) in acc.iter().enumerate() {
-                let v = a.wrapping_add(bias[oc]);
-                let (q, s) = mult[oc];
-                let v = multiply_by_quantized_multiplier(v, q, s, ROUNDING) + out.zero_point;
-                out_row[ox * o + oc] = sat8(v.clamp(lo, hi));
+    windowed(x, w, b, o, win, act, quant, |acc, xs, wv, tap, in_off| {
+        for (ic, &xq) in xs.iter().enumerate() {
+            let xv = xq as i32 + in_off;
+            let wo = (tap * c + ic) * o;
+            for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
+                *a = a.wrapping_add((wq as i32).wrapping_mul(xv));
             }
         }
-    };
-    if row > 0 {
-        res.par_chunks_mut(row)
-            .enumerate()
-            .for_each(|(r, o)| compute(r, o));
-    }
-    Ok(Value::from_vec(vec![n, oh, ow, o], res))
+    })
 }
 
 /// `_FusedDepthwiseConv2dNative` on int8: filter `[kh, kw, C, M]`, output channel
@@ -125,14 +82,51 @@ pub fn depthwise(
             "int8 depthwise convolution needs input, filter and bias",
         ));
     };
-    let [n, h, wd, c] = dims4(x, "input")?;
-    let [kh, kw, kc, m] = dims4(w, "filter")?;
+    let [_, _, _, c] = dims4(x, "input")?;
+    let [_, _, kc, m] = dims4(w, "filter")?;
     if kc != c {
         return Err(Error::msg(format!(
             "depthwise filter has {kc} channels, the input has {c}"
         )));
     }
-    let o = c * m;
+    windowed(
+        x,
+        w,
+        b,
+        c * m,
+        win,
+        act,
+        quant,
+        |acc, xs, wv, tap, in_off| {
+            let wo = tap * c * m;
+            for (ic, &xq) in xs.iter().enumerate() {
+                let xv = xq as i32 + in_off;
+                for mm in 0..m {
+                    let oc = ic * m + mm;
+                    acc[oc] = acc[oc].wrapping_add((wv[wo + oc] as i32).wrapping_mul(xv));
+                }
+            }
+        },
+    )
+}
+
+/// The part conv and depthwise share, as TFLite's reference integer kernels do it:
+/// walk the output positions (rows in parallel), skip out-of-bounds taps, let
+/// `accumulate(acc, input_pixel, filter, tap, input_offset)` add one filter tap, then
+/// add the bias, requantize per output channel and clamp to the fused activation.
+#[allow(clippy::too_many_arguments)]
+fn windowed(
+    x: &Value,
+    w: &Value,
+    b: &Value,
+    o: usize,
+    win: &Window,
+    act: FusedActivation,
+    quant: &StepQuant,
+    accumulate: impl Fn(&mut [i32], &[i8], &[i8], usize, i32) + Sync,
+) -> Result<Value> {
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let [kh, kw, _, _] = dims4(w, "filter")?;
     let xin = input_affine(quant, 0)?;
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, o)?;
@@ -162,14 +156,7 @@ pub fn depthwise(
                         continue;
                     }
                     let xo = ((bi * h + iy as usize) * wd + ix as usize) * c;
-                    let wo = (ky * kw + kx) * c * m;
-                    for ic in 0..c {
-                        let xv = xs[xo + ic] as i32 + in_off;
-                        for mm in 0..m {
-                            let oc = ic * m + mm;
-                            acc[oc] = acc[oc].wrapping_add((wv[wo + oc] as i32).wrapping_mul(xv));
-                        }
-                    }
+                    accumulate(&mut acc, &xs[xo..xo + c], wv, ky * kw + kx, in_off);
                 }
             }
             for (oc, a) in acc.iter().enumerate() {
