@@ -278,6 +278,14 @@ def main():
                   f"no-op runs, TF {r['tf']['cold']['n']} runs (LiteRT: {r['tf']['runtime']}); "
                   f"load average qpipe {' → '.join(r['qpipe']['load'])}, "
                   f"TF {' → '.join(r['tf']['load'])}")
+    for name, r in results.items():
+        q, t = r["qpipe"], r["tf"]
+        md.append(f"- {name}: fastest qpipe no-op {fmt_s(q['noop']['wall_min'])}, fastest cold "
+                  f"{fmt_s(q['cold']['wall_min'])}; fastest TF run {fmt_s(t['cold']['wall_min'])}")
+        md.append("  - qpipe stage seconds (cold, median; stages overlap): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in q["stage_seconds"].items()))
+        md.append("  - TF step seconds (median): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in t["step_seconds"].items()))
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(work, "results.json"), "w") as f:
