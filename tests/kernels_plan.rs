@@ -312,3 +312,66 @@ fn data_set_errors() {
         "{e}"
     );
 }
+
+/// An embedding table behind a `Dequantize` (float16, int8 per tensor, int8 per axis)
+/// read by a gather gives what dequantizing the whole table then gathering gives.
+#[test]
+fn gathers_from_dequantized_tables_match_dequantize_then_gather() {
+    use qpipe::ir::QuantParams;
+    let (rows, cols) = (7usize, 3usize);
+    let q8: Vec<i8> = (0..rows * cols)
+        .map(|i| (i as i64 * 37 % 255 - 127) as i8)
+        .collect();
+    let f16: Vec<half::f16> = (0..rows * cols)
+        .map(|i| half::f16::from_f32(i as f32 * 0.37 - 3.0))
+        .collect();
+    let tables: Vec<(Tensor, Option<QuantParams>, DType)> = vec![
+        (Tensor::from_vec(vec![rows, cols], &f16), None, DType::F16),
+        (
+            Tensor::from_vec(vec![rows, cols], &q8),
+            Some(QuantParams::per_tensor(0.05, 3)),
+            DType::I8,
+        ),
+        (
+            Tensor::from_vec(vec![rows, cols], &q8),
+            Some(QuantParams::per_axis(
+                vec![0.5, 0.25, 0.125],
+                vec![0, 1, -2],
+                1,
+            )),
+            DType::I8,
+        ),
+    ];
+    let ids = i32t(&[2, 3], &[6, 0, 6, 2, 1, 5]);
+    for (table, q, dt) in tables {
+        let mut b = G::new();
+        b.placeholder("ids", DType::I32, Some(&[-1, 3]));
+        b.konst("table", table);
+        if let Some(q) = q.clone() {
+            b.g.nodes.last_mut().unwrap().output_quant.insert(0, q);
+        }
+        let dq = [("T", Attr::Type(dt)), ("dtype", Attr::Type(DType::F32))];
+        b.op("dq", "Dequantize", &["table"], &dq);
+        b.konst("axis", i32t(&[], &[0]));
+        b.op("emb", "GatherV2", &["dq", "ids", "axis"], &[]);
+        b.op("y", "Relu", &["emb"], &[]);
+        let plan = format!("{:?}", Plan::compile(&b.g, &["ids"], &[r("y")]).unwrap());
+        let (at_gather, at_dq) = (plan.find("\"emb\"").unwrap(), plan.find("\"dq\"").unwrap());
+        let elementwise = q.as_ref().is_none_or(|q| q.axis.is_none());
+        assert_eq!(at_gather < at_dq, elementwise, "{dt} {q:?}: {plan}");
+        let got = run1(&b.g, &[("ids", ids.clone())], "y");
+        // Reference: the whole table dequantized (fetched, so it cannot be moved).
+        let outs = qpipe::kernels::run(&b.g, &[("ids", ids.clone())], &[r("dq"), r("y")]).unwrap();
+        let full = outs[0].to_f32_vec().unwrap();
+        let idx = ids.to_i64_vec().unwrap();
+        let want: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| full[i as usize * cols..(i as usize + 1) * cols].to_vec())
+            .map(|v| v.max(0.0))
+            .collect();
+        assert_eq!(got.shape(), &[2, 3, cols], "{dt}");
+        assert_eq!(got.to_f32_vec().unwrap(), want, "{dt} {q:?}");
+        assert_eq!(outs[1].to_f32_vec().unwrap(), want, "{dt} {q:?}");
+        assert!(want.iter().any(|&v| v > 0.0));
+    }
+}

@@ -206,6 +206,7 @@ impl Plan {
             let n = steps[st].outputs.len();
             steps[st].quant.outputs = (0..n as u32).map(|p| q.get(&p).cloned()).collect();
         }
+        gather_before_dequantize(&mut steps, &mut n_slots, &fetch_slots);
         let mut last_use = vec![usize::MAX; n_slots];
         let mut is_fetch = vec![false; n_slots];
         for &f in &fetch_slots {
@@ -325,6 +326,80 @@ impl Plan {
             .iter()
             .map(Value::to_tensor)
             .collect())
+    }
+}
+
+/// Moves each `Dequantize` of a constant below the `Gather` that is its only reader,
+/// so that only the gathered rows are widened: an embedding table stored as float16 or
+/// int8 is dequantized per lookup, not whole on every run. Exact, because with a single
+/// scale and zero point (or from float16) dequantizing is elementwise.
+fn gather_before_dequantize(steps: &mut Vec<Step>, n_slots: &mut usize, fetches: &[usize]) {
+    let mut producer: HashMap<usize, usize> = HashMap::new();
+    let mut readers: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (st, step) in steps.iter().enumerate() {
+        for &s in step.outputs.iter().flatten() {
+            producer.insert(s, st);
+        }
+        for (k, &(s, _)) in step.inputs.iter().enumerate() {
+            readers.entry(s).or_default().push((st, k));
+        }
+    }
+    let mut moved: HashMap<usize, usize> = HashMap::new();
+    for (d, step) in steps.iter().enumerate() {
+        if !matches!(step.kernel, Kernel::Dequantize)
+            || step.inputs.len() != 1
+            || step.outputs.len() != 1
+        {
+            continue;
+        }
+        let Some(&c) = producer.get(&step.inputs[0].0) else {
+            continue;
+        };
+        let Kernel::Const(value) = &steps[c].kernel else {
+            continue;
+        };
+        let elementwise = match &step.quant.inputs[0] {
+            None => value.dtype() == DType::F16,
+            Some(q) => q.axis.is_none() && q.scale.len() == 1 && q.zero_point.len() == 1,
+        };
+        let Some(t) = step.outputs[0] else { continue };
+        if !elementwise || fetches.contains(&t) {
+            continue;
+        }
+        if let Some(&[(g, 0)]) = readers.get(&t).map(Vec::as_slice) {
+            if matches!(steps[g].kernel, Kernel::Gather { .. })
+                && matches!(steps[g].outputs.first(), Some(Some(_)))
+            {
+                moved.insert(g, d);
+            }
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    for (&g, &d) in &moved {
+        let gathered = *n_slots;
+        *n_slots += 1;
+        let q = steps[d].quant.inputs[0].clone();
+        let table = steps[d].inputs[0].0;
+        let out = steps[g].outputs[0];
+        steps[g].inputs[0] = (table, false);
+        steps[g].outputs[0] = Some(gathered);
+        steps[g].quant.inputs[0] = q.clone();
+        steps[g].quant.outputs[0] = q;
+        steps[d].inputs[0] = (gathered, false);
+        steps[d].outputs[0] = out;
+    }
+    let dequantizes: std::collections::HashSet<usize> = moved.values().copied().collect();
+    let mut old: Vec<Option<Step>> = std::mem::take(steps).into_iter().map(Some).collect();
+    for i in 0..old.len() {
+        if dequantizes.contains(&i) {
+            continue;
+        }
+        steps.extend(old[i].take());
+        if let Some(&d) = moved.get(&i) {
+            steps.extend(old[d].take());
+        }
     }
 }
 
