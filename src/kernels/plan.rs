@@ -206,6 +206,7 @@ impl Plan {
             let n = steps[st].outputs.len();
             steps[st].quant.outputs = (0..n as u32).map(|p| q.get(&p).cloned()).collect();
         }
+        fold_constant_casts(&mut steps)?;
         let mut last_use = vec![usize::MAX; n_slots];
         let mut is_fetch = vec![false; n_slots];
         for &f in &fetch_slots {
@@ -358,4 +359,45 @@ fn check_feed(inp: &PlanInput, v: &Value) -> Result<()> {
 pub fn run(graph: &Graph, feeds: &[(&str, Tensor)], fetches: &[TensorRef]) -> Result<Vec<Tensor>> {
     let names: Vec<&str> = feeds.iter().map(|(n, _)| *n).collect();
     Plan::compile(graph, &names, fetches)?.run(feeds)
+}
+
+/// Evaluates once, at compile time, the `Dequantize` and `Cast` steps whose inputs are
+/// all constants: fp16 and weight-only int8 weights are widened to float once per
+/// plan, as LiteRT does when it prepares a model, not once per batch.
+fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
+    let mut constant: HashMap<usize, Value> = HashMap::new();
+    for step in steps.iter_mut() {
+        let single_output = step.outputs.len() <= 1;
+        if let (Kernel::Const(v), true) = (&step.kernel, single_output) {
+            if let Some(Some(s)) = step.outputs.first() {
+                constant.insert(*s, v.clone());
+            }
+            continue;
+        }
+        if !matches!(step.op.as_str(), "Dequantize" | "Cast") || !single_output {
+            continue;
+        }
+        let Some(args) = step
+            .inputs
+            .iter()
+            .map(|(s, _)| constant.get(s).cloned())
+            .collect::<Option<Vec<Value>>>()
+        else {
+            continue;
+        };
+        let mut outs = step
+            .kernel
+            .exec(args, &step.quant)
+            .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
+        if outs.len() != 1 {
+            continue;
+        }
+        let v = outs.remove(0);
+        if let Some(Some(s)) = step.outputs.first() {
+            constant.insert(*s, v.clone());
+        }
+        step.kernel = Kernel::Const(v);
+        step.inputs.clear();
+    }
+    Ok(())
 }
