@@ -682,6 +682,58 @@ mod tests {
     }
 
     #[test]
+    fn xnnpack_rounds_once_to_even() {
+        // 5 * 0.5 = 2.5 → 2 (even), where the reference rounds half away → 3.
+        assert_eq!(requantize_fp32(5, 0.5, 0, -128, 127), 2);
+        assert_eq!(requantize_fp32(7, 0.5, 0, -128, 127), 4);
+        assert_eq!(requantize_fp32(-5, 0.5, 3, -128, 127), 1);
+        let (q, s) = quantize_multiplier(0.5);
+        assert_eq!(
+            multiply_by_quantized_multiplier(5, q, s, Rounding::Double),
+            3
+        );
+        // Clamped before rounding, to the activation range less the zero point.
+        assert_eq!(requantize_fp32(1000, 1.0, -10, -128, 20), 20);
+        assert_eq!(requantize_fp32(i32::MIN, 200.0, 0, -128, 127), -128);
+        assert_eq!(xnn_activation_bound(6.0, 0.05, -128), -8);
+        assert_eq!(xnn_activation_bound(0.0, 0.05, 7), 7);
+        assert_eq!(xnn_activation_bound(1000.0, 0.05, 0), 127);
+        assert_eq!(xnn_quantize_f32(0.25, 0.5, 0), 0);
+        assert_eq!(xnn_quantize_f32(0.75, 0.5, 0), 2);
+        assert_eq!(quantize_value(0.25, 0.5, 0, -128, 127), 1);
+        assert_eq!(xnn_mean_scale(0.5, 0.25, 4), 0.5);
+    }
+
+    #[test]
+    fn xnnpack_add_and_requantize_are_integer() {
+        let p = XnnAdd::new(0.5, 0.25, 3, -2).unwrap();
+        // max ratio 0.5 = 2^-1: shift 21, multipliers 2^20 and 2^19.
+        assert_eq!((p.a_mult, p.b_mult, p.shift), (1 << 20, 1 << 19, 21));
+        for (a, b) in [(3, -2), (10, 6), (-128, 127), (127, -128), (4, -2)] {
+            let exact = 0.5 * (a - 3) as f64 + 0.25 * (b + 2) as f64;
+            assert_eq!(p.apply(a, b), (exact + 0.5).floor() as i32, "{a} {b}");
+        }
+        let sub = XnnAdd::new(0.5, -0.25, 0, 0).unwrap();
+        assert_eq!(sub.apply(4, 4), 1);
+        assert!(XnnAdd::new(1000.0, 1.0, 0, 0).is_none());
+        let m = xnn_requantize_q8_multiplier(0.1, 0.2);
+        assert_eq!(m, 128);
+        assert_eq!(xnn_requantize_q8(5, 0, m, 0), 3); // 2.5 rounds half up
+        assert_eq!(xnn_requantize_q8(-5, 0, m, 0), -2);
+        assert_eq!(xnn_requantize_q8(127, -128, m, 100), 127);
+    }
+
+    #[test]
+    fn xnnpack_lut_rounds_after_adding_the_zero_point() {
+        let lut = xnn_lut_int8(0.1, 0, 1.0 / 256.0, -128, xnn_sigmoid);
+        assert_eq!(lut[0], 0); // sigmoid(0) * 256 - 128 = 0
+        assert_eq!(lut[127], 127);
+        assert_eq!(lut[128], -128 + (256.0 * xnn_sigmoid(-12.8)).round() as i8);
+        assert_eq!(xnn_sigmoid(200.0), 1.0);
+        assert_eq!(xnn_sigmoid(-200.0), 0.0);
+    }
+
+    #[test]
     fn mean_multiplier_folds_the_count() {
         let (q, s) = quantize_multiplier(0.8);
         let (q2, s2) = mean_multiplier(q, s, 12);
