@@ -309,14 +309,16 @@ pub struct XnnAdd {
 
 impl XnnAdd {
     /// `a_ratio = a_scale / out_scale` and `b_ratio = b_scale / out_scale` in f32
-    /// (SUB passes a negative `b_ratio`). The shift puts the larger ratio's
+    /// (SUB passes a negative `b_ratio`); `None` when either magnitude is outside
+    /// `[2^-10, 2^8)`, which XNNPACK does not take. The shift puts the larger ratio's
     /// multiplier in `[2^20, 2^21)`; each multiplier is the ratio times `2^shift`
     /// (exact, an exponent change) rounded half to even.
     pub fn new(a_ratio: f32, b_ratio: f32, a_zp: i32, b_zp: i32) -> Option<XnnAdd> {
-        let max = a_ratio.abs().max(b_ratio.abs());
-        if !(max.is_finite() && max >= 2f32.powi(-10) && max < 256.0) {
+        let in_range = |r: f32| r.is_finite() && r.abs() >= 2f32.powi(-10) && r.abs() < 256.0;
+        if !(in_range(a_ratio) && in_range(b_ratio)) {
             return None;
         }
+        let max = a_ratio.abs().max(b_ratio.abs());
         let exponent = ((max.to_bits() >> 23) as i32) - 127;
         let shift = (20 - exponent) as u32;
         let mult = |r: f32| {

@@ -88,34 +88,30 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
     let out = output_affine(quant)?;
     let mbqm = |v: i32, (q, s): (i32, i32)| multiply_by_quantized_multiplier(v, q, s, ROUNDING);
     let xnn = quant.arithmetic == Arithmetic::LiteRt;
-    let (v, shape) = match op {
-        BinaryOp::Add | BinaryOp::Sub if xnn => {
-            let sign = if op == BinaryOp::Sub { -1.0 } else { 1.0 };
-            let p = XnnAdd::new(
-                pa.scale / out.scale,
-                sign * (pb.scale / out.scale),
-                pa.zero_point,
-                pb.zero_point,
-            )
-            .ok_or_else(|| {
-                Error::msg(format!(
-                    "int8 {op:?} input/output scale ratios {} and {} are outside XNNPACK's range",
-                    pa.scale / out.scale,
-                    pb.scale / out.scale
-                ))
-            })?;
+    let sign = if op == BinaryOp::Sub { -1.0 } else { 1.0 };
+    // XNNPACK declines scale ratios outside its range; LiteRT then runs its
+    // optimized ADD, which computes as the reference one.
+    let xnn_add = XnnAdd::new(
+        pa.scale / out.scale,
+        sign * (pb.scale / out.scale),
+        pa.zero_point,
+        pb.zero_point,
+    )
+    .filter(|_| xnn);
+    let (v, shape) = match (op, xnn_add) {
+        (BinaryOp::Add | BinaryOp::Sub, Some(p)) => {
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
                 sat8(p.apply(x as i32, y as i32) + out.zero_point)
             })?
         }
-        BinaryOp::Mul if xnn => {
+        (BinaryOp::Mul, _) if xnn => {
             let scale = pa.scale * pb.scale / out.scale;
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
                 let p = (x as i32 - pa.zero_point) * (y as i32 - pb.zero_point);
                 sat8(requantize_fp32(p, scale, out.zero_point, -128, 127))
             })?
         }
-        BinaryOp::Add | BinaryOp::Sub => {
+        (BinaryOp::Add | BinaryOp::Sub, _) => {
             let p = add_params(pa, pb, out);
             let sub = op == BinaryOp::Sub;
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
@@ -126,7 +122,7 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
                 sat8(mbqm(raw, p.out) + out.zero_point)
             })?
         }
-        BinaryOp::Mul => {
+        (BinaryOp::Mul, _) => {
             // mul.cc computes `in1 * in2 / out` in f32 before widening it.
             let m = quantize_multiplier((pa.scale * pb.scale / out.scale) as f64);
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
@@ -134,7 +130,7 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
                 sat8(mbqm(p, m) + out.zero_point)
             })?
         }
-        BinaryOp::Maximum | BinaryOp::Minimum => {
+        (BinaryOp::Maximum | BinaryOp::Minimum, _) => {
             if pa != out || pb != out {
                 return Err(Error::msg(format!(
                     "int8 {op:?} needs both inputs quantized like its output, got {pa:?}, {pb:?} \
@@ -150,7 +146,7 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
                 }
             })?
         }
-        other => return Err(Error::msg(format!("no int8 kernel for {other:?}"))),
+        (other, _) => return Err(Error::msg(format!("no int8 kernel for {other:?}"))),
     };
     Ok(Value::from_vec(shape, v))
 }
