@@ -155,6 +155,24 @@ fn eval_names_what_is_missing() {
             "strip",
             "--dataset",
             "eval",
+            "--runtime",
+            "tflite",
+        ],
+        &ws,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("litert-ref"),
+        "{out:?}"
+    );
+    let out = qpipe(
+        &[
+            "eval",
+            "recipes/push_student.toml",
+            "--stage",
+            "strip",
+            "--dataset",
+            "eval",
         ],
         &ws,
     );

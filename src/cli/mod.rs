@@ -97,6 +97,10 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Int8 arithmetic: `litert` (LiteRT's default interpreter, XNNPACK) or
+    /// `litert-ref` (its reference kernels).
+    #[arg(long, default_value = "litert", value_parser = ["litert", "litert-ref"])]
+    pub runtime: String,
 }
 
 #[derive(Debug, Args)]
@@ -246,9 +250,16 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
             a.stage
         ))
     })?;
+    let arithmetic = crate::kernels::Arithmetic::parse(&a.runtime).ok_or_else(|| {
+        Error::usage(format!(
+            "--runtime {}: expected litert or litert-ref",
+            a.runtime
+        ))
+    })?;
     let opts = crate::kernels::EvalOptions {
         samples: a.samples,
         outputs_npy: a.out.clone(),
+        arithmetic,
         ..Default::default()
     };
     let report = crate::kernels::evaluate(graph, spec, &opts)

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use super::int8::Arithmetic;
 use super::ops::{shape_attr, Kernel, StepQuant};
 use super::value::Value;
 use crate::error::{Error, Result};
@@ -175,6 +176,7 @@ impl Plan {
                     .map(|(r, &j)| graph.nodes[j].output_quant.get(&r.index).cloned())
                     .collect(),
                 outputs: Vec::new(),
+                arithmetic: Default::default(),
             };
             steps.push(Step {
                 name: node.name.clone(),
@@ -232,6 +234,15 @@ impl Plan {
             fetches: fetch_slots,
             fetch_refs: fetches.to_vec(),
         })
+    }
+
+    /// The same plan with its int8 kernels computing as `arithmetic` says
+    /// (the reference kernels unless asked).
+    pub fn with_arithmetic(mut self, arithmetic: Arithmetic) -> Plan {
+        for step in &mut self.steps {
+            step.quant.arithmetic = arithmetic;
+        }
+        self
     }
 
     /// The fed tensors, in the order [`Plan::run_values`] expects them.
@@ -357,8 +368,20 @@ fn check_feed(inp: &PlanInput, v: &Value) -> Result<()> {
 
 /// Runs `graph` once: feeds by node name, fetches by tensor reference.
 pub fn run(graph: &Graph, feeds: &[(&str, Tensor)], fetches: &[TensorRef]) -> Result<Vec<Tensor>> {
+    run_with(graph, feeds, fetches, Arithmetic::Reference)
+}
+
+/// [`run`] with the int8 kernels computing as `arithmetic` says.
+pub fn run_with(
+    graph: &Graph,
+    feeds: &[(&str, Tensor)],
+    fetches: &[TensorRef],
+    arithmetic: Arithmetic,
+) -> Result<Vec<Tensor>> {
     let names: Vec<&str> = feeds.iter().map(|(n, _)| *n).collect();
-    Plan::compile(graph, &names, fetches)?.run(feeds)
+    Plan::compile(graph, &names, fetches)?
+        .with_arithmetic(arithmetic)
+        .run(feeds)
 }
 
 /// Evaluates once, at compile time, the `Dequantize` and `Cast` steps whose inputs are
