@@ -155,6 +155,24 @@ fn eval_names_what_is_missing() {
             "strip",
             "--dataset",
             "eval",
+            "--runtime",
+            "tflite",
+        ],
+        &ws,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("litert-ref"),
+        "{out:?}"
+    );
+    let out = qpipe(
+        &[
+            "eval",
+            "recipes/push_student.toml",
+            "--stage",
+            "strip",
+            "--dataset",
+            "eval",
         ],
         &ws,
     );
@@ -197,4 +215,189 @@ fn every_recipe_in_the_repository_builds_and_passes_its_gates() {
             "{recipe}: second run is a no-op: {again}"
         );
     }
+}
+
+#[test]
+fn compare_reads_the_last_run_and_writes_table_markdown_json_and_html() {
+    let ws = workspace("compare");
+    let recipe = "recipes/push_student.toml";
+
+    let before = qpipe(&["compare", recipe], &ws);
+    assert_eq!(before.status.code(), Some(1), "{before:?}");
+    let err = String::from_utf8_lossy(&before.stderr);
+    assert!(
+        err.contains("not built") && err.contains("int8@DEFAULT") && err.contains("--run"),
+        "{err}"
+    );
+
+    let table = stdout(&qpipe(
+        &["compare", recipe, "--run", "--latency-samples", "5"],
+        &ws,
+    ));
+    let run = json(&qpipe(&["run", recipe, "--json"], &ws));
+    assert!(
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "cached"),
+        "compare --run built everything: {run}"
+    );
+    let metrics = |id: &str| {
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no stage {id}"))["metrics"]
+            .clone()
+    };
+    for name in ["float32", "fp16", "int8 DEFAULT", "int8 OPTIMIZE_FOR_SIZE"] {
+        assert!(
+            table.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name}:\n{table}"
+        );
+    }
+    assert!(table.contains("measured on this machine"), "{table}");
+
+    let doc = json(&qpipe(
+        &[
+            "compare",
+            recipe,
+            "--format",
+            "json",
+            "--html",
+            "compare.html",
+            "--latency-samples",
+            "5",
+        ],
+        &ws,
+    ));
+    let variants = doc["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 4, "{doc}");
+    assert_eq!(doc["baseline"], "strip");
+    assert_eq!(doc["latency"]["samples"], 5);
+    assert_eq!(doc["latency"]["threads"], 1);
+    let float_bytes = std::fs::metadata(ws.join("recipes/out/push_student_float32.tflite"))
+        .unwrap()
+        .len();
+    for v in variants {
+        let file = ws.join("recipes/out").join(v["file"].as_str().unwrap());
+        let bytes = std::fs::metadata(&file).unwrap().len();
+        assert_eq!(v["bytes"].as_u64(), Some(bytes), "{v}");
+        let ratio = v["ratio_to_float"].as_f64().unwrap();
+        assert!((ratio - bytes as f64 / float_bytes as f64).abs() < 1e-12);
+        assert!(v["ms_per_sample"].as_f64().unwrap() > 0.0, "{v}");
+        if let Some(check) = v["validated_by"].as_str() {
+            let m = metrics(check);
+            for (ours, theirs) in [
+                ("accuracy", "candidate_accuracy"),
+                ("accuracy_drop", "accuracy_drop"),
+                ("agreement", "agreement"),
+                ("max_abs_error", "max_abs_error"),
+            ] {
+                assert_eq!(v[ours], m[theirs], "{ours} of {}", v["name"]);
+            }
+        }
+    }
+    let by_name = |n: &str| variants.iter().find(|v| v["name"] == n).unwrap();
+    assert_eq!(
+        by_name("float32")["accuracy"],
+        metrics("check_fp16")["reference_accuracy"]
+    );
+    let default = by_name("int8 DEFAULT");
+    assert!(default["int8_ops"].as_u64().unwrap() > 0);
+    assert_eq!(default["float_ops"], 0);
+    assert!(!default["layers"].as_array().unwrap().is_empty());
+    assert_eq!(by_name("int8 OPTIMIZE_FOR_SIZE")["int8_ops"], 0);
+    assert!(
+        by_name("int8 OPTIMIZE_FOR_SIZE")["bytes"].as_u64()
+            <= by_name("int8 DEFAULT")["bytes"].as_u64()
+    );
+
+    let md = stdout(&qpipe(
+        &[
+            "compare",
+            recipe,
+            "--format",
+            "md",
+            "--latency-samples",
+            "0",
+        ],
+        &ws,
+    ));
+    let md_rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(md_rows.len(), 2 + 4, "{md}");
+    assert!(md_rows[1].starts_with("| --- | --- | ---: |"), "{md}");
+    assert!(md.contains("| int8 OPTIMIZE_FOR_SIZE | int8@OPTIMIZE_FOR_SIZE |"));
+
+    let html = std::fs::read_to_string(ws.join("compare.html")).unwrap();
+    for forbidden in ["<script", "<link", "src=", "url(", "@import"] {
+        assert!(
+            !html.contains(forbidden),
+            "self-contained page uses {forbidden}"
+        );
+    }
+    let dom = chromium_dom(&ws.join("compare.html"));
+    assert!(dom.contains("<title>qpipe compare: push_student</title>"));
+    for v in variants {
+        let row = format!("<tr data-variant=\"{}\">", v["name"].as_str().unwrap());
+        assert_eq!(dom.matches(&row).count(), 1, "{row} in the parsed page");
+        let point = format!("<g data-variant=\"{}\">", v["name"].as_str().unwrap());
+        assert_eq!(dom.matches(&point).count(), 1, "{point} in the chart");
+    }
+    assert_eq!(dom.matches("data-chart=\"size-accuracy\"").count(), 1);
+    let layer_charts = dom.matches("data-chart=\"layers\"").count();
+    let layered = variants
+        .iter()
+        .filter(|v| !v["layers"].as_array().unwrap().is_empty())
+        .count();
+    assert_eq!(layer_charts, layered);
+    let bars = dom.matches("<rect ").count();
+    assert_eq!(bars, default["layers"].as_array().unwrap().len().min(60));
+}
+
+/// The page as headless Chromium parsed it (`--dump-dom`). Chromium is Debian's
+/// `chromium`; where it is missing and this is a root Debian machine, it is installed
+/// (as `.ci/run` does), otherwise the test fails and says how to get it.
+fn chromium_dom(page: &Path) -> String {
+    let exe = std::env::var_os("QPIPE_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    if !exe.exists() {
+        let installed = Command::new("sh")
+            .args([
+                "-c",
+                "[ \"$(id -u)\" = 0 ] && command -v apt-get >/dev/null && \
+                 (apt-get install -y chromium || (apt-get update && apt-get install -y chromium))",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            installed && exe.exists(),
+            "headless Chromium is needed to check the HTML page: install Debian's `chromium` \
+             (apt-get install chromium) or set QPIPE_CHROMIUM to a Chromium binary"
+        );
+    }
+    let profile = page.with_extension("chromium-profile");
+    let out = Command::new(&exe)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("file://{}", page.canonicalize().unwrap().display()))
+        .output()
+        .expect("chromium runs");
+    assert!(out.status.success(), "chromium: {out:?}");
+    String::from_utf8(out.stdout).expect("UTF-8 DOM")
 }

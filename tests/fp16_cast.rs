@@ -203,3 +203,28 @@ fn fp16_fixture_models_stay_within_2e_3() {
         eprintln!("{m}: fp16 max abs diff {d:e}, top-1 agreement {agree}/{n}");
     }
 }
+
+#[test]
+fn exports_as_a_graphdef_with_tensorflow_casts_that_computes_the_same() {
+    let g = dense();
+    let (h, _) = cast_fp16(&g, 1, &[]).unwrap();
+    let bytes = qpipe::formats::tf::export_graphdef(&h).unwrap();
+    let gd = qpipe::formats::tf::graph_def::decode_graph_def(&bytes).unwrap();
+    let back = qpipe::formats::tf::graph_def::graph_from_proto(&gd).unwrap();
+    let cast = back.node("w/dequantize").unwrap();
+    assert_eq!(cast.op, "Cast");
+    assert_eq!(
+        (
+            cast.attr_type("SrcT").unwrap(),
+            cast.attr_type("DstT").unwrap()
+        ),
+        (DType::F16, DType::F32)
+    );
+    assert!(back.nodes.iter().all(|n| n.op != "Dequantize"));
+    let x: Vec<f32> = Rng::new(9).vec(12);
+    let feed = [("x", f32t(&[4, 3], &x))];
+    assert_eq!(
+        run1(&back, &feed, "out").to_f32_vec().unwrap(),
+        run1(&h, &feed, "out").to_f32_vec().unwrap()
+    );
+}

@@ -19,6 +19,7 @@ fn frozen_fixture_graphs_match_tensorflow() {
                 batch_size: 64,
                 samples: None,
                 outputs_npy: Some(out.clone()),
+                ..Default::default()
             },
         )
         .unwrap_or_else(|e| panic!("{m}: {e}"));

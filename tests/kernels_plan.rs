@@ -197,6 +197,7 @@ fn evaluate_streams_batches_and_writes_outputs() {
                 batch_size: batch,
                 samples: None,
                 outputs_npy: Some(out.clone()),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -213,6 +214,7 @@ fn evaluate_streams_batches_and_writes_outputs() {
             batch_size: 5,
             samples: Some(6),
             outputs_npy: None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -107,7 +107,7 @@ fn changing_one_stage_config_reruns_exactly_it_and_its_dependents() {
     );
     assert_eq!(
         status.row("int8@DEFAULT").unwrap().reason.as_deref(),
-        Some("upstream stage 'strip' is stale")
+        Some("upstream stage 'strip' is stale (this stage reruns only if 'strip' changes its output)")
     );
 
     let (r, seen) = p.run();

@@ -2,8 +2,8 @@
 //! parameters and values: int8 IR graphs (one branch per op, all reading the same
 //! inputs) are exported with qpipe's TFLite writer, run in LiteRT 2.3.0 with
 //! `BUILTIN_REF`, and compared bit for bit with qpipe's interpreter. The default
-//! resolver is run too and its per-op differences (one LSB where XNNPACK or an
-//! optimized kernel rounds differently) are bounded.
+//! resolver (XNNPACK and the optimized kernels) is compared with qpipe's
+//! `Arithmetic::LiteRt` profile: bit for bit on x86-64, within one LSB anywhere.
 
 mod kern_util;
 mod tfl_util;
@@ -11,6 +11,7 @@ mod tfl_util;
 use kern_util::Rng;
 use qpipe::formats::tflite;
 use qpipe::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+use qpipe::kernels::Arithmetic;
 use tfl_util::*;
 
 fn pt(s: f32, z: i64) -> QuantParams {
@@ -92,7 +93,7 @@ fn build(seed: u64) -> (Graph, Vec<(String, Tensor)>) {
         g: Graph::default(),
         r: Rng::new(seed),
     };
-    let batch = 3;
+    let batch = 24;
     let (h, w, c) = (4 + b.r.below(5), 4 + b.r.below(5), 1 + b.r.below(5));
     let k = 1 + b.r.below(40);
     let q4 = b.act();
@@ -324,9 +325,9 @@ fn build(seed: u64) -> (Graph, Vec<(String, Tensor)>) {
 }
 
 #[test]
-fn int8_kernels_match_litert_reference_bit_for_bit() {
+fn int8_kernels_match_both_litert_resolvers_bit_for_bit() {
     let mut default_diffs = Vec::new();
-    for seed in 1..=6u64 {
+    for seed in 1..=12u64 {
         let (g, feeds) = build(seed);
         let dir = scratch(&format!("q8_kernels_{seed}"));
         let (_, bytes) = tflite::export(&g).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -343,8 +344,12 @@ fn int8_kernels_match_litert_reference_bit_for_bit() {
             .map(|(n, p)| (n.as_str(), p.as_path()))
             .collect();
         let fed: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let ours = qpipe::kernels::run(&g, &fed, &g.outputs).unwrap();
         for resolver in [Resolver::Reference, Resolver::Default] {
+            let arith = match resolver {
+                Resolver::Reference => Arithmetic::Reference,
+                Resolver::Default => Arithmetic::LiteRt,
+            };
+            let ours = qpipe::kernels::run_with(&g, &fed, &g.outputs, arith).unwrap();
             let theirs = run_litert(&path, &inputs, resolver, &dir.join(format!("{resolver:?}")))
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(theirs.len(), ours.len());
@@ -369,6 +374,14 @@ fn int8_kernels_match_litert_reference_bit_for_bit() {
                             default_diffs.push(format!("{r}: {n}/{} (max {worst})", x.len()));
                         }
                         assert!(worst <= 1, "seed {seed}: '{r}' is {worst} LSB off the default kernels");
+                        if cfg!(target_arch = "x86_64") {
+                            assert_eq!(
+                                n, 0,
+                                "seed {seed}: '{r}' differs from the default resolver in {n} of {} \
+                                 elements (max {worst})",
+                                x.len()
+                            );
+                        }
                     }
                 }
             }

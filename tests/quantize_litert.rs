@@ -1,20 +1,19 @@
 //! Quantized fixture models exported to TFLite and run in LiteRT 2.3.0.
 //!
-//! With the reference kernels (`BUILTIN_REF`) LiteRT's outputs equal qpipe's
-//! int8 interpreter's bit for bit. With the default resolver (optimized kernels
-//! plus the XNNPACK delegate) LiteRT itself computes differently: XNNPACK rounds
-//! its requantization once where the reference kernels round twice, and the
-//! optimized FULLY_CONNECTED requantizes in integers where the reference one uses
-//! double precision. Those 1-LSB differences inside the network grow through the
-//! slopes of tanh, logistic and softmax (one LSB of a logit of scale 0.09 moves a
-//! probability by several 1/256 steps), so the final outputs are compared there by
-//! top-1 agreement and the differences are reported.
+//! qpipe's int8 interpreter has two arithmetic profiles. With the reference one
+//! (`Arithmetic::Reference`) its outputs equal LiteRT's reference kernels
+//! (`BUILTIN_REF`) bit for bit. The default resolver (the XNNPACK delegate and the
+//! optimized builtins) rounds differently (single rounding to even in f32, integer
+//! ADD, fp32 MEAN, ...); the `Arithmetic::LiteRt` profile reproduces it: bit for
+//! bit on x86-64, and within the issue's bound (at most 1 LSB on at most 1% of the
+//! output elements) anywhere. Every other pairing is measured and printed.
 
 mod q8_util;
 mod tfl_util;
 
 use q8_util::*;
 use qpipe::formats::tflite;
+use qpipe::kernels::Arithmetic;
 use tfl_util::*;
 
 fn check_model(model: &str, config: &str, tag: &str) {
@@ -24,7 +23,6 @@ fn check_model(model: &str, config: &str, tag: &str) {
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();
     let x = fixture(&format!("{model}/eval_x.npy"));
-    let ours = run_qpipe(&g, &x);
     for resolver in [Resolver::Reference, Resolver::Default] {
         let got = run_litert(
             &path,
@@ -33,20 +31,40 @@ fn check_model(model: &str, config: &str, tag: &str) {
             &dir.join(format!("{resolver:?}")),
         )
         .unwrap_or_else(|e| panic!("{model} {tag}: {e}"));
-        assert_eq!(got.len(), ours.len());
-        let (n, worst) = lsb_diff(&got[0], &ours[0], 1.0 / 256.0);
-        let total = ours[0].len();
-        let agree = top1_agreement(&got[0], &ours[0]);
-        eprintln!(
-            "{model} {tag} {resolver:?}: {} bytes, {n}/{total} outputs differ (max {worst} LSB), \
-             top-1 agreement {agree}",
-            bytes.len()
-        );
-        match resolver {
-            Resolver::Reference => {
-                assert_eq!(n, 0, "{model} {tag}: not bit-exact with BUILTIN_REF")
+        for arith in [Arithmetic::Reference, Arithmetic::LiteRt] {
+            let ours = run_qpipe_with(&g, &x, arith);
+            assert_eq!(got.len(), ours.len());
+            let (n, worst) = lsb_diff(&got[0], &ours[0], 1.0 / 256.0);
+            let total = ours[0].len();
+            let agree = top1_agreement(&got[0], &ours[0]);
+            eprintln!(
+                "{model} {tag} LiteRT {resolver:?} vs qpipe {}: {} bytes, {n}/{total} outputs \
+                 differ (max {worst} LSB), top-1 agreement {agree}",
+                arith.name(),
+                bytes.len()
+            );
+            match (resolver, arith) {
+                (Resolver::Reference, Arithmetic::Reference) => {
+                    assert_eq!(n, 0, "{model} {tag}: not bit-exact with BUILTIN_REF")
+                }
+                (Resolver::Default, Arithmetic::LiteRt) => {
+                    // XNNPACK's x86 microkernels are the ones the profile follows
+                    // (ARM ones requantize in fixed point): bit for bit there, the
+                    // issue's bound anywhere.
+                    if cfg!(target_arch = "x86_64") {
+                        assert_eq!(
+                            n, 0,
+                            "{model} {tag}: not bit-exact with the default resolver"
+                        );
+                    }
+                    assert!(
+                        worst <= 1.0 && n * 100 <= total,
+                        "{model} {tag}: {n}/{total} outputs differ from the default resolver, \
+                         by up to {worst} LSB"
+                    )
+                }
+                _ => {}
             }
-            Resolver::Default => assert!(agree >= 0.97, "{model} {tag}: agreement {agree}"),
         }
     }
 }

@@ -369,3 +369,24 @@ fn optimize_for_latency_has_an_int8_interface_that_runs_in_litert() {
     assert_eq!(theirs[0].dtype(), DType::I8);
     assert_eq!(theirs[0].bytes(), ours[0].bytes());
 }
+
+#[test]
+fn an_int8_graph_is_not_exported_as_a_graphdef() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let frozen = qpipe::formats::tf::graph_def::read_graph_def(
+        &root.join("fixtures/push_student/tf_frozen.pb"),
+    );
+    assert!(frozen.is_ok());
+    let mut g = frozen.unwrap();
+    let victim = g.nodes.iter().position(|n| n.op == "Relu").expect("a Relu");
+    g.nodes[victim]
+        .output_quant
+        .insert(0, qpipe::ir::QuantParams::per_tensor(0.1, -128));
+    let err = qpipe::formats::tf::export_graphdef(&g)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&g.nodes[victim].name) && err.contains("export_tflite"),
+        "{err}"
+    );
+}

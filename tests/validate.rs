@@ -105,19 +105,68 @@ fn reports_accuracy_agreement_errors_and_a_layer_table() {
         let file: serde_json::Value = serde_json::from_slice(&out.files[0].bytes).unwrap();
         assert_eq!(file["layers"].as_array().unwrap().len(), layers.len());
 
-        // The accuracy validate reports is the one LiteRT gives on the exported model.
+        // The accuracy validate reports is the one LiteRT gives on the exported
+        // model: by default that of `Interpreter()` (the default resolver), with
+        // `runtime = "litert-ref"` that of the reference kernels.
         let dir = scratch(&format!("validate_{model}"));
         let (_, bytes) = tflite::export(&candidate).unwrap();
         let path = dir.join("model.tflite");
         std::fs::write(&path, bytes).unwrap();
         let x = fixture(&format!("{model}/eval_x.npy"));
-        let got = run_litert(&path, &[("input_x", &x)], Resolver::Reference, &dir).unwrap();
-        assert_eq!(
-            accuracy(model, &got[0]),
-            num(&out, "candidate_accuracy"),
-            "{model}"
-        );
+        let reference = stripped_fixture(model);
+        let with_ref = validate(model, reference, candidate, "runtime = \"litert-ref\"").unwrap();
+        for (resolver, out) in [(Resolver::Default, &out), (Resolver::Reference, &with_ref)] {
+            let got = run_litert(
+                &path,
+                &[("input_x", &x)],
+                resolver,
+                &dir.join(format!("{resolver:?}")),
+            )
+            .unwrap();
+            let litert = accuracy(model, &got[0]);
+            eprintln!(
+                "{model}: LiteRT {resolver:?} accuracy {litert}, validate {}",
+                num(out, "candidate_accuracy")
+            );
+            assert_eq!(
+                litert,
+                num(out, "candidate_accuracy"),
+                "{model} {resolver:?}"
+            );
+        }
     }
+}
+
+#[test]
+fn the_runtime_is_part_of_the_stage_config_and_defaults_to_litert() {
+    let config = |extra: &str| {
+        let toml = format!("reference = \"a\"\ncandidate = \"b\"\ndataset = \"eval\"\n{extra}");
+        let table = qpipe::stages::ConfigTable::parse(&toml).unwrap();
+        match (qpipe::stages::registry::factory("validate").unwrap().build)(&table) {
+            Ok(stage) => stage.config(),
+            Err(e) => panic!("{}", e.message),
+        }
+    };
+    assert_eq!(config("")["runtime"], "litert");
+    assert_eq!(config(""), config("runtime = \"litert\""));
+    assert_ne!(config(""), config("runtime = \"litert-ref\""));
+}
+
+#[test]
+fn an_unknown_runtime_is_a_config_error() {
+    let table = qpipe::stages::ConfigTable::parse(
+        "reference = \"a\"\ncandidate = \"b\"\ndataset = \"eval\"\nruntime = \"tflite\"",
+    )
+    .unwrap();
+    let err = match (qpipe::stages::registry::factory("validate").unwrap().build)(&table) {
+        Ok(_) => panic!("runtime = \"tflite\" was accepted"),
+        Err(e) => e,
+    };
+    assert!(
+        err.message.contains("litert-ref") && err.message.contains("tflite"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]

@@ -39,6 +39,35 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run a built stage's model on a data set with qpipe's interpreter.
     Eval(EvalArgs),
+    /// Compare the model variants a recipe builds: size, accuracy, error, ops, time.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompareFormat {
+    Table,
+    Md,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    pub recipe: PathBuf,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = CompareFormat::Table)]
+    pub format: CompareFormat,
+    /// Also write a self-contained HTML page with charts to this file.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Build what is out of date first (otherwise only the cache is read).
+    #[arg(long)]
+    pub run: bool,
+    /// The data set to time on (default: the one the validate stages use).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Samples to time each variant on (batch 1, one thread); 0 skips the timing.
+    #[arg(long, default_value_t = 100)]
+    pub latency_samples: usize,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +97,10 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Int8 arithmetic: `litert` (LiteRT's default interpreter, XNNPACK) or
+    /// `litert-ref` (its reference kernels).
+    #[arg(long, default_value = "litert", value_parser = ["litert", "litert-ref"])]
+    pub runtime: String,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +188,7 @@ fn dispatch(cli: Cli, registry: &'static [StageFactory]) -> Result<i32> {
         Command::Cache(CacheCommand::Verify(a)) => cmd_cache_verify(a, registry),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Eval(a) => cmd_eval(a, registry),
+        Command::Compare(a) => cmd_compare(a, registry),
     }
 }
 
@@ -216,9 +250,16 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
             a.stage
         ))
     })?;
+    let arithmetic = crate::kernels::Arithmetic::parse(&a.runtime).ok_or_else(|| {
+        Error::usage(format!(
+            "--runtime {}: expected litert or litert-ref",
+            a.runtime
+        ))
+    })?;
     let opts = crate::kernels::EvalOptions {
         samples: a.samples,
         outputs_npy: a.out.clone(),
+        arithmetic,
         ..Default::default()
     };
     let report = crate::kernels::evaluate(graph, spec, &opts)
@@ -277,6 +318,41 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
         print_stdout(&report.summary_table())?;
     }
     Ok(if report.ok { 0 } else { 1 })
+}
+
+fn cmd_compare(a: CompareArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let recipe = Recipe::load_with(&a.recipe, registry)?;
+    if a.run {
+        let report = pipeline::run(&recipe, &RunOptions::default(), &Terminal::new(false))?;
+        if !report.ok {
+            let failed = report.with_status(pipeline::StageStatus::Failed);
+            return Err(Error::msg(format!(
+                "{}: the run failed ({}); nothing to compare",
+                a.recipe.display(),
+                failed.join(", ")
+            )));
+        }
+    }
+    let opts = pipeline::compare::CompareOptions {
+        dataset: a.dataset.clone(),
+        latency_samples: a.latency_samples,
+    };
+    let c = pipeline::compare::compare(&recipe, &opts)?;
+    if let Some(path) = &a.html {
+        let page = pipeline::compare::html::render(&c);
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        pipeline::fsutil::write_atomic(dir, path, page.as_bytes(), &|| {})?;
+    }
+    let text = match a.format {
+        CompareFormat::Table => c.render_text(),
+        CompareFormat::Md => c.render_markdown(),
+        CompareFormat::Json => format!("{}\n", c.to_json()),
+    };
+    print_stdout(&text)?;
+    Ok(0)
 }
 
 fn cmd_status(a: StatusArgs, registry: &'static [StageFactory]) -> Result<i32> {

@@ -216,6 +216,8 @@ pub struct EvalOptions {
     /// Where to write the outputs: the first graph output goes to this path, output
     /// `k > 0` to `<stem>.<k>.npy` beside it.
     pub outputs_npy: Option<PathBuf>,
+    /// Whose int8 arithmetic the kernels reproduce.
+    pub arithmetic: super::Arithmetic,
 }
 
 impl Default for EvalOptions {
@@ -224,6 +226,7 @@ impl Default for EvalOptions {
             batch_size: 64,
             samples: None,
             outputs_npy: None,
+            arithmetic: super::Arithmetic::LiteRt,
         }
     }
 }
@@ -257,7 +260,7 @@ pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result
     if graph.outputs.is_empty() {
         return Err(Error::msg("the graph declares no outputs"));
     }
-    let plan = Plan::compile(graph, &feeds, &graph.outputs)?;
+    let plan = Plan::compile(graph, &feeds, &graph.outputs)?.with_arithmetic(opts.arithmetic);
     let data = Dataset::open(spec)?;
     let total = opts.samples.map_or(data.rows(), |s| s.min(data.rows()));
     let mut writers: Vec<Option<NpyWriter>> = (0..graph.outputs.len()).map(|_| None).collect();

@@ -17,8 +17,9 @@ pub mod rounding;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};
+pub use int8::Arithmetic;
 pub use ops::{Kernel, StepQuant};
-pub use plan::{run, Plan, PlanInput};
+pub use plan::{run, run_with, Plan, PlanInput};
 pub use value::{Buf, Elem, Value};
 
 use crate::error::Result;

@@ -15,6 +15,8 @@ use crate::ir::{Attr, DType, Node, QuantParams};
 pub struct StepQuant {
     pub inputs: Vec<Option<QuantParams>>,
     pub outputs: Vec<Option<QuantParams>>,
+    /// Whose int8 arithmetic the step reproduces.
+    pub arithmetic: super::int8::Arithmetic,
 }
 
 /// A node's computation with its attributes parsed.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use super::int8::Arithmetic;
 use super::ops::{shape_attr, Kernel, StepQuant};
 use super::value::Value;
 use crate::error::{Error, Result};
@@ -175,6 +176,7 @@ impl Plan {
                     .map(|(r, &j)| graph.nodes[j].output_quant.get(&r.index).cloned())
                     .collect(),
                 outputs: Vec::new(),
+                arithmetic: Default::default(),
             };
             steps.push(Step {
                 name: node.name.clone(),
@@ -206,7 +208,10 @@ impl Plan {
             let n = steps[st].outputs.len();
             steps[st].quant.outputs = (0..n as u32).map(|p| q.get(&p).cloned()).collect();
         }
+        // Before folding: a table only a gather reads stays narrow and is widened
+        // per lookup instead of whole.
         gather_before_dequantize(&mut steps, &mut n_slots, &fetch_slots);
+        fold_constant_casts(&mut steps)?;
         let mut last_use = vec![usize::MAX; n_slots];
         let mut is_fetch = vec![false; n_slots];
         for &f in &fetch_slots {
@@ -232,6 +237,15 @@ impl Plan {
             fetches: fetch_slots,
             fetch_refs: fetches.to_vec(),
         })
+    }
+
+    /// The same plan with its int8 kernels computing as `arithmetic` says
+    /// (the reference kernels unless asked).
+    pub fn with_arithmetic(mut self, arithmetic: Arithmetic) -> Plan {
+        for step in &mut self.steps {
+            step.quant.arithmetic = arithmetic;
+        }
+        self
     }
 
     /// The fed tensors, in the order [`Plan::run_values`] expects them.
@@ -431,6 +445,59 @@ fn check_feed(inp: &PlanInput, v: &Value) -> Result<()> {
 
 /// Runs `graph` once: feeds by node name, fetches by tensor reference.
 pub fn run(graph: &Graph, feeds: &[(&str, Tensor)], fetches: &[TensorRef]) -> Result<Vec<Tensor>> {
+    run_with(graph, feeds, fetches, Arithmetic::Reference)
+}
+
+/// [`run`] with the int8 kernels computing as `arithmetic` says.
+pub fn run_with(
+    graph: &Graph,
+    feeds: &[(&str, Tensor)],
+    fetches: &[TensorRef],
+    arithmetic: Arithmetic,
+) -> Result<Vec<Tensor>> {
     let names: Vec<&str> = feeds.iter().map(|(n, _)| *n).collect();
-    Plan::compile(graph, &names, fetches)?.run(feeds)
+    Plan::compile(graph, &names, fetches)?
+        .with_arithmetic(arithmetic)
+        .run(feeds)
+}
+
+/// Evaluates once, at compile time, the `Dequantize` and `Cast` steps whose inputs are
+/// all constants: fp16 and weight-only int8 weights are widened to float once per
+/// plan, as LiteRT does when it prepares a model, not once per batch.
+fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
+    let mut constant: HashMap<usize, Value> = HashMap::new();
+    for step in steps.iter_mut() {
+        let single_output = step.outputs.len() <= 1;
+        if let (Kernel::Const(v), true) = (&step.kernel, single_output) {
+            if let Some(Some(s)) = step.outputs.first() {
+                constant.insert(*s, v.clone());
+            }
+            continue;
+        }
+        if !matches!(step.op.as_str(), "Dequantize" | "Cast") || !single_output {
+            continue;
+        }
+        let Some(args) = step
+            .inputs
+            .iter()
+            .map(|(s, _)| constant.get(s).cloned())
+            .collect::<Option<Vec<Value>>>()
+        else {
+            continue;
+        };
+        let mut outs = step
+            .kernel
+            .exec(args, &step.quant)
+            .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
+        if outs.len() != 1 {
+            continue;
+        }
+        let v = outs.remove(0);
+        if let Some(Some(s)) = step.outputs.first() {
+            constant.insert(*s, v.clone());
+        }
+        step.kernel = Kernel::Const(v);
+        step.inputs.clear();
+    }
+    Ok(())
 }

@@ -28,6 +28,39 @@
 //! [`Rounding`] names the variant; the per-op choice lives in the kernels' op
 //! table, which the LiteRT comparison tests pin down.
 //!
+//! # The default resolver: XNNPACK and the optimized kernels
+//!
+//! `Interpreter()` without a resolver type hands most int8 ops to the XNNPACK
+//! delegate, which requantizes differently (`Arithmetic::LiteRt` in the int8
+//! kernels selects these functions):
+//!
+//! * CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, MUL ([`requantize_fp32`]): the
+//!   scale is computed **in f32** from the f32 scales (`in * w / out`, left to
+//!   right; MUL `a * b / out`), the i32 accumulator is converted to f32, multiplied
+//!   by it (one f32 rounding), then rounded **half to even** (`lrintf`, or the
+//!   magic-bias / `cvtps2dq` of the SIMD microkernels, which agree) and the zero
+//!   point added. One rounding, to even, where the reference kernels round twice
+//!   (or once in double, half away from zero).
+//! * MEAN ([`xnn_mean_scale`]): the i32 sum less `count * in_zp`, times
+//!   `(in / out) * (1 / count)` in f32, rounded half to even.
+//! * ADD and SUB ([`XnnAdd`]): integer, with 21-bit multipliers derived from the
+//!   f32 ratios `a / out` and `b / out` and an arithmetic right shift whose bias
+//!   rounds half up.
+//! * int8 → int8 QUANTIZE ([`xnn_requantize_q8`]): a multiplier
+//!   `lrintf(256 * in / out)` and `(x * m + 128) >> 8`, half up.
+//! * float → int8 QUANTIZE ([`xnn_quantize_f32`]): multiplies by the f32 reciprocal
+//!   of the scale and rounds half to even (the reference divides and rounds half
+//!   away from zero).
+//! * LOGISTIC and TANH ([`xnn_lut_int8`]): a 256-entry table built from the f32
+//!   dequantized input, `tanhf`, or the logistic in double, then
+//!   `round(y * (1 / out) + zp)` half away from zero.
+//! * Fused activation bounds ([`xnn_activation_bound`]): `lrintf(bound / scale + zp)`.
+//!
+//! The ops the delegate does not take (SOFTMAX, AVERAGE_POOL_2D, MINIMUM, MAXIMUM,
+//! RELU, RELU6 in int8) run LiteRT's optimized builtin kernels, which compute
+//! these models' ops as the reference kernels do (measured bit for bit on random
+//! cases with LiteRT 2.3.0 on x86-64).
+//!
 //! # Where TFLite does not use the integer path
 //!
 //! * QUANTIZE (float → int8) divides in f32: `round(x / scale) + zp`, rounding half
@@ -141,10 +174,10 @@ pub fn dequantize_value(q: i32, scale: f32, zero_point: i32) -> f32 {
     (q - zero_point) as f32 * scale
 }
 
-/// The reference FULLY_CONNECTED requantization: in double, one rounding.
-pub fn requantize_in_double(acc: i32, in_scale: f32, w_scale: f32, out_scale: f32) -> i32 {
-    let m = in_scale as f64 * w_scale as f64 / out_scale as f64;
-    round_half_away_f64(acc as f64 * m) as i32
+/// The reference FULLY_CONNECTED requantization: in double, one rounding, with
+/// the multiplier `(f64)in_scale * (f64)w_scale / (f64)out_scale`.
+pub fn requantize_in_double(acc: i32, multiplier: f64) -> i32 {
+    round_half_away_f64(acc as f64 * multiplier) as i32
 }
 
 /// Fused activation as int8 bounds: TFLite `CalculateActivationRangeQuantizedImpl`.
@@ -217,6 +250,167 @@ pub fn lut_int8(
         lut[(v as i8) as u8 as usize] = q.clamp(-128, 127) as i8;
     }
     lut
+}
+
+/// C's `lrintf` under the default rounding mode: half to even.
+pub fn round_half_even_f32(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// XNNPACK's fp32 requantization (`xnn_qs8_requantize_fp32` and the `fp32`
+/// GEMM/IGEMM/DWCONV/VMUL microkernels): `(f32)acc * scale`, clamped to
+/// `[lo - zp, hi - zp]`, rounded half to even, plus `zp`.
+pub fn requantize_fp32(acc: i32, scale: f32, zero_point: i32, lo: i32, hi: i32) -> i32 {
+    let v = (acc as f32 * scale).clamp((lo - zero_point) as f32, (hi - zero_point) as f32);
+    if v.is_nan() {
+        return zero_point.clamp(lo, hi);
+    }
+    round_half_even_f32(v) as i32 + zero_point
+}
+
+/// The per-channel requantization scale XNNPACK computes for convolutions and
+/// fully connected layers: `in * w / out` in f32.
+pub fn xnn_conv_scale(in_scale: f32, w_scale: f32, out_scale: f32) -> f32 {
+    in_scale * w_scale / out_scale
+}
+
+/// XNNPACK `xnn_qs8_quantize`: a float activation bound as int8,
+/// `lrintf(clamp(bound / scale + zp, -128, 127))`.
+pub fn xnn_activation_bound(bound: f32, scale: f32, zero_point: i32) -> i32 {
+    round_half_even_f32((bound / scale + zero_point as f32).clamp(-128.0, 127.0)) as i32
+}
+
+/// Fused activation bounds as XNNPACK's subgraph derives them from the float
+/// range the delegate passes (RELU `[0, inf)`, RELU6 `[0, 6]`, RELU_N1_TO_1 `[-1, 1]`).
+pub fn xnn_activation_range(act: FusedActivation, scale: f32, zero_point: i32) -> (i32, i32) {
+    let q = |f: f32| xnn_activation_bound(f, scale, zero_point);
+    match act {
+        FusedActivation::None => (-128, 127),
+        FusedActivation::Relu => (q(0.0), 127),
+        FusedActivation::Relu6 => (q(0.0), q(6.0)),
+        FusedActivation::ReluN1To1 => (q(-1.0), q(1.0)),
+    }
+}
+
+/// XNNPACK's MEAN scale: `(in / out) * (1 / count)`, each step in f32.
+pub fn xnn_mean_scale(in_scale: f32, out_scale: f32, count: usize) -> f32 {
+    (in_scale / out_scale) * (1.0f32 / count as f32)
+}
+
+/// XNNPACK's int8 ADD (`xnn_init_qs8_add_minmax_scalar_params` and the `vadd`
+/// microkernels): `out = (bias + a * a_mult + b * b_mult) >> shift + out_zp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XnnAdd {
+    pub a_mult: i32,
+    pub b_mult: i32,
+    pub bias: i32,
+    pub shift: u32,
+}
+
+impl XnnAdd {
+    /// `a_ratio = a_scale / out_scale` and `b_ratio = b_scale / out_scale` in f32
+    /// (SUB passes a negative `b_ratio`); `None` when either magnitude is outside
+    /// `[2^-10, 2^8)`, which XNNPACK does not take. The shift puts the larger ratio's
+    /// multiplier in `[2^20, 2^21)`; each multiplier is the ratio times `2^shift`
+    /// (exact, an exponent change) rounded half to even.
+    pub fn new(a_ratio: f32, b_ratio: f32, a_zp: i32, b_zp: i32) -> Option<XnnAdd> {
+        let in_range = |r: f32| r.is_finite() && r.abs() >= 2f32.powi(-10) && r.abs() < 256.0;
+        if !(in_range(a_ratio) && in_range(b_ratio)) {
+            return None;
+        }
+        let max = a_ratio.abs().max(b_ratio.abs());
+        let exponent = ((max.to_bits() >> 23) as i32) - 127;
+        let shift = (20 - exponent) as u32;
+        let mult = |r: f32| {
+            let m = round_half_even_f32(r.abs() * 2f32.powi(shift as i32)) as i32;
+            if r.is_sign_negative() {
+                -m
+            } else {
+                m
+            }
+        };
+        let (a_mult, b_mult) = (mult(a_ratio), mult(b_ratio));
+        let bias = (1i32 << (shift - 1))
+            .wrapping_sub(a_mult.wrapping_mul(a_zp))
+            .wrapping_sub(b_mult.wrapping_mul(b_zp));
+        Some(XnnAdd {
+            a_mult,
+            b_mult,
+            bias,
+            shift,
+        })
+    }
+
+    /// The sum before the output zero point; the shift is arithmetic (floor), the
+    /// bias's `2^(shift-1)` makes it round half up.
+    pub fn apply(&self, a: i32, b: i32) -> i32 {
+        self.bias
+            .wrapping_add(a.wrapping_mul(self.a_mult))
+            .wrapping_add(b.wrapping_mul(self.b_mult))
+            >> self.shift
+    }
+}
+
+/// XNNPACK's int8 → int8 conversion (`xnn_init_qs8_cvt_scalar_params`, `qs8-vcvt`):
+/// `m = lrintf(256 * (in / out))`, then `((x - in_zp) * m + 128) >> 8 + out_zp`.
+pub fn xnn_requantize_q8(x: i32, in_zp: i32, multiplier: i32, out_zp: i32) -> i32 {
+    let acc = (x - in_zp).wrapping_mul(multiplier).wrapping_add(0x80) >> 8;
+    (acc + out_zp).clamp(-128, 127)
+}
+
+/// The multiplier of [`xnn_requantize_q8`].
+pub fn xnn_requantize_q8_multiplier(in_scale: f32, out_scale: f32) -> i32 {
+    round_half_even_f32(256.0f32 * (in_scale / out_scale)) as i32
+}
+
+/// XNNPACK's float → int8 conversion (`f32-qs8-vcvt`): `x * (1 / scale)` in f32,
+/// clamped, rounded half to even, plus the zero point.
+pub fn xnn_quantize_f32(x: f32, scale: f32, zero_point: i32) -> i32 {
+    let inv = 1.0f32 / scale;
+    let v = (x * inv).clamp((-128 - zero_point) as f32, (127 - zero_point) as f32);
+    if v.is_nan() {
+        return zero_point;
+    }
+    round_half_even_f32(v) as i32 + zero_point
+}
+
+/// The lookup table XNNPACK builds for an int8 → int8 unary op from its reference
+/// implementation: `x = (f32(q) - f32(in_zp)) * in_scale`, `y = f(x)`, then
+/// `round(y * (1 / out_scale) + f32(out_zp))` half away from zero (NaN → 0),
+/// saturated. Indexed by the input's bits as `u8`.
+pub fn xnn_lut_int8(
+    in_scale: f32,
+    in_zp: i32,
+    out_scale: f32,
+    out_zp: i32,
+    f: impl Fn(f32) -> f32,
+) -> [i8; 256] {
+    let inverse = 1.0f32 / out_scale;
+    let mut lut = [0i8; 256];
+    for v in -128i32..=127 {
+        let x = (v as f32 - in_zp as f32) * in_scale;
+        let y = f(x) * inverse + out_zp as f32;
+        let r = if y.is_nan() {
+            0.0
+        } else {
+            round_half_away_f32(y)
+        };
+        lut[(v as i8) as u8 as usize] = r.clamp(-128.0, 127.0) as i8;
+    }
+    lut
+}
+
+/// XNNPACK's reference logistic: in double, `e / (1 + e)` with `e = exp(x)`,
+/// saturated beyond ±100.
+pub fn xnn_sigmoid(x: f32) -> f32 {
+    if x > 100.0 {
+        1.0
+    } else if x < -100.0 {
+        0.0
+    } else {
+        let e = (x as f64).exp();
+        (e / (1.0 + e)) as f32
+    }
 }
 
 /// gemmlowp fixed-point arithmetic on raw i32 values (`FixedPoint<int32_t, N>`), as
@@ -487,6 +681,58 @@ mod tests {
             i32::MIN
         );
         assert_eq!(fixed::saturating_rounding_multiply_by_pot(5, -1), 3);
+    }
+
+    #[test]
+    fn xnnpack_rounds_once_to_even() {
+        // 5 * 0.5 = 2.5 → 2 (even), where the reference rounds half away → 3.
+        assert_eq!(requantize_fp32(5, 0.5, 0, -128, 127), 2);
+        assert_eq!(requantize_fp32(7, 0.5, 0, -128, 127), 4);
+        assert_eq!(requantize_fp32(-5, 0.5, 3, -128, 127), 1);
+        let (q, s) = quantize_multiplier(0.5);
+        assert_eq!(
+            multiply_by_quantized_multiplier(5, q, s, Rounding::Double),
+            3
+        );
+        // Clamped before rounding, to the activation range less the zero point.
+        assert_eq!(requantize_fp32(1000, 1.0, -10, -128, 20), 20);
+        assert_eq!(requantize_fp32(i32::MIN, 200.0, 0, -128, 127), -128);
+        assert_eq!(xnn_activation_bound(6.0, 0.05, -128), -8);
+        assert_eq!(xnn_activation_bound(0.0, 0.05, 7), 7);
+        assert_eq!(xnn_activation_bound(1000.0, 0.05, 0), 127);
+        assert_eq!(xnn_quantize_f32(0.25, 0.5, 0), 0);
+        assert_eq!(xnn_quantize_f32(0.75, 0.5, 0), 2);
+        assert_eq!(quantize_value(0.25, 0.5, 0, -128, 127), 1);
+        assert_eq!(xnn_mean_scale(0.5, 0.25, 4), 0.5);
+    }
+
+    #[test]
+    fn xnnpack_add_and_requantize_are_integer() {
+        let p = XnnAdd::new(0.5, 0.25, 3, -2).unwrap();
+        // max ratio 0.5 = 2^-1: shift 21, multipliers 2^20 and 2^19.
+        assert_eq!((p.a_mult, p.b_mult, p.shift), (1 << 20, 1 << 19, 21));
+        for (a, b) in [(3, -2), (10, 6), (-128, 127), (127, -128), (4, -2)] {
+            let exact = 0.5 * (a - 3) as f64 + 0.25 * (b + 2) as f64;
+            assert_eq!(p.apply(a, b), (exact + 0.5).floor() as i32, "{a} {b}");
+        }
+        let sub = XnnAdd::new(0.5, -0.25, 0, 0).unwrap();
+        assert_eq!(sub.apply(4, 4), 1);
+        assert!(XnnAdd::new(1000.0, 1.0, 0, 0).is_none());
+        let m = xnn_requantize_q8_multiplier(0.1, 0.2);
+        assert_eq!(m, 128);
+        assert_eq!(xnn_requantize_q8(5, 0, m, 0), 3); // 2.5 rounds half up
+        assert_eq!(xnn_requantize_q8(-5, 0, m, 0), -2);
+        assert_eq!(xnn_requantize_q8(127, -128, m, 100), 127);
+    }
+
+    #[test]
+    fn xnnpack_lut_rounds_after_adding_the_zero_point() {
+        let lut = xnn_lut_int8(0.1, 0, 1.0 / 256.0, -128, xnn_sigmoid);
+        assert_eq!(lut[0], 0); // sigmoid(0) * 256 - 128 = 0
+        assert_eq!(lut[127], 127);
+        assert_eq!(lut[128], -128 + (256.0 * xnn_sigmoid(-12.8)).round() as i8);
+        assert_eq!(xnn_sigmoid(200.0), 1.0);
+        assert_eq!(xnn_sigmoid(-200.0), 0.0);
     }
 
     #[test]

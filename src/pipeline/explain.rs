@@ -113,7 +113,10 @@ impl fmt::Display for DirtyReason {
                 "cached result is gone (garbage-collected or never stored)"
             ),
             EntryCorrupt(why) => write!(f, "cached result is unusable ({why})"),
-            UpstreamStale { stage } => write!(f, "upstream stage '{stage}' is stale"),
+            UpstreamStale { stage } => write!(
+                f,
+                "upstream stage '{stage}' is stale (this stage reruns only if '{stage}' changes its output)"
+            ),
         }
     }
 }

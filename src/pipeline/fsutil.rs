@@ -46,7 +46,11 @@ pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mid_write: &dyn F
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, dest)?;
-        sync_dir(dest.parent().unwrap_or(Path::new(".")))
+        sync_dir(
+            dest.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);

@@ -4,6 +4,7 @@
 //! keying each by [`fingerprint`] (read that module's docs for what a key covers and
 //! why) and serving hits from [`store`]; [`explain`] says why a stage is stale.
 
+pub mod compare;
 pub mod dag;
 pub mod explain;
 pub mod filehash;

@@ -64,6 +64,13 @@ impl Artifact {
             Artifact::Report(_) => None,
         }
     }
+
+    pub fn report(&self) -> Option<&serde_json::Value> {
+        match self {
+            Artifact::Report(r) => Some(r),
+            Artifact::Graph(_) => None,
+        }
+    }
 }
 
 /// A file a stage asks to be written under the recipe's `out_dir`.

@@ -10,7 +10,10 @@
 //!
 //! Config: `reference`, `candidate` (stage ids), `dataset`, `max_accuracy_drop`,
 //! `min_agreement`, `samples` (default: every row), `report` (path of the
-//! per-layer table under `out_dir`; default `<candidate>.layers.json`).
+//! per-layer table under `out_dir`; default `<candidate>.layers.json`), `runtime`
+//! (`"litert"`, the default: the int8 arithmetic of LiteRT's default interpreter,
+//! XNNPACK included, i.e. what the device computes; `"litert-ref"`: LiteRT's
+//! reference kernels).
 //!
 //! Reference tensors are matched by name after the reference is fused the way
 //! `quantize_int8` fuses (which does not change its values), so a fused int8
@@ -27,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::ir::{DType, Graph, QuantParams, TensorRef};
 use crate::kernels::dataset::{argmax_rows, Dataset};
 use crate::kernels::rounding::quantize_value;
-use crate::kernels::{Buf, Plan, Value};
+use crate::kernels::{Arithmetic, Buf, Plan, Value};
 
 const BATCH: usize = 64;
 
@@ -45,6 +48,30 @@ pub struct ValidateConfig {
     pub samples: Option<usize>,
     #[serde(default)]
     pub report: Option<String>,
+    /// Whose int8 arithmetic the models run with.
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// The LiteRT kernels whose int8 arithmetic `validate` reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Runtime {
+    /// `Interpreter()` as it comes: the XNNPACK delegate and the optimized kernels.
+    #[default]
+    #[serde(rename = "litert")]
+    LiteRt,
+    /// The reference kernels (`OpResolverType.BUILTIN_REF`).
+    #[serde(rename = "litert-ref")]
+    LiteRtRef,
+}
+
+impl Runtime {
+    pub fn arithmetic(self) -> Arithmetic {
+        match self {
+            Runtime::LiteRt => Arithmetic::LiteRt,
+            Runtime::LiteRtRef => Arithmetic::Reference,
+        }
+    }
 }
 
 pub struct Validate {
@@ -341,10 +368,13 @@ impl Stage for Validate {
         cand_fetch.extend(pairs.iter().map(|p| p.candidate.clone()));
         let ref_in: Vec<&str> = ref_fused.inputs.iter().map(String::as_str).collect();
         let cand_in: Vec<&str> = candidate.inputs.iter().map(String::as_str).collect();
+        let arith = c.runtime.arithmetic();
         let ref_plan = Plan::compile(&ref_fused, &ref_in, &ref_fetch)
-            .map_err(|e| e.context(format!("stage '{id}': reference")))?;
+            .map_err(|e| e.context(format!("stage '{id}': reference")))?
+            .with_arithmetic(arith);
         let cand_plan = Plan::compile(&candidate, &cand_in, &cand_fetch)
-            .map_err(|e| e.context(format!("stage '{id}': candidate")))?;
+            .map_err(|e| e.context(format!("stage '{id}': candidate")))?
+            .with_arithmetic(arith);
         let mut cand_feeds = Vec::new();
         for inp in cand_plan.inputs() {
             let k = ref_plan

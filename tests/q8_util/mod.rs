@@ -127,8 +127,17 @@ pub fn quantize_fixture(model: &str, extra: &str) -> (Graph, StageOutput) {
 
 /// Outputs of `g` on a whole `.npy` input file with qpipe's interpreter.
 pub fn run_qpipe(g: &Graph, input: &std::path::Path) -> Vec<Tensor> {
+    run_qpipe_with(g, input, qpipe::kernels::Arithmetic::Reference)
+}
+
+/// [`run_qpipe`] with the int8 kernels in the given arithmetic profile.
+pub fn run_qpipe_with(
+    g: &Graph,
+    input: &std::path::Path,
+    arith: qpipe::kernels::Arithmetic,
+) -> Vec<Tensor> {
     let x = qpipe::npy::read(input).unwrap();
-    qpipe::kernels::run(g, &[("input_x", x)], &g.outputs).unwrap()
+    qpipe::kernels::run_with(g, &[("input_x", x)], &g.outputs, arith).unwrap()
 }
 
 /// Number of elements that differ and the largest difference, in units of `lsb`.

@@ -4,14 +4,14 @@
 
 use rayon::prelude::*;
 
-use super::{channel_scales, input_affine, output_affine, sat8, ROUNDING};
+use super::{channel_scales, input_affine, output_affine, sat8, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise::{self, UnaryOp};
 use crate::kernels::nn::{self, out_size, PoolKind, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    activation_range, multiply_by_quantized_multiplier, quantize_multiplier, requantize_in_double,
-    FusedActivation,
+    activation_range, multiply_by_quantized_multiplier, quantize_multiplier, requantize_fp32,
+    requantize_in_double, xnn_activation_range, xnn_conv_scale, FusedActivation,
 };
 use crate::kernels::value::Value;
 
@@ -32,13 +32,87 @@ fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
     Ok(b)
 }
 
-/// Per-channel (multiplier, shift) as `PopulateConvolutionQuantizationParams`
-/// computes them: `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`.
-fn conv_multipliers(in_scale: f32, w_scales: &[f32], out_scale: f32) -> Vec<(i32, i32)> {
-    w_scales
-        .iter()
-        .map(|&ws| quantize_multiplier(in_scale as f64 * ws as f64 / out_scale as f64))
-        .collect()
+/// Per output channel requantization of an i32 accumulator (bias included) to
+/// int8, clamped to the fused activation.
+enum Requant {
+    /// `PopulateConvolutionQuantizationParams`: (multiplier, shift) from
+    /// `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`, double rounding.
+    Reference(Vec<(i32, i32)>),
+    /// The reference FULLY_CONNECTED: in double, one rounding.
+    Double(Vec<f64>),
+    /// XNNPACK: an f32 scale per channel, one rounding to even.
+    Fp32(Vec<f32>),
+}
+
+struct Output {
+    requant: Requant,
+    zero_point: i32,
+    lo: i32,
+    hi: i32,
+}
+
+impl Output {
+    fn new(
+        arith: Arithmetic,
+        fully_connected: bool,
+        in_scale: f32,
+        w_scales: &[f32],
+        out: super::Affine,
+        act: FusedActivation,
+    ) -> Output {
+        let (requant, (lo, hi)) = match arith {
+            Arithmetic::LiteRt => (
+                Requant::Fp32(
+                    w_scales
+                        .iter()
+                        .map(|&ws| xnn_conv_scale(in_scale, ws, out.scale))
+                        .collect(),
+                ),
+                xnn_activation_range(act, out.scale, out.zero_point),
+            ),
+            Arithmetic::Reference => (
+                if fully_connected {
+                    Requant::Double(
+                        w_scales
+                            .iter()
+                            .map(|&ws| in_scale as f64 * ws as f64 / out.scale as f64)
+                            .collect(),
+                    )
+                } else {
+                    Requant::Reference(
+                        w_scales
+                            .iter()
+                            .map(|&ws| {
+                                quantize_multiplier(in_scale as f64 * ws as f64 / out.scale as f64)
+                            })
+                            .collect(),
+                    )
+                },
+                activation_range(act, out.scale, out.zero_point, -128, 127),
+            ),
+        };
+        Output {
+            requant,
+            zero_point: out.zero_point,
+            lo,
+            hi,
+        }
+    }
+
+    #[inline]
+    fn apply(&self, acc: i32, channel: usize) -> i8 {
+        let v = match &self.requant {
+            Requant::Reference(m) => {
+                let (q, s) = m[channel];
+                multiply_by_quantized_multiplier(acc, q, s, ROUNDING) + self.zero_point
+            }
+            Requant::Double(m) => {
+                requantize_in_double(acc, m[channel]).saturating_add(self.zero_point)
+            }
+            Requant::Fp32(m) => requantize_fp32(acc, m[channel], self.zero_point, self.lo, self.hi),
+        };
+        sat8(v.clamp(self.lo, self.hi))
+    }
 }
 
 /// `_FusedConv2D` on int8: input NHWC, filter HWIO (per output channel), int32 bias.
@@ -131,8 +205,7 @@ fn windowed(
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, o)?;
     let bias = bias_i32(b, o)?;
-    let mult = conv_multipliers(xin.scale, &ws, out.scale);
-    let (lo, hi) = activation_range(act, out.scale, out.zero_point, -128, 127);
+    let requant = Output::new(quant.arithmetic, false, xin.scale, &ws, out, act);
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
@@ -160,10 +233,7 @@ fn windowed(
                 }
             }
             for (oc, a) in acc.iter().enumerate() {
-                let v = a.wrapping_add(bias[oc]);
-                let (q, s) = mult[oc];
-                let v = multiply_by_quantized_multiplier(v, q, s, ROUNDING) + out.zero_point;
-                out_row[ox * o + oc] = sat8(v.clamp(lo, hi));
+                out_row[ox * o + oc] = requant.apply(a.wrapping_add(bias[oc]), oc);
             }
         }
     };
@@ -177,7 +247,8 @@ fn windowed(
 
 /// `_FusedMatMul` on int8 as TFLite's reference FULLY_CONNECTED computes it: the
 /// accumulator is requantized in double, `round(acc * in * w[c] / out)`, per channel
-/// or per tensor alike (the reference kernel's float-scale overloads).
+/// or per tensor alike (the reference kernel's float-scale overloads); XNNPACK
+/// requantizes it like a convolution.
 pub fn fully_connected(
     inputs: &[Value],
     ta: bool,
@@ -217,7 +288,7 @@ pub fn fully_connected(
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, units)?;
     let bias = bias_i32(b, units)?;
-    let (lo, hi) = activation_range(act, out.scale, out.zero_point, -128, 127);
+    let requant = Output::new(quant.arithmetic, true, xin.scale, &ws, out, act);
     let xs = x.slice::<i8>()?;
     let wv = w.slice::<i8>()?;
     let in_off = -xin.zero_point;
@@ -233,10 +304,7 @@ pub fn fully_connected(
                 } as i32;
                 acc = acc.wrapping_add(wq.wrapping_mul(xs[bi * k + kk] as i32 + in_off));
             }
-            acc = acc.wrapping_add(bias[u]);
-            let v = requantize_in_double(acc, xin.scale, ws[u], out.scale)
-                .saturating_add(out.zero_point);
-            res[bi * units + u] = sat8(v.clamp(lo, hi));
+            res[bi * units + u] = requant.apply(acc.wrapping_add(bias[u]), u);
         }
     }
     Ok(Value::from_vec(vec![batch, units], res))

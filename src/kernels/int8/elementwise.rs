@@ -1,26 +1,44 @@
 //! Element-wise int8 kernels: QUANTIZE (float → int8 and int8 → int8), ADD, SUB,
 //! MUL, MAXIMUM, MINIMUM, RELU, RELU6, LOGISTIC, TANH, PAD.
 
-use super::{input_affine, output_affine, sat8, Affine, ROUNDING};
+use super::{input_affine, output_affine, sat8, Affine, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::kernels::array;
 use crate::kernels::elementwise::{broadcast_map, BinaryOp, UnaryOp};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     lut_int8, multiply_by_quantized_multiplier, quantize_multiplier, quantize_value,
-    round_half_away_f32,
+    requantize_fp32, round_half_away_f32, xnn_lut_int8, xnn_quantize_f32, xnn_requantize_q8,
+    xnn_requantize_q8_multiplier, xnn_sigmoid, XnnAdd,
 };
 use crate::kernels::value::{Buf, Value};
 
 /// QUANTIZE: float → int8 (`round(x / scale) + zp`, the division in f32), or an
-/// int8 → int8 requantization (`MBQM(x - in_zp, in/out in f64) + out_zp`).
+/// int8 → int8 requantization (`MBQM(x - in_zp, in/out in f64) + out_zp`); with
+/// XNNPACK's arithmetic, see [`xnn_quantize_f32`] and [`xnn_requantize_q8`].
 pub fn quantize(x: &Value, quant: &StepQuant) -> Result<Value> {
     let out = output_affine(quant)?;
+    let xnn = quant.arithmetic == Arithmetic::LiteRt;
     match &*x.buf {
         Buf::F32(v) => {
             let q: Vec<i8> = v
                 .iter()
-                .map(|&f| quantize_value(f, out.scale, out.zero_point, -128, 127) as i8)
+                .map(|&f| {
+                    if xnn {
+                        xnn_quantize_f32(f, out.scale, out.zero_point) as i8
+                    } else {
+                        quantize_value(f, out.scale, out.zero_point, -128, 127) as i8
+                    }
+                })
+                .collect();
+            Ok(Value::from_vec(x.shape.clone(), q))
+        }
+        Buf::I8(v) if xnn => {
+            let xin = input_affine(quant, 0)?;
+            let m = xnn_requantize_q8_multiplier(xin.scale, out.scale);
+            let q: Vec<i8> = v
+                .iter()
+                .map(|&a| xnn_requantize_q8(a as i32, xin.zero_point, m, out.zero_point) as i8)
                 .collect();
             Ok(Value::from_vec(x.shape.clone(), q))
         }
@@ -69,8 +87,31 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
     let pb = input_affine(quant, 1)?;
     let out = output_affine(quant)?;
     let mbqm = |v: i32, (q, s): (i32, i32)| multiply_by_quantized_multiplier(v, q, s, ROUNDING);
-    let (v, shape) = match op {
-        BinaryOp::Add | BinaryOp::Sub => {
+    let xnn = quant.arithmetic == Arithmetic::LiteRt;
+    let sign = if op == BinaryOp::Sub { -1.0 } else { 1.0 };
+    // XNNPACK declines scale ratios outside its range; LiteRT then runs its
+    // optimized ADD, which computes as the reference one.
+    let xnn_add = XnnAdd::new(
+        pa.scale / out.scale,
+        sign * (pb.scale / out.scale),
+        pa.zero_point,
+        pb.zero_point,
+    )
+    .filter(|_| xnn);
+    let (v, shape) = match (op, xnn_add) {
+        (BinaryOp::Add | BinaryOp::Sub, Some(p)) => {
+            broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
+                sat8(p.apply(x as i32, y as i32) + out.zero_point)
+            })?
+        }
+        (BinaryOp::Mul, _) if xnn => {
+            let scale = pa.scale * pb.scale / out.scale;
+            broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
+                let p = (x as i32 - pa.zero_point) * (y as i32 - pb.zero_point);
+                sat8(requantize_fp32(p, scale, out.zero_point, -128, 127))
+            })?
+        }
+        (BinaryOp::Add | BinaryOp::Sub, _) => {
             let p = add_params(pa, pb, out);
             let sub = op == BinaryOp::Sub;
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
@@ -81,7 +122,7 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
                 sat8(mbqm(raw, p.out) + out.zero_point)
             })?
         }
-        BinaryOp::Mul => {
+        (BinaryOp::Mul, _) => {
             // mul.cc computes `in1 * in2 / out` in f32 before widening it.
             let m = quantize_multiplier((pa.scale * pb.scale / out.scale) as f64);
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
@@ -89,7 +130,7 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
                 sat8(mbqm(p, m) + out.zero_point)
             })?
         }
-        BinaryOp::Maximum | BinaryOp::Minimum => {
+        (BinaryOp::Maximum | BinaryOp::Minimum, _) => {
             if pa != out || pb != out {
                 return Err(Error::msg(format!(
                     "int8 {op:?} needs both inputs quantized like its output, got {pa:?}, {pb:?} \
@@ -105,7 +146,7 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
                 }
             })?
         }
-        other => return Err(Error::msg(format!("no int8 kernel for {other:?}"))),
+        (other, _) => return Err(Error::msg(format!("no int8 kernel for {other:?}"))),
     };
     Ok(Value::from_vec(shape, v))
 }
@@ -138,12 +179,19 @@ pub fn unary(op: UnaryOp, x: &Value, quant: &StepQuant) -> Result<Value> {
                 .collect()
         }
         UnaryOp::Sigmoid | UnaryOp::Tanh => {
-            let lut = if op == UnaryOp::Sigmoid {
-                if out.scale != 1.0 / 256.0 || out.zero_point != -128 {
-                    return Err(Error::msg(format!(
-                        "int8 Sigmoid output must be quantized (1/256, -128), got {out:?}"
-                    )));
-                }
+            if op == UnaryOp::Sigmoid && (out.scale != 1.0 / 256.0 || out.zero_point != -128) {
+                return Err(Error::msg(format!(
+                    "int8 Sigmoid output must be quantized (1/256, -128), got {out:?}"
+                )));
+            }
+            let lut = if quant.arithmetic == Arithmetic::LiteRt {
+                let f = if op == UnaryOp::Sigmoid {
+                    xnn_sigmoid
+                } else {
+                    f32::tanh
+                };
+                xnn_lut_int8(xin.scale, xin.zero_point, out.scale, out.zero_point, f)
+            } else if op == UnaryOp::Sigmoid {
                 lut_int8(xin.scale, xin.zero_point, out.scale, out.zero_point, |v| {
                     1.0f32 / (1.0f32 + (-v).exp())
                 })

@@ -31,8 +31,10 @@
 //!
 //! Inside a network those one-LSB differences are amplified by steep functions:
 //! one LSB of a logit (scale ≈ 0.09) moves a softmax probability by several 1/256
-//! steps, so whole models agree with the default resolver on top-1 (≥ 99.4% on
-//! the fixtures) rather than bit for bit.
+//! steps. So that qpipe can predict what the device computes too, the kernels
+//! have a second profile, [`Arithmetic::LiteRt`], that reproduces the default
+//! resolver op by op (XNNPACK for the ops it takes, the optimized builtins for
+//! the rest); [`super::rounding`] describes each of its roundings.
 
 mod conv;
 mod elementwise;
@@ -45,6 +47,35 @@ use crate::error::{Error, Result};
 use crate::ir::{Attr, DType, Node, QuantParams};
 
 pub use conv::{fused_conv_float, fused_depthwise_float, fused_matmul_float};
+
+/// Whose int8 arithmetic the kernels reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Arithmetic {
+    /// LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`).
+    #[default]
+    Reference,
+    /// LiteRT's default resolver (`Interpreter()`): the XNNPACK delegate and the
+    /// optimized builtin kernels, as LiteRT 2.3.0 runs them on x86-64.
+    LiteRt,
+}
+
+impl Arithmetic {
+    /// The name used in recipes and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arithmetic::Reference => "litert-ref",
+            Arithmetic::LiteRt => "litert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Arithmetic> {
+        match s {
+            "litert-ref" => Some(Arithmetic::Reference),
+            "litert" => Some(Arithmetic::LiteRt),
+            _ => None,
+        }
+    }
+}
 
 /// How TFLite was built: `TFLITE_SINGLE_ROUNDING` is off in LiteRT's release
 /// builds, so `MultiplyByQuantizedMultiplier` rounds twice (gemmlowp).

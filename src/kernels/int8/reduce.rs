@@ -1,15 +1,17 @@
-//! Int8 reductions and softmax: MEAN (`reference_ops::QuantizedMeanOrSum`),
+//! Int8 reductions and softmax: MEAN (`reference_ops::QuantizedMeanOrSum`, or
+//! XNNPACK's fp32 mean),
 //! REDUCE_MAX (raw int8 maximum, equal parameters) and SOFTMAX
 //! (`reference_ops::Softmax` with gemmlowp fixed-point exp).
 
-use super::{input_affine, output_affine, sat8, ROUNDING};
+use super::{input_affine, output_affine, sat8, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::kernels::array::{norm_axis, ReduceOp};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     calculate_input_radius, fixed, mean_multiplier, multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_greater_than_one, preprocess_softmax_scaling,
-    quantize_multiplier, rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
+    quantize_multiplier, requantize_fp32, rounding_divide_by_pot,
+    saturating_rounding_doubling_high_mul, xnn_mean_scale,
 };
 use crate::kernels::value::Value;
 
@@ -84,6 +86,17 @@ pub fn reduce(
             let mut sums = vec![0i32; n_out];
             for (&v, &o) in xs.iter().zip(&map) {
                 sums[o] = sums[o].wrapping_add(v as i32);
+            }
+            if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Mean && count > 0 {
+                let scale = xnn_mean_scale(xin.scale, out.scale, count);
+                let res: Vec<i8> = sums
+                    .iter()
+                    .map(|&sum| {
+                        let shifted = (sum as i64 - xin.zero_point as i64 * count as i64) as i32;
+                        sat8(requantize_fp32(shifted, scale, out.zero_point, -128, 127))
+                    })
+                    .collect();
+                return Ok(Value::from_vec(shape, res));
             }
             let (q, s) = quantize_multiplier(xin.scale as f64 / out.scale as f64);
             let (q, s) = if op == ReduceOp::Mean {
