@@ -1251,3 +1251,18 @@ fn entry_sizes_and_offsets_are_bounded_by_the_shard() {
     let index = edited_index(|_| {});
     Bundle::from_bytes(&prefix, &index, dtypes_shards()).unwrap();
 }
+
+/// Reading checks every pair of slices for overlap, so their number is bounded at open.
+#[test]
+fn a_variable_with_too_many_slices_is_refused_at_open() {
+    let prefix = fixtures().join("dtypes/best_validation");
+    let index = edited_index(|e| {
+        let p = e.get_mut(b"partitioned".as_slice()).unwrap();
+        let first = p.slices[0].clone();
+        p.slices = vec![first; 20_000];
+    });
+    assert_err_mentions(
+        Bundle::from_bytes(&prefix, &index, dtypes_shards()),
+        &["\"partitioned\"", "20000 slices (at most 16384"],
+    );
+}

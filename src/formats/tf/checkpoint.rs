@@ -24,6 +24,8 @@ use crate::ir::{num_elements, DType, Tensor};
 const BUNDLE_VERSION: i32 = 1;
 /// More shards than this is taken as a corrupt header rather than a real checkpoint.
 const MAX_SHARDS: i32 = 1 << 16;
+/// Partitions of one variable; reading checks every pair of slices for overlap.
+const MAX_SLICES: usize = 1 << 14;
 
 /// One extent of a [`Slice`]: `length: None` means the whole dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +320,12 @@ fn parse_shape(e: &BundleEntryProto) -> std::result::Result<Vec<usize>, String> 
 }
 
 fn parse_slices(e: &BundleEntryProto, shape: &[usize]) -> std::result::Result<Vec<Slice>, String> {
+    if e.slices.len() > MAX_SLICES {
+        return Err(format!(
+            "{} slices (at most {MAX_SLICES} are supported)",
+            e.slices.len()
+        ));
+    }
     let mut out = Vec::with_capacity(e.slices.len());
     for (i, s) in e.slices.iter().enumerate() {
         if s.extent.len() != shape.len() {
