@@ -37,7 +37,9 @@ pub fn descr(dtype: DType) -> Option<&'static str> {
 }
 
 fn parse_descr(d: &str) -> std::result::Result<DType, String> {
-    let (order, code) = d.split_at(d.len().min(1));
+    // A version 3 header is UTF-8: the first character may be longer than a byte.
+    let first = d.chars().next().map_or(0, char::len_utf8);
+    let (order, code) = d.split_at(first);
     let dtype = match code {
         "f4" => DType::F32,
         "f8" => DType::F64,

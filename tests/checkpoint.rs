@@ -1160,3 +1160,109 @@ fn every_bit_flip_is_detected_or_harmless() {
     println!("{detected} flips detected, {harmless} harmless");
     assert!(harmless <= 36, "{detected} detected, {harmless} harmless");
 }
+
+/// The dtypes fixture's index with `edit` applied to its decoded entries, in memory.
+fn edited_index(edit: impl FnOnce(&mut BTreeMap<Vec<u8>, BundleEntryProto>)) -> Vec<u8> {
+    let prefix = fixtures().join("dtypes/best_validation");
+    let table = Table::open(&index_of(&prefix)).unwrap();
+    let mut entries: BTreeMap<Vec<u8>, BundleEntryProto> = table.entries[1..]
+        .iter()
+        .map(|(k, v)| (k.clone(), BundleEntryProto::decode(v.as_slice()).unwrap()))
+        .collect();
+    edit(&mut entries);
+    let mut all = vec![table.entries[0].clone()];
+    all.extend(entries.into_iter().map(|(k, e)| (k, e.encode_to_vec())));
+    build_table(&all)
+}
+
+fn dtypes_shards() -> Vec<Vec<u8>> {
+    let prefix = fixtures().join("dtypes/best_validation");
+    (0..2)
+        .map(|s| fs::read(shard_of(&prefix, s, 2)).unwrap())
+        .collect()
+}
+
+#[test]
+fn in_memory_bundles_read_what_the_files_hold() {
+    let prefix = fixtures().join("dtypes/best_validation");
+    let index = fs::read(index_of(&prefix)).unwrap();
+    let from_files = read_all(&Bundle::open(&prefix).unwrap()).unwrap();
+    let b = Bundle::from_bytes(&prefix, &index, dtypes_shards()).unwrap();
+    assert_eq!(read_all(&b).unwrap(), from_files);
+    assert_err_mentions(
+        Bundle::from_bytes(&prefix, &index, vec![Vec::new()]),
+        &["best_validation.index", "2 shards, 1 were given"],
+    );
+    assert_err_mentions(
+        Bundle::from_bytes(&prefix, &index[..index.len() - 1], dtypes_shards()),
+        &["best_validation.index"],
+    );
+}
+
+/// Sizes, shapes and offsets in an entry are checked against the shard before a read
+/// allocates anything: none of these cases may allocate the size it claims.
+#[test]
+fn entry_sizes_and_offsets_are_bounded_by_the_shard() {
+    let prefix = fixtures().join("dtypes/best_validation");
+    let open = |edit: &dyn Fn(&mut BundleEntryProto)| {
+        let index = edited_index(|e| edit(e.get_mut(b"f32_3d".as_slice()).unwrap()));
+        Bundle::from_bytes(&prefix, &index, dtypes_shards())
+    };
+    let dims = |d: &[i64]| shape_proto(d);
+    // Element count overflowing usize / u64.
+    assert_err_mentions(
+        open(&|e| e.shape = dims(&[1 << 40, 1 << 40])),
+        &["\"f32_3d\"", "overflows"],
+    );
+    // Element count fits, byte count overflows u64.
+    assert_err_mentions(
+        open(&|e| {
+            e.shape = dims(&[1 << 62, 2]);
+            e.size = i64::MAX;
+        }),
+        &["\"f32_3d\"", "overflowing"],
+    );
+    // A huge shape whose size matches but lies past the end of the shard.
+    assert_err_mentions(
+        open(&|e| {
+            e.shape = dims(&[1 << 40]);
+            e.size = 4 << 40;
+        }),
+        &["\"f32_3d\"", "past the end of", "best_validation.data-0000"],
+    );
+    // Offset beyond the shard, and offset + size overflowing.
+    assert_err_mentions(
+        open(&|e| e.offset = 1 << 20),
+        &["\"f32_3d\"", "past the end of"],
+    );
+    assert_err_mentions(
+        open(&|e| e.offset = i64::MAX),
+        &["\"f32_3d\"", "past the end of"],
+    );
+    // A string tensor claiming more elements than its bytes can hold.
+    let index = edited_index(|e| {
+        e.get_mut(b"str_vec".as_slice()).unwrap().shape = dims(&[1 << 50]);
+    });
+    assert_err_mentions(
+        Bundle::from_bytes(&prefix, &index, dtypes_shards()),
+        &["\"str_vec\"", "too small for"],
+    );
+    // The unedited index still opens: the failures above are the edits.
+    let index = edited_index(|_| {});
+    Bundle::from_bytes(&prefix, &index, dtypes_shards()).unwrap();
+}
+
+/// Reading checks every pair of slices for overlap, so their number is bounded at open.
+#[test]
+fn a_variable_with_too_many_slices_is_refused_at_open() {
+    let prefix = fixtures().join("dtypes/best_validation");
+    let index = edited_index(|e| {
+        let p = e.get_mut(b"partitioned".as_slice()).unwrap();
+        let first = p.slices[0].clone();
+        p.slices = vec![first; 20_000];
+    });
+    assert_err_mentions(
+        Bundle::from_bytes(&prefix, &index, dtypes_shards()),
+        &["\"partitioned\"", "20000 slices (at most 16384"],
+    );
+}

@@ -102,6 +102,15 @@ fn reads_versions_2_and_3_and_one_byte_descrs() {
     let t = npy::decode(&v3, Path::new("v3.npy")).unwrap();
     assert_eq!(t.dtype(), DType::U16);
     assert_eq!(t.values::<u16>().unwrap(), vec![0, 1, 2]);
+    // A version 3 (UTF-8) header whose descr starts with a multi-byte character
+    // (found by the npy fuzz target: slicing it at byte 1 panicked).
+    let mut v3 = v2.clone();
+    v3[6] = 3;
+    v3[23..26].copy_from_slice("\u{216}2".as_bytes());
+    let e = npy::decode(&v3, Path::new("v3.npy"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unsupported dtype '\u{216}2'"), "{e}");
 
     for d in ["|i1", "<i1"] {
         let mut b = numpy_header(&format!(

@@ -278,3 +278,111 @@ fn a_hundred_thousand_node_chain_does_not_recurse() {
     assert_eq!(back.nodes.len(), n);
     assert!(back.node("dead").is_none());
 }
+
+fn import_err(nodes: Vec<NodeDef>) -> String {
+    let gd = GraphDef {
+        node: nodes,
+        ..GraphDef::default()
+    };
+    let bytes = gd.encode_to_vec();
+    graph_from_proto(&decode_graph_def(&bytes).unwrap())
+        .unwrap_err()
+        .to_string()
+}
+
+/// A Const's shape and contents are checked before its tensor is allocated.
+#[test]
+fn const_shapes_and_contents_are_bounded_before_allocating() {
+    let f32s = |dims: &[i64], content: Vec<u8>, values: Vec<f32>| TensorProto {
+        dtype: DataType::DtFloat as i32,
+        tensor_shape: Some(shape(dims)),
+        tensor_content: content,
+        float_val: values,
+        ..TensorProto::default()
+    };
+    // Element count overflowing usize.
+    let e = import_err(vec![const_node(
+        "w",
+        f32s(&[1 << 40, 1 << 40], vec![0; 4], vec![]),
+    )]);
+    assert!(e.contains("'w'") && e.contains("elements"), "{e}");
+    // Far more elements than the contents hold.
+    let e = import_err(vec![const_node("w", f32s(&[1 << 30], vec![0; 8], vec![]))]);
+    assert!(e.contains("'w'") && e.contains("tensor_content"), "{e}");
+    // One stored value expanded to a huge tensor.
+    let e = import_err(vec![const_node("w", f32s(&[1 << 30], vec![], vec![1.0]))]);
+    assert!(e.contains("'w'") && e.contains("would expand"), "{e}");
+    // Negative and unknown dimensions in a constant.
+    let e = import_err(vec![const_node("w", f32s(&[-1], vec![], vec![1.0]))]);
+    assert!(e.contains("'w'") && e.contains("negative"), "{e}");
+}
+
+#[test]
+fn cycles_and_dangling_inputs_are_errors_naming_a_node() {
+    let node = |name: &str, op: &str, inputs: &[&str]| NodeDef {
+        name: name.into(),
+        op: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        ..NodeDef::default()
+    };
+    let import = |nodes: Vec<NodeDef>| {
+        let gd = GraphDef {
+            node: nodes,
+            ..GraphDef::default()
+        };
+        graph_from_proto(&gd).unwrap()
+    };
+    // a → b → c → a, fed by x; the cycle is found without recursion or a hang.
+    let g = import(vec![
+        node("x", "Placeholder", &[]),
+        node("a", "AddV2", &["x", "c"]),
+        node("b", "Relu", &["a"]),
+        node("c", "Relu", &["^b"]),
+    ]);
+    let e = g.topo_order().unwrap_err().to_string();
+    assert!(e.contains("cycle through node 'a'"), "{e}");
+    let e = qpipe::ir::shape_infer::infer_shapes(&g)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cycle"), "{e}");
+    let mut cut = g.clone();
+    extract_sub_graph(&mut cut, &["c"]).unwrap();
+    assert_eq!(cut.nodes.len(), 4);
+
+    // An input naming no node.
+    let g = import(vec![
+        node("x", "Placeholder", &[]),
+        node("y", "Relu", &["ghost:1"]),
+    ]);
+    let e = g.topo_order().unwrap_err().to_string();
+    assert!(e.contains("'y'") && e.contains("'ghost'"), "{e}");
+    let mut cut = g.clone();
+    let e = extract_sub_graph(&mut cut, &["y"]).unwrap_err().to_string();
+    assert!(e.contains("'y'") && e.contains("'ghost'"), "{e}");
+    let e = qpipe::ir::shape_infer::infer_shapes(&g)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'ghost'"), "{e}");
+}
+
+#[test]
+fn tensor_shapes_whose_element_count_overflows_are_errors() {
+    use qpipe::ir::Tensor;
+    let huge = vec![usize::MAX / 2 + 1, 2];
+    assert_eq!(qpipe::ir::num_elements(&huge), None);
+    let e = Tensor::from_bytes(DType::F32, huge.clone(), vec![0u8; 4]).unwrap_err();
+    assert!(e.to_string().contains("too many elements"), "{e}");
+    // The element count fits, the byte count does not.
+    let e = Tensor::from_bytes(DType::F64, vec![usize::MAX / 4], vec![0u8; 8]).unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
+    assert!(Tensor::from_strings(huge, vec![Vec::new()]).is_err());
+    // u64 overflow of a TensorShapeProto's dims (each fits i64) in a GraphDef Const.
+    let tp = TensorProto {
+        dtype: DataType::DtInt8 as i32,
+        tensor_shape: Some(shape(&[i64::MAX, i64::MAX, 2])),
+        int_val: vec![1],
+        ..TensorProto::default()
+    };
+    let e = import_err(vec![const_node("big", tp)]);
+    assert!(e.contains("'big'") && e.contains("elements"), "{e}");
+}

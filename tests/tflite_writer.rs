@@ -371,3 +371,46 @@ fn export_tflite_stage_writes_the_file_and_reports_metrics() {
     assert_eq!(out.metrics["tensors"], m.tensors.len());
     assert_eq!(m.signatures[0].outputs[0].0, "probs");
 }
+
+/// A constant's shape that does not match its buffer (a huge or negative dimension, an
+/// element count past the data) is an error naming the tensor, not a trusted size.
+#[test]
+fn reader_checks_constant_data_against_its_shape() {
+    let (_, bytes) = tflite::export(&small_graph()).unwrap();
+    let m = reader::read(&bytes, "small.tflite").unwrap();
+    let fc = m.tensors.iter().find(|t| t.shape == [2, 48]).unwrap();
+    assert_eq!(fc.data.as_ref().unwrap().len(), 48 * 2 * 4);
+    let vector = |dims: &[i32]| -> Vec<u8> {
+        let mut v = (dims.len() as u32).to_le_bytes().to_vec();
+        for d in dims {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
+        v
+    };
+    let at: Vec<usize> = bytes
+        .windows(12)
+        .enumerate()
+        .filter(|(_, w)| *w == vector(&[2, 48]))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!at.is_empty());
+    for (dims, want) in [
+        (
+            [3, 48],
+            "384 bytes of data, but shape [3, 48] of FLOAT32 needs 576",
+        ),
+        ([i32::MAX, i32::MAX], "needs 18446744056529682436"),
+        ([-1, 48], "a constant has shape [-1, 48]"),
+    ] {
+        let mut b = bytes.clone();
+        for &i in &at {
+            b[i..i + 12].copy_from_slice(&vector(&dims));
+        }
+        let e = reader::read(&b, "bad.tflite").unwrap_err().to_string();
+        assert!(
+            e.contains("bad.tflite") && e.contains(&format!("tensor '{}'", fc.name)),
+            "{e}"
+        );
+        assert!(e.contains(want), "{e}");
+    }
+}

@@ -4,9 +4,12 @@
 //! Test hook (not a user feature): `QPIPE_TEST_PAUSE=<point>:<stage id>` makes the run
 //! print `qpipe-test-pause <point> <stage id>` on stderr and block forever when that
 //! stage reaches `<point>`, so a test can SIGKILL it at a known place. Points: `run`
-//! (inputs ready, stage not started), `store` (half of the artifact blob written to a
-//! temporary file), `output` (half of an output file written to a temporary file),
-//! `publish` (all blobs and outputs written, entry not yet published).
+//! (inputs ready, stage not started), `memo` (half of a memo's blob written), `store`
+//! (half of the artifact blob written to a temporary file), `outblob` (half of an
+//! output's blob written), `output` (half of an output file written to a temporary
+//! file), `publish` (all blobs and outputs written, entry not yet published), `action`
+//! (half of the entry written), `ref` (half of the stage's ref written), `done` (the
+//! stage is recorded, its dependents not yet started).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -701,6 +704,7 @@ impl<'r> Engine<'r> {
         let entry = self.build(i, manifest.clone(), key.clone(), &hashes)?;
         let metrics = entry.metrics.clone();
         self.finish(i, manifest, &entry)?;
+        self.pause_point("done", i);
         Ok(self.outcome(StageStatus::Ran, key, t0, metrics))
     }
 
@@ -790,7 +794,7 @@ impl<'r> Engine<'r> {
                 key: entry.key.clone(),
                 manifest: manifest.clone(),
             };
-            if let Err(e) = self.store.write_ref(&r) {
+            if let Err(e) = self.store.write_ref(&r, &|| self.pause_point("ref", i)) {
                 self.warn(&format!(
                     "stage '{}': cannot record its cache ref: {e}",
                     s.id
@@ -935,7 +939,9 @@ impl<'r> Engine<'r> {
         for (decl, _, data) in &files {
             outputs.push(OutputRef {
                 path: decl.clone(),
-                blob: self.store.put_blob(data, &|| {})?,
+                blob: self
+                    .store
+                    .put_blob(data, &|| self.pause_point("outblob", i))?,
             });
         }
         for (_, abs, data) in &files {
@@ -952,7 +958,8 @@ impl<'r> Engine<'r> {
             memo: lock(&memo.used).iter().cloned().collect(),
             seconds,
         };
-        self.store.publish_action(&entry)?;
+        self.store
+            .publish_action(&entry, &|| self.pause_point("action", i))?;
         let mut slot = lock(&self.nodes[i].slot);
         if slot.consumers_left > 0 {
             slot.value = Some(Arc::new(output.artifact));
@@ -1141,7 +1148,8 @@ impl Memo for StoreMemo<'_, '_> {
             return Ok(v);
         }
         let value = compute()?;
-        if let Err(e) = store.publish_memo(&mkey, name, &value) {
+        let mid_write = || self.engine.pause_point("memo", self.stage);
+        if let Err(e) = store.publish_memo(&mkey, name, &value, &mid_write) {
             self.engine
                 .warn(&format!("stage '{id}': cannot cache memo '{name}': {e}"));
         }

@@ -340,13 +340,14 @@ impl Store {
     }
 
     /// Publishes an entry. The caller must have stored every blob it names.
-    pub fn publish_action(&self, entry: &ActionEntry) -> Result<()> {
+    /// `mid_write` runs when half of the record is written (a test hook).
+    pub fn publish_action(&self, entry: &ActionEntry, mid_write: &dyn Fn()) -> Result<()> {
         let path = self.action_path(&entry.key);
         if let Some(parent) = path.parent() {
             fsutil::create_dir_all(parent)?;
         }
         let bytes = fsutil::to_checked_json(entry)?;
-        fsutil::write_atomic(&self.tmp_dir(), &path, &bytes, &|| {})
+        fsutil::write_atomic(&self.tmp_dir(), &path, &bytes, mid_write)
     }
 
     // ---- memo ----
@@ -365,8 +366,15 @@ impl Store {
         self.read_blob(&entry.blob)
     }
 
-    pub fn publish_memo(&self, key: &str, name: &str, value: &[u8]) -> Result<()> {
-        let blob = self.put_blob(value, &|| {})?;
+    /// `mid_write` runs when half of the value's blob is written (a test hook).
+    pub fn publish_memo(
+        &self,
+        key: &str,
+        name: &str,
+        value: &[u8],
+        mid_write: &dyn Fn(),
+    ) -> Result<()> {
+        let blob = self.put_blob(value, mid_write)?;
         let entry = MemoEntry {
             key: key.to_string(),
             name: name.to_string(),
@@ -405,13 +413,14 @@ impl Store {
         Ok(r)
     }
 
-    pub fn write_ref(&self, r: &StageRef) -> Result<()> {
+    /// `mid_write` runs when half of the record is written (a test hook).
+    pub fn write_ref(&self, r: &StageRef, mid_write: &dyn Fn()) -> Result<()> {
         let path = self.ref_path(&r.pipeline, &r.stage);
         if let Some(parent) = path.parent() {
             fsutil::create_dir_all(parent)?;
         }
         let bytes = fsutil::to_checked_json(r)?;
-        fsutil::write_atomic(&self.tmp_dir(), &path, &bytes, &|| {})
+        fsutil::write_atomic(&self.tmp_dir(), &path, &bytes, mid_write)
     }
 
     // ---- maintenance ----

@@ -24,6 +24,8 @@ use crate::ir::{num_elements, DType, Tensor};
 const BUNDLE_VERSION: i32 = 1;
 /// More shards than this is taken as a corrupt header rather than a real checkpoint.
 const MAX_SHARDS: i32 = 1 << 16;
+/// Partitions of one variable; reading checks every pair of slices for overlap.
+const MAX_SLICES: usize = 1 << 14;
 
 /// One extent of a [`Slice`]: `length: None` means the whole dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub struct Bundle {
     num_shards: usize,
     big_endian: bool,
     shard_lens: Vec<u64>,
+    /// The shards' bytes for a bundle held in memory; `None`: read from the files.
+    in_memory: Option<Vec<Vec<u8>>>,
     entries: BTreeMap<String, EntryInfo>,
     /// Entries under encoded slice keys (those starting with a 0 byte).
     slice_entries: BTreeMap<Vec<u8>, std::result::Result<EntryInfo, String>>,
@@ -316,6 +320,12 @@ fn parse_shape(e: &BundleEntryProto) -> std::result::Result<Vec<usize>, String> 
 }
 
 fn parse_slices(e: &BundleEntryProto, shape: &[usize]) -> std::result::Result<Vec<Slice>, String> {
+    if e.slices.len() > MAX_SLICES {
+        return Err(format!(
+            "{} slices (at most {MAX_SLICES} are supported)",
+            e.slices.len()
+        ));
+    }
     let mut out = Vec::with_capacity(e.slices.len());
     for (i, s) in e.slices.iter().enumerate() {
         if s.extent.len() != shape.len() {
@@ -432,6 +442,18 @@ impl Bundle {
     pub fn open(prefix: &Path) -> Result<Bundle> {
         let index_path = index_filename(prefix);
         let table = Table::open(&index_path)?;
+        Bundle::from_table(prefix, table, None)
+    }
+
+    /// A bundle held in memory: the `.index` bytes and every data shard's bytes.
+    /// `prefix` only names the files in errors.
+    pub fn from_bytes(prefix: &Path, index: &[u8], shards: Vec<Vec<u8>>) -> Result<Bundle> {
+        let table = Table::parse(&index_filename(prefix), index)?;
+        Bundle::from_table(prefix, table, Some(shards))
+    }
+
+    fn from_table(prefix: &Path, table: Table, in_memory: Option<Vec<Vec<u8>>>) -> Result<Bundle> {
+        let index_path = index_filename(prefix);
         let ierr = |msg: String| Error::file(&index_path, msg);
 
         let Some((first_key, header_bytes)) = table.entries.first() else {
@@ -482,13 +504,26 @@ impl Bundle {
             }
         }
 
-        let mut shard_lens = Vec::with_capacity(num_shards);
-        for s in 0..num_shards {
-            let p = data_filename(prefix, s, num_shards);
-            let meta = std::fs::metadata(&p)
-                .map_err(|e| Error::file(&p, format!("data shard {s} of {num_shards}: {e}")))?;
-            shard_lens.push(meta.len());
-        }
+        let shard_lens = match &in_memory {
+            Some(shards) if shards.len() != num_shards => {
+                return Err(ierr(format!(
+                    "bundle header has {num_shards} shards, {} were given",
+                    shards.len()
+                )))
+            }
+            Some(shards) => shards.iter().map(|d| d.len() as u64).collect(),
+            None => {
+                let mut lens = Vec::with_capacity(num_shards);
+                for s in 0..num_shards {
+                    let p = data_filename(prefix, s, num_shards);
+                    let meta = std::fs::metadata(&p).map_err(|e| {
+                        Error::file(&p, format!("data shard {s} of {num_shards}: {e}"))
+                    })?;
+                    lens.push(meta.len());
+                }
+                lens
+            }
+        };
 
         let mut bundle = Bundle {
             prefix: prefix.to_path_buf(),
@@ -496,6 +531,7 @@ impl Bundle {
             num_shards,
             big_endian,
             shard_lens,
+            in_memory,
             entries: BTreeMap::new(),
             slice_entries: BTreeMap::new(),
             unsupported: BTreeMap::new(),
@@ -609,8 +645,11 @@ impl Bundle {
     fn read_stored(&self, what: &str, info: &EntryInfo) -> Result<Tensor> {
         let path = self.shard_path(info.shard);
         let ferr = |msg: String| Error::file(&path, format!("tensor {what:?}: {msg}"));
-        let mut file = File::open(&path).map_err(|e| ferr(e.to_string()))?;
-        let len = file.metadata().map_err(|e| ferr(e.to_string()))?.len();
+        let mut file = match &self.in_memory {
+            Some(shards) => Shard::Memory(shards.get(info.shard).map_or(&[], Vec::as_slice)),
+            None => Shard::File(File::open(&path).map_err(|e| ferr(e.to_string()))?),
+        };
+        let len = file.len().map_err(|e| ferr(e.to_string()))?;
         let end = info.offset.checked_add(info.size);
         if end.is_none_or(|end| end > len) {
             return Err(ferr(format!(
@@ -622,12 +661,11 @@ impl Bundle {
         // Fits in memory terms: `size` is at most the file's length.
         let size = usize::try_from(info.size)
             .map_err(|_| ferr(format!("{} bytes do not fit in memory", info.size)))?;
-        file.seek(SeekFrom::Start(info.offset))
-            .map_err(|e| ferr(e.to_string()))?;
 
         if info.dtype == DType::String {
             let mut raw = vec![0u8; size];
-            file.read_exact(&mut raw).map_err(|e| ferr(e.to_string()))?;
+            file.read_at(info.offset, &mut raw)
+                .map_err(|e| ferr(e.to_string()))?;
             let n = num_elements(&info.shape).unwrap_or(0);
             let (strings, crc) = parse_strings(&raw, n, self.big_endian).map_err(ferr)?;
             check_crc(info.crc32c, crc).map_err(ferr)?;
@@ -637,7 +675,8 @@ impl Bundle {
 
         let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, size).collect();
         let buf = Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
-        file.read_exact(buf).map_err(|e| ferr(e.to_string()))?;
+        file.read_at(info.offset, buf)
+            .map_err(|e| ferr(e.to_string()))?;
         check_crc(info.crc32c, crc32c::value(buf)).map_err(ferr)?;
         if self.big_endian {
             let elem = info.dtype.size().unwrap_or(1);
@@ -736,6 +775,39 @@ impl Bundle {
                     });
                 }
                 Tensor::from_strings(info.shape.clone(), out).map_err(|e| ierr(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Where a stored entry's bytes come from.
+enum Shard<'a> {
+    File(File),
+    Memory(&'a [u8]),
+}
+
+impl Shard<'_> {
+    fn len(&self) -> std::io::Result<u64> {
+        match self {
+            Shard::File(f) => Ok(f.metadata()?.len()),
+            Shard::Memory(m) => Ok(m.len() as u64),
+        }
+    }
+
+    /// Fills `buf` from `offset`; the caller has checked the range against [`Shard::len`].
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Shard::File(f) => {
+                f.seek(SeekFrom::Start(offset))?;
+                f.read_exact(buf)
+            }
+            Shard::Memory(m) => {
+                let src = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| m.get(o..o.checked_add(buf.len())?))
+                    .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                buf.copy_from_slice(src);
+                Ok(())
             }
         }
     }

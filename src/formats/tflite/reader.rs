@@ -90,6 +90,42 @@ fn type_name(code: i8) -> &'static str {
     }
 }
 
+/// Bytes per element of a fixed-size `TensorType` (`None` for strings, int4 and the like).
+fn type_size(code: i8) -> Option<u64> {
+    match code {
+        3 | 6 | 9 => Some(1),
+        1 | 7 | 16 | 18 => Some(2),
+        0 | 2 | 15 => Some(4),
+        4 | 8 | 10 | 12 => Some(8),
+        11 => Some(16),
+        _ => None,
+    }
+}
+
+/// A constant's data must be exactly what its shape and type need.
+fn check_data_len(type_code: i8, shape: &[i32], len: usize) -> std::result::Result<(), String> {
+    let Some(size) = type_size(type_code) else {
+        return Ok(());
+    };
+    let mut n: u64 = 1;
+    for &d in shape {
+        let d = u64::try_from(d).map_err(|_| format!("a constant has shape {shape:?}"))?;
+        n = n
+            .checked_mul(d)
+            .ok_or_else(|| format!("the element count of shape {shape:?} overflows"))?;
+    }
+    let want = n
+        .checked_mul(size)
+        .ok_or_else(|| format!("the byte count of shape {shape:?} overflows"))?;
+    if want != len as u64 {
+        return Err(format!(
+            "{len} bytes of data, but shape {shape:?} of {} needs {want}",
+            type_name(type_code)
+        ));
+    }
+    Ok(())
+}
+
 /// Reads the summary of a `.tflite` file's contents. `what` names the file in errors.
 pub fn read(bytes: &[u8], what: &str) -> Result<ModelSummary> {
     let bad = |msg: String| Error::msg(format!("{what}: {msg}"));
@@ -152,6 +188,15 @@ pub fn read(bytes: &[u8], what: &str) -> Result<ModelSummary> {
             })?;
             b.clone()
         };
+        let shape: Vec<i32> = t.shape().map(|s| s.iter().collect()).unwrap_or_default();
+        if let Some(r) = &data {
+            check_data_len(t.type_().0, &shape, r.len()).map_err(|e| {
+                bad(format!(
+                    "tensor '{}' (buffer {buffer}): {e}",
+                    t.name().unwrap_or("")
+                ))
+            })?;
+        }
         let quant = t.quantization().and_then(|q| {
             let scale: Vec<f32> = q.scale()?.iter().collect();
             let zero_point: Vec<i64> = q
@@ -168,7 +213,7 @@ pub fn read(bytes: &[u8], what: &str) -> Result<ModelSummary> {
             name: t.name().unwrap_or("").to_string(),
             type_code: t.type_().0,
             type_name: type_name(t.type_().0),
-            shape: t.shape().map(|s| s.iter().collect()).unwrap_or_default(),
+            shape,
             shape_signature: t.shape_signature().map(|s| s.iter().collect()),
             buffer,
             data,
