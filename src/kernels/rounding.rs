@@ -557,6 +557,129 @@ pub fn calculate_input_radius(input_integer_bits: i32, input_left_shift: i32) ->
     max_input_rescaled.floor() as i32
 }
 
+/// One batch row quantized on the fly by a dynamic-range (hybrid) kernel:
+/// `real ≈ (q - offset) * scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DynamicRow {
+    pub q: Vec<i8>,
+    pub scale: f32,
+    pub offset: i32,
+}
+
+/// TFLite `tensor_utils::AsymmetricQuantizeFloats` (hybrid kernels with
+/// `asymmetric_quantize_inputs`) as LiteRT 2.3.0 computes it, pinned down against
+/// it value by value: the range `rmin = min(0, min)`, `rmax = max(0, max)` in
+/// f32, `scale = (f64)(rmax - rmin) / 255` (the difference rounded in f32, the
+/// quotient in f64), the zero point from whichever end has the smaller error, in
+/// f64, rounded half away from zero (so a symmetric range gives exactly -0.5 →
+/// -1), the scale stored as f32, then each value `round(x * (1 / scale)) + offset`
+/// (f32 reciprocal and product, rounded half away from zero *before* the offset
+/// is added), clamped to int8. An all-zero row gets scale 1 and offset 0.
+pub fn asymmetric_quantize_floats(values: &[f32]) -> DynamicRow {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (if v < a { v } else { a }, if v > b { v } else { b })
+        });
+    let rmin = lo.min(0.0);
+    let rmax = hi.max(0.0);
+    if values.is_empty() || rmin == rmax {
+        return DynamicRow {
+            q: vec![0; values.len()],
+            scale: 1.0,
+            offset: 0,
+        };
+    }
+    let (qmin, qmax) = (-128.0f64, 127.0f64);
+    let span = rmax - rmin;
+    let (rmin, rmax) = (rmin as f64, rmax as f64);
+    let scale = span as f64 / (qmax - qmin);
+    let zp_from_min = qmin - rmin / scale;
+    let zp_from_max = qmax - rmax / scale;
+    let err_min = qmin.abs() + (rmin / scale).abs();
+    let err_max = qmax.abs() + (rmax / scale).abs();
+    let zp = if err_min < err_max {
+        zp_from_min
+    } else {
+        zp_from_max
+    };
+    let offset = if zp <= qmin {
+        -128
+    } else if zp >= qmax {
+        127
+    } else {
+        round_half_away_f64(zp) as i32
+    };
+    let scale = scale as f32;
+    let inv = 1.0f32 / scale;
+    let q = values
+        .iter()
+        .map(|&v| (round_half_away_f32(v * inv) as i32 + offset).clamp(-128, 127) as i8)
+        .collect();
+    DynamicRow { q, scale, offset }
+}
+
+/// TFLite `tensor_utils::SymmetricQuantizeFloats`: scale `max|x| / 127` in f32,
+/// values `round(x * (127 / max|x|))` half away from zero, clamped to ±127; an
+/// all-zero row gets scale 1. The offset is 0.
+pub fn symmetric_quantize_floats(values: &[f32]) -> DynamicRow {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (if v < a { v } else { a }, if v > b { v } else { b })
+        });
+    let range = if values.is_empty() {
+        0.0
+    } else {
+        lo.abs().max(hi.abs())
+    };
+    if range == 0.0 {
+        return DynamicRow {
+            q: vec![0; values.len()],
+            scale: 1.0,
+            offset: 0,
+        };
+    }
+    let inv = 127.0f32 / range;
+    let q = values
+        .iter()
+        .map(|&v| (round_half_away_f32(v * inv) as i32).clamp(-127, 127) as i8)
+        .collect();
+    DynamicRow {
+        q,
+        scale: range / 127.0,
+        offset: 0,
+    }
+}
+
+/// How a hybrid kernel turns its i32 accumulator (already corrected for the input
+/// offset) back into float, before the bias: the f32 products in the order each
+/// LiteRT kernel writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HybridScaling {
+    /// `(acc * w_scale) * in_scale` (reference `HybridConvPerChannel`).
+    AccTimesWeightFirst,
+    /// `acc * (in_scale * w_scale)` (`MatrixBatchVectorMultiplyAccumulate`, the
+    /// per-tensor hybrid CONV_2D).
+    AccTimesProduct,
+}
+
+/// The float value of a hybrid accumulator `acc`, plus `bias`.
+#[inline]
+pub fn hybrid_dequantize(
+    acc: i32,
+    in_scale: f32,
+    w_scale: f32,
+    bias: f32,
+    how: HybridScaling,
+) -> f32 {
+    let v = match how {
+        HybridScaling::AccTimesWeightFirst => acc as f32 * w_scale * in_scale,
+        HybridScaling::AccTimesProduct => acc as f32 * (in_scale * w_scale),
+    };
+    v + bias
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
