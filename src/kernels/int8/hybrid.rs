@@ -18,22 +18,24 @@
 //! * CONV_2D with one scale (`EvalHybrid`): symmetric quantization per image,
 //!   `acc * (in_scale * w_scale) + bias`.
 //!
-//! These are the reference resolver's results, bit for bit (tests/
-//! quantize_hybrid_kernels_litert.rs). Both arithmetic profiles use them: LiteRT's
-//! default resolver hands hybrid CONV_2D and FULLY_CONNECTED to the XNNPACK
-//! delegate, whose dynamically quantized (qd8) kernels choose their own input
-//! quantization; qpipe does not reproduce that, and the difference is measured
-//! in tests/quantize_hybrid_litert.rs.
+//! With [`Arithmetic::Reference`] these are the reference resolver's results, bit
+//! for bit. LiteRT's default resolver hands hybrid CONV_2D and FULLY_CONNECTED
+//! to the XNNPACK delegate's dynamically quantized (qd8-f32-qc8w) kernels, which
+//! [`Arithmetic::LiteRt`] follows: [`xnn_dynamic_quantize`] per image or batch
+//! row, then `fma(acc * in_scale, w_scale[c], bias)` ([`HybridScaling::XnnFma`], as
+//! XNNPACK's FMA microkernels on x86-64 compute it; a CPU without FMA rounds the
+//! product and the sum separately). Both are checked in
+//! tests/quantize_hybrid_kernels_litert.rs and tests/quantize_hybrid_litert.rs.
 
 use rayon::prelude::*;
 
-use super::channel_scales;
+use super::{channel_scales, Arithmetic};
 use crate::error::{Error, Result};
 use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    asymmetric_quantize_floats, hybrid_dequantize, symmetric_quantize_floats, DynamicRow,
-    FusedActivation, HybridScaling,
+    asymmetric_quantize_floats, hybrid_dequantize, symmetric_quantize_floats, xnn_dynamic_quantize,
+    DynamicRow, FusedActivation, HybridScaling,
 };
 use crate::kernels::value::Value;
 
@@ -107,26 +109,28 @@ pub fn fully_connected(
             wv[kk * units + u]
         }) as i32
     };
+    let scaling = match quant.arithmetic {
+        Arithmetic::Reference => HybridScaling::AccTimesProduct,
+        Arithmetic::LiteRt => HybridScaling::XnnFma,
+    };
     let row_sums: Vec<i32> = (0..units)
         .map(|u| (0..k).map(|kk| weight(u, kk)).sum())
         .collect();
     let mut res = vec![0f32; batch * units];
     if units > 0 {
         res.par_chunks_mut(units).enumerate().for_each(|(bi, out)| {
-            let row = asymmetric_quantize_floats(&xs[bi * k..(bi + 1) * k]);
+            let v = &xs[bi * k..(bi + 1) * k];
+            let row = match quant.arithmetic {
+                Arithmetic::Reference => asymmetric_quantize_floats(v),
+                Arithmetic::LiteRt => xnn_dynamic_quantize(v),
+            };
             for (u, o) in out.iter_mut().enumerate() {
                 let mut dot = 0i32;
                 for (kk, &q) in row.q.iter().enumerate() {
                     dot = dot.wrapping_add(weight(u, kk) * q as i32);
                 }
                 let acc = dot.wrapping_sub(row_sums[u].wrapping_mul(row.offset));
-                let v = hybrid_dequantize(
-                    acc,
-                    row.scale,
-                    ws[u],
-                    bias[u],
-                    HybridScaling::AccTimesProduct,
-                );
+                let v = hybrid_dequantize(acc, row.scale, ws[u], bias[u], scaling);
                 *o = activate(v, act);
             }
         });
@@ -161,10 +165,10 @@ pub fn conv2d(
     let ws = channel_scales(quant, 1, o)?;
     let bias = float_bias(b, o)?;
     let per_channel = distinct_scales(&ws);
-    let scaling = if per_channel {
-        HybridScaling::AccTimesWeightFirst
-    } else {
-        HybridScaling::AccTimesProduct
+    let scaling = match (quant.arithmetic, per_channel) {
+        (Arithmetic::LiteRt, _) => HybridScaling::XnnFma,
+        (Arithmetic::Reference, true) => HybridScaling::AccTimesWeightFirst,
+        (Arithmetic::Reference, false) => HybridScaling::AccTimesProduct,
     };
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
@@ -175,10 +179,10 @@ pub fn conv2d(
         .into_par_iter()
         .map(|bi| {
             let v = &xs[bi * image..(bi + 1) * image];
-            if per_channel {
-                asymmetric_quantize_floats(v)
-            } else {
-                symmetric_quantize_floats(v)
+            match (quant.arithmetic, per_channel) {
+                (Arithmetic::LiteRt, _) => xnn_dynamic_quantize(v),
+                (Arithmetic::Reference, true) => asymmetric_quantize_floats(v),
+                (Arithmetic::Reference, false) => symmetric_quantize_floats(v),
             }
         })
         .collect();
