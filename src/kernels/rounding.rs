@@ -557,6 +557,170 @@ pub fn calculate_input_radius(input_integer_bits: i32, input_left_shift: i32) ->
     max_input_rescaled.floor() as i32
 }
 
+/// One batch row quantized on the fly by a dynamic-range (hybrid) kernel:
+/// `real ≈ (q - offset) * scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DynamicRow {
+    pub q: Vec<i8>,
+    pub scale: f32,
+    pub offset: i32,
+}
+
+/// TFLite `tensor_utils::AsymmetricQuantizeFloats` (hybrid kernels with
+/// `asymmetric_quantize_inputs`) as LiteRT 2.3.0 computes it, pinned down against
+/// it value by value: the range `rmin = min(0, min)`, `rmax = max(0, max)` in
+/// f32, `scale = (f64)(rmax - rmin) / 255` (the difference rounded in f32, the
+/// quotient in f64), the zero point from whichever end has the smaller error, in
+/// f64, rounded half away from zero (so a symmetric range gives exactly -0.5 →
+/// -1), the scale stored as f32, then each value `round(x * (1 / scale)) + offset`
+/// (f32 reciprocal and product, rounded half away from zero *before* the offset
+/// is added), clamped to int8. An all-zero row gets scale 1 and offset 0.
+pub fn asymmetric_quantize_floats(values: &[f32]) -> DynamicRow {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (if v < a { v } else { a }, if v > b { v } else { b })
+        });
+    let rmin = lo.min(0.0);
+    let rmax = hi.max(0.0);
+    if values.is_empty() || rmin == rmax {
+        return DynamicRow {
+            q: vec![0; values.len()],
+            scale: 1.0,
+            offset: 0,
+        };
+    }
+    let (qmin, qmax) = (-128.0f64, 127.0f64);
+    let span = rmax - rmin;
+    let (rmin, rmax) = (rmin as f64, rmax as f64);
+    let scale = span as f64 / (qmax - qmin);
+    let zp_from_min = qmin - rmin / scale;
+    let zp_from_max = qmax - rmax / scale;
+    let err_min = qmin.abs() + (rmin / scale).abs();
+    let err_max = qmax.abs() + (rmax / scale).abs();
+    let zp = if err_min < err_max {
+        zp_from_min
+    } else {
+        zp_from_max
+    };
+    let offset = if zp <= qmin {
+        -128
+    } else if zp >= qmax {
+        127
+    } else {
+        round_half_away_f64(zp) as i32
+    };
+    let scale = scale as f32;
+    let inv = 1.0f32 / scale;
+    let q = values
+        .iter()
+        .map(|&v| (round_half_away_f32(v * inv) as i32 + offset).clamp(-128, 127) as i8)
+        .collect();
+    DynamicRow { q, scale, offset }
+}
+
+/// TFLite `tensor_utils::SymmetricQuantizeFloats`: scale `max|x| / 127` in f32,
+/// values `round(x * (127 / max|x|))` half away from zero, clamped to ±127; an
+/// all-zero row gets scale 1. The offset is 0.
+pub fn symmetric_quantize_floats(values: &[f32]) -> DynamicRow {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (if v < a { v } else { a }, if v > b { v } else { b })
+        });
+    let range = if values.is_empty() {
+        0.0
+    } else {
+        lo.abs().max(hi.abs())
+    };
+    if range == 0.0 {
+        return DynamicRow {
+            q: vec![0; values.len()],
+            scale: 1.0,
+            offset: 0,
+        };
+    }
+    let inv = 127.0f32 / range;
+    let q = values
+        .iter()
+        .map(|&v| (round_half_away_f32(v * inv) as i32).clamp(-127, 127) as i8)
+        .collect();
+    DynamicRow {
+        q,
+        scale: range / 127.0,
+        offset: 0,
+    }
+}
+
+/// XNNPACK's dynamic quantization of one row (`xnn_qd8_asymmetric_quantization_params`
+/// and the f32 → qd8 convert), which the default resolver uses for hybrid CONV_2D
+/// (one row per image) and FULLY_CONNECTED (one per batch row), all in f32:
+/// `m = 255 / (rmax - rmin)`, the zero point `-128 - rmin·m` when `(-128 + rmin·m)
+/// + (127 + rmax·m) > 0`, else `127 - rmax·m`, clamped and rounded half to even;
+/// values `round_even(x·m) + zp`, saturated; the row's scale is `1 / m`.
+pub fn xnn_dynamic_quantize(values: &[f32]) -> DynamicRow {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (if v < a { v } else { a }, if v > b { v } else { b })
+        });
+    let rmin = lo.min(0.0);
+    let rmax = hi.max(0.0);
+    let (qmin, qmax) = (-128.0f32, 127.0f32);
+    let m = if values.is_empty() || rmin == rmax {
+        1.0
+    } else {
+        (qmax - qmin) / (rmax - rmin)
+    };
+    let (rmin_m, rmax_m) = (rmin * m, rmax * m);
+    let zp = if (qmin + rmin_m) + (qmax + rmax_m) > 0.0 {
+        qmin - rmin_m
+    } else {
+        qmax - rmax_m
+    };
+    let offset = round_half_even_f32(zp.clamp(qmin, qmax)) as i32;
+    let q = values
+        .iter()
+        .map(|&v| (round_half_even_f32(v * m) as i32 + offset).clamp(-128, 127) as i8)
+        .collect();
+    DynamicRow {
+        q,
+        scale: 1.0 / m,
+        offset,
+    }
+}
+
+/// How a hybrid kernel turns its i32 accumulator (already corrected for the input
+/// offset) back into float, before the bias: the f32 products in the order each
+/// LiteRT kernel writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HybridScaling {
+    /// `(acc * w_scale) * in_scale` (reference `HybridConvPerChannel`).
+    AccTimesWeightFirst,
+    /// `acc * (in_scale * w_scale)` (`MatrixBatchVectorMultiplyAccumulate`, the
+    /// per-tensor hybrid CONV_2D).
+    AccTimesProduct,
+    /// XNNPACK's qd8-f32-qc8w GEMM on x86-64 (FMA microkernels): `fma(acc *
+    /// in_scale, w_scale, bias)`, one rounding for the multiply-add.
+    XnnFma,
+}
+
+/// The float value of a hybrid accumulator `acc`, plus `bias`.
+#[inline]
+pub fn hybrid_dequantize(
+    acc: i32,
+    in_scale: f32,
+    w_scale: f32,
+    bias: f32,
+    how: HybridScaling,
+) -> f32 {
+    match how {
+        HybridScaling::AccTimesWeightFirst => acc as f32 * w_scale * in_scale + bias,
+        HybridScaling::AccTimesProduct => acc as f32 * (in_scale * w_scale) + bias,
+        HybridScaling::XnnFma => (acc as f32 * in_scale).mul_add(w_scale, bias),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,5 +922,50 @@ mod tests {
             quantize_multiplier(0.5 * (1u64 << 26) as f64)
         );
         assert_eq!(calculate_input_radius(5, 20), ((31i64 << 26) >> 20) as i32);
+    }
+
+    #[test]
+    fn dynamic_row_quantization() {
+        // A symmetric range puts the zero point at exactly -0.5 in f64: -1.
+        let r = asymmetric_quantize_floats(&[-0.25, 0.25, 0.1]);
+        assert_eq!(r.offset, -1);
+        assert_eq!(r.scale, (0.5f32 as f64 / 255.0) as f32);
+        let inv = 1.0 / r.scale;
+        let q = |v: f32| ((v * inv).round() as i32 - 1).clamp(-128, 127) as i8;
+        assert_eq!(r.q, vec![-128, q(0.25), q(0.1)]);
+        // Rounded before the offset is added: 0.5 * inv rounds away from zero.
+        let r = asymmetric_quantize_floats(&[0.0, 2.55]);
+        assert_eq!((r.offset, r.q.clone()), (-128, vec![-128, 127]));
+        for f in [asymmetric_quantize_floats, symmetric_quantize_floats] {
+            let z = f(&[0.0, 0.0]);
+            assert_eq!((z.q, z.scale, z.offset), (vec![0, 0], 1.0, 0));
+        }
+        // XNNPACK's formula puts an all-zero row at zero point 127: still 0.0.
+        let z = xnn_dynamic_quantize(&[0.0, 0.0]);
+        assert_eq!((z.q, z.scale, z.offset), (vec![127, 127], 1.0, 127));
+        let s = symmetric_quantize_floats(&[-1.27, 0.5]);
+        assert_eq!((s.q.clone(), s.scale), (vec![-127, 50], 1.27f32 / 127.0));
+        // XNNPACK: the zero point rounds half to even, values too.
+        let x = xnn_dynamic_quantize(&[-1.0, 1.0]);
+        assert_eq!(x.offset, 0);
+        assert_eq!(x.q, vec![-128, 127]);
+        assert_eq!(x.scale, 1.0 / (255.0f32 / 2.0));
+    }
+
+    #[test]
+    fn hybrid_scalings_round_where_their_kernels_do() {
+        let (acc, s, w, b) = (12345, 0.0123f32, 0.00456f32, 0.1f32);
+        assert_eq!(
+            hybrid_dequantize(acc, s, w, b, HybridScaling::AccTimesWeightFirst),
+            acc as f32 * w * s + b
+        );
+        assert_eq!(
+            hybrid_dequantize(acc, s, w, b, HybridScaling::AccTimesProduct),
+            acc as f32 * (s * w) + b
+        );
+        assert_eq!(
+            hybrid_dequantize(acc, s, w, b, HybridScaling::XnnFma),
+            ((acc as f32 * s) as f64 * w as f64 + b as f64) as f32
+        );
     }
 }

@@ -31,10 +31,18 @@
 //!   float16) → float32 with its input's parameters, `T` = input type, `dtype =
 //!   float32`. Named `<tensor>/dequantize`. Graph outputs of the float interface
 //!   point at these nodes.
-//! * **Weight-only / dynamic range**: weight constants become int8 constants of the
-//!   same name read through `<name>/dequantize`; compute stays float. Dynamic range
-//!   (DEFAULT without calibration) is represented the same way, restricted to
-//!   weights of ≥ 1024 elements; qpipe has no hybrid kernels.
+//! * **Weight-only**: weight constants become int8 constants of the same name read
+//!   through `<name>/dequantize`; compute stays float.
+//! * **Dynamic range** (DEFAULT without calibration): weights of ≥ 1024 elements
+//!   become int8 constants as above. A weight read only as the filter of a
+//!   `_FusedConv2D` or the weights of a `_FusedMatMul` is read by it directly,
+//!   with no `Dequantize`: such a node, with a float data input, a float bias and
+//!   an int8 weight input carrying per-channel `output_quant`, is **hybrid**. Its
+//!   output is float; at run time each batch row of its input is quantized to
+//!   int8 (FULLY_CONNECTED: asymmetric, exported with `asymmetric_quantize_inputs`
+//!   as the converter sets it; CONV_2D: asymmetric when the channel scales differ,
+//!   symmetric otherwise, as LiteRT decides), see [`crate::kernels::int8`]. Other
+//!   weights (depthwise filters, embedding tables) keep the `Dequantize`.
 //!
 //! # Parameters
 //!
@@ -50,7 +58,8 @@
 //!
 //! * `DEFAULT`: with `calibration`, full integer with a float interface; ops with no
 //!   int8 kernel (and `exclude`d nodes) stay float between `Dequantize`/`Quantize`.
-//!   Without calibration, dynamic range (int8 weights ≥ 1024 elements).
+//!   Without calibration, dynamic range (int8 weights ≥ 1024 elements, hybrid
+//!   CONV_2D and FULLY_CONNECTED).
 //! * `OPTIMIZE_FOR_SIZE`: weight-only int8 of every weight (conv, depthwise and
 //!   matmul weights, embedding tables), float compute, no calibration.
 //! * `OPTIMIZE_FOR_LATENCY`: full integer with int8 inputs and outputs; any op left
@@ -230,7 +239,9 @@ impl Stage for QuantizeInt8 {
                 } else {
                     DYNAMIC_RANGE_MIN_ELEMENTS
                 };
-                let (g, r) = weights::quantize_weights(&fused, min, c.per_channel_dense, &exclude)?;
+                let hybrid = c.strategy == Strategy::Default;
+                let (g, r) =
+                    weights::quantize_weights(&fused, min, c.per_channel_dense, &exclude, hybrid)?;
                 metrics.insert(
                     "mode".into(),
                     if c.strategy == Strategy::OptimizeForSize {
@@ -248,7 +259,8 @@ impl Stage for QuantizeInt8 {
                     .filter(|n| rewrite::is_compute(&n.op))
                     .count();
                 metrics.insert("int8_ops".into(), 0.into());
-                metrics.insert("float_ops".into(), float_ops.into());
+                metrics.insert("hybrid_ops".into(), r.hybrid_ops.into());
+                metrics.insert("float_ops".into(), (float_ops - r.hybrid_ops).into());
                 g
             }
             Some(ds) => {

@@ -854,10 +854,14 @@ impl<'g> Lowerer<'g> {
                     Layout::Transposed
                 };
                 let w = self.input(&node.inputs[1], layout)?;
+                // qpipe's hybrid kernel, like the converter, quantizes inputs asymmetrically.
+                let hybrid = self.model.tensors[w as usize].dtype == DType::I8
+                    && self.info(node, &node.inputs[0])?.dtype == DType::F32;
                 (
                     Op::FullyConnected {
                         activation,
                         keep_num_dims: false,
+                        asymmetric_quantize_inputs: hybrid,
                     },
                     w,
                 )

@@ -76,6 +76,9 @@ pub enum Op {
     FullyConnected {
         activation: Activation,
         keep_num_dims: bool,
+        /// Hybrid (float input, int8 weights) kernels quantize each input row
+        /// asymmetrically rather than symmetrically.
+        asymmetric_quantize_inputs: bool,
     },
     Logistic,
     MaxPool2d(PoolOptions),

@@ -97,7 +97,11 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
                 1
             }
         }
-        Op::FullyConnected { keep_num_dims, .. } => {
+        Op::FullyConnected {
+            keep_num_dims,
+            asymmetric_quantize_inputs,
+            ..
+        } => {
             if hybrid && per_channel(op.inputs.get(1).copied()) {
                 12
             } else if in0 == Some(I16) && in1 == Some(I16) && out0 == Some(I16) {
@@ -108,6 +112,8 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
                 5
             } else if int8 {
                 4
+            } else if hybrid && *asymmetric_quantize_inputs {
+                9
             } else if hybrid {
                 3
             } else {
@@ -370,6 +376,7 @@ mod tests {
         let fc = Op::FullyConnected {
             activation: Activation::None,
             keep_num_dims: false,
+            asymmetric_quantize_inputs: false,
         };
         let f = |d| tensor(d, &[1, 4], None);
         let (m, op) = model(

@@ -391,12 +391,14 @@ fn write_options(
         Op::FullyConnected {
             activation,
             keep_num_dims,
+            asymmetric_quantize_inputs,
         } => {
             let t = fb::FullyConnectedOptions::create(
                 fbb,
                 &fb::FullyConnectedOptionsArgs {
                     fused_activation_function: act(*activation),
                     keep_num_dims: *keep_num_dims,
+                    asymmetric_quantize_inputs: *asymmetric_quantize_inputs,
                     ..Default::default()
                 },
             );

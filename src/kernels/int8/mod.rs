@@ -38,6 +38,7 @@
 
 mod conv;
 mod elementwise;
+mod hybrid;
 mod reduce;
 
 use super::ops::{Kernel, StepQuant};
@@ -196,6 +197,23 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
             .first()
             .ok_or_else(|| Error::msg("Quantize needs an input"))?;
         return elementwise::quantize(x, quant).map(|v| Some(vec![v]));
+    }
+    let hybrid = inputs.first().is_some_and(|v| v.dtype() == DType::F32) && is_i8(1);
+    match kernel {
+        Kernel::FusedConv2D { win, act } if hybrid => {
+            return Ok(Some(vec![hybrid::conv2d(inputs, win, *act, quant)?]))
+        }
+        Kernel::FusedMatMul { ta, tb, act } if hybrid => {
+            if *ta {
+                return Err(Error::msg(
+                    "hybrid fully connected cannot transpose its input",
+                ));
+            }
+            return Ok(Some(vec![hybrid::fully_connected(
+                inputs, *tb, *act, quant,
+            )?]));
+        }
+        _ => {}
     }
     let binary = matches!(kernel, Kernel::Binary(_));
     if !(is_i8(0) || binary && is_i8(1)) {

@@ -1,7 +1,11 @@
 //! Weight-only int8 (OPTIMIZE_FOR_SIZE) and dynamic range (DEFAULT without a
 //! calibration set): float weight constants become symmetric int8 constants of the
-//! same name, read through a `Dequantize` node (`<name>/dequantize`); arithmetic
-//! stays float.
+//! same name. Weight-only, and dynamic range for the weights of ops that have no
+//! hybrid kernel, read them through a `Dequantize` node (`<name>/dequantize`) and
+//! compute in float. In dynamic range, a weight read only as the filter of
+//! `_FusedConv2D` or the weights of `_FusedMatMul` is read by those ops directly:
+//! they become hybrid (float input and output, int8 weights, input quantized at
+//! run time), as LiteRT runs CONV_2D and FULLY_CONNECTED with an int8 filter.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,6 +20,8 @@ pub struct WeightReport {
     pub per_channel: usize,
     pub bytes_before: usize,
     pub bytes_after: usize,
+    /// Ops that read their int8 weights directly (hybrid).
+    pub hybrid_ops: usize,
 }
 
 /// The axis a consumer quantizes weight input `k` along: `Some(Some(axis))` per
@@ -35,18 +41,28 @@ fn weight_use(n: &Node, k: usize, w: &Tensor, per_channel_dense: bool) -> Option
     }
 }
 
-/// Quantizes the weight constants of `g` with at least `min_elements` elements.
+/// Whether input `k` of `n` is the weight operand of an op with a hybrid kernel.
+fn hybrid_use(n: &Node, k: usize) -> bool {
+    k == 1 && matches!(n.op.as_str(), "_FusedConv2D" | "_FusedMatMul")
+}
+
+/// Quantizes the weight constants of `g` with at least `min_elements` elements;
+/// with `hybrid`, the ops that have hybrid kernels read theirs without a
+/// `Dequantize`.
 pub fn quantize_weights(
     g: &Graph,
     min_elements: usize,
     per_channel_dense: bool,
     exclude: &HashSet<String>,
+    hybrid: bool,
 ) -> Result<(Graph, WeightReport)> {
     let index = g.index()?;
     let outputs: HashSet<&str> = g.outputs.iter().map(|r| r.node.as_str()).collect();
     // Constant → (axis, ok) from all its uses.
     let mut uses: HashMap<&str, Option<Option<usize>>> = HashMap::new();
     let mut blocked: HashSet<&str> = HashSet::new();
+    // Constants with a use that is not a hybrid one.
+    let mut not_hybrid: HashSet<&str> = HashSet::new();
     for n in &g.nodes {
         for (k, r) in n.inputs.iter().enumerate() {
             let Some(&ci) = index.get(r.node.as_str()) else {
@@ -57,6 +73,9 @@ pub fn quantize_weights(
             };
             if t.dtype() != DType::F32 {
                 continue;
+            }
+            if !hybrid_use(n, k) {
+                not_hybrid.insert(r.node.as_str());
             }
             match weight_use(n, k, t, per_channel_dense) {
                 Some(axis) if !exclude.contains(&n.name) => {
@@ -100,6 +119,9 @@ pub fn quantize_weights(
         n.attrs
             .insert("value".into(), Attr::Tensor(Tensor::from_vec(shape, &vals)));
         n.output_quant.insert(0, q);
+        if hybrid && !not_hybrid.contains(n.name.as_str()) {
+            continue;
+        }
         let mut name = format!("{}/dequantize", n.name);
         let mut k = 1;
         while names.contains(&name) {
@@ -123,5 +145,21 @@ pub fn quantize_weights(
         }
     }
     out.nodes.extend(added);
+    if hybrid {
+        let index = out.index()?;
+        report.hybrid_ops = out
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.inputs.get(1).is_some_and(|r| {
+                    hybrid_use(n, 1)
+                        && index
+                            .get(r.node.as_str())
+                            .and_then(|&i| out.nodes[i].const_value())
+                            .is_some_and(|t| t.dtype() == DType::I8)
+                })
+            })
+            .count();
+    }
     Ok((out, report))
 }

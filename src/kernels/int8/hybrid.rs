@@ -1,0 +1,229 @@
+//! Dynamic-range (hybrid) kernels: float input and output, int8 weights with
+//! per-channel scales, as LiteRT's FULLY_CONNECTED and CONV_2D compute them when
+//! the filter is int8 and the input float32. Each batch row of the input is
+//! quantized on the fly ([`asymmetric_quantize_floats`] or
+//! [`symmetric_quantize_floats`]), multiplied in i32, and the accumulator is
+//! scaled back to float ([`hybrid_dequantize`]) before the float bias and the
+//! fused activation.
+//!
+//! * FULLY_CONNECTED (`fully_connected.cc` `EvalHybrid`, the same code in every
+//!   resolver): asymmetric input quantization per batch row
+//!   (`asymmetric_quantize_inputs`, which qpipe always sets, as the converter does),
+//!   `acc = Σ w·x_q − row_sum(w)·offset`, then `bias + acc * (in_scale *
+//!   w_scale[c])` (`MatrixBatchVectorMultiplyAccumulate`).
+//! * CONV_2D with per-channel scales that are not all equal (`conv.cc`
+//!   `EvalHybridPerChannel`, reference `HybridConvPerChannel`): asymmetric
+//!   quantization of each image, padding taps skipped (they stand for 0.0), then
+//!   `(acc * w_scale[c]) * in_scale + bias`.
+//! * CONV_2D with one scale (`EvalHybrid`): symmetric quantization per image,
+//!   `acc * (in_scale * w_scale) + bias`.
+//!
+//! With [`Arithmetic::Reference`] these are the reference resolver's results, bit
+//! for bit. LiteRT's default resolver hands hybrid CONV_2D and FULLY_CONNECTED
+//! to the XNNPACK delegate's dynamically quantized (qd8-f32-qc8w) kernels, which
+//! [`Arithmetic::LiteRt`] follows: [`xnn_dynamic_quantize`] per image or batch
+//! row, then `fma(acc * in_scale, w_scale[c], bias)` ([`HybridScaling::XnnFma`], as
+//! XNNPACK's FMA microkernels on x86-64 compute it; a CPU without FMA rounds the
+//! product and the sum separately). Both are checked in
+//! tests/quantize_hybrid_kernels_litert.rs and tests/quantize_hybrid_litert.rs.
+
+use rayon::prelude::*;
+
+use super::{channel_scales, Arithmetic};
+use crate::error::{Error, Result};
+use crate::kernels::nn::{out_size, Window};
+use crate::kernels::ops::StepQuant;
+use crate::kernels::rounding::{
+    asymmetric_quantize_floats, hybrid_dequantize, symmetric_quantize_floats, xnn_dynamic_quantize,
+    DynamicRow, FusedActivation, HybridScaling,
+};
+use crate::kernels::value::Value;
+
+/// TFLite `ActivationFunctionWithMinMax` for the float fused activations.
+fn activate(v: f32, act: FusedActivation) -> f32 {
+    let (lo, hi) = match act {
+        FusedActivation::None => return v,
+        FusedActivation::Relu => (0.0, f32::INFINITY),
+        FusedActivation::Relu6 => (0.0, 6.0),
+        FusedActivation::ReluN1To1 => (-1.0, 1.0),
+    };
+    v.max(lo).min(hi)
+}
+
+fn float_bias(b: &Value, channels: usize) -> Result<&[f32]> {
+    let v = b.slice::<f32>().map_err(|e| e.context("hybrid bias"))?;
+    if v.len() != channels || b.rank() != 1 {
+        return Err(Error::msg(format!(
+            "hybrid bias of shape {:?} for {channels} output channels",
+            b.shape
+        )));
+    }
+    Ok(v)
+}
+
+/// Whether the weights' scales make LiteRT take its per-channel (asymmetric) path.
+fn distinct_scales(ws: &[f32]) -> bool {
+    ws.iter().any(|&s| s != ws[0])
+}
+
+/// `_FusedMatMul` with float input, int8 weights (`[in, out]`, or `[out, in]` with
+/// `transpose_b`) and float bias: LiteRT's hybrid FULLY_CONNECTED with
+/// `asymmetric_quantize_inputs`.
+pub fn fully_connected(
+    inputs: &[Value],
+    tb: bool,
+    act: FusedActivation,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg(
+            "hybrid fully connected needs input, weights and bias",
+        ));
+    };
+    if x.rank() != 2 || w.rank() != 2 {
+        return Err(Error::msg(format!(
+            "hybrid fully connected needs matrices, got {:?} and {:?}",
+            x.shape, w.shape
+        )));
+    }
+    let (batch, k) = (x.shape[0], x.shape[1]);
+    let (wk, units) = if tb {
+        (w.shape[1], w.shape[0])
+    } else {
+        (w.shape[0], w.shape[1])
+    };
+    if wk != k {
+        return Err(Error::msg(format!(
+            "weights {:?} do not match input {:?}",
+            w.shape, x.shape
+        )));
+    }
+    let ws = channel_scales(quant, 1, units)?;
+    let bias = float_bias(b, units)?;
+    let xs = x.slice::<f32>()?;
+    let wv = w.slice::<i8>()?;
+    let weight = |u: usize, kk: usize| -> i32 {
+        (if tb {
+            wv[u * k + kk]
+        } else {
+            wv[kk * units + u]
+        }) as i32
+    };
+    let scaling = match quant.arithmetic {
+        Arithmetic::Reference => HybridScaling::AccTimesProduct,
+        Arithmetic::LiteRt => HybridScaling::XnnFma,
+    };
+    let row_sums: Vec<i32> = (0..units)
+        .map(|u| (0..k).map(|kk| weight(u, kk)).sum())
+        .collect();
+    let mut res = vec![0f32; batch * units];
+    if units > 0 {
+        res.par_chunks_mut(units).enumerate().for_each(|(bi, out)| {
+            let v = &xs[bi * k..(bi + 1) * k];
+            let row = match quant.arithmetic {
+                Arithmetic::Reference => asymmetric_quantize_floats(v),
+                Arithmetic::LiteRt => xnn_dynamic_quantize(v),
+            };
+            for (u, o) in out.iter_mut().enumerate() {
+                let mut dot = 0i32;
+                for (kk, &q) in row.q.iter().enumerate() {
+                    dot = dot.wrapping_add(weight(u, kk) * q as i32);
+                }
+                let acc = dot.wrapping_sub(row_sums[u].wrapping_mul(row.offset));
+                let v = hybrid_dequantize(acc, row.scale, ws[u], bias[u], scaling);
+                *o = activate(v, act);
+            }
+        });
+    }
+    Ok(Value::from_vec(vec![batch, units], res))
+}
+
+/// `_FusedConv2D` with float input (NHWC), int8 filter (HWIO) and float bias:
+/// LiteRT's hybrid CONV_2D.
+pub fn conv2d(
+    inputs: &[Value],
+    win: &Window,
+    act: FusedActivation,
+    quant: &StepQuant,
+) -> Result<Value> {
+    let [x, w, b] = inputs else {
+        return Err(Error::msg(
+            "hybrid convolution needs input, filter and bias",
+        ));
+    };
+    let dims = |v: &Value, what: &str| {
+        <[usize; 4]>::try_from(v.shape.as_slice())
+            .map_err(|_| Error::msg(format!("{what} must have rank 4, got shape {:?}", v.shape)))
+    };
+    let [n, h, wd, c] = dims(x, "input")?;
+    let [kh, kw, kc, o] = dims(w, "filter")?;
+    if kc != c {
+        return Err(Error::msg(format!(
+            "filter has {kc} input channels, the input has {c}"
+        )));
+    }
+    let ws = channel_scales(quant, 1, o)?;
+    let bias = float_bias(b, o)?;
+    let per_channel = distinct_scales(&ws);
+    let scaling = match (quant.arithmetic, per_channel) {
+        (Arithmetic::LiteRt, _) => HybridScaling::XnnFma,
+        (Arithmetic::Reference, true) => HybridScaling::AccTimesWeightFirst,
+        (Arithmetic::Reference, false) => HybridScaling::AccTimesProduct,
+    };
+    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    let xs = x.slice::<f32>()?;
+    let wv = w.slice::<i8>()?;
+    let image = h * wd * c;
+    let rows: Vec<DynamicRow> = (0..n)
+        .into_par_iter()
+        .map(|bi| {
+            let v = &xs[bi * image..(bi + 1) * image];
+            match (quant.arithmetic, per_channel) {
+                (Arithmetic::LiteRt, _) => xnn_dynamic_quantize(v),
+                (Arithmetic::Reference, true) => asymmetric_quantize_floats(v),
+                (Arithmetic::Reference, false) => symmetric_quantize_floats(v),
+            }
+        })
+        .collect();
+    let mut res = vec![0f32; n * oh * ow * o];
+    let line = ow * o;
+    let compute = |r: usize, out: &mut [f32]| {
+        let (bi, oy) = (r / oh, r % oh);
+        let row = &rows[bi];
+        let mut acc = vec![0i32; o];
+        for ox in 0..ow {
+            acc.iter_mut().for_each(|a| *a = 0);
+            for ky in 0..kh {
+                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+                    if ix < 0 || ix >= wd as isize {
+                        continue;
+                    }
+                    let xo = (iy as usize * wd + ix as usize) * c;
+                    for ic in 0..c {
+                        let xv = row.q[xo + ic] as i32 - row.offset;
+                        let wo = ((ky * kw + kx) * c + ic) * o;
+                        for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
+                            *a = a.wrapping_add(wq as i32 * xv);
+                        }
+                    }
+                }
+            }
+            for (oc, &a) in acc.iter().enumerate() {
+                let v = hybrid_dequantize(a, row.scale, ws[oc], bias[oc], scaling);
+                out[ox * o + oc] = activate(v, act);
+            }
+        }
+    };
+    if line > 0 {
+        res.par_chunks_mut(line)
+            .enumerate()
+            .for_each(|(r, out)| compute(r, out));
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, o], res))
+}

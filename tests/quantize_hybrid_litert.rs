@@ -1,0 +1,150 @@
+//! DEFAULT without a calibration set: dynamic-range quantization with hybrid
+//! CONV_2D and FULLY_CONNECTED (float input and output, int8 weights), exported
+//! and run in LiteRT 2.3.0 with both resolvers. Compared with the TFLite
+//! converter's file for the same strategy (bench/int8_converter.py, "DEFAULT,
+//! no data"): the same hybrid ops, and at most 2% more bytes.
+
+mod q8_util;
+mod tfl_util;
+
+use std::sync::Arc;
+
+use q8_util::*;
+use qpipe::formats::tflite;
+use qpipe::ir::DType;
+use qpipe::kernels::Arithmetic;
+use qpipe::stages::Artifact;
+use tfl_util::*;
+
+/// The converter's file bytes and hybrid (CONV_2D, FULLY_CONNECTED) op counts
+/// for "DEFAULT, no data" (TensorFlow 2.21, bench/int8_converter.py).
+const CONVERTER: [(&str, usize, usize, usize); 3] = [
+    ("push_student", 76_728, 3, 0),
+    ("conv_bn", 14_168, 1, 0),
+    ("mlp_res", 15_992, 0, 1),
+];
+
+/// Top-1 accuracy of class scores against the fixture's eval labels.
+fn accuracy(model: &str, scores: &qpipe::ir::Tensor) -> f64 {
+    let labels = qpipe::npy::read(&fixture(&format!("{model}/eval_y.npy"))).unwrap();
+    let ids = qpipe::kernels::dataset::class_ids(&labels).unwrap();
+    let s = scores.to_f64_vec().unwrap();
+    let cols = scores.shape()[1];
+    let pred = qpipe::kernels::dataset::argmax_rows(&s, ids.len(), cols);
+    pred.iter().zip(&ids).filter(|(a, b)| a == b).count() as f64 / ids.len() as f64
+}
+
+#[test]
+fn dynamic_range_fixture_models_are_hybrid_and_match_litert() {
+    for (model, converter_bytes, conv, fc) in CONVERTER {
+        let (g, out) = quantize_fixture(model, "");
+        assert_eq!(
+            out.metrics["hybrid_ops"].as_u64(),
+            Some((conv + fc) as u64),
+            "{model}"
+        );
+        let (m, bytes) = tflite::export(&g).unwrap_or_else(|e| panic!("{model}: {e}"));
+        let hybrid = |code: i32| {
+            m.operators
+                .iter()
+                .filter(|op| {
+                    let dt = |i: usize| m.tensors[op.inputs[i] as usize].dtype;
+                    op.op.builtin_code() == code && dt(0) == DType::F32 && dt(1) == DType::I8
+                })
+                .count()
+        };
+        assert_eq!((hybrid(3), hybrid(9)), (conv, fc), "{model}: hybrid ops");
+        for op in &m.operators {
+            if let tflite::model::Op::FullyConnected {
+                asymmetric_quantize_inputs,
+                ..
+            } = op.op
+            {
+                let w = m.tensors[op.inputs[1] as usize].dtype;
+                assert_eq!(asymmetric_quantize_inputs, w == DType::I8, "{model}");
+            }
+        }
+        eprintln!(
+            "{model}: {} bytes, converter {converter_bytes} ({:.4}x)",
+            bytes.len(),
+            bytes.len() as f64 / converter_bytes as f64
+        );
+        assert!(
+            bytes.len() * 100 <= converter_bytes * 102,
+            "{model}: {} bytes, the converter's {converter_bytes}",
+            bytes.len()
+        );
+
+        let dir = scratch(&format!("hybrid_{model}"));
+        let path = dir.join("model.tflite");
+        std::fs::write(&path, &bytes).unwrap();
+        let x = fixture(&format!("{model}/eval_x.npy"));
+        let reference = stripped_fixture(model);
+        let checked = [
+            validate(model, reference.clone(), g.clone(), "litert-ref"),
+            validate(model, reference, g.clone(), "litert"),
+        ];
+        for resolver in [Resolver::Reference, Resolver::Default] {
+            let got = run_litert(
+                &path,
+                &[("input_x", &x)],
+                resolver,
+                &dir.join(format!("{resolver:?}")),
+            )
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+            let arith = match resolver {
+                Resolver::Reference => Arithmetic::Reference,
+                Resolver::Default => Arithmetic::LiteRt,
+            };
+            let ours = run_qpipe_with(&g, &x, arith);
+            let diff = max_abs_diff(&got[0], &ours[0]);
+            let (n, _) = lsb_diff(&got[0], &ours[0], 1.0);
+            let litert_acc = accuracy(model, &got[0]);
+            eprintln!(
+                "{model} LiteRT {resolver:?} vs qpipe: {n}/{} outputs differ, max abs diff \
+                 {diff:e}, accuracy LiteRT {litert_acc} qpipe {}",
+                ours[0].len(),
+                accuracy(model, &ours[0]),
+            );
+            match resolver {
+                Resolver::Reference => {
+                    // The hybrid kernels are bit-exact (quantize_hybrid_kernels_litert);
+                    // what remains are the float ops' last-ulp differences (the float32
+                    // model differs from BUILTIN_REF by the same 2^-25).
+                    assert!(diff <= 6e-8, "{model}: {diff:e} off BUILTIN_REF");
+                    assert_eq!(litert_acc, checked[0], "{model}: validate's accuracy");
+                }
+                Resolver::Default => {
+                    // Hybrid ops as XNNPACK's qd8 kernels compute them; the float ops
+                    // (XNNPACK's own tanh/sigmoid/conv) stay a few ulps apart, which
+                    // the measured 2e-5 on mlp_res's probabilities is.
+                    assert!(diff <= 3e-5, "{model}: {diff:e} off the default resolver");
+                    assert_eq!(litert_acc, checked[1], "{model}: validate's accuracy");
+                }
+            }
+        }
+    }
+}
+
+/// `candidate_accuracy` of `validate` with the given `runtime`.
+fn validate(
+    model: &str,
+    reference: qpipe::ir::Graph,
+    candidate: qpipe::ir::Graph,
+    runtime: &str,
+) -> f64 {
+    let out = run_stage(
+        "validate",
+        &format!(
+            "reference = \"strip\"\ncandidate = \"quant\"\ndataset = \"eval\"\nruntime = \"{runtime}\""
+        ),
+        vec![
+            ("reference", Artifact::Graph(Arc::new(reference))),
+            ("candidate", Artifact::Graph(Arc::new(candidate))),
+        ],
+        &fixture_datasets(model),
+        &MemMemo::default(),
+    )
+    .unwrap_or_else(|e| panic!("{model}: validate: {e}"));
+    out.metrics["candidate_accuracy"].as_f64().unwrap()
+}
