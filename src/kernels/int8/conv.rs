@@ -15,7 +15,7 @@ use crate::kernels::rounding::{
 };
 use crate::kernels::value::Value;
 
-fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
+pub(super) fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
     <[usize; 4]>::try_from(v.shape.as_slice())
         .map_err(|_| Error::msg(format!("{what} must have rank 4, got shape {:?}", v.shape)))
 }
@@ -184,6 +184,59 @@ pub fn depthwise(
     )
 }
 
+/// The filter taps of output position (`oy`, `ox`) that fall inside the `h`×`wd`
+/// input, given the window, the filter size and the top/left padding: calls
+/// `tap(tap_index, iy, ix)` for each, in filter order. Shared by the int8 and the
+/// hybrid convolutions.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn for_each_tap(
+    win: &Window,
+    (h, wd): (usize, usize),
+    (kh, kw): (usize, usize),
+    (pt, pl): (usize, usize),
+    oy: usize,
+    ox: usize,
+    mut tap: impl FnMut(usize, usize, usize),
+) {
+    for ky in 0..kh {
+        let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+        if iy < 0 || iy >= h as isize {
+            continue;
+        }
+        for kx in 0..kw {
+            let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+            if ix < 0 || ix >= wd as isize {
+                continue;
+            }
+            tap(ky * kw + kx, iy as usize, ix as usize);
+        }
+    }
+}
+
+/// `(batch, k, units)` of a fully connected op on `x` `[batch, k]` and weights `w`
+/// (`[k, units]`, or `[units, k]` with `tb`).
+pub(super) fn fc_dims(x: &Value, w: &Value, tb: bool, what: &str) -> Result<(usize, usize, usize)> {
+    if x.rank() != 2 || w.rank() != 2 {
+        return Err(Error::msg(format!(
+            "{what} fully connected needs matrices, got {:?} and {:?}",
+            x.shape, w.shape
+        )));
+    }
+    let (batch, k) = (x.shape[0], x.shape[1]);
+    let (wk, units) = if tb {
+        (w.shape[1], w.shape[0])
+    } else {
+        (w.shape[0], w.shape[1])
+    };
+    if wk != k {
+        return Err(Error::msg(format!(
+            "weights {:?} do not match input {:?}",
+            w.shape, x.shape
+        )));
+    }
+    Ok((batch, k, units))
+}
+
 /// The part conv and depthwise share, as TFLite's reference integer kernels do it:
 /// walk the output positions (rows in parallel), skip out-of-bounds taps, let
 /// `accumulate(acc, input_pixel, filter, tap, input_offset)` add one filter tap, then
@@ -218,20 +271,10 @@ fn windowed(
         let mut acc = vec![0i32; o];
         for ox in 0..ow {
             acc.iter_mut().for_each(|a| *a = 0);
-            for ky in 0..kh {
-                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
-                    if ix < 0 || ix >= wd as isize {
-                        continue;
-                    }
-                    let xo = ((bi * h + iy as usize) * wd + ix as usize) * c;
-                    accumulate(&mut acc, &xs[xo..xo + c], wv, ky * kw + kx, in_off);
-                }
-            }
+            for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
+                let xo = ((bi * h + iy) * wd + ix) * c;
+                accumulate(&mut acc, &xs[xo..xo + c], wv, t, in_off);
+            });
             for (oc, a) in acc.iter().enumerate() {
                 out_row[ox * o + oc] = requant.apply(a.wrapping_add(bias[oc]), oc);
             }
@@ -266,24 +309,7 @@ pub fn fully_connected(
             "int8 fully connected cannot transpose its input",
         ));
     }
-    if x.rank() != 2 || w.rank() != 2 {
-        return Err(Error::msg(format!(
-            "int8 fully connected needs matrices, got {:?} and {:?}",
-            x.shape, w.shape
-        )));
-    }
-    let (batch, k) = (x.shape[0], x.shape[1]);
-    let (wk, units) = if tb {
-        (w.shape[1], w.shape[0])
-    } else {
-        (w.shape[0], w.shape[1])
-    };
-    if wk != k {
-        return Err(Error::msg(format!(
-            "weights {:?} do not match input {:?}",
-            w.shape, x.shape
-        )));
-    }
+    let (batch, k, units) = fc_dims(x, w, tb, "int8")?;
     let xin = input_affine(quant, 0)?;
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, units)?;

@@ -29,6 +29,7 @@
 
 use rayon::prelude::*;
 
+use super::conv::{dims4, fc_dims, for_each_tap};
 use super::{channel_scales, Arithmetic};
 use crate::error::{Error, Result};
 use crate::kernels::nn::{out_size, Window};
@@ -80,24 +81,7 @@ pub fn fully_connected(
             "hybrid fully connected needs input, weights and bias",
         ));
     };
-    if x.rank() != 2 || w.rank() != 2 {
-        return Err(Error::msg(format!(
-            "hybrid fully connected needs matrices, got {:?} and {:?}",
-            x.shape, w.shape
-        )));
-    }
-    let (batch, k) = (x.shape[0], x.shape[1]);
-    let (wk, units) = if tb {
-        (w.shape[1], w.shape[0])
-    } else {
-        (w.shape[0], w.shape[1])
-    };
-    if wk != k {
-        return Err(Error::msg(format!(
-            "weights {:?} do not match input {:?}",
-            w.shape, x.shape
-        )));
-    }
+    let (batch, k, units) = fc_dims(x, w, tb, "hybrid")?;
     let ws = channel_scales(quant, 1, units)?;
     let bias = float_bias(b, units)?;
     let xs = x.slice::<f32>()?;
@@ -151,12 +135,8 @@ pub fn conv2d(
             "hybrid convolution needs input, filter and bias",
         ));
     };
-    let dims = |v: &Value, what: &str| {
-        <[usize; 4]>::try_from(v.shape.as_slice())
-            .map_err(|_| Error::msg(format!("{what} must have rank 4, got shape {:?}", v.shape)))
-    };
-    let [n, h, wd, c] = dims(x, "input")?;
-    let [kh, kw, kc, o] = dims(w, "filter")?;
+    let [n, h, wd, c] = dims4(x, "input")?;
+    let [kh, kw, kc, o] = dims4(w, "filter")?;
     if kc != c {
         return Err(Error::msg(format!(
             "filter has {kc} input channels, the input has {c}"
@@ -194,26 +174,16 @@ pub fn conv2d(
         let mut acc = vec![0i32; o];
         for ox in 0..ow {
             acc.iter_mut().for_each(|a| *a = 0);
-            for ky in 0..kh {
-                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
-                    if ix < 0 || ix >= wd as isize {
-                        continue;
-                    }
-                    let xo = (iy as usize * wd + ix as usize) * c;
-                    for ic in 0..c {
-                        let xv = row.q[xo + ic] as i32 - row.offset;
-                        let wo = ((ky * kw + kx) * c + ic) * o;
-                        for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
-                            *a = a.wrapping_add(wq as i32 * xv);
-                        }
+            for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
+                let xo = (iy * wd + ix) * c;
+                for ic in 0..c {
+                    let xv = row.q[xo + ic] as i32 - row.offset;
+                    let wo = (t * c + ic) * o;
+                    for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
+                        *a = a.wrapping_add(wq as i32 * xv);
                     }
                 }
-            }
+            });
             for (oc, &a) in acc.iter().enumerate() {
                 let v = hybrid_dequantize(a, row.scale, ws[oc], bias[oc], scaling);
                 out[ox * o + oc] = activate(v, act);
