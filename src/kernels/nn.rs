@@ -81,13 +81,19 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     let ws = w.slice::<f32>()?;
     let k = kh * kw * c;
     let mut out = vec![0f32; n * oh * ow * o];
-    let row = ow * o;
     let work = n * oh * ow * k * o;
-    let compute_row = |r: usize, out_row: &mut [f32]| {
-        let (b, y) = (r / oh, r % oh);
-        let mut patch = vec![0f32; k];
-        for ox in 0..ow {
-            let mut any = false;
+    // Output pixels (anywhere in the batch) are computed `BLOCK` at a time, so each
+    // filter row is loaded once per block rather than once per pixel. Every output
+    // element still sums its taps in the same order from zero, so the result is bit
+    // for bit that of one pixel at a time.
+    const BLOCK: usize = 4;
+    let compute_block = |blk: usize, out_blk: &mut [f32]| {
+        let mut patches = vec![0f32; BLOCK * k];
+        let mut live = [false; BLOCK];
+        for (j, live) in live.iter_mut().enumerate().take(out_blk.len() / o) {
+            let px = blk * BLOCK + j;
+            let (b, y, ox) = (px / (oh * ow), px / ow % oh, px % ow);
+            let patch = &mut patches[j * k..(j + 1) * k];
             for ky in 0..kh {
                 let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
                 for kx in 0..kw {
@@ -98,31 +104,34 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
                     } else {
                         let off = ((b * h + iy as usize) * wd + ix as usize) * c;
                         dst.copy_from_slice(&xs[off..off + c]);
-                        any = true;
+                        *live = true;
                     }
                 }
             }
-            let acc = &mut out_row[ox * o..(ox + 1) * o];
-            if !any {
-                continue;
-            }
-            for (kk, &p) in patch.iter().enumerate() {
-                let wrow = &ws[kk * o..(kk + 1) * o];
+        }
+        for kk in 0..k {
+            let wrow = &ws[kk * o..(kk + 1) * o];
+            for (j, acc) in out_blk.chunks_exact_mut(o).enumerate() {
+                // A pixel whose window lies wholly in the padding stays exactly zero.
+                if !live[j] {
+                    continue;
+                }
+                let p = patches[j * k + kk];
                 for (a, &wv) in acc.iter_mut().zip(wrow) {
                     *a += p * wv;
                 }
             }
         }
     };
-    if row > 0 {
+    if o > 0 {
         if work >= PAR_THRESHOLD {
-            out.par_chunks_mut(row)
+            out.par_chunks_mut(BLOCK * o)
                 .enumerate()
-                .for_each(|(r, out_row)| compute_row(r, out_row));
+                .for_each(|(i, blk)| compute_block(i, blk));
         } else {
-            out.chunks_mut(row)
+            out.chunks_mut(BLOCK * o)
                 .enumerate()
-                .for_each(|(r, out_row)| compute_row(r, out_row));
+                .for_each(|(i, blk)| compute_block(i, blk));
         }
     }
     Ok(Value::from_vec(vec![n, oh, ow, o], out))
