@@ -237,7 +237,7 @@ impl Kernel {
         let k = match op {
             "Const" => {
                 arity(0, 0)?;
-                Kernel::Const(Value::from_tensor(node.attr_tensor("value")?)?)
+                Kernel::Const(Value::from_const_tensor(node.attr_tensor("value")?)?)
             }
             "Identity"
             | "StopGradient"

@@ -45,6 +45,18 @@ pub struct Plan {
     inputs: Vec<PlanInput>,
     fetches: Vec<usize>,
     fetch_refs: Vec<TensorRef>,
+    /// Last, so that it drops after the steps' constants.
+    _consts: ConstRelease,
+}
+
+/// Lets go of this plan's share of large constants (see [`Value::from_const_tensor`]).
+#[derive(Debug, Clone, Default)]
+struct ConstRelease;
+
+impl Drop for ConstRelease {
+    fn drop(&mut self) {
+        super::value::prune_shared_consts();
+    }
 }
 
 impl Plan {
@@ -236,6 +248,7 @@ impl Plan {
             inputs,
             fetches: fetch_slots,
             fetch_refs: fetches.to_vec(),
+            _consts: ConstRelease,
         })
     }
 

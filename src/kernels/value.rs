@@ -2,12 +2,35 @@
 //! reshapes and identities share data; a kernel that holds the only reference may
 //! reuse its input buffer in place.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
-use crate::ir::{num_elements, DType, Element, Tensor};
+use crate::ir::{num_elements, DType, Element, Tensor, TensorData};
+
+/// A large constant already converted for some live plan.
+struct SharedConst {
+    /// Held so that its address is not reused while the entry exists.
+    data: Arc<[u8]>,
+    dtype: DType,
+    buf: Weak<Buf>,
+}
+
+/// Large constants are converted once and shared by every plan compiled while one of
+/// them is alive: the validate stages and the calibration pass of one run compile the
+/// same float model, and each would otherwise hold its own copy of an embedding table.
+static SHARED_CONSTS: Mutex<Vec<SharedConst>> = Mutex::new(Vec::new());
+const SHARE_MIN_BYTES: usize = 1 << 20;
+
+fn shared_consts() -> std::sync::MutexGuard<'static, Vec<SharedConst>> {
+    SHARED_CONSTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forgets shared constants no plan uses any more (called when a plan is dropped).
+pub fn prune_shared_consts() {
+    shared_consts().retain(|e| e.buf.strong_count() > 0);
+}
 
 /// One tensor's elements, in row-major order.
 #[derive(Clone, Debug, PartialEq)]
@@ -316,6 +339,38 @@ impl Value {
             Buf::Str(_) => return Err(Error::msg("string tensor has no numeric values")),
             _ => self.to_i64s()?.into_iter().map(|x| x as f64).collect(),
         })
+    }
+
+    /// [`Value::from_tensor`] for a constant of a plan: a large one is converted once
+    /// and shared with every other live plan that holds the same tensor data.
+    pub fn from_const_tensor(t: &Tensor) -> Result<Value> {
+        let TensorData::Bytes(data) = t.data() else {
+            return Value::from_tensor(t);
+        };
+        if data.len() < SHARE_MIN_BYTES {
+            return Value::from_tensor(t);
+        }
+        // Converting under the lock makes concurrent compiles wait for one copy
+        // instead of making one each.
+        let mut reg = shared_consts();
+        reg.retain(|e| e.buf.strong_count() > 0);
+        let found = reg
+            .iter()
+            .filter(|e| e.dtype == t.dtype() && Arc::ptr_eq(&e.data, data))
+            .find_map(|e| e.buf.upgrade());
+        if let Some(buf) = found {
+            return Ok(Value {
+                shape: t.shape().to_vec(),
+                buf,
+            });
+        }
+        let v = Value::from_tensor(t)?;
+        reg.push(SharedConst {
+            data: data.clone(),
+            dtype: t.dtype(),
+            buf: Arc::downgrade(&v.buf),
+        });
+        Ok(v)
     }
 
     /// Converts an IR tensor (copies its bytes into a typed buffer).
