@@ -10,8 +10,19 @@ use super::{Attr, DType, Graph, IrError, Node, QuantParams, Tensor, TensorData, 
 const MAGIC: &[u8; 8] = b"QPIR\0\0\0\x01";
 
 pub fn encode(g: &Graph) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024 + g.nodes.len() * 64);
+    encode_to(g, &mut |b: &[u8]| out.extend_from_slice(b));
+    out
+}
+
+/// Streams the encoding of `g` through `sink` in pieces: small fields are gathered
+/// into a 64 KiB buffer, tensor data is handed over straight from the tensor. The
+/// concatenated pieces equal [`encode`]'s bytes, so a caller can hash or write a
+/// large graph without holding its encoding in memory.
+pub fn encode_to(g: &Graph, sink: &mut dyn FnMut(&[u8])) {
     let mut w = Writer {
-        out: Vec::with_capacity(1024 + g.nodes.len() * 64),
+        out: Vec::with_capacity(BUFFERED),
+        sink,
     };
     w.out.extend_from_slice(MAGIC);
     w.u64(g.producer as i64 as u64);
@@ -28,7 +39,7 @@ pub fn encode(g: &Graph) -> Vec<u8> {
     for n in &g.nodes {
         w.node(n);
     }
-    w.out
+    w.flush();
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Graph, IrError> {
@@ -61,11 +72,20 @@ pub fn decode(bytes: &[u8]) -> Result<Graph, IrError> {
     })
 }
 
-struct Writer {
+const BUFFERED: usize = 64 << 10;
+
+struct Writer<'s> {
     out: Vec<u8>,
+    sink: &'s mut dyn FnMut(&[u8]),
 }
 
-impl Writer {
+impl Writer<'_> {
+    fn flush(&mut self) {
+        if !self.out.is_empty() {
+            (self.sink)(&self.out);
+            self.out.clear();
+        }
+    }
     fn u8(&mut self, v: u8) {
         self.out.push(v);
     }
@@ -77,7 +97,15 @@ impl Writer {
     }
     fn bytes(&mut self, b: &[u8]) {
         self.u64(b.len() as u64);
+        if b.len() >= BUFFERED {
+            self.flush();
+            (self.sink)(b);
+            return;
+        }
         self.out.extend_from_slice(b);
+        if self.out.len() >= BUFFERED {
+            self.flush();
+        }
     }
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());

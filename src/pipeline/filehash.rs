@@ -239,13 +239,13 @@ fn hash_stable(path: &Path) -> Result<Hashed> {
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 4 << 20];
     loop {
         let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        h.update_rayon(&buf[..n]);
     }
     Ok(h.finalize().to_hex().to_string())
 }

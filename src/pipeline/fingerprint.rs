@@ -273,7 +273,13 @@ pub fn hash_value(h: &mut blake3::Hasher, v: &Value) {
 
 /// The hex blake3 of a byte string.
 pub fn blake3_hex(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
+    let mut h = blake3::Hasher::new();
+    if bytes.len() >= 1 << 20 {
+        h.update_rayon(bytes);
+    } else {
+        h.update(bytes);
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// The canonical bytes of a JSON value (sorted keys), used for report artifacts.

@@ -32,6 +32,32 @@ pub fn unique_tmp_name(stem: &str) -> String {
 /// most an orphaned temporary file. `mid_write` runs after half the bytes are
 /// written (a test hook for crashes during a write).
 pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mid_write: &dyn Fn()) -> Result<()> {
+    let half = bytes.len() / 2;
+    write_atomic_with(
+        tmp_dir,
+        dest,
+        bytes.len() as u64,
+        &|sink| {
+            sink(&bytes[..half]);
+            sink(&bytes[half..]);
+        },
+        mid_write,
+    )
+}
+
+/// Pieces of a file's content, handed one after another to a sink.
+pub type Produce<'a> = &'a dyn Fn(&mut dyn FnMut(&[u8]));
+
+/// [`write_atomic`] for content that `produce` streams in pieces, so a large file is
+/// never held in memory whole. It must stream exactly `size` bytes; `mid_write` runs
+/// once at least half of them are written.
+pub fn write_atomic_with(
+    tmp_dir: &Path,
+    dest: &Path,
+    size: u64,
+    produce: Produce,
+    mid_write: &dyn Fn(),
+) -> Result<()> {
     let stem = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -39,10 +65,39 @@ pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mid_write: &dyn F
     let tmp = tmp_dir.join(unique_tmp_name(&format!(".{stem}")));
     let result = (|| -> io::Result<()> {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        let half = bytes.len() / 2;
-        f.write_all(&bytes[..half])?;
-        mid_write();
-        f.write_all(&bytes[half..])?;
+        let mut written = 0u64;
+        let mut failed: Option<io::Error> = None;
+        let mut paused = false;
+        produce(&mut |piece: &[u8]| {
+            if failed.is_some() {
+                return;
+            }
+            if written + piece.len() as u64 > size {
+                failed = Some(io::Error::other(format!(
+                    "content is longer than the {size} bytes announced"
+                )));
+                return;
+            }
+            if !paused && written * 2 >= size && !piece.is_empty() {
+                paused = true;
+                mid_write();
+            }
+            match f.write_all(piece) {
+                Ok(()) => written += piece.len() as u64,
+                Err(e) => failed = Some(e),
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if written != size {
+            return Err(io::Error::other(format!(
+                "content has {written} bytes, {size} were announced"
+            )));
+        }
+        if !paused {
+            mid_write();
+        }
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, dest)?;

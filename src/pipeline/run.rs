@@ -1,6 +1,13 @@
 //! Running a recipe: schedule stages over the DAG on a thread pool, serve what the
 //! cache has, build the rest, publish results, restore and write outputs.
 //!
+//! A built stage's dependents start as soon as its artifact is hashed (its hash is
+//! part of their keys); storing it (blobs, output files, fsyncs, then the entry) is
+//! done meanwhile by one persister thread, first in first out, with the stage's key
+//! lock held until the entry is published. The run ends when the persister is done;
+//! a failure to store is that stage's failure. A kill at any point still leaves
+//! either no entry or a complete one.
+//!
 //! Test hook (not a user feature): `QPIPE_TEST_PAUSE=<point>:<stage id>` makes the run
 //! print `qpipe-test-pause <point> <stage id>` on stderr and block forever when that
 //! stage reaches `<point>`, so a test can SIGKILL it at a known place. Points: `run`
@@ -9,7 +16,7 @@
 //! output's blob written), `output` (half of an output file written to a temporary
 //! file), `publish` (all blobs and outputs written, entry not yet published), `action`
 //! (half of the entry written), `ref` (half of the stage's ref written), `done` (the
-//! stage is recorded, its dependents not yet started).
+//! stage's entry and ref are written).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -134,8 +141,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
     // a sibling stage could start on top of one that holds a lock it needs.
     let (job_tx, job_rx) = mpsc::channel::<usize>();
     let job_rx = Mutex::new(job_rx);
-    let (res_tx, res_rx) =
-        mpsc::channel::<(usize, Option<std::result::Result<Outcome, Failure>>)>();
+    let (res_tx, res_rx) = mpsc::channel::<Msg>();
+    let (persist_tx, persist_rx) = mpsc::channel::<Persist>();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let workers_started = std::thread::scope(|scope| {
         let mut started = 0usize;
@@ -151,19 +158,43 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
                     let Ok(i) = next else { break };
                     let r = (!stop.load(std::sync::atomic::Ordering::SeqCst))
                         .then(|| engine.execute(i));
-                    if res_tx.send((i, r)).is_err() {
+                    if res_tx.send(Msg::Stage(i, r)).is_err() {
                         break;
                     }
                 });
             started += spawned.is_ok() as usize;
         }
+        // One persister, first in first out: a stage's blobs are durable before any
+        // dependent that passes its artifact through publishes an entry naming them.
+        {
+            let res_tx = res_tx.clone();
+            let engine = &engine;
+            let spawned = std::thread::Builder::new()
+                .name("qpipe-store".into())
+                .spawn_scoped(scope, move || {
+                    for job in persist_rx {
+                        let i = job.i;
+                        let held = job.held_bytes();
+                        let r = engine.persist(job).map_err(|e| e.to_string());
+                        engine.backlog.release(held);
+                        if res_tx.send(Msg::Stored(i, r)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            if spawned.is_ok() {
+                *lock(&engine.persist_tx) = Some(persist_tx);
+            }
+        }
         drop(res_tx);
         if started == 0 {
+            lock(&engine.persist_tx).take();
             return 0;
         }
         let mut ready: BinaryHeap<Reverse<usize>> =
             (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
         let mut running = 0usize;
+        let mut storing = 0usize;
         let mut stopped = false;
         loop {
             while let Some(Reverse(i)) = ready.pop().filter(|_| !stopped) {
@@ -172,15 +203,39 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
                 }
                 running += 1;
             }
-            if running == 0 {
+            if running == 0 && storing == 0 {
                 break;
             }
-            let Ok((i, r)) = res_rx.recv() else { break };
+            let Ok(msg) = res_rx.recv() else { break };
+            let (i, r) = match msg {
+                Msg::Stage(i, r) => (i, r),
+                Msg::Stored(i, r) => {
+                    storing -= 1;
+                    if let Err(error) = r {
+                        let error = format!("storing its result: {error}");
+                        let stage = &recipe.stages[i];
+                        observer.event(Event::Failed {
+                            id: &stage.id,
+                            error: &error,
+                        });
+                        if let Some(report) = results[i].as_mut() {
+                            report.status = StageStatus::Failed;
+                            report.error = Some(error);
+                        }
+                        if opts.fail_fast {
+                            stopped = true;
+                            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    continue;
+                }
+            };
             running -= 1;
             let stage = &recipe.stages[i];
             match r {
                 None => {}
                 Some(Ok(o)) => {
+                    storing += o.persisting as usize;
                     match o.status {
                         StageStatus::Cached => observer.event(Event::Cached { id: &stage.id }),
                         _ => observer.event(Event::Ran {
@@ -237,6 +292,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
             engine.release_inputs(i);
         }
         drop(job_tx);
+        lock(&engine.persist_tx).take();
         started
     });
     if workers_started == 0 {
@@ -493,10 +549,18 @@ fn first_output_problem(
     None
 }
 
-fn encode_artifact(a: &Artifact) -> (&'static str, Vec<u8>) {
+fn artifact_kind(a: &Artifact) -> &'static str {
     match a {
-        Artifact::Graph(g) => ("graph", ir::serialize::encode(g)),
-        Artifact::Report(v) => ("report", fingerprint::canonical_json(v)),
+        Artifact::Graph(_) => "graph",
+        Artifact::Report(_) => "report",
+    }
+}
+
+/// Streams an artifact's stored form (IR serialization or canonical JSON) to `sink`.
+fn encode_artifact(a: &Artifact, sink: &mut dyn FnMut(&[u8])) {
+    match a {
+        Artifact::Graph(g) => ir::serialize::encode_to(g, sink),
+        Artifact::Report(v) => sink(&fingerprint::canonical_json(v)),
     }
 }
 
@@ -517,6 +581,67 @@ struct Outcome {
     key: String,
     seconds: f64,
     metrics: serde_json::Map<String, Value>,
+    /// Built, and handed to the persister: a `Stored` message follows.
+    persisting: bool,
+}
+
+/// A built stage's result on its way into the store.
+struct Persist {
+    i: usize,
+    entry: ActionEntry,
+    artifact: Arc<Artifact>,
+    /// The artifact is an input's, stored by that stage's own (earlier) persist job.
+    passed_through: bool,
+    files: Vec<PendingFile>,
+    /// The stage's key lock, held until its entry is published.
+    lock: Option<FileLock>,
+}
+
+impl Persist {
+    /// Memory only this job keeps alive: its output files' bytes.
+    fn held_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes.len() as u64).sum()
+    }
+}
+
+/// Output bytes waiting in the persister's queue. A stage whose outputs would take it
+/// over the budget waits for room, so that writing behind the computation never costs
+/// more memory than this (a lone job larger than the budget waits for an empty queue).
+struct Backlog {
+    bytes: Mutex<u64>,
+    room: std::sync::Condvar,
+}
+
+const BACKLOG_BUDGET: u64 = 160 << 20;
+
+impl Backlog {
+    fn acquire(&self, n: u64) {
+        let mut held = lock(&self.bytes);
+        while *held > 0 && *held + n > BACKLOG_BUDGET {
+            held = self.room.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        *held += n;
+    }
+
+    fn release(&self, n: u64) {
+        let mut held = lock(&self.bytes);
+        *held = held.saturating_sub(n);
+        self.room.notify_all();
+    }
+}
+
+struct PendingFile {
+    decl: String,
+    abs: std::path::PathBuf,
+    bytes: Vec<u8>,
+    blob: store::BlobRef,
+}
+
+enum Msg {
+    /// A stage finished (`None`: not started, the run is stopping).
+    Stage(usize, Option<std::result::Result<Outcome, Failure>>),
+    /// A built stage's result is stored, or why it could not be.
+    Stored(usize, std::result::Result<(), String>),
 }
 
 struct Failure {
@@ -557,6 +682,9 @@ struct Engine<'r> {
     hidden_model: ModelSpec,
     pause: Option<(String, String)>,
     verify_max: u64,
+    /// Where built stages go to be stored while their dependents run (none: store inline).
+    persist_tx: Mutex<Option<mpsc::Sender<Persist>>>,
+    backlog: Backlog,
 }
 
 thread_local! {
@@ -575,6 +703,17 @@ impl Drop for KeyGuard {
         if self.lock.take().is_some() {
             HELD_KEYS.with(|h| h.borrow_mut().remove(&self.key));
         }
+    }
+}
+
+impl KeyGuard {
+    /// The lock itself, to hold on another thread (`None` if an outer guard holds it).
+    fn detach(mut self) -> Option<FileLock> {
+        let lock = self.lock.take();
+        if lock.is_some() {
+            HELD_KEYS.with(|h| h.borrow_mut().remove(&self.key));
+        }
+        lock
     }
 }
 
@@ -632,6 +771,11 @@ impl<'r> Engine<'r> {
             },
             pause,
             verify_max,
+            persist_tx: Mutex::new(None),
+            backlog: Backlog {
+                bytes: Mutex::new(0),
+                room: std::sync::Condvar::new(),
+            },
         }
     }
 
@@ -692,7 +836,7 @@ impl<'r> Engine<'r> {
             reason: &reason,
         });
         self.observer.event(Event::Running { id: &s.id });
-        let _key_lock = key_lock(&self.store, &key)?;
+        let key_lock = key_lock(&self.store, &key)?;
         // Another thread or process may have built it while we waited.
         if let Ok(entry) = self.store.read_action(&key) {
             if check_entry(self.recipe, &self.store, i, &entry, self.verify_max).is_ok() {
@@ -701,11 +845,26 @@ impl<'r> Engine<'r> {
                 }
             }
         }
-        let entry = self.build(i, manifest.clone(), key.clone(), &hashes)?;
-        let metrics = entry.metrics.clone();
-        self.finish(i, manifest, &entry)?;
-        self.pause_point("done", i);
-        Ok(self.outcome(StageStatus::Ran, key, t0, metrics))
+        let mut job = self.build(i, manifest.clone(), key.clone(), &hashes)?;
+        let metrics = job.entry.metrics.clone();
+        self.mark_done(i, manifest, &key, &job.entry.artifact);
+        job.lock = key_lock.detach();
+        let mut outcome = self.outcome(StageStatus::Ran, key, t0, metrics);
+        let tx = lock(&self.persist_tx).clone();
+        match tx {
+            // Dependents start now; the persister thread stores this stage meanwhile.
+            Some(tx) => {
+                self.backlog.acquire(job.held_bytes());
+                outcome.persisting = true;
+                if let Err(mpsc::SendError(job)) = tx.send(job) {
+                    self.backlog.release(job.held_bytes());
+                    outcome.persisting = false;
+                    self.persist(job)?;
+                }
+            }
+            None => self.persist(job)?,
+        }
+        Ok(outcome)
     }
 
     fn outcome(
@@ -720,6 +879,7 @@ impl<'r> Engine<'r> {
             key,
             seconds: t0.elapsed().as_secs_f64(),
             metrics,
+            persisting: false,
         }
     }
 
@@ -769,7 +929,7 @@ impl<'r> Engine<'r> {
                     return Ok(None);
                 }
             };
-            self.write_output(i, abs, &bytes)?;
+            self.write_output(i, abs, &bytes, &o.blob.blake3)?;
             self.observer.event(Event::Restored {
                 id: &s.id,
                 path: abs,
@@ -782,16 +942,24 @@ impl<'r> Engine<'r> {
 
     /// Records stage `i` as done and points its ref at the entry.
     fn finish(&self, i: usize, manifest: Manifest, entry: &ActionEntry) -> Result<()> {
+        self.write_ref(i, &manifest, &entry.key);
+        self.mark_done(i, manifest, &entry.key, &entry.artifact);
+        Ok(())
+    }
+
+    /// Points stage `i`'s ref at entry `key` (a failure is only a warning: refs are gc roots
+    /// and `status` explanations, not results).
+    fn write_ref(&self, i: usize, manifest: &Manifest, key: &str) {
         let s = &self.recipe.stages[i];
         let stale_ref = match self.store.read_ref(&self.recipe.name, &s.id) {
-            Ok(r) => r.key != entry.key,
+            Ok(r) => r.key != key,
             Err(_) => true,
         };
         if stale_ref {
             let r = StageRef {
                 pipeline: self.recipe.name.clone(),
                 stage: s.id.clone(),
-                key: entry.key.clone(),
+                key: key.to_string(),
                 manifest: manifest.clone(),
             };
             if let Err(e) = self.store.write_ref(&r, &|| self.pause_point("ref", i)) {
@@ -801,22 +969,26 @@ impl<'r> Engine<'r> {
                 ));
             }
         }
-        let _ = self.nodes[i].done.set(Done {
-            key: entry.key.clone(),
-            manifest,
-            artifact: entry.artifact.clone(),
-        });
-        Ok(())
     }
 
-    /// Runs stage `i` and publishes its result. The caller holds the key lock.
+    /// Lets dependents of stage `i` compute their keys from its artifact.
+    fn mark_done(&self, i: usize, manifest: Manifest, key: &str, artifact: &ArtifactRef) {
+        let _ = self.nodes[i].done.set(Done {
+            key: key.to_string(),
+            manifest,
+            artifact: artifact.clone(),
+        });
+    }
+
+    /// Runs stage `i` and hashes its result: what [`Engine::persist`] then stores and
+    /// publishes. The caller holds the key lock.
     fn build(
         &self,
         i: usize,
         manifest: Manifest,
         key: String,
         hashes: &[(&ExternalFile, Hashed)],
-    ) -> Result<ActionEntry> {
+    ) -> Result<Persist> {
         let s = &self.recipe.stages[i];
         let mut inputs = BTreeMap::new();
         for (k, up) in &s.inputs {
@@ -896,14 +1068,25 @@ impl<'r> Engine<'r> {
             }
         }
         let mut files = Vec::new();
+        let mut produced = output.files;
         for (decl, abs) in &s.outputs {
-            let matching: Vec<_> = output
-                .files
-                .iter()
-                .filter(|f| f.path.to_string_lossy() == decl.as_str())
+            let matching: Vec<usize> = (0..produced.len())
+                .filter(|&k| produced[k].path.to_string_lossy() == decl.as_str())
                 .collect();
             match matching.as_slice() {
-                [f] => files.push((decl.clone(), abs.clone(), &f.bytes)),
+                [k] => {
+                    let bytes = std::mem::take(&mut produced[*k].bytes);
+                    let blob = store::BlobRef {
+                        blake3: fingerprint::blake3_hex(&bytes),
+                        size: bytes.len() as u64,
+                    };
+                    files.push(PendingFile {
+                        decl: decl.clone(),
+                        abs: abs.clone(),
+                        bytes,
+                        blob,
+                    });
+                }
                 [] => {
                     return Err(Error::msg(format!(
                         "stage declared output '{decl}' but did not produce it"
@@ -912,7 +1095,7 @@ impl<'r> Engine<'r> {
                 _ => return Err(Error::msg(format!("stage produced output '{decl}' twice"))),
             }
         }
-        if let Some(extra) = output.files.iter().find(|f| {
+        if let Some(extra) = produced.iter().find(|f| {
             !s.outputs
                 .iter()
                 .any(|(d, _)| f.path.to_string_lossy() == d.as_str())
@@ -922,58 +1105,89 @@ impl<'r> Engine<'r> {
                 extra.path.display()
             )));
         }
-        let artifact = match passed_through {
-            Some(a) if self.store.check_blob(&a.blob, false).is_ok() => a,
-            _ => {
-                let (kind, bytes) = encode_artifact(&output.artifact);
-                let blob = self
-                    .store
-                    .put_blob(&bytes, &|| self.pause_point("store", i))?;
+        let artifact = Arc::new(output.artifact);
+        let (artifact_ref, passed_through) = match passed_through {
+            Some(a) => (a, true),
+            None => (
                 ArtifactRef {
-                    kind: kind.to_string(),
-                    blob,
-                }
-            }
+                    kind: artifact_kind(&artifact).to_string(),
+                    blob: store::blob_ref_of(&|sink| encode_artifact(&artifact, sink)),
+                },
+                false,
+            ),
         };
-        let mut outputs = Vec::new();
-        for (decl, _, data) in &files {
-            outputs.push(OutputRef {
-                path: decl.clone(),
-                blob: self
-                    .store
-                    .put_blob(data, &|| self.pause_point("outblob", i))?,
-            });
-        }
-        for (_, abs, data) in &files {
-            self.write_output(i, abs, data)?;
-        }
-        self.pause_point("publish", i);
-        let entry = ActionEntry {
-            key,
-            stage: s.id.clone(),
-            manifest,
-            artifact,
-            outputs,
-            metrics: output.metrics,
-            memo: lock(&memo.used).iter().cloned().collect(),
-            seconds,
-        };
-        self.store
-            .publish_action(&entry, &|| self.pause_point("action", i))?;
         let mut slot = lock(&self.nodes[i].slot);
         if slot.consumers_left > 0 {
-            slot.value = Some(Arc::new(output.artifact));
+            slot.value = Some(artifact.clone());
             slot.store_bad = false;
         }
-        Ok(entry)
+        drop(slot);
+        let memo_used: Vec<String> = lock(&memo.used).iter().cloned().collect();
+        Ok(Persist {
+            i,
+            entry: ActionEntry {
+                key,
+                stage: s.id.clone(),
+                manifest,
+                artifact: artifact_ref,
+                outputs: files
+                    .iter()
+                    .map(|f| OutputRef {
+                        path: f.decl.clone(),
+                        blob: f.blob.clone(),
+                    })
+                    .collect(),
+                metrics: output.metrics,
+                memo: memo_used,
+                seconds,
+            },
+            artifact,
+            passed_through,
+            files,
+            lock: None,
+        })
+    }
+
+    /// Stores what [`Engine::build`] made durable (artifact blob, output blobs, output
+    /// files), then publishes its entry and ref, in that order, and releases its key lock.
+    fn persist(&self, job: Persist) -> Result<()> {
+        let i = job.i;
+        let blob = &job.entry.artifact.blob;
+        let produce = |sink: &mut dyn FnMut(&[u8])| encode_artifact(&job.artifact, sink);
+        if !(job.passed_through && self.store.check_blob(blob, false).is_ok()) {
+            if job.passed_through {
+                let actual = store::blob_ref_of(&produce);
+                if &actual != blob {
+                    return Err(Error::msg(
+                        "its input's artifact could not be stored (see that stage's error)",
+                    ));
+                }
+            }
+            self.store
+                .put_blob_with(blob, &produce, &|| self.pause_point("store", i))?;
+        }
+        for f in &job.files {
+            self.store
+                .put_blob(&f.bytes, &|| self.pause_point("outblob", i))?;
+        }
+        for f in &job.files {
+            self.write_output(i, &f.abs, &f.bytes, &f.blob.blake3)?;
+        }
+        self.pause_point("publish", i);
+        self.store
+            .publish_action(&job.entry, &|| self.pause_point("action", i))?;
+        self.write_ref(i, &job.entry.manifest, &job.entry.key);
+        drop(job);
+        self.pause_point("done", i);
+        Ok(())
     }
 
     /// Writes an output file under `out_dir` atomically, unless it already has these bytes.
-    fn write_output(&self, i: usize, abs: &Path, bytes: &[u8]) -> Result<()> {
+    fn write_output(&self, i: usize, abs: &Path, bytes: &[u8], blake3: &str) -> Result<()> {
         let dir = abs.parent().unwrap_or(Path::new("."));
         fsutil::create_dir_all(dir)?;
         let _lock = self.store.output_lock(abs)?;
-        if matches!(self.hasher.hash(abs), Ok(h) if h.blake3 == fingerprint::blake3_hex(bytes)) {
+        if matches!(self.hasher.hash(abs), Ok(h) if h.blake3 == blake3) {
             return Ok(());
         }
         if let Some(name) = abs.file_name().map(|n| n.to_string_lossy().into_owned()) {
@@ -1079,16 +1293,18 @@ impl<'r> Engine<'r> {
         }
         // Keep the regenerated artifact in memory even if no consumer is counted yet.
         lock(&self.nodes[i].slot).consumers_left += 1;
-        let entry = self.build(i, done.manifest.clone(), done.key.clone(), &hashes);
+        let job = self.build(i, done.manifest.clone(), done.key.clone(), &hashes);
         lock(&self.nodes[i].slot).consumers_left -= 1;
-        let entry = entry?;
-        if entry.artifact != done.artifact {
+        let job = job?;
+        let artifact = job.entry.artifact.clone();
+        self.persist(job)?;
+        if artifact != done.artifact {
             lock(&self.nodes[i].slot).value = None;
             return Err(Error::msg(format!(
                 "stage '{}' rebuilt to a different artifact than before (blake3 {} → {}): it is not deterministic",
                 s.id,
                 store::short(&done.artifact.blob.blake3),
-                store::short(&entry.artifact.blob.blake3)
+                store::short(&artifact.blob.blake3)
             )));
         }
         Ok(())

@@ -120,6 +120,24 @@ fn is_hex64(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The hash and size of the content `produce` streams.
+pub fn blob_ref_of(produce: fsutil::Produce) -> BlobRef {
+    let mut h = blake3::Hasher::new();
+    let mut size = 0u64;
+    produce(&mut |piece: &[u8]| {
+        size += piece.len() as u64;
+        if piece.len() >= 1 << 20 {
+            h.update_rayon(piece);
+        } else {
+            h.update(piece);
+        }
+    });
+    BlobRef {
+        blake3: h.finalize().to_hex().to_string(),
+        size,
+    }
+}
+
 /// A file-name-safe, injective spelling of an id.
 fn escape_name(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -244,20 +262,44 @@ impl Store {
 
     /// Stores `bytes` (idempotent; an existing blob is kept only if it verifies).
     pub fn put_blob(&self, bytes: &[u8], mid_write: &dyn Fn()) -> Result<BlobRef> {
-        let hash = fingerprint::blake3_hex(bytes);
         let blob = BlobRef {
-            blake3: hash.clone(),
+            blake3: fingerprint::blake3_hex(bytes),
             size: bytes.len() as u64,
         };
-        if self.check_blob(&blob, true).is_ok() {
-            return Ok(blob);
+        let half = bytes.len() / 2;
+        self.put_blob_with(
+            &blob,
+            &|sink| {
+                sink(&bytes[..half]);
+                sink(&bytes[half..]);
+            },
+            mid_write,
+        )?;
+        Ok(blob)
+    }
+
+    /// Stores the content `produce` streams, whose hash and size the caller computed
+    /// with [`blob_ref_of`] from the same producer (idempotent, like [`Store::put_blob`]).
+    pub fn put_blob_with(
+        &self,
+        blob: &BlobRef,
+        produce: fsutil::Produce,
+        mid_write: &dyn Fn(),
+    ) -> Result<()> {
+        if self.check_blob(blob, true).is_ok() {
+            return Ok(());
         }
-        let path = self.object_path(&hash);
+        if !is_hex64(&blob.blake3) {
+            return Err(crate::error::Error::msg(format!(
+                "bad blob hash '{}'",
+                blob.blake3
+            )));
+        }
+        let path = self.object_path(&blob.blake3);
         if let Some(parent) = path.parent() {
             fsutil::create_dir_all(parent)?;
         }
-        fsutil::write_atomic(&self.tmp_dir(), &path, bytes, mid_write)?;
-        Ok(blob)
+        fsutil::write_atomic_with(&self.tmp_dir(), &path, blob.size, produce, mid_write)
     }
 
     /// Checks that a blob exists with its size, and (if `verify`) its hash.
