@@ -21,31 +21,67 @@ const MAX_FLATBUFFER: usize = (1 << 31) - (16 << 20);
 /// The `Model.version` of schema 3.
 const SCHEMA_VERSION: u32 = 3;
 
-/// A byte whose vector is aligned to 16 bytes: the Rust flatbuffers generator
-/// ignores the schema's `force_align: 16` on `Buffer.data`, and the builder
-/// aligns a vector to its element's `Output` type. `size` stays one byte.
-#[derive(Clone, Copy)]
-struct Align16(u8);
+/// The element type of a byte vector aligned to 16 bytes: the Rust flatbuffers
+/// generator ignores the schema's `force_align: 16` on `Buffer.data`, and the builder
+/// aligns a vector to its element's `Output` type. Its size is one byte; the bytes
+/// themselves are pushed as [`Piece`]s and `u8`s.
+struct Align16;
 
 #[repr(align(16))]
 struct Align16Marker;
 
 impl Push for Align16 {
     type Output = Align16Marker;
-    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
-        dst[0] = self.0;
-    }
+    unsafe fn push(&self, _dst: &mut [u8], _written_len: usize) {}
     fn size() -> usize {
         1
     }
 }
 
+/// A run of a constant's bytes pushed as one piece (alignment 1: no padding).
+struct Piece<'d>(&'d [u8; PIECE]);
+
+const PIECE: usize = 4096;
+
+impl Push for Piece<'_> {
+    type Output = u8;
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        dst.copy_from_slice(self.0);
+    }
+    fn size() -> usize {
+        PIECE
+    }
+}
+
 /// A `[ubyte]` vector whose data starts 16-byte aligned in the finished file
-/// (the builder also raises the buffer's minimum alignment to 16).
+/// (the builder also raises the buffer's minimum alignment to 16). The bytes are
+/// the same as `create_vector` of `Align16`s would lay out, copied straight from
+/// `data` in pieces (the builder fills back to front, so the last piece goes first).
 fn aligned_bytes<'a>(fbb: &mut FlatBufferBuilder<'a>, data: &[u8]) -> WIPOffset<Vector<'a, u8>> {
-    let aligned: Vec<Align16> = data.iter().map(|&b| Align16(b)).collect();
-    let v = fbb.create_vector(&aligned);
+    fbb.start_vector::<Align16>(data.len());
+    let (body, tail) = data.split_at(data.len() / PIECE * PIECE);
+    for &b in tail.iter().rev() {
+        fbb.push(b);
+    }
+    for piece in body.rchunks_exact(PIECE) {
+        fbb.push(Piece(
+            piece.try_into().expect("rchunks_exact gives PIECE bytes"),
+        ));
+    }
+    let v = fbb.end_vector::<Align16>(data.len());
     WIPOffset::new(v.value())
+}
+
+/// A hash of up to 512 bytes spread over `d` (FNV-1a): a cheap first filter for
+/// identical constants.
+fn sample_hash(d: &[u8]) -> u64 {
+    let step = (d.len() / 512).max(1);
+    d.iter()
+        .step_by(step)
+        .take(512)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 /// The schema's `TensorType` for an IR dtype.
@@ -96,18 +132,24 @@ pub fn write(model: &Model) -> Result<Vec<u8>> {
     // contents share one buffer), then metadata.
     let mut buffer_of_tensor = vec![0u32; model.tensors.len()];
     let mut buffer_data: Vec<&[u8]> = Vec::new();
-    let mut seen: HashMap<&[u8], u32> = HashMap::new();
+    // Candidates are found by length and a sample of the bytes, then compared whole:
+    // hashing every byte of a large model would cost more than the comparisons.
+    let mut seen: HashMap<(usize, u64), Vec<u32>> = HashMap::new();
     for (i, t) in model.tensors.iter().enumerate() {
         if let Some(d) = &t.data {
             let d: &[u8] = d;
             if d.is_empty() {
                 continue;
             }
-            let next = buffer_data.len() as u32 + 1;
-            let b = *seen.entry(d).or_insert_with(|| {
-                buffer_data.push(d);
-                next
-            });
+            let same = seen.entry((d.len(), sample_hash(d))).or_default();
+            let b = match same.iter().find(|&&b| buffer_data[b as usize - 1] == d) {
+                Some(&b) => b,
+                None => {
+                    buffer_data.push(d);
+                    same.push(buffer_data.len() as u32);
+                    buffer_data.len() as u32
+                }
+            };
             buffer_of_tensor[i] = b;
         }
     }
@@ -259,7 +301,11 @@ pub fn write(model: &Model) -> Result<Vec<u8>> {
         },
     );
     fb::finish_model_buffer(&mut fbb, root);
-    Ok(fbb.finished_data().to_vec())
+    // The builder filled its buffer from the back: move the model to the front in
+    // place rather than copying it out.
+    let (mut bytes, head) = fbb.collapse();
+    bytes.drain(..head);
+    Ok(bytes)
 }
 
 /// Indices and types the flatbuffer cannot represent are a bug upstream; say so
