@@ -169,7 +169,8 @@ fn every_tensor_encoding_imports_and_round_trips() {
     t.tensor_content = [1.0f32, 2.0, 3.0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
-        .collect();
+        .collect::<Vec<u8>>()
+        .into();
     nodes.push(const_node("content", t));
     let mut t = tp(DataType::DtHalf, &[2]);
     t.half_val = vec![0x3c00, 0xfbff];
@@ -296,7 +297,7 @@ fn const_shapes_and_contents_are_bounded_before_allocating() {
     let f32s = |dims: &[i64], content: Vec<u8>, values: Vec<f32>| TensorProto {
         dtype: DataType::DtFloat as i32,
         tensor_shape: Some(shape(dims)),
-        tensor_content: content,
+        tensor_content: content.into(),
         float_val: values,
         ..TensorProto::default()
     };

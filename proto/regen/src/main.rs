@@ -35,6 +35,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         // Deterministic encoding: map fields iterate in key order.
         .btree_map(["."])
+        // Tensor data as `Bytes`, so that an exported constant can share the IR
+        // tensor's buffer instead of being copied into the message.
+        .bytes([".tensorflow.TensorProto.tensor_content"])
         .out_dir(&tmp)
         .compile_fds(fds)?;
     let generated = std::fs::read_to_string(tmp.join("tensorflow.rs"))?;

@@ -21,7 +21,7 @@ use prost::Message;
 
 use super::proto::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
 use crate::error::{Error, Result};
-use crate::ir::{DType, Tensor};
+use crate::ir::{DType, Tensor, TensorData};
 
 /// Most elements any tensor read from a `TensorProto` may have.
 pub const MAX_ELEMENTS: usize = 1 << 31;
@@ -262,7 +262,12 @@ pub fn tensor_to_proto(t: &Tensor) -> TensorProto {
     };
     match t.strings() {
         Some(strings) => tp.string_val = strings.to_vec(),
-        None => tp.tensor_content = t.bytes().to_vec(),
+        // Shares the tensor's buffer: encoding the message is the only copy.
+        None => {
+            if let TensorData::Bytes(b) = t.data() {
+                tp.tensor_content = prost::bytes::Bytes::from_owner(b.clone());
+            }
+        }
     }
     tp
 }
@@ -289,10 +294,12 @@ mod tests {
     #[test]
     fn tensor_content_is_taken_as_le_bytes() {
         let mut tp = proto(DataType::DtFloat, &[2]);
-        tp.tensor_content = [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat();
+        tp.tensor_content = [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()]
+            .concat()
+            .into();
         let t = tensor_from_proto(&tp).unwrap();
         assert_eq!(t.values::<f32>().unwrap(), [1.5, -2.0]);
-        tp.tensor_content.pop();
+        tp.tensor_content.truncate(7);
         let e = tensor_from_proto(&tp).unwrap_err().to_string();
         assert!(e.contains("needs 8 bytes of tensor_content, has 7"), "{e}");
     }
@@ -425,10 +432,10 @@ mod tests {
         );
 
         let mut tp = proto(DataType::DtString, &[2]);
-        tp.tensor_content = vec![1, 3, b'a', b'b', b'c', b'd'];
+        tp.tensor_content = vec![1, 3, b'a', b'b', b'c', b'd'].into();
         let t = tensor_from_proto(&tp).unwrap();
         assert_eq!(t.strings().unwrap(), [b"a".to_vec(), b"bcd".to_vec()]);
-        tp.tensor_content.push(0);
+        tp.tensor_content = vec![1, 3, b'a', b'b', b'c', b'd', 0].into();
         assert!(tensor_from_proto(&tp).is_err());
     }
 

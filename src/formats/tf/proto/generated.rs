@@ -245,8 +245,8 @@ pub struct TensorProto {
     #[prost(int32, tag = "3")]
     pub version_number: i32,
     /// Row-major little-endian element bytes; when set, the typed fields are unused.
-    #[prost(bytes = "vec", tag = "4")]
-    pub tensor_content: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub tensor_content: ::prost::bytes::Bytes,
     /// DT_HALF and DT_BFLOAT16 bit patterns, one per int32.
     #[prost(int32, repeated, tag = "13")]
     pub half_val: ::prost::alloc::vec::Vec<i32>,
