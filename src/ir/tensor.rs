@@ -30,6 +30,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     const DTYPE: DType;
     fn read_le(b: &[u8]) -> Self;
     fn write_le(self, out: &mut Vec<u8>);
+    /// Writes the element into `dst`, which is exactly its size.
+    fn put_le(self, dst: &mut [u8]);
 }
 
 macro_rules! element {
@@ -43,6 +45,9 @@ macro_rules! element {
             }
             fn write_le(self, out: &mut Vec<u8>) {
                 out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn put_le(self, dst: &mut [u8]) {
+                dst.copy_from_slice(&self.to_le_bytes());
             }
         }
     };
@@ -67,6 +72,9 @@ impl Element for bool {
     }
     fn write_le(self, out: &mut Vec<u8>) {
         out.push(self as u8);
+    }
+    fn put_le(self, dst: &mut [u8]) {
+        dst[0] = self as u8;
     }
 }
 
@@ -118,11 +126,33 @@ impl Tensor {
     /// A tensor from typed values. Panics only if `values.len()` does not match the shape,
     /// which is a bug in the caller, never a property of input data.
     pub fn from_vec<T: Element>(shape: Vec<usize>, values: &[T]) -> Tensor {
-        let mut bytes = Vec::with_capacity(values.len() * T::DTYPE.size().unwrap_or(1));
-        for v in values {
-            v.write_le(&mut bytes);
+        Tensor::from_fn(shape, values.len(), |i| values[i])
+    }
+
+    /// A tensor of `n` elements, element `i` being `f(i)`, written straight into the
+    /// tensor's buffer (large ones in parallel). Panics only if `n` does not match
+    /// the shape, a bug in the caller.
+    pub fn from_fn<T: Element>(
+        shape: Vec<usize>,
+        n: usize,
+        f: impl Fn(usize) -> T + Sync,
+    ) -> Tensor {
+        let size = T::DTYPE.size().unwrap_or(1);
+        let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, n * size).collect();
+        let buf = Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
+        const BLOCK: usize = 1 << 16;
+        let fill = |(b, chunk): (usize, &mut [u8])| {
+            for (k, dst) in chunk.chunks_exact_mut(size).enumerate() {
+                f(b * BLOCK + k).put_le(dst);
+            }
+        };
+        if n >= 4 * BLOCK {
+            use rayon::prelude::*;
+            buf.par_chunks_mut(BLOCK * size).enumerate().for_each(fill);
+        } else {
+            buf.chunks_mut(BLOCK * size).enumerate().for_each(fill);
         }
-        Tensor::from_bytes(T::DTYPE, shape, bytes).expect("value count matches shape")
+        Tensor::from_bytes(T::DTYPE, shape, data).expect("value count matches shape")
     }
 
     pub fn scalar<T: Element>(v: T) -> Tensor {

@@ -94,22 +94,17 @@ pub fn cast_fp16(
             report.tensors_kept_float += 1;
             continue;
         }
-        let vals = t.values::<f32>()?;
-        let mut half = Vec::with_capacity(vals.len());
-        for (i, &v) in vals.iter().enumerate() {
-            let h = half::f16::from_f32(v);
-            if h.is_infinite() && v.is_finite() {
+        let ht = match to_f16(t) {
+            Ok(ht) => ht,
+            Err((i, v)) => {
                 return Err(Error::msg(format!(
                     "constant '{}': element {i} ({v}) overflows float16; list it in keep_float",
                     n.name
-                )));
+                )))
             }
-            half.push(h);
-        }
-        let shape = t.shape().to_vec();
+        };
         report.tensors_cast += 1;
         report.bytes_before += t.byte_size();
-        let ht = Tensor::from_vec(shape, &half);
         report.bytes_after += ht.byte_size();
         n.attrs.insert("dtype".into(), Attr::Type(DType::F16));
         n.attrs.insert("value".into(), Attr::Tensor(ht));
@@ -169,5 +164,43 @@ impl Stage for Fp16Cast {
             metrics,
             files: vec![],
         })
+    }
+}
+
+/// A float32 tensor rounded to float16 (nearest even, as `half` and TensorFlow do),
+/// converted block by block in parallel; or the first element (index, value) that is
+/// finite but beyond float16's range.
+fn to_f16(t: &Tensor) -> std::result::Result<Tensor, (usize, f32)> {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 14;
+    let src = t.bytes();
+    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, t.len() * 2).collect();
+    let out = std::sync::Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
+    let first_bad = out
+        .par_chunks_mut(2 * BLOCK)
+        .zip(src.par_chunks(4 * BLOCK))
+        .enumerate()
+        .filter_map(|(b, (dst, src))| {
+            let wide: Vec<f32> = src
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let mut narrow = vec![half::f16::ZERO; wide.len()];
+            narrow.convert_from_f32_slice(&wide);
+            for (d, h) in dst.chunks_exact_mut(2).zip(&narrow) {
+                d.copy_from_slice(&h.to_le_bytes());
+            }
+            narrow
+                .iter()
+                .zip(&wide)
+                .position(|(h, v)| h.is_infinite() && v.is_finite())
+                .map(|k| (b * BLOCK + k, wide[k]))
+        })
+        .min_by_key(|&(i, _)| i);
+    match first_bad {
+        Some(bad) => Err(bad),
+        None => Ok(Tensor::from_bytes(DType::F16, t.shape().to_vec(), data)
+            .expect("two bytes per element of the same shape")),
     }
 }

@@ -166,7 +166,13 @@ pub fn calibration_key(
 ) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
     h.update(b"qpipe calibration v1\0");
-    h.update(&crate::ir::serialize::encode(fused));
+    crate::ir::serialize::encode_to(fused, &mut |piece| {
+        if piece.len() >= 1 << 20 {
+            h.update_rayon(piece);
+        } else {
+            h.update(piece);
+        }
+    });
     h.update(dataset.as_bytes());
     h.update(&[0]);
     h.update(digest);

@@ -1,7 +1,10 @@
 //! Quantization parameters and quantized values exactly as the TFLite quantizer
 //! computes them (`lite/tools/optimize/quantization_utils.cc`).
 
-use crate::ir::QuantParams;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ir::{DType, QuantParams, Tensor};
 use crate::kernels::rounding::{quantize_value, round_half_away_f32};
 
 /// `GetAsymmetricQuantizationParams(min, max, -128, 127)`: the range is widened to
@@ -37,21 +40,34 @@ pub fn asymmetric_params(min: f32, max: f32) -> QuantParams {
 /// Symmetric int8 weights along `axis` (or per tensor when `axis` is `None`):
 /// `scale = max(|min|, |max|) / 127`, `q = clamp(round(w * (127 / half_range)))`
 /// with the inverse computed in f32. A channel that is all zero gets scale 1.
-pub fn symmetric_weights(
-    values: &[f32],
-    shape: &[usize],
-    axis: Option<usize>,
-) -> (Vec<i8>, QuantParams) {
+pub fn symmetric_weights(t: &Tensor, axis: Option<usize>) -> Result<(Tensor, QuantParams)> {
+    let bytes = f32_bytes(t)?;
+    let shape = t.shape();
+    let n = t.len();
     let (channels, inner) = match axis {
         Some(a) if a < shape.len() => (shape[a], shape[a + 1..].iter().product::<usize>().max(1)),
-        _ => (1, values.len().max(1)),
+        _ => (1, n.max(1)),
     };
-    let channel_of = |i: usize| (i / inner) % channels.max(1);
-    let mut half = vec![0f32; channels.max(1)];
-    for (i, &v) in values.iter().enumerate() {
-        let c = channel_of(i);
-        half[c] = half[c].max(v.abs());
-    }
+    let ch = channels.max(1);
+    // Max and min are order-free, so the parallel reductions give the serial result.
+    let abs_max = |b: &[u8]| {
+        b.chunks_exact(4)
+            .map(|c| le_f32(c).abs())
+            .fold(0f32, f32::max)
+    };
+    let half: Vec<f32> = if ch == 1 {
+        vec![bytes
+            .par_chunks(4 << 16)
+            .map(abs_max)
+            .reduce(|| 0f32, f32::max)]
+    } else {
+        let mut half = vec![0f32; ch];
+        let runs: Vec<f32> = bytes.par_chunks(4 * inner).map(abs_max).collect();
+        for (k, m) in runs.into_iter().enumerate() {
+            half[k % ch] = half[k % ch].max(m);
+        }
+        half
+    };
     let mut scales = Vec::with_capacity(half.len());
     let mut inv = Vec::with_capacity(half.len());
     for &h in &half {
@@ -63,16 +79,45 @@ pub fn symmetric_weights(
             inv.push(0.0);
         }
     }
-    let q = values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| round_half_away_f32(v * inv[channel_of(i)]).clamp(-127.0, 127.0) as i8)
-        .collect();
+    let q = Tensor::from_fn(shape.to_vec(), n, |i| {
+        let c = if ch == 1 { 0 } else { (i / inner) % ch };
+        let v = le_f32(&bytes[4 * i..4 * i + 4]);
+        round_half_away_f32(v * inv[c]).clamp(-127.0, 127.0) as i8
+    });
     let params = match axis {
         Some(a) if a < shape.len() => QuantParams::per_axis(scales, vec![0; channels], a as u32),
         _ => QuantParams::per_tensor(scales[0], 0),
     };
-    (q, params)
+    Ok((q, params))
+}
+
+/// The little-endian float32 bytes of `t`, or an error if it is not float32.
+fn f32_bytes(t: &Tensor) -> Result<&[u8]> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::msg(format!(
+            "expected a float32 tensor, got {}",
+            t.dtype()
+        )));
+    }
+    Ok(t.bytes())
+}
+
+fn le_f32(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The smallest and largest finite element of a float32 tensor, widened to contain 0.
+pub fn finite_range(t: &Tensor) -> Result<(f32, f32)> {
+    let bytes = f32_bytes(t)?;
+    Ok(bytes
+        .par_chunks(4 << 16)
+        .map(|b| {
+            b.chunks_exact(4)
+                .map(le_f32)
+                .filter(|v| v.is_finite())
+                .fold((0f32, 0f32), |(lo, hi), v| (lo.min(v), hi.max(v)))
+        })
+        .reduce(|| (0f32, 0f32), |a, b| (a.0.min(b.0), a.1.max(b.1))))
 }
 
 /// Int32 bias: `round(b / (in_scale * w_scale[c]))` (the product in f32), clamped to
@@ -101,9 +146,15 @@ pub fn bias_int32(bias: &[f32], in_scale: f32, w_scales: &[f32]) -> (Vec<i32>, Q
 
 /// A float tensor quantized per tensor with given (activation) parameters, as
 /// QUANTIZE would.
-pub fn quantize_with(values: &[f32], scale: f32, zp: i64) -> Vec<i8> {
-    values
-        .iter()
-        .map(|&v| quantize_value(v, scale, zp as i32, -128, 127) as i8)
-        .collect()
+pub fn quantize_with(t: &Tensor, scale: f32, zp: i64) -> Result<Tensor> {
+    let bytes = f32_bytes(t)?;
+    Ok(Tensor::from_fn(t.shape().to_vec(), t.len(), |i| {
+        quantize_value(
+            le_f32(&bytes[4 * i..4 * i + 4]),
+            scale,
+            zp as i32,
+            -128,
+            127,
+        ) as i8
+    }))
 }

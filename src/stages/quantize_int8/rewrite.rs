@@ -330,15 +330,9 @@ fn const_key(consumer: &str, input: usize) -> String {
     format!("\u{0}const:{consumer}:{input}")
 }
 
-fn range_of(values: &[f32]) -> Range32 {
-    let mut r = Range32 { min: 0.0, max: 0.0 };
-    for &v in values {
-        if v.is_finite() {
-            r.min = r.min.min(v);
-            r.max = r.max.max(v);
-        }
-    }
-    r
+fn range_of(t: &Tensor) -> Result<Range32> {
+    let (min, max) = super::params::finite_range(t)?;
+    Ok(Range32 { min, max })
 }
 
 struct Names {
@@ -359,8 +353,8 @@ impl Names {
     }
 }
 
-fn int8_const(name: String, values: Vec<i8>, shape: &[usize], q: QuantParams) -> Node {
-    let mut n = Node::constant(name, Tensor::from_vec(shape.to_vec(), &values));
+fn int8_const(name: String, values: Tensor, q: QuantParams) -> Node {
+    let mut n = Node::constant(name, values);
     n.output_quant.insert(0, q);
     n
 }
@@ -414,7 +408,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             }
             let id = if let Some(t) = cx.const_f32(r) {
                 let id = groups.id(&const_key(&n.name, k));
-                members.push((id, range_of(&t.values::<f32>()?)));
+                members.push((id, range_of(t)?));
                 id
             } else {
                 let id = groups.id(&key(r));
@@ -523,9 +517,9 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                         } else {
                             names.fresh(&format!("{}/int8", r.node))
                         };
-                        let vals = quantize_with(&t.values::<f32>()?, p.scale[0], p.zero_point[0]);
+                        let vals = quantize_with(t, p.scale[0], p.zero_point[0])?;
                         new_nodes.retain(|x| x.name != name);
-                        let mut c = int8_const(name.clone(), vals, t.shape(), p.clone());
+                        let mut c = int8_const(name.clone(), vals, p.clone());
                         if let Some(orig) = cx.node_of(&r) {
                             c.device = orig.device.clone();
                         }
@@ -585,15 +579,14 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                     let (wr, _) = match weight_cache.get(&ck) {
                         Some(v) => v.clone(),
                         None => {
-                            let (vals, p) =
-                                symmetric_weights(&t.values::<f32>()?, t.shape(), *axis);
+                            let (vals, p) = symmetric_weights(t, *axis)?;
                             let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
                             let name = if sole {
                                 r.node.clone()
                             } else {
                                 names.fresh(&format!("{}/int8", r.node))
                             };
-                            let mut c = int8_const(name.clone(), vals, t.shape(), p.clone());
+                            let mut c = int8_const(name.clone(), vals, p.clone());
                             if let Some(orig) = cx.node_of(&r) {
                                 c.device = orig.device.clone();
                             }

@@ -109,15 +109,13 @@ pub fn quantize_weights(
         if t.len() < min_elements.max(1) {
             continue;
         }
-        let (vals, q) = symmetric_weights(&t.values::<f32>()?, t.shape(), axis);
+        let (vals, q) = symmetric_weights(t, axis)?;
         report.tensors += 1;
         report.per_channel += usize::from(q.axis.is_some());
         report.bytes_before += t.byte_size();
-        report.bytes_after += vals.len();
-        let shape = t.shape().to_vec();
+        report.bytes_after += vals.byte_size();
         n.attrs.insert("dtype".into(), Attr::Type(DType::I8));
-        n.attrs
-            .insert("value".into(), Attr::Tensor(Tensor::from_vec(shape, &vals)));
+        n.attrs.insert("value".into(), Attr::Tensor(vals));
         n.output_quant.insert(0, q);
         if hybrid && !not_hybrid.contains(n.name.as_str()) {
             continue;
