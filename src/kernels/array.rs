@@ -3,7 +3,7 @@
 
 use super::value::{dispatch_any, Elem, Value};
 use crate::error::{Error, Result};
-use crate::ir::{num_elements, DType};
+use crate::ir::{num_elements, DType, Tensor};
 
 /// Resolves a possibly negative axis against `rank` (`rank` itself allowed when `extra`).
 pub fn norm_axis(axis: i64, rank: usize, extra: bool) -> Result<usize> {
@@ -155,6 +155,42 @@ pub fn gather(params: &Value, indices: &Value, axis: i64) -> Result<Value> {
         let v = go::<T>(params.slice::<T>()?, &idx, outer, dim, inner);
         Ok(Value::from_vec(shape, v))
     })
+}
+
+/// [`gather`] from a constant IR tensor: only the gathered rows are converted.
+pub fn gather_table(table: &Tensor, indices: &Value, axis: i64) -> Result<Value> {
+    let shape = table.shape();
+    let a = norm_axis(axis, shape.len(), false)?;
+    let size = table
+        .dtype()
+        .size()
+        .ok_or_else(|| Error::msg(format!("cannot gather from a {} table", table.dtype())))?;
+    let idx = indices.to_i64s()?;
+    let dim = shape[a];
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product::<usize>() * size;
+    for (i, &v) in idx.iter().enumerate() {
+        if v < 0 || v as usize >= dim {
+            return Err(Error::msg(format!(
+                "index {v} (position {i}) is not in [0, {dim})"
+            )));
+        }
+    }
+    let mut out_shape = shape[..a].to_vec();
+    out_shape.extend_from_slice(&indices.shape);
+    out_shape.extend_from_slice(&shape[a + 1..]);
+    super::value::checked_len(&out_shape)?;
+    let bytes = table.bytes();
+    let mut out = Vec::with_capacity(outer * idx.len() * inner);
+    for o in 0..outer {
+        for &i in &idx {
+            let s = (o * dim + i as usize) * inner;
+            out.extend_from_slice(&bytes[s..s + inner]);
+        }
+    }
+    let rows =
+        Tensor::from_bytes(table.dtype(), out_shape, out).map_err(|e| Error::msg(e.to_string()))?;
+    Value::from_tensor(&rows)
 }
 
 /// Gathers along every dimension: `out[i0..] = x[begin[d] + i_d * stride[d]]`.

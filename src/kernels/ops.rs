@@ -7,7 +7,7 @@ use super::nn::{self, Padding, PoolKind, Window};
 use super::rounding::FusedActivation;
 use super::value::{Buf, Value};
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Node, QuantParams};
+use crate::ir::{Attr, DType, Node, QuantParams, Tensor, TensorData};
 
 /// Quantization of a step's inputs and outputs, as the graph declares it
 /// (`output_quant` of the producing nodes).
@@ -19,10 +19,23 @@ pub struct StepQuant {
     pub arithmetic: super::int8::Arithmetic,
 }
 
+/// Constants from this size on are candidates for [`Kernel::GatherTable`].
+const TABLE_MIN_BYTES: usize = 1 << 20;
+
 /// A node's computation with its attributes parsed.
 #[derive(Debug, Clone)]
 pub enum Kernel {
     Const(Value),
+    /// A large constant, kept as the IR tensor until the plan knows its readers: a
+    /// table only a gather reads becomes [`Kernel::GatherTable`], any other is
+    /// converted into a [`Kernel::Const`].
+    TableConst(Tensor),
+    /// `Gather` from a constant table, reading the rows it needs straight from the
+    /// tensor's bytes (inputs: indices, then the axis for GatherV2).
+    GatherTable {
+        table: Tensor,
+        axis_input: bool,
+    },
     /// Output 0 is input 0 (Identity, StopGradient, unfed PlaceholderWithDefault, ...).
     Forward,
     /// Output i is input i.
@@ -237,7 +250,13 @@ impl Kernel {
         let k = match op {
             "Const" => {
                 arity(0, 0)?;
-                Kernel::Const(Value::from_const_tensor(node.attr_tensor("value")?)?)
+                let t = node.attr_tensor("value")?;
+                match t.data() {
+                    TensorData::Bytes(b) if b.len() >= TABLE_MIN_BYTES => {
+                        Kernel::TableConst(t.clone())
+                    }
+                    _ => Kernel::Const(Value::from_const_tensor(t)?),
+                }
             }
             "Identity"
             | "StopGradient"
@@ -533,6 +552,15 @@ impl Kernel {
         let x = |i: usize| -> &Value { &inputs[i] };
         match self {
             Kernel::Const(v) => one(v.clone()),
+            Kernel::TableConst(t) => one(Value::from_const_tensor(t)?),
+            Kernel::GatherTable { table, axis_input } => {
+                let axis = if *axis_input {
+                    scalar(x(1), "GatherV2 axis")?
+                } else {
+                    0
+                };
+                one(array::gather_table(table, x(0), axis)?)
+            }
             Kernel::Forward => {
                 inputs.truncate(1);
                 Ok(inputs)

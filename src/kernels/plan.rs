@@ -223,6 +223,7 @@ impl Plan {
         // Before folding: a table only a gather reads stays narrow and is widened
         // per lookup instead of whole.
         gather_before_dequantize(&mut steps, &mut n_slots, &fetch_slots);
+        gather_from_tables(&mut steps, &fetch_slots)?;
         fold_constant_casts(&mut steps)?;
         let mut last_use = vec![usize::MAX; n_slots];
         let mut is_fetch = vec![false; n_slots];
@@ -382,11 +383,13 @@ fn gather_before_dequantize(steps: &mut Vec<Step>, n_slots: &mut usize, fetches:
         let Some(&c) = producer.get(&step.inputs[0].0) else {
             continue;
         };
-        let Kernel::Const(value) = &steps[c].kernel else {
-            continue;
+        let dtype = match &steps[c].kernel {
+            Kernel::Const(value) => value.dtype(),
+            Kernel::TableConst(t) => t.dtype(),
+            _ => continue,
         };
         let elementwise = match &step.quant.inputs[0] {
-            None => value.dtype() == DType::F16,
+            None => dtype == DType::F16,
             Some(q) => q.axis.is_none() && q.scale.len() == 1 && q.zero_point.len() == 1,
         };
         let Some(t) = step.outputs[0] else { continue };
@@ -477,6 +480,55 @@ pub fn run_with(
 /// Evaluates once, at compile time, the `Dequantize` and `Cast` steps whose inputs are
 /// all constants: fp16 and weight-only int8 weights are widened to float once per
 /// plan, as LiteRT does when it prepares a model, not once per batch.
+/// Makes each large constant that only a `Gather` reads (as its table) part of that
+/// gather, which then copies the rows it needs from the tensor: an embedding table is
+/// never converted whole. Every other large constant is converted here.
+fn gather_from_tables(steps: &mut Vec<Step>, fetches: &[usize]) -> Result<()> {
+    let mut readers: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (st, step) in steps.iter().enumerate() {
+        for (k, &(s, _)) in step.inputs.iter().enumerate() {
+            readers.entry(s).or_default().push((st, k));
+        }
+    }
+    let mut absorbed = vec![false; steps.len()];
+    for c in 0..steps.len() {
+        let Kernel::TableConst(table) = &steps[c].kernel else {
+            continue;
+        };
+        let Some(&Some(s)) = steps[c].outputs.first() else {
+            continue;
+        };
+        if steps[c].outputs.len() != 1 || fetches.contains(&s) {
+            continue;
+        }
+        let Some(&[(g, 0)]) = readers.get(&s).map(Vec::as_slice) else {
+            continue;
+        };
+        let Kernel::Gather { axis_input } = steps[g].kernel else {
+            continue;
+        };
+        let table = table.clone();
+        let gather = &mut steps[g];
+        gather.kernel = Kernel::GatherTable { table, axis_input };
+        gather.inputs.remove(0);
+        if !gather.quant.inputs.is_empty() {
+            gather.quant.inputs.remove(0);
+        }
+        absorbed[c] = true;
+    }
+    let mut k = 0;
+    steps.retain(|_| {
+        k += 1;
+        !absorbed[k - 1]
+    });
+    for step in steps.iter_mut() {
+        if let Kernel::TableConst(t) = &step.kernel {
+            step.kernel = Kernel::Const(Value::from_const_tensor(t)?);
+        }
+    }
+    Ok(())
+}
+
 fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
     let mut constant: HashMap<usize, Value> = HashMap::new();
     for step in steps.iter_mut() {

@@ -1152,6 +1152,35 @@ impl<'r> Engine<'r> {
     /// files), then publishes its entry and ref, in that order, and releases its key lock.
     fn persist(&self, job: Persist) -> Result<()> {
         let i = job.i;
+        // The files under out_dir are written on a second thread while the blobs are:
+        // copying into the page cache is most of a large stage's storing time.
+        let (blobs, outputs) = std::thread::scope(|scope| {
+            let outputs = scope.spawn(|| -> Result<()> {
+                for f in &job.files {
+                    self.write_output(i, &f.abs, &f.bytes, &f.blob.blake3)?;
+                }
+                Ok(())
+            });
+            let blobs = self.persist_blobs(&job);
+            let outputs = outputs
+                .join()
+                .unwrap_or_else(|_| Err(Error::msg("writing the output files panicked")));
+            (blobs, outputs)
+        });
+        blobs?;
+        outputs?;
+        self.pause_point("publish", i);
+        self.store
+            .publish_action(&job.entry, &|| self.pause_point("action", i))?;
+        self.write_ref(i, &job.entry.manifest, &job.entry.key);
+        drop(job);
+        self.pause_point("done", i);
+        Ok(())
+    }
+
+    /// The artifact's blob (unless an input's, already stored) and the output files' blobs.
+    fn persist_blobs(&self, job: &Persist) -> Result<()> {
+        let i = job.i;
         let blob = &job.entry.artifact.blob;
         let produce = |sink: &mut dyn FnMut(&[u8])| encode_artifact(&job.artifact, sink);
         if !(job.passed_through && self.store.check_blob(blob, false).is_ok()) {
@@ -1177,15 +1206,6 @@ impl<'r> Engine<'r> {
                 &|| self.pause_point("outblob", i),
             )?;
         }
-        for f in &job.files {
-            self.write_output(i, &f.abs, &f.bytes, &f.blob.blake3)?;
-        }
-        self.pause_point("publish", i);
-        self.store
-            .publish_action(&job.entry, &|| self.pause_point("action", i))?;
-        self.write_ref(i, &job.entry.manifest, &job.entry.key);
-        drop(job);
-        self.pause_point("done", i);
         Ok(())
     }
 

@@ -243,6 +243,8 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         Kernel::Forward
         | Kernel::ForwardAll
         | Kernel::Gather { .. }
+        | Kernel::GatherTable { .. }
+        | Kernel::TableConst(_)
         | Kernel::ExpandDims
         | Kernel::Squeeze(_)
         | Kernel::Reshape
