@@ -147,6 +147,39 @@ fn overflow_is_an_error_naming_the_constant() {
     assert!(cast_fp16(&b.g, 1, &["big".to_string()]).is_ok());
 }
 
+/// A constant large enough to be cast in parallel blocks: every element rounds as
+/// `f16::from_f32` does, and of several overflows the first is the one named.
+#[test]
+fn large_constants_cast_elementwise_and_name_the_first_overflow() {
+    let n = 100_000usize;
+    let vals: Vec<f32> = (0..n)
+        .map(|i| ((i as f32) * 0.7311).sin() * 60_000.0 + (i % 7) as f32 * 1e-3)
+        .collect();
+    let mut b = G::new();
+    b.konst("w", f32t(&[n], &vals));
+    b.op("out", "Neg", &["w"], &[]);
+    b.output("out");
+    let (g, _) = cast_fp16(&b.g, 1, &[]).unwrap();
+    let w = g.node("w").unwrap().const_value().unwrap();
+    assert_eq!(w.dtype(), DType::F16);
+    let want: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+    assert_eq!(w.values::<f16>().unwrap(), want);
+
+    let mut bad = vals.clone();
+    bad[90_001] = 1e6;
+    bad[70_003] = -7e4;
+    bad[99_999] = 3e5;
+    let mut b = G::new();
+    b.konst("w", f32t(&[n], &bad));
+    b.op("out", "Neg", &["w"], &[]);
+    b.output("out");
+    let e = cast_fp16(&b.g, 1, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("constant 'w': element 70003 (-70000) overflows float16"),
+        "{e}"
+    );
+}
+
 #[test]
 fn stage_reports_metrics() {
     let factory = qpipe::stages::registry::factory("fp16_cast").unwrap();

@@ -377,3 +377,127 @@ fn gathers_from_dequantized_tables_match_dequantize_then_gather() {
         assert!(want.iter().any(|&v| v > 0.0));
     }
 }
+
+/// A constant table of 1 MiB or more that only a gather reads is gathered from in
+/// place (the plan shows `GatherTable`), along axis 0 or 1, behind a float16 or int8
+/// `Dequantize` or plain float32, with the same results as gathering from the whole
+/// table; one that something else also reads is converted whole and still correct.
+#[test]
+fn gathers_from_large_constant_tables_read_rows_in_place() {
+    use qpipe::ir::QuantParams;
+    let (rows, cols) = (70_000usize, 4usize);
+    let f32s: Vec<f32> = (0..rows * cols)
+        .map(|i| (i % 1013) as f32 * 0.25 - 100.0)
+        .collect();
+    // Float16 needs twice the rows, int8 four times, to reach 1 MiB.
+    let f16s: Vec<half::f16> = (0..2 * rows * cols)
+        .map(|i| half::f16::from_f32((i % 1013) as f32 * 0.25 - 100.0))
+        .collect();
+    let q8_table = rows * 5;
+    let q8_big: Vec<i8> = (0..q8_table * cols).map(|i| (i % 251) as i8).collect();
+    let ids_vals = [69_999i32, 0, 12_345, 69_999, 7, 31_000];
+    let ids = i32t(&[2, 3], &ids_vals);
+    // (table, dequantize as, dequantize params, row values as f32)
+    let row_f32 = |i: usize| f32s[i * cols..(i + 1) * cols].to_vec();
+    type Case<'a> = (
+        &'a str,
+        Tensor,
+        Option<(DType, Option<QuantParams>)>,
+        Box<dyn Fn(usize) -> Vec<f32> + 'a>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "f32",
+            Tensor::from_vec(vec![rows, cols], &f32s),
+            None,
+            Box::new(row_f32),
+        ),
+        (
+            "f16",
+            Tensor::from_vec(vec![2 * rows, cols], &f16s),
+            Some((DType::F16, None)),
+            Box::new(|i| {
+                f16s[i * cols..(i + 1) * cols]
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect()
+            }),
+        ),
+        (
+            "int8",
+            Tensor::from_vec(vec![q8_table, cols], &q8_big),
+            Some((DType::I8, Some(QuantParams::per_tensor(0.5, 3)))),
+            Box::new(|i| {
+                q8_big[i * cols..(i + 1) * cols]
+                    .iter()
+                    .map(|&q| (q as i32 - 3) as f32 * 0.5)
+                    .collect()
+            }),
+        ),
+    ];
+    for (what, table, dq, row) in cases {
+        for shared in [false, true] {
+            let mut b = G::new();
+            b.placeholder("ids", DType::I32, Some(&[-1, 3]));
+            b.konst("table", table.clone());
+            let mut src = "table";
+            if let Some((dt, q)) = &dq {
+                if let Some(q) = q {
+                    b.g.nodes
+                        .last_mut()
+                        .unwrap()
+                        .output_quant
+                        .insert(0, q.clone());
+                }
+                let attrs = [("T", Attr::Type(*dt)), ("dtype", Attr::Type(DType::F32))];
+                b.op("dq", "Dequantize", &["table"], &attrs);
+                src = "dq";
+            }
+            b.konst("axis", i32t(&[], &[0]));
+            b.op("emb", "GatherV2", &[src, "ids", "axis"], &[]);
+            let mut fetch = vec![r("emb")];
+            if shared {
+                // A second reader of the table: it must be converted whole.
+                b.op(
+                    "n",
+                    "Size",
+                    &["table"],
+                    &[("out_type", Attr::Type(DType::I32))],
+                );
+                fetch.push(r("n"));
+            }
+            let plan = format!("{:?}", Plan::compile(&b.g, &["ids"], &fetch).unwrap());
+            assert_eq!(
+                plan.contains("GatherTable"),
+                !shared,
+                "{what} shared={shared}"
+            );
+            let outs = qpipe::kernels::run(&b.g, &[("ids", ids.clone())], &fetch).unwrap();
+            let want: Vec<f32> = ids_vals.iter().flat_map(|&i| row(i as usize)).collect();
+            assert_eq!(outs[0].shape(), &[2, 3, cols], "{what}");
+            assert_eq!(
+                outs[0].to_f32_vec().unwrap(),
+                want,
+                "{what} shared={shared}"
+            );
+        }
+    }
+
+    // Along axis 1 of a [cols, rows] table, and an index out of range.
+    let t: Vec<f32> = (0..cols * rows).map(|i| i as f32).collect();
+    let mut b = G::new();
+    b.placeholder("ids", DType::I32, Some(&[-1]));
+    b.konst("table", Tensor::from_vec(vec![cols, rows], &t));
+    b.konst("axis", i32t(&[], &[1]));
+    b.op("emb", "GatherV2", &["table", "ids", "axis"], &[]);
+    let got = run1(&b.g, &[("ids", i32t(&[2], &[5, 69_000]))], "emb");
+    let want: Vec<f32> = (0..cols)
+        .flat_map(|c| [(c * rows + 5) as f32, (c * rows + 69_000) as f32])
+        .collect();
+    assert_eq!(got.shape(), &[cols, 2]);
+    assert_eq!(got.to_f32_vec().unwrap(), want);
+    let e = qpipe::kernels::run(&b.g, &[("ids", i32t(&[1], &[70_000]))], &[r("emb")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("70000") && e.contains("emb"), "{e}");
+}

@@ -452,6 +452,36 @@ fn a_failed_stage_stops_only_what_depends_on_it() {
         .contains("--fail-fast"));
 }
 
+/// Storing happens behind the computation; a stage whose output file cannot be written
+/// is still that stage's failure, with the path in the error, and caches nothing.
+#[test]
+fn an_output_that_cannot_be_written_fails_its_stage_and_caches_nothing() {
+    let p = Project::new("blocked-output");
+    let blocker = p.out("float.bin");
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let (r, _) = p.run();
+    assert!(!r.ok);
+    assert_eq!(ids(&r, StageStatus::Failed), ["float_out"]);
+    let others: Vec<&str> = ALL.iter().copied().filter(|s| *s != "float_out").collect();
+    assert_eq!(ids(&r, StageStatus::Ran), sorted(&others));
+    let e = r.stage("float_out").unwrap().error.clone().unwrap();
+    assert!(
+        e.contains("storing its result") && e.contains("float.bin"),
+        "{e}"
+    );
+    let status = pipeline::status(&p.load()).unwrap();
+    assert_eq!(
+        status.row("float_out").unwrap().reason.as_deref(),
+        Some("never ran")
+    );
+
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let (r, _) = p.run();
+    assert!(r.ok);
+    assert_eq!(ids(&r, StageStatus::Ran), ["float_out"]);
+    assert!(blocker.is_file());
+}
+
 #[test]
 fn a_panicking_stage_is_a_failure_not_a_crash() {
     let p = Project::new("panic");

@@ -89,7 +89,7 @@ pub enum Rounding {
 /// infinities and NaN pass through. `copysign` keeps the zero of -0.3 negative.
 #[inline]
 pub fn round_half_away_f32(x: f32) -> f32 {
-    if !(x.abs() < 8_388_608.0) {
+    if x.is_nan() || x.abs() >= 8_388_608.0 {
         return x;
     }
     let t = x as i32 as f32;

@@ -207,3 +207,44 @@ pub fn read_optional(path: &Path) -> std::result::Result<Option<Vec<u8>>, io::Er
 pub fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_writes_land_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(unique_tmp_name("qpipe-fsutil"));
+        fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join("out.bin");
+        let halfway = std::cell::Cell::new(None);
+        let pieces = |sink: &mut dyn FnMut(&[u8])| {
+            sink(b"abc");
+            sink(&[7u8; 100_000]);
+            sink(b"");
+            sink(b"xyz");
+        };
+        let probe = || halfway.set(Some(fs::read_dir(&dir).unwrap().count()));
+        write_atomic_with(&dir, &dest, 100_006, &pieces, &probe).unwrap();
+        let got = fs::read(&dest).unwrap();
+        assert_eq!(got.len(), 100_006);
+        assert_eq!((&got[..3], &got[100_003..]), (&b"abc"[..], &b"xyz"[..]));
+        // Halfway through, the content was in a temporary file beside `dest`, not in it.
+        assert_eq!(halfway.get(), Some(1));
+
+        for (size, why) in [(100_005, "longer"), (100_007, "100006 bytes")] {
+            let e = write_atomic_with(&dir, &dest, size, &pieces, &|| {})
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("out.bin") && e.contains(why), "{e}");
+            assert_eq!(
+                fs::read(&dest).unwrap(),
+                got,
+                "a failed write keeps the old file"
+            );
+        }
+        let names: Vec<_> = fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -158,3 +158,92 @@ pub fn quantize_with(t: &Tensor, scale: f32, zp: i64) -> Result<Tensor> {
         ) as i8
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32) * 0.377).sin() * (1.0 + (i % 13) as f32))
+            .collect()
+    }
+
+    /// The one-element-at-a-time definition the parallel code must reproduce.
+    fn serial(values: &[f32], channels: usize, inner: usize) -> (Vec<i8>, Vec<f32>) {
+        let mut half = vec![0f32; channels];
+        for (i, v) in values.iter().enumerate() {
+            let c = (i / inner) % channels;
+            half[c] = half[c].max(v.abs());
+        }
+        let inv: Vec<f32> = half
+            .iter()
+            .map(|&h| {
+                if h > 0.0 && h.is_finite() {
+                    127.0 / h
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let q = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                (v * inv[(i / inner) % channels])
+                    .round()
+                    .clamp(-127.0, 127.0) as i8
+            })
+            .collect();
+        let scales = half
+            .iter()
+            .map(|&h| {
+                if h > 0.0 && h.is_finite() {
+                    h / 127.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        (q, scales)
+    }
+
+    #[test]
+    fn symmetric_weights_match_the_serial_definition_per_tensor_and_per_axis() {
+        let mut v = values(300_000);
+        v[12] = f32::NAN;
+        v[250_001] = -40.0;
+        let shape = [100, 3, 1000];
+        let t = Tensor::from_vec(shape.to_vec(), &v);
+        for (axis, channels, inner) in [(None, 1, v.len()), (Some(1), 3, 1000), (Some(2), 1000, 1)]
+        {
+            let (q, p) = symmetric_weights(&t, axis).unwrap();
+            let (want_q, want_scales) = serial(&v, channels, inner);
+            assert_eq!(q.values::<i8>().unwrap(), want_q, "axis {axis:?}");
+            assert_eq!(q.shape(), &shape);
+            assert_eq!(p.scale, want_scales, "axis {axis:?}");
+            assert_eq!(p.axis, axis.map(|a| a as u32));
+        }
+    }
+
+    #[test]
+    fn finite_range_ignores_non_finite_values_and_contains_zero() {
+        let mut v = values(200_000);
+        v[5] = f32::INFINITY;
+        v[150_000] = f32::NAN;
+        v[199_999] = -33.5;
+        let t = Tensor::from_vec(vec![v.len()], &v);
+        let (lo, hi) = finite_range(&t).unwrap();
+        let finite = v.iter().filter(|x| x.is_finite());
+        assert_eq!(lo, finite.clone().fold(0f32, |a, &b| a.min(b)));
+        assert_eq!(hi, finite.fold(0f32, |a, &b| a.max(b)));
+        assert_eq!(lo, -33.5);
+        let pos = Tensor::from_vec(vec![3], &[1.0f32, 2.0, 3.0]);
+        assert_eq!(finite_range(&pos).unwrap(), (0.0, 3.0));
+        let ints = Tensor::from_vec(vec![1], &[1i32]);
+        assert!(finite_range(&ints)
+            .unwrap_err()
+            .to_string()
+            .contains("int32"));
+    }
+}
