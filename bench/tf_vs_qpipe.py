@@ -15,7 +15,8 @@ venv without it falls back to tf.lite.Interpreter, and the results say which ran
 
 TensorFlow has no cache: its "rerun" is the whole program again, so its no-op column
 is its cold runs. Peak memory is each process's maximum resident set (wait4's
-ru_maxrss). Both sides read files the page cache already holds. The load average is
+ru_maxrss). Both sides read files the page cache already holds, and each run starts
+after os.sync() so that the previous run's writeback is not billed to it. The load average is
 recorded with every batch: on a shared machine wall times are noisy, CPU times less so.
 """
 import argparse
@@ -44,7 +45,9 @@ def loadavg():
 
 def measured(cmd, cwd=None, env=None):
     """Runs cmd as a child and returns a dict: rc, wall, cpu (user+sys), rss (bytes),
-    stdout, stderr. rusage comes from wait4 on that child alone."""
+    stdout, stderr. rusage comes from wait4 on that child alone. Dirty pages left by
+    earlier runs are flushed first (os.sync), so no run pays for another's writeback."""
+    os.sync()
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()
     t0 = time.perf_counter()
