@@ -156,23 +156,19 @@ fn weight_bytes(g: &Graph) -> usize {
         .sum()
 }
 
-/// The key under which calibration statistics are cached: everything they depend on.
+/// The key under which calibration statistics are cached, within the stage's memo
+/// namespace. That namespace already covers the input graph's hash, the data set
+/// files, the qpipe version and the stage kind's version, and the fused graph that is
+/// calibrated is a function of those; so the key adds only what the config chooses.
+/// Strategies that calibrate the same way (DEFAULT, OPTIMIZE_FOR_LATENCY) share it.
 pub fn calibration_key(
-    fused: &Graph,
     dataset: &str,
     digest: &[u8; 32],
     samples: Option<usize>,
     method: Method,
 ) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
-    h.update(b"qpipe calibration v1\0");
-    crate::ir::serialize::encode_to(fused, &mut |piece| {
-        if piece.len() >= 1 << 20 {
-            h.update_rayon(piece);
-        } else {
-            h.update(piece);
-        }
-    });
+    h.update(b"qpipe calibration v2\0");
     h.update(dataset.as_bytes());
     h.update(&[0]);
     h.update(digest);
@@ -278,7 +274,7 @@ impl Stage for QuantizeInt8 {
                 })?;
                 let (fused, _) = fuse::fuse(&graph, true)?;
                 let digest = calibration::dataset_digest(spec)?;
-                let key = calibration_key(&fused, ds, &digest, c.samples, c.method);
+                let key = calibration_key(ds, &digest, c.samples, c.method);
                 let mut computed = false;
                 let bytes = ctx.memo.get_or_compute("calibration", &key, &mut || {
                     computed = true;

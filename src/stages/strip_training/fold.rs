@@ -14,9 +14,10 @@
 //! operand is that operand. A rewrite happens only when the shapes prove it exact.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Graph, Node, TensorRef};
+use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
 use crate::kernels::array::{norm_axis, strided_slice_spec, SliceMasks};
 use crate::kernels::elementwise::{cast, BinaryOp, UnaryOp};
 use crate::kernels::{eval_node, StepQuant, Value};
@@ -185,6 +186,10 @@ struct Pass<'a> {
     /// Every node name in use, so that new constants get fresh ones.
     names: HashSet<String>,
     stats: FoldStats,
+    /// The tensor each `Const` node's value was read from, by the value's buffer (held
+    /// in `abs` for the whole pass, so the address is not reused): a node folded to the
+    /// same buffer (an `Identity` of a constant) shares the tensor instead of copying it.
+    origin: HashMap<usize, Tensor>,
 }
 
 fn as_shape_value(a: &Abs) -> Option<Vec<D>> {
@@ -247,7 +252,10 @@ impl Pass<'_> {
         if op == "Const" {
             return Ok(vec![match node.const_value() {
                 Some(t) => match Value::from_tensor(t) {
-                    Ok(v) => Abs::Const(v),
+                    Ok(v) => {
+                        self.origin.insert(Arc::as_ptr(&v.buf) as usize, t.clone());
+                        Abs::Const(v)
+                    }
                     Err(_) => Abs::Unknown(None),
                 },
                 None => Abs::Unknown(None),
@@ -996,6 +1004,7 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
         new_consts: Vec::new(),
         names: graph.nodes.iter().map(|n| n.name.clone()).collect(),
         stats: FoldStats::default(),
+        origin: HashMap::new(),
     };
     for &i in &order {
         let mut node = std::mem::take(&mut graph.nodes[i]);
@@ -1031,7 +1040,12 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
             (single, pass.abs.get(&node.name).and_then(|v| v.first()))
         {
             *pass.stats.folded.entry(node.op.clone()).or_default() += 1;
-            let mut c = Node::constant(node.name.clone(), v.to_tensor());
+            let t = pass
+                .origin
+                .get(&(Arc::as_ptr(&v.buf) as usize))
+                .and_then(|t| t.reshaped(v.shape.clone()).ok())
+                .unwrap_or_else(|| v.to_tensor());
+            let mut c = Node::constant(node.name.clone(), t);
             c.device = node.device.clone();
             *node = c;
         }
