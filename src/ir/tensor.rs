@@ -28,6 +28,8 @@ pub fn num_elements(shape: &[usize]) -> Option<usize> {
 /// Rust scalar types that map one-to-one onto an IR dtype.
 pub trait Element: Copy + Send + Sync + 'static {
     const DTYPE: DType;
+    /// Bytes per element (a constant, so that per-element copies compile to moves).
+    const SIZE: usize;
     fn read_le(b: &[u8]) -> Self;
     fn write_le(self, out: &mut Vec<u8>);
     /// Writes the element into `dst`, which is exactly its size.
@@ -38,6 +40,7 @@ macro_rules! element {
     ($t:ty, $d:expr, $n:expr) => {
         impl Element for $t {
             const DTYPE: DType = $d;
+            const SIZE: usize = $n;
             fn read_le(b: &[u8]) -> Self {
                 let mut a = [0u8; $n];
                 a.copy_from_slice(&b[..$n]);
@@ -67,6 +70,7 @@ element!(half::bf16, DType::BF16, 2);
 
 impl Element for bool {
     const DTYPE: DType = DType::Bool;
+    const SIZE: usize = 1;
     fn read_le(b: &[u8]) -> Self {
         b[0] != 0
     }
@@ -137,7 +141,7 @@ impl Tensor {
         n: usize,
         f: impl Fn(usize) -> T + Sync,
     ) -> Tensor {
-        let size = T::DTYPE.size().unwrap_or(1);
+        let size = T::SIZE;
         let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, n * size).collect();
         let buf = Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
         const BLOCK: usize = 1 << 16;

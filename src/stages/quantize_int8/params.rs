@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::ir::{DType, QuantParams, Tensor};
-use crate::kernels::rounding::{quantize_value, round_half_away_f32};
+use crate::kernels::rounding::{quantize_f32le_to_i8, round_half_away_f32};
 
 /// `GetAsymmetricQuantizationParams(min, max, -128, 127)`: the range is widened to
 /// contain 0, `scale = (max - min) / 255` in f32, and the zero point is
@@ -79,11 +79,33 @@ pub fn symmetric_weights(t: &Tensor, axis: Option<usize>) -> Result<(Tensor, Qua
             inv.push(0.0);
         }
     }
-    let q = Tensor::from_fn(shape.to_vec(), n, |i| {
-        let c = if ch == 1 { 0 } else { (i / inner) % ch };
-        let v = le_f32(&bytes[4 * i..4 * i + 4]);
-        round_half_away_f32(v * inv[c]).clamp(-127.0, 127.0) as i8
-    });
+    // Rows of `inner` elements share a channel; blocks are whole rows when rows are
+    // short, so each block needs one channel lookup per row, not per element.
+    let block = if ch == 1 {
+        1 << 16
+    } else {
+        inner * (1usize << 16).div_ceil(inner)
+    };
+    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
+    let dst = std::sync::Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
+    dst.par_chunks_mut(block)
+        .zip(bytes.par_chunks(4 * block))
+        .enumerate()
+        .for_each(|(b, (d, s))| {
+            for (r, (d, s)) in d.chunks_mut(inner).zip(s.chunks(4 * inner)).enumerate() {
+                let m = if ch == 1 {
+                    inv[0]
+                } else {
+                    inv[(b * block / inner + r) % ch]
+                };
+                for (o, c) in d.iter_mut().zip(s.chunks_exact(4)) {
+                    let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    *o = round_half_away_f32(v * m).clamp(-127.0, 127.0) as i8 as u8;
+                }
+            }
+        });
+    let q = Tensor::from_bytes(DType::I8, shape.to_vec(), data)
+        .map_err(|e| Error::msg(e.to_string()))?;
     let params = match axis {
         Some(a) if a < shape.len() => QuantParams::per_axis(scales, vec![0; channels], a as u32),
         _ => QuantParams::per_tensor(scales[0], 0),
@@ -147,16 +169,14 @@ pub fn bias_int32(bias: &[f32], in_scale: f32, w_scales: &[f32]) -> (Vec<i32>, Q
 /// A float tensor quantized per tensor with given (activation) parameters, as
 /// QUANTIZE would.
 pub fn quantize_with(t: &Tensor, scale: f32, zp: i64) -> Result<Tensor> {
-    let bytes = f32_bytes(t)?;
-    Ok(Tensor::from_fn(t.shape().to_vec(), t.len(), |i| {
-        quantize_value(
-            le_f32(&bytes[4 * i..4 * i + 4]),
-            scale,
-            zp as i32,
-            -128,
-            127,
-        ) as i8
-    }))
+    const BLOCK: usize = 1 << 16;
+    let src = f32_bytes(t)?;
+    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, t.len()).collect();
+    let dst = std::sync::Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
+    dst.par_chunks_mut(BLOCK)
+        .zip(src.par_chunks(4 * BLOCK))
+        .for_each(|(d, s)| quantize_f32le_to_i8(s, d, scale, zp as i32));
+    Tensor::from_bytes(DType::I8, t.shape().to_vec(), data).map_err(|e| Error::msg(e.to_string()))
 }
 
 #[cfg(test)]
