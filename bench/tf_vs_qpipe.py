@@ -16,7 +16,10 @@ venv without it falls back to tf.lite.Interpreter, and the results say which ran
 TensorFlow has no cache: its "rerun" is the whole program again, so its no-op column
 is its cold runs. Peak memory is each process's maximum resident set (wait4's
 ru_maxrss). Both sides read files the page cache already holds, and each run starts
-after os.sync() so that the previous run's writeback is not billed to it. The load average is
+after os.sync() so that the previous run's writeback is not billed to it. A cold
+qpipe run's directory is removed once measured (the last is kept for the no-op
+runs): five large-model runs leave ~9 GB, and with them in the page cache later runs
+slowed from 6.2 to 7.4 s, paying for reclaim. The load average is
 recorded with every batch: on a shared machine wall times are noisy, CPU times less so.
 """
 import argparse
@@ -149,6 +152,10 @@ def run_qpipe(qpipe, name, model, work, n_cold, n_noop):
         cold.append(r)
         print(f"  qpipe {name} cold {i + 1}/{n_cold}: {r['wall']:.3f} s wall, "
               f"{r['cpu']:.3f} s cpu, {r['rss'] / 2**20:.0f} MiB", file=sys.stderr)
+        if i + 1 < n_cold:
+            # Each cold run of the large model writes ~1.8 GB; left in place, they fill
+            # the page cache and later runs pay for reclaiming it.
+            shutil.rmtree(d, ignore_errors=True)
     loads.append(loadavg())
     # The stat cache trusts no stamp younger than 2 s, so age the outputs, then let one
     # rerun record them before timing.

@@ -239,13 +239,20 @@ fn hash_stable(path: &Path) -> Result<Hashed> {
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 4 << 20];
+    // Sized to the file: a no-op run verifies dozens of small blobs, and a 4 MiB
+    // buffer for each costs more than hashing them.
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = vec![0u8; len.clamp(64 << 10, 4 << 20) as usize];
     loop {
         let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
         if n == 0 {
             break;
         }
-        h.update_rayon(&buf[..n]);
+        if n >= 1 << 20 {
+            h.update_rayon(&buf[..n]);
+        } else {
+            h.update(&buf[..n]);
+        }
     }
     Ok(h.finalize().to_hex().to_string())
 }
