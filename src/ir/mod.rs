@@ -8,7 +8,7 @@ mod tensor;
 
 pub use dtype::DType;
 pub use graph::{Attr, Graph, Node, TensorRef};
-pub use tensor::{num_elements, Element, QuantParams, Tensor, TensorData};
+pub use tensor::{filled_buffer, num_elements, Element, QuantParams, Tensor, TensorData};
 
 /// An error raised by the IR itself: a malformed graph, tensor or serialized form.
 #[derive(Debug, Clone, PartialEq)]

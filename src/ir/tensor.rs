@@ -20,6 +20,14 @@ pub enum TensorData {
     Strings(Arc<[Vec<u8>]>),
 }
 
+/// A new buffer of `len` bytes, zeroed, then written by `fill` before anyone else can
+/// see it; with what `fill` returned.
+pub fn filled_buffer<R>(len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> (Arc<[u8]>, R) {
+    let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+    let r = fill(Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared"));
+    (data, r)
+}
+
 /// Number of elements of a shape, or `None` when it overflows `usize`.
 pub fn num_elements(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -142,20 +150,20 @@ impl Tensor {
         f: impl Fn(usize) -> T + Sync,
     ) -> Tensor {
         let size = T::SIZE;
-        let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, n * size).collect();
-        let buf = Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
         const BLOCK: usize = 1 << 16;
         let fill = |(b, chunk): (usize, &mut [u8])| {
             for (k, dst) in chunk.chunks_exact_mut(size).enumerate() {
                 f(b * BLOCK + k).put_le(dst);
             }
         };
-        if n >= 4 * BLOCK {
-            use rayon::prelude::*;
-            buf.par_chunks_mut(BLOCK * size).enumerate().for_each(fill);
-        } else {
-            buf.chunks_mut(BLOCK * size).enumerate().for_each(fill);
-        }
+        let (data, ()) = filled_buffer(n * size, |buf| {
+            if n >= 4 * BLOCK {
+                use rayon::prelude::*;
+                buf.par_chunks_mut(BLOCK * size).enumerate().for_each(fill);
+            } else {
+                buf.chunks_mut(BLOCK * size).enumerate().for_each(fill);
+            }
+        });
         Tensor::from_bytes(T::DTYPE, shape, data).expect("value count matches shape")
     }
 

@@ -175,29 +175,28 @@ fn to_f16(t: &Tensor) -> std::result::Result<Tensor, (usize, f32)> {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 14;
     let src = t.bytes();
-    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, t.len() * 2).collect();
-    let out = std::sync::Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
-    let first_bad = out
-        .par_chunks_mut(2 * BLOCK)
-        .zip(src.par_chunks(4 * BLOCK))
-        .enumerate()
-        .filter_map(|(b, (dst, src))| {
-            let wide: Vec<f32> = src
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            let mut narrow = vec![half::f16::ZERO; wide.len()];
-            narrow.convert_from_f32_slice(&wide);
-            for (d, h) in dst.chunks_exact_mut(2).zip(&narrow) {
-                d.copy_from_slice(&h.to_le_bytes());
-            }
-            narrow
-                .iter()
-                .zip(&wide)
-                .position(|(h, v)| h.is_infinite() && v.is_finite())
-                .map(|k| (b * BLOCK + k, wide[k]))
-        })
-        .min_by_key(|&(i, _)| i);
+    let (data, first_bad) = crate::ir::filled_buffer(t.len() * 2, |out| {
+        out.par_chunks_mut(2 * BLOCK)
+            .zip(src.par_chunks(4 * BLOCK))
+            .enumerate()
+            .filter_map(|(b, (dst, src))| {
+                let wide: Vec<f32> = src
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let mut narrow = vec![half::f16::ZERO; wide.len()];
+                narrow.convert_from_f32_slice(&wide);
+                for (d, h) in dst.chunks_exact_mut(2).zip(&narrow) {
+                    d.copy_from_slice(&h.to_le_bytes());
+                }
+                narrow
+                    .iter()
+                    .zip(&wide)
+                    .position(|(h, v)| h.is_infinite() && v.is_finite())
+                    .map(|k| (b * BLOCK + k, wide[k]))
+            })
+            .min_by_key(|&(i, _)| i)
+    });
     match first_bad {
         Some(bad) => Err(bad),
         None => Ok(Tensor::from_bytes(DType::F16, t.shape().to_vec(), data)

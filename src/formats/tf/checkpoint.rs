@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use prost::Message;
 
@@ -18,7 +17,7 @@ use super::crc32c;
 use super::proto::{bundle_header_proto, BundleEntryProto, BundleHeaderProto, DataType};
 use super::sstable::{self, show_key, Table};
 use crate::error::{Error, Result};
-use crate::ir::{num_elements, DType, Tensor};
+use crate::ir::{filled_buffer, num_elements, DType, Tensor};
 
 /// `kTensorBundleVersion`: the consumer version this reader implements.
 const BUNDLE_VERSION: i32 = 1;
@@ -673,19 +672,21 @@ impl Bundle {
                 .map_err(|e| ferr(e.to_string()));
         }
 
-        let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, size).collect();
-        let buf = Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
-        file.read_at(info.offset, buf)
-            .map_err(|e| ferr(e.to_string()))?;
-        check_crc(info.crc32c, crc32c::value(buf)).map_err(ferr)?;
-        if self.big_endian {
-            let elem = info.dtype.size().unwrap_or(1);
-            if elem > 1 {
-                for c in buf.chunks_exact_mut(elem) {
-                    c.reverse();
+        let (data, read) = filled_buffer(size, |buf| -> Result<()> {
+            file.read_at(info.offset, buf)
+                .map_err(|e| ferr(e.to_string()))?;
+            check_crc(info.crc32c, crc32c::value(buf)).map_err(ferr)?;
+            if self.big_endian {
+                let elem = info.dtype.size().unwrap_or(1);
+                if elem > 1 {
+                    for c in buf.chunks_exact_mut(elem) {
+                        c.reverse();
+                    }
                 }
             }
-        }
+            Ok(())
+        });
+        read?;
         Tensor::from_bytes(info.dtype, info.shape.clone(), data).map_err(|e| ferr(e.to_string()))
     }
 
@@ -753,15 +754,17 @@ impl Bundle {
         let strides = row_major_strides(&info.shape);
         match info.dtype.size() {
             Some(elem) => {
-                let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, total * elem).collect();
-                let buf = Arc::get_mut(&mut out).expect("freshly allocated buffer is unshared");
-                for p in &parts {
-                    let t = self.read_stored(&p.label, p.stored)?;
-                    copy_region(&p.region, &strides, |src_el, dst_el, n| {
-                        buf[dst_el * elem..(dst_el + n) * elem]
-                            .copy_from_slice(&t.bytes()[src_el * elem..(src_el + n) * elem]);
-                    });
-                }
+                let (out, read) = filled_buffer(total * elem, |buf| -> Result<()> {
+                    for p in &parts {
+                        let t = self.read_stored(&p.label, p.stored)?;
+                        copy_region(&p.region, &strides, |src_el, dst_el, n| {
+                            buf[dst_el * elem..(dst_el + n) * elem]
+                                .copy_from_slice(&t.bytes()[src_el * elem..(src_el + n) * elem]);
+                        });
+                    }
+                    Ok(())
+                });
+                read?;
                 Tensor::from_bytes(info.dtype, info.shape.clone(), out)
                     .map_err(|e| ierr(e.to_string()))
             }

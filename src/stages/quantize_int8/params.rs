@@ -86,24 +86,24 @@ pub fn symmetric_weights(t: &Tensor, axis: Option<usize>) -> Result<(Tensor, Qua
     } else {
         inner * (1usize << 16).div_ceil(inner)
     };
-    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
-    let dst = std::sync::Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
-    dst.par_chunks_mut(block)
-        .zip(bytes.par_chunks(4 * block))
-        .enumerate()
-        .for_each(|(b, (d, s))| {
-            for (r, (d, s)) in d.chunks_mut(inner).zip(s.chunks(4 * inner)).enumerate() {
-                let m = if ch == 1 {
-                    inv[0]
-                } else {
-                    inv[(b * block / inner + r) % ch]
-                };
-                for (o, c) in d.iter_mut().zip(s.chunks_exact(4)) {
-                    let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    *o = round_half_away_f32(v * m).clamp(-127.0, 127.0) as i8 as u8;
+    let (data, ()) = crate::ir::filled_buffer(n, |dst| {
+        dst.par_chunks_mut(block)
+            .zip(bytes.par_chunks(4 * block))
+            .enumerate()
+            .for_each(|(b, (d, s))| {
+                for (r, (d, s)) in d.chunks_mut(inner).zip(s.chunks(4 * inner)).enumerate() {
+                    let m = if ch == 1 {
+                        inv[0]
+                    } else {
+                        inv[(b * block / inner + r) % ch]
+                    };
+                    for (o, c) in d.iter_mut().zip(s.chunks_exact(4)) {
+                        let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        *o = round_half_away_f32(v * m).clamp(-127.0, 127.0) as i8 as u8;
+                    }
                 }
-            }
-        });
+            });
+    });
     let q = Tensor::from_bytes(DType::I8, shape.to_vec(), data)
         .map_err(|e| Error::msg(e.to_string()))?;
     let params = match axis {
@@ -171,11 +171,11 @@ pub fn bias_int32(bias: &[f32], in_scale: f32, w_scales: &[f32]) -> (Vec<i32>, Q
 pub fn quantize_with(t: &Tensor, scale: f32, zp: i64) -> Result<Tensor> {
     const BLOCK: usize = 1 << 16;
     let src = f32_bytes(t)?;
-    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, t.len()).collect();
-    let dst = std::sync::Arc::get_mut(&mut data).expect("freshly allocated buffer is unshared");
-    dst.par_chunks_mut(BLOCK)
-        .zip(src.par_chunks(4 * BLOCK))
-        .for_each(|(d, s)| quantize_f32le_to_i8(s, d, scale, zp as i32));
+    let (data, ()) = crate::ir::filled_buffer(t.len(), |dst| {
+        dst.par_chunks_mut(BLOCK)
+            .zip(src.par_chunks(4 * BLOCK))
+            .for_each(|(d, s)| quantize_f32le_to_i8(s, d, scale, zp as i32))
+    });
     Tensor::from_bytes(DType::I8, t.shape().to_vec(), data).map_err(|e| Error::msg(e.to_string()))
 }
 
