@@ -76,15 +76,6 @@ impl B {
     }
 }
 
-fn fused(act: usize) -> Attr {
-    let ops: &[&str] = match act {
-        0 => &["BiasAdd"],
-        1 => &["BiasAdd", "Relu"],
-        _ => &["BiasAdd", "Relu6"],
-    };
-    Attr::Strs(ops.iter().map(|o| o.as_bytes().to_vec()).collect())
-}
-
 /// One model with hybrid convolutions and fully connected ops on two float inputs.
 fn build(seed: u64) -> (Graph, Vec<(String, Tensor)>) {
     let mut b = B {

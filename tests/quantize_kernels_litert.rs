@@ -78,15 +78,6 @@ fn ints(v: &[i64]) -> Attr {
 fn s(v: &str) -> Attr {
     Attr::Str(v.as_bytes().to_vec())
 }
-fn fused(act: usize) -> Attr {
-    let ops: &[&str] = match act {
-        0 => &["BiasAdd"],
-        1 => &["BiasAdd", "Relu"],
-        _ => &["BiasAdd", "Relu6"],
-    };
-    Attr::Strs(ops.iter().map(|o| o.as_bytes().to_vec()).collect())
-}
-
 /// One model with a branch per op; returns it with its int8/float inputs.
 fn build(seed: u64) -> (Graph, Vec<(String, Tensor)>) {
     let mut b = B {

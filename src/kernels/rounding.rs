@@ -177,6 +177,7 @@ pub fn multiply_by_quantized_multiplier(x: i32, q: i32, shift: i32, rounding: Ro
 }
 
 /// QUANTIZE (float → int8/uint8/int16): `clamp(round(x / scale) + zp)`, the division in f32.
+#[inline]
 pub fn quantize_value(x: f32, scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
     let v = round_half_away_f32(x / scale);
     let v = if v.is_nan() {
@@ -188,17 +189,11 @@ pub fn quantize_value(x: f32, scale: f32, zero_point: i32, qmin: i32, qmax: i32)
 }
 
 /// [`quantize_value`] to int8 for a run of little-endian float32 bytes (`src` holds
-/// four bytes per `dst` byte): the same result for every input, written without
-/// branches so that a whole tensor quantizes at vector speed. With an int8
-/// zero point, clamping the rounded value to `[-128 - zp, 127 - zp]` before adding
-/// the zero point is the same as `quantize_value`'s clamp after it; NaN gives `zp`.
+/// four bytes per `dst` byte), for quantizing a whole tensor at once.
 pub fn quantize_f32le_to_i8(src: &[u8], dst: &mut [u8], scale: f32, zero_point: i32) {
-    let zp = zero_point.clamp(-128, 127);
-    let (lo, hi) = ((-128 - zp) as f32, (127 - zp) as f32);
     for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
-        let r = round_half_away_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) / scale);
-        let r = if r.is_nan() { 0.0 } else { r.max(lo).min(hi) };
-        *d = (r as i32 + zp) as i8 as u8;
+        let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        *d = quantize_value(x, scale, zero_point, -128, 127) as i8 as u8;
     }
 }
 
@@ -599,6 +594,17 @@ pub struct DynamicRow {
     pub offset: i32,
 }
 
+/// A row's range widened to contain 0, as both dynamic quantizers take it (NaN never
+/// wins a comparison, so it is skipped).
+fn row_range(values: &[f32]) -> (f32, f32) {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (if v < a { v } else { a }, if v > b { v } else { b })
+        });
+    (lo.min(0.0), hi.max(0.0))
+}
+
 /// TFLite `tensor_utils::AsymmetricQuantizeFloats` (hybrid kernels with
 /// `asymmetric_quantize_inputs`) as LiteRT 2.3.0 computes it, pinned down against
 /// it value by value: the range `rmin = min(0, min)`, `rmax = max(0, max)` in
@@ -609,13 +615,7 @@ pub struct DynamicRow {
 /// (f32 reciprocal and product, rounded half away from zero *before* the offset
 /// is added), clamped to int8. An all-zero row gets scale 1 and offset 0.
 pub fn asymmetric_quantize_floats(values: &[f32]) -> DynamicRow {
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (if v < a { v } else { a }, if v > b { v } else { b })
-        });
-    let rmin = lo.min(0.0);
-    let rmax = hi.max(0.0);
+    let (rmin, rmax) = row_range(values);
     if values.is_empty() || rmin == rmax {
         return DynamicRow {
             q: vec![0; values.len()],
@@ -692,13 +692,7 @@ pub fn symmetric_quantize_floats(values: &[f32]) -> DynamicRow {
 /// + (127 + rmax·m) > 0`, else `127 - rmax·m`, clamped and rounded half to even;
 /// values `round_even(x·m) + zp`, saturated; the row's scale is `1 / m`.
 pub fn xnn_dynamic_quantize(values: &[f32]) -> DynamicRow {
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (if v < a { v } else { a }, if v > b { v } else { b })
-        });
-    let rmin = lo.min(0.0);
-    let rmax = hi.max(0.0);
+    let (rmin, rmax) = row_range(values);
     let (qmin, qmax) = (-128.0f32, 127.0f32);
     let m = if values.is_empty() || rmin == rmax {
         1.0

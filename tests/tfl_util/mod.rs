@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use qpipe::formats::tf::graph_def::read_graph_def;
-use qpipe::ir::{Graph, Tensor, TensorRef};
+use qpipe::ir::{Attr, Graph, Tensor, TensorRef};
 use qpipe::stages::strip_training::{strip, StripOptions};
 
 /// The LiteRT release the tests run, installed from PyPI into `target/litert-venv`.
@@ -224,4 +224,15 @@ pub fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
         .filter(|&r| argmax(&a[r * w..(r + 1) * w]) == argmax(&b[r * w..(r + 1) * w]))
         .count();
     same as f64 / rows.max(1) as f64
+}
+
+/// The `fused_ops` attribute of a `_Fused*` node: BiasAdd, then no activation (0),
+/// Relu (1) or Relu6 (otherwise).
+pub fn fused(act: usize) -> Attr {
+    let ops: &[&str] = match act {
+        0 => &["BiasAdd"],
+        1 => &["BiasAdd", "Relu"],
+        _ => &["BiasAdd", "Relu6"],
+    };
+    Attr::Strs(ops.iter().map(|o| o.as_bytes().to_vec()).collect())
 }
