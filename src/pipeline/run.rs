@@ -194,7 +194,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
         let mut ready: BinaryHeap<Reverse<usize>> =
             (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
         let mut running = 0usize;
-        let mut storing = 0usize;
+        // Stages handed to the persister minus those it reported back. A stage's
+        // `Stored` can arrive before its own `Stage` message, so this may dip below 0.
+        let mut storing = 0isize;
+        let mut store_errors: Vec<(usize, String)> = Vec::new();
         let mut stopped = false;
         loop {
             while let Some(Reverse(i)) = ready.pop().filter(|_| !stopped) {
@@ -218,10 +221,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
                             id: &stage.id,
                             error: &error,
                         });
-                        if let Some(report) = results[i].as_mut() {
-                            report.status = StageStatus::Failed;
-                            report.error = Some(error);
-                        }
+                        store_errors.push((i, error));
                         if opts.fail_fast {
                             stopped = true;
                             stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -235,7 +235,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
             match r {
                 None => {}
                 Some(Ok(o)) => {
-                    storing += o.persisting as usize;
+                    storing += o.persisting as isize;
                     match o.status {
                         StageStatus::Cached => observer.event(Event::Cached { id: &stage.id }),
                         _ => observer.event(Event::Ran {
@@ -293,6 +293,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
         }
         drop(job_tx);
         lock(&engine.persist_tx).take();
+        for (i, error) in store_errors {
+            if let Some(report) = results[i].as_mut() {
+                report.status = StageStatus::Failed;
+                report.error = Some(error);
+            }
+        }
         started
     });
     if workers_started == 0 {
