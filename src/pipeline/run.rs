@@ -175,7 +175,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
                     for job in persist_rx {
                         let i = job.i;
                         let held = job.held_bytes();
-                        let r = engine.persist(job).map_err(|e| e.to_string());
+                        // A panic here must still report back, or the run would wait forever.
+                        let r = catch_unwind(AssertUnwindSafe(|| engine.persist(job)))
+                            .unwrap_or_else(|_| {
+                                Err(Error::msg("storing panicked (a bug in qpipe)"))
+                            })
+                            .map_err(|e| e.to_string());
                         engine.backlog.release(held);
                         if res_tx.send(Msg::Stored(i, r)).is_err() {
                             break;
