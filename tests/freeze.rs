@@ -10,7 +10,7 @@ use qpipe::formats::tf::freeze::{freeze_checkpoint, freeze_model};
 use qpipe::formats::tf::graph_def::{graph_to_bytes, read_graph_def};
 use qpipe::formats::tf::proto::{attr_value, MetaGraphDef, TensorShapeProto};
 use qpipe::ir::{Attr, Graph};
-use qpipe::stages::{ModelSource, ModelSpec};
+use qpipe::spec::{ModelSource, ModelSpec};
 
 const MODELS: [&str; 3] = ["push_student", "conv_bn", "mlp_res"];
 

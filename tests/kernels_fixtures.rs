@@ -47,8 +47,8 @@ fn frozen_fixture_graphs_match_tensorflow() {
 #[test]
 fn checkpoint_frozen_by_qpipe_runs_both_heads() {
     // push_student's teacher head, frozen from the checkpoint next to the student.
-    let model = qpipe::stages::ModelSpec {
-        source: qpipe::stages::ModelSource::Checkpoint(
+    let model = qpipe::spec::ModelSpec {
+        source: qpipe::spec::ModelSource::Checkpoint(
             fixture_dir("push_student").join("best_validation"),
         ),
         inputs: vec!["input_x".into()],

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use kern_util::*;
 use qpipe::ir::{Attr, DType, Graph, Node, Tensor};
 use qpipe::kernels::{evaluate, EvalOptions, Plan};
-use qpipe::stages::DatasetSpec;
+use qpipe::spec::DatasetSpec;
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qpipe-plan-{}-{name}", std::process::id()));

@@ -12,7 +12,8 @@ use kern_util::*;
 use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::ir::{DType, Graph};
-use qpipe::stages::{registry, Artifact, ConfigTable, DatasetSpec};
+use qpipe::spec::DatasetSpec;
+use qpipe::stages::{registry, Artifact, ConfigTable};
 use tfl_util::*;
 
 fn metric<'a>(out: &'a qpipe::stages::StageOutput, key: &str) -> &'a serde_json::Value {

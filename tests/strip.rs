@@ -558,8 +558,8 @@ fn runs_as_a_stage_with_the_recipe_model_names() {
     assert!((factory.build)(&bad).is_err());
 
     let g = with_dropout(tf2_dropout(0.0));
-    let model = qpipe::stages::ModelSpec {
-        source: qpipe::stages::ModelSource::Graph("unused.pb".into()),
+    let model = qpipe::spec::ModelSpec {
+        source: qpipe::spec::ModelSource::Graph("unused.pb".into()),
         inputs: vec!["x".into()],
         outputs: vec!["out".into()],
         input_shapes: BTreeMap::new(),
@@ -666,8 +666,8 @@ fn strips_every_fixture_model() {
 fn strips_graphs_qpipe_froze_from_the_checkpoints() {
     for m in FIXTURES {
         let info = model_json(m);
-        let model = qpipe::stages::ModelSpec {
-            source: qpipe::stages::ModelSource::Checkpoint(fixture_dir(m).join("best_validation")),
+        let model = qpipe::spec::ModelSpec {
+            source: qpipe::spec::ModelSource::Checkpoint(fixture_dir(m).join("best_validation")),
             inputs: info["inputs"]
                 .as_object()
                 .unwrap()

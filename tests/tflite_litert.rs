@@ -61,8 +61,8 @@ fn float16_fixture_models_match_tensorflow_in_litert() {
 /// export_tflite; LiteRT's outputs match TensorFlow's.
 #[test]
 fn checkpoints_frozen_by_qpipe_export_and_match_tensorflow() {
+    use qpipe::spec::{ModelSource, ModelSpec};
     use qpipe::stages::strip_training::{strip, StripOptions};
-    use qpipe::stages::{ModelSource, ModelSpec};
     for model in MODELS {
         let json: serde_json::Value = serde_json::from_slice(
             &std::fs::read(fixture(&format!("{model}/model.json"))).unwrap(),

@@ -342,8 +342,8 @@ fn export_tflite_stage_writes_the_file_and_reports_metrics() {
     let mut g = small_graph();
     g.inputs.clear();
     g.outputs.clear();
-    let model = qpipe::stages::ModelSpec {
-        source: qpipe::stages::ModelSource::Graph("unused.pb".into()),
+    let model = qpipe::spec::ModelSpec {
+        source: qpipe::spec::ModelSource::Graph("unused.pb".into()),
         inputs: vec!["x".into()],
         outputs: vec!["probs".into()],
         input_shapes: BTreeMap::new(),

@@ -25,10 +25,9 @@ use toml::Spanned;
 
 use super::fsutil;
 use crate::error::{Error, Result};
+use crate::spec::{DatasetSpec, ModelSource, ModelSpec};
 use crate::stages::registry::{StageFactory, REGISTRY};
-use crate::stages::{
-    ConfigError, ConfigTable, DatasetSpec, ModelSource, ModelSpec, Stage, StageDeps,
-};
+use crate::stages::{ConfigError, ConfigTable, Stage, StageDeps};
 
 /// The most stages a recipe may expand to.
 const MAX_STAGES: usize = 10_000;

@@ -38,7 +38,8 @@ use super::report::{RunReport, StageReport, StageStatus, StatusReport, StatusRow
 use super::store::{self, ActionEntry, ArtifactRef, Miss, OutputRef, StageRef, Store};
 use crate::error::{Error, Result};
 use crate::ir;
-use crate::stages::{Artifact, DatasetSpec, Memo, ModelSource, ModelSpec, StageContext};
+use crate::spec::{DatasetSpec, ModelSource, ModelSpec};
+use crate::stages::{Artifact, Memo, StageContext};
 
 /// How to run.
 #[derive(Debug, Clone)]

@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use qpipe::ir::{Attr, Graph, Node, Tensor};
 use qpipe::pipeline::{self, Event, Observer, Recipe, RunOptions, RunReport};
+use qpipe::spec::ModelSource;
 use qpipe::stages::registry::StageFactory;
 use qpipe::stages::{
-    parse_config, Artifact, ConfigError, ConfigTable, ModelSource, OutputFile, Stage, StageContext,
-    StageDeps, StageOutput,
+    parse_config, Artifact, ConfigError, ConfigTable, OutputFile, Stage, StageContext, StageDeps,
+    StageOutput,
 };
 
 pub const TEST_REGISTRY: &[StageFactory] = &[

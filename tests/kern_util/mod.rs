@@ -157,7 +157,7 @@ pub fn fixture_npy(model: &str, file: &str) -> Tensor {
 }
 
 /// The eval set of a fixture as a data set spec (input tensor and labels).
-pub fn eval_spec(model: &str) -> qpipe::stages::DatasetSpec {
+pub fn eval_spec(model: &str) -> qpipe::spec::DatasetSpec {
     let info = model_json(model);
     let input = info["inputs"]
         .as_object()
@@ -166,7 +166,7 @@ pub fn eval_spec(model: &str) -> qpipe::stages::DatasetSpec {
         .next()
         .unwrap()
         .clone();
-    qpipe::stages::DatasetSpec {
+    qpipe::spec::DatasetSpec {
         tensors: std::collections::BTreeMap::from([(input, fixture_dir(model).join("eval_x.npy"))]),
         labels: Some(fixture_dir(model).join("eval_y.npy")),
     }

@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use qpipe::ir::{Graph, Tensor};
-use qpipe::stages::{
-    registry, Artifact, ConfigTable, DatasetSpec, Memo, ModelSource, ModelSpec, StageContext,
-    StageOutput,
-};
+use qpipe::spec::{DatasetSpec, ModelSource, ModelSpec};
+use qpipe::stages::{registry, Artifact, ConfigTable, Memo, StageContext, StageOutput};
 
 use crate::tfl_util::{fixture, stripped_fixture};
 
