@@ -187,7 +187,13 @@ fn stage_reports_metrics() {
         qpipe::stages::ConfigTable::parse("input = \"strip\"\nmin_elements = 4\nkeep_float = []")
             .unwrap();
     let stage = (factory.build)(&table).unwrap();
-    assert_eq!(stage.kind(), "fp16_cast");
+    assert_eq!(
+        stage.role(),
+        qpipe::stages::Role::Model {
+            label: "fp16".into(),
+            float: false
+        }
+    );
     assert_eq!(stage.config()["min_elements"], 4);
     let table = qpipe::stages::ConfigTable::parse("input = \"strip\"").unwrap();
     assert_eq!((factory.build)(&table).unwrap().config()["min_elements"], 1);

@@ -556,3 +556,30 @@ fn bad_command_lines_exit_with_2() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+#[test]
+fn a_strategy_that_needs_calibration_is_refused_at_load() {
+    let c = edited(
+        "latency-no-calib",
+        "[stages.pb]",
+        "[stages.q]\nkind = \"quantize_int8\"\ninput = \"freeze\"\nstrategy = \"OPTIMIZE_FOR_LATENCY\"\n\n[stages.pb]",
+    );
+    expect_error(
+        &c,
+        pos(&c.text, "strategy = ", "\"OPTIMIZE_FOR_LATENCY\""),
+        "stages.q.strategy",
+        "OPTIMIZE_FOR_LATENCY needs a calibration data set",
+    );
+    // From a matrix, the error points at the matrix value.
+    let c = edited(
+        "latency-no-calib-matrix",
+        "[stages.pb]",
+        "[stages.q]\nkind = \"quantize_int8\"\ninput = \"freeze\"\nmatrix = { strategy = [\"DEFAULT\", \"OPTIMIZE_FOR_LATENCY\"] }\n\n[stages.pb]",
+    );
+    expect_error(
+        &c,
+        pos(&c.text, "matrix = ", "\"OPTIMIZE_FOR_LATENCY\""),
+        "stages.q.strategy",
+        "needs a calibration",
+    );
+}

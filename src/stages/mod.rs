@@ -124,15 +124,39 @@ impl StageContext<'_> {
 
 /// A stage kind. Implementations are pure functions of their config, their inputs
 /// and the files named by [`StageDeps`]: that is what makes caching them sound.
+///
+/// A stage does not know its kind's name: the [`registry`] entry that built it does.
 pub trait Stage: Send + Sync {
-    /// The kind's name as written in recipes (`kind = "..."`).
-    fn kind(&self) -> &'static str;
     /// Bumped whenever the stage's output for the same inputs may change.
     fn version(&self) -> u32;
     fn deps(&self) -> StageDeps;
     /// The typed config as canonical JSON (what the cache key and `status` explain use).
     fn config(&self) -> serde_json::Value;
     fn run(&self, ctx: &StageContext) -> Result<StageOutput>;
+    /// What the stage is to `qpipe compare`, which reads stages only through this.
+    fn role(&self) -> Role;
+}
+
+/// What a stage is among a recipe's model variants (see [`Stage::role`]). Config keys
+/// name the upstream stages, as in [`StageDeps::stages`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Role {
+    /// Builds a model variant. `label` names it in a comparison (`float32`, `fp16`,
+    /// `int8 DEFAULT`); only a `float` variant may stand in as the float baseline.
+    Model { label: String, float: bool },
+    /// Passes on the model under config key `input` unchanged (writing it somewhere, say).
+    SameModel { input: &'static str },
+    /// Writes the model under config key `input` as a `.tflite` file; metric `bytes` is its size.
+    TfliteExport { input: &'static str },
+    /// Measures the model under `candidate` against the one under `reference` on a data
+    /// set: metrics `samples`, `reference_accuracy`, `candidate_accuracy`, `accuracy_drop`,
+    /// `agreement`, `max_abs_error`, `mean_abs_error`, and a report with a `layers` table.
+    Validation {
+        reference: &'static str,
+        candidate: &'static str,
+    },
+    /// Neither builds nor judges a model.
+    Other,
 }
 
 /// A stage's table from the recipe (without `kind` and `matrix`), keeping source

@@ -17,8 +17,8 @@ use qpipe::pipeline::{self, Event, Observer, Recipe, RunOptions, RunReport};
 use qpipe::spec::ModelSource;
 use qpipe::stages::registry::StageFactory;
 use qpipe::stages::{
-    parse_config, Artifact, ConfigError, ConfigTable, OutputFile, Stage, StageContext, StageDeps,
-    StageOutput,
+    parse_config, Artifact, ConfigError, ConfigTable, OutputFile, Role, Stage, StageContext,
+    StageDeps, StageOutput,
 };
 
 pub const TEST_REGISTRY: &[StageFactory] = &[
@@ -112,8 +112,11 @@ pub fn model_file_paths(source: &ModelSource) -> Vec<PathBuf> {
 }
 
 impl Stage for Load {
-    fn kind(&self) -> &'static str {
-        "t_load"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: "float32".into(),
+            float: true,
+        }
     }
     fn version(&self) -> u32 {
         1
@@ -183,8 +186,11 @@ fn build_map(t: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
 }
 
 impl Stage for Map {
-    fn kind(&self) -> &'static str {
-        "t_map"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: "mapped".into(),
+            float: true,
+        }
     }
     fn version(&self) -> u32 {
         1
@@ -245,8 +251,11 @@ fn build_calib(t: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
 }
 
 impl Stage for Calib {
-    fn kind(&self) -> &'static str {
-        "t_calib"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: "calibrated".into(),
+            float: false,
+        }
     }
     fn version(&self) -> u32 {
         1
@@ -312,8 +321,8 @@ fn build_export(t: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
 }
 
 impl Stage for Export {
-    fn kind(&self) -> &'static str {
-        "t_export"
+    fn role(&self) -> Role {
+        Role::Other
     }
     fn version(&self) -> u32 {
         1
@@ -369,8 +378,8 @@ fn build_gate(t: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
 }
 
 impl Stage for Gate {
-    fn kind(&self) -> &'static str {
-        "t_gate"
+    fn role(&self) -> Role {
+        Role::Other
     }
     fn version(&self) -> u32 {
         1
