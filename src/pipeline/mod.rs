@@ -5,6 +5,7 @@
 //! why) and serving hits from [`store`]; [`explain`] says why a stage is stale.
 
 pub mod compare;
+pub mod cycle;
 pub mod dag;
 pub mod explain;
 pub mod filehash;

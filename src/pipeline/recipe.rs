@@ -1101,7 +1101,7 @@ impl<'s, 't> Parser<'s, 't> {
         match petgraph::algo::toposort(&g, None) {
             Ok(order) => Ok(order.into_iter().map(|n| g[n]).collect()),
             Err(_) => {
-                let cycle = super::dag::find_cycle(&g).unwrap_or_default();
+                let cycle = super::cycle::find_cycle(&g).unwrap_or_default();
                 let names: Vec<&str> = cycle.iter().map(|&n| protos[g[n]].id.as_str()).collect();
                 // Report at the reference that closes the cycle.
                 let first = cycle.first().map(|&n| g[n]).unwrap_or(0);
