@@ -1,13 +1,14 @@
 //! Every recipe error names FILE:LINE:COL and the key, exits with code 2, and happens
 //! before anything runs (no cache directory, no outputs).
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{tmp_dir, TEST_REGISTRY};
 use qpipe::pipeline::Recipe;
+use support::pipeline_stages::TEST_REGISTRY;
+use support::tmp_dir;
 
 const GOOD: &str = r#"[pipeline]
 name = "errs"
@@ -306,7 +307,7 @@ strategy = "DEFAULT"
         )
     );
     // The same through the CLI (a child process running the test stage kinds).
-    let out = common::qpipe_child(&["run", c.recipe.to_str().unwrap()])
+    let out = support::child_process::qpipe_child(&["run", c.recipe.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -319,7 +320,7 @@ strategy = "DEFAULT"
 #[test]
 #[ignore = "entry point for child processes"]
 fn child_qpipe() {
-    common::child_entry();
+    support::child_process::child_entry();
 }
 
 #[test]

@@ -2,16 +2,19 @@
 //! float32 and float16, run in LiteRT with the default and the reference op
 //! resolver, compared with the outputs TensorFlow recorded.
 
-mod tfl_util;
+mod support;
 
 use qpipe::formats::tflite;
 use qpipe::stages::fp16_cast::cast_fp16;
-use tfl_util::*;
+use support::fixtures::{fixture, stripped_fixture, MODELS};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{tensor_max_abs_diff, top1_agreement};
+use support::tmp_dir;
 
 /// Exports `graph`, runs it on the fixture's eval set with both resolvers and
 /// checks it against TensorFlow's recorded outputs.
 fn check_against_tf(model: &str, variant: &str, graph: &qpipe::ir::Graph, tol: f32) {
-    let dir = scratch(&format!("{model}_{variant}"));
+    let dir = tmp_dir(&format!("{model}_{variant}"));
     let (_, bytes) = tflite::export(graph).unwrap();
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();
@@ -22,7 +25,7 @@ fn check_against_tf(model: &str, variant: &str, graph: &qpipe::ir::Graph, tol: f
         let got = run_litert(&path, &[("input_x", &x)], resolver, &out_dir)
             .unwrap_or_else(|e| panic!("{model} {variant}: {e}"));
         assert_eq!(got.len(), 1);
-        let diff = max_abs_diff(&got[0], &want);
+        let diff = tensor_max_abs_diff(&got[0], &want);
         let agree = top1_agreement(&got[0], &want);
         eprintln!(
             "{model} {variant} {resolver:?}: {} bytes, max abs diff {diff:e}, top-1 agreement {agree}",

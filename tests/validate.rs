@@ -2,16 +2,17 @@
 //! the gate, int8-interface candidates, and its accuracy against LiteRT's on the
 //! exported model.
 
-mod q8_util;
-mod tfl_util;
+mod support;
 
 use std::sync::Arc;
 
-use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::ir::Graph;
 use qpipe::stages::{Artifact, StageOutput};
-use tfl_util::*;
+use support::fixtures::{eval_accuracy, fixture, fixture_datasets, stripped_fixture, MODELS};
+use support::litert_oracle::{run_litert, Resolver};
+use support::stage_runner::{quantize_fixture, run_stage, MemMemo};
+use support::tmp_dir;
 
 fn validate(
     model: &str,
@@ -37,16 +38,6 @@ fn num(out: &StageOutput, key: &str) -> f64 {
         .get(key)
         .and_then(|v| v.as_f64())
         .unwrap_or_else(|| panic!("metric {key} missing in {:?}", out.metrics))
-}
-
-/// Top-1 accuracy of class scores against the fixture's eval labels.
-fn accuracy(model: &str, scores: &qpipe::ir::Tensor) -> f64 {
-    let labels = qpipe::npy::read(&fixture(&format!("{model}/eval_y.npy"))).unwrap();
-    let ids = qpipe::kernels::dataset::class_ids(&labels).unwrap();
-    let s = scores.to_f64_vec().unwrap();
-    let cols = scores.shape()[1];
-    let pred = qpipe::kernels::dataset::argmax_rows(&s, ids.len(), cols);
-    pred.iter().zip(&ids).filter(|(a, b)| a == b).count() as f64 / ids.len() as f64
 }
 
 #[test]
@@ -108,7 +99,7 @@ fn reports_accuracy_agreement_errors_and_a_layer_table() {
         // The accuracy validate reports is the one LiteRT gives on the exported
         // model: by default that of `Interpreter()` (the default resolver), with
         // `runtime = "litert-ref"` that of the reference kernels.
-        let dir = scratch(&format!("validate_{model}"));
+        let dir = tmp_dir(&format!("validate_{model}"));
         let (_, bytes) = tflite::export(&candidate).unwrap();
         let path = dir.join("model.tflite");
         std::fs::write(&path, bytes).unwrap();
@@ -123,7 +114,7 @@ fn reports_accuracy_agreement_errors_and_a_layer_table() {
                 &dir.join(format!("{resolver:?}")),
             )
             .unwrap();
-            let litert = accuracy(model, &got[0]);
+            let litert = eval_accuracy(model, &got[0]);
             eprintln!(
                 "{model}: LiteRT {resolver:?} accuracy {litert}, validate {}",
                 num(out, "candidate_accuracy")
