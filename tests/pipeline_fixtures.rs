@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 use support::child_process::{kill_at, status_of};
-use support::fixtures::model_json;
+use support::fixtures::{input_name, model_json};
 use support::project::flip_bit;
 use support::tmp_dir;
 
@@ -269,13 +269,7 @@ fn conv_bn_frozen_graph_with_a_changed_weight_reruns_and_rewrites_the_output() {
         );
     let f = Fixture::new("fx-graph", "conv_bn", &recipe);
     let model = model_json("conv_bn");
-    let input = model["inputs"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .next()
-        .unwrap()
-        .clone();
+    let input = input_name("conv_bn");
     let output = model["outputs"][0].as_str().unwrap().to_string();
     f.edit_recipe("inputs = [\"input\"]", &format!("inputs = [\"{input}\"]"));
     f.edit_recipe(

@@ -61,16 +61,20 @@ pub fn fixture_npy(model: &str, file: &str) -> Tensor {
     qpipe::npy::read(&fixture_dir(model).join(file)).unwrap()
 }
 
-/// The eval set of a fixture as a data set spec (input tensor and labels).
-pub fn eval_spec(model: &str) -> DatasetSpec {
-    let info = model_json(model);
-    let input = info["inputs"]
+/// The name of the fixture model's (first) input.
+pub fn input_name(model: &str) -> String {
+    model_json(model)["inputs"]
         .as_object()
         .unwrap()
         .keys()
         .next()
         .unwrap()
-        .clone();
+        .clone()
+}
+
+/// The eval set of a fixture as a data set spec (input tensor and labels).
+pub fn eval_spec(model: &str) -> DatasetSpec {
+    let input = input_name(model);
     DatasetSpec {
         tensors: BTreeMap::from([(input, fixture_dir(model).join("eval_x.npy"))]),
         labels: Some(fixture_dir(model).join("eval_y.npy")),
