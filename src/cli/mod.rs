@@ -97,9 +97,9 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Int8 arithmetic: `litert` (LiteRT's default interpreter, XNNPACK) or
-    /// `litert-ref` (its reference kernels).
-    #[arg(long, default_value = "litert", value_parser = ["litert", "litert-ref"])]
+    /// Int8 and hybrid arithmetic: `litert-ref` (LiteRT's reference kernels, the same
+    /// on every CPU) or `xnnpack` (LiteRT's default interpreter on x86-64; CPU-dependent).
+    #[arg(long, default_value = "litert-ref")]
     pub runtime: String,
 }
 
@@ -211,6 +211,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<i32> {
 }
 
 fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let arithmetic = crate::stages::validate::Runtime::parse(&a.runtime)
+        .map_err(|e| Error::usage(format!("--runtime: {e}")))?
+        .arithmetic();
     let recipe = Recipe::load_with(&a.recipe, registry)?;
     let recipe_name = a.recipe.display();
     let idx = recipe
@@ -248,12 +251,6 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         Error::usage(format!(
             "stage '{}' produces a report, not a model",
             a.stage
-        ))
-    })?;
-    let arithmetic = crate::kernels::Arithmetic::parse(&a.runtime).ok_or_else(|| {
-        Error::usage(format!(
-            "--runtime {}: expected litert or litert-ref",
-            a.runtime
         ))
     })?;
     let opts = crate::kernels::EvalOptions {

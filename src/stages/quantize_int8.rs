@@ -309,6 +309,10 @@ impl Stage for QuantizeInt8 {
                 }
                 metrics.insert("mode".into(), "full_integer".into());
                 metrics.insert("calibration_samples".into(), stats.samples.into());
+                let casts = crate::kernels::dataset::Dataset::open(spec)?.graph_casts(&graph);
+                if !casts.is_empty() {
+                    metrics.insert("calibration_casts".into(), casts.into());
+                }
                 metrics.insert("calibration_cached".into(), (!computed).into());
                 metrics.insert("int8_ops".into(), r.int8_ops.into());
                 metrics.insert("float_ops".into(), r.float_ops.into());
