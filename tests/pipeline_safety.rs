@@ -87,3 +87,153 @@ fn a_dangling_cache_dir_symlink_is_named() {
     );
     assert!(!msg.contains("os error 17"), "{msg}");
 }
+
+fn stage_error(report: &pipeline::RunReport, id: &str) -> String {
+    report
+        .stage(id)
+        .and_then(|s| s.error.clone())
+        .unwrap_or_default()
+}
+
+/// `out/link` is a symlink to a directory elsewhere: `path = "link/float.bin"` passed the
+/// textual check and wrote there.
+#[test]
+fn an_export_cannot_escape_out_dir_through_a_symlinked_directory() {
+    let p = Project::new("symlink-dir");
+    let elsewhere = p.dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(p.dir.join("out")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, p.out("link")).unwrap();
+    p.edit_recipe("path = \"float.bin\"", "path = \"link/sub/float.bin\"");
+    let (report, _) = p.run();
+    assert!(!report.ok);
+    let err = stage_error(&report, "float_out");
+    assert!(
+        err.contains("through the symlink") && err.contains("allow_outside_out_dir = true"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing may be written (or created) outside out_dir"
+    );
+    // Nothing was pruned after the failed run, and the other outputs are there.
+    assert!(report.pruned.is_empty());
+    assert!(p.out("int8_DEFAULT.bin").is_file());
+
+    // Allowed explicitly, it goes where the link points.
+    p.edit_recipe(
+        "name = \"test_pipeline\"",
+        "name = \"test_pipeline\"\nallow_outside_out_dir = true",
+    );
+    let (report, _) = p.run();
+    assert!(report.ok, "{:?}", stage_error(&report, "float_out"));
+    assert!(elsewhere.join("sub/float.bin").is_file());
+}
+
+/// A symlinked output *file* is replaced, never written through.
+#[test]
+fn a_symlinked_output_file_is_replaced_not_followed() {
+    let p = Project::new("symlink-file");
+    let target = p.dir.join("precious.bin");
+    std::fs::write(&target, b"keep me").unwrap();
+    std::fs::create_dir_all(p.dir.join("out")).unwrap();
+    std::os::unix::fs::symlink(&target, p.out("float.bin")).unwrap();
+    let (report, _) = p.run();
+    assert!(report.ok, "{}", stage_error(&report, "float_out"));
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    let meta = std::fs::symlink_metadata(p.out("float.bin")).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "the link was replaced by the output"
+    );
+}
+
+/// Outputs of removed or renamed stages are removed after a successful full run, and
+/// nothing else is: not after a failed run, not files another pipeline sharing out_dir
+/// wrote, not files qpipe did not write, not a stale output someone changed.
+#[test]
+fn stale_outputs_are_pruned_after_a_successful_full_run_only() {
+    let p = Project::new("prune");
+    // Another pipeline sharing out_dir writes float.bin too, and its own files.
+    let other_text = common::RECIPE
+        .replace("name = \"test_pipeline\"", "name = \"other\"")
+        .replace("int8_${strategy}.bin", "other_${strategy}.bin");
+    let other_path = p.dir.join("other.toml");
+    std::fs::write(&other_path, &other_text).unwrap();
+    let mut other = qpipe::pipeline::Recipe::parse(&other_text, &other_path, common::TEST_REGISTRY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    other.cache_dir = p.cache();
+    assert!(pipeline::run(&other, &opts(), &Seen::default()).unwrap().ok);
+
+    let (report, _) = p.run();
+    assert!(report.ok);
+    assert!(report.pruned.is_empty());
+    assert!(p.out(".qpipe-manifest-test_pipeline.json").is_file());
+    assert!(p.out(".qpipe-manifest-other.json").is_file());
+    std::fs::write(p.out("notes.txt"), b"mine").unwrap();
+
+    // Rename the int8 outputs and move the float one, with a failing stage: no pruning.
+    p.edit_recipe(
+        "path = \"int8_${strategy}.bin\"",
+        "path = \"q/${strategy}.bin\"",
+    );
+    p.edit_recipe("path = \"float.bin\"", "path = \"float2.bin\"");
+    let good = p.recipe_text();
+    p.write_recipe(&format!(
+        "{good}\n[stages.bad]\nkind = \"t_map\"\ninput = \"freeze\"\ntag = \"x\"\nfail = true\n"
+    ));
+    let (report, _) = p.run();
+    assert!(!report.ok);
+    assert!(report.pruned.is_empty());
+    assert!(p.out("int8_DEFAULT.bin").is_file());
+
+    // Someone changed one stale output by hand: it stays, with a warning.
+    std::fs::write(p.out("int8_OPTIMIZE_FOR_SIZE.bin"), b"edited").unwrap();
+    p.write_recipe(&good);
+    let (report, seen) = p.run();
+    assert!(report.ok);
+    assert_eq!(report.pruned, vec!["int8_DEFAULT.bin".to_string()]);
+    assert!(!p.out("int8_DEFAULT.bin").exists());
+    assert!(p.out("q/DEFAULT.bin").is_file() && p.out("float2.bin").is_file());
+    assert_eq!(
+        std::fs::read(p.out("int8_OPTIMIZE_FOR_SIZE.bin")).unwrap(),
+        b"edited"
+    );
+    assert!(
+        seen.warnings()
+            .iter()
+            .any(|w| w.contains("int8_OPTIMIZE_FOR_SIZE.bin is no longer declared, but it changed")),
+        "{:?}",
+        seen.warnings()
+    );
+    // float.bin is the other pipeline's too; its own files and notes.txt are not ours.
+    for keep in [
+        "float.bin",
+        "other_DEFAULT.bin",
+        "other_OPTIMIZE_FOR_SIZE.bin",
+        "notes.txt",
+    ] {
+        assert!(p.out(keep).is_file(), "{keep} must stay");
+    }
+    // The JSON report lists what was removed.
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["pruned"], serde_json::json!(["int8_DEFAULT.bin"]));
+
+    // Moving q/ back prunes q/ and its now empty directory; a no-op run prunes nothing.
+    p.edit_recipe(
+        "path = \"q/${strategy}.bin\"",
+        "path = \"int8_${strategy}.bin\"",
+    );
+    let (report, _) = p.run();
+    assert_eq!(
+        report.pruned,
+        vec![
+            "q/DEFAULT.bin".to_string(),
+            "q/OPTIMIZE_FOR_SIZE.bin".to_string()
+        ]
+    );
+    assert!(!p.out("q").exists());
+    let (report, _) = p.run();
+    assert!(report.ok && report.pruned.is_empty());
+}

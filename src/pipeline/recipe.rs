@@ -902,7 +902,7 @@ impl<'s, 't> Parser<'s, 't> {
                         &full_key,
                         format!(
                             "'{}' is also written by stage '{other}'{hint}",
-                            path.display()
+                            fsutil::shorten(&path.display().to_string())
                         ),
                     ));
                 }
@@ -1175,7 +1175,7 @@ impl<'s, 't> Parser<'s, 't> {
                 key,
                 format!(
                     "'{}' is outside out_dir (absolute or with '..'); set allow_outside_out_dir = true in [pipeline] to allow it",
-                    path.display()
+                    fsutil::shorten(&path.display().to_string())
                 ),
             ));
         }
