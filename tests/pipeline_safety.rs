@@ -237,3 +237,146 @@ fn stale_outputs_are_pruned_after_a_successful_full_run_only() {
     let (report, _) = p.run();
     assert!(report.ok && report.pruned.is_empty());
 }
+
+/// A 10 MB export path was echoed whole in the error.
+#[test]
+fn a_huge_path_is_shortened_in_messages() {
+    let p = Project::new("huge-path");
+    let huge = "x".repeat(10 << 20);
+    p.edit_recipe("path = \"float.bin\"", &format!("path = \"{huge}.bin\""));
+    let (report, _) = p.run();
+    let err = stage_error(&report, "float_out");
+    assert!(!err.is_empty(), "writing a 10 MB file name must fail");
+    assert!(err.len() < 2000, "{} bytes of message", err.len());
+    assert!(err.contains(" characters)"), "{err}");
+    // The recipe's own check shortens it too.
+    p.edit_recipe(
+        &format!("path = \"{huge}.bin\""),
+        &format!("path = \"../{huge}\""),
+    );
+    let text = p.recipe_text();
+    let e = qpipe::pipeline::Recipe::parse(&text, &p.recipe, common::TEST_REGISTRY)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("is outside out_dir") && e.len() < 2000,
+        "{} bytes",
+        e.len()
+    );
+}
+
+// ---- t_layers: like validate, writes a report named after its candidate by default ----
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayersConfig {
+    reference: String,
+    candidate: String,
+    #[serde(default)]
+    report: Option<String>,
+}
+
+struct Layers(LayersConfig);
+
+impl Layers {
+    fn report_path(&self) -> String {
+        self.0
+            .report
+            .clone()
+            .unwrap_or_else(|| format!("{}.layers.json", self.0.candidate))
+    }
+}
+
+impl qpipe::stages::Stage for Layers {
+    fn kind(&self) -> &'static str {
+        "t_layers"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn deps(&self) -> qpipe::stages::StageDeps {
+        qpipe::stages::StageDeps {
+            stages: vec![
+                ("reference".into(), self.0.reference.clone()),
+                ("candidate".into(), self.0.candidate.clone()),
+            ],
+            outputs: vec![("report".into(), self.report_path().into())],
+            ..Default::default()
+        }
+    }
+    fn config(&self) -> serde_json::Value {
+        qpipe::stages::config_json(&self.0)
+    }
+    fn run(&self, ctx: &qpipe::stages::StageContext) -> qpipe::Result<qpipe::stages::StageOutput> {
+        let n = ctx.input_graph("candidate")?.nodes.len();
+        let report = serde_json::json!({ "candidate_nodes": n });
+        Ok(qpipe::stages::StageOutput {
+            files: vec![qpipe::stages::OutputFile {
+                path: self.report_path().into(),
+                bytes: report.to_string().into_bytes(),
+            }],
+            artifact: qpipe::stages::Artifact::Report(report),
+            metrics: Default::default(),
+        })
+    }
+}
+
+fn build_layers(
+    t: &qpipe::stages::ConfigTable,
+) -> Result<Box<dyn qpipe::stages::Stage>, qpipe::stages::ConfigError> {
+    Ok(Box::new(Layers(qpipe::stages::parse_config(t)?)))
+}
+
+/// Renaming the candidate of a stage whose default output path follows the
+/// candidate's name reran it with a false "cache entry … is corrupt" warning: the key
+/// (which hashes the candidate as a placeholder) did not cover the output path.
+#[test]
+fn renaming_a_candidate_is_an_honest_rebuild_not_corruption() {
+    let mut registry: Vec<qpipe::stages::registry::StageFactory> = common::TEST_REGISTRY
+        .iter()
+        .map(|f| qpipe::stages::registry::StageFactory {
+            kind: f.kind,
+            build: f.build,
+        })
+        .collect();
+    registry.push(qpipe::stages::registry::StageFactory {
+        kind: "t_layers",
+        build: build_layers,
+    });
+    let text = |cand: &str| {
+        format!(
+            "[pipeline]\nname = \"rename\"\n\n[model]\ncheckpoint = \"ckpt/best_validation\"\ninputs = [\"input_x\"]\noutputs = [\"out\"]\n\n\
+             [stages.freeze]\nkind = \"t_load\"\n\n[stages.{cand}]\nkind = \"t_map\"\ninput = \"freeze\"\ntag = \"strip\"\n\n\
+             [stages.check]\nkind = \"t_layers\"\nreference = \"freeze\"\ncandidate = \"{cand}\"\n"
+        )
+    };
+    let p = Project::with_recipe("rename-candidate", &text("strip"));
+    let load = || {
+        let t = p.recipe_text();
+        let mut r = qpipe::pipeline::Recipe::parse(&t, &p.recipe, &registry)
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.cache_dir = p.cache();
+        r
+    };
+    let seen = Seen::default();
+    assert!(pipeline::run(&load(), &opts(), &seen).unwrap().ok);
+    assert!(p.out("strip.layers.json").is_file());
+    p.write_recipe(&text("strip2"));
+    let seen = Seen::default();
+    let report = pipeline::run(&load(), &opts(), &seen).unwrap();
+    assert!(report.ok);
+    assert!(
+        seen.warnings().iter().all(|w| !w.contains("corrupt")),
+        "{:?}",
+        seen.warnings()
+    );
+    let reason = seen.reason("check").expect("check reruns");
+    assert_eq!(
+        reason,
+        "output path of 'report' changed (\"strip.layers.json\" → \"strip2.layers.json\")"
+    );
+    assert!(p.out("strip2.layers.json").is_file());
+    // The old report is pruned: the pipeline no longer declares it.
+    assert_eq!(report.pruned, vec!["strip.layers.json".to_string()]);
+}

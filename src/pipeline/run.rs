@@ -488,7 +488,7 @@ fn stage_manifest<'r>(
         qpipe: env!("CARGO_PKG_VERSION").to_string(),
         kind: s.kind.to_string(),
         kind_version: s.stage.version(),
-        config: s.stage.config(),
+        config: super::fingerprint::config_with_outputs(s.stage.config(), &s.deps.outputs),
         model_io: recipe.model_io(),
         inputs,
         files,
