@@ -41,11 +41,13 @@ impl Error {
 
     /// An error about a file's contents: `path: message`.
     pub fn file(path: &Path, message: impl fmt::Display) -> Self {
-        Error::msg(format!("{}: {message}", path.display()))
+        let path = crate::pipeline::fsutil::shorten(&path.display().to_string());
+        Error::msg(format!("{path}: {message}"))
     }
 
     pub fn io(path: &Path, err: std::io::Error) -> Self {
-        Error::msg(format!("{}: {err}", path.display()))
+        let path = crate::pipeline::fsutil::shorten(&path.display().to_string());
+        Error::msg(format!("{path}: {err}"))
     }
 
     pub fn kind(&self) -> ErrorKind {

@@ -313,7 +313,8 @@ fn deleted_or_edited_outputs_are_restored_from_the_cache() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 4, "three outputs and the manifest: {names:?}");
+    assert!(names.contains(&".qpipe-manifest-test_pipeline.json".to_string()));
 }
 
 #[test]

@@ -323,13 +323,18 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
         observer.event(Event::Warning(&format!("cannot save the stat cache: {e}")));
     }
     let stages: Vec<StageReport> = results.into_iter().flatten().collect();
-    Ok(RunReport {
+    let mut report = RunReport {
         pipeline: recipe.name.clone(),
         ok: stages
             .iter()
             .all(|s| matches!(s.status, StageStatus::Ran | StageStatus::Cached)),
         stages,
-    })
+        pruned: Vec::new(),
+    };
+    report.pruned = super::outdir::prune(recipe, &engine.store, &report, &|w| {
+        observer.event(Event::Warning(w))
+    });
+    Ok(report)
 }
 
 fn skipped(recipe: &Recipe, i: usize, reason: &str) -> StageReport {
@@ -483,7 +488,7 @@ fn stage_manifest<'r>(
         qpipe: env!("CARGO_PKG_VERSION").to_string(),
         kind: s.kind.to_string(),
         kind_version: s.stage.version(),
-        config: s.stage.config(),
+        config: super::fingerprint::config_with_outputs(s.stage.config(), &s.deps.outputs),
         model_io: recipe.model_io(),
         inputs,
         files,
@@ -1226,6 +1231,9 @@ impl<'r> Engine<'r> {
     /// Writes an output file under `out_dir` atomically, unless it already has these bytes.
     fn write_output(&self, i: usize, abs: &Path, bytes: &[u8], blake3: &str) -> Result<()> {
         let dir = abs.parent().unwrap_or(Path::new("."));
+        if !self.recipe.allow_outside_out_dir {
+            super::outdir::confine(&self.recipe.out_dir, abs)?;
+        }
         fsutil::create_dir_all(dir)?;
         let _lock = self.store.output_lock(abs)?;
         if matches!(self.hasher.hash(abs), Ok(h) if h.blake3 == blake3) {

@@ -531,7 +531,7 @@ impl Stage for Validate {
         }
     }
     fn config(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.config).unwrap_or_default();
+        let mut v = super::config_json(&self.config);
         if self.config.runtime == Runtime::Xnnpack {
             // XNNPACK picks its kernels by the CPU, so the results are this CPU's.
             v["xnnpack_cpu"] = xnnpack_cpu().into();
