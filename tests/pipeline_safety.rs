@@ -380,3 +380,24 @@ fn renaming_a_candidate_is_an_honest_rebuild_not_corruption() {
     // The old report is pruned: the pipeline no longer declares it.
     assert_eq!(report.pruned, vec!["strip.layers.json".to_string()]);
 }
+
+/// After a failed run, "not built … run `qpipe run` first" sent the user in a circle:
+/// the cache now records the last run's outcome, and `compare`/`eval` quote it.
+#[test]
+fn a_failed_last_run_is_what_not_built_explains() {
+    let p = Project::new("last-run");
+    p.edit_recipe("tag = \"strip\"", "tag = \"strip\"\nfail = true");
+    let (report, _) = p.run();
+    assert!(!report.ok);
+    let why = qpipe::pipeline::lastrun::why_not_built(&p.load()).expect("a failed run is recorded");
+    assert!(
+        why.contains("the last run of pipeline 'test_pipeline' failed: stage 'strip' failed: t_map failed on purpose")
+            && why.contains("skipped after it")
+            && why.contains("qpipe run"),
+        "{why}"
+    );
+    p.edit_recipe("tag = \"strip\"\nfail = true", "tag = \"strip\"");
+    let (report, _) = p.run();
+    assert!(report.ok);
+    assert_eq!(qpipe::pipeline::lastrun::why_not_built(&p.load()), None);
+}

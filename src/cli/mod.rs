@@ -241,8 +241,10 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         .nth(idx)
         .flatten()
         .ok_or_else(|| {
+            let hint = pipeline::lastrun::why_not_built(&recipe)
+                .unwrap_or_else(|| format!("run `qpipe run {recipe_name}` first"));
             Error::msg(format!(
-                "stage '{}' is not built (or is stale); run `qpipe run {recipe_name}` first",
+                "stage '{}' is not built (or is stale); {hint}",
                 a.stage
             ))
         })?;

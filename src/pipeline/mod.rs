@@ -11,6 +11,7 @@ pub mod explain;
 pub mod filehash;
 pub mod fingerprint;
 pub mod fsutil;
+pub mod lastrun;
 pub mod outdir;
 pub mod recipe;
 pub mod recipe_check;

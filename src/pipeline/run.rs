@@ -334,6 +334,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
     report.pruned = super::outdir::prune(recipe, &engine.store, &report, &|w| {
         observer.event(Event::Warning(w))
     });
+    if let Err(e) = super::lastrun::record(&engine.store, &report) {
+        observer.event(Event::Warning(&format!(
+            "cannot record the run's outcome: {e}"
+        )));
+    }
     Ok(report)
 }
 

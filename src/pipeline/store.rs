@@ -7,6 +7,7 @@
 //! <cache>/v1/memo/<aa>/<key>.json       memo key → blob
 //! <cache>/v1/refs/<pipeline>/<stage>.json   the manifest each stage last used (gc roots)
 //! <cache>/v1/stat-cache.json            file stamps → content hashes
+//! <cache>/v1/runs/<pipeline>.json       the last run's outcome (see `super::lastrun`)
 //! <cache>/v1/tmp/                       temporary files, renamed into place
 //! <cache>/v1/locks/                     advisory locks (gc.lock, per key, per output)
 //! ```

@@ -182,11 +182,17 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
         .map(|i| stages[*i].id.as_str())
         .collect();
     if !stale.is_empty() {
+        let hint = match super::lastrun::why_not_built(recipe) {
+            Some(why) => why,
+            None => format!(
+                "run `qpipe run {}` first, or pass --run",
+                recipe.path.display()
+            ),
+        };
         return Err(Error::msg(format!(
-            "{}: not built (or out of date): {}; run `qpipe run {}` first, or pass --run",
+            "{}: not built (or out of date): {}; {hint}",
             recipe.path.display(),
             stale.join(", "),
-            recipe.path.display()
         )));
     }
     let entry = |i: usize| entries[i].as_ref().expect("checked above");
