@@ -418,7 +418,7 @@ fn a_failed_stage_stops_only_what_depends_on_it() {
     assert_eq!(ids(&r, StageStatus::Ran), sorted(&ALL));
     assert_eq!(
         r.stage("bad").unwrap().error.as_deref(),
-        Some("t_map failed on purpose")
+        Some("stage 'bad': t_map failed on purpose")
     );
     assert_eq!(
         r.stage("bad_out").unwrap().error.as_deref(),

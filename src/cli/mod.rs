@@ -533,7 +533,13 @@ impl Observer for Terminal {
             Event::Ran { id, seconds } if self.tty || self.verbose => {
                 self.line(&format!("done      {id} ({seconds:.2}s)"))
             }
-            Event::Failed { id, error } => self.line(&format!("FAILED    {id}: {error}")),
+            Event::Failed { id, error } => {
+                // The error starts with `stage 'ID': `; the line names the stage once.
+                let error = error
+                    .strip_prefix(&format!("stage '{id}': "))
+                    .unwrap_or(error);
+                self.line(&format!("FAILED    {id}: {error}"))
+            }
             Event::Skipped { id, reason } if self.tty || self.verbose => {
                 self.line(&format!("skipped   {id}: {reason}"))
             }

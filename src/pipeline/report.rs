@@ -78,7 +78,8 @@ impl RunReport {
             .to_vec()];
         for s in &self.stages {
             let metrics = if let Some(e) = &s.error {
-                first_line(e)
+                // The row names the stage already.
+                first_line(e.strip_prefix(&format!("stage '{}': ", s.id)).unwrap_or(e))
             } else {
                 render_metrics(&s.metrics)
             };

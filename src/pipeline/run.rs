@@ -220,7 +220,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
                 Msg::Stored(i, r) => {
                     storing -= 1;
                     if let Err(error) = r {
-                        let error = format!("storing its result: {error}");
+                        let error = Error::msg(format!("storing its result: {error}"))
+                            .context(format!("stage '{}'", recipe.stages[i].id))
+                            .to_string();
                         let stage = &recipe.stages[i];
                         observer.event(Event::Failed {
                             id: &stage.id,
@@ -829,7 +831,9 @@ impl<'r> Engine<'r> {
         r.map_err(|e| Failure {
             key,
             seconds: t0.elapsed().as_secs_f64(),
-            error: e.to_string(),
+            error: e
+                .context(format!("stage '{}'", self.recipe.stages[i].id))
+                .to_string(),
         })
     }
 
