@@ -149,8 +149,12 @@ impl Dataset {
                 let v = Value::from_tensor(&t)?;
                 let path = reader.path();
                 if v.dtype().is_float() {
-                    let row_len = v.shape.iter().skip(1).product::<usize>().max(1);
-                    if let Some(i) = v.to_f64s()?.iter().position(|x| !x.is_finite()) {
+                    let bad = match v.slice::<f32>() {
+                        Ok(x) => x.iter().position(|f| !f.is_finite()),
+                        Err(_) => v.to_f64s()?.iter().position(|f| !f.is_finite()),
+                    };
+                    if let Some(i) = bad {
+                        let row_len = v.shape.iter().skip(1).product::<usize>().max(1);
                         return Err(Error::file(
                             path,
                             format!(

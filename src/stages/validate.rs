@@ -276,8 +276,8 @@ impl Acc {
             a.max_abs = a.max_abs.max(b.max_abs);
             a.n += b.n;
             a.agree += b.agree;
-            // Batches of one output agree on its kind except when a partial last batch
-            // has one row ([1, 1] scores read as a sigmoid): the first batch decides.
+            // An output without a batch dimension can look like one in a batch of its
+            // size, so batches may disagree on its kind: the first batch decides.
             a.kind = a.kind.or(b.kind);
         }
         for (a, b) in self.layers.iter_mut().zip(&o.layers) {
