@@ -304,6 +304,11 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
         | "Selu" | "LeakyRelu" | "Reciprocal" | "Sign" | "BiasAdd" | "ZerosLike" | "OnesLike" => {
             same(None)?
         }
+        // Element-wise ops the interpreter runs; the value (of small int tensors) is dropped.
+        "Softplus" | "Log1p" | "Rint" | "Inv" | "Sin" | "Cos" | "BiasAddV1" => {
+            same(Some(first()?.dtype))?
+        }
+        "IdentityN" => ins.to_vec(),
         "Cast" => {
             let dst = dtype_attr(node, &["DstT"])?;
             let mut i = first()?;
@@ -344,7 +349,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             }]
         }
         "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Div" | "FloorDiv" | "FloorMod"
-        | "Maximum" | "Minimum" | "SquaredDifference" | "Pow" => {
+        | "Maximum" | "Minimum" | "SquaredDifference" | "Pow" | "TruncateDiv" | "Mod" => {
             want_inputs(node, ins, 2)?;
             let shape = broadcast(node, &[&ins[0].shape, &ins[1].shape])?;
             let value = int_binary(op, &ins[0], &ins[1], &shape);
@@ -697,7 +702,13 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             vec![TensorInfo::new(dtype, dims)]
         }
         "NoOp" | "Assert" | "SaveV2" | "Print" => vec![],
-        _ => return Err(err(node, "shape inference does not know this op")),
+        // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
+        _ => {
+            return Err(err(
+                node,
+                "this op cannot be exported to .tflite (qpipe has no shape rule for it)",
+            ))
+        }
     })
 }
 

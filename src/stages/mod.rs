@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
@@ -157,6 +158,14 @@ pub enum Role {
     },
     /// Neither builds nor judges a model.
     Other,
+}
+
+/// A typed config as the canonical JSON [`Stage::config`] returns: unlike
+/// `serde_json::to_value`, it keeps NaN and ±inf apart from an absent value
+/// ([`crate::pipeline::canon`]).
+pub fn config_json<T: Serialize>(config: &T) -> serde_json::Value {
+    crate::pipeline::canon::to_value(config)
+        .unwrap_or_else(|e| serde_json::json!({ "$unserializable config": e.to_string() }))
 }
 
 /// A stage's table from the recipe (without `kind` and `matrix`), keeping source

@@ -185,8 +185,9 @@ fn passthrough(op: &str) -> bool {
     )
 }
 
-/// Ops that must not survive into an inference graph.
-fn forbidden(op: &str) -> Option<&'static str> {
+/// Ops that must not survive into an inference graph (or that qpipe cannot handle yet).
+fn forbidden(name: &str, op: &str) -> Option<&'static str> {
+    let in_gradients = name.starts_with("gradients/") || name.contains("/gradients/");
     Some(match op {
         "RandomUniform" | "RandomUniformInt" | "RandomStandardNormal" | "TruncatedNormal"
         | "Multinomial" | "RandomShuffle" | "RandomGamma" | "RandomPoisson" | "RandomPoissonV2" => {
@@ -205,6 +206,10 @@ fn forbidden(op: &str) -> Option<&'static str> {
             "an optimizer or assignment op is on the path"
         }
         _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
+        // The backprop-input ops are also the forward ops of transposed convolutions.
+        _ if op.contains("BackpropInput") && !in_gradients => {
+            "transposed convolution (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
+        }
         _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
         _ => return None,
     })
@@ -373,7 +378,7 @@ pub fn strip(
         if declared.contains(&n.name) {
             continue;
         }
-        if let Some(why) = forbidden(&n.op) {
+        if let Some(why) = forbidden(&n.name, &n.op) {
             let bn_training =
                 n.op.starts_with("FusedBatchNorm") && n.attr_bool("is_training").unwrap_or(false);
             let why = if bn_training {
@@ -435,7 +440,7 @@ impl Stage for StripTraining {
         }
     }
     fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).unwrap_or_default()
+        super::config_json(&self.config)
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
