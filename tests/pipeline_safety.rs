@@ -109,8 +109,15 @@ fn an_export_cannot_escape_out_dir_through_a_symlinked_directory() {
     assert!(!report.ok);
     let err = stage_error(&report, "float_out");
     assert!(
-        err.contains("through the symlink") && err.contains("allow_outside_out_dir = true"),
+        err.starts_with("output link/sub/float.bin would be written to ")
+            && err.contains("through the symlink")
+            && err.contains("allow_outside_out_dir = true"),
         "{err}"
+    );
+    assert_eq!(
+        report.stage("float_out").and_then(|s| s.key.clone()),
+        None,
+        "it never ran"
     );
     assert_eq!(
         std::fs::read_dir(&elsewhere).unwrap().count(),
