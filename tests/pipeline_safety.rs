@@ -241,8 +241,17 @@ fn stale_outputs_are_pruned_after_a_successful_full_run_only() {
         ]
     );
     assert!(!p.out("q").exists());
+    let manifest = p.out(".qpipe-manifest-test_pipeline.json");
+    let inode =
+        |f: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(f).unwrap());
+    let before = inode(&manifest);
     let (report, _) = p.run();
     assert!(report.ok && report.pruned.is_empty());
+    assert_eq!(
+        inode(&manifest),
+        before,
+        "a no-op run does not rewrite the manifest"
+    );
 }
 
 /// A 10 MB export path was echoed whole in the error.
