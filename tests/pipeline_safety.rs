@@ -109,7 +109,7 @@ fn an_export_cannot_escape_out_dir_through_a_symlinked_directory() {
     assert!(!report.ok);
     let err = stage_error(&report, "float_out");
     assert!(
-        err.starts_with("output link/sub/float.bin would be written to ")
+        err.starts_with("stage 'float_out': output link/sub/float.bin would be written to ")
             && err.contains("through the symlink")
             && err.contains("allow_outside_out_dir = true"),
         "{err}"
