@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::recipe::Recipe;
 use super::report::table;
-use super::run::{cached_results, load_artifact};
+use super::status::{cached_results, load_artifact};
 use super::store::ActionEntry;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
