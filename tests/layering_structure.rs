@@ -47,20 +47,16 @@ fn code(p: &Path) -> String {
         .join("\n")
 }
 
-/// The stage kinds' modules: `pub mod NAME;` in src/stages/mod.rs, except the registry.
+/// The stage kinds' modules: each kind in the registry lives in `src/stages/<kind>.rs`.
 fn kind_modules() -> Vec<String> {
-    let text = std::fs::read_to_string(root().join("src/stages/mod.rs")).unwrap();
-    let mods: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("pub mod ")?.strip_suffix(';'))
-        .filter(|m| *m != "registry")
-        .map(str::to_string)
-        .collect();
-    assert!(
-        mods.len() >= 7,
-        "stage modules not found in src/stages/mod.rs: {mods:?}"
-    );
-    mods
+    let kinds = qpipe::stages::registry::kinds();
+    for k in &kinds {
+        assert!(
+            root().join(format!("src/stages/{k}.rs")).is_file(),
+            "stage kind '{k}' has no src/stages/{k}.rs"
+        );
+    }
+    kinds.into_iter().map(str::to_string).collect()
 }
 
 /// Stage kind modules a file reaches through `stages::` paths, including `stages::{...}` groups.
@@ -158,4 +154,19 @@ fn run_and_recipe_stay_under_700_lines() {
             .count();
         assert!(n < 700, "{f} has {n} lines; split it along a seam");
     }
+}
+
+/// Stages sit below the pipeline and the command line.
+#[test]
+fn stages_import_neither_pipeline_nor_cli() {
+    let mut bad = Vec::new();
+    for f in rust_files(&root().join("src/stages")) {
+        let c = code(&f);
+        for layer in ["pipeline", "cli"] {
+            if c.contains(&format!("crate::{layer}")) || c.contains(&format!("qpipe::{layer}")) {
+                bad.push(format!("{} imports {layer}", rel(&f)));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

@@ -7,7 +7,6 @@
 //! [`explain`] says why a stage is stale.
 
 mod artifact_codec;
-pub mod canon;
 pub mod compare;
 pub mod cycle;
 pub mod dag;

@@ -1,6 +1,7 @@
 //! Stage plugins. Each stage kind lives in its own file and is listed once in
 //! [`registry::REGISTRY`]; the pipeline knows stages only through [`Stage`].
 
+pub mod canon;
 pub mod export_graphdef;
 pub mod export_tflite;
 pub mod fp16_cast;
@@ -162,9 +163,9 @@ pub enum Role {
 
 /// A typed config as the canonical JSON [`Stage::config`] returns: unlike
 /// `serde_json::to_value`, it keeps NaN and ±inf apart from an absent value
-/// ([`crate::pipeline::canon`]).
+/// ([`canon`]).
 pub fn config_json<T: Serialize>(config: &T) -> serde_json::Value {
-    crate::pipeline::canon::to_value(config)
+    canon::to_value(config)
         .unwrap_or_else(|e| serde_json::json!({ "$unserializable config": e.to_string() }))
 }
 
