@@ -105,7 +105,7 @@ impl Drop for KeyGuard {
 
 impl KeyGuard {
     /// The lock itself, to hold on another thread (`None` if an outer guard holds it).
-    pub(super) fn detach(mut self) -> Option<FileLock> {
+    fn detach(mut self) -> Option<FileLock> {
         let lock = self.lock.take();
         if lock.is_some() {
             HELD_KEYS.with(|h| h.borrow_mut().remove(&self.key));
@@ -114,7 +114,7 @@ impl KeyGuard {
     }
 }
 
-pub(super) fn key_lock(store: &Store, key: &str) -> Result<KeyGuard> {
+fn key_lock(store: &Store, key: &str) -> Result<KeyGuard> {
     if HELD_KEYS.with(|h| h.borrow().contains(key)) {
         return Ok(KeyGuard {
             key: key.to_string(),
@@ -191,7 +191,7 @@ impl<'r> Engine<'r> {
         }
     }
 
-    pub(super) fn done_artifact(&self, i: usize) -> Option<ArtifactRef> {
+    fn done_artifact(&self, i: usize) -> Option<ArtifactRef> {
         self.nodes[i].done.get().map(|d| d.artifact.clone())
     }
 
@@ -208,7 +208,7 @@ impl<'r> Engine<'r> {
         })
     }
 
-    pub(super) fn execute_inner(
+    fn execute_inner(
         &self,
         i: usize,
         key_out: &mut Option<String>,
@@ -272,7 +272,7 @@ impl<'r> Engine<'r> {
         Ok(outcome)
     }
 
-    pub(super) fn outcome(
+    fn outcome(
         &self,
         status: StageStatus,
         key: String,
@@ -289,7 +289,7 @@ impl<'r> Engine<'r> {
     }
 
     /// A usable entry for `key`, or why there is none (a corrupt one is also a warning).
-    pub(super) fn lookup(&self, i: usize, key: &str) -> std::result::Result<ActionEntry, Miss> {
+    fn lookup(&self, i: usize, key: &str) -> std::result::Result<ActionEntry, Miss> {
         let r = self
             .store
             .read_action(key)
@@ -306,7 +306,7 @@ impl<'r> Engine<'r> {
 
     /// Serves a cache hit: restores missing or changed outputs, records the result.
     /// `None` if an output blob turned out unusable (the caller rebuilds).
-    pub(super) fn serve(
+    fn serve(
         &self,
         i: usize,
         manifest: &Manifest,
@@ -346,7 +346,7 @@ impl<'r> Engine<'r> {
     }
 
     /// Records stage `i` as done and points its ref at the entry.
-    pub(super) fn finish(&self, i: usize, manifest: Manifest, entry: &ActionEntry) -> Result<()> {
+    fn finish(&self, i: usize, manifest: Manifest, entry: &ActionEntry) -> Result<()> {
         self.write_ref(i, &manifest, &entry.key);
         self.mark_done(i, manifest, &entry.key, &entry.artifact);
         Ok(())
@@ -377,13 +377,7 @@ impl<'r> Engine<'r> {
     }
 
     /// Lets dependents of stage `i` compute their keys from its artifact.
-    pub(super) fn mark_done(
-        &self,
-        i: usize,
-        manifest: Manifest,
-        key: &str,
-        artifact: &ArtifactRef,
-    ) {
+    fn mark_done(&self, i: usize, manifest: Manifest, key: &str, artifact: &ArtifactRef) {
         let _ = self.nodes[i].done.set(Done {
             key: key.to_string(),
             manifest,
@@ -393,7 +387,7 @@ impl<'r> Engine<'r> {
 
     /// Runs stage `i` and hashes its result: what [`Engine::persist`] then stores and
     /// publishes. The caller holds the key lock.
-    pub(super) fn build(
+    fn build(
         &self,
         i: usize,
         manifest: Manifest,
@@ -561,7 +555,7 @@ impl<'r> Engine<'r> {
 
     /// The artifact of a finished stage: in memory, from the store (verified), or, if
     /// the stored copy is unusable, rebuilt (its own inputs loaded the same way).
-    pub(super) fn materialize(&self, idx: usize) -> Result<Arc<Artifact>> {
+    fn materialize(&self, idx: usize) -> Result<Arc<Artifact>> {
         let mut stack = vec![idx];
         while let Some(&top) = stack.last() {
             if self.try_load(top) {
@@ -589,7 +583,7 @@ impl<'r> Engine<'r> {
         })
     }
 
-    pub(super) fn try_load(&self, i: usize) -> bool {
+    fn try_load(&self, i: usize) -> bool {
         let mut slot = lock(&self.nodes[i].slot);
         if slot.value.is_some() {
             return true;
@@ -627,7 +621,7 @@ impl<'r> Engine<'r> {
     }
 
     /// Rebuilds a finished stage whose stored artifact is unusable; its inputs are loaded.
-    pub(super) fn rebuild(&self, i: usize) -> Result<()> {
+    fn rebuild(&self, i: usize) -> Result<()> {
         let s = &self.recipe.stages[i];
         let done = self.nodes[i]
             .done

@@ -99,7 +99,7 @@ impl<'r> Engine<'r> {
     }
 
     /// The artifact's blob (unless an input's, already stored) and the output files' blobs.
-    pub(super) fn persist_blobs(&self, job: &Persist) -> Result<()> {
+    fn persist_blobs(&self, job: &Persist) -> Result<()> {
         let i = job.i;
         let blob = &job.entry.artifact.blob;
         let produce = |sink: &mut dyn FnMut(&[u8])| encode_artifact(&job.artifact, sink);

@@ -46,7 +46,7 @@ pub fn load_artifact(recipe: &Recipe, artifact: &ArtifactRef) -> Result<Artifact
 
 pub(super) type Inspection = (StatusReport, Vec<Option<ActionEntry>>);
 
-pub(super) fn inspect_cache(recipe: &Recipe) -> Result<Inspection> {
+fn inspect_cache(recipe: &Recipe) -> Result<Inspection> {
     let store = Store::at(&recipe.cache_dir);
     let hasher = if store.exists() {
         FileHasher::load(store.stat_cache_path()).0
@@ -196,7 +196,7 @@ pub(super) fn check_entry(
     Ok(())
 }
 
-pub(super) fn absent_is_corrupt(m: Miss) -> Miss {
+fn absent_is_corrupt(m: Miss) -> Miss {
     match m {
         Miss::Absent => Miss::Corrupt("a blob it names is missing".into()),
         other => other,
@@ -204,7 +204,7 @@ pub(super) fn absent_is_corrupt(m: Miss) -> Miss {
 }
 
 /// The first declared output of a cached stage that is missing or differs from the cache.
-pub(super) fn first_output_problem(
+fn first_output_problem(
     recipe: &Recipe,
     i: usize,
     e: &ActionEntry,
