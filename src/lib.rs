@@ -1,8 +1,10 @@
 //! qpipe: compress TensorFlow models through declarative, cached build pipelines.
 //!
-//! Data flows `formats` → `ir` ← `stages`; `kernels` run the IR; `pipeline`
-//! schedules stages and caches their artifacts, knowing stages only through the
-//! [`stages::Stage`] trait.
+//! Each layer imports only those to its left: `ir` ← {`formats`, `kernels`} ←
+//! `stages` ← `pipeline` ← `cli`, with [`spec`] (the recipe's model and data set files)
+//! below `formats`, `kernels` and `stages`. `kernels` run the IR; `pipeline` schedules
+//! stages and caches their artifacts, knowing stages only through the
+//! [`stages::Stage`] trait and the registry.
 
 pub mod cli;
 pub mod error;
@@ -11,6 +13,7 @@ pub mod ir;
 pub mod kernels;
 pub mod npy;
 pub mod pipeline;
+pub mod spec;
 pub mod stages;
 
 pub use error::{Error, Result};

@@ -1,12 +1,14 @@
 //! fp16_cast: which constants are cast, how they are rounded, and that the
 //! interpreter computes with the rounded weights in float32, as LiteRT does.
 
-mod kern_util;
+mod support;
 
 use half::f16;
-use kern_util::*;
 use qpipe::ir::{DType, Graph, Tensor};
 use qpipe::stages::fp16_cast::cast_fp16;
+use support::fixtures::{fixture_npy, frozen_graph, MODELS};
+use support::graph_builder::{f32t, i32t, run1, G};
+use support::numeric::{max_abs_diff, Rng};
 
 fn dense() -> Graph {
     let mut b = G::new();
@@ -187,7 +189,13 @@ fn stage_reports_metrics() {
         qpipe::stages::ConfigTable::parse("input = \"strip\"\nmin_elements = 4\nkeep_float = []")
             .unwrap();
     let stage = (factory.build)(&table).unwrap();
-    assert_eq!(stage.kind(), "fp16_cast");
+    assert_eq!(
+        stage.role(),
+        qpipe::stages::Role::Model {
+            label: "fp16".into(),
+            float: false
+        }
+    );
     assert_eq!(stage.config()["min_elements"], 4);
     let table = qpipe::stages::ConfigTable::parse("input = \"strip\"").unwrap();
     assert_eq!((factory.build)(&table).unwrap().config()["min_elements"], 1);
@@ -195,7 +203,7 @@ fn stage_reports_metrics() {
 
 #[test]
 fn fp16_fixture_models_stay_within_2e_3() {
-    for m in FIXTURES {
+    for m in MODELS {
         let g = frozen_graph(m);
         let (s, _) =
             qpipe::stages::strip_training::strip(&g, &g.inputs, &g.outputs, &Default::default())

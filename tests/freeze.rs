@@ -1,8 +1,10 @@
 //! Freezing the fixture checkpoints (written by TensorFlow 2.21) and comparing with the
 //! `tf_frozen.pb` TensorFlow's `convert_variables_to_constants` produced from them.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use prost::Message;
 use qpipe::formats::tf::checkpoint::Bundle;
@@ -10,18 +12,9 @@ use qpipe::formats::tf::freeze::{freeze_checkpoint, freeze_model};
 use qpipe::formats::tf::graph_def::{graph_to_bytes, read_graph_def};
 use qpipe::formats::tf::proto::{attr_value, MetaGraphDef, TensorShapeProto};
 use qpipe::ir::{Attr, Graph};
-use qpipe::stages::{ModelSource, ModelSpec};
-
-const MODELS: [&str; 3] = ["push_student", "conv_bn", "mlp_res"];
-
-/// A fixture file; a missing one fails the test (they are committed, never optional).
-fn fixture(rel: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel);
-    assert!(p.exists(), "fixture {} is missing", p.display());
-    p
-}
+use qpipe::spec::{ModelSource, ModelSpec};
+use support::fixtures::{fixture, MODELS};
+use support::tmp_dir;
 
 /// A fixture checkpoint prefix whose `.meta` and `.index` exist.
 fn prefix(model: &str) -> PathBuf {
@@ -218,9 +211,7 @@ fn dtypes_checkpoint_freezes_every_dtype_and_partitioned_slices() {
 
 /// A scratch directory holding copies of fixture files under new names.
 fn scratch(name: &str, files: &[(&str, &[u8])]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qpipe-freeze-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp_dir(name);
     for (file, bytes) in files {
         std::fs::write(dir.join(file), bytes).unwrap();
     }

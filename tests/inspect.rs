@@ -1,20 +1,15 @@
 //! `inspect` on the fixture checkpoints and graphs.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qpipe::formats::tf::inspect::{inspect, GraphFormat};
 use qpipe::ir::DType;
 use serde_json::{json, Value};
-
-/// A fixture file; a missing one fails the test (they are committed, never optional).
-fn fixture(rel: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel);
-    assert!(p.exists(), "fixture {} is missing", p.display());
-    p
-}
+use support::fixtures::fixture;
+use support::tmp_dir;
 
 fn expected_tensors(model: &str) -> BTreeMap<String, Value> {
     let bytes = std::fs::read(fixture(&format!("{model}/expected_tensors.json"))).unwrap();
@@ -164,8 +159,7 @@ fn bad_paths_are_named() {
     let e = inspect(missing).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/qpipe/model"), "{e}");
 
-    let dir = std::env::temp_dir().join(format!("qpipe-inspect-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp_dir("inspect");
     let junk = dir.join("junk.pb");
     std::fs::write(&junk, b"\xff\xff\xff\xff garbage").unwrap();
     let e = inspect(&junk).unwrap_err().to_string();

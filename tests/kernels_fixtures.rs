@@ -1,16 +1,18 @@
 //! The interpreter on every fixture model against TensorFlow's recorded outputs.
 
-mod kern_util;
+mod support;
 
-use kern_util::*;
 use qpipe::kernels::{evaluate, EvalOptions};
+use support::fixtures::{eval_spec, fixture_dir, fixture_npy, frozen_graph, model_json, MODELS};
+use support::graph_builder::r;
+use support::numeric::max_abs_diff;
+use support::tmp_dir;
 
 #[test]
 fn frozen_fixture_graphs_match_tensorflow() {
-    for m in FIXTURES {
+    for m in MODELS {
         let g = frozen_graph(m);
-        let out =
-            std::env::temp_dir().join(format!("qpipe-fixture-{}-{m}.npy", std::process::id()));
+        let out = tmp_dir(m).join("outputs.npy");
         let t = std::time::Instant::now();
         let rep = evaluate(
             &g,
@@ -47,8 +49,8 @@ fn frozen_fixture_graphs_match_tensorflow() {
 #[test]
 fn checkpoint_frozen_by_qpipe_runs_both_heads() {
     // push_student's teacher head, frozen from the checkpoint next to the student.
-    let model = qpipe::stages::ModelSpec {
-        source: qpipe::stages::ModelSource::Checkpoint(
+    let model = qpipe::spec::ModelSpec {
+        source: qpipe::spec::ModelSource::Checkpoint(
             fixture_dir("push_student").join("best_validation"),
         ),
         inputs: vec!["input_x".into()],

@@ -1,10 +1,11 @@
 //! Interpreter kernels on hand-built graphs against hand-computed values (and, for
 //! convolutions, against a naive reference on random shapes).
 
-mod kern_util;
+mod support;
 
-use kern_util::*;
 use qpipe::ir::{Attr, DType, QuantParams, Tensor};
+use support::graph_builder::{f32t, i32t, ints, r, run1, s, G};
+use support::numeric::{assert_close, Rng};
 
 fn unary(op: &str, x: &[f32]) -> Vec<f32> {
     let mut b = G::new();

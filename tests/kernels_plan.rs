@@ -1,20 +1,15 @@
 //! Execution plans (order, feeds, errors, deep graphs) and the batched data-set runner.
 
-mod kern_util;
+mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use kern_util::*;
 use qpipe::ir::{Attr, DType, Graph, Node, Tensor};
 use qpipe::kernels::{evaluate, EvalOptions, Plan};
-use qpipe::stages::DatasetSpec;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qpipe-plan-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use qpipe::spec::DatasetSpec;
+use support::graph_builder::{f32t, i32t, r, run1, G};
+use support::numeric::Rng;
+use support::tmp_dir;
 
 #[test]
 fn order_is_topological_regardless_of_node_order() {
@@ -170,7 +165,7 @@ fn classifier() -> Graph {
 
 #[test]
 fn evaluate_streams_batches_and_writes_outputs() {
-    let dir = tmpdir("eval");
+    let dir = tmp_dir("eval");
     let mut rng = Rng::new(3);
     let n = 23;
     let x: Vec<f32> = rng.vec(n * 3);
@@ -252,7 +247,7 @@ fn evaluate_streams_batches_and_writes_outputs() {
 
 #[test]
 fn data_set_errors() {
-    let dir = tmpdir("errors");
+    let dir = tmp_dir("errors");
     qpipe::npy::write(&dir.join("x.npy"), &f32t(&[4, 3], &[0.; 12])).unwrap();
     qpipe::npy::write(&dir.join("y.npy"), &Tensor::from_vec(vec![5], &[0i64; 5])).unwrap();
     let spec = DatasetSpec {

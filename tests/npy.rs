@@ -1,15 +1,16 @@
 //! `.npy` reading and writing: byte-exact agreement with NumPy's writer, every
 //! supported dtype, row ranges, and clear errors on damaged or unsupported files.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use qpipe::ir::{DType, Tensor};
 use qpipe::npy::{self, NpyReader, NpyWriter};
+use support::tmp_dir;
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qpipe-npy-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    tmp_dir("npy").join(name)
 }
 
 fn numpy_header(dict: &str) -> Vec<u8> {

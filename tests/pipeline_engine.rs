@@ -1,14 +1,14 @@
 //! The engine in process: freshness, rebuild reasons, early cut-off, outputs, corruption,
 //! failures, memo, gc/verify. Stage kinds are the test kinds of `common`.
 
-mod common;
+mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use common::*;
 use qpipe::pipeline::store::Store;
 use qpipe::pipeline::{self, RunOptions, StageStatus};
+use support::project::{cache_files, flip_bit, ids, sorted, Project, RECIPE};
 
 const ALL: [&str; 9] = [
     "freeze",

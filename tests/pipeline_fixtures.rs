@@ -1,15 +1,17 @@
 //! `qpipe run` (the real binary and stage kinds) on copies of the fixture models:
 //! the freshness guarantees end to end.
 
-mod common;
+mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use common::{flip_bit, tmp_dir};
 use serde_json::Value;
+use support::child_process::{kill_at, status_of};
+use support::fixtures::{input_name, model_json};
+use support::project::flip_bit;
+use support::tmp_dir;
 
 const CKPT_FILES: [&str; 3] = [
     "best_validation.meta",
@@ -116,18 +118,6 @@ fn tensor_offset(model: &str, key: &str) -> usize {
         .unwrap_or_else(|| panic!("no {key}"));
     assert!(e["size"].as_u64().unwrap() >= 4);
     e["offset"].as_u64().unwrap() as usize
-}
-
-fn status_of(v: &Value, id: &str) -> String {
-    v["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap()["status"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn statuses(v: &Value) -> Vec<(String, String)> {
@@ -278,20 +268,8 @@ fn conv_bn_frozen_graph_with_a_changed_weight_reruns_and_rewrites_the_output() {
             1,
         );
     let f = Fixture::new("fx-graph", "conv_bn", &recipe);
-    let model: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/conv_bn/model.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let input = model["inputs"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .next()
-        .unwrap()
-        .clone();
+    let model = model_json("conv_bn");
+    let input = input_name("conv_bn");
     let output = model["outputs"][0].as_str().unwrap().to_string();
     f.edit_recipe("inputs = [\"input\"]", &format!("inputs = [\"{input}\"]"));
     f.edit_recipe(
@@ -361,7 +339,7 @@ fn push_student_outputs_are_restored_and_corrupt_entries_rebuilt_with_a_warning(
     assert_eq!(std::fs::read(f.out("copies/frozen.pb")).unwrap(), pb);
 
     // Corrupt every action entry: each stage warns and rebuilds, outputs stay right.
-    for e in common::cache_files(&f.dir.join(".qpipe"), "actions") {
+    for e in support::project::cache_files(&f.dir.join(".qpipe"), "actions") {
         flip_bit(&e, 150);
     }
     let (code, v, err) = f.run();
@@ -409,26 +387,7 @@ fn push_student_concurrent_runs_and_killed_runs() {
         ("publish", "pb_copy"),
     ] {
         let k = Fixture::new(&format!("fx-kill-{point}"), "push_student", RECIPE);
-        let mut child = k
-            .qpipe(&["run", "recipe.toml"])
-            .env("QPIPE_TEST_PAUSE", format!("{point}:{stage}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.starts_with("qpipe-test-pause") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let paused = rx.recv_timeout(Duration::from_secs(120));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(paused.unwrap(), format!("qpipe-test-pause {point} {stage}"));
+        kill_at(k.qpipe(&["run", "recipe.toml"]), point, stage);
         let (code, v, err) = k.run();
         assert_eq!(code, 0, "{err}");
         assert_eq!(

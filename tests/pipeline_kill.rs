@@ -8,33 +8,22 @@
 //! with it, so the blob is really rewritten), which makes the run reach the point with
 //! everything upstream served from the cache.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp_dir(name: &str) -> PathBuf {
-    let d =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use support::child_process::{kill_at, status_of};
+use support::{manifest_dir, tmp_dir};
 
 /// A directory holding `recipe.toml`: push_student.toml with fixtures by absolute path,
 /// its cache in `.qpipe` and outputs in `out`.
 fn project(name: &str) -> PathBuf {
     let dir = tmp_dir(name);
-    let text = std::fs::read_to_string(root().join("recipes/push_student.toml")).unwrap();
-    let fixtures = root().join("fixtures");
+    let text = std::fs::read_to_string(manifest_dir().join("recipes/push_student.toml")).unwrap();
+    let fixtures = manifest_dir().join("fixtures");
     let text = text.replace("\"../fixtures", &format!("\"{}", fixtures.display()));
     assert!(!text.contains("../"), "{text}");
     std::fs::write(dir.join("recipe.toml"), text).unwrap();
@@ -185,37 +174,6 @@ fn forget(dir: &Path, stage: &str, memo: bool) {
     }
 }
 
-/// Runs until `stage` reaches `point`, then SIGKILLs the process.
-fn kill_at(dir: &Path, point: &str, stage: &str) {
-    let mut child = qpipe(dir, &["run", "recipe.toml"])
-        .env("QPIPE_TEST_PAUSE", format!("{point}:{stage}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.starts_with("qpipe-test-pause ") {
-                let _ = tx.send(Ok(line));
-                return;
-            }
-            seen.push(line);
-        }
-        let _ = tx.send(Err(seen.join("\n")));
-    });
-    let got = rx.recv_timeout(Duration::from_secs(120));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    match got {
-        Ok(Ok(line)) => assert_eq!(line, format!("qpipe-test-pause {point} {stage}")),
-        Ok(Err(stderr)) => panic!("the run ended before {point}:{stage}: {stderr}"),
-        Err(_) => panic!("the run did not reach {point}:{stage}"),
-    }
-}
-
 /// (point, stage, start from an empty cache). Stages of push_student: freeze → strip →
 /// fp16; int8@{DEFAULT,OPTIMIZE_FOR_SIZE} (calibration memo); exports of each; validates.
 const POINTS: [(&str, &str, bool); 20] = [
@@ -267,7 +225,7 @@ fn push_student_killed_at_twenty_points_reruns_to_identical_outputs() {
             forget(&dir, stage, point == "memo");
             verify(&dir, &format!("{what}, before the run"));
         }
-        kill_at(&dir, point, stage);
+        kill_at(qpipe(&dir, &["run", "recipe.toml"]), point, stage);
         verify(&dir, &format!("{what}, after the kill"));
 
         let (out, v) = run_json(&dir);
@@ -277,13 +235,7 @@ fn push_student_killed_at_twenty_points_reruns_to_identical_outputs() {
             "{what}: rerun: {}",
             text(&out.stderr)
         );
-        let status = v["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == stage)
-            .unwrap()["status"]
-            .clone();
+        let status = status_of(&v, stage);
         // A stage killed before its entry was published must run again; after (a kill
         // while writing its ref, or once it is done) its entry serves the rerun.
         let want_status = if matches!(point, "ref" | "done") {

@@ -2,20 +2,19 @@
 //! at chosen points, `--json`, exit codes, `-v`, `status`, `cache` subcommands.
 //! Children run this test binary's `child_qpipe` entry (the CLI with the test stage kinds).
 
-mod common;
+mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
-use common::*;
+use support::child_process::{child_json, child_stdout, kill_at, qpipe_child, status_of};
+use support::project::{cache_files, flip_bit, Project, RECIPE};
+use support::tmp_dir;
 
 #[test]
 #[ignore = "entry point for child processes"]
 fn child_qpipe() {
-    common::child_entry();
+    support::child_process::child_entry();
 }
 
 fn run_child(args: &[&str]) -> std::process::Output {
@@ -271,33 +270,6 @@ fn four_concurrent_runs_on_one_cache_all_succeed_with_identical_outputs() {
     assert_eq!(out.status.code(), Some(0), "{}", child_stdout(&out));
 }
 
-/// Starts a run that blocks at `point` of `stage`, waits until it is there, kills it.
-fn kill_at(recipe: &Path, point: &str, stage: &str) {
-    let mut child = qpipe_child(&["run", recipe.to_str().unwrap()])
-        .env("QPIPE_TEST_PAUSE", format!("{point}:{stage}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.starts_with("qpipe-test-pause ") {
-                let _ = tx.send(line);
-                return;
-            }
-        }
-    });
-    let got = rx.recv_timeout(Duration::from_secs(60));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(
-        got.ok().as_deref(),
-        Some(format!("qpipe-test-pause {point} {stage}").as_str())
-    );
-}
-
 #[test]
 fn runs_killed_at_any_point_leave_nothing_a_later_run_trusts() {
     let clean = Project::new("kill-clean");
@@ -334,7 +306,11 @@ fn runs_killed_at_any_point_leave_nothing_a_later_run_trusts() {
                 std::fs::remove_file(p.out(&format!("int8_{variant}.bin"))).unwrap();
             }
         }
-        kill_at(&p.recipe, point, stage);
+        kill_at(
+            qpipe_child(&["run", p.recipe.to_str().unwrap()]),
+            point,
+            stage,
+        );
         let verify = run_child(&[
             "cache",
             "verify",
@@ -355,15 +331,9 @@ fn runs_killed_at_any_point_leave_nothing_a_later_run_trusts() {
             stderr(&rerun)
         );
         let v = child_json(&rerun);
-        let st = v["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == stage)
-            .unwrap()["status"]
-            .clone();
         assert_eq!(
-            st, "ran",
+            status_of(&v, stage),
+            "ran",
             "the killed stage {stage} must not be served from the cache"
         );
         assert_eq!(p.outputs(), want, "outputs after kill at {point}:{stage}");

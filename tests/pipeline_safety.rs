@@ -1,14 +1,14 @@
 //! What a run must survive and must not do: maintenance and other runs beside it,
 //! outputs escaping out_dir, stale outputs left in out_dir, renames looking like corruption.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{Project, Seen};
 use qpipe::pipeline::store::Store;
 use qpipe::pipeline::{self, RunOptions};
+use support::project::{Project, Seen};
 
 fn opts() -> RunOptions {
     RunOptions {
@@ -163,13 +163,17 @@ fn a_symlinked_output_file_is_replaced_not_followed() {
 fn stale_outputs_are_pruned_after_a_successful_full_run_only() {
     let p = Project::new("prune");
     // Another pipeline sharing out_dir writes float.bin too, and its own files.
-    let other_text = common::RECIPE
+    let other_text = support::project::RECIPE
         .replace("name = \"test_pipeline\"", "name = \"other\"")
         .replace("int8_${strategy}.bin", "other_${strategy}.bin");
     let other_path = p.dir.join("other.toml");
     std::fs::write(&other_path, &other_text).unwrap();
-    let mut other = qpipe::pipeline::Recipe::parse(&other_text, &other_path, common::TEST_REGISTRY)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut other = qpipe::pipeline::Recipe::parse(
+        &other_text,
+        &other_path,
+        support::pipeline_stages::TEST_REGISTRY,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     other.cache_dir = p.cache();
     assert!(pipeline::run(&other, &opts(), &Seen::default()).unwrap().ok);
 
@@ -271,10 +275,11 @@ fn a_huge_path_is_shortened_in_messages() {
         &format!("path = \"../{huge}\""),
     );
     let text = p.recipe_text();
-    let e = qpipe::pipeline::Recipe::parse(&text, &p.recipe, common::TEST_REGISTRY)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let e =
+        qpipe::pipeline::Recipe::parse(&text, &p.recipe, support::pipeline_stages::TEST_REGISTRY)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
     assert!(
         e.contains("is outside out_dir") && e.len() < 2000,
         "{} bytes",
@@ -305,8 +310,11 @@ impl Layers {
 }
 
 impl qpipe::stages::Stage for Layers {
-    fn kind(&self) -> &'static str {
-        "t_layers"
+    fn role(&self) -> qpipe::stages::Role {
+        qpipe::stages::Role::Validation {
+            reference: "reference",
+            candidate: "candidate",
+        }
     }
     fn version(&self) -> u32 {
         1
@@ -349,13 +357,14 @@ fn build_layers(
 /// (which hashes the candidate as a placeholder) did not cover the output path.
 #[test]
 fn renaming_a_candidate_is_an_honest_rebuild_not_corruption() {
-    let mut registry: Vec<qpipe::stages::registry::StageFactory> = common::TEST_REGISTRY
-        .iter()
-        .map(|f| qpipe::stages::registry::StageFactory {
-            kind: f.kind,
-            build: f.build,
-        })
-        .collect();
+    let mut registry: Vec<qpipe::stages::registry::StageFactory> =
+        support::pipeline_stages::TEST_REGISTRY
+            .iter()
+            .map(|f| qpipe::stages::registry::StageFactory {
+                kind: f.kind,
+                build: f.build,
+            })
+            .collect();
     registry.push(qpipe::stages::registry::StageFactory {
         kind: "t_layers",
         build: build_layers,

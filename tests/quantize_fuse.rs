@@ -2,11 +2,12 @@
 //! its reference): chains it fuses, chains it must leave alone, and float results
 //! that do not change.
 
-mod kern_util;
+mod support;
 
-use kern_util::*;
 use qpipe::ir::{Attr, DType, Graph};
 use qpipe::stages::quantize_int8::fuse::fuse;
+use support::graph_builder::{f32t, ints, r, run1, s, G};
+use support::numeric::Rng;
 
 fn conv_chain(act: Option<&str>, squeeze: bool) -> Graph {
     let mut b = G::new();

@@ -7,14 +7,15 @@
 //! which `Arithmetic::LiteRt` reproduces bit for bit on x86-64, except a 1x1
 //! filter on one input channel (printed, not asserted).
 
-mod kern_util;
-mod tfl_util;
+mod support;
 
-use kern_util::Rng;
 use qpipe::formats::tflite;
 use qpipe::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
 use qpipe::kernels::Arithmetic;
-use tfl_util::*;
+use support::graph_builder::fused;
+use support::litert_oracle::{LiteRtCase, Resolver};
+use support::numeric::Rng;
+use support::tmp_dir;
 
 struct B {
     g: Graph,
@@ -159,7 +160,7 @@ fn hybrid_kernels_match_both_litert_resolvers() {
     let mut report = Vec::new();
     for seed in 1..=12u64 {
         let (g, feeds) = build(seed);
-        let dir = scratch(&format!("hybrid_kernels_{seed}"));
+        let dir = tmp_dir(&format!("hybrid_kernels_{seed}"));
         let (m, bytes) = tflite::export(&g).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         for op in &m.operators {
             let dt = |i: usize| m.tensors[op.inputs[i] as usize].dtype;
@@ -174,21 +175,11 @@ fn hybrid_kernels_match_both_litert_resolvers() {
             })
             .map(|op| m.tensors[op.outputs[0] as usize].name.clone())
             .collect();
-        let path = dir.join("model.tflite");
-        std::fs::write(&path, bytes).unwrap();
-        let mut files = Vec::new();
-        for (name, t) in &feeds {
-            let p = dir.join(format!("{name}.npy"));
-            qpipe::npy::write(&p, t).unwrap();
-            files.push((name.clone(), p));
-        }
-        let inputs: Vec<(&str, &std::path::Path)> = files
-            .iter()
-            .map(|(n, p)| (n.as_str(), p.as_path()))
-            .collect();
+        let case = LiteRtCase::write(&dir, &bytes, &feeds);
         let fed: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         for resolver in [Resolver::Reference, Resolver::Default] {
-            let theirs = run_litert(&path, &inputs, resolver, &dir.join(format!("{resolver:?}")))
+            let theirs = case
+                .run(resolver)
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             for arith in [Arithmetic::Reference, Arithmetic::LiteRt] {
                 let ours = qpipe::kernels::run_with(&g, &fed, &g.outputs, arith).unwrap();

@@ -4,17 +4,19 @@
 //! converter's file for the same strategy (bench/int8_converter.py, "DEFAULT,
 //! no data"): the same hybrid ops, and at most 2% more bytes.
 
-mod q8_util;
-mod tfl_util;
+mod support;
 
 use std::sync::Arc;
 
-use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::ir::DType;
 use qpipe::kernels::Arithmetic;
 use qpipe::stages::Artifact;
-use tfl_util::*;
+use support::fixtures::{eval_accuracy, fixture, fixture_datasets, stripped_fixture};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{lsb_diff, tensor_max_abs_diff};
+use support::stage_runner::{quantize_fixture, run_qpipe_with, run_stage, MemMemo};
+use support::tmp_dir;
 
 /// The converter's file bytes and hybrid (CONV_2D, FULLY_CONNECTED) op counts
 /// for "DEFAULT, no data" (TensorFlow 2.21, bench/int8_converter.py).
@@ -38,16 +40,6 @@ const DEFAULT_TOLERANCE: [(&str, f32); 3] = [
     ("conv_bn", 3.9e-4),
     ("mlp_res", 3.9e-5),
 ];
-
-/// Top-1 accuracy of class scores against the fixture's eval labels.
-fn accuracy(model: &str, scores: &qpipe::ir::Tensor) -> f64 {
-    let labels = qpipe::npy::read(&fixture(&format!("{model}/eval_y.npy"))).unwrap();
-    let ids = qpipe::kernels::dataset::class_ids(&labels).unwrap();
-    let s = scores.to_f64_vec().unwrap();
-    let cols = scores.shape()[1];
-    let pred = qpipe::kernels::dataset::argmax_rows(&s, ids.len(), cols);
-    pred.iter().zip(&ids).filter(|(a, b)| a == b).count() as f64 / ids.len() as f64
-}
 
 #[test]
 fn dynamic_range_fixture_models_are_hybrid_and_match_litert() {
@@ -90,7 +82,7 @@ fn dynamic_range_fixture_models_are_hybrid_and_match_litert() {
             bytes.len()
         );
 
-        let dir = scratch(&format!("hybrid_{model}"));
+        let dir = tmp_dir(&format!("hybrid_{model}"));
         let path = dir.join("model.tflite");
         std::fs::write(&path, &bytes).unwrap();
         let x = fixture(&format!("{model}/eval_x.npy"));
@@ -109,15 +101,16 @@ fn dynamic_range_fixture_models_are_hybrid_and_match_litert() {
                 Resolver::Default => Arithmetic::LiteRt,
             };
             let ours = run_qpipe_with(&g, &x, arith);
-            let diff = max_abs_diff(&got[0], &ours[0]);
-            let ref_diff = max_abs_diff(&got[0], &run_qpipe_with(&g, &x, Arithmetic::Reference)[0]);
+            let diff = tensor_max_abs_diff(&got[0], &ours[0]);
+            let ref_diff =
+                tensor_max_abs_diff(&got[0], &run_qpipe_with(&g, &x, Arithmetic::Reference)[0]);
             let (n, _) = lsb_diff(&got[0], &ours[0], 1.0);
-            let litert_acc = accuracy(model, &got[0]);
+            let litert_acc = eval_accuracy(model, &got[0]);
             eprintln!(
                 "{model} LiteRT {resolver:?} vs qpipe: {n}/{} outputs differ, max abs diff \
                  {diff:e}, accuracy LiteRT {litert_acc} qpipe {}",
                 ours[0].len(),
-                accuracy(model, &ours[0]),
+                eval_accuracy(model, &ours[0]),
             );
             match resolver {
                 Resolver::Reference => {

@@ -2,10 +2,10 @@
 //! must be the float result rounded to the output grid, give or take one step
 //! (no LiteRT needed; `quantize_kernels_litert.rs` checks the exact bits).
 
-mod kern_util;
+mod support;
 
-use kern_util::Rng;
 use qpipe::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+use support::numeric::Rng;
 
 fn pt(s: f32, z: i64) -> QuantParams {
     QuantParams::per_tensor(s, z)

@@ -6,14 +6,15 @@
 //! `Arithmetic::LiteRt` profile: within one LSB anywhere (measured bit for bit
 //! with AVX-512 and AVX2 on x86-64; the default resolver picks kernels by CPU).
 
-mod kern_util;
-mod tfl_util;
+mod support;
 
-use kern_util::Rng;
 use qpipe::formats::tflite;
 use qpipe::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
 use qpipe::kernels::Arithmetic;
-use tfl_util::*;
+use support::graph_builder::fused;
+use support::litert_oracle::{LiteRtCase, Resolver};
+use support::numeric::Rng;
+use support::tmp_dir;
 
 fn pt(s: f32, z: i64) -> QuantParams {
     QuantParams::per_tensor(s, z)
@@ -321,20 +322,9 @@ fn int8_kernels_match_both_litert_resolvers_bit_for_bit() {
     let mut default_diffs = Vec::new();
     for seed in 1..=12u64 {
         let (g, feeds) = build(seed);
-        let dir = scratch(&format!("q8_kernels_{seed}"));
+        let dir = tmp_dir(&format!("q8_kernels_{seed}"));
         let (_, bytes) = tflite::export(&g).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        let path = dir.join("model.tflite");
-        std::fs::write(&path, bytes).unwrap();
-        let mut files = Vec::new();
-        for (name, t) in &feeds {
-            let p = dir.join(format!("{name}.npy"));
-            qpipe::npy::write(&p, t).unwrap();
-            files.push((name.clone(), p));
-        }
-        let inputs: Vec<(&str, &std::path::Path)> = files
-            .iter()
-            .map(|(n, p)| (n.as_str(), p.as_path()))
-            .collect();
+        let case = LiteRtCase::write(&dir, &bytes, &feeds);
         let fed: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         for resolver in [Resolver::Reference, Resolver::Default] {
             let arith = match resolver {
@@ -342,7 +332,8 @@ fn int8_kernels_match_both_litert_resolvers_bit_for_bit() {
                 Resolver::Default => Arithmetic::LiteRt,
             };
             let ours = qpipe::kernels::run_with(&g, &fed, &g.outputs, arith).unwrap();
-            let theirs = run_litert(&path, &inputs, resolver, &dir.join(format!("{resolver:?}")))
+            let theirs = case
+                .run(resolver)
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(theirs.len(), ours.len());
             for ((r, a), b) in g.outputs.iter().zip(&ours).zip(&theirs) {

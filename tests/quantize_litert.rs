@@ -9,17 +9,19 @@
 //! most 1 LSB on at most 1% of the output elements (measured: bit for bit with
 //! AVX-512 and AVX2 on x86-64). Every other pairing is measured and printed.
 
-mod q8_util;
-mod tfl_util;
+mod support;
 
-use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::kernels::Arithmetic;
-use tfl_util::*;
+use support::fixtures::{fixture, MODELS};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{lsb_diff, top1_agreement};
+use support::stage_runner::{quantize_fixture, run_qpipe_with};
+use support::tmp_dir;
 
 fn check_model(model: &str, config: &str, tag: &str) {
     let (g, _) = quantize_fixture(model, config);
-    let dir = scratch(&format!("q8_{model}_{tag}"));
+    let dir = tmp_dir(&format!("q8_{model}_{tag}"));
     let (_, bytes) = tflite::export(&g).unwrap_or_else(|e| panic!("{model} {tag}: {e}"));
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();

@@ -1,19 +1,21 @@
 //! The `quantize_int8` stage: strategies, metrics, calibration caching and its
 //! errors, exclusions, and the structure of the graphs it produces.
 
-mod kern_util;
-mod q8_util;
-mod tfl_util;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kern_util::*;
-use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::ir::{DType, Graph};
-use qpipe::stages::{registry, Artifact, ConfigTable, DatasetSpec};
-use tfl_util::*;
+use qpipe::spec::DatasetSpec;
+use qpipe::stages::{registry, Artifact, ConfigTable};
+use support::fixtures::{fixture, fixture_datasets, stripped_fixture, MODELS};
+use support::graph_builder::{f32t, r, run1, G};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{top1_agreement, Rng};
+use support::stage_runner::{graph_of, quantize_fixture, run_qpipe, run_stage, MemMemo};
+use support::tmp_dir;
 
 fn metric<'a>(out: &'a qpipe::stages::StageOutput, key: &str) -> &'a serde_json::Value {
     out.metrics
@@ -146,6 +148,26 @@ fn the_stage_declares_its_calibration_data_set() {
     assert!((registry::factory("quantize_int8").unwrap().build)(&t).is_err());
     let t = ConfigTable::parse("input = \"a\"\nsamplez = 3").unwrap();
     assert!((registry::factory("quantize_int8").unwrap().build)(&t).is_err());
+    // The variant's label uses the strategy's name as the recipe spells it.
+    for name in ["DEFAULT", "OPTIMIZE_FOR_SIZE", "OPTIMIZE_FOR_LATENCY"] {
+        let s = build(&format!(
+            "input = \"a\"\ncalibration = \"c\"\nstrategy = \"{name}\""
+        ));
+        assert_eq!(
+            s.role(),
+            qpipe::stages::Role::Model {
+                label: format!("int8 {name}"),
+                float: false
+            }
+        );
+    }
+    // OPTIMIZE_FOR_LATENCY without calibration is refused when the recipe loads.
+    let t = ConfigTable::parse("input = \"a\"\nstrategy = \"OPTIMIZE_FOR_LATENCY\"").unwrap();
+    let err = (registry::factory("quantize_int8").unwrap().build)(&t)
+        .err()
+        .expect("refused");
+    assert_eq!(err.key.as_deref(), Some("strategy"));
+    assert!(err.message.contains("needs a calibration"), "{err}");
 }
 
 /// x [-1, 4] → MatMul → Log → MatMul → Softmax, with a data set that makes Log see 0.
@@ -176,7 +198,7 @@ fn log_graph(dir: &std::path::Path) -> (Graph, BTreeMap<String, DatasetSpec>) {
 
 #[test]
 fn non_finite_activations_are_an_error_naming_the_tensor() {
-    let dir = scratch("q8_nan");
+    let dir = tmp_dir("q8_nan");
     let (g, ds) = log_graph(&dir);
     let err = run_stage(
         "quantize_int8",
@@ -193,7 +215,7 @@ fn non_finite_activations_are_an_error_naming_the_tensor() {
 
 #[test]
 fn ops_without_int8_kernels_stay_float_or_block_latency() {
-    let dir = scratch("q8_float_fallback");
+    let dir = tmp_dir("q8_float_fallback");
     let (mut g, ds) = log_graph(&dir);
     // Make Log finite: log(relu + 1).
     g.nodes
@@ -235,7 +257,7 @@ fn ops_without_int8_kernels_stay_float_or_block_latency() {
     let b = qpipe::kernels::run(&q, &[("x", x)], &q.outputs)
         .unwrap()
         .remove(0);
-    assert!(kern_util::max_abs_diff(&a, &b.to_f32_vec().unwrap()) < 0.03);
+    assert!(support::numeric::max_abs_diff(&a, &b.to_f32_vec().unwrap()) < 0.03);
     // OPTIMIZE_FOR_LATENCY names the blocking op.
     let err = run("strategy = \"OPTIMIZE_FOR_LATENCY\"")
         .unwrap_err()
@@ -254,16 +276,6 @@ fn ops_without_int8_kernels_stay_float_or_block_latency() {
     let err = run("exclude = [\"nope\"]").unwrap_err();
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("'nope'"));
-    let err = run_stage(
-        "quantize_int8",
-        "input = \"s\"\nstrategy = \"OPTIMIZE_FOR_LATENCY\"",
-        vec![("input", Artifact::Graph(Arc::new(g.clone())))],
-        &ds,
-        &MemMemo::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.exit_code(), 2);
-    assert!(err.to_string().contains("needs a calibration"), "{err}");
 }
 
 #[test]
@@ -357,7 +369,7 @@ fn optimize_for_latency_has_an_int8_interface_that_runs_in_litert() {
         })
         .collect();
     let xq = qpipe::ir::Tensor::from_vec(x.shape().to_vec(), &xq);
-    let dir = scratch("q8_latency_conv_bn");
+    let dir = tmp_dir("q8_latency_conv_bn");
     let xp = dir.join("x.npy");
     qpipe::npy::write(&xp, &xq).unwrap();
     let (_, bytes) = tflite::export(&g).unwrap();

@@ -1,13 +1,14 @@
 //! Every recipe error names FILE:LINE:COL and the key, exits with code 2, and happens
 //! before anything runs (no cache directory, no outputs).
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{tmp_dir, TEST_REGISTRY};
 use qpipe::pipeline::Recipe;
+use support::pipeline_stages::TEST_REGISTRY;
+use support::tmp_dir;
 
 const GOOD: &str = r#"[pipeline]
 name = "errs"
@@ -306,7 +307,7 @@ strategy = "DEFAULT"
         )
     );
     // The same through the CLI (a child process running the test stage kinds).
-    let out = common::qpipe_child(&["run", c.recipe.to_str().unwrap()])
+    let out = support::child_process::qpipe_child(&["run", c.recipe.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -319,7 +320,7 @@ strategy = "DEFAULT"
 #[test]
 #[ignore = "entry point for child processes"]
 fn child_qpipe() {
-    common::child_entry();
+    support::child_process::child_entry();
 }
 
 #[test]
@@ -555,6 +556,33 @@ fn bad_command_lines_exit_with_2() {
     for cmd in ["run", "status", "graph", "cache"] {
         assert!(help.contains(cmd), "{help}");
     }
+}
+
+#[test]
+fn a_strategy_that_needs_calibration_is_refused_at_load() {
+    let c = edited(
+        "latency-no-calib",
+        "[stages.pb]",
+        "[stages.q]\nkind = \"quantize_int8\"\ninput = \"freeze\"\nstrategy = \"OPTIMIZE_FOR_LATENCY\"\n\n[stages.pb]",
+    );
+    expect_error(
+        &c,
+        pos(&c.text, "strategy = ", "\"OPTIMIZE_FOR_LATENCY\""),
+        "stages.q.strategy",
+        "OPTIMIZE_FOR_LATENCY needs a calibration data set",
+    );
+    // From a matrix, the error points at the matrix value.
+    let c = edited(
+        "latency-no-calib-matrix",
+        "[stages.pb]",
+        "[stages.q]\nkind = \"quantize_int8\"\ninput = \"freeze\"\nmatrix = { strategy = [\"DEFAULT\", \"OPTIMIZE_FOR_LATENCY\"] }\n\n[stages.pb]",
+    );
+    expect_error(
+        &c,
+        pos(&c.text, "matrix = ", "\"OPTIMIZE_FOR_LATENCY\""),
+        "stages.q.strategy",
+        "needs a calibration",
+    );
 }
 
 /// NaN and ±inf mean nothing in any stage setting; they were also hashed like an absent

@@ -2,14 +2,17 @@
 //! TF2), shape-computed reshape targets, fused and decomposed batch norms,
 //! pass-through and debugging ops; outputs compared with the unstripped graph.
 
-mod kern_util;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kern_util::*;
 use qpipe::ir::{Attr, DType, Graph, Tensor};
 use qpipe::stages::strip_training::{strip, StripOptions, StripReport};
+use support::fixtures::{fixture_dir, fixture_npy, frozen_graph, model_json, MODELS};
+use support::graph_builder::{f32t, i32t, ints, r, run1, s, G};
+use support::numeric::{max_abs_diff, Rng};
+use support::stage_runner::MemMemo;
 
 fn strip_default(g: &Graph) -> qpipe::Result<(Graph, StripReport)> {
     strip(g, &g.inputs, &g.outputs, &StripOptions::default())
@@ -531,19 +534,6 @@ fn a_declared_placeholder_with_default_becomes_a_placeholder() {
     assert!(s.node("d").is_none());
 }
 
-struct NoMemo;
-
-impl qpipe::stages::Memo for NoMemo {
-    fn get_or_compute(
-        &self,
-        _: &str,
-        _: &[u8],
-        compute: &mut dyn FnMut() -> qpipe::Result<Vec<u8>>,
-    ) -> qpipe::Result<Vec<u8>> {
-        compute()
-    }
-}
-
 #[test]
 fn runs_as_a_stage_with_the_recipe_model_names() {
     let factory = qpipe::stages::registry::factory("strip_training").unwrap();
@@ -558,8 +548,8 @@ fn runs_as_a_stage_with_the_recipe_model_names() {
     assert!((factory.build)(&bad).is_err());
 
     let g = with_dropout(tf2_dropout(0.0));
-    let model = qpipe::stages::ModelSpec {
-        source: qpipe::stages::ModelSource::Graph("unused.pb".into()),
+    let model = qpipe::spec::ModelSpec {
+        source: qpipe::spec::ModelSource::Graph("unused.pb".into()),
         inputs: vec!["x".into()],
         outputs: vec!["out".into()],
         input_shapes: BTreeMap::new(),
@@ -577,7 +567,7 @@ fn runs_as_a_stage_with_the_recipe_model_names() {
                 ..g
             }))),
         )]),
-        memo: &NoMemo,
+        memo: &MemMemo::default(),
         progress: &|_: &str| {},
     };
     let out = stage.run(&ctx).unwrap();
@@ -638,7 +628,7 @@ fn strip_and_check(m: &str, g: &Graph) -> StripReport {
 
 #[test]
 fn strips_every_fixture_model() {
-    for m in FIXTURES {
+    for m in MODELS {
         let rep = strip_and_check(m, &frozen_graph(m));
         match m {
             "push_student" => {
@@ -664,10 +654,10 @@ fn strips_every_fixture_model() {
 
 #[test]
 fn strips_graphs_qpipe_froze_from_the_checkpoints() {
-    for m in FIXTURES {
+    for m in MODELS {
         let info = model_json(m);
-        let model = qpipe::stages::ModelSpec {
-            source: qpipe::stages::ModelSource::Checkpoint(fixture_dir(m).join("best_validation")),
+        let model = qpipe::spec::ModelSpec {
+            source: qpipe::spec::ModelSource::Checkpoint(fixture_dir(m).join("best_validation")),
             inputs: info["inputs"]
                 .as_object()
                 .unwrap()

@@ -1,6 +1,6 @@
 //! GraphDef ↔ IR on the fixture graphs TensorFlow wrote, and on graphs built here.
 
-use std::path::{Path, PathBuf};
+mod support;
 
 use prost::Message;
 use qpipe::formats::tf::graph_def::{
@@ -12,15 +12,7 @@ use qpipe::formats::tf::proto::{
     TensorProto, TensorShapeProto,
 };
 use qpipe::ir::{Attr, DType, Graph, Node, TensorRef};
-
-/// A fixture file; a missing one fails the test (they are committed, never optional).
-fn fixture(rel: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel);
-    assert!(p.exists(), "fixture {} is missing", p.display());
-    p
-}
+use support::fixtures::fixture;
 
 /// IR → GraphDef → IR gives the same graph, and exporting twice gives the same bytes.
 fn assert_round_trips(g1: &Graph, what: &str) {

@@ -5,13 +5,14 @@
 //! the operator versions TFLite's rules give, load in LiteRT, and compute what
 //! the float graph computes up to the quantization error.
 
-mod kern_util;
-mod tfl_util;
+mod support;
 
-use kern_util::{f32t, i32t, ints, s, Rng, G};
 use qpipe::formats::tflite::{self, reader};
 use qpipe::ir::{Attr, DType, Graph, QuantParams, Tensor};
-use tfl_util::{max_abs_diff, run_litert, scratch, top1_agreement, Resolver};
+use support::graph_builder::{f32t, i32t, ints, s, G};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{tensor_max_abs_diff, top1_agreement, Rng};
+use support::tmp_dir;
 
 /// TFLite's asymmetric int8 parameters for a range (`GetAsymmetricQuantizationParams`).
 fn asym(min: f32, max: f32) -> QuantParams {
@@ -89,7 +90,10 @@ fn float_graph(wt: &Weights) -> Graph {
 /// The same graph fully quantized, with the parameters calibrated on `x`.
 fn int8_graph(wt: &Weights, x: &Tensor) -> Graph {
     let f = float_graph(wt);
-    let fetch: Vec<_> = ["relu", "logits"].iter().map(|n| kern_util::r(n)).collect();
+    let fetch: Vec<_> = ["relu", "logits"]
+        .iter()
+        .map(|n| support::graph_builder::r(n))
+        .collect();
     let acts = qpipe::kernels::run(&f, &[("x", x.clone())], &fetch).unwrap();
     let (xmin, xmax) = range(x);
     let qx = asym(xmin, xmax);
@@ -148,11 +152,11 @@ fn int8_graph(wt: &Weights, x: &Tensor) -> Graph {
     );
     // Quantize the input, dequantize the output.
     let mut q = qpipe::ir::Node::new("x/quantize", "Quantize")
-        .with_input(kern_util::r("x"))
+        .with_input(support::graph_builder::r("x"))
         .with_attr("dtype", Attr::Type(DType::I8));
     q.output_quant.insert(0, qx);
     g.nodes.push(q);
-    g.node_mut("conv").unwrap().inputs[0] = kern_util::r("x/quantize");
+    g.node_mut("conv").unwrap().inputs[0] = support::graph_builder::r("x/quantize");
     for n in ["conv", "bias", "relu", "pool", "flat"] {
         set(&mut g, n, qrelu.clone());
     }
@@ -162,10 +166,10 @@ fn int8_graph(wt: &Weights, x: &Tensor) -> Graph {
     set(&mut g, "probs", QuantParams::per_tensor(1.0 / 256.0, -128));
     g.nodes.push(
         qpipe::ir::Node::new("probs/dequantize", "Dequantize")
-            .with_input(kern_util::r("probs"))
+            .with_input(support::graph_builder::r("probs"))
             .with_attr("dtype", Attr::Type(DType::F32)),
     );
-    g.outputs = vec![kern_util::r("probs/dequantize")];
+    g.outputs = vec![support::graph_builder::r("probs/dequantize")];
     g
 }
 
@@ -223,7 +227,7 @@ fn fully_quantized_graph_loads_and_runs_in_litert() {
     let pq = probs.quant.as_ref().unwrap();
     assert_eq!((pq.scale[0], pq.zero_point[0]), (1.0 / 256.0, -128));
 
-    let dir = scratch("int8");
+    let dir = tmp_dir("int8");
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();
     let xf = dir.join("x.npy");
@@ -231,7 +235,7 @@ fn fully_quantized_graph_loads_and_runs_in_litert() {
     let want = qpipe::kernels::run(
         &float_graph(&wt),
         &[("x", x.clone())],
-        &[kern_util::r("probs")],
+        &[support::graph_builder::r("probs")],
     )
     .unwrap()
     .remove(0);
@@ -246,7 +250,7 @@ fn fully_quantized_graph_loads_and_runs_in_litert() {
             &dir.join(format!("{resolver:?}")),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let d = max_abs_diff(&got[0], &want);
+        let d = tensor_max_abs_diff(&got[0], &want);
         let agree = top1_agreement(&got[0], &want);
         eprintln!("int8 {resolver:?}: max abs diff {d}, top-1 agreement {agree}");
         assert!(d < 0.05, "{resolver:?}: int8 vs float max abs diff {d}");
@@ -278,11 +282,11 @@ fn weight_only_int8_graph_dequantizes_at_run_time() {
     }
     g.nodes.push(
         qpipe::ir::Node::new("fw/dequantize", "Dequantize")
-            .with_input(kern_util::r("fw"))
+            .with_input(support::graph_builder::r("fw"))
             .with_attr("T", Attr::Type(DType::I8))
             .with_attr("dtype", Attr::Type(DType::F32)),
     );
-    g.node_mut("fc").unwrap().inputs[1] = kern_util::r("fw/dequantize");
+    g.node_mut("fc").unwrap().inputs[1] = support::graph_builder::r("fw/dequantize");
     let (_, bytes) = tflite::export(&g).unwrap();
     let m = reader::read(&bytes, "weight-only").unwrap();
     let dq = m.operators.iter().find(|o| o.name == "DEQUANTIZE").unwrap();
@@ -303,7 +307,7 @@ fn weight_only_int8_graph_dequantizes_at_run_time() {
     let want = qpipe::kernels::run(&r, &[("x", x.clone())], &r.outputs)
         .unwrap()
         .remove(0);
-    let dir = scratch("weight_only");
+    let dir = tmp_dir("weight_only");
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();
     let xf = dir.join("x.npy");
@@ -318,7 +322,7 @@ fn weight_only_int8_graph_dequantizes_at_run_time() {
             &dir.join(format!("{resolver:?}")),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let d = max_abs_diff(&got[0], &want);
+        let d = tensor_max_abs_diff(&got[0], &want);
         assert!(d <= 1e-5, "{resolver:?}: max abs diff {d}");
     }
 }

@@ -2,11 +2,14 @@
 //! float32 and float16, run in LiteRT with the default and the reference op
 //! resolver, compared with the outputs TensorFlow recorded.
 
-mod tfl_util;
+mod support;
 
 use qpipe::formats::tflite;
 use qpipe::stages::fp16_cast::cast_fp16;
-use tfl_util::*;
+use support::fixtures::{fixture, stripped_fixture, MODELS};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{tensor_max_abs_diff, top1_agreement};
+use support::tmp_dir;
 
 /// Exports `graph`, runs it on the fixture's eval set with both resolvers and
 /// checks it against TensorFlow's recorded outputs. The default resolver's float
@@ -14,7 +17,7 @@ use tfl_util::*;
 /// fixtures (float32 and float16), AVX-512 and AVX2 (QEMU -cpu Haswell, EPYC-Rome)
 /// within 1.5e-7 of each other, and the same accuracy; `tol` covers both.
 fn check_against_tf(model: &str, variant: &str, graph: &qpipe::ir::Graph, tol: f32) {
-    let dir = scratch(&format!("{model}_{variant}"));
+    let dir = tmp_dir(&format!("{model}_{variant}"));
     let (_, bytes) = tflite::export(graph).unwrap();
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();
@@ -25,7 +28,7 @@ fn check_against_tf(model: &str, variant: &str, graph: &qpipe::ir::Graph, tol: f
         let got = run_litert(&path, &[("input_x", &x)], resolver, &out_dir)
             .unwrap_or_else(|e| panic!("{model} {variant}: {e}"));
         assert_eq!(got.len(), 1);
-        let diff = max_abs_diff(&got[0], &want);
+        let diff = tensor_max_abs_diff(&got[0], &want);
         let agree = top1_agreement(&got[0], &want);
         eprintln!(
             "{model} {variant} {resolver:?}: {} bytes, max abs diff {diff:e}, top-1 agreement {agree}",
@@ -64,8 +67,8 @@ fn float16_fixture_models_match_tensorflow_in_litert() {
 /// export_tflite; LiteRT's outputs match TensorFlow's.
 #[test]
 fn checkpoints_frozen_by_qpipe_export_and_match_tensorflow() {
+    use qpipe::spec::{ModelSource, ModelSpec};
     use qpipe::stages::strip_training::{strip, StripOptions};
-    use qpipe::stages::{ModelSource, ModelSpec};
     for model in MODELS {
         let json: serde_json::Value = serde_json::from_slice(
             &std::fs::read(fixture(&format!("{model}/model.json"))).unwrap(),

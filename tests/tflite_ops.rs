@@ -2,15 +2,16 @@
 //! run in LiteRT (default and reference resolver), compared with qpipe's own
 //! interpreter on the same graph.
 
-mod kern_util;
-mod tfl_util;
+mod support;
 
-use kern_util::{f32t, i32t, ints, s, Rng, G};
 use qpipe::formats::tflite;
 use qpipe::formats::tflite::reader;
 use qpipe::ir::{Attr, DType, Graph, Tensor};
 use qpipe::stages::fp16_cast::cast_fp16;
-use tfl_util::{max_abs_diff, run_litert, scratch, Resolver};
+use support::graph_builder::{f32t, i32t, ints, s, G};
+use support::litert_oracle::{run_litert, Resolver};
+use support::numeric::{tensor_max_abs_diff, Rng};
+use support::tmp_dir;
 
 /// Exports `g`, runs it in LiteRT on `feeds` with both resolvers, and checks
 /// every output against qpipe's interpreter. Returns the exported bytes.
@@ -18,7 +19,7 @@ use tfl_util::{max_abs_diff, run_litert, scratch, Resolver};
 /// 1.2e-7 from BUILTIN_REF on these graphs, the same with AVX-512 (native) and
 /// AVX2 (QEMU -cpu Haswell, EPYC-Rome) to 1.5e-8; `tol` is far above both.
 fn check(name: &str, g: &Graph, feeds: &[(&str, Tensor)], tol: f32) -> Vec<u8> {
-    let dir = scratch(name);
+    let dir = tmp_dir(name);
     let (_, bytes) = tflite::export(g).unwrap_or_else(|e| panic!("{name}: export failed: {e}"));
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).unwrap();
@@ -36,7 +37,7 @@ fn check(name: &str, g: &Graph, feeds: &[(&str, Tensor)], tol: f32) -> Vec<u8> {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.len(), want.len(), "{name}: output count");
         for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-            let d = max_abs_diff(a, b);
+            let d = tensor_max_abs_diff(a, b);
             assert!(
                 d <= tol,
                 "{name} {resolver:?} output {k} ({}): max abs diff {d} > {tol}",

@@ -3,17 +3,18 @@
 //! the reader on damaged files; errors for graphs TFLite cannot express; the
 //! `export_tflite` stage.
 
-mod kern_util;
-mod tfl_util;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kern_util::{f32t, ints, s, Rng, G};
 use qpipe::formats::tflite::{self, reader, schema};
 use qpipe::ir::{DType, Graph};
 use qpipe::stages::fp16_cast::cast_fp16;
-use tfl_util::{stripped_fixture, MODELS};
+use support::fixtures::{stripped_fixture, MODELS};
+use support::graph_builder::{f32t, ints, s, G};
+use support::numeric::Rng;
+use support::stage_runner::MemMemo;
 
 fn small_graph() -> Graph {
     let mut rng = Rng::new(7);
@@ -29,7 +30,7 @@ fn small_graph() -> Graph {
     b.konst("b", f32t(&[3], &rng.vec(3)));
     b.op("bias", "BiasAdd", &["conv", "b"], &[]);
     b.op("relu", "Relu", &["bias"], &[]);
-    b.konst("shape", kern_util::i32t(&[2], &[-1, 48]));
+    b.konst("shape", support::graph_builder::i32t(&[2], &[-1, 48]));
     b.op("flat", "Reshape", &["relu", "shape"], &[]);
     b.konst("fc", f32t(&[48, 2], &rng.vec(96)));
     b.op("logits", "MatMul", &["flat", "fc"], &[]);
@@ -311,7 +312,7 @@ fn interpreter_ops_without_an_export_say_so() {
     }
     let mut b = G::new();
     b.placeholder("x", DType::F32, Some(&[-1, 4]));
-    b.konst("reps", kern_util::i32t(&[2], &[2, 1]));
+    b.konst("reps", support::graph_builder::i32t(&[2], &[2, 1]));
     b.op("tiled", "Tile", &["x", "reps"], &[]);
     b.output("tiled");
     let err = tflite::export(&b.g).unwrap_err().to_string();
@@ -340,19 +341,6 @@ fn a_100k_node_chain_exports_and_reads_back() {
     assert_eq!(m.tensors.len(), 100_001);
 }
 
-struct NoMemo;
-
-impl qpipe::stages::Memo for NoMemo {
-    fn get_or_compute(
-        &self,
-        _: &str,
-        _: &[u8],
-        compute: &mut dyn FnMut() -> qpipe::Result<Vec<u8>>,
-    ) -> qpipe::Result<Vec<u8>> {
-        compute()
-    }
-}
-
 #[test]
 fn export_tflite_stage_writes_the_file_and_reports_metrics() {
     let factory = qpipe::stages::registry::factory("export_tflite").unwrap();
@@ -371,8 +359,8 @@ fn export_tflite_stage_writes_the_file_and_reports_metrics() {
     let mut g = small_graph();
     g.inputs.clear();
     g.outputs.clear();
-    let model = qpipe::stages::ModelSpec {
-        source: qpipe::stages::ModelSource::Graph("unused.pb".into()),
+    let model = qpipe::spec::ModelSpec {
+        source: qpipe::spec::ModelSource::Graph("unused.pb".into()),
         inputs: vec!["x".into()],
         outputs: vec!["probs".into()],
         input_shapes: BTreeMap::new(),
@@ -386,7 +374,7 @@ fn export_tflite_stage_writes_the_file_and_reports_metrics() {
             "input".to_string(),
             Arc::new(qpipe::stages::Artifact::Graph(Arc::new(g))),
         )]),
-        memo: &NoMemo,
+        memo: &MemMemo::default(),
         progress: &|_: &str| {},
     };
     let out = stage.run(&ctx).unwrap();

@@ -2,17 +2,18 @@
 //! the gate, int8-interface candidates, and its accuracy against LiteRT's on the
 //! exported model.
 
-mod kern_util;
-mod q8_util;
-mod tfl_util;
+mod support;
 
 use std::sync::Arc;
 
-use q8_util::*;
 use qpipe::formats::tflite;
 use qpipe::ir::Graph;
 use qpipe::stages::{Artifact, StageOutput};
-use tfl_util::*;
+use support::fixtures::{eval_accuracy, fixture, fixture_datasets, stripped_fixture, MODELS};
+use support::graph_builder::{f32t, G};
+use support::litert_oracle::{run_litert, Resolver};
+use support::stage_runner::{graph_of, quantize_fixture, run_stage, MemMemo};
+use support::tmp_dir;
 
 fn validate(
     model: &str,
@@ -38,16 +39,6 @@ fn num(out: &StageOutput, key: &str) -> f64 {
         .get(key)
         .and_then(|v| v.as_f64())
         .unwrap_or_else(|| panic!("metric {key} missing in {:?}", out.metrics))
-}
-
-/// Top-1 accuracy of class scores against the fixture's eval labels.
-fn accuracy(model: &str, scores: &qpipe::ir::Tensor) -> f64 {
-    let labels = qpipe::npy::read(&fixture(&format!("{model}/eval_y.npy"))).unwrap();
-    let ids = qpipe::kernels::dataset::class_ids(&labels).unwrap();
-    let s = scores.to_f64_vec().unwrap();
-    let cols = scores.shape()[1];
-    let pred = qpipe::kernels::dataset::argmax_rows(&s, ids.len(), cols);
-    pred.iter().zip(&ids).filter(|(a, b)| a == b).count() as f64 / ids.len() as f64
 }
 
 #[test]
@@ -127,7 +118,7 @@ fn check_against_litert(
     tag: &str,
     max_samples: u32,
 ) {
-    let dir = scratch(&format!("validate_{model}_{tag}"));
+    let dir = tmp_dir(&format!("validate_{model}_{tag}"));
     let (_, bytes) = tflite::export(candidate).unwrap();
     let path = dir.join("model.tflite");
     std::fs::write(&path, bytes).unwrap();
@@ -142,7 +133,7 @@ fn check_against_litert(
             &dir.join(format!("{resolver:?}")),
         )
         .unwrap();
-        let litert = accuracy(model, &got[0]);
+        let litert = eval_accuracy(model, &got[0]);
         eprintln!("{model} {tag}: LiteRT {resolver:?} accuracy {litert}, validate {validated}");
         match resolver {
             Resolver::Reference => assert_eq!(litert, validated, "{model} {tag}"),
@@ -302,9 +293,8 @@ fn an_int8_interface_candidate_is_fed_quantized_inputs() {
     assert!((num(&a, "mean_abs_error") - num(&b, "mean_abs_error")).abs() < 1e-12);
 }
 
-use kern_util::{f32t, G};
 use qpipe::ir::{Attr, DType, Tensor};
-use qpipe::stages::DatasetSpec;
+use qpipe::spec::DatasetSpec;
 use std::collections::BTreeMap;
 
 /// x[-1, 4] → three heads: `probs` (softmax over 3), `sig` ([n, 1] sigmoid), and
@@ -355,7 +345,7 @@ fn heads(shift: f32, cls: bool, reg: bool) -> Graph {
 
 /// A data set of `n` rows of x (and labels, when given) written under `dir`.
 fn heads_data(dir: &str, x: &[f32], labels: Option<Tensor>) -> BTreeMap<String, DatasetSpec> {
-    let d = scratch(dir);
+    let d = tmp_dir(dir);
     let xp = d.join("x.npy");
     qpipe::npy::write(&xp, &f32t(&[x.len() / 4, 4], x)).unwrap();
     let labels = labels.map(|t| {
@@ -373,7 +363,7 @@ fn heads_data(dir: &str, x: &[f32], labels: Option<Tensor>) -> BTreeMap<String, 
 }
 
 fn rows(n: usize) -> Vec<f32> {
-    let mut rng = kern_util::Rng::new(7);
+    let mut rng = support::numeric::Rng::new(7);
     rng.vec(n * 4).iter().map(|v| v * 2.0).collect()
 }
 
@@ -470,7 +460,7 @@ fn labels_pair_with_the_first_output_or_labels_output() {
     let sig = qpipe::kernels::run(
         &reference,
         &[("x", f32t(&[n, 4], &x))],
-        &[kern_util::r("sig")],
+        &[support::graph_builder::r("sig")],
     )
     .unwrap()
     .remove(0)
@@ -580,7 +570,7 @@ fn converted_calib(
     f: impl Fn(&[f32], Vec<usize>) -> Tensor,
 ) -> BTreeMap<String, DatasetSpec> {
     let t = qpipe::npy::read(&fixture("conv_bn/calib_x.npy")).unwrap();
-    let d = scratch(dir);
+    let d = tmp_dir(dir);
     let p = d.join("calib_x.npy");
     qpipe::npy::write(&p, &f(&t.to_f32_vec().unwrap(), t.shape().to_vec())).unwrap();
     let spec = DatasetSpec {

@@ -12,7 +12,7 @@ use super::value::Value;
 use crate::error::{Error, Result};
 use crate::ir::{DType, Graph, QuantParams, Tensor};
 use crate::npy::{NpyReader, NpyWriter};
-use crate::stages::DatasetSpec;
+use crate::spec::DatasetSpec;
 
 /// A data set opened for streaming: one `.npy` per model input, optional labels.
 pub struct Dataset {

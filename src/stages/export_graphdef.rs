@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Artifact, ConfigError, ConfigTable, OutputFile, Stage, StageContext, StageDeps, StageOutput,
+    Artifact, ConfigError, ConfigTable, OutputFile, Role, Stage, StageContext, StageDeps,
+    StageOutput,
 };
 use crate::error::Result;
 
@@ -27,8 +28,8 @@ pub fn build(table: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
 }
 
 impl Stage for ExportGraphDef {
-    fn kind(&self) -> &'static str {
-        "export_graphdef"
+    fn role(&self) -> Role {
+        Role::SameModel { input: "input" }
     }
     fn version(&self) -> u32 {
         1

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Artifact, ConfigError, ConfigTable, OutputFile, Stage, StageContext, StageDeps, StageOutput,
+    Artifact, ConfigError, ConfigTable, OutputFile, Role, Stage, StageContext, StageDeps,
+    StageOutput,
 };
 use crate::error::{Result, ResultExt};
 use crate::ir::TensorRef;
@@ -32,8 +33,8 @@ pub fn build(table: &ConfigTable) -> std::result::Result<Box<dyn Stage>, ConfigE
 }
 
 impl Stage for ExportTflite {
-    fn kind(&self) -> &'static str {
-        "export_tflite"
+    fn role(&self) -> Role {
+        Role::TfliteExport { input: "input" }
     }
     fn version(&self) -> u32 {
         1

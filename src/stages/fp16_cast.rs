@@ -14,7 +14,9 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, ConfigError, ConfigTable, Stage, StageContext, StageDeps, StageOutput};
+use super::{
+    Artifact, ConfigError, ConfigTable, Role, Stage, StageContext, StageDeps, StageOutput,
+};
 use crate::error::{Error, Result};
 use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
 
@@ -135,8 +137,11 @@ pub fn cast_fp16(
 }
 
 impl Stage for Fp16Cast {
-    fn kind(&self) -> &'static str {
-        "fp16_cast"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: "fp16".into(),
+            float: false,
+        }
     }
     fn version(&self) -> u32 {
         1

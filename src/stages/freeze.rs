@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, ConfigError, ConfigTable, Stage, StageContext, StageDeps, StageOutput};
+use super::{
+    Artifact, ConfigError, ConfigTable, Role, Stage, StageContext, StageDeps, StageOutput,
+};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -21,8 +23,11 @@ pub fn build(table: &ConfigTable) -> Result<Box<dyn Stage>, ConfigError> {
 }
 
 impl Stage for Freeze {
-    fn kind(&self) -> &'static str {
-        "freeze"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: "float32".into(),
+            float: true,
+        }
     }
     fn version(&self) -> u32 {
         1

@@ -1,6 +1,7 @@
 //! Stage plugins. Each stage kind lives in its own file and is listed once in
 //! [`registry::REGISTRY`]; the pipeline knows stages only through [`Stage`].
 
+pub mod canon;
 pub mod export_graphdef;
 pub mod export_tflite;
 pub mod fp16_cast;
@@ -23,32 +24,7 @@ use toml::Spanned;
 
 use crate::error::Result;
 use crate::ir::Graph;
-
-/// Where the recipe's model comes from; paths are absolute (resolved against the recipe).
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelSource {
-    /// A TF1 checkpoint prefix: `<prefix>.meta`, `<prefix>.index`, `<prefix>.data-*`.
-    Checkpoint(PathBuf),
-    /// An already frozen GraphDef (`.pb`).
-    Graph(PathBuf),
-}
-
-/// The recipe's `[model]` table, resolved.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelSpec {
-    pub source: ModelSource,
-    pub inputs: Vec<String>,
-    pub outputs: Vec<String>,
-    /// Input name → dims fixing unknown dimensions (-1 stays unknown).
-    pub input_shapes: BTreeMap<String, Vec<i64>>,
-}
-
-/// One `[datasets.NAME]` table, resolved: model input name → `.npy` file, plus optional labels.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct DatasetSpec {
-    pub tensors: BTreeMap<String, PathBuf>,
-    pub labels: Option<PathBuf>,
-}
+use crate::spec::{DatasetSpec, ModelSpec};
 
 /// What a stage produces and the cache stores.
 #[derive(Debug, Clone)]
@@ -150,22 +126,46 @@ impl StageContext<'_> {
 
 /// A stage kind. Implementations are pure functions of their config, their inputs
 /// and the files named by [`StageDeps`]: that is what makes caching them sound.
+///
+/// A stage does not know its kind's name: the [`registry`] entry that built it does.
 pub trait Stage: Send + Sync {
-    /// The kind's name as written in recipes (`kind = "..."`).
-    fn kind(&self) -> &'static str;
     /// Bumped whenever the stage's output for the same inputs may change.
     fn version(&self) -> u32;
     fn deps(&self) -> StageDeps;
     /// The typed config as canonical JSON (what the cache key and `status` explain use).
     fn config(&self) -> serde_json::Value;
     fn run(&self, ctx: &StageContext) -> Result<StageOutput>;
+    /// What the stage is to `qpipe compare`, which reads stages only through this.
+    fn role(&self) -> Role;
+}
+
+/// What a stage is among a recipe's model variants (see [`Stage::role`]). Config keys
+/// name the upstream stages, as in [`StageDeps::stages`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Role {
+    /// Builds a model variant. `label` names it in a comparison (`float32`, `fp16`,
+    /// `int8 DEFAULT`); only a `float` variant may stand in as the float baseline.
+    Model { label: String, float: bool },
+    /// Passes on the model under config key `input` unchanged (writing it somewhere, say).
+    SameModel { input: &'static str },
+    /// Writes the model under config key `input` as a `.tflite` file; metric `bytes` is its size.
+    TfliteExport { input: &'static str },
+    /// Measures the model under `candidate` against the one under `reference` on a data
+    /// set: metrics `samples`, `reference_accuracy`, `candidate_accuracy`, `accuracy_drop`,
+    /// `agreement`, `max_abs_error`, `mean_abs_error`, and a report with a `layers` table.
+    Validation {
+        reference: &'static str,
+        candidate: &'static str,
+    },
+    /// Neither builds nor judges a model.
+    Other,
 }
 
 /// A typed config as the canonical JSON [`Stage::config`] returns: unlike
 /// `serde_json::to_value`, it keeps NaN and ±inf apart from an absent value
-/// ([`crate::pipeline::canon`]).
+/// ([`canon`]).
 pub fn config_json<T: Serialize>(config: &T) -> serde_json::Value {
-    crate::pipeline::canon::to_value(config)
+    canon::to_value(config)
         .unwrap_or_else(|e| serde_json::json!({ "$unserializable config": e.to_string() }))
 }
 

@@ -79,7 +79,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, Stage, StageContext, StageDeps, StageOutput};
+use super::{Artifact, Role, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use calibration::{Method, Stats};
@@ -90,23 +90,18 @@ const CALIBRATION_BATCH: usize = 32;
 const DYNAMIC_RANGE_MIN_ELEMENTS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Strategy {
     #[default]
-    #[serde(rename = "DEFAULT")]
     Default,
-    #[serde(rename = "OPTIMIZE_FOR_SIZE")]
     OptimizeForSize,
-    #[serde(rename = "OPTIMIZE_FOR_LATENCY")]
     OptimizeForLatency,
 }
 
-impl Strategy {
-    fn name(self) -> &'static str {
-        match self {
-            Strategy::Default => "DEFAULT",
-            Strategy::OptimizeForSize => "OPTIMIZE_FOR_SIZE",
-            Strategy::OptimizeForLatency => "OPTIMIZE_FOR_LATENCY",
-        }
+/// The name as written in recipes, from the serde names.
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.serialize(f)
     }
 }
 
@@ -140,12 +135,18 @@ pub struct QuantizeInt8 {
     config: QuantizeInt8Config,
 }
 
+const LATENCY_NEEDS_CALIBRATION: &str =
+    "OPTIMIZE_FOR_LATENCY needs a calibration data set (calibration = \"<dataset>\")";
+
+/// Builds the stage, refusing at recipe load what no input could make work.
 pub fn build(
     table: &super::ConfigTable,
 ) -> std::result::Result<Box<dyn Stage>, super::ConfigError> {
-    Ok(Box::new(QuantizeInt8 {
-        config: super::parse_config(table)?,
-    }))
+    let config: QuantizeInt8Config = super::parse_config(table)?;
+    if config.strategy == Strategy::OptimizeForLatency && config.calibration.is_none() {
+        return Err(table.error("strategy", LATENCY_NEEDS_CALIBRATION));
+    }
+    Ok(Box::new(QuantizeInt8 { config }))
 }
 
 fn weight_bytes(g: &Graph) -> usize {
@@ -186,8 +187,11 @@ impl QuantizeInt8 {
 }
 
 impl Stage for QuantizeInt8 {
-    fn kind(&self) -> &'static str {
-        "quantize_int8"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: format!("int8 {}", self.config.strategy),
+            float: false,
+        }
     }
     fn version(&self) -> u32 {
         1
@@ -219,15 +223,14 @@ impl Stage for QuantizeInt8 {
         }
         let exclude: HashSet<String> = c.exclude.iter().cloned().collect();
         let mut metrics = serde_json::Map::new();
-        metrics.insert("strategy".into(), c.strategy.name().into());
+        metrics.insert("strategy".into(), c.strategy.to_string().into());
         metrics.insert("weight_bytes_before".into(), weight_bytes(&graph).into());
         let full = match (c.strategy, self.calibration_used()) {
             (Strategy::OptimizeForSize, _) => None,
             (Strategy::Default, None) => None,
             (Strategy::OptimizeForLatency, None) => {
                 return Err(Error::usage(format!(
-                    "stage '{}': OPTIMIZE_FOR_LATENCY needs a calibration data set \
-                     (calibration = \"<dataset>\")",
+                    "stage '{}': {LATENCY_NEEDS_CALIBRATION}",
                     ctx.id
                 )))
             }

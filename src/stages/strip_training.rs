@@ -24,7 +24,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, ConfigError, ConfigTable, Stage, StageContext, StageDeps, StageOutput};
+use super::{
+    Artifact, ConfigError, ConfigTable, Role, Stage, StageContext, StageDeps, StageOutput,
+};
 use crate::error::{Error, Result};
 use crate::ir::{Attr, Graph, Node, TensorRef};
 
@@ -421,8 +423,11 @@ pub fn strip(
 }
 
 impl Stage for StripTraining {
-    fn kind(&self) -> &'static str {
-        "strip_training"
+    fn role(&self) -> Role {
+        Role::Model {
+            label: "float32".into(),
+            float: true,
+        }
     }
     fn version(&self) -> u32 {
         1

@@ -33,7 +33,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, OutputFile, Stage, StageContext, StageDeps, StageOutput};
+use super::{Artifact, OutputFile, Role, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Error, Result};
 use crate::ir::{DType, Graph, QuantParams, TensorRef};
 use crate::kernels::dataset::{argmax_rows, Dataset};
@@ -512,8 +512,11 @@ impl Validate {
 }
 
 impl Stage for Validate {
-    fn kind(&self) -> &'static str {
-        "validate"
+    fn role(&self) -> Role {
+        Role::Validation {
+            reference: "reference",
+            candidate: "candidate",
+        }
     }
     fn version(&self) -> u32 {
         // 2: the default runtime is LiteRT's reference kernels; every output is measured.

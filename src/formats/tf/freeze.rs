@@ -37,7 +37,7 @@ use super::meta_graph::{read_meta_graph, tensor_node, MetaGraph};
 use super::proto::SaverDef;
 use crate::error::{Error, Result};
 use crate::ir::{num_elements, Attr, DType, Graph, Node, Tensor, TensorData, TensorRef};
-use crate::stages::{ModelSource, ModelSpec};
+use crate::spec::{ModelSource, ModelSpec};
 
 /// Ops that hold a variable.
 const VARIABLE_OPS: [&str; 3] = ["VariableV2", "Variable", "VarHandleOp"];

@@ -13,7 +13,7 @@ pub mod tensor_proto;
 
 use crate::error::Result;
 use crate::ir::Graph;
-use crate::stages::ModelSpec;
+use crate::spec::ModelSpec;
 
 /// Loads the model a recipe names (checkpoint or frozen `.pb`) and freezes it, cut to
 /// its outputs, with `inputs`/`outputs` set. See [`freeze`].

@@ -17,12 +17,13 @@ use serde_json::Value;
 
 use super::recipe::Recipe;
 use super::report::table;
-use super::run::{cached_results, load_artifact};
+use super::status::{cached_results, load_artifact};
 use super::store::ActionEntry;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::kernels::{Dataset, Plan};
 use crate::stages::quantize_int8::rewrite::is_compute;
+use crate::stages::Role;
 
 /// How [`compare`] measures time per sample.
 #[derive(Debug, Clone)]
@@ -115,9 +116,6 @@ pub struct Layer {
     pub sqnr_db: f64,
 }
 
-const EXPORT_KIND: &str = "export_tflite";
-const VALIDATE_KIND: &str = "validate";
-
 /// Builds the comparison from the recipe's cached results. Every stage it needs must be
 /// fresh (built for the recipe as it is now); otherwise the error names the stale ones.
 pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
@@ -131,29 +129,48 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
             .map(|(_, up)| *up)
     };
 
+    let roles: Vec<Role> = stages.iter().map(|s| s.stage.role()).collect();
     let mut models: Vec<usize> = Vec::new();
     let mut export_of: BTreeMap<usize, usize> = BTreeMap::new();
     let mut validate_of: BTreeMap<usize, usize> = BTreeMap::new();
     let mut references: BTreeMap<usize, usize> = BTreeMap::new();
-    for (i, s) in stages.iter().enumerate() {
-        match s.kind {
-            EXPORT_KIND => {
-                if let Some(m) = input_of(i, "input") {
+    let mut validations: Vec<(usize, usize)> = Vec::new();
+    for (i, role) in roles.iter().enumerate() {
+        match role {
+            Role::TfliteExport { input } => {
+                if let Some(m) = input_of(i, input) {
                     export_of.entry(m).or_insert(i);
                     models.push(m);
                 }
             }
-            VALIDATE_KIND => {
-                if let (Some(r), Some(c)) = (input_of(i, "reference"), input_of(i, "candidate")) {
+            Role::Validation {
+                reference,
+                candidate,
+            } => {
+                if let (Some(r), Some(c)) = (input_of(i, reference), input_of(i, candidate)) {
                     validate_of.entry(c).or_insert(i);
                     *references.entry(r).or_default() += 1;
+                    validations.push((i, r));
                     models.push(r);
                     models.push(c);
                 }
             }
-            _ => {}
+            Role::Model { .. } | Role::SameModel { .. } | Role::Other => {}
         }
     }
+    // The variant a stage builds, following stages that pass their input on.
+    let model_role = |mut i: usize| {
+        while let Role::SameModel { input } = &roles[i] {
+            match input_of(i, input) {
+                Some(up) => i = up,
+                None => break,
+            }
+        }
+        match &roles[i] {
+            Role::Model { label, float } => (label.clone(), *float),
+            _ => (stages[i].id.clone(), false),
+        }
+    };
     models.sort_unstable();
     models.dedup();
     if models.is_empty() {
@@ -166,12 +183,7 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
         .iter()
         .max_by_key(|(idx, n)| (**n, std::cmp::Reverse(**idx)))
         .map(|(idx, _)| *idx)
-        .or_else(|| {
-            models
-                .iter()
-                .copied()
-                .find(|m| !matches!(stages[*m].kind, "fp16_cast" | "quantize_int8"))
-        });
+        .or_else(|| models.iter().copied().find(|m| model_role(*m).1));
 
     let mut needed: Vec<usize> = models.clone();
     needed.extend(export_of.values());
@@ -225,10 +237,10 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
     let float_bytes = baseline
         .and_then(|b| export_of.get(&b))
         .and_then(|e| metric_u64(entry(*e), "bytes"));
-    let baseline_accuracy = (0..stages.len())
-        .filter(|i| stages[*i].kind == VALIDATE_KIND && baseline.is_some())
-        .filter(|i| input_of(*i, "reference") == baseline)
-        .find_map(|v| metric_f64(entry(v), "reference_accuracy"));
+    let baseline_accuracy = validations
+        .iter()
+        .filter(|(_, r)| Some(*r) == baseline)
+        .find_map(|(v, _)| metric_f64(entry(*v), "reference_accuracy"));
 
     let mut variants = Vec::new();
     let mut names_seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -239,17 +251,7 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
         let graph = artifact.graph().ok_or_else(|| {
             Error::msg(format!("stage '{}' produces a report, not a model", s.id))
         })?;
-        let mut name = match s.kind {
-            "quantize_int8" => format!(
-                "int8 {}",
-                e.metrics
-                    .get("strategy")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-            ),
-            "fp16_cast" => "fp16".to_string(),
-            _ => "float32".to_string(),
-        };
+        let mut name = model_role(m).0;
         let seen = names_seen.entry(name.clone()).or_default();
         *seen += 1;
         if *seen > 1 {

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::ir::{Graph, TensorRef};
 use crate::kernels::dataset::{run_batches, Dataset};
 use crate::kernels::{Buf, Plan, Value};
-use crate::stages::DatasetSpec;
+use crate::spec::DatasetSpec;
 
 /// How a tensor's range is derived from what calibration saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,33 +1,17 @@
-//! Shared by the `tflite_*` tests: the LiteRT oracle (a Python virtual
-//! environment with the pinned `ai-edge-litert`, installed on first use),
-//! fixture loading, and output comparisons.
-#![allow(dead_code)]
+//! The LiteRT oracle: a Python virtual environment with the pinned `ai-edge-litert`,
+//! installed on first use, running `.tflite` models on `.npy` inputs.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use qpipe::formats::tf::graph_def::read_graph_def;
-use qpipe::ir::{Attr, Graph, Tensor, TensorRef};
-use qpipe::stages::strip_training::{strip, StripOptions};
+use qpipe::ir::Tensor;
+
+use super::manifest_dir;
 
 /// The LiteRT release the tests run, installed from PyPI into `target/litert-venv`.
 pub const LITERT_REQUIREMENT: &str = "ai-edge-litert==2.3.0";
-
-pub fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A scratch directory for one test, emptied first.
-pub fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("tflite")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn run_checked(cmd: &mut Command, what: &str) -> Result<String, String> {
     let out = cmd
@@ -174,78 +158,45 @@ pub fn run_litert(
         .collect())
 }
 
-/// A committed fixture file; a missing one fails the test.
-pub fn fixture(rel: &str) -> PathBuf {
-    let p = manifest_dir().join("fixtures").join(rel);
-    assert!(p.exists(), "fixture {} is missing", p.display());
-    p
+/// A model and its feeds written to a directory, ready for [`LiteRtCase::run`].
+pub struct LiteRtCase {
+    dir: PathBuf,
+    pub model: PathBuf,
+    inputs: Vec<(String, PathBuf)>,
 }
 
-pub const MODELS: [&str; 3] = ["push_student", "conv_bn", "mlp_res"];
-
-/// A fixture's frozen graph (TensorFlow's `convert_variables_to_constants`)
-/// with its declared inputs and outputs, after `strip_training`.
-pub fn stripped_fixture(model: &str) -> Graph {
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture(&format!("{model}/model.json"))).unwrap())
-            .unwrap();
-    let mut g = read_graph_def(&fixture(&format!("{model}/tf_frozen.pb"))).unwrap();
-    g.inputs = json["inputs"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
-    g.outputs = json["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| TensorRef::parse(o.as_str().unwrap()).unwrap())
-        .collect();
-    let (g, _) = strip(&g, &g.inputs, &g.outputs, &StripOptions::default()).unwrap();
-    g
-}
-
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape(), b.shape(), "output shapes differ");
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0f32,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        )
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
+impl LiteRtCase {
+    /// Writes `model.tflite` and one `.npy` file per feed under `dir`.
+    pub fn write(dir: &Path, tflite: &[u8], feeds: &[(String, Tensor)]) -> LiteRtCase {
+        let model = dir.join("model.tflite");
+        std::fs::write(&model, tflite).unwrap();
+        let inputs = feeds
+            .iter()
+            .map(|(name, t)| {
+                let p = dir.join(format!("{name}.npy"));
+                qpipe::npy::write(&p, t).unwrap();
+                (name.clone(), p)
+            })
+            .collect();
+        LiteRtCase {
+            dir: dir.to_path_buf(),
+            model,
+            inputs,
         }
     }
-    best
-}
 
-/// Fraction of rows (first dimension) whose arg-max agrees.
-pub fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
-    let rows = a.shape()[0];
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    let w = a.len() / rows.max(1);
-    let same = (0..rows)
-        .filter(|&r| argmax(&a[r * w..(r + 1) * w]) == argmax(&b[r * w..(r + 1) * w]))
-        .count();
-    same as f64 / rows.max(1) as f64
-}
-
-/// The `fused_ops` attribute of a `_Fused*` node: BiasAdd, then no activation (0),
-/// Relu (1) or Relu6 (otherwise).
-pub fn fused(act: usize) -> Attr {
-    let ops: &[&str] = match act {
-        0 => &["BiasAdd"],
-        1 => &["BiasAdd", "Relu"],
-        _ => &["BiasAdd", "Relu6"],
-    };
-    Attr::Strs(ops.iter().map(|o| o.as_bytes().to_vec()).collect())
+    /// The model's outputs in LiteRT with `resolver`.
+    pub fn run(&self, resolver: Resolver) -> Result<Vec<Tensor>, String> {
+        let inputs: Vec<(&str, &Path)> = self
+            .inputs
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.as_path()))
+            .collect();
+        run_litert(
+            &self.model,
+            &inputs,
+            resolver,
+            &self.dir.join(format!("{resolver:?}")),
+        )
+    }
 }

@@ -1,6 +1,5 @@
-//! Shared by the `quantize_*` and `validate` tests: running stages with an
-//! in-memory memo, fixture data sets, and the LiteRT comparison of quantized models.
-#![allow(dead_code)]
+//! Running one stage outside a pipeline: an in-memory memo, fixture quantization, and
+//! qpipe's interpreter on `.npy` inputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -8,12 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use qpipe::ir::{Graph, Tensor};
-use qpipe::stages::{
-    registry, Artifact, ConfigTable, DatasetSpec, Memo, ModelSource, ModelSpec, StageContext,
-    StageOutput,
-};
+use qpipe::spec::{DatasetSpec, ModelSource, ModelSpec};
+use qpipe::stages::{registry, Artifact, ConfigTable, Memo, StageContext, StageOutput};
 
-use crate::tfl_util::{fixture, stripped_fixture};
+use super::fixtures::{fixture_datasets, stripped_fixture};
 
 type MemoMap = HashMap<(String, Vec<u8>), Vec<u8>>;
 
@@ -46,32 +43,6 @@ impl MemMemo {
     pub fn computed(&self) -> usize {
         self.computed.load(Ordering::SeqCst)
     }
-}
-
-/// The fixture's data sets: `calib` (calib_x) and `eval` (eval_x with eval_y).
-pub fn fixture_datasets(model: &str) -> BTreeMap<String, DatasetSpec> {
-    BTreeMap::from([
-        (
-            "calib".to_string(),
-            DatasetSpec {
-                tensors: BTreeMap::from([(
-                    "input_x".to_string(),
-                    fixture(&format!("{model}/calib_x.npy")),
-                )]),
-                labels: None,
-            },
-        ),
-        (
-            "eval".to_string(),
-            DatasetSpec {
-                tensors: BTreeMap::from([(
-                    "input_x".to_string(),
-                    fixture(&format!("{model}/eval_x.npy")),
-                )]),
-                labels: Some(fixture(&format!("{model}/eval_y.npy"))),
-            },
-        ),
-    ])
 }
 
 /// Runs stage `kind` configured by `config` (TOML) on upstream artifacts.
@@ -138,19 +109,4 @@ pub fn run_qpipe_with(
 ) -> Vec<Tensor> {
     let x = qpipe::npy::read(input).unwrap();
     qpipe::kernels::run_with(g, &[("input_x", x)], &g.outputs, arith).unwrap()
-}
-
-/// Number of elements that differ and the largest difference, in units of `lsb`.
-pub fn lsb_diff(a: &Tensor, b: &Tensor, lsb: f32) -> (usize, f32) {
-    assert_eq!(a.shape(), b.shape());
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    let mut n = 0;
-    let mut worst = 0f32;
-    for (x, y) in a.iter().zip(&b) {
-        if x.to_bits() != y.to_bits() {
-            n += 1;
-            worst = worst.max((x - y).abs() / lsb);
-        }
-    }
-    (n, worst)
 }
