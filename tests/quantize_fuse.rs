@@ -5,8 +5,8 @@
 mod kern_util;
 
 use kern_util::*;
+use qpipe::ir::passes::fuse::fuse;
 use qpipe::ir::{Attr, DType, Graph};
-use qpipe::stages::quantize_int8::fuse::fuse;
 
 fn conv_chain(act: Option<&str>, squeeze: bool) -> Graph {
     let mut b = G::new();

@@ -185,27 +185,7 @@ fn passthrough(op: &str) -> bool {
 
 /// Ops that must not survive into an inference graph.
 fn forbidden(op: &str) -> Option<&'static str> {
-    Some(match op {
-        "RandomUniform" | "RandomUniformInt" | "RandomStandardNormal" | "TruncatedNormal"
-        | "Multinomial" | "RandomShuffle" | "RandomGamma" | "RandomPoisson" | "RandomPoissonV2" => {
-            "a random op is still on the path to the outputs (dropout that is not disabled, or noise)"
-        }
-        "Assert" | "Print" | "PrintV2" | "NoOp" | "CheckNumerics" => "a debugging op is still on the path",
-        "Placeholder" | "PlaceholderWithDefault" => "a placeholder that is not a declared input is needed",
-        "VariableV2" | "Variable" | "VarHandleOp" | "ReadVariableOp" | "ResourceGather"
-        | "VarIsInitializedOp" => "a variable is still in the graph; freeze the model first",
-        "SaveV2" | "RestoreV2" | "MergeV2Checkpoints" => "a checkpoint op is on the path",
-        "Switch" | "Merge" | "Enter" | "Exit" | "NextIteration" | "LoopCond" => {
-            "control flow that does not fold away is on the path"
-        }
-        _ if op.starts_with("FusedBatchNorm") => "a batch norm could not be folded",
-        _ if op.starts_with("Apply") || op.starts_with("ResourceApply") || op.starts_with("Assign") => {
-            "an optimizer or assignment op is on the path"
-        }
-        _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
-        _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
-        _ => return None,
-    })
+    crate::ir::op::training_only(op)
 }
 
 fn prune(g: &mut Graph) -> Result<()> {

@@ -360,7 +360,7 @@ impl Stage for Validate {
                 candidate.outputs.len()
             )));
         }
-        let (ref_fused, _) = super::quantize_int8::fuse::fuse(&reference, true)?;
+        let (ref_fused, _) = crate::ir::passes::fuse::fuse(&reference, true)?;
         let pairs = layer_pairs(&ref_fused, &candidate);
         let mut ref_fetch = ref_fused.outputs.clone();
         ref_fetch.extend(pairs.iter().map(|p| p.reference.clone()));

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use super::model::{Activation, ConvOptions, Model, Op, Operator, Padding, PoolOptions, TensorDef};
 use crate::error::{Error, Result};
 use crate::ir::shape_infer::{infer_shapes, TensorInfo};
-use crate::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+use crate::ir::{Attr, DType, FusedActivation, Graph, Node, QuantParams, Tensor, TensorRef};
 
 /// Description written into every model qpipe exports.
 pub const DESCRIPTION: &str = "qpipe";
@@ -872,11 +872,13 @@ impl<'g> Lowerer<'g> {
     /// `_FusedConv2D`, `_FusedDepthwiseConv2dNative`, `_FusedMatMul` (from
     /// `quantize_int8`): inputs (x, weights, bias), activation from `fused_ops`.
     fn lower_fused(&mut self, node: &Node) -> Result<()> {
-        use crate::kernels::rounding::FusedActivation;
         if node.inputs.len() != 3 {
             return Err(node_err(node, "needs three inputs"));
         }
-        let activation = match crate::kernels::int8::fused_activation(node)? {
+        let crate::ir::Op::Fused { activation, .. } = crate::ir::Op::parse(node)? else {
+            return Err(node_err(node, "is not a fused op"));
+        };
+        let activation = match activation {
             FusedActivation::None => Activation::None,
             FusedActivation::Relu => Activation::Relu,
             FusedActivation::Relu6 => Activation::Relu6,

@@ -6,12 +6,13 @@ use rayon::prelude::*;
 
 use super::{channel_scales, input_affine, output_affine, sat8, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
+use crate::ir::FusedActivation;
 use crate::kernels::elementwise::{self, UnaryOp};
 use crate::kernels::nn::{self, out_size, PoolKind, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     activation_range, multiply_by_quantized_multiplier, quantize_multiplier, requantize_fp32,
-    requantize_in_double, xnn_activation_range, xnn_conv_scale, FusedActivation,
+    requantize_in_double, xnn_activation_range, xnn_conv_scale,
 };
 use crate::kernels::value::Value;
 

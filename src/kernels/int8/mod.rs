@@ -42,10 +42,10 @@ mod hybrid;
 mod reduce;
 
 use super::ops::{Kernel, StepQuant};
-use super::rounding::{FusedActivation, Rounding};
+use super::rounding::Rounding;
 use super::value::Value;
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Node, QuantParams};
+use crate::ir::{DType, QuantParams};
 
 pub use conv::{fused_conv_float, fused_depthwise_float, fused_matmul_float};
 
@@ -158,31 +158,6 @@ fn channel_scales(quant: &StepQuant, i: usize, channels: usize) -> Result<Vec<f3
         return Err(Error::msg("weights have a non-positive scale"));
     }
     Ok(s)
-}
-
-/// The fused activation a fused node applies (`fused_ops` after `BiasAdd`).
-pub fn fused_activation(node: &Node) -> Result<FusedActivation> {
-    let ops = match node.attr("fused_ops") {
-        Some(Attr::Strs(v)) => v
-            .iter()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect::<Vec<_>>(),
-        Some(_) => return Err(Error::msg("attribute 'fused_ops' is not a list of strings")),
-        None => return Err(Error::msg("attribute 'fused_ops' is missing")),
-    };
-    match ops
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["BiasAdd"] => Ok(FusedActivation::None),
-        ["BiasAdd", "Relu"] => Ok(FusedActivation::Relu),
-        ["BiasAdd", "Relu6"] => Ok(FusedActivation::Relu6),
-        other => Err(Error::msg(format!(
-            "fused_ops {other:?} is not supported (BiasAdd, then optionally Relu or Relu6)"
-        ))),
-    }
 }
 
 /// Runs `kernel` in int8 when its data inputs are int8. `None` means the generic

@@ -129,7 +129,7 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             if ins.len() != 3 {
                 return Err("expects 3 inputs".into());
             }
-            crate::kernels::int8::fused_activation(n).map_err(|e| e.to_string())?;
+            crate::ir::Op::parse(n).map_err(|e| e.to_string())?;
             need_data(&[0])?;
             if cx.const_f32(&ins[0]).is_some() {
                 return Err("its input is a constant".into());
@@ -698,14 +698,6 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
         .float_nodes
         .retain(|(name, _, _)| out.nodes.iter().any(|n| &n.name == name));
     Ok((out, report))
-}
-
-/// Ops that compute nothing (their absence from int8 does not block an int8-only model).
-pub fn is_compute(op: &str) -> bool {
-    !matches!(
-        op,
-        "Const" | "Placeholder" | "Identity" | "Quantize" | "Dequantize"
-    )
 }
 
 /// The quantized tensors of a graph: name → parameters (for reports).

@@ -14,8 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
-use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+use crate::ir::{Attr, DType, Graph, IrError, Node, Tensor, TensorRef};
 
 /// What [`fuse`] did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -66,7 +65,7 @@ struct Chain {
 }
 
 /// Fuses every matching chain; see the module documentation.
-pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
+pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrError> {
     let index = graph.index()?;
     let consumers = graph.consumers();
     let outputs: HashSet<&str> = graph.outputs.iter().map(|r| r.node.as_str()).collect();
