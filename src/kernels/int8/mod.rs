@@ -212,7 +212,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         )?),
         Kernel::Pad | Kernel::PadV2 => one(elementwise::pad(inputs, quant)?),
         Kernel::Concat { .. } => {
-            same_params_everywhere(quant, "ConcatV2")?;
+            same_params_everywhere(quant, "concatenation")?;
             Ok(None)
         }
         Kernel::Forward
