@@ -240,9 +240,20 @@ impl Stage for QuantizeInt8 {
                 } else {
                     DYNAMIC_RANGE_MIN_ELEMENTS
                 };
-                let hybrid = c.strategy == Strategy::Default;
-                let (g, r) =
-                    weights::quantize_weights(&fused, min, c.per_channel_dense, &exclude, hybrid)?;
+                let mode = if c.strategy == Strategy::Default {
+                    weights::WeightMode::DynamicRange
+                } else {
+                    weights::WeightMode::WeightOnly
+                };
+                let (g, r) = weights::quantize_weights(
+                    &fused,
+                    &weights::WeightOptions {
+                        min_elements: min,
+                        per_channel_dense: c.per_channel_dense,
+                        exclude: &exclude,
+                        mode,
+                    },
+                )?;
                 metrics.insert(
                     "mode".into(),
                     if c.strategy == Strategy::OptimizeForSize {
