@@ -16,7 +16,36 @@ pub struct StepQuant {
     pub inputs: Vec<Option<QuantParams>>,
     pub outputs: Vec<Option<QuantParams>>,
     /// Whose int8 arithmetic the step reproduces.
-    pub arithmetic: super::int8::Arithmetic,
+    pub arithmetic: Arithmetic,
+}
+
+/// Whose int8 arithmetic the kernels reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Arithmetic {
+    /// LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`).
+    #[default]
+    Reference,
+    /// LiteRT's default resolver (`Interpreter()`): the XNNPACK delegate and the
+    /// optimized builtin kernels, as LiteRT 2.3.0 runs them on x86-64.
+    LiteRt,
+}
+
+impl Arithmetic {
+    /// The name used in recipes and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arithmetic::Reference => "litert-ref",
+            Arithmetic::LiteRt => "litert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Arithmetic> {
+        match s {
+            "litert-ref" => Some(Arithmetic::Reference),
+            "litert" => Some(Arithmetic::LiteRt),
+            _ => None,
+        }
+    }
 }
 
 /// Constants from this size on are candidates for [`Kernel::GatherTable`].
@@ -518,12 +547,10 @@ impl Kernel {
         Ok(k)
     }
 
-    /// Runs the kernel. `inputs` are owned so that element-wise kernels can reuse
-    /// a buffer nobody else holds.
-    pub fn exec(&self, mut inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
-        if let Some(out) = super::int8::exec(self, &inputs, quant)? {
-            return Ok(out);
-        }
+    /// Runs the generic (float, or dtype-agnostic) kernel; [`super::exec_kernel`]
+    /// tries the int8 one first. `inputs` are owned so that element-wise kernels can
+    /// reuse a buffer nobody else holds.
+    pub(crate) fn exec(&self, mut inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
         let one = |v: Value| Ok(vec![v]);
         let x = |i: usize| -> &Value { &inputs[i] };
         match self {
@@ -638,13 +665,13 @@ impl Kernel {
                 quant.inputs.first().and_then(|q| q.as_ref()),
             )?),
             Kernel::FusedConv2D { win, act } => {
-                one(super::int8::fused_conv_float(&inputs, win, *act)?)
+                one(super::fused::fused_conv_float(&inputs, win, *act)?)
             }
             Kernel::FusedDepthwise { win, act } => {
-                one(super::int8::fused_depthwise_float(&inputs, win, *act)?)
+                one(super::fused::fused_depthwise_float(&inputs, win, *act)?)
             }
             Kernel::FusedMatMul { ta, tb, act } => {
-                one(super::int8::fused_matmul_float(&inputs, *ta, *tb, *act)?)
+                one(super::fused::fused_matmul_float(&inputs, *ta, *tb, *act)?)
             }
             Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
         }

@@ -41,42 +41,11 @@ mod elementwise;
 mod hybrid;
 mod reduce;
 
-use super::ops::{Kernel, StepQuant};
+use super::ops::{Arithmetic, Kernel, StepQuant};
 use super::rounding::Rounding;
 use super::value::Value;
 use crate::error::{Error, Result};
 use crate::ir::{DType, QuantParams};
-
-pub use conv::{fused_conv_float, fused_depthwise_float, fused_matmul_float};
-
-/// Whose int8 arithmetic the kernels reproduce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Arithmetic {
-    /// LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`).
-    #[default]
-    Reference,
-    /// LiteRT's default resolver (`Interpreter()`): the XNNPACK delegate and the
-    /// optimized builtin kernels, as LiteRT 2.3.0 runs them on x86-64.
-    LiteRt,
-}
-
-impl Arithmetic {
-    /// The name used in recipes and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Arithmetic::Reference => "litert-ref",
-            Arithmetic::LiteRt => "litert",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Arithmetic> {
-        match s {
-            "litert-ref" => Some(Arithmetic::Reference),
-            "litert" => Some(Arithmetic::LiteRt),
-            _ => None,
-        }
-    }
-}
 
 /// How TFLite was built: `TFLITE_SINGLE_ROUNDING` is off in LiteRT's release
 /// builds, so `MultiplyByQuantizedMultiplier` rounds twice (gemmlowp).
