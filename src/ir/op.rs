@@ -410,7 +410,7 @@ pub fn training_only(op: &str) -> Option<&'static str> {
         "Switch" | "Merge" | "Enter" | "Exit" | "NextIteration" | "LoopCond" => {
             "control flow that does not fold away is on the path"
         }
-        _ if op.starts_with("FusedBatchNorm") => "a batch norm could not be folded",
+        _ if is_batch_norm_family(op) => "a batch norm could not be folded",
         _ if op.starts_with("Apply") || op.starts_with("ResourceApply") || op.starts_with("Assign") => {
             "an optimizer or assignment op is on the path"
         }
@@ -418,6 +418,28 @@ pub fn training_only(op: &str) -> Option<&'static str> {
         _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
         _ => return None,
     })
+}
+
+/// `FusedBatchNorm*`, gradients included.
+pub fn is_batch_norm_family(op: &str) -> bool {
+    op.starts_with("FusedBatchNorm")
+}
+
+/// Ops that pass input 0 (or, for `IdentityN`, input i) through unchanged.
+pub fn passthrough(op: &str) -> bool {
+    matches!(
+        op,
+        "Identity"
+            | "IdentityN"
+            | "StopGradient"
+            | "Snapshot"
+            | "PreventGradient"
+            | "CheckNumerics"
+            | "EnsureShape"
+            | "Print"
+            | "PlaceholderWithDefault"
+            | "DebugIdentity"
+    )
 }
 
 fn bad(node: &Node, msg: impl std::fmt::Display) -> IrError {

@@ -537,7 +537,7 @@ fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
             }
             continue;
         }
-        if !matches!(step.op.as_str(), "Dequantize" | "Cast") || !single_output {
+        if !matches!(step.kernel, Kernel::Dequantize | Kernel::Cast(_)) || !single_output {
             continue;
         }
         let Some(args) = step
