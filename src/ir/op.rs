@@ -420,6 +420,33 @@ pub fn training_only(op: &str) -> Option<&'static str> {
     })
 }
 
+/// Ops that must never be evaluated at strip time (random, stateful, or inputs).
+pub fn never_fold(op: &str) -> bool {
+    matches!(
+        op,
+        "Placeholder"
+            | "PlaceholderWithDefault"
+            | "RandomUniform"
+            | "RandomUniformInt"
+            | "RandomStandardNormal"
+            | "TruncatedNormal"
+            | "Multinomial"
+            | "RandomShuffle"
+            | "RandomGamma"
+            | "RandomPoisson"
+            | "RandomPoissonV2"
+            | "StatelessRandomUniform"
+            | "Assert"
+            | "Print"
+            | "PrintV2"
+    ) || op.starts_with("Variable")
+        || op.starts_with("Var")
+        || op.starts_with("Assign")
+        || op.starts_with("Read")
+        || op.starts_with("Resource")
+        || op.starts_with("Stateful")
+}
+
 /// `FusedBatchNorm*`, gradients included.
 pub fn is_batch_norm_family(op: &str) -> bool {
     op.starts_with("FusedBatchNorm")
