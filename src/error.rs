@@ -41,11 +41,13 @@ impl Error {
 
     /// An error about a file's contents: `path: message`.
     pub fn file(path: &Path, message: impl fmt::Display) -> Self {
-        Error::msg(format!("{}: {message}", path.display()))
+        let path = crate::pipeline::fsutil::shorten(&path.display().to_string());
+        Error::msg(format!("{path}: {message}"))
     }
 
     pub fn io(path: &Path, err: std::io::Error) -> Self {
-        Error::msg(format!("{}: {err}", path.display()))
+        let path = crate::pipeline::fsutil::shorten(&path.display().to_string());
+        Error::msg(format!("{path}: {err}"))
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -62,8 +64,17 @@ impl Error {
         &self.message
     }
 
+    /// Wraps the error with where it happened. A context the error already starts
+    /// with (a node or stage the message names first) is not repeated.
     pub fn context(mut self, ctx: impl Into<String>) -> Self {
-        self.context.push(ctx.into());
+        let ctx = ctx.into();
+        let head = self.context.last().unwrap_or(&self.message);
+        let named = head
+            .strip_prefix(ctx.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "));
+        if !named {
+            self.context.push(ctx);
+        }
         self
     }
 

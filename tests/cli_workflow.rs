@@ -300,6 +300,17 @@ fn compare_reads_the_last_run_and_writes_table_markdown_json_and_html() {
             }
         }
     }
+    for v in variants.iter().filter(|v| v["validated_by"].is_string()) {
+        // Every output's metrics, by name.
+        let m = metrics(v["validated_by"].as_str().unwrap());
+        let outs = v["outputs"].as_array().unwrap();
+        assert_eq!(outs.len(), 1, "{v}");
+        assert_eq!(outs[0]["name"], "score_student/output_student");
+        assert_eq!(
+            outs[0]["max_abs_error"],
+            m["outputs"]["score_student/output_student"]["max_abs_error"]
+        );
+    }
     let by_name = |n: &str| variants.iter().find(|v| v["name"] == n).unwrap();
     assert_eq!(
         by_name("float32")["accuracy"],
@@ -400,4 +411,191 @@ fn chromium_dom(page: &Path) -> String {
         .expect("chromium runs");
     assert!(out.status.success(), "chromium: {out:?}");
     String::from_utf8(out.stdout).expect("UTF-8 DOM")
+}
+
+/// A recipe of its own in a workspace.
+fn write_recipe(ws: &Path, name: &str, text: &str) -> String {
+    std::fs::write(ws.join("recipes").join(name), text).unwrap();
+    format!("recipes/{name}")
+}
+
+#[test]
+fn validate_and_compare_show_every_output_of_a_two_headed_model() {
+    let ws = workspace("two_heads");
+    let recipe = write_recipe(
+        &ws,
+        "two_heads.toml",
+        r#"[pipeline]
+name = "two_heads"
+[model]
+checkpoint = "../fixtures/push_student/best_validation"
+inputs = ["input_x"]
+outputs = ["score_student/output_student", "score_teacher/output_teacher"]
+[datasets.calib]
+input_x = "../fixtures/push_student/calib_x.npy"
+[datasets.eval]
+input_x = "../fixtures/push_student/eval_x.npy"
+labels = "../fixtures/push_student/eval_y.npy"
+[stages.freeze]
+kind = "freeze"
+[stages.strip]
+kind = "strip_training"
+input = "freeze"
+[stages.int8]
+kind = "quantize_int8"
+input = "strip"
+calibration = "calib"
+[stages.check]
+kind = "validate"
+reference = "strip"
+candidate = "int8"
+dataset = "eval"
+labels_output = "score_teacher/output_teacher"
+max_abs_error = 0.5
+[stages.tflite_int8]
+kind = "export_tflite"
+input = "int8"
+path = "two_heads_int8.tflite"
+"#,
+    );
+    let report = json(&qpipe(&["run", &recipe, "--json"], &ws));
+    let check = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "check")
+        .unwrap()
+        .clone();
+    let m = &check["metrics"];
+    // The labels pair with the teacher: TensorFlow measured 0.772 on it.
+    assert_eq!(m["labels_output"], "score_teacher/output_teacher", "{m}");
+    assert!(
+        (m["reference_accuracy"].as_f64().unwrap() - 0.772).abs() < 1e-9,
+        "{m}"
+    );
+    for head in [
+        "score_student/output_student",
+        "score_teacher/output_teacher",
+    ] {
+        let o = &m["outputs"][head];
+        assert_eq!(o["kind"], "class scores", "{m}");
+        assert!(o["max_abs_error"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(o["agreement"].as_f64().unwrap() > 0.9, "{m}");
+    }
+    let table = stdout(&qpipe(&["compare", &recipe, "--latency-samples", "0"], &ws));
+    for head in [
+        "score_student/output_student",
+        "score_teacher/output_teacher",
+    ] {
+        assert!(
+            table.contains(&format!(
+                "int8 DEFAULT output '{head}' (class scores): agreement "
+            )),
+            "{table}"
+        );
+    }
+    let doc = json(&qpipe(
+        &[
+            "compare",
+            &recipe,
+            "--format",
+            "json",
+            "--latency-samples",
+            "0",
+        ],
+        &ws,
+    ));
+    let int8 = doc["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["stage"] == "int8")
+        .unwrap();
+    assert_eq!(int8["outputs"].as_array().unwrap().len(), 2, "{int8}");
+    // A max_abs_error gate that the teacher head misses fails the run and names it.
+    let strict = std::fs::read_to_string(ws.join(&recipe))
+        .unwrap()
+        .replace("max_abs_error = 0.5", "max_abs_error = 1e-6");
+    let strict = write_recipe(&ws, "two_heads_strict.toml", &strict);
+    let out = qpipe(&["run", &strict], &ws);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_abs_error") && err.contains("output 'score_"),
+        "{err}"
+    );
+}
+
+#[test]
+fn eval_feeds_float_data_to_an_int8_input_model_and_names_the_runtimes() {
+    let ws = workspace("eval_int8_input");
+    let recipe = std::fs::read_to_string(ws.join("recipes/conv_bn.toml")).unwrap()
+        + r#"
+[stages.latency]
+kind = "quantize_int8"
+input = "strip"
+strategy = "OPTIMIZE_FOR_LATENCY"
+calibration = "calib"
+
+[stages.check_latency]
+kind = "validate"
+reference = "strip"
+candidate = "latency"
+dataset = "eval"
+"#;
+    let recipe = write_recipe(&ws, "conv_bn_latency.toml", &recipe);
+    let report = json(&qpipe(&["run", &recipe, "--json"], &ws));
+    let validated = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "check_latency")
+        .unwrap()["metrics"]["candidate_accuracy"]
+        .as_f64()
+        .unwrap();
+    let eval = json(&qpipe(
+        &[
+            "eval",
+            &recipe,
+            "--stage",
+            "latency",
+            "--dataset",
+            "eval",
+            "--json",
+        ],
+        &ws,
+    ));
+    // Fed as validate feeds it: the float data quantized with the input's parameters.
+    assert_eq!(eval["accuracy"].as_f64(), Some(validated), "{eval}");
+    let out = qpipe(
+        &[
+            "eval",
+            &recipe,
+            "--stage",
+            "latency",
+            "--dataset",
+            "eval",
+            "--runtime",
+            "litert",
+        ],
+        &ws,
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("renamed") && err.contains("xnnpack"), "{err}");
+    let xnn = json(&qpipe(
+        &[
+            "eval",
+            &recipe,
+            "--stage",
+            "latency",
+            "--dataset",
+            "eval",
+            "--runtime",
+            "xnnpack",
+            "--json",
+        ],
+        &ws,
+    ));
+    assert_eq!(xnn["samples"], 1000, "{xnn}");
 }

@@ -123,9 +123,11 @@ fn build(work: &Path, model: &str, output: &str, source: &str) -> Vec<String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The model files only: out_dir also holds qpipe's own bookkeeping (its manifest).
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("out"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tflite" || x == "pb"))
         .collect();
     files.sort();
     assert_eq!(files.len(), 8, "{model} from {source}: {files:?}");

@@ -183,3 +183,114 @@ fn bad_paths_are_named() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A Keras `compile`/`fit` graph, reduced: the loss reads the softmax itself (so the
+/// head is on the training path), accuracy metrics read it with the labels, and the
+/// Adam optimizer under `training/` computes step terms that nothing reads.
+fn keras_fit_graph() -> qpipe::ir::Graph {
+    use qpipe::ir::{Graph, Node, TensorRef};
+    let mut g = Graph::default();
+    let mut add = |name: &str, op: &str, inputs: &[&str]| {
+        let mut n = Node::new(name, op);
+        n.inputs = inputs
+            .iter()
+            .map(|i| TensorRef::parse(i).unwrap())
+            .collect();
+        g.nodes.push(n);
+    };
+    add("input_1", "Placeholder", &[]);
+    add("dense/kernel", "VarHandleOp", &[]);
+    add(
+        "dense/MatMul/ReadVariableOp",
+        "ReadVariableOp",
+        &["dense/kernel"],
+    );
+    add(
+        "dense/MatMul",
+        "MatMul",
+        &["input_1", "dense/MatMul/ReadVariableOp"],
+    );
+    add("dense/Softmax", "Softmax", &["dense/MatMul"]);
+    add("dense_target", "Placeholder", &[]);
+    add("loss/dense_loss/Log", "Log", &["dense/Softmax"]);
+    add(
+        "loss/dense_loss/mul",
+        "Mul",
+        &["dense_target", "loss/dense_loss/Log"],
+    );
+    add("loss/dense_loss/Sum", "Sum", &["loss/dense_loss/mul"]);
+    add("metrics/acc/ArgMax", "ArgMax", &["dense/Softmax"]);
+    add("metrics/acc/ArgMax_1", "ArgMax", &["dense_target"]);
+    add(
+        "metrics/acc/Equal",
+        "Equal",
+        &["metrics/acc/ArgMax", "metrics/acc/ArgMax_1"],
+    );
+    add(
+        "training/Adam/gradients/loss/dense_loss/Sum_grad/Tile",
+        "Tile",
+        &["loss/dense_loss/Sum"],
+    );
+    add(
+        "training/Adam/gradients/dense/MatMul_grad/MatMul_1",
+        "MatMul",
+        &[
+            "input_1",
+            "training/Adam/gradients/loss/dense_loss/Sum_grad/Tile",
+        ],
+    );
+    add("training/Adam/iter", "VarHandleOp", &[]);
+    add(
+        "training/Adam/ReadVariableOp",
+        "ReadVariableOp",
+        &["training/Adam/iter"],
+    );
+    add(
+        "training/Adam/add",
+        "AddV2",
+        &["training/Adam/ReadVariableOp"],
+    );
+    add("training/Adam/Cast", "Cast", &["training/Adam/add"]);
+    add("training/Adam/beta_1", "VarHandleOp", &[]);
+    add(
+        "training/Adam/Identity_1/ReadVariableOp",
+        "ReadVariableOp",
+        &["training/Adam/beta_1"],
+    );
+    add(
+        "training/Adam/Identity_1",
+        "Identity",
+        &["training/Adam/Identity_1/ReadVariableOp"],
+    );
+    add(
+        "training/Adam/Pow",
+        "Pow",
+        &["training/Adam/Identity_1", "training/Adam/Cast"],
+    );
+    add("training/Adam/sub_2", "Sub", &["training/Adam/Identity_1"]);
+    add("training/Adam/sub_3", "Sub", &["training/Adam/Pow"]);
+    add(
+        "training/Adam/Adam/update_dense/kernel/ResourceApplyAdam",
+        "ResourceApplyAdam",
+        &[
+            "dense/kernel",
+            "training/Adam/Pow",
+            "training/Adam/Identity_1",
+            "training/Adam/gradients/dense/MatMul_grad/MatMul_1",
+        ],
+    );
+    add("save/SaveV2", "SaveV2", &["dense/kernel"]);
+    g
+}
+
+#[test]
+fn a_keras_fit_graph_lists_its_softmax_not_the_optimizer() {
+    let g = keras_fit_graph();
+    let s = qpipe::formats::tf::inspect::summarize_graph(
+        Path::new("model.meta"),
+        GraphFormat::MetaGraphDef,
+        &g,
+    );
+    let outs: Vec<&str> = s.likely_outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(outs, ["dense/Softmax"]);
+}

@@ -313,7 +313,8 @@ fn deleted_or_edited_outputs_are_restored_from_the_cache() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 4, "three outputs and the manifest: {names:?}");
+    assert!(names.contains(&".qpipe-manifest-test_pipeline.json".to_string()));
 }
 
 #[test]
@@ -417,7 +418,7 @@ fn a_failed_stage_stops_only_what_depends_on_it() {
     assert_eq!(ids(&r, StageStatus::Ran), sorted(&ALL));
     assert_eq!(
         r.stage("bad").unwrap().error.as_deref(),
-        Some("t_map failed on purpose")
+        Some("stage 'bad': t_map failed on purpose")
     );
     assert_eq!(
         r.stage("bad_out").unwrap().error.as_deref(),

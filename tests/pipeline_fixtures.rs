@@ -450,3 +450,63 @@ fn push_student_concurrent_runs_and_killed_runs() {
         );
     }
 }
+
+/// Every failed stage's error starts with `stage 'ID': ` exactly once, whether the stage
+/// put it there itself or not; the terminal's FAILED line names the stage once too.
+#[test]
+fn stage_errors_carry_their_stage_id_exactly_once() {
+    let recipe = r#"[pipeline]
+name = "conv_bn"
+
+[model]
+checkpoint = "model/best_validation"
+inputs = ["input_x"]
+outputs = ["output/probs"]
+
+[datasets.calib]
+input_x = "model/eval_y.npy"
+
+[stages.freeze]
+kind = "freeze"
+
+[stages.strip]
+kind = "strip_training"
+input = "freeze"
+bind = { nope = 1.0 }
+
+[stages.int8]
+kind = "quantize_int8"
+input = "freeze"
+matrix = { strategy = ["DEFAULT", "OPTIMIZE_FOR_LATENCY"] }
+calibration = "calib"
+"#;
+    let f = Fixture::new("stage-error-prefix", "conv_bn", recipe);
+    let (code, v, err) = f.run();
+    assert_eq!(code, 1, "{err}");
+    for id in ["strip", "int8@DEFAULT", "int8@OPTIMIZE_FOR_LATENCY"] {
+        let s = v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap();
+        assert_eq!(s["status"], "failed", "{s}");
+        let e = s["error"].as_str().unwrap();
+        let prefix = format!("stage '{id}': ");
+        assert!(e.starts_with(&prefix), "{e}");
+        assert_eq!(e.matches(&format!("stage '{id}'")).count(), 1, "{e}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("FAILED    {id}: ")))
+            .unwrap_or_else(|| panic!("no FAILED line for {id}: {err}"));
+        assert!(!line.contains(&prefix), "{line}");
+    }
+    // The summary table's row names the stage once as well.
+    let out = f.qpipe(&["run", "recipe.toml"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("int8@DEFAULT "))
+        .unwrap();
+    assert_eq!(row.matches("int8@DEFAULT").count(), 1, "{row}");
+}

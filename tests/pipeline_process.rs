@@ -54,7 +54,10 @@ fn run_json_reports_every_stage_and_exit_codes_follow_failures() {
     assert_eq!(by_id("freeze")["key"].as_str().unwrap().len(), 64);
     assert_eq!(by_id("freeze")["metrics"]["bytes"], 2400);
     assert_eq!(by_id("check@DEFAULT")["status"], "failed");
-    assert_eq!(by_id("check@DEFAULT")["error"], "gate: 1 extra nodes > 0");
+    assert_eq!(
+        by_id("check@DEFAULT")["error"],
+        "stage 'check@DEFAULT': gate: 1 extra nodes > 0"
+    );
     assert!(by_id("int8@DEFAULT").get("error").is_none());
 
     p.edit_recipe("max_extra_nodes = 0", "max_extra_nodes = 1");

@@ -216,16 +216,21 @@ fn hybrid_kernels_match_both_litert_resolvers() {
                     // XNNPACK's qd8 kernels, reproduced with x86-64's FMA. A 1x1 filter
                     // on a single input channel is computed some other way by the
                     // default resolver (measured, not reproduced: it is printed below).
+                    // The default resolver picks kernels by CPU, so this is a tolerance,
+                    // not bit equality: measured 0 difference on all 12 seeds with
+                    // AVX-512 (native) and AVX2 (QEMU -cpu Haswell, EPYC-Rome); 1e-5
+                    // relative (~80 float32 ulps) leaves room for another accumulation
+                    // order of the dequantizing multiply-adds, whose error is a few ulps
+                    // of the accumulator per term.
                     let single_tap = one_by_one.contains(&r.node);
                     if (resolver, arith) == (Resolver::Default, Arithmetic::LiteRt)
                         && cfg!(target_arch = "x86_64")
                         && !single_tap
                     {
-                        assert_eq!(
-                            n,
-                            0,
+                        assert!(
+                            worst <= 1e-5,
                             "seed {seed}: '{r}' differs from the default resolver in {n} of {} \
-                             elements",
+                             elements, by up to {worst:e} relative",
                             x.len()
                         );
                     }

@@ -3,7 +3,8 @@
 //! inputs) are exported with qpipe's TFLite writer, run in LiteRT 2.3.0 with
 //! `BUILTIN_REF`, and compared bit for bit with qpipe's interpreter. The default
 //! resolver (XNNPACK and the optimized kernels) is compared with qpipe's
-//! `Arithmetic::LiteRt` profile: bit for bit on x86-64, within one LSB anywhere.
+//! `Arithmetic::LiteRt` profile: within one LSB anywhere (measured bit for bit
+//! with AVX-512 and AVX2 on x86-64; the default resolver picks kernels by CPU).
 
 mod kern_util;
 mod tfl_util;
@@ -364,15 +365,11 @@ fn int8_kernels_match_both_litert_resolvers_bit_for_bit() {
                         if n > 0 {
                             default_diffs.push(format!("{r}: {n}/{} (max {worst})", x.len()));
                         }
+                        // The default resolver picks kernels by CPU: a tolerance, not bit
+                        // equality. Measured 0 differences on all 12 seeds with AVX-512
+                        // (native) and AVX2 (QEMU -cpu Haswell, EPYC-Rome); one LSB is what
+                        // a fixed-point requantization (ARM's kernels) can move.
                         assert!(worst <= 1, "seed {seed}: '{r}' is {worst} LSB off the default kernels");
-                        if cfg!(target_arch = "x86_64") {
-                            assert_eq!(
-                                n, 0,
-                                "seed {seed}: '{r}' differs from the default resolver in {n} of {} \
-                                 elements (max {worst})",
-                                x.len()
-                            );
-                        }
                     }
                 }
             }

@@ -2,11 +2,12 @@
 //!
 //! qpipe's int8 interpreter has two arithmetic profiles. With the reference one
 //! (`Arithmetic::Reference`) its outputs equal LiteRT's reference kernels
-//! (`BUILTIN_REF`) bit for bit. The default resolver (the XNNPACK delegate and the
-//! optimized builtins) rounds differently (single rounding to even in f32, integer
-//! ADD, fp32 MEAN, ...); the `Arithmetic::LiteRt` profile reproduces it: bit for
-//! bit on x86-64, and within the issue's bound (at most 1 LSB on at most 1% of the
-//! output elements) anywhere. Every other pairing is measured and printed.
+//! (`BUILTIN_REF`) bit for bit, on every CPU. The default resolver (the XNNPACK
+//! delegate and the optimized builtins) rounds differently (single rounding to
+//! even in f32, integer ADD, fp32 MEAN, ...) and picks its kernels by CPU; the
+//! `Arithmetic::LiteRt` profile (`runtime = "xnnpack"`) reproduces it within at
+//! most 1 LSB on at most 1% of the output elements (measured: bit for bit with
+//! AVX-512 and AVX2 on x86-64). Every other pairing is measured and printed.
 
 mod q8_util;
 mod tfl_util;
@@ -49,14 +50,10 @@ fn check_model(model: &str, config: &str, tag: &str) {
                 }
                 (Resolver::Default, Arithmetic::LiteRt) => {
                     // XNNPACK's x86 microkernels are the ones the profile follows
-                    // (ARM ones requantize in fixed point): bit for bit there, the
-                    // issue's bound anywhere.
-                    if cfg!(target_arch = "x86_64") {
-                        assert_eq!(
-                            n, 0,
-                            "{model} {tag}: not bit-exact with the default resolver"
-                        );
-                    }
+                    // (ARM ones requantize in fixed point). The default resolver picks
+                    // kernels by CPU, so this is a bound, not bit equality: measured 0
+                    // differing outputs on every fixture with AVX-512 (native) and AVX2
+                    // (QEMU -cpu Haswell, EPYC-Rome).
                     assert!(
                         worst <= 1.0 && n * 100 <= total,
                         "{model} {tag}: {n}/{total} outputs differ from the default resolver, \

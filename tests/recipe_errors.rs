@@ -556,3 +556,78 @@ fn bad_command_lines_exit_with_2() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+/// NaN and ±inf mean nothing in any stage setting; they were also hashed like an absent
+/// value, so `max_accuracy_drop = -inf` added after a passing run was served from the cache.
+#[test]
+fn non_finite_floats_in_stage_tables() {
+    for (name, stage, key, bad) in [
+        (
+            "drop-neg-inf",
+            "kind = \"validate\"\nreference = \"freeze\"\ncandidate = \"freeze\"\ndataset = \"calib\"\nmax_accuracy_drop = -inf",
+            "stages.extra.max_accuracy_drop",
+            "-inf",
+        ),
+        (
+            "drop-nan",
+            "kind = \"validate\"\nreference = \"freeze\"\ncandidate = \"freeze\"\ndataset = \"calib\"\nmax_accuracy_drop = nan",
+            "stages.extra.max_accuracy_drop",
+            "nan",
+        ),
+        (
+            "agreement-inf",
+            "kind = \"validate\"\nreference = \"freeze\"\ncandidate = \"freeze\"\ndataset = \"calib\"\nmin_agreement = inf",
+            "stages.extra.min_agreement",
+            "inf",
+        ),
+        (
+            "bind-nan",
+            "kind = \"strip_training\"\ninput = \"freeze\"\nbind = { keep_prob = nan }",
+            "stages.extra.bind.keep_prob",
+            "nan",
+        ),
+        (
+            "matrix-inf",
+            "kind = \"strip_training\"\ninput = \"freeze\"\nmatrix = { x = [1.0, +inf] }",
+            "stages.extra.matrix.x",
+            "+inf",
+        ),
+    ] {
+        let text = format!("{GOOD}\n[stages.extra]\n{stage}\n");
+        let c = case(&format!("non-finite-{name}"), &text);
+        expect_error(
+            &c,
+            pos(&c.text, "[stages.extra]", bad),
+            key,
+            &format!("{bad} is not a finite number"),
+        );
+    }
+}
+
+#[test]
+fn pipeline_names_are_validated_like_stage_ids() {
+    let c = edited(
+        "pipeline-name-html",
+        "name = \"errs\"",
+        "name = \"<img src=x onerror=alert(3)>\"",
+    );
+    expect_error(
+        &c,
+        pos(&c.text, "name = ", "\"<img"),
+        "pipeline.name",
+        "pipeline names use letters, digits, '_', '-' and '.'",
+    );
+    // A name taken from the recipe's file name must be valid too.
+    let text = GOOD.replacen("[pipeline]\nname = \"errs\"\n", "", 1);
+    let c = case("pipeline-name-from-file", &text);
+    let bad = c.dir.join("my recipe.toml");
+    std::fs::write(&bad, &text).unwrap();
+    let out = qpipe(&["run", "my recipe.toml"], &c.dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("pipeline.name: the pipeline is named after the recipe file, but 'my recipe' is not a valid name"),
+        "{stderr}"
+    );
+    assert!(!c.dir.join(".qpipe").exists());
+}

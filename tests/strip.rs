@@ -818,3 +818,148 @@ fn binds_plain_placeholders_to_constants() {
     let stage = (factory.build)(&table).unwrap();
     assert_eq!(stage.config()["bind"]["keep_prob"], 1.0);
 }
+
+/// x → Conv2DBackpropInput named as conv2d_transpose names it, or as a gradient.
+fn transposed_conv(name: &str) -> Graph {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 4, 4, 2]));
+    b.konst("up/output_shape", i32t(&[4], &[1, 8, 8, 3]));
+    b.konst("up/kernel", f32t(&[3, 3, 3, 2], &Rng::new(3).vec(54)));
+    b.op(
+        name,
+        "Conv2DBackpropInput",
+        &["up/output_shape", "up/kernel", "x"],
+        &[("strides", ints(&[1, 2, 2, 1])), ("padding", s("SAME"))],
+    );
+    b.output(name);
+    b.g
+}
+
+#[test]
+fn a_transposed_convolution_is_not_called_a_gradient() {
+    let e = strip_default(&transposed_conv("up/conv2d_transpose"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "cannot strip node 'up/conv2d_transpose' (Conv2DBackpropInput): transposed convolution \
+         (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
+    );
+    // The same op under `gradients/` is a gradient.
+    let e = strip_default(&transposed_conv(
+        "gradients/conv/Conv2D_grad/Conv2DBackpropInput",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.ends_with("a gradient op is on the path"), "{e}");
+}
+
+/// `tf.nn.dynamic_rnn`'s TF1 while loop, reduced: x enters the frame, goes round
+/// Merge → Switch → Tanh → NextIteration while LoopCond holds, and leaves by Exit.
+fn tf1_while_loop() -> Graph {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3]));
+    let frame = [("frame_name", s("rnn/while/while_context"))];
+    b.op("rnn/while/Enter", "Enter", &["x"], &frame);
+    b.konst("rnn/limit", f32t(&[], &[10.0]));
+    b.op("rnn/while/Less/Enter", "Enter", &["rnn/limit"], &frame);
+    b.op(
+        "rnn/while/Merge",
+        "Merge",
+        &["rnn/while/Enter", "rnn/while/NextIteration"],
+        &[],
+    );
+    b.op(
+        "rnn/while/Sum",
+        "Sum",
+        &["rnn/while/Merge", "rnn/limit"],
+        &[],
+    );
+    b.op(
+        "rnn/while/Less",
+        "Less",
+        &["rnn/while/Sum", "rnn/while/Less/Enter"],
+        &[],
+    );
+    b.op("rnn/while/LoopCond", "LoopCond", &["rnn/while/Less"], &[]);
+    b.op(
+        "rnn/while/Switch",
+        "Switch",
+        &["rnn/while/Merge", "rnn/while/LoopCond"],
+        &[],
+    );
+    b.op("rnn/while/Tanh", "Tanh", &["rnn/while/Switch:1"], &[]);
+    b.op(
+        "rnn/while/NextIteration",
+        "NextIteration",
+        &["rnn/while/Tanh"],
+        &[],
+    );
+    b.op("rnn/while/Exit", "Exit", &["rnn/while/Switch"], &[]);
+    b.op("out", "Softmax", &["rnn/while/Exit"], &[]);
+    b.output("out");
+    b.g
+}
+
+fn assert_while_loop_message(e: &str) {
+    assert!(
+        e.contains("is part of the TF1 while loop 'rnn/while/while_context'")
+            && e.contains("'rnn/while/Merge' (Merge)")
+            && e.contains("unroll=True")
+            && e.contains("static_rnn")
+            && !e.contains("cycle"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tf1_while_loop_is_named_as_one_not_as_a_cycle() {
+    let g = tf1_while_loop();
+    assert_while_loop_message(&strip_default(&g).unwrap_err().to_string());
+    let x = f32t(&[1, 3], &[0.1, 0.2, 0.3]);
+    let e = qpipe::kernels::run(&g, &[("x", x)], &[r("out")]).unwrap_err();
+    assert_while_loop_message(&e.to_string());
+    let e = qpipe::ir::shape_infer::infer_shapes(&g).unwrap_err();
+    assert_while_loop_message(&e.to_string());
+    // An ordinary cycle is still called one.
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3]));
+    b.op("a", "Add", &["x", "b"], &[]);
+    b.op("b", "Relu", &["a"], &[]);
+    b.output("b");
+    let e = strip_default(&b.g).unwrap_err().to_string();
+    assert!(
+        e.contains("the graph has a cycle through node 'a' (Add)"),
+        "{e}"
+    );
+}
+
+/// A node whose attributes are bad is named once, by whichever pass meets it first.
+#[test]
+fn a_bad_node_is_named_once() {
+    let conv = |b: &mut G, x: &str| {
+        b.konst("w", f32t(&[1, 1, 1, 1], &[2.0]));
+        b.op("conv", "Conv2D", &[x, "w"], &[("padding", s("SAME"))]);
+        b.output("conv");
+    };
+    // Constant folding meets a Cast with no target type.
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 2]));
+    b.op("cast", "Cast", &["x"], &[("SrcT", Attr::Type(DType::F32))]);
+    b.output("cast");
+    let e = strip_default(&b.g).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "constant folding: node 'cast' (Cast): attribute 'DstT' is missing"
+    );
+    // A fed input: the interpreter's plan meets it.
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 2, 2, 1]));
+    conv(&mut b, "x");
+    let x = f32t(&[1, 2, 2, 1], &[1.0; 4]);
+    let e = qpipe::kernels::run(&b.g, &[("x", x)], &[r("conv")]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "node 'conv' (Conv2D): attribute 'strides' is missing"
+    );
+}

@@ -235,6 +235,9 @@ fn fully_quantized_graph_loads_and_runs_in_litert() {
     )
     .unwrap()
     .remove(0);
+    // Against the float model, so the bounds hold for any resolver and CPU: the default
+    // resolver was measured bit-identical to BUILTIN_REF here (AVX-512 native, AVX2
+    // under QEMU -cpu Haswell and EPYC-Rome).
     for resolver in Resolver::ALL {
         let got = run_litert(
             &path,
@@ -305,6 +308,8 @@ fn weight_only_int8_graph_dequantizes_at_run_time() {
     std::fs::write(&path, &bytes).unwrap();
     let xf = dir.join("x.npy");
     qpipe::npy::write(&xf, &x).unwrap();
+    // The default resolver's float kernels: measured 2.4e-7 from BUILTIN_REF, the same
+    // with AVX-512 and AVX2 (QEMU); 1e-5 covers both.
     for resolver in Resolver::ALL {
         let got = run_litert(
             &path,

@@ -292,6 +292,35 @@ fn ops_without_a_tflite_equivalent_are_named() {
     assert!(err.contains("'y'") && err.contains("constant"), "{err}");
 }
 
+/// Ops the interpreter runs: a rule where one is easy (the export then names the op as
+/// having no TFLite equivalent), else an error that says export cannot handle the op.
+#[test]
+fn interpreter_ops_without_an_export_say_so() {
+    for (op, extra) in [("Softplus", None), ("Sin", None), ("Mod", Some("x"))] {
+        let mut b = G::new();
+        b.placeholder("x", DType::F32, Some(&[-1, 4]));
+        let inputs: Vec<&str> = std::iter::once("x").chain(extra).collect();
+        b.op("n", op, &inputs, &[]);
+        b.output("n");
+        let err = tflite::export(&b.g).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("node 'n' ({op}): has no TFLite equivalent that qpipe can export"),
+            "{op}"
+        );
+    }
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 4]));
+    b.konst("reps", kern_util::i32t(&[2], &[2, 1]));
+    b.op("tiled", "Tile", &["x", "reps"], &[]);
+    b.output("tiled");
+    let err = tflite::export(&b.g).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "node 'tiled' (Tile): this op cannot be exported to .tflite (qpipe has no shape rule for it)"
+    );
+}
+
 #[test]
 fn a_100k_node_chain_exports_and_reads_back() {
     let mut b = G::new();

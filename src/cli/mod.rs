@@ -97,9 +97,9 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Int8 arithmetic: `litert` (LiteRT's default interpreter, XNNPACK) or
-    /// `litert-ref` (its reference kernels).
-    #[arg(long, default_value = "litert", value_parser = ["litert", "litert-ref"])]
+    /// Int8 and hybrid arithmetic: `litert-ref` (LiteRT's reference kernels, the same
+    /// on every CPU) or `xnnpack` (LiteRT's default interpreter on x86-64; CPU-dependent).
+    #[arg(long, default_value = "litert-ref")]
     pub runtime: String,
 }
 
@@ -211,6 +211,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<i32> {
 }
 
 fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
+    let arithmetic = crate::stages::validate::Runtime::parse(&a.runtime)
+        .map_err(|e| Error::usage(format!("--runtime: {e}")))?
+        .arithmetic();
     let recipe = Recipe::load_with(&a.recipe, registry)?;
     let recipe_name = a.recipe.display();
     let idx = recipe
@@ -238,8 +241,10 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         .nth(idx)
         .flatten()
         .ok_or_else(|| {
+            let hint = pipeline::lastrun::why_not_built(&recipe)
+                .unwrap_or_else(|| format!("run `qpipe run {recipe_name}` first"));
             Error::msg(format!(
-                "stage '{}' is not built (or is stale); run `qpipe run {recipe_name}` first",
+                "stage '{}' is not built (or is stale); {hint}",
                 a.stage
             ))
         })?;
@@ -248,12 +253,6 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         Error::usage(format!(
             "stage '{}' produces a report, not a model",
             a.stage
-        ))
-    })?;
-    let arithmetic = crate::kernels::Arithmetic::parse(&a.runtime).ok_or_else(|| {
-        Error::usage(format!(
-            "--runtime {}: expected litert or litert-ref",
-            a.runtime
         ))
     })?;
     let opts = crate::kernels::EvalOptions {
@@ -534,7 +533,13 @@ impl Observer for Terminal {
             Event::Ran { id, seconds } if self.tty || self.verbose => {
                 self.line(&format!("done      {id} ({seconds:.2}s)"))
             }
-            Event::Failed { id, error } => self.line(&format!("FAILED    {id}: {error}")),
+            Event::Failed { id, error } => {
+                // The error starts with `stage 'ID': `; the line names the stage once.
+                let error = error
+                    .strip_prefix(&format!("stage '{id}': "))
+                    .unwrap_or(error);
+                self.line(&format!("FAILED    {id}: {error}"))
+            }
             Event::Skipped { id, reason } if self.tty || self.verbose => {
                 self.line(&format!("skipped   {id}: {reason}"))
             }

@@ -273,15 +273,54 @@ impl Graph {
             }
         }
         if order.len() != self.nodes.len() {
-            let stuck = (0..self.nodes.len())
-                .find(|&i| indegree[i] > 0)
-                .unwrap_or(0);
-            return Err(IrError::new(format!(
-                "the graph has a cycle through node '{}' ({})",
-                self.nodes[stuck].name, self.nodes[stuck].op
-            )));
+            let stuck: Vec<usize> = (0..self.nodes.len()).filter(|&i| indegree[i] > 0).collect();
+            return Err(IrError::new(self.cycle_message(&stuck)));
         }
         Ok(order)
+    }
+
+    /// Why the nodes `stuck` (those left over by a topological sort) cannot be
+    /// ordered: a TF1 while loop when loop control flow is among them (the only
+    /// cycles TF allows), else a cycle through the first of them.
+    pub fn cycle_message(&self, stuck: &[usize]) -> String {
+        const LOOP_OPS: &[&str] = &[
+            "Merge",
+            "RefMerge",
+            "NextIteration",
+            "RefNextIteration",
+            "Switch",
+            "RefSwitch",
+            "LoopCond",
+            "Enter",
+            "RefEnter",
+            "Exit",
+            "RefExit",
+        ];
+        let Some(&at) = stuck
+            .iter()
+            .find(|&&i| LOOP_OPS.contains(&self.nodes[i].op.as_str()))
+        else {
+            let n = &self.nodes[stuck.first().copied().unwrap_or(0)];
+            return format!("the graph has a cycle through node '{}' ({})", n.name, n.op);
+        };
+        let frame = stuck
+            .iter()
+            .flat_map(|&i| &self.nodes[i].inputs)
+            .filter_map(|r| self.node(&r.node))
+            .filter(|n| n.op == "Enter" || n.op == "RefEnter")
+            .find_map(|n| n.attr_str("frame_name").ok().map(str::to_string))
+            .unwrap_or_else(|| match self.nodes[at].name.rsplit_once('/') {
+                Some((scope, _)) => scope.to_string(),
+                None => self.nodes[at].name.clone(),
+            });
+        format!(
+            "node '{}' ({}) is part of the TF1 while loop '{frame}': TF1 loop control flow \
+             (Enter/Exit/NextIteration/Merge/Switch/LoopCond, as tf.while_loop and \
+             tf.nn.dynamic_rnn build it) is not supported; unroll the loop when building the \
+             model (tf.keras.layers.RNN(..., unroll=True) or tf.compat.v1.nn.static_rnn) and \
+             export it again",
+            self.nodes[at].name, self.nodes[at].op
+        )
     }
 
     /// Names of every node that the given roots depend on (data and control), roots included.

@@ -393,8 +393,11 @@ pub fn is_variable_op(op: &str) -> bool {
 }
 
 /// Ops that exist only for training, checkpointing or debugging and must not survive
-/// into an inference graph, with why; `None` for every other op.
-pub fn training_only(op: &str) -> Option<&'static str> {
+/// into an inference graph (or that qpipe cannot handle yet), with why; `None` for
+/// every other op. `name` is the node's: a backprop-input op under `gradients/` is a
+/// gradient, elsewhere it is the forward op of a transposed convolution.
+pub fn training_only(name: &str, op: &str) -> Option<&'static str> {
+    let in_gradients = name.starts_with("gradients/") || name.contains("/gradients/");
     Some(match op {
         "RandomUniform" | "RandomUniformInt" | "RandomStandardNormal" | "TruncatedNormal"
         | "Multinomial" | "RandomShuffle" | "RandomGamma" | "RandomPoisson" | "RandomPoissonV2" => {
@@ -415,6 +418,10 @@ pub fn training_only(op: &str) -> Option<&'static str> {
             "an optimizer or assignment op is on the path"
         }
         _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
+        // The backprop-input ops are also the forward ops of transposed convolutions.
+        _ if op.contains("BackpropInput") && !in_gradients => {
+            "transposed convolution (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
+        }
         _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
         _ => return None,
     })
@@ -500,13 +507,7 @@ fn spatial(
 ) -> Result<[i64; 2], IrError> {
     let v = match (node.attr(key), default) {
         (None, Some(d)) => return Ok(d),
-        (Some(Attr::Ints(v)), _) => v.as_slice(),
-        _ => {
-            return Err(bad(
-                node,
-                format!("attribute '{key}' is missing or not a list of ints"),
-            ))
-        }
+        _ => node.attr_ints(key)?,
     };
     match (layout, v) {
         (Layout::Nhwc, [1, h, w, 1]) | (Layout::Nchw, [1, 1, h, w]) => Ok([*h, *w]),

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::op::{Binary, Conv, Forward, Layout, Linear, MatMul, Op, Padding, Pool};
+use super::op::{Binary, Conv, Forward, Layout, Linear, MatMul, Op, Padding, Pool, Unary};
 use super::{Attr, DType, Graph, IrError, Node, Tensor, TensorRef};
 
 /// What is known about one tensor before the graph runs.
@@ -282,7 +282,12 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         )
         | Op::PlaceholderWithDefault => same(None)?,
         Op::IdentityN => ins.to_vec(),
-        Op::Unary(super::op::Unary::LogicalNot) => same(Some(DType::Bool))?,
+        Op::Unary(Unary::LogicalNot) => same(Some(DType::Bool))?,
+        // Element-wise ops the interpreter runs; the value (of small int tensors) is dropped.
+        Op::Unary(
+            Unary::Softplus | Unary::Log1p | Unary::Rint | Unary::Inv | Unary::Sin | Unary::Cos,
+        )
+        | Op::BiasAdd { v1: true, .. } => same(Some(first()?.dtype))?,
         Op::Unary(_)
         | Op::Softmax
         | Op::LogSoftmax
@@ -619,7 +624,13 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         | Op::Concat
         | Op::Tile
         | Op::Range
-        | Op::Other(_) => return Err(err(node, "shape inference does not know this op")),
+        // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
+        | Op::Other(_) => {
+            return Err(err(
+                node,
+                "this op cannot be exported to .tflite (qpipe has no shape rule for it)",
+            ))
+        }
     })
 }
 

@@ -10,7 +10,7 @@ use super::elementwise::cast;
 use super::plan::Plan;
 use super::value::Value;
 use crate::error::{Error, Result};
-use crate::ir::{DType, Graph, Tensor};
+use crate::ir::{DType, Graph, QuantParams, Tensor};
 use crate::npy::{NpyReader, NpyWriter};
 use crate::stages::DatasetSpec;
 
@@ -19,6 +19,8 @@ pub struct Dataset {
     inputs: Vec<(String, NpyReader)>,
     labels: Option<NpyReader>,
     rows: usize,
+    /// Int8 inputs fed from float data are quantized with these parameters.
+    input_quant: Vec<(String, QuantParams)>,
 }
 
 impl Dataset {
@@ -65,7 +67,58 @@ impl Dataset {
             inputs,
             labels,
             rows: rows.unwrap_or(0),
+            input_quant: Vec::new(),
         })
+    }
+
+    /// Feeds float data to the graph's int8 inputs quantized with their parameters
+    /// (as `validate` feeds an int8-input candidate), instead of refusing it.
+    pub fn quantize_int8_inputs(mut self, graph: &Graph) -> Dataset {
+        for name in &graph.inputs {
+            let Some(n) = graph.node(name) else { continue };
+            let int8 = matches!(n.attrs.get("dtype"), Some(crate::ir::Attr::Type(DType::I8)));
+            if let (true, Some(q)) = (int8, n.output_quant.get(&0)) {
+                if q.scale.len() == 1 {
+                    self.input_quant.push((name.clone(), q.clone()));
+                }
+            }
+        }
+        self
+    }
+
+    /// The labels file, if any.
+    pub fn labels_path(&self) -> Option<&Path> {
+        self.labels.as_ref().map(NpyReader::path)
+    }
+
+    /// The dtype conversions feeding `plan` makes, one line each (`input: float64 →
+    /// float32 (file)`), to be reported: only float64 → float32 can round values;
+    /// other conversions are checked to keep every value.
+    pub fn casts(&self, plan: &Plan) -> Vec<String> {
+        self.casts_to(plan.inputs().iter().map(|i| (i.name.as_str(), i.dtype)))
+    }
+
+    /// [`Dataset::casts`] for the placeholders of `graph`'s inputs.
+    pub fn graph_casts(&self, graph: &Graph) -> Vec<String> {
+        self.casts_to(graph.inputs.iter().map(|name| {
+            let dt = graph.node(name).and_then(|n| match n.attrs.get("dtype") {
+                Some(crate::ir::Attr::Type(t)) => Some(*t),
+                _ => None,
+            });
+            (name.as_str(), dt)
+        }))
+    }
+
+    fn casts_to<'a>(&self, inputs: impl Iterator<Item = (&'a str, Option<DType>)>) -> Vec<String> {
+        inputs
+            .filter_map(|(name, to)| {
+                let (_, r) = self.inputs.iter().find(|(n, _)| n == name)?;
+                let to = to?;
+                let quantized = self.input_quant.iter().any(|(n, _)| n == name);
+                (to != r.dtype() && !quantized)
+                    .then(|| format!("{name}: {} → {to} ({})", r.dtype(), r.path().display()))
+            })
+            .collect()
     }
 
     pub fn rows(&self) -> usize {
@@ -94,9 +147,41 @@ impl Dataset {
                     })?;
                 let t = reader.read_rows(range.start, range.end)?;
                 let v = Value::from_tensor(&t)?;
+                let path = reader.path();
+                if v.dtype().is_float() {
+                    let bad = match v.slice::<f32>() {
+                        Ok(x) => x.iter().position(|f| !f.is_finite()),
+                        Err(_) => v.to_f64s()?.iter().position(|f| !f.is_finite()),
+                    };
+                    if let Some(i) = bad {
+                        let row_len = v.shape.iter().skip(1).product::<usize>().max(1);
+                        return Err(Error::file(
+                            path,
+                            format!(
+                                "row {}: {} at element {}; data set values must be finite",
+                                range.start + i / row_len,
+                                v.to_f64s()?[i],
+                                i % row_len
+                            ),
+                        ));
+                    }
+                }
+                let quant = self.input_quant.iter().find(|(n, _)| *n == inp.name);
+                if let (Some((_, q)), true) = (quant, v.dtype().is_float()) {
+                    let x = cast(&v, DType::F32)?;
+                    let (s, z) = (q.scale[0], q.zero_point[0] as i32);
+                    return Ok(Value::from_vec(
+                        v.shape.clone(),
+                        x.slice::<f32>()?
+                            .iter()
+                            .map(|&f| super::rounding::quantize_value(f, s, z, -128, 127) as i8)
+                            .collect(),
+                    ));
+                }
                 match inp.dtype {
-                    Some(dt) if dt != v.dtype() => convert_feed(&v, dt)
-                        .map_err(|e| e.context(reader.path().display().to_string())),
+                    Some(dt) if dt != v.dtype() => {
+                        convert_feed(&v, dt).map_err(|e| e.context(path.display().to_string()))
+                    }
                     _ => Ok(v),
                 }
             })
@@ -119,6 +204,28 @@ impl Dataset {
 fn convert_feed(v: &Value, to: DType) -> Result<Value> {
     let from = v.dtype();
     let ok = match (from.is_float(), to.is_float()) {
+        (false, true) if from != DType::String => {
+            // Integers above 2^24 (float32) or 2^53 have no exact float.
+            let c = cast(v, to)?;
+            let (a, b) = (v.to_i64s()?, c.to_f64s()?);
+            if let Some(i) = a.iter().zip(&b).position(|(&x, &y)| x as f64 != y) {
+                return Err(Error::msg(format!(
+                    "{from} value {} (element {i} of the batch) has no exact {to}",
+                    a[i]
+                )));
+            }
+            return Ok(c);
+        }
+        (true, true) => {
+            let c = cast(v, to)?;
+            if let Some(i) = c.to_f64s()?.iter().position(|x| !x.is_finite()) {
+                return Err(Error::msg(format!(
+                    "{from} value {} (element {i} of the batch) overflows {to}",
+                    v.to_f64s()?[i]
+                )));
+            }
+            return Ok(c);
+        }
         (_, true) => true,
         (false, false) => {
             let c = cast(v, to)?;
@@ -226,7 +333,7 @@ impl Default for EvalOptions {
             batch_size: 64,
             samples: None,
             outputs_npy: None,
-            arithmetic: super::Arithmetic::LiteRt,
+            arithmetic: super::Arithmetic::Reference,
         }
     }
 }
@@ -261,7 +368,7 @@ pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result
         return Err(Error::msg("the graph declares no outputs"));
     }
     let plan = Plan::compile(graph, &feeds, &graph.outputs)?.with_arithmetic(opts.arithmetic);
-    let data = Dataset::open(spec)?;
+    let data = Dataset::open(spec)?.quantize_int8_inputs(graph);
     let total = opts.samples.map_or(data.rows(), |s| s.min(data.rows()));
     let mut writers: Vec<Option<NpyWriter>> = (0..graph.outputs.len()).map(|_| None).collect();
     let mut written = Vec::new();

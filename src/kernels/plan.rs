@@ -140,13 +140,10 @@ impl Plan {
             .filter(|&i| needed[i] && !fed[i])
             .count();
         if order.len() != n_run {
-            let stuck = (0..graph.nodes.len())
-                .find(|&i| needed[i] && !fed[i] && indegree[i] > 0)
-                .unwrap_or(0);
-            return Err(Error::msg(format!(
-                "the graph has a cycle through node '{}' ({})",
-                graph.nodes[stuck].name, graph.nodes[stuck].op
-            )));
+            let stuck: Vec<usize> = (0..graph.nodes.len())
+                .filter(|&i| needed[i] && !fed[i] && indegree[i] > 0)
+                .collect();
+            return Err(Error::msg(graph.cycle_message(&stuck)));
         }
 
         let mut slot_of: HashMap<(usize, u32), usize> = HashMap::new();

@@ -79,9 +79,13 @@ impl fmt::Display for DirtyReason {
             KindVersion { old, new } => {
                 write!(f, "stage implementation version changed ({old} → {new})")
             }
-            ConfigChanged { key, old, new } => {
-                write!(f, "config key '{key}' changed ({old} → {new})")
-            }
+            ConfigChanged { key, old, new } => match key
+                .strip_prefix(super::fingerprint::OUTPUTS_KEY)
+                .and_then(|k| k.strip_prefix('.'))
+            {
+                Some(output) => write!(f, "output path of '{output}' changed ({old} → {new})"),
+                None => write!(f, "config key '{key}' changed ({old} → {new})"),
+            },
             ModelSettingChanged { key, old, new } => {
                 write!(f, "[model] {key} changed ({old} → {new})")
             }
@@ -142,7 +146,12 @@ pub fn diff(old: &Manifest, new: &Manifest) -> DirtyReason {
             new: new.kind_version,
         };
     }
-    if let Some((key, o, n)) = first_difference(&old.config, &new.config, &new.inputs_keys()) {
+    // The config as written first; the output paths it implies only when nothing else differs.
+    let mut skip = new.inputs_keys();
+    skip.push(super::fingerprint::OUTPUTS_KEY.to_string());
+    let config_diff = first_difference(&old.config, &new.config, &skip)
+        .or_else(|| first_difference(&old.config, &new.config, &new.inputs_keys()));
+    if let Some((key, o, n)) = config_diff {
         return ConfigChanged {
             key,
             old: o,

@@ -27,7 +27,9 @@
 //!   stage sees of its upstream is the artifact, which is hashed on its own: renaming
 //!   a stage (or a matrix variant's `ID@value` name) rebuilds nothing. Export paths are
 //!   config, relative to `out_dir`; `out_dir` itself is not in the key (outputs are
-//!   restored wherever `out_dir` now points).
+//!   restored wherever `out_dir` now points). The declared output paths are added to
+//!   the config under `$outputs` ([`config_with_outputs`]), since a default path may
+//!   derive from an upstream stage's name.
 //! * `model_io`: the `[model]` inputs, outputs and input shapes, for every stage. Every
 //!   stage receives them in its context; hashing them for all is cheap and safe.
 //! * `inputs`: for each config key naming an upstream stage, the blake3 of the upstream
@@ -112,6 +114,28 @@ use serde_json::Value;
 
 /// Bumped whenever the manifest or its hashing changes meaning.
 pub const KEY_FORMAT: u32 = 1;
+
+/// The config entry holding a stage's declared output paths (a leading `$` cannot
+/// come from a typed config: [`super::canon`] doubles it).
+pub const OUTPUTS_KEY: &str = "$outputs";
+
+/// A stage's config with its declared output paths (relative to `out_dir`) under
+/// [`OUTPUTS_KEY`]. A default output path may follow an upstream stage's name (validate's
+/// `<candidate>.layers.json`), which the key otherwise hashes as a placeholder; without
+/// this a rename kept the key and the cached entry's outputs no longer matched.
+pub fn config_with_outputs(config: Value, outputs: &[(String, std::path::PathBuf)]) -> Value {
+    match config {
+        Value::Object(mut map) if !outputs.is_empty() => {
+            let paths: serde_json::Map<String, Value> = outputs
+                .iter()
+                .map(|(k, p)| (k.clone(), Value::String(p.to_string_lossy().into_owned())))
+                .collect();
+            map.insert(OUTPUTS_KEY.into(), Value::Object(paths));
+            Value::Object(map)
+        }
+        other => other,
+    }
+}
 
 /// Hashed in place of a config value that names an upstream stage.
 const STAGE_REF_PLACEHOLDER: &str = "<upstream stage>";

@@ -129,6 +129,36 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// `s` cut to its start and end when it is too long to echo in a message (a recipe
+/// may hold a 10 MB path): what is left still identifies it, and the length is given.
+pub fn shorten(s: &str) -> String {
+    const HEAD: usize = 160;
+    const TAIL: usize = 80;
+    let n = s.chars().count();
+    if n <= HEAD + TAIL + 20 {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(HEAD).collect();
+    let tail: String = s.chars().skip(n - TAIL).collect();
+    format!("{head}…{tail} ({n} characters)")
+}
+
+/// An error naming `path` if it is a symlink to nothing (creating a directory there
+/// would fail with a bare "File exists").
+pub fn refuse_dangling_symlink(path: &Path) -> Result<()> {
+    let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link && fs::metadata(path).is_err() {
+        let target = fs::read_link(path)
+            .map(|t| format!(" (it points to {}, which does not exist)", t.display()))
+            .unwrap_or_default();
+        return Err(Error::msg(format!(
+            "{} is a dangling symlink{target}; create its target or remove the link",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 pub fn create_dir_all(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }

@@ -4,13 +4,17 @@
 //! keying each by [`fingerprint`] (read that module's docs for what a key covers and
 //! why) and serving hits from [`store`]; [`explain`] says why a stage is stale.
 
+pub mod canon;
 pub mod compare;
 pub mod dag;
 pub mod explain;
 pub mod filehash;
 pub mod fingerprint;
 pub mod fsutil;
+pub mod lastrun;
+pub mod outdir;
 pub mod recipe;
+pub mod recipe_check;
 pub mod report;
 pub mod run;
 pub mod store;

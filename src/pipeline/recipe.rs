@@ -24,6 +24,7 @@ use toml::de::{DeArray, DeTable, DeValue};
 use toml::Spanned;
 
 use super::fsutil;
+use super::recipe_check::{is_simple_id, non_finite_float};
 use crate::error::{Error, Result};
 use crate::stages::registry::{StageFactory, REGISTRY};
 use crate::stages::{
@@ -223,12 +224,6 @@ struct Instance {
     variant: BTreeMap<Dim, String>,
 }
 
-fn is_simple_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-}
-
 impl<'s, 't> Parser<'s, 't> {
     fn recipe(&self, doc: &DeTable<'t>) -> Result<Recipe> {
         for (k, _) in doc.iter() {
@@ -256,14 +251,20 @@ impl<'s, 't> Parser<'s, 't> {
         let mut cache_dir = self.dir.join(".qpipe");
         let mut out_dir = self.dir.join("out");
         let mut allow_outside_out_dir = false;
+        let mut name_set = false;
         for (k, v) in pipeline.iter() {
             let key = format!("pipeline.{}", k.get_ref());
             match k.get_ref().as_ref() {
                 "name" => {
                     name = self.string(v, &key)?.to_string();
-                    if name.trim().is_empty() {
-                        return Err(self.src.err(v.span(), &key, "must not be empty"));
+                    if !is_simple_id(&name) {
+                        return Err(self.src.err(
+                            v.span(),
+                            &key,
+                            "pipeline names use letters, digits, '_', '-' and '.'",
+                        ));
                     }
+                    name_set = true;
                 }
                 "cache_dir" => cache_dir = self.dir.join(self.string(v, &key)?),
                 "out_dir" => out_dir = self.dir.join(self.string(v, &key)?),
@@ -276,6 +277,16 @@ impl<'s, 't> Parser<'s, 't> {
                     ))
                 }
             }
+        }
+        if !name_set && !is_simple_id(&name) {
+            return Err(self.src.err(
+                0..0,
+                "pipeline.name",
+                format!(
+                    "the pipeline is named after the recipe file, but '{name}' is not a valid name \
+                     (letters, digits, '_', '-' and '.'); set name = \"...\" in [pipeline]"
+                ),
+            ));
         }
         let Some(model_v) = doc.get("model") else {
             return Err(self
@@ -891,7 +902,7 @@ impl<'s, 't> Parser<'s, 't> {
                         &full_key,
                         format!(
                             "'{}' is also written by stage '{other}'{hint}",
-                            path.display()
+                            fsutil::shorten(&path.display().to_string())
                         ),
                     ));
                 }
@@ -913,6 +924,13 @@ impl<'s, 't> Parser<'s, 't> {
             ));
         }
         let mut table = self.table(sv, &key)?.clone();
+        if let Some((path, span, text)) = non_finite_float(&table) {
+            return Err(self.src.err(
+                span,
+                &format!("{key}.{path}"),
+                format!("{text} is not a finite number (NaN and infinities mean nothing in a stage setting)"),
+            ));
+        }
         let kind_v = table.remove("kind").ok_or_else(|| {
             self.src.err(
                 sv.span(),
@@ -1157,7 +1175,7 @@ impl<'s, 't> Parser<'s, 't> {
                 key,
                 format!(
                     "'{}' is outside out_dir (absolute or with '..'); set allow_outside_out_dir = true in [pipeline] to allow it",
-                    path.display()
+                    fsutil::shorten(&path.display().to_string())
                 ),
             ));
         }

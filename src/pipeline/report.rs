@@ -48,6 +48,9 @@ pub struct RunReport {
     pub pipeline: String,
     pub ok: bool,
     pub stages: Vec<StageReport>,
+    /// Files removed from out_dir after this successful full run: outputs an earlier
+    /// run of this pipeline wrote that the recipe no longer declares (relative to out_dir).
+    pub pruned: Vec<String>,
 }
 
 impl RunReport {
@@ -75,7 +78,8 @@ impl RunReport {
             .to_vec()];
         for s in &self.stages {
             let metrics = if let Some(e) = &s.error {
-                first_line(e)
+                // The row names the stage already.
+                first_line(e.strip_prefix(&format!("stage '{}': ", s.id)).unwrap_or(e))
             } else {
                 render_metrics(&s.metrics)
             };
@@ -104,6 +108,14 @@ impl RunReport {
             count(StageStatus::Failed),
             count(StageStatus::Skipped)
         );
+        if !self.pruned.is_empty() {
+            let _ = writeln!(
+                out,
+                "removed {} stale file(s) from out_dir (no longer declared): {}",
+                self.pruned.len(),
+                self.pruned.join(", ")
+            );
+        }
         out
     }
 }
@@ -291,6 +303,7 @@ mod tests {
                     error: Some("gate".into()),
                 },
             ],
+            pruned: vec!["old.tflite".into()],
         };
         let v: Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["pipeline"], "p");
@@ -300,10 +313,15 @@ mod tests {
         assert!(v["stages"][0].get("error").is_none());
         assert_eq!(v["stages"][1]["error"], "gate");
         assert!(v["stages"][1]["key"].is_null());
+        assert_eq!(v["pruned"][0], "old.tflite");
         let t = r.summary_table();
         assert!(t.contains("accuracy=0.9375"), "{t}");
         assert!(
             t.contains("p: 2 stages, 0 ran, 1 cached, 1 failed, 0 skipped"),
+            "{t}"
+        );
+        assert!(
+            t.contains("removed 1 stale file(s) from out_dir (no longer declared): old.tflite"),
             "{t}"
         );
     }

@@ -220,7 +220,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
                 Msg::Stored(i, r) => {
                     storing -= 1;
                     if let Err(error) = r {
-                        let error = format!("storing its result: {error}");
+                        let error = Error::msg(format!("storing its result: {error}"))
+                            .context(format!("stage '{}'", recipe.stages[i].id))
+                            .to_string();
                         let stage = &recipe.stages[i];
                         observer.event(Event::Failed {
                             id: &stage.id,
@@ -323,13 +325,23 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
         observer.event(Event::Warning(&format!("cannot save the stat cache: {e}")));
     }
     let stages: Vec<StageReport> = results.into_iter().flatten().collect();
-    Ok(RunReport {
+    let mut report = RunReport {
         pipeline: recipe.name.clone(),
         ok: stages
             .iter()
             .all(|s| matches!(s.status, StageStatus::Ran | StageStatus::Cached)),
         stages,
-    })
+        pruned: Vec::new(),
+    };
+    report.pruned = super::outdir::prune(recipe, &engine.store, &report, &|w| {
+        observer.event(Event::Warning(w))
+    });
+    if let Err(e) = super::lastrun::record(&engine.store, &report) {
+        observer.event(Event::Warning(&format!(
+            "cannot record the run's outcome: {e}"
+        )));
+    }
+    Ok(report)
 }
 
 fn skipped(recipe: &Recipe, i: usize, reason: &str) -> StageReport {
@@ -483,7 +495,7 @@ fn stage_manifest<'r>(
         qpipe: env!("CARGO_PKG_VERSION").to_string(),
         kind: s.kind.to_string(),
         kind_version: s.stage.version(),
-        config: s.stage.config(),
+        config: super::fingerprint::config_with_outputs(s.stage.config(), &s.deps.outputs),
         model_io: recipe.model_io(),
         inputs,
         files,
@@ -819,7 +831,9 @@ impl<'r> Engine<'r> {
         r.map_err(|e| Failure {
             key,
             seconds: t0.elapsed().as_secs_f64(),
-            error: e.to_string(),
+            error: e
+                .context(format!("stage '{}'", self.recipe.stages[i].id))
+                .to_string(),
         })
     }
 
@@ -1226,6 +1240,9 @@ impl<'r> Engine<'r> {
     /// Writes an output file under `out_dir` atomically, unless it already has these bytes.
     fn write_output(&self, i: usize, abs: &Path, bytes: &[u8], blake3: &str) -> Result<()> {
         let dir = abs.parent().unwrap_or(Path::new("."));
+        if !self.recipe.allow_outside_out_dir {
+            super::outdir::confine(&self.recipe.out_dir, abs)?;
+        }
         fsutil::create_dir_all(dir)?;
         let _lock = self.store.output_lock(abs)?;
         if matches!(self.hasher.hash(abs), Ok(h) if h.blake3 == blake3) {

@@ -7,6 +7,7 @@
 //! <cache>/v1/memo/<aa>/<key>.json       memo key → blob
 //! <cache>/v1/refs/<pipeline>/<stage>.json   the manifest each stage last used (gc roots)
 //! <cache>/v1/stat-cache.json            file stamps → content hashes
+//! <cache>/v1/runs/<pipeline>.json       the last run's outcome (see `super::lastrun`)
 //! <cache>/v1/tmp/                       temporary files, renamed into place
 //! <cache>/v1/locks/                     advisory locks (gc.lock, per key, per output)
 //! ```
@@ -164,11 +165,14 @@ impl Store {
     /// Opens (creating if needed) the store in `cache_dir`.
     pub fn open(cache_dir: &Path) -> Result<Store> {
         let store = Store::at(cache_dir);
+        fsutil::refuse_dangling_symlink(&store.root)?;
         for sub in ["objects", "actions", "memo", "refs", "tmp", "locks"] {
             fsutil::create_dir_all(&store.dir.join(sub))?;
         }
         let tag = cache_dir.join("CACHEDIR.TAG");
         if !tag.exists() {
+            // The tag goes through v1/tmp, which gc and verify empty: hold the run lock.
+            let _lock = store.run_lock()?;
             let text = "Signature: 8a477f597d28d172789f06886806bc55\n\
                         # This directory is a qpipe cache; see https://bford.info/cachedir/\n";
             fsutil::write_atomic(&store.tmp_dir(), &tag, text.as_bytes(), &|| {})?;

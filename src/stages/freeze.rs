@@ -34,7 +34,7 @@ impl Stage for Freeze {
         }
     }
     fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).unwrap_or_default()
+        super::config_json(&self.config)
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = crate::formats::tf::freeze_model(ctx.model)?;

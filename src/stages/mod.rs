@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
@@ -158,6 +159,14 @@ pub trait Stage: Send + Sync {
     /// The typed config as canonical JSON (what the cache key and `status` explain use).
     fn config(&self) -> serde_json::Value;
     fn run(&self, ctx: &StageContext) -> Result<StageOutput>;
+}
+
+/// A typed config as the canonical JSON [`Stage::config`] returns: unlike
+/// `serde_json::to_value`, it keeps NaN and ±inf apart from an absent value
+/// ([`crate::pipeline::canon`]).
+pub fn config_json<T: Serialize>(config: &T) -> serde_json::Value {
+    crate::pipeline::canon::to_value(config)
+        .unwrap_or_else(|e| serde_json::json!({ "$unserializable config": e.to_string() }))
 }
 
 /// A stage's table from the recipe (without `kind` and `matrix`), keeping source

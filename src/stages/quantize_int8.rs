@@ -202,7 +202,7 @@ impl Stage for QuantizeInt8 {
         }
     }
     fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).unwrap_or_default()
+        super::config_json(&self.config)
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
@@ -319,6 +319,10 @@ impl Stage for QuantizeInt8 {
                 }
                 metrics.insert("mode".into(), "full_integer".into());
                 metrics.insert("calibration_samples".into(), stats.samples.into());
+                let casts = crate::kernels::dataset::Dataset::open(spec)?.graph_casts(&graph);
+                if !casts.is_empty() {
+                    metrics.insert("calibration_casts".into(), casts.into());
+                }
                 metrics.insert("calibration_cached".into(), (!computed).into());
                 metrics.insert("int8_ops".into(), r.int8_ops.into());
                 metrics.insert("float_ops".into(), r.float_ops.into());

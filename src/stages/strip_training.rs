@@ -167,9 +167,9 @@ impl StripReport {
     }
 }
 
-/// Ops that must not survive into an inference graph.
-fn forbidden(op: &str) -> Option<&'static str> {
-    crate::ir::op::training_only(op)
+/// Ops that must not survive into an inference graph (or that qpipe cannot handle yet).
+fn forbidden(name: &str, op: &str) -> Option<&'static str> {
+    crate::ir::op::training_only(name, op)
 }
 
 fn prune(g: &mut Graph) -> Result<()> {
@@ -336,7 +336,7 @@ pub fn strip(
         if declared.contains(&n.name) {
             continue;
         }
-        if let Some(why) = forbidden(&n.op) {
+        if let Some(why) = forbidden(&n.name, &n.op) {
             let bn_training = crate::ir::op::is_batch_norm_family(&n.op)
                 && n.attr_bool("is_training").unwrap_or(false);
             let why = if bn_training {
@@ -395,7 +395,7 @@ impl Stage for StripTraining {
         }
     }
     fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).unwrap_or_default()
+        super::config_json(&self.config)
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;

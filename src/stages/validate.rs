@@ -1,19 +1,27 @@
 //! `validate`: runs a `reference` and a `candidate` model on a data set with qpipe's
-//! interpreter and measures what the candidate loses: accuracy (when the data set
-//! has labels), top-1 agreement, output errors, and for every quantized tensor of
-//! the candidate its error against the float tensor of the same name in the
-//! reference (RMSE, RMSE / scale, SQNR), worst first.
+//! interpreter and measures what the candidate loses on every output: accuracy
+//! (when the data set has labels), agreement, output errors, and for every
+//! quantized tensor of the candidate its error against the float tensor of the
+//! same name in the reference (RMSE, RMSE / scale, SQNR), worst first.
 //!
-//! With `max_accuracy_drop` (a fraction: 0.01 is one percentage point) and/or
-//! `min_agreement` (a fraction of samples) the stage is a gate: a candidate that
-//! misses either fails the stage with the measured numbers and the worst layers.
+//! Outputs by shape (`n` = samples): `[n, classes]` scores (class = argmax);
+//! `[n]` or `[n, 1]` integer class ids (e.g. an ArgMax); `[n, 1]` float, a
+//! sigmoid (class = value > 0.5); anything else is a regression output, with
+//! errors but no accuracy or agreement. Labels pair with the first output, or
+//! with `labels_output`.
+//!
+//! Gates (each fails the stage with the measured numbers and the worst layers):
+//! `max_accuracy_drop` (a fraction: 0.01 is one percentage point; on the labelled
+//! output), `min_agreement` (a fraction of samples; every output), and
+//! `max_abs_error` (every output). A gate whose metric cannot be computed fails.
 //!
 //! Config: `reference`, `candidate` (stage ids), `dataset`, `max_accuracy_drop`,
-//! `min_agreement`, `samples` (default: every row), `report` (path of the
-//! per-layer table under `out_dir`; default `<candidate>.layers.json`), `runtime`
-//! (`"litert"`, the default: the int8 arithmetic of LiteRT's default interpreter,
-//! XNNPACK included, i.e. what the device computes; `"litert-ref"`: LiteRT's
-//! reference kernels).
+//! `min_agreement`, `max_abs_error`, `labels_output`, `samples` (default: every
+//! row), `report` (path of the per-layer table under `out_dir`; default
+//! `<candidate>.layers.json`), `runtime` (`"litert-ref"`, the default: LiteRT's
+//! reference kernels, the same on every CPU; `"xnnpack"`: the arithmetic of
+//! LiteRT's default interpreter with XNNPACK as it runs on x86-64, which depends on
+//! the CPU, so the detected CPU features are part of the cache key).
 //!
 //! Reference tensors are matched by name after the reference is fused the way
 //! `quantize_int8` fuses (which does not change its values), so a fused int8
@@ -44,33 +52,103 @@ pub struct ValidateConfig {
     pub max_accuracy_drop: Option<f64>,
     #[serde(default)]
     pub min_agreement: Option<f64>,
+    /// The largest absolute difference allowed on any element of any output.
+    #[serde(default)]
+    pub max_abs_error: Option<f64>,
+    /// The output the labels are class ids of (default: the first).
+    #[serde(default)]
+    pub labels_output: Option<String>,
     #[serde(default)]
     pub samples: Option<usize>,
     #[serde(default)]
     pub report: Option<String>,
-    /// Whose int8 arithmetic the models run with.
+    /// Whose int8 and hybrid arithmetic the models run with.
     #[serde(default)]
     pub runtime: Runtime,
 }
 
-/// The LiteRT kernels whose int8 arithmetic `validate` reproduces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The LiteRT kernels whose arithmetic `validate` and `qpipe eval` reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub enum Runtime {
-    /// `Interpreter()` as it comes: the XNNPACK delegate and the optimized kernels.
+    /// The reference kernels (`OpResolverType.BUILTIN_REF`; the builtin kernels
+    /// without delegates give the same results): the same on every CPU.
     #[default]
-    #[serde(rename = "litert")]
-    LiteRt,
-    /// The reference kernels (`OpResolverType.BUILTIN_REF`).
     #[serde(rename = "litert-ref")]
     LiteRtRef,
+    /// `Interpreter()` as it comes (the XNNPACK delegate and the optimized
+    /// kernels) as LiteRT 2.3.0 runs on x86-64: its results depend on the CPU.
+    #[serde(rename = "xnnpack")]
+    Xnnpack,
 }
 
 impl Runtime {
+    pub const NAMES: &'static str = "litert-ref (the default) or xnnpack";
+
     pub fn arithmetic(self) -> Arithmetic {
         match self {
-            Runtime::LiteRt => Arithmetic::LiteRt,
+            Runtime::Xnnpack => Arithmetic::LiteRt,
             Runtime::LiteRtRef => Arithmetic::Reference,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::LiteRtRef => "litert-ref",
+            Runtime::Xnnpack => "xnnpack",
+        }
+    }
+
+    /// A recipe's or command line's runtime name; the message says what to use instead.
+    pub fn parse(s: &str) -> std::result::Result<Runtime, String> {
+        match s {
+            "litert-ref" => Ok(Runtime::LiteRtRef),
+            "xnnpack" => Ok(Runtime::Xnnpack),
+            "litert" => Err(
+                "runtime \"litert\" was renamed: it emulated LiteRT's default \
+                 interpreter (XNNPACK), whose results depend on the CPU; that is now \
+                 \"xnnpack\". The default, \"litert-ref\", is LiteRT's reference kernels, \
+                 the same on every CPU"
+                    .into(),
+            ),
+            other => Err(format!(
+                "unknown runtime \"{other}\"; expected {}",
+                Runtime::NAMES
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Runtime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Runtime::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The CPU features the `xnnpack` runtime's results depend on (XNNPACK picks its
+/// kernels by them), as a cache key component.
+pub fn xnnpack_cpu() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut f = vec!["x86_64"];
+        for (name, on) in [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            (
+                "avx512vnni",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+        ] {
+            if on {
+                f.push(name);
+            }
+        }
+        f.join(" ")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
     }
 }
 
@@ -105,29 +183,102 @@ struct LayerAcc {
     shape_mismatch: bool,
 }
 
+/// What an output's values are, from its shape and dtype (`n` samples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutKind {
+    /// `[n, classes]` scores: the class is the argmax.
+    Scores(usize),
+    /// `[n]` or `[n, 1]` integer class ids.
+    ClassIds,
+    /// `[n, 1]` float: a sigmoid, class 1 when above 0.5.
+    Sigmoid,
+    /// Anything else: no classes, so no accuracy or agreement.
+    Regression,
+}
+
+impl OutKind {
+    fn of(v: &Value, n: usize) -> OutKind {
+        let s = &v.shape;
+        let int = !v.dtype().is_float();
+        match s.as_slice() {
+            [r] if *r == n && int => OutKind::ClassIds,
+            [r, 1] if *r == n && int => OutKind::ClassIds,
+            [r, 1] if *r == n => OutKind::Sigmoid,
+            [r, c] if *r == n && *c > 1 => OutKind::Scores(*c),
+            _ => OutKind::Regression,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            OutKind::Scores(_) => "class scores",
+            OutKind::ClassIds => "class ids",
+            OutKind::Sigmoid => "sigmoid",
+            OutKind::Regression => "regression",
+        }
+    }
+
+    /// The class of each of the `n` rows, unless a regression output.
+    fn classes(self, v: &[f64], n: usize) -> Option<Vec<i64>> {
+        match self {
+            OutKind::Scores(c) => Some(argmax_rows(v, n, c)),
+            OutKind::ClassIds => Some(v.iter().map(|&x| x as i64).collect()),
+            OutKind::Sigmoid => Some(v.iter().map(|&x| i64::from(x > 0.5)).collect()),
+            OutKind::Regression => None,
+        }
+    }
+
+    /// The number of classes, when the output says.
+    fn class_count(self) -> Option<usize> {
+        match self {
+            OutKind::Scores(c) => Some(c),
+            OutKind::Sigmoid => Some(2),
+            _ => None,
+        }
+    }
+}
+
+/// Sums over the samples for one output.
+#[derive(Debug, Clone, Copy, Default)]
+struct OutAcc {
+    abs_err: f64,
+    /// Infinite once a difference is NaN, so that a NaN never passes a gate.
+    max_abs: f64,
+    n: u64,
+    agree: usize,
+    kind: Option<OutKind>,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Acc {
     rows: usize,
     ref_correct: usize,
     cand_correct: usize,
-    agree: usize,
-    abs_err: f64,
-    max_abs: f64,
-    out_n: u64,
+    outputs: Vec<OutAcc>,
     layers: Vec<LayerAcc>,
 }
 
 impl Acc {
+    fn new(outputs: usize, layers: usize) -> Acc {
+        Acc {
+            outputs: vec![OutAcc::default(); outputs],
+            layers: vec![LayerAcc::default(); layers],
+            ..Acc::default()
+        }
+    }
+
     fn merge(&mut self, o: &Acc) {
         self.rows += o.rows;
         self.ref_correct += o.ref_correct;
         self.cand_correct += o.cand_correct;
-        self.agree += o.agree;
-        self.abs_err += o.abs_err;
-        self.max_abs = self.max_abs.max(o.max_abs);
-        self.out_n += o.out_n;
-        if self.layers.len() < o.layers.len() {
-            self.layers.resize(o.layers.len(), LayerAcc::default());
+        for (a, b) in self.outputs.iter_mut().zip(&o.outputs) {
+            a.abs_err += b.abs_err;
+            a.max_abs = a.max_abs.max(b.max_abs);
+            a.n += b.n;
+            a.agree += b.agree;
+            // An output without a batch dimension can look like one in a batch of its
+            // size, so batches may disagree on its kind: the first batch decides.
+            a.kind = a.kind.or(b.kind);
         }
         for (a, b) in self.layers.iter_mut().zip(&o.layers) {
             a.sq_err += b.sq_err;
@@ -199,9 +350,11 @@ struct Run<'a> {
     /// For each candidate plan input: index of the reference feed with that name,
     /// and the parameters to quantize it with when the candidate takes int8.
     cand_feeds: Vec<(usize, Option<QuantParams>)>,
-    n_ref_out: usize,
-    n_cand_out: usize,
-    out_quant: Option<QuantParams>,
+    /// Output names (the reference's), and the candidate's quantization of each.
+    out_names: Vec<String>,
+    out_quant: Vec<Option<QuantParams>>,
+    /// The output the labels pair with.
+    labelled: usize,
     pairs: &'a [Pair],
 }
 
@@ -237,38 +390,66 @@ impl Run<'_> {
             .run_values(cand_feeds)
             .map_err(|e| ctx(e, "candidate"))?;
         let n = rows.end - rows.start;
-        let mut acc = Acc {
-            rows: n,
-            layers: vec![LayerAcc::default(); self.pairs.len()],
-            ..Acc::default()
-        };
-        let r0 = ro[0].to_f64s()?;
-        let c0 = real_values(&co[0], self.out_quant.as_ref())?;
-        if r0.len() != c0.len() {
-            return Err(Error::msg(format!(
-                "the reference output has shape {:?}, the candidate's {:?}",
-                ro[0].shape, co[0].shape
-            )));
-        }
-        for (a, b) in r0.iter().zip(&c0) {
-            let d = (a - b).abs();
-            acc.abs_err += d;
-            acc.max_abs = acc.max_abs.max(d);
-        }
-        acc.out_n = r0.len() as u64;
-        if ro[0].rank() == 2 && ro[0].shape[0] == n {
-            let cols = ro[0].shape[1];
-            let rp = argmax_rows(&r0, n, cols);
-            let cp = argmax_rows(&c0, n, cols);
-            acc.agree = rp.iter().zip(&cp).filter(|(a, b)| a == b).count();
-            if let Some(labels) = self.ds.labels(rows.clone())? {
+        let mut acc = Acc::new(self.out_names.len(), self.pairs.len());
+        acc.rows = n;
+        let labels = self.ds.labels(rows.clone())?;
+        for (k, name) in self.out_names.iter().enumerate() {
+            let rv = ro[k].to_f64s()?;
+            let cv = real_values(&co[k], self.out_quant[k].as_ref())?;
+            if ro[k].shape != co[k].shape {
+                return Err(Error::msg(format!(
+                    "output '{name}': the reference's has shape {:?}, the candidate's {:?}",
+                    ro[k].shape, co[k].shape
+                )));
+            }
+            let oa = &mut acc.outputs[k];
+            for (a, b) in rv.iter().zip(&cv) {
+                let d = (a - b).abs();
+                oa.abs_err += d;
+                oa.max_abs = if d.is_nan() {
+                    f64::INFINITY
+                } else {
+                    oa.max_abs.max(d)
+                };
+            }
+            oa.n = rv.len() as u64;
+            let kind = OutKind::of(&ro[k], n);
+            oa.kind = Some(kind);
+            let (Some(rp), Some(cp)) = (kind.classes(&rv, n), kind.classes(&cv, n)) else {
+                continue;
+            };
+            oa.agree = rp.iter().zip(&cp).filter(|(a, b)| a == b).count();
+            if k != self.labelled {
+                continue;
+            }
+            if let Some(labels) = &labels {
+                for (i, &l) in labels.iter().enumerate() {
+                    let out_of_range = l < 0 || kind.class_count().is_some_and(|c| l >= c as i64);
+                    if out_of_range {
+                        let range = kind
+                            .class_count()
+                            .map_or("a class id is never negative".to_string(), |c| {
+                                format!("output '{name}' has classes 0..{}", c - 1)
+                            });
+                        return Err(Error::file(
+                            self.ds
+                                .labels_path()
+                                .unwrap_or(std::path::Path::new("labels")),
+                            format!(
+                                "row {}: label {l} is outside the model's classes ({range})",
+                                rows.start + i
+                            ),
+                        ));
+                    }
+                }
                 acc.ref_correct = labels.iter().zip(&rp).filter(|(l, p)| l == p).count();
                 acc.cand_correct = labels.iter().zip(&cp).filter(|(l, p)| l == p).count();
             }
         }
+        let n_out = self.out_names.len();
         for (k, p) in self.pairs.iter().enumerate() {
-            let rv = &ro[self.n_ref_out + k];
-            let cv = &co[self.n_cand_out + k];
+            let rv = &ro[n_out + k];
+            let cv = &co[n_out + k];
             let la = &mut acc.layers[k];
             if rv.shape != cv.shape || rv.dtype() != DType::F32 {
                 la.shape_mismatch = true;
@@ -304,6 +485,22 @@ fn finite_or_null(x: f64) -> serde_json::Value {
     }
 }
 
+/// `x > limit`, or either is NaN: a gate never passes on a NaN.
+fn exceeds(x: f64, limit: f64) -> bool {
+    !matches!(
+        x.partial_cmp(&limit),
+        Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+    )
+}
+
+/// The index of the output `name` (a tensor `node:k` or a node name for its
+/// output 0) among `outputs`.
+fn find_output(outputs: &[TensorRef], name: &str) -> Option<usize> {
+    outputs
+        .iter()
+        .position(|o| o.to_string() == name || (o.index == 0 && o.node == name))
+}
+
 impl Validate {
     /// Where the per-layer table goes under `out_dir`.
     fn report_path(&self) -> String {
@@ -319,7 +516,8 @@ impl Stage for Validate {
         "validate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the default runtime is LiteRT's reference kernels; every output is measured.
+        2
     }
     fn deps(&self) -> StageDeps {
         StageDeps {
@@ -333,7 +531,12 @@ impl Stage for Validate {
         }
     }
     fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).unwrap_or_default()
+        let mut v = super::config_json(&self.config);
+        if self.config.runtime == Runtime::Xnnpack {
+            // XNNPACK picks its kernels by the CPU, so the results are this CPU's.
+            v["xnnpack_cpu"] = xnnpack_cpu().into();
+        }
+        v
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let c = &self.config;
@@ -360,6 +563,17 @@ impl Stage for Validate {
                 candidate.outputs.len()
             )));
         }
+        let out_names: Vec<String> = reference.outputs.iter().map(|o| o.to_string()).collect();
+        let labelled = match &c.labels_output {
+            None => 0,
+            Some(name) => find_output(&reference.outputs, name).ok_or_else(|| {
+                Error::usage(format!(
+                    "stage '{id}': labels_output '{name}' is not an output of the model \
+                     (outputs: {})",
+                    out_names.join(", ")
+                ))
+            })?,
+        };
         let (ref_fused, _) = crate::ir::passes::fuse::fuse(&reference, true)?;
         let pairs = layer_pairs(&ref_fused, &candidate);
         let mut ref_fetch = ref_fused.outputs.clone();
@@ -392,13 +606,28 @@ impl Stage for Validate {
                 .flatten();
             cand_feeds.push((k, q));
         }
-        let ds = Dataset::open(spec)?;
+        let ds = Dataset::open(spec).map_err(|e| e.context(format!("stage '{id}'")))?;
         let total = c.samples.map_or(ds.rows(), |s| s.min(ds.rows()));
+        if total == 0 {
+            return Err(Error::usage(if c.samples == Some(0) {
+                format!("stage '{id}': samples = 0 validates nothing; remove it to use every row")
+            } else {
+                format!(
+                    "stage '{id}': data set '{}' has no rows; there is nothing to validate",
+                    c.dataset
+                )
+            }));
+        }
+        let data_casts = ds.casts(&ref_plan);
         let run = Run {
             ds: &ds,
-            n_ref_out: ref_fused.outputs.len(),
-            n_cand_out: candidate.outputs.len(),
-            out_quant: producer_quant(&candidate, &candidate.outputs[0]),
+            out_quant: candidate
+                .outputs
+                .iter()
+                .map(|o| producer_quant(&candidate, o))
+                .collect(),
+            out_names: out_names.clone(),
+            labelled,
             ref_plan,
             cand_plan,
             cand_feeds,
@@ -409,10 +638,7 @@ impl Stage for Validate {
             .step_by(BATCH)
             .map(|s| s..(s + BATCH).min(total))
             .collect();
-        let mut acc = Acc {
-            layers: vec![LayerAcc::default(); pairs.len()],
-            ..Acc::default()
-        };
+        let mut acc = Acc::new(out_names.len(), pairs.len());
         let window = (rayon::current_num_threads() * 2).max(1);
         for chunk in batches.chunks(window) {
             let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| run.batch(r.clone())).collect();
@@ -420,7 +646,9 @@ impl Stage for Validate {
                 acc.merge(&p.map_err(|e| e.context(format!("stage '{id}'")))?);
             }
         }
-        let labels = ds.has_labels();
+        let kind = |k: usize| acc.outputs[k].kind.unwrap_or(OutKind::Regression);
+        let has_classes = |k: usize| kind(k) != OutKind::Regression;
+        let labels = ds.has_labels() && has_classes(labelled);
         let mut metrics = serde_json::Map::new();
         let ref_acc = fraction(acc.ref_correct, acc.rows);
         let cand_acc = fraction(acc.cand_correct, acc.rows);
@@ -429,19 +657,44 @@ impl Stage for Validate {
             metrics.insert("candidate_accuracy".into(), cand_acc.into());
             metrics.insert("accuracy_drop".into(), (ref_acc - cand_acc).into());
         }
-        let agreement = fraction(acc.agree, acc.rows);
-        metrics.insert("agreement".into(), agreement.into());
-        metrics.insert("max_abs_error".into(), acc.max_abs.into());
-        metrics.insert(
-            "mean_abs_error".into(),
-            (if acc.out_n == 0 {
+        let agreement = |k: usize| has_classes(k).then(|| fraction(acc.outputs[k].agree, acc.rows));
+        let mean_abs = |k: usize| {
+            let o = &acc.outputs[k];
+            if o.n == 0 {
                 0.0
             } else {
-                acc.abs_err / acc.out_n as f64
-            })
-            .into(),
+                o.abs_err / o.n as f64
+            }
+        };
+        if let Some(a) = agreement(labelled) {
+            metrics.insert("agreement".into(), a.into());
+        }
+        metrics.insert(
+            "max_abs_error".into(),
+            finite_or_null(acc.outputs[labelled].max_abs),
         );
+        metrics.insert("mean_abs_error".into(), finite_or_null(mean_abs(labelled)));
+        metrics.insert("labels_output".into(), out_names[labelled].clone().into());
+        let mut outputs = serde_json::Map::new();
+        for (k, name) in out_names.iter().enumerate() {
+            let mut o = serde_json::Map::new();
+            o.insert("kind".into(), kind(k).name().into());
+            o.insert(
+                "max_abs_error".into(),
+                finite_or_null(acc.outputs[k].max_abs),
+            );
+            o.insert("mean_abs_error".into(), finite_or_null(mean_abs(k)));
+            if let Some(a) = agreement(k) {
+                o.insert("agreement".into(), a.into());
+            }
+            outputs.insert(name.clone(), o.into());
+        }
+        metrics.insert("outputs".into(), outputs.into());
         metrics.insert("samples".into(), acc.rows.into());
+        metrics.insert("runtime".into(), c.runtime.name().into());
+        if !data_casts.is_empty() {
+            metrics.insert("data_casts".into(), data_casts.into());
+        }
         // The per-layer table, worst (lowest SQNR) first.
         let mut layers: Vec<(f64, serde_json::Value)> = pairs
             .iter()
@@ -495,35 +748,65 @@ impl Stage for Validate {
         } else {
             format!("worst layers: {}", worst.join(", "))
         };
+        let describe = |k: usize| format!("output '{}' ({})", out_names[k], kind(k).name());
         if let Some(max) = c.max_accuracy_drop {
-            if !labels {
+            if !ds.has_labels() {
                 return Err(Error::usage(format!(
                     "stage '{id}': max_accuracy_drop needs labels in data set '{}'",
                     c.dataset
                 )));
             }
+            if !has_classes(labelled) {
+                return Err(Error::usage(format!(
+                    "stage '{id}': max_accuracy_drop: the labels pair with {}, which has no \
+                     classes and so no accuracy; set labels_output to a class output",
+                    describe(labelled)
+                )));
+            }
             let drop = ref_acc - cand_acc;
-            if drop > max {
+            if exceeds(drop, max) {
                 return Err(Error::msg(format!(
-                    "stage '{id}': accuracy drop {:.2} points ({:.2}% → {:.2}% on {} samples) \
-                     exceeds max_accuracy_drop {:.2} points; {worst_text}",
+                    "stage '{id}': accuracy drop {:.2} points ({:.2}% → {:.2}% on {} samples, \
+                     output '{}') exceeds max_accuracy_drop {:.2} points; {worst_text}",
                     drop * 100.0,
                     ref_acc * 100.0,
                     cand_acc * 100.0,
                     acc.rows,
+                    out_names[labelled],
                     max * 100.0
                 )));
             }
         }
         if let Some(min) = c.min_agreement {
-            if agreement < min {
-                return Err(Error::msg(format!(
-                    "stage '{id}': top-1 agreement {:.2}% on {} samples is below min_agreement \
-                     {:.2}%; {worst_text}",
-                    agreement * 100.0,
-                    acc.rows,
-                    min * 100.0
-                )));
+            for (k, name) in out_names.iter().enumerate() {
+                let Some(a) = agreement(k) else {
+                    return Err(Error::usage(format!(
+                        "stage '{id}': min_agreement: {} has no classes, so no agreement \
+                         (the gate applies to every output)",
+                        describe(k)
+                    )));
+                };
+                if exceeds(min, a) {
+                    return Err(Error::msg(format!(
+                        "stage '{id}': agreement {:.2}% of output '{}' on {} samples is below \
+                         min_agreement {:.2}%; {worst_text}",
+                        a * 100.0,
+                        name,
+                        acc.rows,
+                        min * 100.0
+                    )));
+                }
+            }
+        }
+        if let Some(max) = c.max_abs_error {
+            for (k, o) in acc.outputs.iter().enumerate() {
+                if exceeds(o.max_abs, max) {
+                    return Err(Error::msg(format!(
+                        "stage '{id}': max abs error {:e} of output '{}' on {} samples exceeds \
+                         max_abs_error {max:e}; {worst_text}",
+                        o.max_abs, out_names[k], acc.rows
+                    )));
+                }
             }
         }
         let path = self.report_path();

@@ -564,14 +564,19 @@ impl Project {
         (report, seen)
     }
 
-    /// Every file under out/, with its bytes.
+    /// Every output file under out/, with its bytes.
     pub fn outputs(&self) -> BTreeMap<String, Vec<u8>> {
         let mut m = BTreeMap::new();
         for e in walkdir::WalkDir::new(self.dir.join("out"))
             .into_iter()
             .flatten()
         {
-            if e.file_type().is_file() {
+            // The out_dir manifest is qpipe's bookkeeping, not an output.
+            let manifest = e
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".qpipe-manifest-");
+            if e.file_type().is_file() && !manifest {
                 let rel = e.path().strip_prefix(self.dir.join("out")).unwrap();
                 m.insert(
                     rel.to_string_lossy().into_owned(),

@@ -129,6 +129,10 @@ impl Resolver {
 }
 
 /// Runs `model` in LiteRT on `.npy` inputs and returns its outputs in order.
+///
+/// With `QPIPE_LITERT_WRAPPER` set (e.g. `qemu-x86_64 -cpu Haswell`), LiteRT's Python
+/// runs under that command: a way to see what the default resolver, which picks
+/// its kernels by CPU, computes on a CPU without AVX-512.
 pub fn run_litert(
     model: &Path,
     inputs: &[(&str, &Path)],
@@ -136,7 +140,16 @@ pub fn run_litert(
     out_dir: &Path,
 ) -> Result<Vec<Tensor>, String> {
     let script = manifest_dir().join("tests/litert/run_model.py");
-    let mut cmd = Command::new(litert_python());
+    let wrapper = std::env::var("QPIPE_LITERT_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(litert_python());
+            c
+        }
+        None => Command::new(litert_python()),
+    };
     cmd.arg(&script)
         .arg(model)
         .arg("--out-dir")

@@ -280,6 +280,13 @@ fn is_training_only(node: &Node) -> bool {
         || op.ends_with("SummaryV2")
         || op.starts_with("Write")
         || node.name.starts_with("save/")
+        // Keras (compile/fit) builds its optimizer and training function here.
+        || node.name.starts_with("training/")
+}
+
+/// Ops that end a classifier or regressor: what a model's output usually is.
+fn is_head(op: &str) -> bool {
+    matches!(op, "Softmax" | "LogSoftmax" | "Sigmoid")
 }
 
 /// Nodes that hold values rather than compute them, or only describe shapes.
@@ -351,8 +358,18 @@ fn likely_outputs(g: &Graph) -> Vec<usize> {
                     .any(|&j| feeds_training[j] && !is_source_or_shape(&g.nodes[j].op))
             })
             .collect();
-        if !frontier.is_empty() {
-            return without_label_consumers(g, &inputs, frontier);
+        let found = without_label_consumers(g, &inputs, frontier);
+        if found.iter().any(|&i| is_head(&g.nodes[i].op)) {
+            return found;
+        }
+        // Keras losses read the probabilities themselves, so the head is on the training
+        // path and what leaves it is metrics (which read the labels too): prefer heads.
+        let heads = final_heads(g, &inputs, candidate);
+        if !heads.is_empty() {
+            return heads;
+        }
+        if !found.is_empty() {
+            return found;
         }
     }
     let mut read = vec![false; g.nodes.len()];
@@ -371,7 +388,25 @@ fn likely_outputs(g: &Graph) -> Vec<usize> {
         .collect()
 }
 
-/// Drops candidates that read a strict superset of another candidate's placeholders.
+/// Head ops (softmax, sigmoid) that no other head op depends on: the last ones on
+/// each path, not an attention softmax inside the model.
+fn final_heads(g: &Graph, inputs: &[Vec<usize>], candidate: impl Fn(&Node) -> bool) -> Vec<usize> {
+    let heads: Vec<usize> = (0..g.nodes.len())
+        .filter(|&i| is_head(&g.nodes[i].op) && candidate(&g.nodes[i]))
+        .collect();
+    let mut below_a_head = vec![false; g.nodes.len()];
+    let mut stack: Vec<usize> = heads.iter().flat_map(|&h| inputs[h].clone()).collect();
+    while let Some(i) = stack.pop() {
+        if !std::mem::replace(&mut below_a_head[i], true) {
+            stack.extend(inputs[i].iter().filter(|&&j| !below_a_head[j]));
+        }
+    }
+    heads.into_iter().filter(|&h| !below_a_head[h]).collect()
+}
+
+/// Drops candidates that read a strict superset of another candidate's placeholders,
+/// and candidates that read no placeholder at all (computed from variables and
+/// constants only, such as an optimizer's unused step terms) when others read one.
 fn without_label_consumers(g: &Graph, inputs: &[Vec<usize>], candidates: Vec<usize>) -> Vec<usize> {
     let placeholders: Vec<BTreeSet<usize>> = candidates
         .iter()
@@ -394,13 +429,15 @@ fn without_label_consumers(g: &Graph, inputs: &[Vec<usize>], candidates: Vec<usi
             found
         })
         .collect();
+    let any_fed = placeholders.iter().any(|p| !p.is_empty());
     candidates
         .iter()
         .enumerate()
+        .filter(|(a, _)| !(any_fed && placeholders[*a].is_empty()))
         .filter(|(a, _)| {
-            !placeholders
-                .iter()
-                .any(|p| p.len() < placeholders[*a].len() && p.is_subset(&placeholders[*a]))
+            !placeholders.iter().any(|p| {
+                !p.is_empty() && p.len() < placeholders[*a].len() && p.is_subset(&placeholders[*a])
+            })
         })
         .map(|(_, &c)| c)
         .collect()

@@ -229,9 +229,8 @@ impl<'g> Lowerer<'g> {
                 )
             });
             if all_const {
-                self.lower_node(i, node).map_err(|e| {
-                    e.context(format!("exporting node '{}' ({})", node.name, node.op))
-                })?;
+                self.lower_node(i, node)
+                    .map_err(|e| e.context(format!("node '{}' ({})", node.name, node.op)))?;
             }
         }
         for i in order {
@@ -243,7 +242,7 @@ impl<'g> Lowerer<'g> {
             }
             let node = &graph.nodes[i];
             self.lower_node(i, node)
-                .map_err(|e| e.context(format!("exporting node '{}' ({})", node.name, node.op)))?;
+                .map_err(|e| e.context(format!("node '{}' ({})", node.name, node.op)))?;
         }
         for r in &graph.outputs {
             let t = match self.values.get(r).cloned() {

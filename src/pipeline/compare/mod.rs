@@ -89,6 +89,19 @@ pub struct Variant {
     pub ms_per_sample: Option<f64>,
     /// The per-layer error table of the `validate` stage, worst first.
     pub layers: Vec<Layer>,
+    /// Every model output's errors from the `validate` stage (the columns above are
+    /// those of the labelled output, the first unless `labels_output` says).
+    pub outputs: Vec<OutputMetrics>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputMetrics {
+    pub name: String,
+    /// `class scores`, `class ids`, `sigmoid` or `regression` (which has no agreement).
+    pub kind: Option<String>,
+    pub agreement: Option<f64>,
+    pub max_abs_error: Option<f64>,
+    pub mean_abs_error: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -169,11 +182,17 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
         .map(|i| stages[*i].id.as_str())
         .collect();
     if !stale.is_empty() {
+        let hint = match super::lastrun::why_not_built(recipe) {
+            Some(why) => why,
+            None => format!(
+                "run `qpipe run {}` first, or pass --run",
+                recipe.path.display()
+            ),
+        };
         return Err(Error::msg(format!(
-            "{}: not built (or out of date): {}; run `qpipe run {}` first, or pass --run",
+            "{}: not built (or out of date): {}; {hint}",
             recipe.path.display(),
             stale.join(", "),
-            recipe.path.display()
         )));
     }
     let entry = |i: usize| entries[i].as_ref().expect("checked above");
@@ -261,6 +280,7 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
             float_ops,
             ms_per_sample: None,
             layers: Vec::new(),
+            outputs: Vec::new(),
         };
         if let Some(&vi) = validate_of.get(&m) {
             let ve = entry(vi);
@@ -271,6 +291,18 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
             v.agreement = metric_f64(ve, "agreement");
             v.max_abs_error = metric_f64(ve, "max_abs_error");
             v.mean_abs_error = metric_f64(ve, "mean_abs_error");
+            if let Some(Value::Object(outs)) = ve.metrics.get("outputs") {
+                v.outputs = outs
+                    .iter()
+                    .map(|(name, o)| OutputMetrics {
+                        name: name.clone(),
+                        kind: o.get("kind").and_then(Value::as_str).map(String::from),
+                        agreement: o.get("agreement").and_then(Value::as_f64),
+                        max_abs_error: o.get("max_abs_error").and_then(Value::as_f64),
+                        mean_abs_error: o.get("mean_abs_error").and_then(Value::as_f64),
+                    })
+                    .collect();
+            }
             if let Some(report) = load_artifact(recipe, &ve.artifact)?.report() {
                 v.layers = layers_of(report);
             }
@@ -446,6 +478,26 @@ impl Comparison {
         }
     }
 
+    /// One line per output of each variant with several outputs.
+    fn outputs_note(&self) -> Vec<String> {
+        let num = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".into(), f);
+        let mut lines = Vec::new();
+        for v in self.variants.iter().filter(|v| v.outputs.len() > 1) {
+            for o in &v.outputs {
+                lines.push(format!(
+                    "{} output '{}' ({}): agreement {}, max |err| {}, mean |err| {}",
+                    v.name,
+                    o.name,
+                    o.kind.as_deref().unwrap_or("-"),
+                    num(o.agreement, &|a| format!("{a:.4}")),
+                    num(o.max_abs_error, &|e| format!("{e:.2e}")),
+                    num(o.mean_abs_error, &|e| format!("{e:.2e}")),
+                ));
+            }
+        }
+        lines
+    }
+
     fn baseline_note(&self) -> String {
         match &self.baseline {
             Some(b) => format!("drop and agreement are against '{b}' (drop in percentage points; negative is better)"),
@@ -457,6 +509,9 @@ impl Comparison {
     pub fn render_text(&self) -> String {
         let mut out = format!("{} ({})\n", self.pipeline, self.recipe);
         out.push_str(&table(&self.rows()));
+        for l in self.outputs_note() {
+            out.push_str(&format!("{l}\n"));
+        }
         out.push_str(&format!(
             "{}\n{}\n",
             self.baseline_note(),
@@ -478,6 +533,12 @@ impl Comparison {
                     .collect();
                 out.push_str(&format!("| {} |\n", align.join(" | ")));
             }
+        }
+        if !self.outputs_note().is_empty() {
+            out.push('\n');
+        }
+        for l in self.outputs_note() {
+            out.push_str(&format!("- {}\n", md_escape(&l)));
         }
         out.push_str(&format!(
             "\n{}.  \n{}.\n",

@@ -132,6 +132,11 @@ pub fn calibrate(
     let plan = Plan::compile(graph, &feeds, &fetches)?;
     let ds = Dataset::open(data)?;
     let total = samples.map_or(ds.rows(), |s| s.min(ds.rows()));
+    if samples == Some(0) {
+        return Err(Error::usage(
+            "calibration: samples = 0 calibrates on nothing; remove it to use every row",
+        ));
+    }
     if total == 0 {
         return Err(Error::msg("calibration: the data set has no rows"));
     }

@@ -1017,9 +1017,10 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
                 *r = t.clone();
             }
         }
-        let outs = pass
-            .visit(&mut node)
-            .map_err(|e: Error| e.context(format!("folding node '{}' ({})", node.name, node.op)))?;
+        let outs = pass.visit(&mut node).map_err(|e: Error| {
+            e.context(format!("node '{}' ({})", node.name, node.op))
+                .context("constant folding")
+        })?;
         pass.abs.insert(node.name.clone(), outs);
         graph.nodes[i] = node;
     }
