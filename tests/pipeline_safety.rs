@@ -109,8 +109,15 @@ fn an_export_cannot_escape_out_dir_through_a_symlinked_directory() {
     assert!(!report.ok);
     let err = stage_error(&report, "float_out");
     assert!(
-        err.contains("through the symlink") && err.contains("allow_outside_out_dir = true"),
+        err.starts_with("stage 'float_out': output link/sub/float.bin would be written to ")
+            && err.contains("through the symlink")
+            && err.contains("allow_outside_out_dir = true"),
         "{err}"
+    );
+    assert_eq!(
+        report.stage("float_out").and_then(|s| s.key.clone()),
+        None,
+        "it never ran"
     );
     assert_eq!(
         std::fs::read_dir(&elsewhere).unwrap().count(),
@@ -234,8 +241,17 @@ fn stale_outputs_are_pruned_after_a_successful_full_run_only() {
         ]
     );
     assert!(!p.out("q").exists());
+    let manifest = p.out(".qpipe-manifest-test_pipeline.json");
+    let inode =
+        |f: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(f).unwrap());
+    let before = inode(&manifest);
     let (report, _) = p.run();
     assert!(report.ok && report.pruned.is_empty());
+    assert_eq!(
+        inode(&manifest),
+        before,
+        "a no-op run does not rewrite the manifest"
+    );
 }
 
 /// A 10 MB export path was echoed whole in the error.

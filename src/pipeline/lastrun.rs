@@ -80,7 +80,11 @@ pub fn why_not_built(recipe: &Recipe) -> Option<String> {
     let failed: Vec<String> = rec
         .failed
         .iter()
-        .map(|(id, e)| format!("stage '{id}' failed: {e}"))
+        .map(|(id, e)| {
+            // A stage's error already starts with its name; say it once.
+            let e = e.strip_prefix(&format!("stage '{id}': ")).unwrap_or(e);
+            format!("stage '{id}' failed: {e}")
+        })
         .collect();
     let what = if failed.is_empty() {
         "stopped before every stage ran".to_string()

@@ -220,6 +220,9 @@ fn prune_inner(
             Err(e) => warn(&format!("out_dir: cannot remove stale {rel}: {e}")),
         }
     }
+    if old.pipeline == recipe.name && old.files == now && pruned.is_empty() {
+        return Ok(pruned); // a no-op run leaves out_dir untouched
+    }
     let manifest = OutManifest {
         pipeline: recipe.name.clone(),
         files: now,

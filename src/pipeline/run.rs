@@ -844,6 +844,12 @@ impl<'r> Engine<'r> {
         t0: Instant,
     ) -> Result<Outcome> {
         let s = &self.recipe.stages[i];
+        // Checked again when each output is written; here so a doomed stage does not run.
+        if !self.recipe.allow_outside_out_dir {
+            for (_, abs) in &s.outputs {
+                super::outdir::confine(&self.recipe.out_dir, abs)?;
+            }
+        }
         let (manifest, hashes) =
             stage_manifest(self.recipe, i, &self.hasher, &|u| self.done_artifact(u))?;
         let key = manifest.key();
