@@ -4,8 +4,8 @@
 
 mod support;
 
+use qpipe::ir::passes::fuse::fuse;
 use qpipe::ir::{Attr, DType, Graph};
-use qpipe::stages::quantize_int8::fuse::fuse;
 use support::graph_builder::{f32t, ints, r, run1, s, G};
 use support::numeric::Rng;
 

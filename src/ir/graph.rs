@@ -104,6 +104,11 @@ impl Node {
             .with_attr("value", Attr::Tensor(value))
     }
 
+    /// Whether this is a `Const` node.
+    pub fn is_const(&self) -> bool {
+        self.op == "Const"
+    }
+
     /// The value of a `Const` node.
     pub fn const_value(&self) -> Option<&Tensor> {
         match (self.op.as_str(), self.attrs.get("value")) {

@@ -2,12 +2,15 @@
 
 mod dtype;
 mod graph;
+pub mod op;
+pub mod passes;
 pub mod serialize;
 pub mod shape_infer;
 mod tensor;
 
 pub use dtype::DType;
 pub use graph::{Attr, Graph, Node, TensorRef};
+pub use op::{FusedActivation, Op};
 pub use tensor::{filled_buffer, num_elements, Element, QuantParams, Tensor, TensorData};
 
 /// An error raised by the IR itself: a malformed graph, tensor or serialized form.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use super::op::{Binary, Conv, Forward, Layout, Linear, MatMul, Op, Padding, Pool, Unary};
 use super::{Attr, DType, Graph, IrError, Node, Tensor, TensorRef};
 
 /// What is known about one tensor before the graph runs.
@@ -68,7 +69,7 @@ pub fn infer_shapes(graph: &Graph) -> Result<HashMap<TensorRef, TensorInfo>, IrE
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let outputs = infer_node(node, &inputs)?;
+        let outputs = infer_node(node, &Op::parse(node)?, &inputs)?;
         for (k, info) in outputs.into_iter().enumerate() {
             infos.insert(TensorRef::new(node.name.clone(), k as u32), info);
         }
@@ -164,10 +165,6 @@ fn dtype_attr(node: &Node, keys: &[&str]) -> Result<DType, IrError> {
     ))
 }
 
-fn bool_attr(node: &Node, key: &str) -> bool {
-    matches!(node.attr(key), Some(Attr::Bool(true)))
-}
-
 /// Output size of a windowed op along one spatial dimension (TF's SAME/VALID rule).
 fn window_out(
     node: &Node,
@@ -175,7 +172,7 @@ fn window_out(
     k: i64,
     stride: i64,
     dilation: i64,
-    padding: &str,
+    padding: Padding,
 ) -> Result<i64, IrError> {
     let limit = i64::from(i32::MAX);
     if !(1..=limit).contains(&stride)
@@ -197,8 +194,8 @@ fn window_out(
     }
     let eff = (k - 1) * dilation + 1;
     Ok(match padding {
-        "SAME" => (size + stride - 1) / stride,
-        "VALID" => {
+        Padding::Same => (size + stride - 1) / stride,
+        Padding::Valid => {
             if size < eff {
                 return Err(err(
                     node,
@@ -207,34 +204,17 @@ fn window_out(
             }
             (size - eff) / stride + 1
         }
-        p => return Err(err(node, format!("padding '{p}' is not supported"))),
+        Padding::Explicit(_) => {
+            return Err(err(node, "padding 'EXPLICIT' is not supported"));
+        }
     })
 }
 
-/// NHWC spatial parameters of a conv or pool: (stride_h, stride_w, dilation_h, dilation_w).
-fn nhwc_params(node: &Node, key: &str) -> Result<(i64, i64), IrError> {
-    if let Ok(fmt) = node.attr_str("data_format") {
-        if fmt != "NHWC" {
-            return Err(err(
-                node,
-                format!("data_format {fmt} is not supported (only NHWC)"),
-            ));
-        }
+fn require_nhwc(node: &Node, layout: Layout) -> Result<(), IrError> {
+    match layout {
+        Layout::Nhwc => Ok(()),
+        Layout::Nchw => Err(err(node, "data_format NCHW is not supported (only NHWC)")),
     }
-    let v = match node.attr(key) {
-        Some(Attr::Ints(v)) => v.clone(),
-        None if key == "dilations" => vec![1, 1, 1, 1],
-        _ => {
-            return Err(err(
-                node,
-                format!("attribute '{key}' is missing or not a list of ints"),
-            ))
-        }
-    };
-    if v.len() != 4 || v[0] != 1 || v[3] != 1 {
-        return Err(err(node, format!("{key} {v:?} must be [1, h, w, 1]")));
-    }
-    Ok((v[1], v[2]))
 }
 
 fn rank_of(node: &Node, info: &TensorInfo, want: usize, what: &str) -> Result<(), IrError> {
@@ -251,7 +231,7 @@ fn small_value(dtype: DType, v: Vec<Option<i64>>) -> Option<Vec<Option<i64>>> {
     (matches!(dtype, DType::I32 | DType::I64) && v.len() <= MAX_TRACKED).then_some(v)
 }
 
-fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrError> {
+fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrError> {
     let first = || {
         ins.first()
             .cloned()
@@ -265,17 +245,17 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
         }
         Ok(vec![i])
     };
-    let op = node.op.as_str();
     Ok(match op {
         // quantize_int8's fused ops (x, weights, bias): shaped like the matrix op.
-        "_FusedConv2D" | "_FusedDepthwiseConv2dNative" | "_FusedMatMul" => {
+        Op::Fused { linear, .. } => {
             want_inputs(node, ins, 3)?;
-            let mut base = node.clone();
-            base.op = op["_Fused".len()..].to_string();
-            base.inputs.truncate(2);
-            return infer_node(&base, &ins[..2]);
+            match linear {
+                Linear::Conv2D(c) => conv_shape(node, c, false, ins)?,
+                Linear::Depthwise(c) => conv_shape(node, c, true, ins)?,
+                Linear::MatMul(m) => matmul_shape(node, m, ins)?,
+            }
         }
-        "Placeholder" => {
+        Op::Placeholder => {
             let dtype = dtype_attr(node, &["dtype"])?;
             let shape = match node.attr("shape") {
                 Some(Attr::Shape(Some(dims))) => {
@@ -288,28 +268,34 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             };
             vec![TensorInfo::new(dtype, shape)]
         }
-        "Const" => {
+        Op::Const => {
             let t = node.attr_tensor("value")?;
             vec![const_info(t)]
         }
-        "Identity"
-        | "StopGradient"
-        | "Snapshot"
-        | "CheckNumerics"
-        | "PreventGradient"
-        | "PlaceholderWithDefault"
-        | "EnsureShape" => same(None)?,
-        "Relu" | "Relu6" | "Tanh" | "Sigmoid" | "Softmax" | "LogSoftmax" | "Rsqrt" | "Sqrt"
-        | "Exp" | "Log" | "Neg" | "Abs" | "Floor" | "Ceil" | "Round" | "Square" | "Elu"
-        | "Selu" | "LeakyRelu" | "Reciprocal" | "Sign" | "BiasAdd" | "ZerosLike" | "OnesLike" => {
-            same(None)?
-        }
+        Op::Forward(
+            Forward::Identity
+            | Forward::StopGradient
+            | Forward::Snapshot
+            | Forward::CheckNumerics
+            | Forward::PreventGradient
+            | Forward::EnsureShape,
+        )
+        | Op::PlaceholderWithDefault => same(None)?,
+        Op::IdentityN => ins.to_vec(),
+        Op::Unary(Unary::LogicalNot) => same(Some(DType::Bool))?,
         // Element-wise ops the interpreter runs; the value (of small int tensors) is dropped.
-        "Softplus" | "Log1p" | "Rint" | "Inv" | "Sin" | "Cos" | "BiasAddV1" => {
-            same(Some(first()?.dtype))?
-        }
-        "IdentityN" => ins.to_vec(),
-        "Cast" => {
+        Op::Unary(
+            Unary::Softplus | Unary::Log1p | Unary::Rint | Unary::Inv | Unary::Sin | Unary::Cos,
+        )
+        | Op::BiasAdd { v1: true, .. } => same(Some(first()?.dtype))?,
+        Op::Unary(_)
+        | Op::Softmax
+        | Op::LogSoftmax
+        | Op::LeakyRelu
+        | Op::BiasAdd { .. }
+        | Op::ZerosLike
+        | Op::OnesLike => same(None)?,
+        Op::Cast => {
             let dst = dtype_attr(node, &["DstT"])?;
             let mut i = first()?;
             i.dtype = dst;
@@ -319,12 +305,12 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             vec![i]
         }
         // qpipe's own (de)quantization nodes: same shape, dtype from the attribute.
-        "Dequantize" => {
+        Op::Dequantize => {
             let dtype = dtype_attr(node, &["dtype", "DstT"]).unwrap_or(DType::F32);
             same(Some(dtype))?
         }
-        "Quantize" => same(Some(dtype_attr(node, &["dtype", "T", "DstT"])?))?,
-        "Shape" => {
+        Op::Quantize => same(Some(dtype_attr(node, &["dtype", "T", "DstT"])?))?,
+        Op::Shape => {
             let x = first()?;
             let dtype = dtype_attr(node, &["out_type"]).unwrap_or(DType::I32);
             let value = x.shape.iter().map(|&d| (d >= 0).then_some(d)).collect();
@@ -334,10 +320,10 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 value: small_value(dtype, value),
             }]
         }
-        "Size" | "Rank" => {
+        Op::Size | Op::Rank => {
             let x = first()?;
             let dtype = dtype_attr(node, &["out_type"]).unwrap_or(DType::I32);
-            let v = if op == "Rank" {
+            let v = if *op == Op::Rank {
                 Some(x.shape.len() as i64)
             } else {
                 x.num_elements()
@@ -348,119 +334,47 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 value: Some(vec![v]),
             }]
         }
-        "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Div" | "FloorDiv" | "FloorMod"
-        | "Maximum" | "Minimum" | "SquaredDifference" | "Pow" | "TruncateDiv" | "Mod" => {
+        Op::Binary(b) => {
             want_inputs(node, ins, 2)?;
             let shape = broadcast(node, &[&ins[0].shape, &ins[1].shape])?;
-            let value = int_binary(op, &ins[0], &ins[1], &shape);
+            let value = int_binary(*b, &ins[0], &ins[1], &shape);
             vec![TensorInfo {
                 dtype: ins[0].dtype,
                 shape,
                 value,
             }]
         }
-        "Greater" | "GreaterEqual" | "Less" | "LessEqual" | "Equal" | "NotEqual" | "LogicalAnd"
-        | "LogicalOr" => {
+        Op::Compare(_) => {
             want_inputs(node, ins, 2)?;
             vec![TensorInfo::new(
                 DType::Bool,
                 broadcast(node, &[&ins[0].shape, &ins[1].shape])?,
             )]
         }
-        "LogicalNot" => same(Some(DType::Bool))?,
-        "Select" | "SelectV2" => {
+        Op::Select | Op::SelectV2 => {
             want_inputs(node, ins, 3)?;
-            let shape = if op == "Select" && ins[0].shape.len() == 1 && ins[1].shape.len() > 1 {
+            let shape = if *op == Op::Select && ins[0].shape.len() == 1 && ins[1].shape.len() > 1 {
                 ins[1].shape.clone()
             } else {
                 broadcast(node, &[&ins[0].shape, &ins[1].shape, &ins[2].shape])?
             };
             vec![TensorInfo::new(ins[1].dtype, shape)]
         }
-        "MatMul" => {
-            want_inputs(node, ins, 2)?;
-            rank_of(node, &ins[0], 2, "input a")?;
-            rank_of(node, &ins[1], 2, "input b")?;
-            let (ta, tb) = (
-                bool_attr(node, "transpose_a"),
-                bool_attr(node, "transpose_b"),
-            );
-            let (m, ka) = if ta {
-                (ins[0].shape[1], ins[0].shape[0])
-            } else {
-                (ins[0].shape[0], ins[0].shape[1])
-            };
-            let (kb, n) = if tb {
-                (ins[1].shape[1], ins[1].shape[0])
-            } else {
-                (ins[1].shape[0], ins[1].shape[1])
-            };
-            if ka >= 0 && kb >= 0 && ka != kb {
-                return Err(err(
-                    node,
-                    format!(
-                        "inner dimensions differ: {:?} x {:?}",
-                        ins[0].shape, ins[1].shape
-                    ),
-                ));
-            }
-            vec![TensorInfo::new(ins[0].dtype, vec![m, n])]
-        }
-        "Conv2D" | "DepthwiseConv2dNative" => {
-            want_inputs(node, ins, 2)?;
-            rank_of(node, &ins[0], 4, "input")?;
-            rank_of(node, &ins[1], 4, "filter")?;
-            let (sh, sw) = nhwc_params(node, "strides")?;
-            let (dh, dw) = nhwc_params(node, "dilations")?;
-            let padding = node.attr_str("padding")?;
-            let (x, f) = (&ins[0].shape, &ins[1].shape);
-            if x[3] >= 0 && f[2] >= 0 && op == "DepthwiseConv2dNative" && x[3] != f[2] {
-                return Err(err(
-                    node,
-                    format!("input channels {} != filter channels {}", x[3], f[2]),
-                ));
-            }
-            if x[3] >= 0 && f[2] > 0 && op == "Conv2D" && x[3] % f[2] != 0 {
-                return Err(err(
-                    node,
-                    format!("input channels {} do not match filter {:?}", x[3], f),
-                ));
-            }
-            let oh = window_out(node, x[1], f[0], sh, dh, padding)?;
-            let ow = window_out(node, x[2], f[1], sw, dw, padding)?;
-            let oc = if op == "Conv2D" {
-                f[3]
-            } else if f[2] >= 0 && f[3] >= 0 {
-                f[2] * f[3]
-            } else {
-                -1
-            };
-            vec![TensorInfo::new(ins[0].dtype, vec![x[0], oh, ow, oc])]
-        }
-        "MaxPool" | "AvgPool" => {
-            let x = first()?;
-            rank_of(node, &x, 4, "input")?;
-            let (kh, kw) = nhwc_params(node, "ksize")?;
-            let (sh, sw) = nhwc_params(node, "strides")?;
-            let padding = node.attr_str("padding")?;
-            let oh = window_out(node, x.shape[1], kh, sh, 1, padding)?;
-            let ow = window_out(node, x.shape[2], kw, sw, 1, padding)?;
-            vec![TensorInfo::new(
-                x.dtype,
-                vec![x.shape[0], oh, ow, x.shape[3]],
-            )]
-        }
-        "FusedBatchNorm" | "FusedBatchNormV2" | "FusedBatchNormV3" => {
+        Op::MatMul(m) => matmul_shape(node, m, ins)?,
+        Op::Conv2D(c) => conv_shape(node, c, false, ins)?,
+        Op::DepthwiseConv2dNative(c) => conv_shape(node, c, true, ins)?,
+        Op::MaxPool(p) | Op::AvgPool(p) => pool_shape(node, p, ins)?,
+        Op::FusedBatchNorm { version, .. } => {
             let x = first()?;
             rank_of(node, &x, 4, "input")?;
             let c = x.shape[3];
             let stat = TensorInfo::new(DType::F32, vec![c]);
             let mut outs = vec![TensorInfo::new(x.dtype, x.shape.clone())];
-            let n_stats = if op == "FusedBatchNormV3" { 5 } else { 4 };
+            let n_stats = if *version == 3 { 5 } else { 4 };
             outs.extend(std::iter::repeat_n(stat, n_stats));
             outs
         }
-        "Reshape" => {
+        Op::Reshape => {
             want_inputs(node, ins, 2)?;
             let target = ins[1]
                 .value
@@ -471,7 +385,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 reshape_dims(node, &ins[0], &target)?,
             )]
         }
-        "ExpandDims" => {
+        Op::ExpandDims => {
             want_inputs(node, ins, 2)?;
             let axis = int_value(node, ins, 1, "axis")?;
             let [axis] = axis[..] else {
@@ -487,7 +401,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 value,
             }]
         }
-        "Squeeze" => {
+        Op::Squeeze => {
             let x = first()?;
             let dims = match node.attr("squeeze_dims").or(node.attr("axis")) {
                 Some(Attr::Ints(v)) => v.clone(),
@@ -518,7 +432,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 value: x.value,
             }]
         }
-        "Max" | "Min" | "Sum" | "Mean" | "Prod" | "All" | "Any" | "ArgMax" | "ArgMin" => {
+        Op::Reduce { .. } | Op::ArgMax | Op::ArgMin => {
             want_inputs(node, ins, 2)?;
             let axes = int_value(node, ins, 1, "reduction axes")?;
             let rank = ins[0].shape.len();
@@ -526,8 +440,10 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 .iter()
                 .map(|&a| norm_axis(node, a, rank))
                 .collect::<Result<Vec<_>, _>>()?;
-            let arg = op.starts_with("Arg");
-            let keep = !arg && bool_attr(node, "keep_dims");
+            let (arg, keep) = match op {
+                Op::Reduce { keep_dims, .. } => (false, *keep_dims),
+                _ => (true, false),
+            };
             let mut shape = Vec::new();
             for (j, &d) in ins[0].shape.iter().enumerate() {
                 if axes.contains(&j) {
@@ -545,7 +461,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             };
             vec![TensorInfo::new(dtype, shape)]
         }
-        "ConcatV2" => {
+        Op::ConcatV2 => {
             want_inputs(node, ins, 2)?;
             let n = ins.len() - 1;
             let axis = int_value(node, ins, n, "axis")?;
@@ -587,7 +503,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 value: value.and_then(|v| small_value(ins[0].dtype, v)),
             }]
         }
-        "Pack" => {
+        Op::Pack => {
             let x = first()?;
             let axis = match node.attr("axis") {
                 Some(Attr::Int(a)) => *a,
@@ -609,10 +525,10 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 value: value.and_then(|v| small_value(x.dtype, v)),
             }]
         }
-        "StridedSlice" => strided_slice(node, ins)?,
-        "GatherV2" | "Gather" => {
+        Op::StridedSlice => strided_slice(node, ins)?,
+        Op::GatherV2 | Op::Gather => {
             want_inputs(node, ins, 2)?;
-            let axis = if op == "GatherV2" {
+            let axis = if *op == Op::GatherV2 {
                 let v = int_value(node, ins, 2, "axis")?;
                 let [a] = v[..] else {
                     return Err(err(node, "axis must be a single value"));
@@ -644,7 +560,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             shape.extend_from_slice(&p[a + 1..]);
             vec![TensorInfo::new(ins[0].dtype, shape)]
         }
-        "Pad" | "PadV2" | "MirrorPad" => {
+        Op::Pad | Op::PadV2 | Op::MirrorPad => {
             want_inputs(node, ins, 2)?;
             let pads = int_value(node, ins, 1, "paddings")?;
             let x = &ins[0];
@@ -670,7 +586,7 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 .collect::<Result<_, _>>()?;
             vec![TensorInfo::new(x.dtype, shape)]
         }
-        "Transpose" => {
+        Op::Transpose => {
             want_inputs(node, ins, 2)?;
             let perm = int_value(node, ins, 1, "permutation")?;
             let x = &ins[0];
@@ -691,9 +607,9 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
                 .collect::<Result<_, _>>()?;
             vec![TensorInfo::new(x.dtype, shape)]
         }
-        "Fill" | "RandomUniform" | "RandomStandardNormal" | "TruncatedNormal" => {
+        Op::Fill | Op::Random(_) => {
             let dims = int_value(node, ins, 0, "shape")?;
-            let dtype = if op == "Fill" {
+            let dtype = if *op == Op::Fill {
                 want_inputs(node, ins, 2)?;
                 ins[1].dtype
             } else {
@@ -701,9 +617,15 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
             };
             vec![TensorInfo::new(dtype, dims)]
         }
-        "NoOp" | "Assert" | "SaveV2" | "Print" => vec![],
+        Op::NoOp | Op::Assert | Op::SaveV2 | Op::Print => vec![],
+        Op::BatchMatMul { .. }
+        | Op::Slice
+        | Op::Unpack
+        | Op::Concat
+        | Op::Tile
+        | Op::Range
         // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
-        _ => {
+        | Op::Other(_) => {
             return Err(err(
                 node,
                 "this op cannot be exported to .tflite (qpipe has no shape rule for it)",
@@ -712,7 +634,87 @@ fn infer_node(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrErro
     })
 }
 
-fn int_binary(op: &str, a: &TensorInfo, b: &TensorInfo, shape: &[i64]) -> Option<Vec<Option<i64>>> {
+fn matmul_shape(node: &Node, m: &MatMul, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrError> {
+    want_inputs(node, ins, 2)?;
+    rank_of(node, &ins[0], 2, "input a")?;
+    rank_of(node, &ins[1], 2, "input b")?;
+    let (m_, ka) = if m.transpose_a {
+        (ins[0].shape[1], ins[0].shape[0])
+    } else {
+        (ins[0].shape[0], ins[0].shape[1])
+    };
+    let (kb, n) = if m.transpose_b {
+        (ins[1].shape[1], ins[1].shape[0])
+    } else {
+        (ins[1].shape[0], ins[1].shape[1])
+    };
+    if ka >= 0 && kb >= 0 && ka != kb {
+        return Err(err(
+            node,
+            format!(
+                "inner dimensions differ: {:?} x {:?}",
+                ins[0].shape, ins[1].shape
+            ),
+        ));
+    }
+    Ok(vec![TensorInfo::new(ins[0].dtype, vec![m_, n])])
+}
+
+fn conv_shape(
+    node: &Node,
+    c: &Conv,
+    depthwise: bool,
+    ins: &[TensorInfo],
+) -> Result<Vec<TensorInfo>, IrError> {
+    want_inputs(node, ins, 2)?;
+    rank_of(node, &ins[0], 4, "input")?;
+    rank_of(node, &ins[1], 4, "filter")?;
+    require_nhwc(node, c.layout)?;
+    let ([sh, sw], [dh, dw]) = (c.strides, c.dilations);
+    let (x, f) = (&ins[0].shape, &ins[1].shape);
+    if x[3] >= 0 && f[2] >= 0 && depthwise && x[3] != f[2] {
+        return Err(err(
+            node,
+            format!("input channels {} != filter channels {}", x[3], f[2]),
+        ));
+    }
+    if x[3] >= 0 && f[2] > 0 && !depthwise && x[3] % f[2] != 0 {
+        return Err(err(
+            node,
+            format!("input channels {} do not match filter {:?}", x[3], f),
+        ));
+    }
+    let oh = window_out(node, x[1], f[0], sh, dh, c.padding)?;
+    let ow = window_out(node, x[2], f[1], sw, dw, c.padding)?;
+    let oc = if !depthwise {
+        f[3]
+    } else if f[2] >= 0 && f[3] >= 0 {
+        f[2] * f[3]
+    } else {
+        -1
+    };
+    Ok(vec![TensorInfo::new(ins[0].dtype, vec![x[0], oh, ow, oc])])
+}
+
+fn pool_shape(node: &Node, p: &Pool, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrError> {
+    let x = ins.first().ok_or_else(|| err(node, "needs an input"))?;
+    rank_of(node, x, 4, "input")?;
+    require_nhwc(node, p.layout)?;
+    let ([kh, kw], [sh, sw]) = (p.ksize, p.strides);
+    let oh = window_out(node, x.shape[1], kh, sh, 1, p.padding)?;
+    let ow = window_out(node, x.shape[2], kw, sw, 1, p.padding)?;
+    Ok(vec![TensorInfo::new(
+        x.dtype,
+        vec![x.shape[0], oh, ow, x.shape[3]],
+    )])
+}
+
+fn int_binary(
+    op: Binary,
+    a: &TensorInfo,
+    b: &TensorInfo,
+    shape: &[i64],
+) -> Option<Vec<Option<i64>>> {
     let (va, vb) = (a.value.as_ref()?, b.value.as_ref()?);
     if shape.len() > 1 || !matches!(a.dtype, DType::I32 | DType::I64) {
         return None;
@@ -730,13 +732,20 @@ fn int_binary(op: &str, a: &TensorInfo, b: &TensorInfo, shape: &[i64]) -> Option
         .map(|i| {
             let (x, y) = (get(va, i)?, get(vb, i)?);
             match op {
-                "Add" | "AddV2" => x.checked_add(y),
-                "Sub" => x.checked_sub(y),
-                "Mul" => x.checked_mul(y),
-                "FloorDiv" | "Div" if y != 0 => Some(x.div_euclid(y)),
-                "Maximum" => Some(x.max(y)),
-                "Minimum" => Some(x.min(y)),
-                _ => None,
+                Binary::Add | Binary::AddV2 => x.checked_add(y),
+                Binary::Sub => x.checked_sub(y),
+                Binary::Mul => x.checked_mul(y),
+                Binary::FloorDiv | Binary::Div if y != 0 => Some(x.div_euclid(y)),
+                Binary::Maximum => Some(x.max(y)),
+                Binary::Minimum => Some(x.min(y)),
+                Binary::FloorDiv
+                | Binary::Div
+                | Binary::RealDiv
+                | Binary::TruncateDiv
+                | Binary::FloorMod
+                | Binary::Mod
+                | Binary::Pow
+                | Binary::SquaredDifference => None,
             }
         })
         .collect();

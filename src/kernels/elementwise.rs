@@ -5,7 +5,8 @@ use half::{bf16, f16};
 
 use super::value::{Buf, Elem, Value};
 use crate::error::{Error, Result};
-use crate::ir::{num_elements, DType};
+use crate::ir::op::{Binary, Compare, Unary};
+use crate::ir::{num_elements, DType, Node, Op};
 
 /// The broadcast shape of two shapes (NumPy rules), or an error naming both.
 pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
@@ -156,32 +157,38 @@ pub enum UnaryOp {
 impl UnaryOp {
     /// The kernel for a TensorFlow op name, if it is a unary element-wise op.
     pub fn from_tf(op: &str) -> Option<UnaryOp> {
-        Some(match op {
-            "Relu" => UnaryOp::Relu,
-            "Relu6" => UnaryOp::Relu6,
-            "Elu" => UnaryOp::Elu,
-            "Selu" => UnaryOp::Selu,
-            "Tanh" => UnaryOp::Tanh,
-            "Sigmoid" => UnaryOp::Sigmoid,
-            "Softplus" => UnaryOp::Softplus,
-            "Rsqrt" => UnaryOp::Rsqrt,
-            "Sqrt" => UnaryOp::Sqrt,
-            "Square" => UnaryOp::Square,
-            "Exp" => UnaryOp::Exp,
-            "Log" => UnaryOp::Log,
-            "Log1p" => UnaryOp::Log1p,
-            "Neg" => UnaryOp::Neg,
-            "Abs" => UnaryOp::Abs,
-            "Floor" => UnaryOp::Floor,
-            "Ceil" => UnaryOp::Ceil,
-            "Round" | "Rint" => UnaryOp::Round,
-            "Sign" => UnaryOp::Sign,
-            "Reciprocal" | "Inv" => UnaryOp::Reciprocal,
-            "Sin" => UnaryOp::Sin,
-            "Cos" => UnaryOp::Cos,
-            "LogicalNot" => UnaryOp::LogicalNot,
-            _ => return None,
-        })
+        match Op::parse(&Node::new("", op)) {
+            Ok(Op::Unary(u)) => Some(UnaryOp::from_ir(u)),
+            _ => None,
+        }
+    }
+
+    pub fn from_ir(u: Unary) -> UnaryOp {
+        match u {
+            Unary::Relu => UnaryOp::Relu,
+            Unary::Relu6 => UnaryOp::Relu6,
+            Unary::Elu => UnaryOp::Elu,
+            Unary::Selu => UnaryOp::Selu,
+            Unary::Tanh => UnaryOp::Tanh,
+            Unary::Sigmoid => UnaryOp::Sigmoid,
+            Unary::Softplus => UnaryOp::Softplus,
+            Unary::Rsqrt => UnaryOp::Rsqrt,
+            Unary::Sqrt => UnaryOp::Sqrt,
+            Unary::Square => UnaryOp::Square,
+            Unary::Exp => UnaryOp::Exp,
+            Unary::Log => UnaryOp::Log,
+            Unary::Log1p => UnaryOp::Log1p,
+            Unary::Neg => UnaryOp::Neg,
+            Unary::Abs => UnaryOp::Abs,
+            Unary::Floor => UnaryOp::Floor,
+            Unary::Ceil => UnaryOp::Ceil,
+            Unary::Round | Unary::Rint => UnaryOp::Round,
+            Unary::Sign => UnaryOp::Sign,
+            Unary::Reciprocal | Unary::Inv => UnaryOp::Reciprocal,
+            Unary::Sin => UnaryOp::Sin,
+            Unary::Cos => UnaryOp::Cos,
+            Unary::LogicalNot => UnaryOp::LogicalNot,
+        }
     }
 }
 
@@ -356,28 +363,41 @@ pub enum BinaryOp {
 }
 
 impl BinaryOp {
+    /// The kernel for a TensorFlow op name, if it is a binary element-wise op.
     pub fn from_tf(op: &str) -> Option<BinaryOp> {
-        Some(match op {
-            "Add" | "AddV2" => BinaryOp::Add,
-            "Sub" => BinaryOp::Sub,
-            "Mul" => BinaryOp::Mul,
-            "RealDiv" | "Div" | "TruncateDiv" => BinaryOp::Div,
-            "FloorDiv" => BinaryOp::FloorDiv,
-            "FloorMod" | "Mod" => BinaryOp::FloorMod,
-            "Maximum" => BinaryOp::Maximum,
-            "Minimum" => BinaryOp::Minimum,
-            "Pow" => BinaryOp::Pow,
-            "SquaredDifference" => BinaryOp::SquaredDifference,
-            "Greater" => BinaryOp::Greater,
-            "GreaterEqual" => BinaryOp::GreaterEqual,
-            "Less" => BinaryOp::Less,
-            "LessEqual" => BinaryOp::LessEqual,
-            "Equal" => BinaryOp::Equal,
-            "NotEqual" => BinaryOp::NotEqual,
-            "LogicalAnd" => BinaryOp::LogicalAnd,
-            "LogicalOr" => BinaryOp::LogicalOr,
-            _ => return None,
-        })
+        match Op::parse(&Node::new("", op)) {
+            Ok(Op::Binary(b)) => Some(BinaryOp::from_ir(b)),
+            Ok(Op::Compare(c)) => Some(BinaryOp::from_compare(c)),
+            _ => None,
+        }
+    }
+
+    pub fn from_ir(b: Binary) -> BinaryOp {
+        match b {
+            Binary::Add | Binary::AddV2 => BinaryOp::Add,
+            Binary::Sub => BinaryOp::Sub,
+            Binary::Mul => BinaryOp::Mul,
+            Binary::RealDiv | Binary::Div | Binary::TruncateDiv => BinaryOp::Div,
+            Binary::FloorDiv => BinaryOp::FloorDiv,
+            Binary::FloorMod | Binary::Mod => BinaryOp::FloorMod,
+            Binary::Maximum => BinaryOp::Maximum,
+            Binary::Minimum => BinaryOp::Minimum,
+            Binary::Pow => BinaryOp::Pow,
+            Binary::SquaredDifference => BinaryOp::SquaredDifference,
+        }
+    }
+
+    pub fn from_compare(c: Compare) -> BinaryOp {
+        match c {
+            Compare::Greater => BinaryOp::Greater,
+            Compare::GreaterEqual => BinaryOp::GreaterEqual,
+            Compare::Less => BinaryOp::Less,
+            Compare::LessEqual => BinaryOp::LessEqual,
+            Compare::Equal => BinaryOp::Equal,
+            Compare::NotEqual => BinaryOp::NotEqual,
+            Compare::LogicalAnd => BinaryOp::LogicalAnd,
+            Compare::LogicalOr => BinaryOp::LogicalOr,
+        }
     }
 
     fn is_comparison(self) -> bool {

@@ -9,6 +9,7 @@
 pub mod array;
 pub mod dataset;
 pub mod elementwise;
+pub mod fused;
 pub mod int8;
 pub mod nn;
 pub mod ops;
@@ -17,7 +18,7 @@ pub mod rounding;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};
-pub use int8::Arithmetic;
+pub use ops::Arithmetic;
 pub use ops::{Kernel, StepQuant};
 pub use plan::{run, run_with, Plan, PlanInput};
 pub use value::{Buf, Elem, Value};
@@ -25,9 +26,18 @@ pub use value::{Buf, Elem, Value};
 use crate::error::Result;
 use crate::ir::Node;
 
+/// Runs `kernel` on `inputs`: its int8 form when the step is int8 and one exists,
+/// else the generic (float, or dtype-agnostic) one.
+pub fn exec_kernel(kernel: &Kernel, inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
+    if let Some(out) = int8::exec(kernel, &inputs, quant)? {
+        return Ok(out);
+    }
+    kernel.exec(inputs, quant)
+}
+
 /// Evaluates a single node on given input values (for constant folding).
 pub fn eval_node(node: &Node, inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
     Kernel::compile(node)
-        .and_then(|k| k.exec(inputs, quant))
+        .and_then(|k| exec_kernel(&k, inputs, quant))
         .map_err(|e| e.context(format!("node '{}' ({})", node.name, node.op)))
 }

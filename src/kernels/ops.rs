@@ -4,10 +4,10 @@
 use super::array::{self, ReduceOp, SliceMasks};
 use super::elementwise::{self, BinaryOp, UnaryOp};
 use super::nn::{self, Padding, PoolKind, Window};
-use super::rounding::FusedActivation;
 use super::value::{Buf, Value};
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Node, QuantParams, Tensor, TensorData};
+use crate::ir::op::{Conv, Forward, Layout, Linear, Padding as IrPadding, Random, Reduce};
+use crate::ir::{Attr, DType, FusedActivation, Node, Op, QuantParams, Tensor, TensorData};
 
 /// Quantization of a step's inputs and outputs, as the graph declares it
 /// (`output_quant` of the producing nodes).
@@ -16,7 +16,36 @@ pub struct StepQuant {
     pub inputs: Vec<Option<QuantParams>>,
     pub outputs: Vec<Option<QuantParams>>,
     /// Whose int8 arithmetic the step reproduces.
-    pub arithmetic: super::int8::Arithmetic,
+    pub arithmetic: Arithmetic,
+}
+
+/// Whose int8 arithmetic the kernels reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Arithmetic {
+    /// LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`).
+    #[default]
+    Reference,
+    /// LiteRT's default resolver (`Interpreter()`): the XNNPACK delegate and the
+    /// optimized builtin kernels, as LiteRT 2.3.0 runs them on x86-64.
+    LiteRt,
+}
+
+impl Arithmetic {
+    /// The name used in recipes and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arithmetic::Reference => "litert-ref",
+            Arithmetic::LiteRt => "litert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Arithmetic> {
+        match s {
+            "litert-ref" => Some(Arithmetic::Reference),
+            "litert" => Some(Arithmetic::LiteRt),
+            _ => None,
+        }
+    }
 }
 
 /// Constants from this size on are candidates for [`Kernel::GatherTable`].
@@ -146,72 +175,37 @@ fn int_attr(node: &Node, key: &str, default: i64) -> Result<i64> {
     }
 }
 
-fn nhwc(node: &Node) -> Result<()> {
-    match node.attr("data_format") {
-        None => Ok(()),
-        Some(_) => match node.attr_str("data_format")? {
-            "NHWC" => Ok(()),
-            other => Err(Error::msg(format!(
-                "data_format {other} is not supported (only NHWC)"
-            ))),
-        },
-    }
-}
-
-fn channels_first(node: &Node) -> Result<bool> {
-    match node.attr("data_format") {
-        None => Ok(false),
-        Some(_) => match node.attr_str("data_format")? {
-            "NHWC" | "NWC" | "NDHWC" => Ok(false),
-            "NCHW" | "NCW" | "NCDHW" => Ok(true),
-            other => Err(Error::msg(format!("unknown data_format {other}"))),
-        },
-    }
-}
-
-fn spatial4(node: &Node, key: &str, default: Option<[usize; 2]>) -> Result<[usize; 2]> {
-    let v = match (node.attr(key), default) {
-        (None, Some(d)) => return Ok(d),
-        _ => node.attr_ints(key)?,
-    };
+fn positive(v: [i64; 2], what: &str) -> Result<[usize; 2]> {
     match v {
-        [1, h, w, 1] if *h > 0 && *w > 0 => Ok([*h as usize, *w as usize]),
-        _ => Err(Error::msg(format!(
-            "attribute '{key}' must be [1, h, w, 1] with positive h and w, got {v:?}"
-        ))),
+        [h, w] if h > 0 && w > 0 => Ok([h as usize, w as usize]),
+        _ => Err(Error::msg(format!("{what} must be positive, got {v:?}"))),
     }
 }
 
-fn padding(node: &Node) -> Result<Padding> {
-    match node.attr_str("padding")? {
-        "SAME" => Ok(Padding::Same),
-        "VALID" => Ok(Padding::Valid),
-        "EXPLICIT" => {
-            let p = node.attr_ints("explicit_paddings")?;
-            if p.len() != 8
-                || p.iter().any(|&v| v < 0)
-                || p[0] != 0
-                || p[1] != 0
-                || p[6] != 0
-                || p[7] != 0
-            {
-                return Err(Error::msg(format!("bad explicit_paddings {p:?}")));
-            }
-            Ok(Padding::Explicit([
-                (p[2] as usize, p[3] as usize),
-                (p[4] as usize, p[5] as usize),
-            ]))
+fn nhwc(layout: Layout) -> Result<()> {
+    match layout {
+        Layout::Nhwc => Ok(()),
+        Layout::Nchw => Err(Error::msg("data_format NCHW is not supported (only NHWC)")),
+    }
+}
+
+fn padding(p: IrPadding) -> Result<Padding> {
+    Ok(match p {
+        IrPadding::Same => Padding::Same,
+        IrPadding::Valid => Padding::Valid,
+        IrPadding::Explicit(pads) => {
+            let [(t, b), (l, r)] = pads;
+            Padding::Explicit([(t as usize, b as usize), (l as usize, r as usize)])
         }
-        other => Err(Error::msg(format!("unknown padding {other}"))),
-    }
+    })
 }
 
-fn window(node: &Node) -> Result<Window> {
-    nhwc(node)?;
+fn window(c: &Conv) -> Result<Window> {
+    nhwc(c.layout)?;
     Ok(Window {
-        strides: spatial4(node, "strides", None)?,
-        dilations: spatial4(node, "dilations", Some([1, 1]))?,
-        padding: padding(node)?,
+        strides: positive(c.strides, "strides")?,
+        dilations: positive(c.dilations, "dilations")?,
+        padding: padding(c.padding)?,
     })
 }
 
@@ -238,17 +232,20 @@ impl Kernel {
             }
             Ok(())
         };
-        let op = node.op.as_str();
-        if let Some(u) = UnaryOp::from_tf(op) {
-            arity(1, 1)?;
-            return Ok(Kernel::Unary(u));
-        }
-        if let Some(b) = BinaryOp::from_tf(op) {
-            arity(2, 2)?;
-            return Ok(Kernel::Binary(b));
-        }
-        let k = match op {
-            "Const" => {
+        let k = match Op::parse(node)? {
+            Op::Unary(u) => {
+                arity(1, 1)?;
+                Kernel::Unary(UnaryOp::from_ir(u))
+            }
+            Op::Binary(b) => {
+                arity(2, 2)?;
+                Kernel::Binary(BinaryOp::from_ir(b))
+            }
+            Op::Compare(c) => {
+                arity(2, 2)?;
+                Kernel::Binary(BinaryOp::from_compare(c))
+            }
+            Op::Const => {
                 arity(0, 0)?;
                 let t = node.attr_tensor("value")?;
                 match t.data() {
@@ -258,22 +255,24 @@ impl Kernel {
                     _ => Kernel::Const(Value::from_const_tensor(t)?),
                 }
             }
-            "Identity"
-            | "StopGradient"
-            | "Snapshot"
-            | "PreventGradient"
-            | "CheckNumerics"
-            | "EnsureShape"
-            | "PlaceholderWithDefault" => {
+            Op::Forward(
+                Forward::Identity
+                | Forward::StopGradient
+                | Forward::Snapshot
+                | Forward::PreventGradient
+                | Forward::CheckNumerics
+                | Forward::EnsureShape,
+            )
+            | Op::PlaceholderWithDefault => {
                 arity(1, 1)?;
                 Kernel::Forward
             }
-            "Print" => {
+            Op::Print => {
                 arity(1, usize::MAX)?;
                 Kernel::Forward
             }
-            "IdentityN" => Kernel::ForwardAll,
-            "LeakyRelu" => {
+            Op::IdentityN => Kernel::ForwardAll,
+            Op::LeakyRelu => {
                 arity(1, 1)?;
                 let alpha = match node.attr("alpha") {
                     None => 0.2,
@@ -281,52 +280,52 @@ impl Kernel {
                 };
                 Kernel::Unary(UnaryOp::LeakyRelu(alpha.to_bits()))
             }
-            "BiasAdd" | "BiasAddV1" => {
+            Op::BiasAdd { layout, .. } => {
                 arity(2, 2)?;
                 Kernel::BiasAdd {
-                    channels_first: channels_first(node)?,
+                    channels_first: layout == Layout::Nchw,
                 }
             }
-            "Conv2D" => {
+            Op::Conv2D(c) => {
                 arity(2, 2)?;
-                Kernel::Conv2D(window(node)?)
+                Kernel::Conv2D(window(&c)?)
             }
-            "DepthwiseConv2dNative" => {
+            Op::DepthwiseConv2dNative(c) => {
                 arity(2, 2)?;
-                Kernel::Depthwise(window(node)?)
+                Kernel::Depthwise(window(&c)?)
             }
-            "MatMul" => {
+            Op::MatMul(m) => {
                 arity(2, 2)?;
                 Kernel::MatMul {
-                    ta: bool_attr(node, "transpose_a", false)?,
-                    tb: bool_attr(node, "transpose_b", false)?,
+                    ta: m.transpose_a,
+                    tb: m.transpose_b,
                 }
             }
-            "BatchMatMul" | "BatchMatMulV2" | "BatchMatMulV3" => {
+            Op::BatchMatMul { .. } => {
                 arity(2, 2)?;
                 Kernel::BatchMatMul {
                     adj_a: bool_attr(node, "adj_x", false)?,
                     adj_b: bool_attr(node, "adj_y", false)?,
                 }
             }
-            "MaxPool" | "AvgPool" => {
+            op @ (Op::MaxPool(p) | Op::AvgPool(p)) => {
                 arity(1, 1)?;
-                nhwc(node)?;
+                nhwc(p.layout)?;
                 Kernel::Pool {
-                    kind: if op == "MaxPool" {
+                    kind: if matches!(op, Op::MaxPool(_)) {
                         PoolKind::Max
                     } else {
                         PoolKind::Avg
                     },
-                    ksize: spatial4(node, "ksize", None)?,
+                    ksize: positive(p.ksize, "ksize")?,
                     win: Window {
-                        strides: spatial4(node, "strides", None)?,
+                        strides: positive(p.strides, "strides")?,
                         dilations: [1, 1],
-                        padding: padding(node)?,
+                        padding: padding(p.padding)?,
                     },
                 }
             }
-            "FusedBatchNorm" | "FusedBatchNormV2" | "FusedBatchNormV3" => {
+            Op::FusedBatchNorm { layout, .. } => {
                 arity(5, 5)?;
                 if bool_attr(node, "is_training", true)? {
                     return Err(Error::msg(
@@ -339,76 +338,78 @@ impl Kernel {
                         None => 1e-4,
                         Some(_) => node.attr_float("epsilon")?,
                     },
-                    channels_first: channels_first(node)?,
+                    channels_first: layout == Layout::Nchw,
                 }
             }
-            "Softmax" | "LogSoftmax" => {
+            Op::Softmax => {
                 arity(1, 1)?;
-                Kernel::Softmax {
-                    log: op == "LogSoftmax",
-                }
+                Kernel::Softmax { log: false }
             }
-            "Sum" | "Mean" | "Max" | "Min" | "Prod" | "Any" | "All" => {
+            Op::LogSoftmax => {
+                arity(1, 1)?;
+                Kernel::Softmax { log: true }
+            }
+            Op::Reduce { kind, keep_dims } => {
                 arity(2, 2)?;
                 Kernel::Reduce {
-                    op: match op {
-                        "Sum" => ReduceOp::Sum,
-                        "Mean" => ReduceOp::Mean,
-                        "Max" => ReduceOp::Max,
-                        "Min" => ReduceOp::Min,
-                        "Prod" => ReduceOp::Prod,
-                        "Any" => ReduceOp::Any,
-                        _ => ReduceOp::All,
+                    op: match kind {
+                        Reduce::Sum => ReduceOp::Sum,
+                        Reduce::Mean => ReduceOp::Mean,
+                        Reduce::Max => ReduceOp::Max,
+                        Reduce::Min => ReduceOp::Min,
+                        Reduce::Prod => ReduceOp::Prod,
+                        Reduce::Any => ReduceOp::Any,
+                        Reduce::All => ReduceOp::All,
                     },
-                    keep_dims: bool_attr(node, "keep_dims", false)?,
+                    keep_dims,
                 }
             }
-            "ArgMax" | "ArgMin" => {
+            op @ (Op::ArgMax | Op::ArgMin) => {
                 arity(2, 2)?;
                 Kernel::ArgReduce {
-                    max: op == "ArgMax",
+                    max: op == Op::ArgMax,
                     out: type_attr(node, "output_type", DType::I64)?,
                 }
             }
-            "GatherV2" => {
+            Op::GatherV2 => {
                 arity(3, 3)?;
                 if int_attr(node, "batch_dims", 0)? != 0 {
                     return Err(Error::msg("GatherV2 with batch_dims != 0 is not supported"));
                 }
                 Kernel::Gather { axis_input: true }
             }
-            "Gather" => {
+            Op::Gather => {
                 arity(2, 2)?;
                 Kernel::Gather { axis_input: false }
             }
-            "ExpandDims" => {
+            Op::ExpandDims => {
                 arity(2, 2)?;
                 Kernel::ExpandDims
             }
-            "Squeeze" => {
+            Op::Squeeze => {
                 arity(1, 1)?;
                 Kernel::Squeeze(match node.attr("squeeze_dims") {
                     None => vec![],
                     Some(_) => node.attr_ints("squeeze_dims")?.to_vec(),
                 })
             }
-            "Reshape" => {
+            Op::Reshape => {
                 arity(2, 2)?;
                 Kernel::Reshape
             }
-            "Shape" => {
+            Op::Shape => {
                 arity(1, 1)?;
                 Kernel::Shape(type_attr(node, "out_type", DType::I32)?)
             }
-            "Size" => {
+            Op::Size => {
                 arity(1, 1)?;
                 Kernel::Size(type_attr(node, "out_type", DType::I32)?)
             }
-            "Rank" => {
+            Op::Rank => {
                 arity(1, 1)?;
                 Kernel::Rank
             }
-            "StridedSlice" => {
+            Op::StridedSlice => {
                 arity(4, 4)?;
                 Kernel::StridedSlice(SliceMasks {
                     begin: int_attr(node, "begin_mask", 0)?,
@@ -418,33 +419,35 @@ impl Kernel {
                     shrink_axis: int_attr(node, "shrink_axis_mask", 0)?,
                 })
             }
-            "Slice" => {
+            Op::Slice => {
                 arity(3, 3)?;
                 Kernel::Slice
             }
-            "Pack" => {
+            Op::Pack => {
                 arity(1, usize::MAX)?;
                 Kernel::Pack(int_attr(node, "axis", 0)?)
             }
-            "Unpack" => {
+            Op::Unpack => {
                 arity(1, 1)?;
                 Kernel::Unpack(int_attr(node, "axis", 0)?)
             }
-            "ConcatV2" | "Concat" => {
+            Op::ConcatV2 => {
                 arity(2, usize::MAX)?;
-                Kernel::Concat {
-                    axis_first: op == "Concat",
-                }
+                Kernel::Concat { axis_first: false }
             }
-            "Pad" => {
+            Op::Concat => {
+                arity(2, usize::MAX)?;
+                Kernel::Concat { axis_first: true }
+            }
+            Op::Pad => {
                 arity(2, 2)?;
                 Kernel::Pad
             }
-            "PadV2" => {
+            Op::PadV2 => {
                 arity(3, 3)?;
                 Kernel::PadV2
             }
-            "MirrorPad" => {
+            Op::MirrorPad => {
                 arity(2, 2)?;
                 Kernel::MirrorPad {
                     reflect: match node.attr_str("mode")? {
@@ -454,41 +457,43 @@ impl Kernel {
                     },
                 }
             }
-            "Transpose" => {
+            Op::Transpose => {
                 arity(2, 2)?;
                 Kernel::Transpose
             }
-            "Tile" => {
+            Op::Tile => {
                 arity(2, 2)?;
                 Kernel::Tile
             }
-            "Fill" => {
+            Op::Fill => {
                 arity(2, 2)?;
                 Kernel::Fill
             }
-            "ZerosLike" => {
+            Op::ZerosLike => {
                 arity(1, 1)?;
                 Kernel::ZerosLike
             }
-            "OnesLike" => {
+            Op::OnesLike => {
                 arity(1, 1)?;
                 Kernel::OnesLike
             }
-            "Range" => {
+            Op::Range => {
                 arity(3, 3)?;
                 Kernel::Range
             }
-            "Cast" => {
+            Op::Cast => {
                 arity(1, 1)?;
                 Kernel::Cast(node.attr_type("DstT")?)
             }
-            "Select" | "SelectV2" => {
+            Op::Select => {
                 arity(3, 3)?;
-                Kernel::Select {
-                    v2: op == "SelectV2",
-                }
+                Kernel::Select { v2: false }
             }
-            "RandomUniform" => {
+            Op::SelectV2 => {
+                arity(3, 3)?;
+                Kernel::Select { v2: true }
+            }
+            Op::Random(Random::Uniform) => {
                 arity(1, 1)?;
                 let s1 = int_attr(node, "seed", 0)? as u64;
                 let s2 = int_attr(node, "seed2", 0)? as u64;
@@ -497,43 +502,43 @@ impl Kernel {
                     seed: s1.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s2,
                 }
             }
-            "Dequantize" => {
+            Op::Dequantize => {
                 arity(1, 1)?;
                 if type_attr(node, "dtype", DType::F32)? != DType::F32 {
                     return Err(Error::msg("Dequantize must produce float32"));
                 }
                 Kernel::Dequantize
             }
-            "_FusedConv2D" => {
+            Op::Fused { linear, activation } => {
                 arity(3, 3)?;
-                Kernel::FusedConv2D {
-                    win: window(node)?,
-                    act: super::int8::fused_activation(node)?,
+                match linear {
+                    Linear::Conv2D(c) => Kernel::FusedConv2D {
+                        win: window(&c)?,
+                        act: activation,
+                    },
+                    Linear::Depthwise(c) => Kernel::FusedDepthwise {
+                        win: window(&c)?,
+                        act: activation,
+                    },
+                    Linear::MatMul(m) => Kernel::FusedMatMul {
+                        ta: m.transpose_a,
+                        tb: m.transpose_b,
+                        act: activation,
+                    },
                 }
             }
-            "_FusedDepthwiseConv2dNative" => {
-                arity(3, 3)?;
-                Kernel::FusedDepthwise {
-                    win: window(node)?,
-                    act: super::int8::fused_activation(node)?,
-                }
-            }
-            "_FusedMatMul" => {
-                arity(3, 3)?;
-                Kernel::FusedMatMul {
-                    ta: bool_attr(node, "transpose_a", false)?,
-                    tb: bool_attr(node, "transpose_b", false)?,
-                    act: super::int8::fused_activation(node)?,
-                }
-            }
-            "Quantize" => {
+            Op::Quantize => {
                 arity(1, 1)?;
                 Kernel::Quantize
             }
-            "Placeholder" => {
+            Op::Placeholder => {
                 return Err(Error::msg("placeholder is needed but was not fed"));
             }
-            _ => {
+            Op::Random(Random::StandardNormal | Random::TruncatedNormal)
+            | Op::NoOp
+            | Op::Assert
+            | Op::SaveV2
+            | Op::Other(_) => {
                 return Err(Error::msg(
                     "the interpreter has no kernel for this op".to_string(),
                 ))
@@ -542,12 +547,10 @@ impl Kernel {
         Ok(k)
     }
 
-    /// Runs the kernel. `inputs` are owned so that element-wise kernels can reuse
-    /// a buffer nobody else holds.
-    pub fn exec(&self, mut inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
-        if let Some(out) = super::int8::exec(self, &inputs, quant)? {
-            return Ok(out);
-        }
+    /// Runs the generic (float, or dtype-agnostic) kernel; [`super::exec_kernel`]
+    /// tries the int8 one first. `inputs` are owned so that element-wise kernels can
+    /// reuse a buffer nobody else holds.
+    pub(crate) fn exec(&self, mut inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
         let one = |v: Value| Ok(vec![v]);
         let x = |i: usize| -> &Value { &inputs[i] };
         match self {
@@ -662,13 +665,13 @@ impl Kernel {
                 quant.inputs.first().and_then(|q| q.as_ref()),
             )?),
             Kernel::FusedConv2D { win, act } => {
-                one(super::int8::fused_conv_float(&inputs, win, *act)?)
+                one(super::fused::fused_conv_float(&inputs, win, *act)?)
             }
             Kernel::FusedDepthwise { win, act } => {
-                one(super::int8::fused_depthwise_float(&inputs, win, *act)?)
+                one(super::fused::fused_depthwise_float(&inputs, win, *act)?)
             }
             Kernel::FusedMatMul { ta, tb, act } => {
-                one(super::int8::fused_matmul_float(&inputs, *ta, *tb, *act)?)
+                one(super::fused::fused_matmul_float(&inputs, *ta, *tb, *act)?)
             }
             Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
         }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::int8::Arithmetic;
+use super::ops::Arithmetic;
 use super::ops::{shape_attr, Kernel, StepQuant};
 use super::value::Value;
 use crate::error::{Error, Result};
@@ -306,9 +306,7 @@ impl Plan {
                     ))
                 })?);
             }
-            let outs = step
-                .kernel
-                .exec(args, &step.quant)
+            let outs = super::exec_kernel(&step.kernel, args, &step.quant)
                 .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
             let n_outs = outs.len();
             for (port, v) in outs.into_iter().enumerate() {
@@ -536,7 +534,7 @@ fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
             }
             continue;
         }
-        if !matches!(step.op.as_str(), "Dequantize" | "Cast") || !single_output {
+        if !matches!(step.kernel, Kernel::Dequantize | Kernel::Cast(_)) || !single_output {
             continue;
         }
         let Some(args) = step
@@ -547,9 +545,7 @@ fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
         else {
             continue;
         };
-        let mut outs = step
-            .kernel
-            .exec(args, &step.quant)
+        let mut outs = super::exec_kernel(&step.kernel, args, &step.quant)
             .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
         if outs.len() != 1 {
             continue;

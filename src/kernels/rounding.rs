@@ -70,6 +70,8 @@
 //! * Fused activation bounds are `zp + round(bound / scale)` in f32, clamped to the
 //!   type's range.
 
+use crate::ir::FusedActivation;
+
 /// How a kernel rounds when it applies a quantized multiplier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rounding {
@@ -223,15 +225,6 @@ pub fn activation_range(
         FusedActivation::Relu6 => (qmin.max(q(0.0)), qmax.min(q(6.0))),
         FusedActivation::ReluN1To1 => (qmin.max(q(-1.0)), qmax.min(q(1.0))),
     }
-}
-
-/// Activations TFLite fuses into the op that precedes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FusedActivation {
-    None,
-    Relu,
-    Relu6,
-    ReluN1To1,
 }
 
 /// `QuantizeMultiplierGreaterThanOne` applied at run time: gemmlowp's

@@ -116,7 +116,7 @@ pub fn cast_fp16(
             dq_name = format!("{}/dequantize_{k}", n.name);
             k += 1;
         }
-        let mut dq = Node::new(dq_name.clone(), "Dequantize")
+        let mut dq = Node::new(dq_name.clone(), crate::ir::Op::Dequantize.name())
             .with_input(TensorRef::new(n.name.clone(), 0))
             .with_attr("T", Attr::Type(DType::F16))
             .with_attr("dtype", Attr::Type(DType::F32));

@@ -70,7 +70,6 @@
 //! `per_channel_dense` (`true`), `exclude` (`[]`).
 
 pub mod calibration;
-pub mod fuse;
 pub mod params;
 pub mod rewrite;
 pub mod weights;
@@ -238,15 +237,26 @@ impl Stage for QuantizeInt8 {
         };
         let out = match full {
             None => {
-                let (fused, _) = fuse::fuse(&graph, false)?;
+                let (fused, _) = crate::ir::passes::fuse::fuse(&graph, false)?;
                 let min = if c.strategy == Strategy::OptimizeForSize {
                     1
                 } else {
                     DYNAMIC_RANGE_MIN_ELEMENTS
                 };
-                let hybrid = c.strategy == Strategy::Default;
-                let (g, r) =
-                    weights::quantize_weights(&fused, min, c.per_channel_dense, &exclude, hybrid)?;
+                let mode = if c.strategy == Strategy::Default {
+                    weights::WeightMode::DynamicRange
+                } else {
+                    weights::WeightMode::WeightOnly
+                };
+                let (g, r) = weights::quantize_weights(
+                    &fused,
+                    &weights::WeightOptions {
+                        min_elements: min,
+                        per_channel_dense: c.per_channel_dense,
+                        exclude: &exclude,
+                        mode,
+                    },
+                )?;
                 metrics.insert(
                     "mode".into(),
                     if c.strategy == Strategy::OptimizeForSize {
@@ -261,7 +271,7 @@ impl Stage for QuantizeInt8 {
                 let float_ops = g
                     .nodes
                     .iter()
-                    .filter(|n| rewrite::is_compute(&n.op))
+                    .filter(|n| crate::ir::op::is_compute(&n.op))
                     .count();
                 metrics.insert("int8_ops".into(), 0.into());
                 metrics.insert("hybrid_ops".into(), r.hybrid_ops.into());
@@ -275,7 +285,7 @@ impl Stage for QuantizeInt8 {
                         ctx.id
                     ))
                 })?;
-                let (fused, _) = fuse::fuse(&graph, true)?;
+                let (fused, _) = crate::ir::passes::fuse::fuse(&graph, true)?;
                 let digest = calibration::dataset_digest(spec)?;
                 let key = calibration_key(ds, &digest, c.samples, c.method);
                 let mut computed = false;
@@ -297,7 +307,7 @@ impl Stage for QuantizeInt8 {
                     let blocking: Vec<String> = r
                         .float_nodes
                         .iter()
-                        .filter(|(n, op, _)| !exclude.contains(n) && rewrite::is_compute(op))
+                        .filter(|(n, op, _)| !exclude.contains(n) && crate::ir::op::is_compute(op))
                         .map(|(n, op, why)| format!("'{n}' ({op}): {why}"))
                         .collect();
                     if !blocking.is_empty() {

@@ -28,7 +28,8 @@ use super::{
     Artifact, ConfigError, ConfigTable, Role, Stage, StageContext, StageDeps, StageOutput,
 };
 use crate::error::{Error, Result};
-use crate::ir::{Attr, Graph, Node, TensorRef};
+use crate::ir::op::{passthrough, Forward};
+use crate::ir::{Attr, Graph, Node, Op, TensorRef};
 
 fn yes() -> bool {
     true
@@ -86,7 +87,7 @@ fn bind_placeholders(g: &mut Graph, bind: &BTreeMap<String, f64>, inputs: &[Stri
         let n = g
             .node_mut(name)
             .ok_or_else(|| Error::usage(format!("bind: '{name}' is not a node of the graph")))?;
-        if n.op != "Placeholder" && n.op != "PlaceholderWithDefault" {
+        if n.op != Op::Placeholder.name() && n.op != Op::PlaceholderWithDefault.name() {
             return Err(Error::usage(format!(
                 "bind: '{name}' is a {} node, not a placeholder",
                 n.op
@@ -168,51 +169,9 @@ impl StripReport {
     }
 }
 
-/// Ops that pass input 0 (or, for `IdentityN`, input i) through unchanged.
-fn passthrough(op: &str) -> bool {
-    matches!(
-        op,
-        "Identity"
-            | "IdentityN"
-            | "StopGradient"
-            | "Snapshot"
-            | "PreventGradient"
-            | "CheckNumerics"
-            | "EnsureShape"
-            | "Print"
-            | "PlaceholderWithDefault"
-            | "DebugIdentity"
-    )
-}
-
 /// Ops that must not survive into an inference graph (or that qpipe cannot handle yet).
 fn forbidden(name: &str, op: &str) -> Option<&'static str> {
-    let in_gradients = name.starts_with("gradients/") || name.contains("/gradients/");
-    Some(match op {
-        "RandomUniform" | "RandomUniformInt" | "RandomStandardNormal" | "TruncatedNormal"
-        | "Multinomial" | "RandomShuffle" | "RandomGamma" | "RandomPoisson" | "RandomPoissonV2" => {
-            "a random op is still on the path to the outputs (dropout that is not disabled, or noise)"
-        }
-        "Assert" | "Print" | "PrintV2" | "NoOp" | "CheckNumerics" => "a debugging op is still on the path",
-        "Placeholder" | "PlaceholderWithDefault" => "a placeholder that is not a declared input is needed",
-        "VariableV2" | "Variable" | "VarHandleOp" | "ReadVariableOp" | "ResourceGather"
-        | "VarIsInitializedOp" => "a variable is still in the graph; freeze the model first",
-        "SaveV2" | "RestoreV2" | "MergeV2Checkpoints" => "a checkpoint op is on the path",
-        "Switch" | "Merge" | "Enter" | "Exit" | "NextIteration" | "LoopCond" => {
-            "control flow that does not fold away is on the path"
-        }
-        _ if op.starts_with("FusedBatchNorm") => "a batch norm could not be folded",
-        _ if op.starts_with("Apply") || op.starts_with("ResourceApply") || op.starts_with("Assign") => {
-            "an optimizer or assignment op is on the path"
-        }
-        _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
-        // The backprop-input ops are also the forward ops of transposed convolutions.
-        _ if op.contains("BackpropInput") && !in_gradients => {
-            "transposed convolution (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
-        }
-        _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
-        _ => return None,
-    })
+    crate::ir::op::training_only(name, op)
 }
 
 fn prune(g: &mut Graph) -> Result<()> {
@@ -241,8 +200,8 @@ fn bypass_passthroughs(g: &mut Graph, declared: &HashSet<String>) -> Result<()> 
             if !is_pt(n) {
                 continue;
             }
-            let k = match (n.op.as_str(), r.index) {
-                ("IdentityN", k) => k as usize,
+            let k = match (n.op == Op::IdentityN.name(), r.index) {
+                (true, k) => k as usize,
                 (_, 0) => 0,
                 _ => continue,
             };
@@ -256,14 +215,15 @@ fn bypass_passthroughs(g: &mut Graph, declared: &HashSet<String>) -> Result<()> 
     let keep_as_identity: Vec<usize> = (0..g.nodes.len())
         .filter(|&i| {
             let n = &g.nodes[i];
-            is_pt(n) && outputs.contains(&n.name) && n.op != "IdentityN"
+            is_pt(n) && outputs.contains(&n.name) && n.op != Op::IdentityN.name()
         })
         .collect();
     for i in keep_as_identity {
         let n = &mut g.nodes[i];
-        if n.op != "Identity" {
+        let identity = Op::Forward(Forward::Identity);
+        if n.op != identity.name() {
             let dt = n.attr_type("T").or_else(|_| n.attr_type("dtype")).ok();
-            let mut id = Node::new(n.name.clone(), "Identity").with_input(n.inputs[0].clone());
+            let mut id = Node::new(n.name.clone(), identity.name()).with_input(n.inputs[0].clone());
             if let Some(dt) = dt {
                 id = id.with_attr("T", Attr::Type(dt));
             }
@@ -320,7 +280,7 @@ pub fn strip(
     bind_placeholders(&mut g, &opts.bind, inputs)?;
     let declared: HashSet<String> = inputs.iter().cloned().collect();
     for n in g.nodes.iter_mut() {
-        if !declared.contains(&n.name) || n.op == "Placeholder" {
+        if !declared.contains(&n.name) || n.op == Op::Placeholder.name() {
             continue;
         }
         let dtype = n
@@ -336,7 +296,7 @@ pub fn strip(
             Some(Attr::Shape(s)) => s.clone(),
             _ => None,
         };
-        let mut p = Node::new(n.name.clone(), "Placeholder")
+        let mut p = Node::new(n.name.clone(), Op::Placeholder.name())
             .with_attr("dtype", Attr::Type(dtype))
             .with_attr("shape", Attr::Shape(shape));
         p.device = n.device.clone();
@@ -352,7 +312,7 @@ pub fn strip(
     report.placeholder_defaults_bound = g
         .nodes
         .iter()
-        .filter(|n| n.op == "PlaceholderWithDefault")
+        .filter(|n| n.op == Op::PlaceholderWithDefault.name())
         .count();
     bypass_passthroughs(&mut g, &declared)?;
     prune(&mut g)?;
@@ -379,8 +339,8 @@ pub fn strip(
             continue;
         }
         if let Some(why) = forbidden(&n.name, &n.op) {
-            let bn_training =
-                n.op.starts_with("FusedBatchNorm") && n.attr_bool("is_training").unwrap_or(false);
+            let bn_training = crate::ir::op::is_batch_norm_family(&n.op)
+                && n.attr_bool("is_training").unwrap_or(false);
             let why = if bn_training {
                 "a batch norm is in training mode (is_training=true)"
             } else {

@@ -306,7 +306,7 @@ fn layer_pairs(reference: &Graph, candidate: &Graph) -> Vec<Pair> {
         reference.nodes.iter().map(|n| n.name.as_str()).collect();
     let mut pairs = Vec::new();
     for n in &candidate.nodes {
-        if n.op == "Const" {
+        if n.is_const() {
             continue;
         }
         let Some(q) = n.output_quant.get(&0) else {
@@ -317,7 +317,7 @@ fn layer_pairs(reference: &Graph, candidate: &Graph) -> Vec<Pair> {
         }
         let reference_tensor = if ref_names.contains(n.name.as_str()) {
             Some(TensorRef::new(n.name.clone(), 0))
-        } else if n.op == "Quantize" {
+        } else if n.op == crate::ir::Op::Quantize.name() {
             n.inputs
                 .first()
                 .filter(|r| ref_names.contains(r.node.as_str()))
@@ -577,7 +577,7 @@ impl Stage for Validate {
                 ))
             })?,
         };
-        let (ref_fused, _) = super::quantize_int8::fuse::fuse(&reference, true)?;
+        let (ref_fused, _) = crate::ir::passes::fuse::fuse(&reference, true)?;
         let pairs = layer_pairs(&ref_fused, &candidate);
         let mut ref_fetch = ref_fused.outputs.clone();
         ref_fetch.extend(pairs.iter().map(|p| p.reference.clone()));

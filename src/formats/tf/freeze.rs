@@ -40,7 +40,7 @@ use crate::ir::{num_elements, Attr, DType, Graph, Node, Tensor, TensorData, Tens
 use crate::spec::{ModelSource, ModelSpec};
 
 /// Ops that hold a variable.
-const VARIABLE_OPS: [&str; 3] = ["VariableV2", "Variable", "VarHandleOp"];
+use crate::ir::op::VARIABLE_OPS;
 /// Ops that pass a resource handle through unchanged (TF's `_Intermediate` and `Merge`).
 const HANDLE_PASSING_OPS: [&str; 7] = [
     "Identity",

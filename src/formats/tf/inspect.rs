@@ -444,7 +444,7 @@ fn without_label_consumers(g: &Graph, inputs: &[Vec<usize>], candidates: Vec<usi
 }
 
 fn is_variable(op: &str) -> bool {
-    matches!(op, "VariableV2" | "Variable" | "VarHandleOp")
+    crate::ir::op::is_variable_op(op)
 }
 
 fn shape_attr(n: &Node, key: &str) -> Option<Vec<i64>> {

@@ -25,8 +25,11 @@ use std::sync::Arc;
 
 use super::model::{Activation, ConvOptions, Model, Op, Operator, Padding, PoolOptions, TensorDef};
 use crate::error::{Error, Result};
+use crate::ir::op::{Binary, Forward, Linear, Padding as IrPadding, Reduce, Unary};
 use crate::ir::shape_infer::{infer_shapes, TensorInfo};
-use crate::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+use crate::ir::{
+    Attr, DType, FusedActivation, Graph, Node, Op as IrOp, QuantParams, Tensor, TensorRef,
+};
 
 /// Description written into every model qpipe exports.
 pub const DESCRIPTION: &str = "qpipe";
@@ -63,6 +66,8 @@ pub fn lower(graph: &Graph) -> Result<Model> {
 
 struct Lowerer<'g> {
     graph: &'g Graph,
+    /// The typed op of each node, by position.
+    ops: Vec<IrOp>,
     index: HashMap<&'g str, usize>,
     infos: HashMap<TensorRef, TensorInfo>,
     /// Needed nodes reading each tensor (data edges).
@@ -82,27 +87,35 @@ fn node_err(node: &Node, msg: impl std::fmt::Display) -> Error {
 }
 
 /// Ops that, given constant inputs, give a constant without computing anything.
-const CONST_LIKE: &[&str] = &[
-    "Const",
-    "Identity",
-    "StopGradient",
-    "Snapshot",
-    "Cast",
-    "Dequantize",
-    "Reshape",
-    "ExpandDims",
-    "Squeeze",
-];
+fn const_like(op: &IrOp) -> bool {
+    matches!(
+        op,
+        IrOp::Const
+            | IrOp::Forward(Forward::Identity | Forward::StopGradient | Forward::Snapshot)
+            | IrOp::Cast
+            | IrOp::Dequantize
+            | IrOp::Reshape
+            | IrOp::ExpandDims
+            | IrOp::Squeeze
+    )
+}
 
 /// The inputs of `node` whose values it needs at run time; the others (axes,
 /// target shapes, paddings) are read from shape inference at export time.
-fn runtime_inputs(node: &Node) -> std::ops::Range<usize> {
+fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
     let n = node.inputs.len();
-    let k = match node.op.as_str() {
-        "Reshape" | "ExpandDims" | "Max" | "Min" | "Sum" | "Mean" | "Pad" | "PadV2" => 1,
-        "ConcatV2" => n.saturating_sub(1),
-        "GatherV2" => 2,
-        "Shape" | "Size" | "Rank" => 0,
+    let k = match op {
+        IrOp::Reshape
+        | IrOp::ExpandDims
+        | IrOp::Reduce {
+            kind: Reduce::Max | Reduce::Min | Reduce::Sum | Reduce::Mean,
+            ..
+        }
+        | IrOp::Pad
+        | IrOp::PadV2 => 1,
+        IrOp::ConcatV2 => n.saturating_sub(1),
+        IrOp::GatherV2 => 2,
+        IrOp::Shape | IrOp::Size | IrOp::Rank => 0,
         _ => n,
     };
     0..k.min(n)
@@ -112,6 +125,11 @@ impl<'g> Lowerer<'g> {
     fn new(graph: &'g Graph) -> Result<Lowerer<'g>> {
         let index = graph.index()?;
         let infos = infer_shapes(graph)?;
+        let ops = graph
+            .nodes
+            .iter()
+            .map(IrOp::parse)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let outputs: HashSet<TensorRef> = graph.outputs.iter().cloned().collect();
         if outputs.is_empty() {
             return Err(Error::msg("the graph declares no outputs"));
@@ -146,7 +164,7 @@ impl<'g> Lowerer<'g> {
                 continue;
             }
             let node = &graph.nodes[i];
-            for k in runtime_inputs(node) {
+            for k in runtime_inputs(node, &ops[i]) {
                 let r = &node.inputs[k];
                 consumers.entry(r.clone()).or_default().push(i);
                 let j = *index.get(r.node.as_str()).ok_or_else(|| {
@@ -159,6 +177,7 @@ impl<'g> Lowerer<'g> {
         }
         Ok(Lowerer {
             graph,
+            ops,
             index,
             infos,
             consumers,
@@ -178,7 +197,7 @@ impl<'g> Lowerer<'g> {
         let graph = self.graph;
         let declared: Vec<usize> = if graph.inputs.is_empty() {
             (0..graph.nodes.len())
-                .filter(|&i| self.needed[i] && graph.nodes[i].op == "Placeholder")
+                .filter(|&i| self.needed[i] && self.ops[i] == IrOp::Placeholder)
                 .collect()
         } else {
             graph
@@ -200,10 +219,10 @@ impl<'g> Lowerer<'g> {
         // that fusing a bias never depends on where its node sits in the graph.
         for &i in &order {
             let node = &graph.nodes[i];
-            if !self.needed[i] || inputs.contains(&i) || !CONST_LIKE.contains(&node.op.as_str()) {
+            if !self.needed[i] || inputs.contains(&i) || !const_like(&self.ops[i]) {
                 continue;
             }
-            let all_const = runtime_inputs(node).all(|k| {
+            let all_const = runtime_inputs(node, &self.ops[i]).all(|k| {
                 matches!(
                     self.values.get(&node.inputs[k]),
                     Some(Value::Const(..)) | Some(Value::Stored(..))
@@ -411,7 +430,7 @@ impl<'g> Lowerer<'g> {
         let out = TensorRef::new(node.name.clone(), 0);
         // Shape arithmetic whose value is known before run time is a constant.
         if let Some(info) = self.infos.get(&out) {
-            if !matches!(node.op.as_str(), "Const" | "Placeholder") {
+            if !matches!(self.ops[i], IrOp::Const | IrOp::Placeholder) {
                 if let Some(v) = info.known_value() {
                     let dims: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
                     let t = match info.dtype {
@@ -430,73 +449,82 @@ impl<'g> Lowerer<'g> {
                 }
             }
         }
-        let op = node.op.as_str();
+        let op = self.ops[i].clone();
         match op {
-            "Const" => {
+            IrOp::Const => {
                 let t = node.attr_tensor("value")?.clone();
                 let q = node.output_quant.get(&0).cloned();
                 self.set(node, Value::Const(t, q));
             }
-            "Placeholder" => {
+            IrOp::Placeholder => {
                 return Err(node_err(
                     node,
                     "is a placeholder the graph does not declare as an input",
                 ))
             }
-            "Identity" | "StopGradient" | "Snapshot" | "PlaceholderWithDefault" | "EnsureShape" => {
+            IrOp::Forward(
+                Forward::Identity
+                | Forward::StopGradient
+                | Forward::Snapshot
+                | Forward::EnsureShape,
+            )
+            | IrOp::PlaceholderWithDefault => {
                 let v = self.input_value(node, 0)?;
                 self.set(node, v);
             }
-            "Cast" | "Dequantize" => self.lower_cast(node)?,
-            "Reshape" | "ExpandDims" | "Squeeze" => self.lower_reshape(node)?,
-            "Conv2D" | "DepthwiseConv2dNative" | "MatMul" => self.lower_linear(i, node)?,
-            "_FusedConv2D" | "_FusedDepthwiseConv2dNative" | "_FusedMatMul" => {
-                self.lower_fused(node)?
-            }
-            "BiasAdd" => self.binary(
+            IrOp::Cast => self.lower_cast(node, false)?,
+            IrOp::Dequantize => self.lower_cast(node, true)?,
+            IrOp::Reshape | IrOp::ExpandDims | IrOp::Squeeze => self.lower_reshape(node, &op)?,
+            IrOp::Conv2D(c) => self.lower_linear(i, node, Linear::Conv2D(c))?,
+            IrOp::DepthwiseConv2dNative(c) => self.lower_linear(i, node, Linear::Depthwise(c))?,
+            IrOp::MatMul(m) => self.lower_linear(i, node, Linear::MatMul(m))?,
+            IrOp::Fused { linear, activation } => self.lower_fused(node, linear, activation)?,
+            IrOp::BiasAdd { v1: false, .. } => self.binary(
                 node,
                 Op::Add {
                     activation: Activation::None,
                 },
             )?,
-            "Add" | "AddV2" => self.binary(
+            IrOp::Binary(Binary::Add | Binary::AddV2) => self.binary(
                 node,
                 Op::Add {
                     activation: Activation::None,
                 },
             )?,
-            "Sub" => self.binary(
+            IrOp::Binary(Binary::Sub) => self.binary(
                 node,
                 Op::Sub {
                     activation: Activation::None,
                 },
             )?,
-            "Mul" => self.binary(
+            IrOp::Binary(Binary::Mul) => self.binary(
                 node,
                 Op::Mul {
                     activation: Activation::None,
                 },
             )?,
-            "RealDiv" => self.binary(
+            IrOp::Binary(Binary::RealDiv) => self.binary(
                 node,
                 Op::Div {
                     activation: Activation::None,
                 },
             )?,
-            "Maximum" => self.binary(node, Op::Maximum)?,
-            "Minimum" => self.binary(node, Op::Minimum)?,
-            "Relu" => self.unary(node, Op::Relu)?,
-            "Relu6" => self.unary(node, Op::Relu6)?,
-            "Tanh" => self.unary(node, Op::Tanh)?,
-            "Sigmoid" => self.unary(node, Op::Logistic)?,
-            "Quantize" => self.unary(node, Op::Quantize)?,
-            "Softmax" => self.unary(node, Op::Softmax { beta: 1.0 })?,
-            "Max" | "Min" | "Sum" | "Mean" => {
-                let keep_dims = matches!(node.attr("keep_dims"), Some(Attr::Bool(true)));
-                let op = match op {
-                    "Max" => Op::ReduceMax { keep_dims },
-                    "Min" => Op::ReduceMin { keep_dims },
-                    "Sum" => Op::Sum { keep_dims },
+            IrOp::Binary(Binary::Maximum) => self.binary(node, Op::Maximum)?,
+            IrOp::Binary(Binary::Minimum) => self.binary(node, Op::Minimum)?,
+            IrOp::Unary(Unary::Relu) => self.unary(node, Op::Relu)?,
+            IrOp::Unary(Unary::Relu6) => self.unary(node, Op::Relu6)?,
+            IrOp::Unary(Unary::Tanh) => self.unary(node, Op::Tanh)?,
+            IrOp::Unary(Unary::Sigmoid) => self.unary(node, Op::Logistic)?,
+            IrOp::Quantize => self.unary(node, Op::Quantize)?,
+            IrOp::Softmax => self.unary(node, Op::Softmax { beta: 1.0 })?,
+            IrOp::Reduce {
+                kind: kind @ (Reduce::Max | Reduce::Min | Reduce::Sum | Reduce::Mean),
+                keep_dims,
+            } => {
+                let op = match kind {
+                    Reduce::Max => Op::ReduceMax { keep_dims },
+                    Reduce::Min => Op::ReduceMin { keep_dims },
+                    Reduce::Sum => Op::Sum { keep_dims },
                     _ => Op::Mean { keep_dims },
                 };
                 let rank = self.input_rank(node, 0)?;
@@ -514,7 +542,7 @@ impl<'g> Lowerer<'g> {
                 )?;
                 self.emit(node, op, vec![x, a])?;
             }
-            "ConcatV2" => {
+            IrOp::ConcatV2 => {
                 let n = node.inputs.len().saturating_sub(1);
                 let axis = single(node, self.known_ints(node, n, "axis")?)?;
                 let axis = norm_axis(node, axis, self.input_rank(node, 0)?)?;
@@ -531,7 +559,7 @@ impl<'g> Lowerer<'g> {
                     ins,
                 )?;
             }
-            "GatherV2" => {
+            IrOp::GatherV2 => {
                 let axis = single(node, self.known_ints(node, 2, "axis")?)?;
                 let axis = norm_axis(node, axis, self.input_rank(node, 0)?)?;
                 let batch_dims = match node.attr("batch_dims") {
@@ -549,8 +577,8 @@ impl<'g> Lowerer<'g> {
                     vec![params, indices],
                 )?;
             }
-            "Pad" | "PadV2" => {
-                if op == "PadV2" {
+            IrOp::Pad | IrOp::PadV2 => {
+                if op == IrOp::PadV2 {
                     let c = self.input_value(node, 2)?;
                     let zero = matches!(&c, Value::Const(t, None) if t.to_f64_vec().is_ok_and(|v| v.iter().all(|x| *x == 0.0)));
                     if !zero {
@@ -564,25 +592,95 @@ impl<'g> Lowerer<'g> {
                     self.int_const(node, format!("{}/paddings", node.name), &[rank, 2], &pads)?;
                 self.emit(node, Op::Pad, vec![x, p])?;
             }
-            "MaxPool" | "AvgPool" => {
-                let (kh, kw) = spatial(node, "ksize")?;
-                let (sh, sw) = spatial(node, "strides")?;
+            IrOp::MaxPool(p) | IrOp::AvgPool(p) => {
+                nhwc(node, p.layout)?;
+                let [kh, kw] = window_i32(node, "ksize", p.ksize)?;
+                let [sh, sw] = window_i32(node, "strides", p.strides)?;
                 let opts = PoolOptions {
-                    padding: padding(node)?,
+                    padding: padding(node, p.padding)?,
                     stride_h: sh,
                     stride_w: sw,
                     filter_h: kh,
                     filter_w: kw,
                     activation: Activation::None,
                 };
-                let op = if op == "MaxPool" {
+                let op = if matches!(op, IrOp::MaxPool(_)) {
                     Op::MaxPool2d(opts)
                 } else {
                     Op::AveragePool2d(opts)
                 };
                 self.unary(node, op)?;
             }
-            _ => {
+            IrOp::Forward(Forward::CheckNumerics | Forward::PreventGradient)
+            | IrOp::IdentityN
+            | IrOp::Print
+            | IrOp::Unary(
+                Unary::Elu
+                | Unary::Selu
+                | Unary::Softplus
+                | Unary::Rsqrt
+                | Unary::Sqrt
+                | Unary::Square
+                | Unary::Exp
+                | Unary::Log
+                | Unary::Log1p
+                | Unary::Neg
+                | Unary::Abs
+                | Unary::Floor
+                | Unary::Ceil
+                | Unary::Round
+                | Unary::Rint
+                | Unary::Sign
+                | Unary::Reciprocal
+                | Unary::Inv
+                | Unary::Sin
+                | Unary::Cos
+                | Unary::LogicalNot,
+            )
+            | IrOp::LeakyRelu
+            | IrOp::Binary(
+                Binary::Div
+                | Binary::TruncateDiv
+                | Binary::FloorDiv
+                | Binary::FloorMod
+                | Binary::Mod
+                | Binary::Pow
+                | Binary::SquaredDifference,
+            )
+            | IrOp::Compare(_)
+            | IrOp::BiasAdd { v1: true, .. }
+            | IrOp::BatchMatMul { .. }
+            | IrOp::FusedBatchNorm { .. }
+            | IrOp::LogSoftmax
+            | IrOp::Reduce {
+                kind: Reduce::Prod | Reduce::Any | Reduce::All,
+                ..
+            }
+            | IrOp::ArgMax
+            | IrOp::ArgMin
+            | IrOp::Gather
+            | IrOp::Shape
+            | IrOp::Size
+            | IrOp::Rank
+            | IrOp::StridedSlice
+            | IrOp::Slice
+            | IrOp::Pack
+            | IrOp::Unpack
+            | IrOp::Concat
+            | IrOp::MirrorPad
+            | IrOp::Transpose
+            | IrOp::Tile
+            | IrOp::Fill
+            | IrOp::ZerosLike
+            | IrOp::OnesLike
+            | IrOp::Range
+            | IrOp::Select
+            | IrOp::SelectV2
+            | IrOp::Random(_)
+            | IrOp::NoOp
+            | IrOp::Assert
+            | IrOp::SaveV2
+            | IrOp::Other(_) => {
                 return Err(node_err(
                     node,
                     "has no TFLite equivalent that qpipe can export",
@@ -641,7 +739,7 @@ impl<'g> Lowerer<'g> {
 
     /// `Cast`/`Dequantize`: of a compact constant → a stored constant; of a
     /// runtime tensor → DEQUANTIZE (or nothing, for a cast to the same type).
-    fn lower_cast(&mut self, node: &Node) -> Result<()> {
+    fn lower_cast(&mut self, node: &Node, dequantize: bool) -> Result<()> {
         let out = self
             .info(node, &TensorRef::new(node.name.clone(), 0))?
             .dtype;
@@ -673,7 +771,7 @@ impl<'g> Lowerer<'g> {
                 let from = self.tensor_dtype(t);
                 if from == Some(out) {
                     self.set(node, Value::Runtime(t));
-                } else if node.op == "Dequantize" && out == DType::F32 {
+                } else if dequantize && out == DType::F32 {
                     self.emit(node, Op::Dequantize, vec![t])?;
                 } else {
                     return Err(node_err(
@@ -689,7 +787,7 @@ impl<'g> Lowerer<'g> {
         Ok(())
     }
 
-    fn lower_reshape(&mut self, node: &Node) -> Result<()> {
+    fn lower_reshape(&mut self, node: &Node, op: &IrOp) -> Result<()> {
         let shape = self.out_shape(node)?;
         match self.input_value(node, 0)? {
             Value::Const(t, q) => {
@@ -705,8 +803,8 @@ impl<'g> Lowerer<'g> {
             Value::Runtime(_) => {}
         }
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
-        match node.op.as_str() {
-            "Reshape" => {
+        match op {
+            IrOp::Reshape => {
                 if shape.iter().filter(|&&d| d < 0).count() > 1 {
                     return Err(node_err(
                         node,
@@ -721,7 +819,7 @@ impl<'g> Lowerer<'g> {
                 )?;
                 self.emit(node, Op::Reshape, vec![x, s])
             }
-            "ExpandDims" => {
+            IrOp::ExpandDims => {
                 let axis = single(node, self.known_ints(node, 1, "axis")?)?;
                 let axis = norm_axis(node, axis, shape.len())?;
                 let a = self.int_const(node, format!("{}/axis", node.name), &[1], &[axis])?;
@@ -745,12 +843,11 @@ impl<'g> Lowerer<'g> {
 
     /// CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED, absorbing a following
     /// bias add and ReLU/ReLU6 when nothing else reads the intermediate tensors.
-    fn lower_linear(&mut self, i: usize, node: &'g Node) -> Result<()> {
+    fn lower_linear(&mut self, i: usize, node: &'g Node, linear: Linear) -> Result<()> {
         let graph = self.graph;
         if node.inputs.len() != 2 {
             return Err(node_err(node, "needs two inputs"));
         }
-        let op = node.op.as_str();
         let out_channels = *self.out_shape(node)?.last().unwrap_or(&-1);
         // Find the chain: node [→ bias add] [→ relu/relu6].
         let mut tail = i;
@@ -758,8 +855,7 @@ impl<'g> Lowerer<'g> {
         let mut activation = Activation::None;
         let here = TensorRef::new(node.name.clone(), 0);
         if let Some(c) = self.sole_consumer(&here) {
-            let cn = &graph.nodes[c];
-            if let Some(b) = self.bias_operand(cn, &here, out_channels) {
+            if let Some(b) = self.bias_operand(c, &here, out_channels) {
                 bias = Some(b);
                 tail = c;
             }
@@ -767,9 +863,9 @@ impl<'g> Lowerer<'g> {
         let tail_ref = TensorRef::new(graph.nodes[tail].name.clone(), 0);
         if let Some(c) = self.sole_consumer(&tail_ref) {
             let cn = &graph.nodes[c];
-            let act = match cn.op.as_str() {
-                "Relu" => Some(Activation::Relu),
-                "Relu6" => Some(Activation::Relu6),
+            let act = match self.ops[c] {
+                IrOp::Unary(Unary::Relu) => Some(Activation::Relu),
+                IrOp::Unary(Unary::Relu6) => Some(Activation::Relu6),
                 _ => None,
             };
             if let (Some(a), true) = (act, cn.inputs.len() == 1) {
@@ -782,12 +878,13 @@ impl<'g> Lowerer<'g> {
             }
         }
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
-        let (operator, w) = self.linear_op(node, op, activation)?;
-        let b = match &bias {
-            Some(r) => self.input(r, Layout::AsIs)?,
-            None if op == "MatMul" => -1,
+        let (operator, w) = self.linear_op(node, &linear, activation)?;
+        let b = match (&bias, linear) {
+            (Some(r), _) => self.input(r, Layout::AsIs)?,
+            (None, Linear::MatMul(_)) => -1,
             // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
-            None => self.zero_bias(node, x, w)?,
+            (None, Linear::Conv2D(_)) => self.zero_bias(node, x, w, true)?,
+            (None, Linear::Depthwise(_)) => self.zero_bias(node, x, w, false)?,
         };
         let tail_node = &graph.nodes[tail];
         let out_ref = TensorRef::new(tail_node.name.clone(), 0);
@@ -805,14 +902,20 @@ impl<'g> Lowerer<'g> {
 
     /// The TFLite operator of a `Conv2D`, `DepthwiseConv2dNative` or `MatMul`
     /// (`op`) with its weights in TFLite's layout.
-    fn linear_op(&mut self, node: &Node, op: &str, activation: Activation) -> Result<(Op, i32)> {
-        Ok(match op {
-            "Conv2D" => {
-                let (sh, sw) = spatial(node, "strides")?;
-                let (dh, dw) = dilations(node)?;
+    fn linear_op(
+        &mut self,
+        node: &Node,
+        linear: &Linear,
+        activation: Activation,
+    ) -> Result<(Op, i32)> {
+        Ok(match linear {
+            Linear::Conv2D(c) => {
+                nhwc(node, c.layout)?;
+                let [sh, sw] = window_i32(node, "strides", c.strides)?;
+                let [dh, dw] = window_i32(node, "dilations", c.dilations)?;
                 let w = self.input(&node.inputs[1], Layout::Ohwi)?;
                 let o = ConvOptions {
-                    padding: padding(node)?,
+                    padding: padding(node, c.padding)?,
                     stride_h: sh,
                     stride_w: sw,
                     dilation_h: dh,
@@ -821,14 +924,15 @@ impl<'g> Lowerer<'g> {
                 };
                 (Op::Conv2d(o), w)
             }
-            "DepthwiseConv2dNative" => {
-                let (sh, sw) = spatial(node, "strides")?;
-                let (dh, dw) = dilations(node)?;
+            Linear::Depthwise(c) => {
+                nhwc(node, c.layout)?;
+                let [sh, sw] = window_i32(node, "strides", c.strides)?;
+                let [dh, dw] = window_i32(node, "dilations", c.dilations)?;
                 let fshape = self.info(node, &node.inputs[1])?.shape.clone();
                 let m = fshape.get(3).copied().unwrap_or(1);
                 let w = self.input(&node.inputs[1], Layout::Depthwise)?;
                 let conv = ConvOptions {
-                    padding: padding(node)?,
+                    padding: padding(node, c.padding)?,
                     stride_h: sh,
                     stride_w: sw,
                     dilation_h: dh,
@@ -843,11 +947,11 @@ impl<'g> Lowerer<'g> {
                     w,
                 )
             }
-            _ => {
-                if matches!(node.attr("transpose_a"), Some(Attr::Bool(true))) {
+            Linear::MatMul(m) => {
+                if m.transpose_a {
                     return Err(node_err(node, "transpose_a is not supported"));
                 }
-                let layout = if matches!(node.attr("transpose_b"), Some(Attr::Bool(true))) {
+                let layout = if m.transpose_b {
                     Layout::AsIs
                 } else {
                     Layout::Transposed
@@ -870,19 +974,23 @@ impl<'g> Lowerer<'g> {
 
     /// `_FusedConv2D`, `_FusedDepthwiseConv2dNative`, `_FusedMatMul` (from
     /// `quantize_int8`): inputs (x, weights, bias), activation from `fused_ops`.
-    fn lower_fused(&mut self, node: &Node) -> Result<()> {
-        use crate::kernels::rounding::FusedActivation;
+    fn lower_fused(
+        &mut self,
+        node: &Node,
+        linear: Linear,
+        activation: FusedActivation,
+    ) -> Result<()> {
         if node.inputs.len() != 3 {
             return Err(node_err(node, "needs three inputs"));
         }
-        let activation = match crate::kernels::int8::fused_activation(node)? {
+        let activation = match activation {
             FusedActivation::None => Activation::None,
             FusedActivation::Relu => Activation::Relu,
             FusedActivation::Relu6 => Activation::Relu6,
             FusedActivation::ReluN1To1 => Activation::ReluN1To1,
         };
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
-        let (operator, w) = self.linear_op(node, &node.op["_Fused".len()..], activation)?;
+        let (operator, w) = self.linear_op(node, &linear, activation)?;
         let b = self.input(&node.inputs[2], Layout::AsIs)?;
         self.emit(node, operator, vec![x, w, b])
     }
@@ -890,13 +998,13 @@ impl<'g> Lowerer<'g> {
     /// A zero bias for a convolution that has none: float32 for float (and
     /// hybrid) kernels; for int8 ones int32 with scale input_scale × weight_scale
     /// per output channel, as TFLite's quantization spec requires.
-    fn zero_bias(&mut self, node: &Node, x: i32, w: i32) -> Result<i32> {
+    fn zero_bias(&mut self, node: &Node, x: i32, w: i32, conv2d: bool) -> Result<i32> {
         let (xt, wt) = (
             &self.model.tensors[x as usize],
             &self.model.tensors[w as usize],
         );
-        let channels = match (&node.op[..], wt.shape.as_slice()) {
-            ("Conv2D", [o, ..]) => *o as usize,
+        let channels = match (conv2d, wt.shape.as_slice()) {
+            (true, [o, ..]) => *o as usize,
             (_, [.., c]) => *c as usize,
             _ => return Err(node_err(node, "filter has no channel dimension")),
         };
@@ -927,13 +1035,19 @@ impl<'g> Lowerer<'g> {
     }
 
     /// The bias operand when `add` adds a constant vector of `channels` values to `x`.
-    fn bias_operand(&self, add: &Node, x: &TensorRef, channels: i64) -> Option<TensorRef> {
-        if !matches!(add.op.as_str(), "BiasAdd" | "Add" | "AddV2") || add.inputs.len() != 2 {
+    fn bias_operand(&self, add: usize, x: &TensorRef, channels: i64) -> Option<TensorRef> {
+        let bias_add = match self.ops[add] {
+            IrOp::BiasAdd { .. } => true,
+            IrOp::Binary(Binary::Add | Binary::AddV2) => false,
+            _ => return None,
+        };
+        let add = &self.graph.nodes[add];
+        if add.inputs.len() != 2 {
             return None;
         }
         let other = if &add.inputs[0] == x {
             &add.inputs[1]
-        } else if add.op != "BiasAdd" && &add.inputs[1] == x {
+        } else if !bias_add && &add.inputs[1] == x {
             &add.inputs[0]
         } else {
             return None;
@@ -969,37 +1083,32 @@ fn norm_axis(node: &Node, axis: i64, rank: usize) -> Result<i64> {
     Ok(a)
 }
 
-fn padding(node: &Node) -> Result<Padding> {
-    match node.attr_str("padding")? {
-        "SAME" => Ok(Padding::Same),
-        "VALID" => Ok(Padding::Valid),
+fn padding(node: &Node, p: IrPadding) -> Result<Padding> {
+    match p {
+        IrPadding::Same => Ok(Padding::Same),
+        IrPadding::Valid => Ok(Padding::Valid),
         p => Err(node_err(
             node,
-            format!("padding {p} has no TFLite equivalent"),
+            format!("padding {} has no TFLite equivalent", p.tf_name()),
         )),
     }
 }
 
-/// `[1, h, w, 1]` attribute → (h, w).
-fn spatial(node: &Node, key: &str) -> Result<(i32, i32)> {
-    let v = node.attr_ints(key)?;
-    match v {
-        [1, h, w, 1] => Ok((
-            i32::try_from(*h).map_err(|_| node_err(node, format!("{key} {v:?} is too large")))?,
-            i32::try_from(*w).map_err(|_| node_err(node, format!("{key} {v:?} is too large")))?,
-        )),
-        _ => Err(node_err(
+fn nhwc(node: &Node, layout: crate::ir::op::Layout) -> Result<()> {
+    match layout {
+        crate::ir::op::Layout::Nhwc => Ok(()),
+        crate::ir::op::Layout::Nchw => Err(node_err(
             node,
-            format!("{key} {v:?} must be [1, h, w, 1] (NHWC)"),
+            "data_format NCHW has no TFLite equivalent (only NHWC)",
         )),
     }
 }
 
-fn dilations(node: &Node) -> Result<(i32, i32)> {
-    if node.attr("dilations").is_none() {
-        return Ok((1, 1));
-    }
-    spatial(node, "dilations")
+/// A (height, width) window attribute as TFLite's i32s.
+fn window_i32(node: &Node, key: &str, v: [i64; 2]) -> Result<[i32; 2]> {
+    let c =
+        |x: i64| i32::try_from(x).map_err(|_| node_err(node, format!("{key} {v:?} is too large")));
+    Ok([c(v[0])?, c(v[1])?])
 }
 
 /// A constant reshaped to `shape`; a per-axis quantization follows its axis
@@ -1135,9 +1244,9 @@ mod tests {
 
     #[test]
     fn transpose_hwio_to_ohwi_moves_elements() {
-        let node = Node::new("w", "Const");
         let vals: Vec<f32> = (0..24).map(|v| v as f32).collect();
         let t = Tensor::from_vec(vec![1, 2, 3, 4], &vals);
+        let node = Node::constant("w", t.clone());
         let out = transpose(&node, &t, &[3, 0, 1, 2]).unwrap();
         assert_eq!(out.shape(), [4, 1, 2, 3]);
         let o: Vec<f32> = out.values().unwrap();
@@ -1153,8 +1262,8 @@ mod tests {
 
     #[test]
     fn per_axis_quant_follows_the_output_channel() {
-        let node = Node::new("w", "Const");
         let t = Tensor::from_vec(vec![2, 3], &[1i8, 2, 3, 4, 5, 6]);
+        let node = Node::constant("w", t.clone());
         let q = QuantParams::per_axis(vec![0.1, 0.2, 0.3], vec![0, 0, 0], 1);
         let (t2, q2) = rearrange(&node, &t, Some(q), Layout::Transposed).unwrap();
         assert_eq!(t2.shape(), [3, 2]);

@@ -32,11 +32,12 @@ use rayon::prelude::*;
 use super::conv::{dims4, fc_dims, for_each_tap};
 use super::{channel_scales, Arithmetic};
 use crate::error::{Error, Result};
+use crate::ir::FusedActivation;
 use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     asymmetric_quantize_floats, hybrid_dequantize, symmetric_quantize_floats, xnn_dynamic_quantize,
-    DynamicRow, FusedActivation, HybridScaling,
+    DynamicRow, HybridScaling,
 };
 use crate::kernels::value::Value;
 

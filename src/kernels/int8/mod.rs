@@ -41,42 +41,11 @@ mod elementwise;
 mod hybrid;
 mod reduce;
 
-use super::ops::{Kernel, StepQuant};
-use super::rounding::{FusedActivation, Rounding};
+use super::ops::{Arithmetic, Kernel, StepQuant};
+use super::rounding::Rounding;
 use super::value::Value;
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Node, QuantParams};
-
-pub use conv::{fused_conv_float, fused_depthwise_float, fused_matmul_float};
-
-/// Whose int8 arithmetic the kernels reproduce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Arithmetic {
-    /// LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`).
-    #[default]
-    Reference,
-    /// LiteRT's default resolver (`Interpreter()`): the XNNPACK delegate and the
-    /// optimized builtin kernels, as LiteRT 2.3.0 runs them on x86-64.
-    LiteRt,
-}
-
-impl Arithmetic {
-    /// The name used in recipes and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Arithmetic::Reference => "litert-ref",
-            Arithmetic::LiteRt => "litert",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Arithmetic> {
-        match s {
-            "litert-ref" => Some(Arithmetic::Reference),
-            "litert" => Some(Arithmetic::LiteRt),
-            _ => None,
-        }
-    }
-}
+use crate::ir::{DType, QuantParams};
 
 /// How TFLite was built: `TFLITE_SINGLE_ROUNDING` is off in LiteRT's release
 /// builds, so `MultiplyByQuantizedMultiplier` rounds twice (gemmlowp).
@@ -160,31 +129,6 @@ fn channel_scales(quant: &StepQuant, i: usize, channels: usize) -> Result<Vec<f3
     Ok(s)
 }
 
-/// The fused activation a fused node applies (`fused_ops` after `BiasAdd`).
-pub fn fused_activation(node: &Node) -> Result<FusedActivation> {
-    let ops = match node.attr("fused_ops") {
-        Some(Attr::Strs(v)) => v
-            .iter()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect::<Vec<_>>(),
-        Some(_) => return Err(Error::msg("attribute 'fused_ops' is not a list of strings")),
-        None => return Err(Error::msg("attribute 'fused_ops' is missing")),
-    };
-    match ops
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["BiasAdd"] => Ok(FusedActivation::None),
-        ["BiasAdd", "Relu"] => Ok(FusedActivation::Relu),
-        ["BiasAdd", "Relu6"] => Ok(FusedActivation::Relu6),
-        other => Err(Error::msg(format!(
-            "fused_ops {other:?} is not supported (BiasAdd, then optionally Relu or Relu6)"
-        ))),
-    }
-}
-
 /// Runs `kernel` in int8 when its data inputs are int8. `None` means the generic
 /// (dtype-agnostic) kernel is right for int8 too, or the step is not int8.
 pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Option<Vec<Value>>> {
@@ -237,7 +181,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         )?),
         Kernel::Pad | Kernel::PadV2 => one(elementwise::pad(inputs, quant)?),
         Kernel::Concat { .. } => {
-            same_params_everywhere(quant, "ConcatV2")?;
+            same_params_everywhere(quant, "concatenation")?;
             Ok(None)
         }
         Kernel::Forward

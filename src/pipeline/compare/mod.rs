@@ -20,9 +20,9 @@ use super::report::table;
 use super::status::{cached_results, load_artifact};
 use super::store::ActionEntry;
 use crate::error::{Error, Result};
+use crate::ir::op::is_compute;
 use crate::ir::Graph;
 use crate::kernels::{Dataset, Plan};
-use crate::stages::quantize_int8::rewrite::is_compute;
 use crate::stages::Role;
 
 /// How [`compare`] measures time per sample.

@@ -59,7 +59,7 @@ impl Stats {
 fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
     let mut set = std::collections::BTreeSet::new();
     for n in &g.nodes {
-        if n.op != "Const" {
+        if !n.is_const() {
             set.insert(TensorRef::new(n.name.clone(), 0));
         }
         for r in &n.inputs {
@@ -72,7 +72,7 @@ fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
     let consts: std::collections::HashSet<&str> = g
         .nodes
         .iter()
-        .filter(|n| n.op == "Const")
+        .filter(|n| n.is_const())
         .map(|n| n.name.as_str())
         .collect();
     set.into_iter()

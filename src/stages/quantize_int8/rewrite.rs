@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::calibration::{Range32, Stats};
 use super::params::{asymmetric_params, bias_int32, quantize_with, symmetric_weights};
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Graph, Node, QuantParams, Tensor, TensorRef};
+use crate::ir::op::{Binary, Forward, Layout, Linear, Padding, Reduce, Unary};
+use crate::ir::{Attr, DType, Graph, Node, Op, QuantParams, Tensor, TensorRef};
 
 /// Options of [`quantize_full`].
 #[derive(Debug, Clone, Default)]
@@ -60,18 +61,9 @@ struct Spec {
     roles: Vec<Role>,
 }
 
-fn padding_ok(n: &Node) -> bool {
-    matches!(n.attr_str("padding"), Ok("SAME") | Ok("VALID"))
-}
-
-fn nhwc(n: &Node) -> bool {
-    match n.attr("data_format") {
-        None => true,
-        Some(_) => n
-            .attr_str("data_format")
-            .map(|s| s == "NHWC")
-            .unwrap_or(false),
-    }
+/// The window forms the int8 conv and pool kernels have.
+fn window_ok(padding: Padding, layout: Layout) -> bool {
+    matches!(padding, Padding::Same | Padding::Valid) && layout == Layout::Nhwc
 }
 
 struct Ctx<'a> {
@@ -123,39 +115,38 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         }
         Ok(t)
     };
-    let op = n.op.as_str();
+    let op = Op::parse(n).map_err(|e| e.to_string())?;
+    let no_kernel = || Err(format!("no int8 kernel for {}", n.op));
     let spec = match op {
-        "_FusedConv2D" | "_FusedDepthwiseConv2dNative" | "_FusedMatMul" => {
+        Op::Fused { linear, .. } => {
             if ins.len() != 3 {
                 return Err("expects 3 inputs".into());
             }
-            crate::kernels::int8::fused_activation(n).map_err(|e| e.to_string())?;
             need_data(&[0])?;
             if cx.const_f32(&ins[0]).is_some() {
                 return Err("its input is a constant".into());
             }
-            let axis = match op {
-                "_FusedConv2D" => {
+            let axis = match linear {
+                Linear::Conv2D(c) => {
                     weights(1, 4)?;
-                    if !padding_ok(n) || !nhwc(n) {
+                    if !window_ok(c.padding, c.layout) {
                         return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
                     }
                     Some(3)
                 }
-                "_FusedDepthwiseConv2dNative" => {
+                Linear::Depthwise(c) => {
                     let w = weights(1, 4)?;
-                    if !padding_ok(n) || !nhwc(n) {
+                    if !window_ok(c.padding, c.layout) {
                         return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
                     }
                     (w.shape()[3] == 1).then_some(2)
                 }
-                _ => {
+                Linear::MatMul(m) => {
                     weights(1, 2)?;
-                    if matches!(n.attr("transpose_a"), Some(Attr::Bool(true))) {
+                    if m.transpose_a {
                         return Err("FULLY_CONNECTED cannot transpose its input".into());
                     }
-                    let tb = matches!(n.attr("transpose_b"), Some(Attr::Bool(true)));
-                    per_channel_dense.then_some(if tb { 0 } else { 1 })
+                    per_channel_dense.then_some(if m.transpose_b { 0 } else { 1 })
                 }
             };
             if cx.const_f32(&ins[2]).is_none() {
@@ -166,8 +157,8 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Weight(axis), Bias],
             }
         }
-        "MaxPool" | "AvgPool" => {
-            if !padding_ok(n) || !nhwc(n) {
+        Op::MaxPool(p) | Op::AvgPool(p) => {
+            if !window_ok(p.padding, p.layout) {
                 return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
             }
             need_data(&[0])?;
@@ -176,21 +167,21 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data],
             }
         }
-        "Reshape" | "ExpandDims" => {
+        Op::Reshape | Op::ExpandDims => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Same,
                 roles: vec![Data, Aux],
             }
         }
-        "Squeeze" | "Identity" => {
+        Op::Squeeze | Op::Forward(Forward::Identity) => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Same,
                 roles: vec![Data],
             }
         }
-        "ConcatV2" => {
+        Op::ConcatV2 => {
             let k = ins.len().saturating_sub(1);
             need_data(&(0..k).collect::<Vec<_>>())?;
             let mut roles = vec![Data; k];
@@ -200,7 +191,7 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles,
             }
         }
-        "GatherV2" => {
+        Op::GatherV2 => {
             need_data(&[0])?;
             if ins.get(1).is_some_and(|r| cx.is_float_activation(r)) {
                 return Err("its indices are float".into());
@@ -213,27 +204,41 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Aux, Aux],
             }
         }
-        "Max" | "Min" | "Pad" => {
+        Op::Reduce {
+            kind: Reduce::Max | Reduce::Min,
+            ..
+        }
+        | Op::Pad => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Same,
                 roles: vec![Data, Aux],
             }
         }
-        "Mean" | "Sum" => {
+        Op::Reduce {
+            kind: Reduce::Mean | Reduce::Sum,
+            ..
+        } => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Free,
                 roles: vec![Data, Aux],
             }
         }
-        "Add" | "AddV2" | "Sub" | "Mul" | "Maximum" | "Minimum" => {
+        Op::Binary(
+            b @ (Binary::Add
+            | Binary::AddV2
+            | Binary::Sub
+            | Binary::Mul
+            | Binary::Maximum
+            | Binary::Minimum),
+        ) => {
             need_data(&[0, 1])?;
             if cx.const_f32(&ins[0]).is_some() && cx.const_f32(&ins[1]).is_some() {
                 return Err("both inputs are constants".into());
             }
             Spec {
-                kind: if matches!(op, "Maximum" | "Minimum") {
+                kind: if matches!(b, Binary::Maximum | Binary::Minimum) {
                     Kind::Same
                 } else {
                     Kind::Free
@@ -241,16 +246,16 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Data],
             }
         }
-        "Relu" | "Relu6" => {
+        Op::Unary(Unary::Relu | Unary::Relu6) => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Free,
                 roles: vec![Data],
             }
         }
-        "Softmax" | "Sigmoid" | "Tanh" => {
+        Op::Softmax | Op::Unary(Unary::Sigmoid | Unary::Tanh) => {
             need_data(&[0])?;
-            let kind = if op == "Tanh" {
+            let kind = if op == Op::Unary(Unary::Tanh) {
                 Kind::Fixed(1.0 / 128.0, 0)
             } else {
                 Kind::Fixed(1.0 / 256.0, -128)
@@ -260,7 +265,93 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data],
             }
         }
-        _ => return Err(format!("no int8 kernel for {op}")),
+        Op::Placeholder
+        | Op::PlaceholderWithDefault
+        | Op::Const
+        | Op::Forward(
+            Forward::StopGradient
+            | Forward::Snapshot
+            | Forward::CheckNumerics
+            | Forward::PreventGradient
+            | Forward::EnsureShape,
+        )
+        | Op::IdentityN
+        | Op::Print
+        | Op::Unary(
+            Unary::Elu
+            | Unary::Selu
+            | Unary::Softplus
+            | Unary::Rsqrt
+            | Unary::Sqrt
+            | Unary::Square
+            | Unary::Exp
+            | Unary::Log
+            | Unary::Log1p
+            | Unary::Neg
+            | Unary::Abs
+            | Unary::Floor
+            | Unary::Ceil
+            | Unary::Round
+            | Unary::Rint
+            | Unary::Sign
+            | Unary::Reciprocal
+            | Unary::Inv
+            | Unary::Sin
+            | Unary::Cos
+            | Unary::LogicalNot,
+        )
+        | Op::LeakyRelu
+        | Op::Binary(
+            Binary::RealDiv
+            | Binary::Div
+            | Binary::TruncateDiv
+            | Binary::FloorDiv
+            | Binary::FloorMod
+            | Binary::Mod
+            | Binary::Pow
+            | Binary::SquaredDifference,
+        )
+        | Op::Compare(_)
+        | Op::BiasAdd { .. }
+        | Op::Conv2D(_)
+        | Op::DepthwiseConv2dNative(_)
+        | Op::MatMul(_)
+        | Op::BatchMatMul { .. }
+        | Op::FusedBatchNorm { .. }
+        | Op::LogSoftmax
+        | Op::Reduce {
+            kind: Reduce::Prod | Reduce::Any | Reduce::All,
+            ..
+        }
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::Gather
+        | Op::Shape
+        | Op::Size
+        | Op::Rank
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Pack
+        | Op::Unpack
+        | Op::Concat
+        | Op::PadV2
+        | Op::MirrorPad
+        | Op::Transpose
+        | Op::Tile
+        | Op::Fill
+        | Op::ZerosLike
+        | Op::OnesLike
+        | Op::Range
+        | Op::Cast
+        | Op::Select
+        | Op::SelectV2
+        | Op::Random(_)
+        | Op::Dequantize
+        | Op::Quantize
+        | Op::NoOp
+        | Op::Assert
+        | Op::SaveV2
+        | Op::Other(_) => return no_kernel(),
     };
     if spec.roles.len() != ins.len() {
         return Err(format!(
@@ -372,7 +463,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
     let mut specs: HashMap<usize, Spec> = HashMap::new();
     for &i in &order {
         let n = &g.nodes[i];
-        if matches!(n.op.as_str(), "Const" | "Placeholder") {
+        if n.is_const() || n.op == Op::Placeholder.name() {
             continue;
         }
         if opts.exclude.contains(&n.name) {
@@ -457,7 +548,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
 
     for &i in &order {
         let n = &g.nodes[i];
-        if n.op == "Placeholder" {
+        if n.op == Op::Placeholder.name() {
             let mut p = n.clone();
             let k = key(&TensorRef::new(n.name.clone(), 0));
             let float = matches!(n.attr("dtype"), Some(Attr::Type(DType::F32)));
@@ -471,7 +562,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             new_nodes.push(p);
             continue;
         }
-        if n.op == "Const" {
+        if n.is_const() {
             new_nodes.push(n.clone());
             continue;
         }
@@ -483,7 +574,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 if int8_tensors.contains_key(&k) {
                     let dq = dequantized_of.entry(k.clone()).or_insert_with(|| {
                         let name = names.fresh(&format!("{k}/dequantize"));
-                        let mut d = Node::new(name.clone(), "Dequantize")
+                        let mut d = Node::new(name.clone(), Op::Dequantize.name())
                             .with_input(r.clone())
                             .with_attr("T", Attr::Type(DType::I8))
                             .with_attr("dtype", Attr::Type(DType::F32));
@@ -541,7 +632,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                             r.clone()
                         } else {
                             let name = names.fresh(&format!("{tk}/requantize"));
-                            let mut rq = Node::new(name.clone(), "Quantize")
+                            let mut rq = Node::new(name.clone(), Op::Quantize.name())
                                 .with_input(r.clone())
                                 .with_attr("T", Attr::Type(DType::I8))
                                 .with_attr("dtype", Attr::Type(DType::I8));
@@ -555,7 +646,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                             .entry(format!("{tk}@{:e}/{}", want.scale[0], want.zero_point[0]))
                             .or_insert_with(|| {
                                 let name = names.fresh(&format!("{tk}/quantize"));
-                                let mut qn = Node::new(name.clone(), "Quantize")
+                                let mut qn = Node::new(name.clone(), Op::Quantize.name())
                                     .with_input(r.clone())
                                     .with_attr("T", Attr::Type(DType::F32))
                                     .with_attr("dtype", Attr::Type(DType::I8));
@@ -668,7 +759,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 None => {
                     let name = names.fresh(&format!("{k}/dequantize"));
                     out.nodes.push(
-                        Node::new(name.clone(), "Dequantize")
+                        Node::new(name.clone(), Op::Dequantize.name())
                             .with_input(r.clone())
                             .with_attr("T", Attr::Type(DType::I8))
                             .with_attr("dtype", Attr::Type(DType::F32)),
@@ -689,8 +780,8 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
         .iter()
         .filter(|n| {
             !matches!(
-                n.op.as_str(),
-                "Const" | "Placeholder" | "Quantize" | "Dequantize"
+                Op::parse(n),
+                Ok(Op::Const | Op::Placeholder | Op::Quantize | Op::Dequantize)
             ) && !n.output_quant.contains_key(&0)
         })
         .count();
@@ -700,19 +791,11 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
     Ok((out, report))
 }
 
-/// Ops that compute nothing (their absence from int8 does not block an int8-only model).
-pub fn is_compute(op: &str) -> bool {
-    !matches!(
-        op,
-        "Const" | "Placeholder" | "Identity" | "Quantize" | "Dequantize"
-    )
-}
-
 /// The quantized tensors of a graph: name → parameters (for reports).
 pub fn quantized_tensors(g: &Graph) -> BTreeMap<String, QuantParams> {
     g.nodes
         .iter()
-        .filter(|n| n.op != "Const")
+        .filter(|n| !n.is_const())
         .filter_map(|n| n.output_quant.get(&0).map(|q| (n.name.clone(), q.clone())))
         .collect()
 }

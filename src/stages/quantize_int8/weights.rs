@@ -11,7 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::params::symmetric_weights;
 use crate::error::Result;
-use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+use crate::ir::op::Linear;
+use crate::ir::{Attr, DType, Graph, Node, Op, Tensor, TensorRef};
 
 /// What [`quantize_weights`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,36 +27,83 @@ pub struct WeightReport {
 
 /// The axis a consumer quantizes weight input `k` along: `Some(Some(axis))` per
 /// channel, `Some(None)` per tensor, `None` when this is not a weight use.
-fn weight_use(n: &Node, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<Option<usize>> {
-    let tb = matches!(n.attr("transpose_b"), Some(Attr::Bool(true)));
-    match (n.op.as_str(), k) {
-        ("Conv2D" | "_FusedConv2D", 1) if w.shape().len() == 4 => Some(Some(3)),
-        ("DepthwiseConv2dNative" | "_FusedDepthwiseConv2dNative", 1) if w.shape().len() == 4 => {
-            Some((w.shape()[3] == 1).then_some(2))
-        }
-        ("MatMul" | "_FusedMatMul", 1) if w.shape().len() == 2 => {
-            Some(per_channel_dense.then_some(if tb { 0 } else { 1 }))
-        }
-        ("GatherV2" | "Gather", 0) => Some(None),
+fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<Option<usize>> {
+    let rank = w.shape().len();
+    match (op, k) {
+        (
+            Op::Conv2D(_)
+            | Op::Fused {
+                linear: Linear::Conv2D(_),
+                ..
+            },
+            1,
+        ) if rank == 4 => Some(Some(3)),
+        (
+            Op::DepthwiseConv2dNative(_)
+            | Op::Fused {
+                linear: Linear::Depthwise(_),
+                ..
+            },
+            1,
+        ) if rank == 4 => Some((w.shape()[3] == 1).then_some(2)),
+        (
+            Op::MatMul(m)
+            | Op::Fused {
+                linear: Linear::MatMul(m),
+                ..
+            },
+            1,
+        ) if rank == 2 => Some(per_channel_dense.then_some(if m.transpose_b { 0 } else { 1 })),
+        (Op::GatherV2 | Op::Gather, 0) => Some(None),
         _ => None,
     }
 }
 
-/// Whether input `k` of `n` is the weight operand of an op with a hybrid kernel.
-fn hybrid_use(n: &Node, k: usize) -> bool {
-    k == 1 && matches!(n.op.as_str(), "_FusedConv2D" | "_FusedMatMul")
+/// Whether input `k` of an op is the weight operand of a hybrid kernel.
+fn hybrid_use(op: &Op, k: usize) -> bool {
+    k == 1
+        && matches!(
+            op,
+            Op::Fused {
+                linear: Linear::Conv2D(_) | Linear::MatMul(_),
+                ..
+            }
+        )
+}
+
+/// How the weights are read after quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Every quantized weight is read through a `Dequantize` (OPTIMIZE_FOR_SIZE).
+    WeightOnly,
+    /// Ops with hybrid kernels read their int8 weights directly; other uses go
+    /// through a `Dequantize` (DEFAULT without calibration).
+    DynamicRange,
+}
+
+/// What [`quantize_weights`] quantizes and how.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightOptions<'a> {
+    /// Constants with fewer elements stay float.
+    pub min_elements: usize,
+    /// Per-channel scales for `MatMul` weights (per-tensor otherwise).
+    pub per_channel_dense: bool,
+    /// Nodes whose weights stay float.
+    pub exclude: &'a HashSet<String>,
+    pub mode: WeightMode,
 }
 
 /// Quantizes the weight constants of `g` with at least `min_elements` elements;
 /// with `hybrid`, the ops that have hybrid kernels read theirs without a
 /// `Dequantize`.
-pub fn quantize_weights(
-    g: &Graph,
-    min_elements: usize,
-    per_channel_dense: bool,
-    exclude: &HashSet<String>,
-    hybrid: bool,
-) -> Result<(Graph, WeightReport)> {
+pub fn quantize_weights(g: &Graph, opts: &WeightOptions) -> Result<(Graph, WeightReport)> {
+    let WeightOptions {
+        min_elements,
+        per_channel_dense,
+        exclude,
+        mode,
+    } = *opts;
+    let hybrid = mode == WeightMode::DynamicRange;
     let index = g.index()?;
     let outputs: HashSet<&str> = g.outputs.iter().map(|r| r.node.as_str()).collect();
     // Constant → (axis, ok) from all its uses.
@@ -64,6 +112,7 @@ pub fn quantize_weights(
     // Constants with a use that is not a hybrid one.
     let mut not_hybrid: HashSet<&str> = HashSet::new();
     for n in &g.nodes {
+        let op = Op::parse(n).ok();
         for (k, r) in n.inputs.iter().enumerate() {
             let Some(&ci) = index.get(r.node.as_str()) else {
                 continue;
@@ -74,10 +123,13 @@ pub fn quantize_weights(
             if t.dtype() != DType::F32 {
                 continue;
             }
-            if !hybrid_use(n, k) {
+            if !op.as_ref().is_some_and(|op| hybrid_use(op, k)) {
                 not_hybrid.insert(r.node.as_str());
             }
-            match weight_use(n, k, t, per_channel_dense) {
+            match op
+                .as_ref()
+                .and_then(|op| weight_use(op, k, t, per_channel_dense))
+            {
                 Some(axis) if !exclude.contains(&n.name) => {
                     let e = uses.entry(r.node.as_str()).or_insert(Some(axis));
                     if *e != Some(axis) {
@@ -127,7 +179,7 @@ pub fn quantize_weights(
             k += 1;
         }
         names.insert(name.clone());
-        let mut dq = Node::new(name.clone(), "Dequantize")
+        let mut dq = Node::new(name.clone(), Op::Dequantize.name())
             .with_input(TensorRef::new(n.name.clone(), 0))
             .with_attr("T", Attr::Type(DType::I8))
             .with_attr("dtype", Attr::Type(DType::F32));
@@ -150,7 +202,7 @@ pub fn quantize_weights(
             .iter()
             .filter(|n| {
                 n.inputs.get(1).is_some_and(|r| {
-                    hybrid_use(n, 1)
+                    Op::parse(n).is_ok_and(|op| hybrid_use(&op, 1))
                         && index
                             .get(r.node.as_str())
                             .and_then(|&i| out.nodes[i].const_value())

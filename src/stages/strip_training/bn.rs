@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+use crate::ir::op::{is_batch_norm_family, Binary, Forward, Layout};
+use crate::ir::{Attr, DType, Graph, Node, Op, Tensor, TensorRef};
 
 /// Counters of what was folded.
 #[derive(Debug, Default)]
@@ -70,7 +71,7 @@ fn rewrite_fused(g: &mut Graph, stats: &mut BnStats) -> Result<()> {
     let mut idx = index(g);
     for i in 0..g.nodes.len() {
         let n = &g.nodes[i];
-        if !n.op.starts_with("FusedBatchNorm") {
+        if !is_batch_norm_family(&n.op) {
             continue;
         }
         let who = format!("batch norm '{}' ({})", n.name, n.op);
@@ -114,7 +115,13 @@ fn rewrite_fused(g: &mut Graph, stats: &mut BnStats) -> Result<()> {
         let shift: Vec<f32> = (0..c)
             .map(|j| params[1][j] - params[2][j] * factor[j])
             .collect();
-        let nchw = matches!(n.attr_str("data_format"), Ok("NCHW"));
+        let nchw = matches!(
+            Op::parse(n),
+            Ok(Op::FusedBatchNorm {
+                layout: Layout::Nchw,
+                ..
+            })
+        );
         let pshape = if nchw { vec![c, 1, 1] } else { vec![c] };
         let name = n.name.clone();
         let x = n.inputs[0].clone();
@@ -133,13 +140,13 @@ fn rewrite_fused(g: &mut Graph, stats: &mut BnStats) -> Result<()> {
             shift_name.clone(),
             Tensor::from_vec(pshape, &shift),
         ));
-        let mut mul = Node::new(mul_name.clone(), "Mul")
+        let mut mul = Node::new(mul_name.clone(), Op::Binary(Binary::Mul).name())
             .with_input(x)
             .with_input(TensorRef::new(scale_name, 0))
             .with_attr("T", Attr::Type(DType::F32));
         mul.device = device.clone();
         added.push(mul);
-        let mut add = Node::new(name, "AddV2")
+        let mut add = Node::new(name, Op::Binary(Binary::AddV2).name())
             .with_input(TensorRef::new(mul_name, 0))
             .with_input(TensorRef::new(shift_name, 0))
             .with_attr("T", Attr::Type(DType::F32));
@@ -150,6 +157,12 @@ fn rewrite_fused(g: &mut Graph, stats: &mut BnStats) -> Result<()> {
     g.nodes.extend(added);
     Ok(())
 }
+
+/// The (NHWC) bias add batch norms fold into.
+const BIAS_ADD: Op = Op::BiasAdd {
+    layout: Layout::Nhwc,
+    v1: false,
+};
 
 /// Output channels of a weighted op and how to scale its weights per channel.
 struct Weighted {
@@ -162,8 +175,8 @@ struct Weighted {
 fn weighted(g: &Graph, idx: &HashMap<String, usize>, n: &Node) -> Option<Weighted> {
     let w = n.inputs.get(1)?;
     let (_, shape) = const_f32(g, idx, w)?;
-    match n.op.as_str() {
-        "Conv2D" if shape.len() == 4 => {
+    match Op::parse(n).ok()? {
+        Op::Conv2D(_) if shape.len() == 4 => {
             let o = shape[3];
             Some(Weighted {
                 weight: w.clone(),
@@ -171,7 +184,7 @@ fn weighted(g: &Graph, idx: &HashMap<String, usize>, n: &Node) -> Option<Weighte
                 channel_of: Box::new(move |i| i % o),
             })
         }
-        "DepthwiseConv2dNative" if shape.len() == 4 => {
+        Op::DepthwiseConv2dNative(_) if shape.len() == 4 => {
             let o = shape[2] * shape[3];
             Some(Weighted {
                 weight: w.clone(),
@@ -179,8 +192,8 @@ fn weighted(g: &Graph, idx: &HashMap<String, usize>, n: &Node) -> Option<Weighte
                 channel_of: Box::new(move |i| i % o),
             })
         }
-        "MatMul" if shape.len() == 2 && !n.attr_bool("transpose_a").unwrap_or(false) => {
-            if n.attr_bool("transpose_b").unwrap_or(false) {
+        Op::MatMul(m) if shape.len() == 2 && !m.transpose_a => {
+            if m.transpose_b {
                 let (o, k) = (shape[0], shape[1]);
                 Some(Weighted {
                     weight: w.clone(),
@@ -213,7 +226,7 @@ fn per_channel(v: &[f32], shape: &[usize], channels: usize, rank: usize) -> Opti
 }
 
 fn output_rank(n: &Node) -> usize {
-    if n.op == "MatMul" {
+    if matches!(Op::parse(n), Ok(Op::MatMul(_))) {
         2
     } else {
         4
@@ -228,8 +241,10 @@ fn fold_once(g: &mut Graph, stats: &mut BnStats) -> Result<bool> {
     let is_output = |name: &str| g.outputs.iter().any(|r| r.node == name);
     for i in 0..g.nodes.len() {
         let n = &g.nodes[i];
-        let is_mul = n.op == "Mul";
-        let is_add = matches!(n.op.as_str(), "Add" | "AddV2" | "Sub");
+        let op = Op::parse(n).ok();
+        let is_mul = matches!(op, Some(Op::Binary(Binary::Mul)));
+        let is_sub = matches!(op, Some(Op::Binary(Binary::Sub)));
+        let is_add = is_sub || matches!(op, Some(Op::Binary(Binary::Add | Binary::AddV2)));
         if !(is_mul || is_add)
             || n.inputs.len() != 2
             || n.attr_type("T").unwrap_or(DType::F32) != DType::F32
@@ -238,7 +253,7 @@ fn fold_once(g: &mut Graph, stats: &mut BnStats) -> Result<bool> {
         }
         let (y_ref, c_ref) = match (
             const_f32(g, &idx, &n.inputs[1]).is_some(),
-            const_f32(g, &idx, &n.inputs[0]).is_some() && n.op != "Sub",
+            const_f32(g, &idx, &n.inputs[0]).is_some() && !is_sub,
         ) {
             (true, _) => (&n.inputs[0], &n.inputs[1]),
             (false, true) => (&n.inputs[1], &n.inputs[0]),
@@ -253,7 +268,7 @@ fn fold_once(g: &mut Graph, stats: &mut BnStats) -> Result<bool> {
         let y = &g.nodes[yi];
         let (c, cshape) = const_f32(g, &idx, c_ref).unwrap_or_default();
         // y is either the weighted op itself or BiasAdd(weighted op, const bias).
-        let (wi, bias) = if y.op == "BiasAdd" {
+        let (wi, bias) = if y.op == BIAS_ADD.name() {
             let Some(&wi) = idx.get(&y.inputs[0].node) else {
                 continue;
             };
@@ -274,7 +289,7 @@ fn fold_once(g: &mut Graph, stats: &mut BnStats) -> Result<bool> {
         let Some(mut cv) = per_channel(&c, &cshape, w.channels, output_rank(wnode)) else {
             continue;
         };
-        if n.op == "Sub" {
+        if is_sub {
             cv.iter_mut().for_each(|v| *v = -*v);
         }
         let name = n.name.clone();
@@ -315,7 +330,7 @@ fn fold_once(g: &mut Graph, stats: &mut BnStats) -> Result<bool> {
             }
             // The multiply is now the identity: its readers read y instead.
             if name_is_output {
-                g.nodes[i] = Node::new(name, "Identity")
+                g.nodes[i] = Node::new(name, Op::Forward(Forward::Identity).name())
                     .with_input(y_out)
                     .with_attr("T", Attr::Type(DType::F32));
             } else {
@@ -338,7 +353,7 @@ fn fold_once(g: &mut Graph, stats: &mut BnStats) -> Result<bool> {
                 None => (y_out, cv),
             };
             let bname = unique_name(&idx, format!("{name}/folded_bias"));
-            let mut ba = Node::new(name, "BiasAdd")
+            let mut ba = Node::new(name, BIAS_ADD.name())
                 .with_input(src)
                 .with_input(TensorRef::new(bname.clone(), 0))
                 .with_attr("T", Attr::Type(DType::F32))

@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+use crate::ir::op::{never_fold, Forward, Layout, Padding as IrPadding, Random};
+use crate::ir::{Attr, DType, Graph, Node, Op, Tensor, TensorRef};
 use crate::kernels::array::{norm_axis, strided_slice_spec, SliceMasks};
 use crate::kernels::elementwise::{cast, BinaryOp, UnaryOp};
 use crate::kernels::{eval_node, StepQuant, Value};
@@ -147,33 +148,6 @@ fn broadcast(a: &[D], b: &[D], cx: &mut Ctx) -> Option<Shape> {
     Some(out)
 }
 
-/// Ops that must never be evaluated at strip time (random, stateful, or inputs).
-fn is_unfoldable(op: &str) -> bool {
-    matches!(
-        op,
-        "Placeholder"
-            | "PlaceholderWithDefault"
-            | "RandomUniform"
-            | "RandomUniformInt"
-            | "RandomStandardNormal"
-            | "TruncatedNormal"
-            | "Multinomial"
-            | "RandomShuffle"
-            | "RandomGamma"
-            | "RandomPoisson"
-            | "RandomPoissonV2"
-            | "StatelessRandomUniform"
-            | "Assert"
-            | "Print"
-            | "PrintV2"
-    ) || op.starts_with("Variable")
-        || op.starts_with("Var")
-        || op.starts_with("Assign")
-        || op.starts_with("Read")
-        || op.starts_with("Resource")
-        || op.starts_with("Stateful")
-}
-
 /// Node output → abstract value of output 0 (strip only folds single-result values).
 struct Pass<'a> {
     cx: Ctx,
@@ -249,7 +223,7 @@ impl Pass<'_> {
             let s = self.shape_from_attr(node);
             return Ok(vec![Abs::Unknown(s)]);
         }
-        if op == "Const" {
+        if node.is_const() {
             return Ok(vec![match node.const_value() {
                 Some(t) => match Value::from_tensor(t) {
                     Ok(v) => {
@@ -270,7 +244,7 @@ impl Pass<'_> {
         if ins.iter().any(|a| matches!(a, Abs::Dead)) {
             return Ok(vec![Abs::Dead]);
         }
-        if !is_unfoldable(&op) && !ins.is_empty() && ins.iter().all(|a| a.konst().is_some()) {
+        if !never_fold(&op) && !ins.is_empty() && ins.iter().all(|a| a.konst().is_some()) {
             let vals: Vec<Value> = ins.iter().filter_map(|a| a.konst().cloned()).collect();
             let in_elems: usize = vals.iter().map(|v| v.len()).sum();
             if let Ok(outs) = eval_node(node, vals, &StepQuant::default()) {
@@ -282,12 +256,14 @@ impl Pass<'_> {
         }
         let a = |i: usize| ins.get(i).cloned().unwrap_or(Abs::Unknown(None));
         let sh = |i: usize| ins.get(i).and_then(Abs::shape);
-        let out = match op.as_str() {
-            "Placeholder" => {
+        // An op whose attributes do not parse is not folded: its result is unknown.
+        let parsed = Op::parse(node).unwrap_or_else(|_| Op::Other(op.clone()));
+        let out = match parsed {
+            Op::Placeholder => {
                 let s = self.shape_from_attr(node);
                 Abs::Unknown(s)
             }
-            "RandomUniform" => {
+            Op::Random(Random::Uniform) => {
                 let dt = node.attr_type("dtype").unwrap_or(DType::F32);
                 match as_shape_value(&a(0)) {
                     Some(s) if dt.is_float() => Abs::Range(
@@ -303,16 +279,16 @@ impl Pass<'_> {
                     s => Abs::Unknown(s),
                 }
             }
-            "Shape" => match sh(0) {
+            Op::Shape => match sh(0) {
                 Some(s) => {
                     let dt = node.attr_type("out_type").unwrap_or(DType::I32);
                     dims_or_const(s, false, dt)?
                 }
                 None => Abs::Unknown(None),
             },
-            "Size" | "Rank" => Abs::Unknown(Some(vec![])),
-            "StridedSlice" => self.strided_slice(node, &ins)?,
-            "Pack" => {
+            Op::Size | Op::Rank => Abs::Unknown(Some(vec![])),
+            Op::StridedSlice => self.strided_slice(node, &ins)?,
+            Op::Pack => {
                 let dt = node.attr_type("T").unwrap_or(DType::I32);
                 let axis = node.attr_int("axis").unwrap_or(0);
                 let mut dims = Vec::new();
@@ -340,8 +316,8 @@ impl Pass<'_> {
                     Abs::Unknown(s)
                 }
             }
-            "ConcatV2" => self.concat(node, &ins)?,
-            "Cast" => {
+            Op::ConcatV2 => self.concat(node, &ins)?,
+            Op::Cast => {
                 let to = node.attr_type("DstT")?;
                 match a(0) {
                     Abs::Uniform(v, s) => Abs::Uniform(cast(&v, to)?, s),
@@ -356,17 +332,12 @@ impl Pass<'_> {
                     }
                 }
             }
-            "Reshape" => self.reshape(node, &ins)?,
-            "Select" | "SelectV2" => self.select(node, &ins)?,
-            _ => {
-                if let Some(u) = UnaryOp::from_tf(&op) {
-                    self.unary(u, &a(0))?
-                } else if let Some(b) = BinaryOp::from_tf(&op) {
-                    self.binary(node, b, &ins)?
-                } else {
-                    Abs::Unknown(self.infer_shape(node, &ins))
-                }
-            }
+            Op::Reshape => self.reshape(node, &ins)?,
+            Op::Select | Op::SelectV2 => self.select(node, &ins)?,
+            Op::Unary(u) => self.unary(UnaryOp::from_ir(u), &a(0))?,
+            Op::Binary(b) => self.binary(node, BinaryOp::from_ir(b), &ins)?,
+            Op::Compare(c) => self.binary(node, BinaryOp::from_compare(c), &ins)?,
+            other => Abs::Unknown(self.infer_shape(node, &other, &ins)),
         };
         Ok(vec![out])
     }
@@ -598,7 +569,7 @@ impl Pass<'_> {
         let (Some(cs), Some(xs), Some(ys)) = (c.shape(), x.shape(), y.shape()) else {
             return Ok(Abs::Unknown(None));
         };
-        let v2 = node.op == "SelectV2";
+        let v2 = node.op == Op::SelectV2.name();
         let out = if v2 {
             broadcast(&cs, &xs, &mut self.cx).and_then(|s| broadcast(&s, &ys, &mut self.cx))
         } else if xs == ys {
@@ -815,65 +786,69 @@ impl Pass<'_> {
     }
 
     /// Shapes of common ops whose values are unknown.
-    fn infer_shape(&mut self, node: &Node, ins: &[Abs]) -> Option<Shape> {
+    fn infer_shape(&mut self, node: &Node, op: &Op, ins: &[Abs]) -> Option<Shape> {
         let sh = |i: usize| ins.get(i).and_then(Abs::shape);
         let konst = |i: usize| {
             ins.get(i)
                 .and_then(Abs::konst)
                 .and_then(|v| v.to_i64s().ok())
         };
-        match node.op.as_str() {
-            "Identity"
-            | "StopGradient"
-            | "Snapshot"
-            | "CheckNumerics"
-            | "PreventGradient"
-            | "EnsureShape"
-            | "Print"
-            | "BiasAdd"
-            | "BiasAddV1"
-            | "Softmax"
-            | "LogSoftmax"
-            | "LeakyRelu"
-            | "FusedBatchNorm"
-            | "FusedBatchNormV2"
-            | "FusedBatchNormV3"
-            | "PlaceholderWithDefault"
-            | "Dequantize"
-            | "ZerosLike"
-            | "OnesLike" => sh(0),
-            "Conv2D" | "DepthwiseConv2dNative" | "MaxPool" | "AvgPool" => {
+        let usize2 = |v: [i64; 2]| [v[0] as usize, v[1] as usize];
+        match op {
+            Op::Forward(
+                Forward::Identity
+                | Forward::StopGradient
+                | Forward::Snapshot
+                | Forward::CheckNumerics
+                | Forward::PreventGradient
+                | Forward::EnsureShape,
+            )
+            | Op::Print
+            | Op::BiasAdd { .. }
+            | Op::Softmax
+            | Op::LogSoftmax
+            | Op::LeakyRelu
+            | Op::FusedBatchNorm { .. }
+            | Op::PlaceholderWithDefault
+            | Op::Dequantize
+            | Op::ZerosLike
+            | Op::OnesLike => sh(0),
+            Op::Conv2D(_) | Op::DepthwiseConv2dNative(_) | Op::MaxPool(_) | Op::AvgPool(_) => {
                 let x = sh(0)?;
                 if x.len() != 4 {
                     return None;
                 }
-                let win = |key: &str| -> Option<[usize; 2]> {
-                    match node.attr_ints(key).ok()? {
-                        [1, h, w, 1] => Some([*h as usize, *w as usize]),
-                        _ => None,
+                let (layout, padding, strides, dil) = match op {
+                    Op::Conv2D(c) | Op::DepthwiseConv2dNative(c) => {
+                        (c.layout, c.padding, c.strides, c.dilations)
                     }
+                    Op::MaxPool(p) | Op::AvgPool(p) => (p.layout, p.padding, p.strides, [1, 1]),
+                    _ => return None,
                 };
-                let strides = win("strides")?;
-                let dil = win("dilations").unwrap_or([1, 1]);
-                let (k, c) = match node.op.as_str() {
-                    "Conv2D" | "DepthwiseConv2dNative" => {
+                if layout != Layout::Nhwc {
+                    return None;
+                }
+                let (strides, dil) = (usize2(strides), usize2(dil));
+                let (k, c) = match op {
+                    Op::Conv2D(_) | Op::DepthwiseConv2dNative(_) => {
                         let w = known(&sh(1)?)?;
                         if w.len() != 4 {
                             return None;
                         }
-                        let c = if node.op == "Conv2D" {
+                        let c = if matches!(op, Op::Conv2D(_)) {
                             w[3]
                         } else {
                             w[2] * w[3]
                         };
                         ([w[0], w[1]], D::K(c as i64))
                     }
-                    _ => (win("ksize")?, x[3]),
-                };
-                let pad = match node.attr_str("padding").ok()? {
-                    "SAME" => crate::kernels::nn::Padding::Same,
-                    "VALID" => crate::kernels::nn::Padding::Valid,
+                    Op::MaxPool(p) | Op::AvgPool(p) => (usize2(p.ksize), x[3]),
                     _ => return None,
+                };
+                let pad = match padding {
+                    IrPadding::Same => crate::kernels::nn::Padding::Same,
+                    IrPadding::Valid => crate::kernels::nn::Padding::Valid,
+                    IrPadding::Explicit(_) => return None,
                 };
                 let mut out = vec![x[0]];
                 for d in 0..2 {
@@ -891,22 +866,21 @@ impl Pass<'_> {
                 out.push(c);
                 Some(out)
             }
-            "MatMul" => {
+            Op::MatMul(m) => {
                 let (a, b) = (sh(0)?, sh(1)?);
                 if a.len() != 2 || b.len() != 2 {
                     return None;
                 }
-                let ta = node.attr_bool("transpose_a").unwrap_or(false);
-                let tb = node.attr_bool("transpose_b").unwrap_or(false);
+                let (ta, tb) = (m.transpose_a, m.transpose_b);
                 Some(vec![
                     if ta { a[1] } else { a[0] },
                     if tb { b[0] } else { b[1] },
                 ])
             }
-            "Sum" | "Mean" | "Max" | "Min" | "Prod" | "Any" | "All" => {
+            Op::Reduce { keep_dims, .. } => {
                 let x = sh(0)?;
                 let axes = konst(1)?;
-                let keep = node.attr_bool("keep_dims").unwrap_or(false);
+                let keep = *keep_dims;
                 let mut red = vec![false; x.len()];
                 for a in axes {
                     red[norm_axis(a, x.len(), false).ok()?] = true;
@@ -922,15 +896,15 @@ impl Pass<'_> {
                         .collect(),
                 )
             }
-            "ArgMax" | "ArgMin" => {
+            Op::ArgMax | Op::ArgMin => {
                 let mut x = sh(0)?;
                 let a = norm_axis(*konst(1)?.first()?, x.len(), false).ok()?;
                 x.remove(a);
                 Some(x)
             }
-            "GatherV2" | "Gather" => {
+            Op::GatherV2 | Op::Gather => {
                 let (p, i) = (sh(0)?, sh(1)?);
-                let axis = if node.op == "GatherV2" {
+                let axis = if *op == Op::GatherV2 {
                     *konst(2)?.first()?
                 } else {
                     0
@@ -941,13 +915,13 @@ impl Pass<'_> {
                 out.extend_from_slice(&p[a + 1..]);
                 Some(out)
             }
-            "ExpandDims" => {
+            Op::ExpandDims => {
                 let mut x = sh(0)?;
                 let a = norm_axis(*konst(1)?.first()?, x.len(), true).ok()?;
                 x.insert(a, D::K(1));
                 Some(x)
             }
-            "Squeeze" => {
+            Op::Squeeze => {
                 let x = sh(0)?;
                 let dims = node
                     .attr_ints("squeeze_dims")
@@ -968,7 +942,7 @@ impl Pass<'_> {
                         .collect(),
                 )
             }
-            "Pad" | "PadV2" | "MirrorPad" => {
+            Op::Pad | Op::PadV2 | Op::MirrorPad => {
                 let x = sh(0)?;
                 let p = konst(1)?;
                 if p.len() != 2 * x.len() {
@@ -985,7 +959,37 @@ impl Pass<'_> {
                         .collect(),
                 )
             }
-            _ => None,
+            Op::Placeholder
+            | Op::Const
+            | Op::IdentityN
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::BatchMatMul { .. }
+            | Op::Reshape
+            | Op::Shape
+            | Op::Size
+            | Op::Rank
+            | Op::StridedSlice
+            | Op::Slice
+            | Op::Pack
+            | Op::Unpack
+            | Op::ConcatV2
+            | Op::Concat
+            | Op::Transpose
+            | Op::Tile
+            | Op::Fill
+            | Op::Range
+            | Op::Cast
+            | Op::Select
+            | Op::SelectV2
+            | Op::Random(_)
+            | Op::Quantize
+            | Op::Fused { .. }
+            | Op::NoOp
+            | Op::Assert
+            | Op::SaveV2
+            | Op::Other(_) => None,
         }
     }
 }
@@ -1025,7 +1029,8 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
         if let Some(target) = pass.alias.get(&(node.name.clone(), 0)) {
             if outputs.contains(&node.name) {
                 let dt = node.attr_type("T").ok();
-                let mut id = Node::new(node.name.clone(), "Identity").with_input(target.clone());
+                let mut id = Node::new(node.name.clone(), Op::Forward(Forward::Identity).name())
+                    .with_input(target.clone());
                 if let Some(dt) = dt {
                     id = id.with_attr("T", Attr::Type(dt));
                 }
@@ -1033,7 +1038,7 @@ pub fn fold(graph: &mut Graph, declared_inputs: &[String]) -> Result<FoldStats> 
             }
             continue;
         }
-        if node.op == "Const" || declared.contains(&node.name) {
+        if node.is_const() || declared.contains(&node.name) {
             continue;
         }
         let single = pass.abs.get(&node.name).map(|v| v.len()) == Some(1);

@@ -14,8 +14,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
-use crate::ir::{Attr, DType, Graph, Node, Tensor, TensorRef};
+use crate::ir::op::{Layout, Linear, Unary};
+use crate::ir::{Attr, DType, FusedActivation, Graph, IrError, Node, Op, Tensor, TensorRef};
 
 /// What [`fuse`] did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -24,41 +24,34 @@ pub struct FuseReport {
     pub zero_biases: usize,
 }
 
-fn fused_op(op: &str) -> Option<&'static str> {
-    Some(match op {
-        "Conv2D" => "_FusedConv2D",
-        "DepthwiseConv2dNative" => "_FusedDepthwiseConv2dNative",
-        "MatMul" => "_FusedMatMul",
-        _ => return None,
-    })
-}
-
-fn nhwc(n: &Node) -> bool {
-    match n.attr("data_format") {
-        None => true,
-        Some(_) => n
-            .attr_str("data_format")
-            .map(|s| s == "NHWC")
-            .unwrap_or(false),
-    }
-}
-
-/// Output channels of a matrix op from its constant weights.
-fn out_channels(op: &Node, w: &Tensor) -> Option<usize> {
-    let s = w.shape();
-    match op.op.as_str() {
-        "Conv2D" if s.len() == 4 => Some(s[3]),
-        "DepthwiseConv2dNative" if s.len() == 4 => Some(s[2] * s[3]),
-        "MatMul" if s.len() == 2 => {
-            let tb = matches!(op.attr("transpose_b"), Some(Attr::Bool(true)));
-            Some(if tb { s[0] } else { s[1] })
-        }
+/// The matrix op of `op` when it has a fused form (NHWC convolutions, matrix products).
+fn linear_of(op: &Op) -> Option<Linear> {
+    match op {
+        Op::Conv2D(c) if c.layout == Layout::Nhwc => Some(Linear::Conv2D(*c)),
+        Op::DepthwiseConv2dNative(c) if c.layout == Layout::Nhwc => Some(Linear::Depthwise(*c)),
+        Op::MatMul(m) => Some(Linear::MatMul(*m)),
         _ => None,
     }
 }
 
+/// Output channels of a matrix op from its constant weights.
+fn out_channels(linear: &Linear, w: &Tensor) -> Option<usize> {
+    let s = w.shape();
+    match linear {
+        Linear::Conv2D(_) if s.len() == 4 => Some(s[3]),
+        Linear::Depthwise(_) if s.len() == 4 => Some(s[2] * s[3]),
+        Linear::MatMul(m) if s.len() == 2 => Some(if m.transpose_b { s[0] } else { s[1] }),
+        _ => None,
+    }
+}
+
+fn parsed(n: &Node) -> Option<Op> {
+    Op::parse(n).ok()
+}
+
 struct Chain {
     op: usize,
+    linear: Linear,
     /// A `Squeeze`/`Reshape` between the op and its bias.
     mid: Option<usize>,
     bias: Option<usize>,
@@ -66,7 +59,7 @@ struct Chain {
 }
 
 /// Fuses every matching chain; see the module documentation.
-pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
+pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrError> {
     let index = graph.index()?;
     let consumers = graph.consumers();
     let outputs: HashSet<&str> = graph.outputs.iter().map(|r| r.node.as_str()).collect();
@@ -92,7 +85,10 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
     };
     let mut chains = Vec::new();
     for (i, n) in graph.nodes.iter().enumerate() {
-        if fused_op(&n.op).is_none() || n.inputs.len() != 2 || !nhwc(n) {
+        let Some(linear) = parsed(n).as_ref().and_then(linear_of) else {
+            continue;
+        };
+        if n.inputs.len() != 2 {
             continue;
         }
         let Some(w) = const_of(&n.inputs[1]) else {
@@ -101,14 +97,15 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
         if w.dtype() != DType::F32 {
             continue;
         }
-        if n.op == "MatMul" && matches!(n.attr("transpose_a"), Some(Attr::Bool(true))) {
+        if matches!(linear, Linear::MatMul(m) if m.transpose_a) {
             continue;
         }
-        let Some(channels) = out_channels(n, w) else {
+        let Some(channels) = out_channels(&linear, w) else {
             continue;
         };
         let mut chain = Chain {
             op: i,
+            linear,
             mid: None,
             bias: None,
             act: None,
@@ -116,12 +113,13 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
         let mut cur = n.name.as_str();
         if let Some(next) = sole_reader(cur) {
             let m = &graph.nodes[next];
-            let keeps_channels = match m.op.as_str() {
-                "Squeeze" if n.op == "Conv2D" => match m.attr("squeeze_dims") {
+            let conv2d = matches!(linear, Linear::Conv2D(_));
+            let keeps_channels = match parsed(m) {
+                Some(Op::Squeeze) if conv2d => match m.attr("squeeze_dims") {
                     Some(Attr::Ints(d)) if !d.is_empty() => d.iter().all(|&a| a != 3 && a != -1),
                     _ => channels != 1,
                 },
-                "Reshape" if n.op == "Conv2D" => index
+                Some(Op::Reshape) if conv2d => index
                     .get(m.inputs.get(1).map(|r| r.node.as_str()).unwrap_or(""))
                     .and_then(|&j| graph.nodes[j].const_value())
                     .and_then(|t| t.to_i64_vec().ok())
@@ -130,7 +128,7 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
             };
             if keeps_channels {
                 if let Some(b) = sole_reader(&m.name) {
-                    if graph.nodes[b].op == "BiasAdd" {
+                    if matches!(parsed(&graph.nodes[b]), Some(Op::BiasAdd { v1: false, .. })) {
                         chain.mid = Some(next);
                         cur = m.name.as_str();
                     }
@@ -139,16 +137,23 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
         }
         if let Some(b) = sole_reader(cur) {
             let bn = &graph.nodes[b];
-            let bias_ok = bn.op == "BiasAdd"
-                && nhwc(bn)
-                && bn.inputs.len() == 2
+            let bias_ok = matches!(
+                parsed(bn),
+                Some(Op::BiasAdd {
+                    v1: false,
+                    layout: Layout::Nhwc
+                })
+            ) && bn.inputs.len() == 2
                 && bn.inputs[0].node == cur
                 && const_of(&bn.inputs[1])
                     .is_some_and(|t| t.dtype() == DType::F32 && t.shape() == [channels]);
             if bias_ok {
                 chain.bias = Some(b);
                 if let Some(a) = sole_reader(&bn.name) {
-                    if matches!(graph.nodes[a].op.as_str(), "Relu" | "Relu6") {
+                    if matches!(
+                        parsed(&graph.nodes[a]),
+                        Some(Op::Unary(Unary::Relu | Unary::Relu6))
+                    ) {
                         chain.act = Some(a);
                     }
                 }
@@ -194,7 +199,11 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport)> {
                 TensorRef::new(name, 0)
             }
         };
-        let mut f = Node::new(fused_name, fused_op(&op.op).unwrap_or_default());
+        let fused = Op::Fused {
+            linear: c.linear,
+            activation: FusedActivation::None,
+        };
+        let mut f = Node::new(fused_name, fused.name());
         f.inputs = vec![op.inputs[0].clone(), op.inputs[1].clone(), bias_ref];
         f.device = op.device.clone();
         for key in [

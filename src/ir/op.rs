@@ -1,0 +1,933 @@
+//! The typed op: a node's TensorFlow op name and the attributes qpipe acts on,
+//! parsed in this one place into a closed enum. Every layer above (shape rules,
+//! kernels, TFLite lowering, quantization) matches on [`Op`] without a `_` arm, so
+//! adding a variant makes the compiler list each place that must handle it.
+//!
+//! A node keeps its op name and raw attributes (`Node::op`, `Node::attrs`): they are
+//! what a GraphDef round-trips and what the IR serializes, so artifact hashes and the
+//! cache keys built on them do not depend on this parse.
+
+use super::{Attr, IrError, Node};
+
+/// Activations TFLite fuses into the op that precedes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedActivation {
+    None,
+    Relu,
+    Relu6,
+    ReluN1To1,
+}
+
+/// Where channels sit in a 4-D activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Nhwc,
+    Nchw,
+}
+
+/// TensorFlow's window padding; explicit pads are (before, after) for height, width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Same,
+    Valid,
+    Explicit([(i64, i64); 2]),
+}
+
+impl Padding {
+    /// `SAME` / `VALID` / `EXPLICIT`, as TensorFlow spells it.
+    pub fn tf_name(self) -> &'static str {
+        match self {
+            Padding::Same => "SAME",
+            Padding::Valid => "VALID",
+            Padding::Explicit(_) => "EXPLICIT",
+        }
+    }
+}
+
+/// The window of a 2-D convolution (`Conv2D`, `DepthwiseConv2dNative`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv {
+    pub padding: Padding,
+    /// (height, width).
+    pub strides: [i64; 2],
+    /// (height, width).
+    pub dilations: [i64; 2],
+    pub layout: Layout,
+}
+
+/// The window of `MaxPool` / `AvgPool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    pub padding: Padding,
+    /// (height, width).
+    pub ksize: [i64; 2],
+    /// (height, width).
+    pub strides: [i64; 2],
+    pub layout: Layout,
+}
+
+/// `MatMul`'s transposes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatMul {
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+}
+
+/// The matrix op under one of quantize_int8's fused nodes (`_FusedConv2D`,
+/// `_FusedDepthwiseConv2dNative`, `_FusedMatMul`: inputs x, weights, bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linear {
+    Conv2D(Conv),
+    Depthwise(Conv),
+    MatMul(MatMul),
+}
+
+/// Element-wise ops of one input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unary {
+    Relu,
+    Relu6,
+    Elu,
+    Selu,
+    Tanh,
+    Sigmoid,
+    Softplus,
+    Rsqrt,
+    Sqrt,
+    Square,
+    Exp,
+    Log,
+    Log1p,
+    Neg,
+    Abs,
+    Floor,
+    Ceil,
+    Round,
+    Rint,
+    Sign,
+    Reciprocal,
+    Inv,
+    Sin,
+    Cos,
+    LogicalNot,
+}
+
+/// Element-wise, broadcasting ops of two inputs with the dtype of the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    AddV2,
+    Sub,
+    Mul,
+    RealDiv,
+    Div,
+    TruncateDiv,
+    FloorDiv,
+    FloorMod,
+    Mod,
+    Maximum,
+    Minimum,
+    Pow,
+    SquaredDifference,
+}
+
+/// Element-wise, broadcasting ops of two inputs with a bool result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    Greater,
+    GreaterEqual,
+    Less,
+    LessEqual,
+    Equal,
+    NotEqual,
+    LogicalAnd,
+    LogicalOr,
+}
+
+/// Reductions over constant axes (input 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    Sum,
+    Mean,
+    Max,
+    Min,
+    Prod,
+    Any,
+    All,
+}
+
+/// Ops that pass their input through unchanged at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    Identity,
+    StopGradient,
+    Snapshot,
+    CheckNumerics,
+    PreventGradient,
+    EnsureShape,
+}
+
+/// Random sources (training-time noise, dropout masks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Random {
+    Uniform,
+    StandardNormal,
+    TruncatedNormal,
+}
+
+/// A node's op with the attributes qpipe acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Placeholder,
+    PlaceholderWithDefault,
+    Const,
+    Forward(Forward),
+    IdentityN,
+    Print,
+    Unary(Unary),
+    LeakyRelu,
+    Binary(Binary),
+    Compare(Compare),
+    /// `BiasAdd` / `BiasAddV1` (the latter is always NHWC).
+    BiasAdd {
+        layout: Layout,
+        v1: bool,
+    },
+    Conv2D(Conv),
+    DepthwiseConv2dNative(Conv),
+    MatMul(MatMul),
+    /// `BatchMatMul`, `BatchMatMulV2`, `BatchMatMulV3`.
+    BatchMatMul {
+        version: u8,
+    },
+    MaxPool(Pool),
+    AvgPool(Pool),
+    /// `FusedBatchNorm`, `FusedBatchNormV2`, `FusedBatchNormV3`.
+    FusedBatchNorm {
+        version: u8,
+        layout: Layout,
+    },
+    Softmax,
+    LogSoftmax,
+    Reduce {
+        kind: Reduce,
+        keep_dims: bool,
+    },
+    ArgMax,
+    ArgMin,
+    Gather,
+    GatherV2,
+    ExpandDims,
+    Squeeze,
+    Reshape,
+    Shape,
+    Size,
+    Rank,
+    StridedSlice,
+    Slice,
+    Pack,
+    Unpack,
+    ConcatV2,
+    Concat,
+    Pad,
+    PadV2,
+    MirrorPad,
+    Transpose,
+    Tile,
+    Fill,
+    ZerosLike,
+    OnesLike,
+    Range,
+    Cast,
+    Select,
+    SelectV2,
+    Random(Random),
+    /// qpipe's float view of a quantized or fp16 tensor.
+    Dequantize,
+    /// qpipe's quantization of a float tensor to the node's `output_quant`.
+    Quantize,
+    /// quantize_int8's fused matrix op: x, weights, bias, then the activation.
+    Fused {
+        linear: Linear,
+        activation: FusedActivation,
+    },
+    NoOp,
+    Assert,
+    SaveV2,
+    /// Any other op: qpipe passes it through (freeze, strip, GraphDef export) but
+    /// cannot compute, shape or lower it.
+    Other(String),
+}
+
+/// Every op name [`Op::parse`] recognizes, for tools that look for op names (the
+/// layering test checks that no other layer spells one).
+pub const NAMES: &[&str] = &[
+    "Placeholder",
+    "PlaceholderWithDefault",
+    "Const",
+    "Identity",
+    "StopGradient",
+    "Snapshot",
+    "CheckNumerics",
+    "PreventGradient",
+    "EnsureShape",
+    "IdentityN",
+    "Print",
+    "Relu",
+    "Relu6",
+    "Elu",
+    "Selu",
+    "Tanh",
+    "Sigmoid",
+    "Softplus",
+    "Rsqrt",
+    "Sqrt",
+    "Square",
+    "Exp",
+    "Log",
+    "Log1p",
+    "Neg",
+    "Abs",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Rint",
+    "Sign",
+    "Reciprocal",
+    "Inv",
+    "Sin",
+    "Cos",
+    "LogicalNot",
+    "LeakyRelu",
+    "Add",
+    "AddV2",
+    "Sub",
+    "Mul",
+    "RealDiv",
+    "Div",
+    "TruncateDiv",
+    "FloorDiv",
+    "FloorMod",
+    "Mod",
+    "Maximum",
+    "Minimum",
+    "Pow",
+    "SquaredDifference",
+    "Greater",
+    "GreaterEqual",
+    "Less",
+    "LessEqual",
+    "Equal",
+    "NotEqual",
+    "LogicalAnd",
+    "LogicalOr",
+    "BiasAdd",
+    "BiasAddV1",
+    "Conv2D",
+    "DepthwiseConv2dNative",
+    "MatMul",
+    "BatchMatMul",
+    "BatchMatMulV2",
+    "BatchMatMulV3",
+    "MaxPool",
+    "AvgPool",
+    "FusedBatchNorm",
+    "FusedBatchNormV2",
+    "FusedBatchNormV3",
+    "Softmax",
+    "LogSoftmax",
+    "Sum",
+    "Mean",
+    "Max",
+    "Min",
+    "Prod",
+    "Any",
+    "All",
+    "ArgMax",
+    "ArgMin",
+    "Gather",
+    "GatherV2",
+    "ExpandDims",
+    "Squeeze",
+    "Reshape",
+    "Shape",
+    "Size",
+    "Rank",
+    "StridedSlice",
+    "Slice",
+    "Pack",
+    "Unpack",
+    "ConcatV2",
+    "Concat",
+    "Pad",
+    "PadV2",
+    "MirrorPad",
+    "Transpose",
+    "Tile",
+    "Fill",
+    "ZerosLike",
+    "OnesLike",
+    "Range",
+    "Cast",
+    "Select",
+    "SelectV2",
+    "RandomUniform",
+    "RandomStandardNormal",
+    "TruncatedNormal",
+    "Dequantize",
+    "Quantize",
+    "_FusedConv2D",
+    "_FusedDepthwiseConv2dNative",
+    "_FusedMatMul",
+    "NoOp",
+    "Assert",
+    "SaveV2",
+];
+
+/// Variable ops: what `freeze` replaces by constants and what must not reach an
+/// inference graph.
+pub const VARIABLE_OPS: [&str; 3] = ["VariableV2", "Variable", "VarHandleOp"];
+
+pub fn is_variable_op(op: &str) -> bool {
+    VARIABLE_OPS.contains(&op)
+}
+
+/// Ops that exist only for training, checkpointing or debugging and must not survive
+/// into an inference graph (or that qpipe cannot handle yet), with why; `None` for
+/// every other op. `name` is the node's: a backprop-input op under `gradients/` is a
+/// gradient, elsewhere it is the forward op of a transposed convolution.
+pub fn training_only(name: &str, op: &str) -> Option<&'static str> {
+    let in_gradients = name.starts_with("gradients/") || name.contains("/gradients/");
+    Some(match op {
+        "RandomUniform" | "RandomUniformInt" | "RandomStandardNormal" | "TruncatedNormal"
+        | "Multinomial" | "RandomShuffle" | "RandomGamma" | "RandomPoisson" | "RandomPoissonV2" => {
+            "a random op is still on the path to the outputs (dropout that is not disabled, or noise)"
+        }
+        "Assert" | "Print" | "PrintV2" | "NoOp" | "CheckNumerics" => "a debugging op is still on the path",
+        "Placeholder" | "PlaceholderWithDefault" => "a placeholder that is not a declared input is needed",
+        "ReadVariableOp" | "ResourceGather" | "VarIsInitializedOp" => {
+            "a variable is still in the graph; freeze the model first"
+        }
+        _ if is_variable_op(op) => "a variable is still in the graph; freeze the model first",
+        "SaveV2" | "RestoreV2" | "MergeV2Checkpoints" => "a checkpoint op is on the path",
+        "Switch" | "Merge" | "Enter" | "Exit" | "NextIteration" | "LoopCond" => {
+            "control flow that does not fold away is on the path"
+        }
+        _ if is_batch_norm_family(op) => "a batch norm could not be folded",
+        _ if op.starts_with("Apply") || op.starts_with("ResourceApply") || op.starts_with("Assign") => {
+            "an optimizer or assignment op is on the path"
+        }
+        _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
+        // The backprop-input ops are also the forward ops of transposed convolutions.
+        _ if op.contains("BackpropInput") && !in_gradients => {
+            "transposed convolution (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
+        }
+        _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
+        _ => return None,
+    })
+}
+
+/// Ops that must never be evaluated at strip time (random, stateful, or inputs).
+pub fn never_fold(op: &str) -> bool {
+    matches!(
+        op,
+        "Placeholder"
+            | "PlaceholderWithDefault"
+            | "RandomUniform"
+            | "RandomUniformInt"
+            | "RandomStandardNormal"
+            | "TruncatedNormal"
+            | "Multinomial"
+            | "RandomShuffle"
+            | "RandomGamma"
+            | "RandomPoisson"
+            | "RandomPoissonV2"
+            | "StatelessRandomUniform"
+            | "Assert"
+            | "Print"
+            | "PrintV2"
+    ) || op.starts_with("Variable")
+        || op.starts_with("Var")
+        || op.starts_with("Assign")
+        || op.starts_with("Read")
+        || op.starts_with("Resource")
+        || op.starts_with("Stateful")
+}
+
+/// `FusedBatchNorm*`, gradients included.
+pub fn is_batch_norm_family(op: &str) -> bool {
+    op.starts_with("FusedBatchNorm")
+}
+
+/// Ops that pass input 0 (or, for `IdentityN`, input i) through unchanged.
+pub fn passthrough(op: &str) -> bool {
+    matches!(
+        op,
+        "Identity"
+            | "IdentityN"
+            | "StopGradient"
+            | "Snapshot"
+            | "PreventGradient"
+            | "CheckNumerics"
+            | "EnsureShape"
+            | "Print"
+            | "PlaceholderWithDefault"
+            | "DebugIdentity"
+    )
+}
+
+fn bad(node: &Node, msg: impl std::fmt::Display) -> IrError {
+    IrError::new(format!("node '{}' ({}): {msg}", node.name, node.op))
+}
+
+fn bool_attr(node: &Node, key: &str) -> Result<bool, IrError> {
+    match node.attr(key) {
+        None => Ok(false),
+        Some(_) => node.attr_bool(key),
+    }
+}
+
+fn layout(node: &Node) -> Result<Layout, IrError> {
+    match node.attr("data_format") {
+        None => Ok(Layout::Nhwc),
+        Some(_) => match node.attr_str("data_format")? {
+            "NHWC" => Ok(Layout::Nhwc),
+            "NCHW" => Ok(Layout::Nchw),
+            other => Err(bad(node, format!("data_format {other} is not supported"))),
+        },
+    }
+}
+
+/// A 4-element window attribute as (height, width) for `layout`; `default` when absent.
+fn spatial(
+    node: &Node,
+    key: &str,
+    layout: Layout,
+    default: Option<[i64; 2]>,
+) -> Result<[i64; 2], IrError> {
+    let v = match (node.attr(key), default) {
+        (None, Some(d)) => return Ok(d),
+        _ => node.attr_ints(key)?,
+    };
+    match (layout, v) {
+        (Layout::Nhwc, [1, h, w, 1]) | (Layout::Nchw, [1, 1, h, w]) => Ok([*h, *w]),
+        (Layout::Nhwc, _) => Err(bad(node, format!("{key} {v:?} must be [1, h, w, 1]"))),
+        (Layout::Nchw, _) => Err(bad(node, format!("{key} {v:?} must be [1, 1, h, w]"))),
+    }
+}
+
+fn padding(node: &Node, layout: Layout) -> Result<Padding, IrError> {
+    match node.attr_str("padding")? {
+        "SAME" => Ok(Padding::Same),
+        "VALID" => Ok(Padding::Valid),
+        "EXPLICIT" => {
+            let p = node.attr_ints("explicit_paddings")?;
+            let (h, w) = match layout {
+                Layout::Nhwc => (2, 4),
+                Layout::Nchw => (4, 6),
+            };
+            let zero_elsewhere = (0..8)
+                .filter(|&i| i != h && i != h + 1 && i != w && i != w + 1)
+                .all(|i| p.get(i) == Some(&0));
+            if p.len() != 8 || p.iter().any(|&v| v < 0) || !zero_elsewhere {
+                return Err(bad(node, format!("bad explicit_paddings {p:?}")));
+            }
+            Ok(Padding::Explicit([(p[h], p[h + 1]), (p[w], p[w + 1])]))
+        }
+        other => Err(bad(node, format!("padding '{other}' is not supported"))),
+    }
+}
+
+fn conv(node: &Node) -> Result<Conv, IrError> {
+    let layout = layout(node)?;
+    Ok(Conv {
+        padding: padding(node, layout)?,
+        strides: spatial(node, "strides", layout, None)?,
+        dilations: spatial(node, "dilations", layout, Some([1, 1]))?,
+        layout,
+    })
+}
+
+fn pool(node: &Node) -> Result<Pool, IrError> {
+    let layout = layout(node)?;
+    Ok(Pool {
+        padding: padding(node, layout)?,
+        ksize: spatial(node, "ksize", layout, None)?,
+        strides: spatial(node, "strides", layout, None)?,
+        layout,
+    })
+}
+
+fn matmul(node: &Node) -> Result<MatMul, IrError> {
+    Ok(MatMul {
+        transpose_a: bool_attr(node, "transpose_a")?,
+        transpose_b: bool_attr(node, "transpose_b")?,
+    })
+}
+
+/// The activation a fused node applies (`fused_ops` after `BiasAdd`).
+fn fused_activation(node: &Node) -> Result<FusedActivation, IrError> {
+    let ops: Vec<&[u8]> = match node.attr("fused_ops") {
+        Some(Attr::Strs(v)) => v.iter().map(Vec::as_slice).collect(),
+        Some(_) => return Err(bad(node, "attribute 'fused_ops' is not a list of strings")),
+        None => return Err(bad(node, "attribute 'fused_ops' is missing")),
+    };
+    match ops.as_slice() {
+        [b"BiasAdd"] => Ok(FusedActivation::None),
+        [b"BiasAdd", b"Relu"] => Ok(FusedActivation::Relu),
+        [b"BiasAdd", b"Relu6"] => Ok(FusedActivation::Relu6),
+        other => {
+            let names: Vec<String> = other
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
+            Err(bad(
+                node,
+                format!(
+                    "fused_ops {names:?} is not supported (BiasAdd, then optionally Relu or Relu6)"
+                ),
+            ))
+        }
+    }
+}
+
+impl Op {
+    /// The typed op of `node`; an attribute qpipe needs that is missing or malformed
+    /// is an error naming the node.
+    pub fn parse(node: &Node) -> Result<Op, IrError> {
+        use Op as O;
+        let op = node.op.as_str();
+        Ok(match op {
+            "Placeholder" => O::Placeholder,
+            "PlaceholderWithDefault" => O::PlaceholderWithDefault,
+            "Const" => O::Const,
+            "Identity" => O::Forward(Forward::Identity),
+            "StopGradient" => O::Forward(Forward::StopGradient),
+            "Snapshot" => O::Forward(Forward::Snapshot),
+            "CheckNumerics" => O::Forward(Forward::CheckNumerics),
+            "PreventGradient" => O::Forward(Forward::PreventGradient),
+            "EnsureShape" => O::Forward(Forward::EnsureShape),
+            "IdentityN" => O::IdentityN,
+            "Print" => O::Print,
+            "Relu" => O::Unary(Unary::Relu),
+            "Relu6" => O::Unary(Unary::Relu6),
+            "Elu" => O::Unary(Unary::Elu),
+            "Selu" => O::Unary(Unary::Selu),
+            "Tanh" => O::Unary(Unary::Tanh),
+            "Sigmoid" => O::Unary(Unary::Sigmoid),
+            "Softplus" => O::Unary(Unary::Softplus),
+            "Rsqrt" => O::Unary(Unary::Rsqrt),
+            "Sqrt" => O::Unary(Unary::Sqrt),
+            "Square" => O::Unary(Unary::Square),
+            "Exp" => O::Unary(Unary::Exp),
+            "Log" => O::Unary(Unary::Log),
+            "Log1p" => O::Unary(Unary::Log1p),
+            "Neg" => O::Unary(Unary::Neg),
+            "Abs" => O::Unary(Unary::Abs),
+            "Floor" => O::Unary(Unary::Floor),
+            "Ceil" => O::Unary(Unary::Ceil),
+            "Round" => O::Unary(Unary::Round),
+            "Rint" => O::Unary(Unary::Rint),
+            "Sign" => O::Unary(Unary::Sign),
+            "Reciprocal" => O::Unary(Unary::Reciprocal),
+            "Inv" => O::Unary(Unary::Inv),
+            "Sin" => O::Unary(Unary::Sin),
+            "Cos" => O::Unary(Unary::Cos),
+            "LogicalNot" => O::Unary(Unary::LogicalNot),
+            "LeakyRelu" => O::LeakyRelu,
+            "Add" => O::Binary(Binary::Add),
+            "AddV2" => O::Binary(Binary::AddV2),
+            "Sub" => O::Binary(Binary::Sub),
+            "Mul" => O::Binary(Binary::Mul),
+            "RealDiv" => O::Binary(Binary::RealDiv),
+            "Div" => O::Binary(Binary::Div),
+            "TruncateDiv" => O::Binary(Binary::TruncateDiv),
+            "FloorDiv" => O::Binary(Binary::FloorDiv),
+            "FloorMod" => O::Binary(Binary::FloorMod),
+            "Mod" => O::Binary(Binary::Mod),
+            "Maximum" => O::Binary(Binary::Maximum),
+            "Minimum" => O::Binary(Binary::Minimum),
+            "Pow" => O::Binary(Binary::Pow),
+            "SquaredDifference" => O::Binary(Binary::SquaredDifference),
+            "Greater" => O::Compare(Compare::Greater),
+            "GreaterEqual" => O::Compare(Compare::GreaterEqual),
+            "Less" => O::Compare(Compare::Less),
+            "LessEqual" => O::Compare(Compare::LessEqual),
+            "Equal" => O::Compare(Compare::Equal),
+            "NotEqual" => O::Compare(Compare::NotEqual),
+            "LogicalAnd" => O::Compare(Compare::LogicalAnd),
+            "LogicalOr" => O::Compare(Compare::LogicalOr),
+            "BiasAdd" => O::BiasAdd {
+                layout: layout(node)?,
+                v1: false,
+            },
+            "BiasAddV1" => O::BiasAdd {
+                layout: Layout::Nhwc,
+                v1: true,
+            },
+            "Conv2D" => O::Conv2D(conv(node)?),
+            "DepthwiseConv2dNative" => O::DepthwiseConv2dNative(conv(node)?),
+            "MatMul" => O::MatMul(matmul(node)?),
+            "BatchMatMul" => O::BatchMatMul { version: 1 },
+            "BatchMatMulV2" => O::BatchMatMul { version: 2 },
+            "BatchMatMulV3" => O::BatchMatMul { version: 3 },
+            "MaxPool" => O::MaxPool(pool(node)?),
+            "AvgPool" => O::AvgPool(pool(node)?),
+            "FusedBatchNorm" | "FusedBatchNormV2" | "FusedBatchNormV3" => O::FusedBatchNorm {
+                version: match op {
+                    "FusedBatchNorm" => 1,
+                    "FusedBatchNormV2" => 2,
+                    _ => 3,
+                },
+                layout: layout(node)?,
+            },
+            "Softmax" => O::Softmax,
+            "LogSoftmax" => O::LogSoftmax,
+            "Sum" | "Mean" | "Max" | "Min" | "Prod" | "Any" | "All" => O::Reduce {
+                kind: match op {
+                    "Sum" => Reduce::Sum,
+                    "Mean" => Reduce::Mean,
+                    "Max" => Reduce::Max,
+                    "Min" => Reduce::Min,
+                    "Prod" => Reduce::Prod,
+                    "Any" => Reduce::Any,
+                    _ => Reduce::All,
+                },
+                keep_dims: bool_attr(node, "keep_dims")?,
+            },
+            "ArgMax" => O::ArgMax,
+            "ArgMin" => O::ArgMin,
+            "Gather" => O::Gather,
+            "GatherV2" => O::GatherV2,
+            "ExpandDims" => O::ExpandDims,
+            "Squeeze" => O::Squeeze,
+            "Reshape" => O::Reshape,
+            "Shape" => O::Shape,
+            "Size" => O::Size,
+            "Rank" => O::Rank,
+            "StridedSlice" => O::StridedSlice,
+            "Slice" => O::Slice,
+            "Pack" => O::Pack,
+            "Unpack" => O::Unpack,
+            "ConcatV2" => O::ConcatV2,
+            "Concat" => O::Concat,
+            "Pad" => O::Pad,
+            "PadV2" => O::PadV2,
+            "MirrorPad" => O::MirrorPad,
+            "Transpose" => O::Transpose,
+            "Tile" => O::Tile,
+            "Fill" => O::Fill,
+            "ZerosLike" => O::ZerosLike,
+            "OnesLike" => O::OnesLike,
+            "Range" => O::Range,
+            "Cast" => O::Cast,
+            "Select" => O::Select,
+            "SelectV2" => O::SelectV2,
+            "RandomUniform" => O::Random(Random::Uniform),
+            "RandomStandardNormal" => O::Random(Random::StandardNormal),
+            "TruncatedNormal" => O::Random(Random::TruncatedNormal),
+            "Dequantize" => O::Dequantize,
+            "Quantize" => O::Quantize,
+            "_FusedConv2D" => O::Fused {
+                linear: Linear::Conv2D(conv(node)?),
+                activation: fused_activation(node)?,
+            },
+            "_FusedDepthwiseConv2dNative" => O::Fused {
+                linear: Linear::Depthwise(conv(node)?),
+                activation: fused_activation(node)?,
+            },
+            "_FusedMatMul" => O::Fused {
+                linear: Linear::MatMul(matmul(node)?),
+                activation: fused_activation(node)?,
+            },
+            "NoOp" => O::NoOp,
+            "Assert" => O::Assert,
+            "SaveV2" => O::SaveV2,
+            other => O::Other(other.to_string()),
+        })
+    }
+    /// The TensorFlow op name this op is written as.
+    pub fn name(&self) -> &str {
+        match self {
+            Op::Placeholder => "Placeholder",
+            Op::PlaceholderWithDefault => "PlaceholderWithDefault",
+            Op::Const => "Const",
+            Op::Forward(Forward::Identity) => "Identity",
+            Op::Forward(Forward::StopGradient) => "StopGradient",
+            Op::Forward(Forward::Snapshot) => "Snapshot",
+            Op::Forward(Forward::CheckNumerics) => "CheckNumerics",
+            Op::Forward(Forward::PreventGradient) => "PreventGradient",
+            Op::Forward(Forward::EnsureShape) => "EnsureShape",
+            Op::IdentityN => "IdentityN",
+            Op::Print => "Print",
+            Op::Unary(Unary::Relu) => "Relu",
+            Op::Unary(Unary::Relu6) => "Relu6",
+            Op::Unary(Unary::Elu) => "Elu",
+            Op::Unary(Unary::Selu) => "Selu",
+            Op::Unary(Unary::Tanh) => "Tanh",
+            Op::Unary(Unary::Sigmoid) => "Sigmoid",
+            Op::Unary(Unary::Softplus) => "Softplus",
+            Op::Unary(Unary::Rsqrt) => "Rsqrt",
+            Op::Unary(Unary::Sqrt) => "Sqrt",
+            Op::Unary(Unary::Square) => "Square",
+            Op::Unary(Unary::Exp) => "Exp",
+            Op::Unary(Unary::Log) => "Log",
+            Op::Unary(Unary::Log1p) => "Log1p",
+            Op::Unary(Unary::Neg) => "Neg",
+            Op::Unary(Unary::Abs) => "Abs",
+            Op::Unary(Unary::Floor) => "Floor",
+            Op::Unary(Unary::Ceil) => "Ceil",
+            Op::Unary(Unary::Round) => "Round",
+            Op::Unary(Unary::Rint) => "Rint",
+            Op::Unary(Unary::Sign) => "Sign",
+            Op::Unary(Unary::Reciprocal) => "Reciprocal",
+            Op::Unary(Unary::Inv) => "Inv",
+            Op::Unary(Unary::Sin) => "Sin",
+            Op::Unary(Unary::Cos) => "Cos",
+            Op::Unary(Unary::LogicalNot) => "LogicalNot",
+            Op::LeakyRelu => "LeakyRelu",
+            Op::Binary(Binary::Add) => "Add",
+            Op::Binary(Binary::AddV2) => "AddV2",
+            Op::Binary(Binary::Sub) => "Sub",
+            Op::Binary(Binary::Mul) => "Mul",
+            Op::Binary(Binary::RealDiv) => "RealDiv",
+            Op::Binary(Binary::Div) => "Div",
+            Op::Binary(Binary::TruncateDiv) => "TruncateDiv",
+            Op::Binary(Binary::FloorDiv) => "FloorDiv",
+            Op::Binary(Binary::FloorMod) => "FloorMod",
+            Op::Binary(Binary::Mod) => "Mod",
+            Op::Binary(Binary::Maximum) => "Maximum",
+            Op::Binary(Binary::Minimum) => "Minimum",
+            Op::Binary(Binary::Pow) => "Pow",
+            Op::Binary(Binary::SquaredDifference) => "SquaredDifference",
+            Op::Compare(Compare::Greater) => "Greater",
+            Op::Compare(Compare::GreaterEqual) => "GreaterEqual",
+            Op::Compare(Compare::Less) => "Less",
+            Op::Compare(Compare::LessEqual) => "LessEqual",
+            Op::Compare(Compare::Equal) => "Equal",
+            Op::Compare(Compare::NotEqual) => "NotEqual",
+            Op::Compare(Compare::LogicalAnd) => "LogicalAnd",
+            Op::Compare(Compare::LogicalOr) => "LogicalOr",
+            Op::Softmax => "Softmax",
+            Op::LogSoftmax => "LogSoftmax",
+            Op::ArgMax => "ArgMax",
+            Op::ArgMin => "ArgMin",
+            Op::Gather => "Gather",
+            Op::GatherV2 => "GatherV2",
+            Op::ExpandDims => "ExpandDims",
+            Op::Squeeze => "Squeeze",
+            Op::Reshape => "Reshape",
+            Op::Shape => "Shape",
+            Op::Size => "Size",
+            Op::Rank => "Rank",
+            Op::StridedSlice => "StridedSlice",
+            Op::Slice => "Slice",
+            Op::Pack => "Pack",
+            Op::Unpack => "Unpack",
+            Op::ConcatV2 => "ConcatV2",
+            Op::Concat => "Concat",
+            Op::Pad => "Pad",
+            Op::PadV2 => "PadV2",
+            Op::MirrorPad => "MirrorPad",
+            Op::Transpose => "Transpose",
+            Op::Tile => "Tile",
+            Op::Fill => "Fill",
+            Op::ZerosLike => "ZerosLike",
+            Op::OnesLike => "OnesLike",
+            Op::Range => "Range",
+            Op::Cast => "Cast",
+            Op::Select => "Select",
+            Op::SelectV2 => "SelectV2",
+            Op::Random(Random::Uniform) => "RandomUniform",
+            Op::Random(Random::StandardNormal) => "RandomStandardNormal",
+            Op::Random(Random::TruncatedNormal) => "TruncatedNormal",
+            Op::Dequantize => "Dequantize",
+            Op::Quantize => "Quantize",
+            Op::NoOp => "NoOp",
+            Op::Assert => "Assert",
+            Op::SaveV2 => "SaveV2",
+            Op::BiasAdd { v1: false, .. } => "BiasAdd",
+            Op::BiasAdd { v1: true, .. } => "BiasAddV1",
+            Op::Conv2D(_) => "Conv2D",
+            Op::DepthwiseConv2dNative(_) => "DepthwiseConv2dNative",
+            Op::MatMul(_) => "MatMul",
+            Op::BatchMatMul { version: 1 } => "BatchMatMul",
+            Op::BatchMatMul { version: 2 } => "BatchMatMulV2",
+            Op::BatchMatMul { .. } => "BatchMatMulV3",
+            Op::MaxPool(_) => "MaxPool",
+            Op::AvgPool(_) => "AvgPool",
+            Op::FusedBatchNorm { version: 1, .. } => "FusedBatchNorm",
+            Op::FusedBatchNorm { version: 2, .. } => "FusedBatchNormV2",
+            Op::FusedBatchNorm { .. } => "FusedBatchNormV3",
+            Op::Reduce { kind, .. } => match kind {
+                Reduce::Sum => "Sum",
+                Reduce::Mean => "Mean",
+                Reduce::Max => "Max",
+                Reduce::Min => "Min",
+                Reduce::Prod => "Prod",
+                Reduce::Any => "Any",
+                Reduce::All => "All",
+            },
+            Op::Fused { linear, .. } => match linear {
+                Linear::Conv2D(_) => "_FusedConv2D",
+                Linear::Depthwise(_) => "_FusedDepthwiseConv2dNative",
+                Linear::MatMul(_) => "_FusedMatMul",
+            },
+            Op::Other(name) => name,
+        }
+    }
+}
+
+/// Whether an op computes something (as opposed to holding, feeding, forwarding or
+/// converting a tensor): what counts when comparing float and int8 op counts.
+pub fn is_compute(op: &str) -> bool {
+    !matches!(
+        op,
+        "Const" | "Placeholder" | "Identity" | "Quantize" | "Dequantize"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_parses_to_a_typed_op() {
+        for name in NAMES {
+            let mut n = Node::new("n", *name)
+                .with_attr("padding", Attr::Str(b"SAME".to_vec()))
+                .with_attr("strides", Attr::Ints(vec![1, 1, 1, 1]))
+                .with_attr("ksize", Attr::Ints(vec![1, 2, 2, 1]));
+            if name.starts_with("_Fused") {
+                n = n.with_attr("fused_ops", Attr::Strs(vec![b"BiasAdd".to_vec()]));
+            }
+            let op = Op::parse(&n).unwrap();
+            assert!(!matches!(op, Op::Other(_)), "{name}");
+            assert_eq!(op.name(), *name);
+        }
+        assert!(matches!(
+            Op::parse(&Node::new("n", "Erfinv")).unwrap(),
+            Op::Other(s) if s == "Erfinv"
+        ));
+    }
+
+    #[test]
+    fn conv_attributes_parse_once_for_both_layouts() {
+        let n = Node::new("c", "Conv2D")
+            .with_attr("padding", Attr::Str(b"VALID".to_vec()))
+            .with_attr("strides", Attr::Ints(vec![1, 1, 2, 3]))
+            .with_attr("data_format", Attr::Str(b"NCHW".to_vec()));
+        assert_eq!(
+            Op::parse(&n).unwrap(),
+            Op::Conv2D(Conv {
+                padding: Padding::Valid,
+                strides: [2, 3],
+                dilations: [1, 1],
+                layout: Layout::Nchw
+            })
+        );
+        let n = n.with_attr("data_format", Attr::Str(b"NHWC".to_vec()));
+        let e = Op::parse(&n).unwrap_err().to_string();
+        assert!(e.contains("'c'") && e.contains("[1, h, w, 1]"), "{e}");
+    }
+}
