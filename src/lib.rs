@@ -11,6 +11,7 @@ pub mod ir;
 pub mod kernels;
 pub mod npy;
 pub mod pipeline;
+pub mod progress;
 pub mod stages;
 
 pub use error::{Error, Result};

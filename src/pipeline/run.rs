@@ -95,16 +95,17 @@ pub enum Event<'a> {
         id: &'a str,
         path: &'a Path,
     },
-    Progress {
-        id: &'a str,
-        line: &'a str,
-    },
     Warning(&'a str),
 }
 
 /// Receives [`Event`]s (from several threads).
 pub trait Observer: Sync {
     fn event(&self, event: Event<'_>);
+
+    /// Where stage `id` draws counts of its long work (nowhere by default).
+    fn progress(&self, _id: &str) -> crate::progress::Progress {
+        crate::progress::Progress::disabled()
+    }
 }
 
 /// An observer that ignores everything.
@@ -1052,7 +1053,7 @@ impl<'r> Engine<'r> {
             base: manifest.memo_base(),
             used: Mutex::new(BTreeSet::new()),
         };
-        let progress = |line: &str| self.observer.event(Event::Progress { id: &s.id, line });
+        let progress = self.observer.progress(&s.id);
         let ctx = StageContext {
             id: &s.id,
             model: if s.deps.model {
