@@ -132,6 +132,13 @@ fn validate_and_eval_show_counts_rate_and_time_left_on_a_terminal() {
         !text.contains("check: check"),
         "the stage name once: {text:?}"
     );
+    // Checkpoint reads count bytes.
+    let read = text
+        .split(['\r', '\n'])
+        .find(|f| f.contains("freeze: reading the checkpoint ["))
+        .unwrap_or_else(|| panic!("a checkpoint bar: {text:?}"));
+    assert!(read.contains(" KiB/268.95 KiB, "), "{read:?}");
+    assert!(read.contains("/s, ") && read.contains(" left"), "{read:?}");
     // The bar is gone once the stage is done: nothing but plain lines follow
     // the last frame's clearing.
     let last = text.rfind("samples, ").unwrap();
