@@ -13,6 +13,7 @@ pub mod ir;
 pub mod kernels;
 pub mod npy;
 pub mod pipeline;
+pub mod progress;
 pub mod spec;
 pub mod stages;
 

@@ -568,7 +568,7 @@ fn runs_as_a_stage_with_the_recipe_model_names() {
             }))),
         )]),
         memo: &MemMemo::default(),
-        progress: &|_: &str| {},
+        progress: &qpipe::progress::Progress::disabled(),
     };
     let out = stage.run(&ctx).unwrap();
     let sg = out.artifact.graph().unwrap();

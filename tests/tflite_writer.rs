@@ -375,7 +375,7 @@ fn export_tflite_stage_writes_the_file_and_reports_metrics() {
             Arc::new(qpipe::stages::Artifact::Graph(Arc::new(g))),
         )]),
         memo: &MemMemo::default(),
-        progress: &|_: &str| {},
+        progress: &qpipe::progress::Progress::disabled(),
     };
     let out = stage.run(&ctx).unwrap();
     assert_eq!(out.files.len(), 1);

@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::pipeline::store::{short, Store};
 use crate::pipeline::{self, Event, Observer, Recipe, RunOptions};
+use crate::progress::Progress;
 use crate::stages::registry::StageFactory;
+use indicatif::{MultiProgress, ProgressDrawTarget};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -101,6 +103,9 @@ pub struct EvalArgs {
     /// on every CPU) or `xnnpack` (LiteRT's default interpreter on x86-64; CPU-dependent).
     #[arg(long, default_value = "litert-ref")]
     pub runtime: String,
+    /// Show no progress on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +121,9 @@ pub struct RunArgs {
     /// Print one JSON document on stdout instead of the summary table.
     #[arg(long)]
     pub json: bool,
+    /// Print only failures and warnings on stderr: no progress, no per-stage lines.
+    #[arg(short, long)]
+    pub quiet: bool,
     /// After a failure, keep running what does not depend on it (the default).
     #[arg(long, overrides_with = "fail_fast")]
     pub keep_going: bool,
@@ -259,6 +267,11 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         samples: a.samples,
         outputs_npy: a.out.clone(),
         arithmetic,
+        progress: if show_progress(a.quiet || a.json) {
+            Progress::stderr(&a.stage)
+        } else {
+            Progress::disabled()
+        },
         ..Default::default()
     };
     let report = crate::kernels::evaluate(graph, spec, &opts)
@@ -309,7 +322,7 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
     if let Some(j) = a.jobs {
         opts.jobs = j as usize;
     }
-    let observer = Terminal::new(a.verbose);
+    let observer = Terminal::new(a.verbose, a.quiet, a.json);
     let report = pipeline::run(&recipe, &opts, &observer)?;
     if a.json {
         print_stdout(&format!("{}\n", report.to_json()))?;
@@ -322,7 +335,11 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
 fn cmd_compare(a: CompareArgs, registry: &'static [StageFactory]) -> Result<i32> {
     let recipe = Recipe::load_with(&a.recipe, registry)?;
     if a.run {
-        let report = pipeline::run(&recipe, &RunOptions::default(), &Terminal::new(false))?;
+        let report = pipeline::run(
+            &recipe,
+            &RunOptions::default(),
+            &Terminal::new(false, false, false),
+        )?;
         if !report.ok {
             let failed = report.with_status(pipeline::StageStatus::Failed);
             return Err(Error::msg(format!(
@@ -498,24 +515,41 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-/// Progress on stderr: one line per stage event on a terminal; failures, warnings
-/// and (with `-v`) rebuild reasons always.
+/// Whether to draw progress bars: only on a terminal, and not under `--quiet`,
+/// `--json` or `CI` (set to anything).
+fn show_progress(quiet: bool) -> bool {
+    !quiet && std::env::var_os("CI").is_none() && std::io::stderr().is_terminal()
+}
+
+/// Progress on stderr: one line per stage event and bars for long work on a
+/// terminal; failures, warnings and (with `-v`) rebuild reasons always.
 struct Terminal {
     verbose: bool,
     tty: bool,
+    /// The bars of the stages running now, when they are shown.
+    bars: Option<MultiProgress>,
 }
 
 impl Terminal {
-    fn new(verbose: bool) -> Self {
+    fn new(verbose: bool, quiet: bool, json: bool) -> Self {
         Terminal {
             verbose,
-            tty: std::io::stderr().is_terminal(),
+            tty: !quiet && std::io::stderr().is_terminal(),
+            bars: show_progress(quiet || json)
+                .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
         }
     }
 
     fn line(&self, text: &str) {
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{text}");
+        let write = || {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{text}");
+        };
+        // Printed above the bars, which are then redrawn below it.
+        match &self.bars {
+            Some(m) => m.suspend(write),
+            None => write(),
+        }
     }
 }
 
@@ -546,11 +580,15 @@ impl Observer for Terminal {
             Event::Restored { id, path } if self.tty || self.verbose => {
                 self.line(&format!("restored  {} (from {id})", path.display()))
             }
-            Event::Progress { id, line } if self.tty => {
-                self.line(&format!("  ...     {id}: {line}"))
-            }
             Event::Warning(w) => self.line(&format!("warning: {w}")),
             _ => {}
+        }
+    }
+
+    fn progress(&self, id: &str) -> Progress {
+        match &self.bars {
+            Some(m) => Progress::new(m, id),
+            None => Progress::disabled(),
         }
     }
 }

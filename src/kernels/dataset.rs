@@ -325,6 +325,8 @@ pub struct EvalOptions {
     pub outputs_npy: Option<PathBuf>,
     /// Whose int8 arithmetic the kernels reproduce.
     pub arithmetic: super::Arithmetic,
+    /// Where to count the samples done.
+    pub progress: crate::progress::Progress,
 }
 
 impl Default for EvalOptions {
@@ -334,6 +336,7 @@ impl Default for EvalOptions {
             samples: None,
             outputs_npy: None,
             arithmetic: super::Arithmetic::Reference,
+            progress: crate::progress::Progress::disabled(),
         }
     }
 }
@@ -373,6 +376,9 @@ pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result
     let mut writers: Vec<Option<NpyWriter>> = (0..graph.outputs.len()).map(|_| None).collect();
     let mut written = Vec::new();
     let mut correct = 0usize;
+    let bar = opts
+        .progress
+        .start("evaluating", total as u64, crate::progress::Unit::Samples);
     run_batches(
         &plan,
         &data,
@@ -401,6 +407,7 @@ pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result
             Ok((hits, outs))
         },
         |r, (hits, outs)| {
+            bar.inc(r.len() as u64);
             correct += hits.unwrap_or(0);
             if let Some(base) = &opts.outputs_npy {
                 for (k, v) in outs.iter().enumerate() {
@@ -423,6 +430,7 @@ pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result
             Ok(())
         },
     )?;
+    bar.finish();
     for w in writers.into_iter().flatten() {
         w.finish()?;
     }

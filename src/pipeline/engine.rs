@@ -423,7 +423,7 @@ impl<'r> Engine<'r> {
             base: manifest.memo_base(),
             used: Mutex::new(BTreeSet::new()),
         };
-        let progress = |line: &str| self.observer.event(Event::Progress { id: &s.id, line });
+        let progress = self.observer.progress(&s.id);
         let ctx = StageContext {
             id: &s.id,
             model: if s.deps.model {

@@ -90,16 +90,17 @@ pub enum Event<'a> {
         id: &'a str,
         path: &'a Path,
     },
-    Progress {
-        id: &'a str,
-        line: &'a str,
-    },
     Warning(&'a str),
 }
 
 /// Receives [`Event`]s (from several threads).
 pub trait Observer: Sync {
     fn event(&self, event: Event<'_>);
+
+    /// Where stage `id` draws counts of its long work (nowhere by default).
+    fn progress(&self, _id: &str) -> crate::progress::Progress {
+        crate::progress::Progress::disabled()
+    }
 }
 
 /// An observer that ignores everything.

@@ -42,7 +42,7 @@ impl Stage for Freeze {
         super::config_json(&self.config)
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
-        let graph = crate::formats::tf::freeze_model(ctx.model)?;
+        let graph = crate::formats::tf::freeze::freeze_model_with(ctx.model, ctx.progress)?;
         let mut metrics = serde_json::Map::new();
         metrics.insert("nodes".into(), graph.nodes.len().into());
         let consts = graph

@@ -103,8 +103,8 @@ pub struct StageContext<'a> {
     /// Upstream artifacts by the config key that named them.
     pub inputs: BTreeMap<String, Arc<Artifact>>,
     pub memo: &'a dyn Memo,
-    /// Progress lines for long work (shown on a terminal, silent otherwise).
-    pub progress: &'a (dyn Fn(&str) + Sync),
+    /// Counts of long work (bars on a terminal, nothing otherwise).
+    pub progress: &'a crate::progress::Progress,
 }
 
 impl StageContext<'_> {

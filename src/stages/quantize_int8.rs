@@ -81,6 +81,7 @@ use serde::{Deserialize, Serialize};
 use super::{Artifact, Role, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
+use crate::progress::Unit;
 use calibration::{Method, Stats};
 
 /// Calibration batch size (memory is bounded by a few batches per thread).
@@ -291,9 +292,16 @@ impl Stage for QuantizeInt8 {
                 let mut computed = false;
                 let bytes = ctx.memo.get_or_compute("calibration", &key, &mut || {
                     computed = true;
-                    (ctx.progress)(&format!("{}: calibrating on '{ds}'", ctx.id));
-                    calibration::calibrate(&fused, spec, c.samples, c.method, CALIBRATION_BATCH)
-                        .map(|s| s.to_bytes())
+                    let label = format!("calibrating on '{ds}'");
+                    calibration::calibrate(
+                        &fused,
+                        spec,
+                        c.samples,
+                        c.method,
+                        CALIBRATION_BATCH,
+                        &|total| ctx.progress.start(&label, total, Unit::Samples),
+                    )
+                    .map(|s| s.to_bytes())
                 })?;
                 let stats = Stats::from_bytes(&bytes)?;
                 let opts = rewrite::FullOptions {

@@ -636,7 +636,9 @@ impl Stage for Validate {
             cand_feeds,
             pairs: &pairs,
         };
-        (ctx.progress)(&format!("{id}: validating on {total} samples"));
+        let bar = ctx
+            .progress
+            .start("validating", total as u64, crate::progress::Unit::Samples);
         let batches: Vec<Range<usize>> = (0..total)
             .step_by(BATCH)
             .map(|s| s..(s + BATCH).min(total))
@@ -645,10 +647,12 @@ impl Stage for Validate {
         let window = (rayon::current_num_threads() * 2).max(1);
         for chunk in batches.chunks(window) {
             let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| run.batch(r.clone())).collect();
-            for p in parts {
+            for (r, p) in chunk.iter().zip(parts) {
                 acc.merge(&p.map_err(|e| e.context(format!("stage '{id}'")))?);
+                bar.inc(r.len() as u64);
             }
         }
+        bar.finish();
         let kind = |k: usize| acc.outputs[k].kind.unwrap_or(OutKind::Regression);
         let has_classes = |k: usize| kind(k) != OutKind::Regression;
         let labels = ds.has_labels() && has_classes(labelled);

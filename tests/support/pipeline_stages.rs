@@ -200,8 +200,11 @@ impl Stage for Map {
         serde_json::to_value(&self.0).unwrap()
     }
     fn run(&self, ctx: &StageContext) -> qpipe::Result<StageOutput> {
-        (ctx.progress)("mapping");
+        let bar = ctx
+            .progress
+            .start("mapping", 1, qpipe::progress::Unit::Samples);
         sleep(self.0.sleep_ms);
+        bar.inc(1);
         if self.0.fail {
             return Err(qpipe::Error::msg("t_map failed on purpose"));
         }

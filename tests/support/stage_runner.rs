@@ -71,7 +71,7 @@ pub fn run_stage(
             .map(|(k, a)| (k.to_string(), Arc::new(a)))
             .collect(),
         memo,
-        progress: &|_| {},
+        progress: &qpipe::progress::Progress::disabled(),
     };
     stage.run(&ctx)
 }

@@ -37,6 +37,7 @@ use super::meta_graph::{read_meta_graph, tensor_node, MetaGraph};
 use super::proto::SaverDef;
 use crate::error::{Error, Result};
 use crate::ir::{num_elements, Attr, DType, Graph, Node, Tensor, TensorData, TensorRef};
+use crate::progress::{Progress, Unit};
 use crate::spec::{ModelSource, ModelSpec};
 
 /// Ops that hold a variable.
@@ -55,13 +56,22 @@ const HANDLE_PASSING_OPS: [&str; 7] = [
 /// Loads and freezes the recipe's model, cut to its outputs, with `inputs`/`outputs`
 /// set and `input_shapes` applied to the input placeholders.
 pub fn freeze_model(model: &ModelSpec) -> Result<Graph> {
+    freeze_model_with(model, &Progress::disabled())
+}
+
+/// [`freeze_model`], counting the checkpoint bytes read on `progress`.
+pub fn freeze_model_with(model: &ModelSpec, progress: &Progress) -> Result<Graph> {
     if model.outputs.is_empty() {
         return Err(Error::usage("the model names no outputs"));
     }
     let (mut graph, file) = match &model.source {
         ModelSource::Checkpoint(path) => {
             let prefix = checkpoint_prefix(path)?;
-            let graph = freeze_checkpoint(&prefix, &model.outputs)?;
+            let meta = meta_path(&prefix);
+            let mg = read_meta_graph(&meta)?;
+            let bundle = Bundle::open(&prefix)?;
+            let graph = freeze_meta_graph_with(mg, &bundle, &model.outputs, progress)
+                .map_err(|e| Error::file(&meta, e))?;
             (graph, meta_path(&prefix))
         }
         ModelSource::Graph(path) => (cut_frozen_graph(path, &model.outputs)?, path.clone()),
@@ -122,14 +132,38 @@ pub fn freeze_checkpoint(prefix: &Path, outputs: &[String]) -> Result<Graph> {
 
 /// Freezes a loaded meta graph with the values in `bundle`. Errors name the node.
 pub fn freeze_meta_graph(mg: MetaGraph, bundle: &Bundle, outputs: &[String]) -> Result<Graph> {
+    freeze_meta_graph_with(mg, bundle, outputs, &Progress::disabled())
+}
+
+fn freeze_meta_graph_with(
+    mg: MetaGraph,
+    bundle: &Bundle,
+    outputs: &[String],
+    progress: &Progress,
+) -> Result<Graph> {
     let outputs = parse_outputs(outputs)?;
     let mut graph = mg.graph;
     let keys = variable_keys(&graph, mg.saver.as_ref(), &mg.variables)?;
     let roots: Vec<&str> = outputs.iter().map(|r| r.node.as_str()).collect();
     extract_sub_graph(&mut graph, &roots)?;
+    // The bytes of a checkpoint tensor, as read (all slices of a partitioned one).
+    let bytes = |key: &str| {
+        bundle.entry(key).map_or(0, |e| {
+            (e.shape.iter().product::<usize>() * e.dtype.size().unwrap_or(1)) as u64
+        })
+    };
+    let total = keys
+        .iter()
+        .filter(|(node, _)| graph.node(node).is_some())
+        .map(|(_, vk)| bytes(&vk.key))
+        .sum();
+    let bar = progress.start("reading the checkpoint", total, Unit::Bytes);
     convert_variables(&mut graph, &keys, &mut |node, vk| {
-        load_variable(bundle, node, vk)
+        let t = load_variable(bundle, node, vk)?;
+        bar.inc(bytes(&vk.key));
+        Ok(t)
     })?;
+    bar.finish();
     graph.outputs = outputs;
     Ok(graph)
 }

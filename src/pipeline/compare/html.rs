@@ -48,27 +48,156 @@ pub fn render(c: &Comparison) -> String {
     h
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
-table{border-collapse:collapse;margin:1em 0}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}\
-th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}th{background:#f4f4f4}\
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}\
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}\
+td{white-space:nowrap}th{background:#f4f4f4;vertical-align:bottom;font-weight:600}th span{font-weight:400;color:#555}\
+th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}\
+td:nth-child(-n+2){white-space:normal;overflow-wrap:anywhere;max-width:15em}\
 .sub,.note{color:#555;font-size:90%}svg{display:block;margin:1em 0}svg text{font-size:12px;fill:#222}\
+svg text.count{font-size:11px;font-weight:700;fill:#fff}.leader{stroke:#999}\
 .axis{stroke:#888}.grid{stroke:#eee}";
 
+/// The table's columns: short header, unit, what it means (the header's title).
+const COLUMNS: [(&str, &str, &str); 10] = [
+    ("variant", "", "the model variant"),
+    ("stage", "", "the recipe stage that builds it"),
+    (
+        "size",
+        "KiB",
+        "size of the exported file in KiB (1024 bytes)",
+    ),
+    (
+        "size",
+        "× float",
+        "file size as a fraction of the float32 file",
+    ),
+    (
+        "accuracy",
+        "%",
+        "accuracy on the validation set, in percent",
+    ),
+    (
+        "drop",
+        "pp",
+        "accuracy drop against the reference, in percentage points; negative is better",
+    ),
+    (
+        "agree",
+        "%",
+        "share of samples whose predicted class matches the reference, in percent",
+    ),
+    (
+        "max |err|",
+        "output units",
+        "largest absolute difference from the reference output",
+    ),
+    (
+        "ops",
+        "int8/float",
+        "operators computing in int8 / in float",
+    ),
+    (
+        "latency",
+        "ms/sample",
+        "median milliseconds per sample, batch 1, one thread",
+    ),
+];
+
 fn table(h: &mut String, c: &Comparison) {
-    let rows = c.rows();
     h.push_str("<table>\n<thead><tr>");
-    for cell in &rows[0] {
-        let _ = write!(h, "<th>{}</th>", esc(cell));
+    for (name, unit, title) in COLUMNS {
+        if unit.is_empty() {
+            let _ = write!(h, "<th title=\"{}\">{}</th>", esc(title), esc(name));
+        } else {
+            let _ = write!(
+                h,
+                "<th title=\"{}\">{}<br><span>({})</span></th>",
+                esc(title),
+                esc(name),
+                esc(unit)
+            );
+        }
     }
     h.push_str("</tr></thead>\n<tbody>\n");
-    for (v, r) in c.variants.iter().zip(&rows[1..]) {
+    let dash = || "-".to_string();
+    for v in &c.variants {
+        let cells = [
+            v.name.clone(),
+            v.stage.clone(),
+            v.bytes
+                .map_or_else(dash, |b| format!("{:.1}", b as f64 / 1024.0)),
+            v.ratio_to_float.map_or_else(dash, |r| format!("{r:.3}")),
+            v.accuracy
+                .map_or_else(dash, |a| format!("{:.2}", a * 100.0)),
+            v.accuracy_drop
+                .map_or_else(dash, |d| format!("{:+.2}", d * 100.0)),
+            v.agreement
+                .map_or_else(dash, |a| format!("{:.2}", a * 100.0)),
+            v.max_abs_error.map_or_else(dash, |e| {
+                if e == 0.0 {
+                    "0".into()
+                } else {
+                    format!("{e:.2e}")
+                }
+            }),
+            format!("{}/{}", v.int8_ops, v.float_ops),
+            v.ms_per_sample.map_or_else(dash, |t| format!("{t:.3}")),
+        ];
         let _ = write!(h, "<tr data-variant=\"{}\">", esc(&v.name));
-        for cell in r {
-            let _ = write!(h, "<td>{}</td>", esc(cell));
+        for cell in cells {
+            let _ = write!(h, "<td>{}</td>", esc(&cell));
         }
         h.push_str("</tr>\n");
     }
     h.push_str("</tbody>\n</table>\n");
+}
+
+/// An axis-aligned box in chart pixels: x, y (top), width, height.
+type Rect = (f64, f64, f64, f64);
+
+fn overlaps(a: Rect, b: Rect) -> bool {
+    a.0 < b.0 + b.2 && b.0 < a.0 + a.2 && a.1 < b.1 + b.3 && b.1 < a.1 + a.3
+}
+
+/// Width of `text` at the chart's 12px font, on the generous side so that real
+/// fonts fit in it.
+fn text_width(text: &str) -> f64 {
+    7.5 * text.chars().count() as f64 + 4.0
+}
+
+/// Where a label of `size` next to a marker at `(x, y)` (radius `r`) fits: the
+/// first candidate box, nearest first, that stays inside `area` and meets no box
+/// in `taken`. Returns the label's box.
+fn place_label(
+    x: f64,
+    y: f64,
+    r: f64,
+    size: (f64, f64),
+    area: Rect,
+    taken: &[Rect],
+) -> Option<Rect> {
+    let (w, h) = size;
+    let mut candidates: Vec<Rect> = Vec::new();
+    for step in 0..12 {
+        let d = r + 3.0 + 15.0 * step as f64;
+        candidates.extend([
+            (x + d, y - h / 2.0, w, h),
+            (x - d - w, y - h / 2.0, w, h),
+            (x - w / 2.0, y - d - h, w, h),
+            (x - w / 2.0, y + d, w, h),
+            (x + d, y - d - h / 2.0, w, h),
+            (x + d, y + d - h / 2.0, w, h),
+            (x - d - w, y - d - h / 2.0, w, h),
+            (x - d - w, y + d - h / 2.0, w, h),
+        ]);
+    }
+    candidates.into_iter().find(|c| {
+        c.0 >= area.0
+            && c.1 >= area.1
+            && c.0 + c.2 <= area.0 + area.2
+            && c.1 + c.3 <= area.1 + area.3
+            && !taken.iter().any(|t| overlaps(*c, *t))
+    })
 }
 
 fn size_accuracy_chart(h: &mut String, variants: &[Variant]) {
@@ -86,8 +215,8 @@ fn size_accuracy_chart(h: &mut String, variants: &[Variant]) {
         h.push_str("<p class=\"note\">No variant has both a file size and an accuracy (export and validate it to chart it).</p>\n");
         return;
     }
-    let (w, ht) = (720.0, 380.0);
-    let (left, right, top, bottom) = (70.0, 170.0, 20.0, 50.0);
+    let (w, ht) = (900.0, 420.0);
+    let (left, right, top, bottom) = (70.0, 20.0, 20.0, 50.0);
     let x_max = points.iter().map(|p| p.2).fold(0.0, f64::max) * 1.1;
     let (mut y_lo, mut y_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
         (lo.min(p.3), hi.max(p.3))
@@ -107,7 +236,7 @@ fn size_accuracy_chart(h: &mut String, variants: &[Variant]) {
         let _ = writeln!(
             h,
             "<line class=\"grid\" x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{yb:.1}\"/><text x=\"{x:.1}\" y=\"{yt:.1}\" text-anchor=\"middle\">{xv:.0}</text>\n\
-             <line class=\"grid\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{xr:.1}\" y2=\"{y:.1}\"/><text x=\"{xl:.1}\" y=\"{y4:.1}\" text-anchor=\"end\">{yv:.3}</text>",
+             <line class=\"grid\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{xr:.1}\" y2=\"{y:.1}\"/><text x=\"{xl:.1}\" y=\"{y4:.1}\" text-anchor=\"end\">{yv:.1}</text>",
             x = px(xv),
             yb = ht - bottom,
             yt = ht - bottom + 16.0,
@@ -115,41 +244,109 @@ fn size_accuracy_chart(h: &mut String, variants: &[Variant]) {
             xr = w - right,
             xl = left - 6.0,
             y4 = py(yv) + 4.0,
+            yv = yv * 100.0,
         );
     }
     let _ = writeln!(
         h,
         "<line class=\"axis\" x1=\"{left}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\"/><line class=\"axis\" x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{yb}\"/>\n\
-         <text x=\"{xm:.1}\" y=\"{yl}\" text-anchor=\"middle\">.tflite size (KiB)</text>\n\
-         <text transform=\"translate(16 {ym:.1}) rotate(-90)\" text-anchor=\"middle\">accuracy</text>",
+         <text x=\"{xm:.1}\" y=\"{yl}\" text-anchor=\"middle\">file size (KiB)</text>\n\
+         <text transform=\"translate(16 {ym:.1}) rotate(-90)\" text-anchor=\"middle\">accuracy (%)</text>",
         yb = ht - bottom,
         xr = w - right,
         xm = (left + w - right) / 2.0,
         yl = ht - 12.0,
         ym = (top + ht - bottom) / 2.0,
     );
-    let mut placed: Vec<(f64, f64, f64)> = Vec::new();
-    for (i, v, x, y) in &points {
-        let color = PALETTE[i % PALETTE.len()];
-        let tx = px(*x) + 9.0;
-        let width = 7.0 * v.name.chars().count() as f64;
-        let mut ty = py(*y) + 4.0;
-        while placed
-            .iter()
-            .any(|(px0, py0, w0)| (ty - py0).abs() < 14.0 && tx < px0 + w0 && *px0 < tx + width)
+    // Points closer than a marker's width would hide each other: they share one
+    // marker, which says how many it stands for.
+    const R: f64 = 6.0;
+    let mut groups: Vec<(f64, f64, Vec<usize>)> = Vec::new();
+    for (k, p) in points.iter().enumerate() {
+        let (x, y) = (px(p.2), py(p.3));
+        match groups
+            .iter_mut()
+            .find(|g| (g.0 - x).hypot(g.1 - y) < 2.0 * R + 2.0)
         {
-            ty += 14.0;
+            Some(g) => g.2.push(k),
+            None => groups.push((x, y, vec![k])),
         }
-        placed.push((tx, ty, width));
-        let _ = writeln!(
-            h,
-            "<g data-variant=\"{name}\"><circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"6\" fill=\"{color}\"><title>{name}: {x:.1} KiB, accuracy {y:.4}</title></circle><text x=\"{tx:.1}\" y=\"{ty:.1}\">{name}</text></g>",
-            name = esc(&v.name),
-            cx = px(*x),
-            cy = py(*y),
-        );
+    }
+    let radius = |n: usize| if n > 1 { R + 5.0 } else { R };
+    let mut taken: Vec<Rect> = groups
+        .iter()
+        .map(|(x, y, m)| {
+            let r = radius(m.len()) + 1.0;
+            (x - r, y - r, 2.0 * r, 2.0 * r)
+        })
+        .collect();
+    let area: Rect = (left + 2.0, 0.0, w - left - 2.0, ht - bottom - 2.0);
+    let mut unplaced: Vec<String> = Vec::new();
+    for (x, y, members) in &groups {
+        let r = radius(members.len());
+        let names: Vec<&str> = members.iter().map(|&k| points[k].1.name.as_str()).collect();
+        for &k in members {
+            let (i, v, xv, yv) = points[k];
+            let _ = writeln!(
+                h,
+                "<g data-variant=\"{name}\"><circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"{r}\" fill=\"{color}\"><title>{name}: {xv:.1} KiB, accuracy {acc:.2} %</title></circle></g>",
+                name = esc(&v.name),
+                color = PALETTE[i % PALETTE.len()],
+                acc = yv * 100.0,
+            );
+        }
+        if members.len() > 1 {
+            let _ = writeln!(
+                h,
+                "<text class=\"count\" x=\"{x:.1}\" y=\"{ty:.1}\" text-anchor=\"middle\">×{n}</text>",
+                ty = y + 4.0,
+                n = members.len()
+            );
+        }
+        // One line per variant at this point.
+        let width = names.iter().map(|n| text_width(n)).fold(0.0, f64::max);
+        let size = (width, 16.0 * names.len() as f64);
+        match place_label(*x, *y, r, size, area, &taken) {
+            Some(b) => {
+                taken.push(b);
+                // A leader line when the label had to move away from its marker.
+                let (cx, cy) = (b.0 + b.2 / 2.0, b.1 + b.3 / 2.0);
+                if (cx - x).hypot(cy - y) > b.2 / 2.0 + r + 12.0 {
+                    let ex = cx.clamp(b.0, b.0 + b.2);
+                    let ey = if cy < *y { b.1 + b.3 } else { b.1 };
+                    let _ = writeln!(
+                        h,
+                        "<line class=\"leader\" x1=\"{x:.1}\" y1=\"{y:.1}\" x2=\"{ex:.1}\" y2=\"{ey:.1}\"/>"
+                    );
+                }
+                let _ = write!(
+                    h,
+                    "<text class=\"label\" x=\"{tx:.1}\" y=\"{ty:.1}\">",
+                    tx = b.0 + 2.0,
+                    ty = b.1 + 12.0,
+                );
+                for (line, name) in names.iter().enumerate() {
+                    let _ = write!(
+                        h,
+                        "<tspan x=\"{tx:.1}\" dy=\"{dy}\">{name}</tspan>",
+                        tx = b.0 + 2.0,
+                        dy = if line == 0 { 0 } else { 16 },
+                        name = esc(name)
+                    );
+                }
+                h.push_str("</text>\n");
+            }
+            None => unplaced.push(names.join(" = ")),
+        }
     }
     h.push_str("</svg>\n");
+    if !unplaced.is_empty() {
+        let _ = writeln!(
+            h,
+            "<p class=\"note\">Also charted, without room for a label: {}.</p>",
+            esc(&unplaced.join("; "))
+        );
+    }
     if !missing.is_empty() {
         let _ = writeln!(
             h,

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::ir::{Graph, TensorRef};
 use crate::kernels::dataset::{run_batches, Dataset};
 use crate::kernels::{Buf, Plan, Value};
+use crate::progress::Bar;
 use crate::spec::DatasetSpec;
 
 /// How a tensor's range is derived from what calibration saw.
@@ -122,6 +123,7 @@ pub fn calibrate(
     samples: Option<usize>,
     method: Method,
     batch_size: usize,
+    bar: &dyn Fn(u64) -> Bar,
 ) -> Result<Stats> {
     let Method::Minmax = method;
     let feeds: Vec<&str> = graph.inputs.iter().map(String::as_str).collect();
@@ -140,6 +142,7 @@ pub fn calibrate(
     if total == 0 {
         return Err(Error::msg("calibration: the data set has no rows"));
     }
+    let bar = bar(total as u64);
     let mut stats = Stats {
         samples: total,
         ..Stats::default()
@@ -150,7 +153,8 @@ pub fn calibrate(
         batch_size,
         Some(total),
         |rows, outs| batch_ranges(rows, &fetches, outs),
-        |_, ranges| {
+        |rows, ranges| {
+            bar.inc(rows.len() as u64);
             for (r, v) in fetches.iter().zip(ranges) {
                 let Some((range, shape)) = v else { continue };
                 let key = r.to_string();
@@ -162,6 +166,7 @@ pub fn calibrate(
             Ok(())
         },
     )?;
+    bar.finish();
     Ok(stats)
 }
 

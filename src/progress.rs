@@ -1,0 +1,99 @@
+//! Counts of long work (samples, bytes), drawn as bars on a terminal and as
+//! nothing elsewhere. Stages and commands call [`Progress::start`] and
+//! [`Bar::inc`]; a disabled [`Progress`] hands out bars that do nothing, so the
+//! calls cost a branch when no one is watching.
+
+use std::borrow::Cow;
+
+use indicatif::{
+    MultiProgress, ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressState, ProgressStyle,
+};
+
+/// What a bar counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Samples,
+    Bytes,
+}
+
+/// Where one stage's (or command's) bars go.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    target: Option<(MultiProgress, String)>,
+}
+
+impl Progress {
+    /// Draws nothing.
+    pub fn disabled() -> Self {
+        Progress { target: None }
+    }
+
+    /// Bars in `multi`, each line starting with `prefix` (a stage id).
+    pub fn new(multi: &MultiProgress, prefix: &str) -> Self {
+        Progress {
+            target: Some((multi.clone(), prefix.to_string())),
+        }
+    }
+
+    /// Bars on stderr for a command that is not a pipeline run (`qpipe eval`).
+    pub fn stderr(prefix: &str) -> Self {
+        Progress::new(
+            &MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            prefix,
+        )
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// A bar for `total` units of work described by `label` (without the stage
+    /// name, which the line shows already). It is removed from the screen when
+    /// finished or dropped, also on an error path.
+    pub fn start(&self, label: &str, total: u64, unit: Unit) -> Bar {
+        let Some((multi, prefix)) = &self.target else {
+            return Bar(None);
+        };
+        let counts = match unit {
+            Unit::Samples => "{human_pos}/{human_len} samples, {rate}/s, {eta} left",
+            Unit::Bytes => "{bytes}/{total_bytes}, {bytes_per_sec}, {eta} left",
+        };
+        let template = format!("{{prefix}}: {{msg}} [{{bar:24}}] {counts}");
+        let style = ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ")
+            .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}", s.per_sec());
+            });
+        let bar = ProgressBar::new(total)
+            .with_style(style)
+            .with_prefix(Cow::Owned(prefix.clone()))
+            .with_message(Cow::Owned(label.to_string()))
+            .with_finish(ProgressFinish::AndClear);
+        Bar(Some(multi.add(bar)))
+    }
+}
+
+/// One count on the screen; cloning shares it (e.g. across rayon threads).
+#[derive(Debug, Clone, Default)]
+pub struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    /// A bar that draws nothing.
+    pub fn none() -> Self {
+        Bar(None)
+    }
+
+    pub fn inc(&self, n: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(n);
+        }
+    }
+
+    /// Removes the bar from the screen.
+    pub fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
