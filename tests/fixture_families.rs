@@ -1,4 +1,4 @@
-//! Issue 14's family fixtures (`fixtures/fam_*`): what qpipe makes of each TF1 model today,
+//! Issue 14's family fixtures (`fixtures/fam_*`, and issue 16's `q16_*`): what qpipe makes of each TF1 model today,
 //! against what TF's converter made (`fixtures/<name>/converter.json`), as a ratchet.
 //!
 //! For every fixture the test runs `qpipe inspect` on the checkpoint, then one recipe that
@@ -30,6 +30,10 @@ const FIXTURES: &[&str] = &[
     "fam_shapes",
     "fam_arith",
     "fam_dynamic_rnn",
+    // issue 16's fixtures, where min/max int8 calibration is fragile
+    "q16_outlier_inputs",
+    "q16_outlier_channel",
+    "q16_sensitive_act",
 ];
 
 /// Converter variant -> (qpipe stage that builds the model, export stage).
