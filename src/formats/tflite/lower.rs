@@ -958,8 +958,10 @@ impl<'g> Lowerer<'g> {
                 };
                 let w = self.input(&node.inputs[1], layout)?;
                 // qpipe's hybrid kernel, like the converter, quantizes inputs asymmetrically.
-                let hybrid = self.model.tensors[w as usize].dtype == DType::I8
-                    && self.info(node, &node.inputs[0])?.dtype == DType::F32;
+                let hybrid = linear.kind().is_hybrid(
+                    self.info(node, &node.inputs[0])?.dtype,
+                    self.model.tensors[w as usize].dtype,
+                );
                 (
                     Op::FullyConnected {
                         activation,

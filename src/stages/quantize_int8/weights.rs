@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::params::symmetric_weights;
 use crate::error::Result;
-use crate::ir::op::Linear;
+use crate::ir::op::{is_hybrid_node, Linear, LinearKind};
 use crate::ir::{Attr, DType, Graph, Node, Op, Tensor, TensorRef};
 
 /// What [`quantize_weights`] did.
@@ -61,14 +61,7 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
 
 /// Whether input `k` of an op is the weight operand of a hybrid kernel.
 fn hybrid_use(op: &Op, k: usize) -> bool {
-    k == 1
-        && matches!(
-            op,
-            Op::Fused {
-                linear: Linear::Conv2D(_) | Linear::MatMul(_),
-                ..
-            }
-        )
+    k == LinearKind::HYBRID_WEIGHTS && op.hybrid_candidate().is_some()
 }
 
 /// How the weights are read after quantization.
@@ -200,15 +193,7 @@ pub fn quantize_weights(g: &Graph, opts: &WeightOptions) -> Result<(Graph, Weigh
         report.hybrid_ops = out
             .nodes
             .iter()
-            .filter(|n| {
-                n.inputs.get(1).is_some_and(|r| {
-                    Op::parse(n).is_ok_and(|op| hybrid_use(&op, 1))
-                        && index
-                            .get(r.node.as_str())
-                            .and_then(|&i| out.nodes[i].const_value())
-                            .is_some_and(|t| t.dtype() == DType::I8)
-                })
-            })
+            .filter(|n| is_hybrid_node(&out, &index, n))
             .count();
     }
     Ok((out, report))
