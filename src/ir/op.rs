@@ -640,7 +640,63 @@ impl Op {
     pub fn hybrid_candidate(&self) -> Option<LinearKind> {
         match self {
             Op::Fused { linear, .. } => Some(linear.kind()).filter(|k| k.has_hybrid_kernel()),
-            _ => None,
+            // Plain Conv2D and MatMul read their quantized weights through a `Dequantize`.
+            Op::Placeholder
+            | Op::PlaceholderWithDefault
+            | Op::Const
+            | Op::Forward(_)
+            | Op::IdentityN
+            | Op::Print
+            | Op::Unary(_)
+            | Op::LeakyRelu
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::BiasAdd { .. }
+            | Op::Conv2D(_)
+            | Op::DepthwiseConv2dNative(_)
+            | Op::MatMul(_)
+            | Op::BatchMatMul { .. }
+            | Op::MaxPool(_)
+            | Op::AvgPool(_)
+            | Op::FusedBatchNorm { .. }
+            | Op::Softmax
+            | Op::LogSoftmax
+            | Op::Reduce { .. }
+            | Op::ArgMax
+            | Op::ArgMin
+            | Op::Gather
+            | Op::GatherV2
+            | Op::ExpandDims
+            | Op::Squeeze
+            | Op::Reshape
+            | Op::Shape
+            | Op::Size
+            | Op::Rank
+            | Op::StridedSlice
+            | Op::Slice
+            | Op::Pack
+            | Op::Unpack
+            | Op::ConcatV2
+            | Op::Concat
+            | Op::Pad
+            | Op::PadV2
+            | Op::MirrorPad
+            | Op::Transpose
+            | Op::Tile
+            | Op::Fill
+            | Op::ZerosLike
+            | Op::OnesLike
+            | Op::Range
+            | Op::Cast
+            | Op::Select
+            | Op::SelectV2
+            | Op::Random(_)
+            | Op::Dequantize
+            | Op::Quantize
+            | Op::NoOp
+            | Op::Assert
+            | Op::SaveV2
+            | Op::Other(_) => None,
         }
     }
 
