@@ -7,7 +7,9 @@
 //! what a GraphDef round-trips and what the IR serializes, so artifact hashes and the
 //! cache keys built on them do not depend on this parse.
 
-use super::{Attr, IrError, Node};
+use std::collections::HashMap;
+
+use super::{Attr, DType, Graph, IrError, Node};
 
 /// Activations TFLite fuses into the op that precedes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,47 @@ pub enum Linear {
     Conv2D(Conv),
     Depthwise(Conv),
     MatMul(MatMul),
+}
+
+/// Which matrix op a [`Linear`] (or a kernel compiled from one) is, without its
+/// parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    Conv2D,
+    Depthwise,
+    MatMul,
+}
+
+impl Linear {
+    pub fn kind(&self) -> LinearKind {
+        match self {
+            Linear::Conv2D(_) => LinearKind::Conv2D,
+            Linear::Depthwise(_) => LinearKind::Depthwise,
+            Linear::MatMul(_) => LinearKind::MatMul,
+        }
+    }
+}
+
+impl LinearKind {
+    /// The input a hybrid kernel reads its int8 weights from.
+    pub const HYBRID_WEIGHTS: usize = 1;
+
+    /// Whether a hybrid kernel exists for this op (float input and output, int8
+    /// weights read directly, the input quantized at run time), as LiteRT has for
+    /// CONV_2D and FULLY_CONNECTED but not DEPTHWISE_CONV_2D.
+    pub fn has_hybrid_kernel(self) -> bool {
+        match self {
+            LinearKind::Conv2D | LinearKind::MatMul => true,
+            LinearKind::Depthwise => false,
+        }
+    }
+
+    /// Whether the op runs hybrid given the dtypes of its input (0) and weights
+    /// ([`Self::HYBRID_WEIGHTS`]): the one rule kernels, the TFLite lowering and the
+    /// weight quantizer share.
+    pub fn is_hybrid(self, input: DType, weights: DType) -> bool {
+        self.has_hybrid_kernel() && input == DType::F32 && weights == DType::I8
+    }
 }
 
 /// Element-wise ops of one input.
@@ -592,6 +635,71 @@ fn fused_activation(node: &Node) -> Result<FusedActivation, IrError> {
 }
 
 impl Op {
+    /// The matrix op of an op that may run hybrid: only quantize_int8's fused ops
+    /// read int8 weights directly (the others read them through a `Dequantize`).
+    pub fn hybrid_candidate(&self) -> Option<LinearKind> {
+        match self {
+            Op::Fused { linear, .. } => Some(linear.kind()).filter(|k| k.has_hybrid_kernel()),
+            // Plain Conv2D and MatMul read their quantized weights through a `Dequantize`.
+            Op::Placeholder
+            | Op::PlaceholderWithDefault
+            | Op::Const
+            | Op::Forward(_)
+            | Op::IdentityN
+            | Op::Print
+            | Op::Unary(_)
+            | Op::LeakyRelu
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::BiasAdd { .. }
+            | Op::Conv2D(_)
+            | Op::DepthwiseConv2dNative(_)
+            | Op::MatMul(_)
+            | Op::BatchMatMul { .. }
+            | Op::MaxPool(_)
+            | Op::AvgPool(_)
+            | Op::FusedBatchNorm { .. }
+            | Op::Softmax
+            | Op::LogSoftmax
+            | Op::Reduce { .. }
+            | Op::ArgMax
+            | Op::ArgMin
+            | Op::Gather
+            | Op::GatherV2
+            | Op::ExpandDims
+            | Op::Squeeze
+            | Op::Reshape
+            | Op::Shape
+            | Op::Size
+            | Op::Rank
+            | Op::StridedSlice
+            | Op::Slice
+            | Op::Pack
+            | Op::Unpack
+            | Op::ConcatV2
+            | Op::Concat
+            | Op::Pad
+            | Op::PadV2
+            | Op::MirrorPad
+            | Op::Transpose
+            | Op::Tile
+            | Op::Fill
+            | Op::ZerosLike
+            | Op::OnesLike
+            | Op::Range
+            | Op::Cast
+            | Op::Select
+            | Op::SelectV2
+            | Op::Random(_)
+            | Op::Dequantize
+            | Op::Quantize
+            | Op::NoOp
+            | Op::Assert
+            | Op::SaveV2
+            | Op::Other(_) => None,
+        }
+    }
+
     /// The typed op of `node`; an attribute qpipe needs that is missing or malformed
     /// is an error naming the node.
     pub fn parse(node: &Node) -> Result<Op, IrError> {
@@ -878,6 +986,21 @@ impl Op {
     }
 }
 
+/// Whether `node` of `g` runs hybrid: its op may ([`Op::hybrid_candidate`]), its
+/// input type `T` is float32 (the default) and its weights are an int8 constant.
+/// `index` is `g.index()`.
+pub fn is_hybrid_node(g: &Graph, index: &HashMap<&str, usize>, node: &Node) -> bool {
+    let Some(kind) = Op::parse(node).ok().and_then(|op| op.hybrid_candidate()) else {
+        return false;
+    };
+    let input = node.attr_type("T").unwrap_or(DType::F32);
+    node.inputs
+        .get(LinearKind::HYBRID_WEIGHTS)
+        .and_then(|r| index.get(r.node.as_str()))
+        .and_then(|&i| g.nodes[i].const_value())
+        .is_some_and(|w| kind.is_hybrid(input, w.dtype()))
+}
+
 /// Whether an op computes something (as opposed to holding, feeding, forwarding or
 /// converting a tensor): what counts when comparing float and int8 op counts.
 pub fn is_compute(op: &str) -> bool {
@@ -909,6 +1032,42 @@ mod tests {
             Op::parse(&Node::new("n", "Erfinv")).unwrap(),
             Op::Other(s) if s == "Erfinv"
         ));
+    }
+
+    #[test]
+    fn hybrid_is_decided_by_the_op_and_the_dtypes_of_input_and_weights() {
+        let x = Node::new("x", "Placeholder");
+        let w = |dt: DType| {
+            Node::new("w", "Const").with_attr(
+                "value",
+                Attr::Tensor(match dt {
+                    DType::I8 => crate::ir::Tensor::from_vec(vec![1], &[1i8]),
+                    _ => crate::ir::Tensor::from_vec(vec![1], &[1f32]),
+                }),
+            )
+        };
+        let fused = |op: &str| {
+            Node::new("f", op)
+                .with_input(crate::ir::TensorRef::new("x", 0))
+                .with_input(crate::ir::TensorRef::new("w", 0))
+                .with_attr("padding", Attr::Str(b"SAME".to_vec()))
+                .with_attr("strides", Attr::Ints(vec![1, 1, 1, 1]))
+                .with_attr("fused_ops", Attr::Strs(vec![b"BiasAdd".to_vec()]))
+        };
+        let hybrid = |op: &str, dt: DType| {
+            let g = Graph {
+                nodes: vec![x.clone(), w(dt), fused(op)],
+                ..Graph::default()
+            };
+            let index = g.index().unwrap();
+            is_hybrid_node(&g, &index, &g.nodes[2])
+        };
+        assert!(hybrid("_FusedConv2D", DType::I8));
+        assert!(hybrid("_FusedMatMul", DType::I8));
+        assert!(!hybrid("_FusedMatMul", DType::F32));
+        assert!(!hybrid("_FusedDepthwiseConv2dNative", DType::I8));
+        assert!(!hybrid("MatMul", DType::I8));
+        assert!(!LinearKind::MatMul.is_hybrid(DType::I8, DType::I8));
     }
 
     #[test]

@@ -165,8 +165,10 @@ fn dtype_attr(node: &Node, keys: &[&str]) -> Result<DType, IrError> {
     ))
 }
 
-/// Output size of a windowed op along one spatial dimension (TF's SAME/VALID rule).
-fn window_out(
+/// Output size of a windowed op along one spatial dimension (TF's SAME/VALID rule);
+/// -1 for a size known only at run time. The one window rule: strip_training's
+/// symbolic folding uses it for its known dimensions.
+pub fn window_out(
     node: &Node,
     size: i64,
     k: i64,

@@ -88,16 +88,66 @@ fn node_err(node: &Node, msg: impl std::fmt::Display) -> Error {
 
 /// Ops that, given constant inputs, give a constant without computing anything.
 fn const_like(op: &IrOp) -> bool {
-    matches!(
-        op,
+    match op {
         IrOp::Const
-            | IrOp::Forward(Forward::Identity | Forward::StopGradient | Forward::Snapshot)
-            | IrOp::Cast
-            | IrOp::Dequantize
-            | IrOp::Reshape
-            | IrOp::ExpandDims
-            | IrOp::Squeeze
-    )
+        | IrOp::Forward(Forward::Identity | Forward::StopGradient | Forward::Snapshot)
+        | IrOp::Cast
+        | IrOp::Dequantize
+        | IrOp::Reshape
+        | IrOp::ExpandDims
+        | IrOp::Squeeze => true,
+        IrOp::Forward(Forward::CheckNumerics | Forward::PreventGradient | Forward::EnsureShape)
+        | IrOp::Placeholder
+        | IrOp::PlaceholderWithDefault
+        | IrOp::IdentityN
+        | IrOp::Print
+        | IrOp::Unary(_)
+        | IrOp::LeakyRelu
+        | IrOp::Binary(_)
+        | IrOp::Compare(_)
+        | IrOp::BiasAdd { .. }
+        | IrOp::Conv2D(_)
+        | IrOp::DepthwiseConv2dNative(_)
+        | IrOp::MatMul(_)
+        | IrOp::BatchMatMul { .. }
+        | IrOp::MaxPool(_)
+        | IrOp::AvgPool(_)
+        | IrOp::FusedBatchNorm { .. }
+        | IrOp::Softmax
+        | IrOp::LogSoftmax
+        | IrOp::Reduce { .. }
+        | IrOp::ArgMax
+        | IrOp::ArgMin
+        | IrOp::Gather
+        | IrOp::GatherV2
+        | IrOp::Shape
+        | IrOp::Size
+        | IrOp::Rank
+        | IrOp::StridedSlice
+        | IrOp::Slice
+        | IrOp::Pack
+        | IrOp::Unpack
+        | IrOp::ConcatV2
+        | IrOp::Concat
+        | IrOp::Pad
+        | IrOp::PadV2
+        | IrOp::MirrorPad
+        | IrOp::Transpose
+        | IrOp::Tile
+        | IrOp::Fill
+        | IrOp::ZerosLike
+        | IrOp::OnesLike
+        | IrOp::Range
+        | IrOp::Select
+        | IrOp::SelectV2
+        | IrOp::Random(_)
+        | IrOp::Quantize
+        | IrOp::Fused { .. }
+        | IrOp::NoOp
+        | IrOp::Assert
+        | IrOp::SaveV2
+        | IrOp::Other(_) => false,
+    }
 }
 
 /// The inputs of `node` whose values it needs at run time; the others (axes,
@@ -116,7 +166,57 @@ fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
         IrOp::ConcatV2 => n.saturating_sub(1),
         IrOp::GatherV2 => 2,
         IrOp::Shape | IrOp::Size | IrOp::Rank => 0,
-        _ => n,
+        IrOp::Reduce {
+            kind: Reduce::Prod | Reduce::Any | Reduce::All,
+            ..
+        }
+        | IrOp::Placeholder
+        | IrOp::PlaceholderWithDefault
+        | IrOp::Const
+        | IrOp::Forward(_)
+        | IrOp::IdentityN
+        | IrOp::Print
+        | IrOp::Unary(_)
+        | IrOp::LeakyRelu
+        | IrOp::Binary(_)
+        | IrOp::Compare(_)
+        | IrOp::BiasAdd { .. }
+        | IrOp::Conv2D(_)
+        | IrOp::DepthwiseConv2dNative(_)
+        | IrOp::MatMul(_)
+        | IrOp::BatchMatMul { .. }
+        | IrOp::MaxPool(_)
+        | IrOp::AvgPool(_)
+        | IrOp::FusedBatchNorm { .. }
+        | IrOp::Softmax
+        | IrOp::LogSoftmax
+        | IrOp::ArgMax
+        | IrOp::ArgMin
+        | IrOp::Gather
+        | IrOp::Squeeze
+        | IrOp::StridedSlice
+        | IrOp::Slice
+        | IrOp::Pack
+        | IrOp::Unpack
+        | IrOp::Concat
+        | IrOp::MirrorPad
+        | IrOp::Transpose
+        | IrOp::Tile
+        | IrOp::Fill
+        | IrOp::ZerosLike
+        | IrOp::OnesLike
+        | IrOp::Range
+        | IrOp::Cast
+        | IrOp::Select
+        | IrOp::SelectV2
+        | IrOp::Random(_)
+        | IrOp::Dequantize
+        | IrOp::Quantize
+        | IrOp::Fused { .. }
+        | IrOp::NoOp
+        | IrOp::Assert
+        | IrOp::SaveV2
+        | IrOp::Other(_) => n,
     };
     0..k.min(n)
 }
@@ -958,8 +1058,10 @@ impl<'g> Lowerer<'g> {
                 };
                 let w = self.input(&node.inputs[1], layout)?;
                 // qpipe's hybrid kernel, like the converter, quantizes inputs asymmetrically.
-                let hybrid = self.model.tensors[w as usize].dtype == DType::I8
-                    && self.info(node, &node.inputs[0])?.dtype == DType::F32;
+                let hybrid = linear.kind().is_hybrid(
+                    self.info(node, &node.inputs[0])?.dtype,
+                    self.model.tensors[w as usize].dtype,
+                );
                 (
                     Op::FullyConnected {
                         activation,

@@ -45,6 +45,7 @@ use super::ops::{Arithmetic, Kernel, StepQuant};
 use super::rounding::Rounding;
 use super::value::Value;
 use crate::error::{Error, Result};
+use crate::ir::op::LinearKind;
 use crate::ir::{DType, QuantParams};
 
 /// How TFLite was built: `TFLITE_SINGLE_ROUNDING` is off in LiteRT's release
@@ -142,7 +143,17 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
             .ok_or_else(|| Error::msg("Quantize needs an input"))?;
         return elementwise::quantize(x, quant).map(|v| Some(vec![v]));
     }
-    let hybrid = inputs.first().is_some_and(|v| v.dtype() == DType::F32) && is_i8(1);
+    let kind = match kernel {
+        Kernel::FusedConv2D { .. } => Some(LinearKind::Conv2D),
+        Kernel::FusedDepthwise { .. } => Some(LinearKind::Depthwise),
+        Kernel::FusedMatMul { .. } => Some(LinearKind::MatMul),
+        _ => None,
+    };
+    let w = LinearKind::HYBRID_WEIGHTS;
+    let hybrid = match (kind, inputs.first(), inputs.get(w)) {
+        (Some(kind), Some(x), Some(wv)) => kind.is_hybrid(x.dtype(), wv.dtype()) && is_i8(w),
+        _ => false,
+    };
     match kernel {
         Kernel::FusedConv2D { win, act } if hybrid => {
             return Ok(Some(vec![hybrid::conv2d(inputs, win, *act, quant)?]))

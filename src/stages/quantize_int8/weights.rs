@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::params::symmetric_weights;
 use crate::error::Result;
-use crate::ir::op::Linear;
+use crate::ir::op::{is_hybrid_node, Linear, LinearKind};
 use crate::ir::{Attr, DType, Graph, Node, Op, Tensor, TensorRef};
 
 /// What [`quantize_weights`] did.
@@ -29,46 +29,79 @@ pub struct WeightReport {
 /// channel, `Some(None)` per tensor, `None` when this is not a weight use.
 fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<Option<usize>> {
     let rank = w.shape().len();
-    match (op, k) {
-        (
-            Op::Conv2D(_)
-            | Op::Fused {
-                linear: Linear::Conv2D(_),
-                ..
-            },
-            1,
-        ) if rank == 4 => Some(Some(3)),
-        (
-            Op::DepthwiseConv2dNative(_)
-            | Op::Fused {
-                linear: Linear::Depthwise(_),
-                ..
-            },
-            1,
-        ) if rank == 4 => Some((w.shape()[3] == 1).then_some(2)),
-        (
-            Op::MatMul(m)
-            | Op::Fused {
-                linear: Linear::MatMul(m),
-                ..
-            },
-            1,
-        ) if rank == 2 => Some(per_channel_dense.then_some(if m.transpose_b { 0 } else { 1 })),
-        (Op::GatherV2 | Op::Gather, 0) => Some(None),
-        _ => None,
+    let linear = match op {
+        Op::Conv2D(c) => Linear::Conv2D(*c),
+        Op::DepthwiseConv2dNative(c) => Linear::Depthwise(*c),
+        Op::MatMul(m) => Linear::MatMul(*m),
+        Op::Fused { linear, .. } => *linear,
+        Op::GatherV2 | Op::Gather => return (k == 0).then_some(None),
+        Op::Placeholder
+        | Op::PlaceholderWithDefault
+        | Op::Const
+        | Op::Forward(_)
+        | Op::IdentityN
+        | Op::Print
+        | Op::Unary(_)
+        | Op::LeakyRelu
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::BiasAdd { .. }
+        | Op::BatchMatMul { .. }
+        | Op::MaxPool(_)
+        | Op::AvgPool(_)
+        | Op::FusedBatchNorm { .. }
+        | Op::Softmax
+        | Op::LogSoftmax
+        | Op::Reduce { .. }
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::ExpandDims
+        | Op::Squeeze
+        | Op::Reshape
+        | Op::Shape
+        | Op::Size
+        | Op::Rank
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Pack
+        | Op::Unpack
+        | Op::ConcatV2
+        | Op::Concat
+        | Op::Pad
+        | Op::PadV2
+        | Op::MirrorPad
+        | Op::Transpose
+        | Op::Tile
+        | Op::Fill
+        | Op::ZerosLike
+        | Op::OnesLike
+        | Op::Range
+        | Op::Cast
+        | Op::Select
+        | Op::SelectV2
+        | Op::Random(_)
+        | Op::Dequantize
+        | Op::Quantize
+        | Op::NoOp
+        | Op::Assert
+        | Op::SaveV2
+        | Op::Other(_) => return None,
+    };
+    if k != 1 {
+        return None;
+    }
+    match linear {
+        Linear::Conv2D(_) => (rank == 4).then_some(Some(3)),
+        Linear::Depthwise(_) => (rank == 4).then(|| (w.shape()[3] == 1).then_some(2)),
+        Linear::MatMul(m) => {
+            (rank == 2).then(|| per_channel_dense.then_some(if m.transpose_b { 0 } else { 1 }))
+        }
     }
 }
 
 /// Whether input `k` of an op is the weight operand of a hybrid kernel.
 fn hybrid_use(op: &Op, k: usize) -> bool {
-    k == 1
-        && matches!(
-            op,
-            Op::Fused {
-                linear: Linear::Conv2D(_) | Linear::MatMul(_),
-                ..
-            }
-        )
+    k == LinearKind::HYBRID_WEIGHTS && op.hybrid_candidate().is_some()
 }
 
 /// How the weights are read after quantization.
@@ -200,15 +233,7 @@ pub fn quantize_weights(g: &Graph, opts: &WeightOptions) -> Result<(Graph, Weigh
         report.hybrid_ops = out
             .nodes
             .iter()
-            .filter(|n| {
-                n.inputs.get(1).is_some_and(|r| {
-                    Op::parse(n).is_ok_and(|op| hybrid_use(&op, 1))
-                        && index
-                            .get(r.node.as_str())
-                            .and_then(|&i| out.nodes[i].const_value())
-                            .is_some_and(|t| t.dtype() == DType::I8)
-                })
-            })
+            .filter(|n| is_hybrid_node(&out, &index, n))
             .count();
     }
     Ok((out, report))

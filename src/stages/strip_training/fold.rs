@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::ir::op::{never_fold, Forward, Layout, Padding as IrPadding, Random};
+use crate::ir::op::{never_fold, Forward, Layout, Random};
+use crate::ir::shape_infer::window_out;
 use crate::ir::{Attr, DType, Graph, Node, Op, Tensor, TensorRef};
 use crate::kernels::array::{norm_axis, strided_slice_spec, SliceMasks};
 use crate::kernels::elementwise::{cast, BinaryOp, UnaryOp};
@@ -793,7 +794,6 @@ impl Pass<'_> {
                 .and_then(Abs::konst)
                 .and_then(|v| v.to_i64s().ok())
         };
-        let usize2 = |v: [i64; 2]| [v[0] as usize, v[1] as usize];
         match op {
             Op::Forward(
                 Forward::Identity
@@ -828,7 +828,6 @@ impl Pass<'_> {
                 if layout != Layout::Nhwc {
                     return None;
                 }
-                let (strides, dil) = (usize2(strides), usize2(dil));
                 let (k, c) = match op {
                     Op::Conv2D(_) | Op::DepthwiseConv2dNative(_) => {
                         let w = known(&sh(1)?)?;
@@ -840,25 +839,16 @@ impl Pass<'_> {
                         } else {
                             w[2] * w[3]
                         };
-                        ([w[0], w[1]], D::K(c as i64))
+                        ([w[0] as i64, w[1] as i64], D::K(c as i64))
                     }
-                    Op::MaxPool(p) | Op::AvgPool(p) => (usize2(p.ksize), x[3]),
+                    Op::MaxPool(p) | Op::AvgPool(p) => (p.ksize, x[3]),
                     _ => return None,
-                };
-                let pad = match padding {
-                    IrPadding::Same => crate::kernels::nn::Padding::Same,
-                    IrPadding::Valid => crate::kernels::nn::Padding::Valid,
-                    IrPadding::Explicit(_) => return None,
                 };
                 let mut out = vec![x[0]];
                 for d in 0..2 {
                     out.push(match x[d + 1] {
                         D::K(n) => {
-                            let (o, _) = crate::kernels::nn::out_size(
-                                n as usize, k[d], strides[d], dil[d], &pad, d,
-                            )
-                            .ok()?;
-                            D::K(o as i64)
+                            D::K(window_out(node, n, k[d], strides[d], dil[d], padding).ok()?)
                         }
                         D::S(_) => self.cx.fresh(),
                     });
