@@ -4,10 +4,13 @@
 //! calls cost a branch when no one is watching.
 
 use std::borrow::Cow;
+use std::sync::{Mutex, OnceLock};
 
 use indicatif::{
     MultiProgress, ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressState, ProgressStyle,
 };
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 /// What a bar counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,10 +40,7 @@ impl Progress {
 
     /// Bars on stderr for a command that is not a pipeline run (`qpipe eval`).
     pub fn stderr(prefix: &str) -> Self {
-        Progress::new(
-            &MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
-            prefix,
-        )
+        Progress::new(&stderr_bars(), prefix)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -72,6 +72,46 @@ impl Progress {
             .with_finish(ProgressFinish::AndClear);
         Bar(Some(multi.add(bar)))
     }
+}
+
+/// A [`MultiProgress`] drawing on stderr, which a Ctrl-C (SIGINT) or SIGTERM
+/// clears before the process exits with 128 + the signal's number (130, 143),
+/// so no stale frame is left on the terminal.
+pub fn stderr_bars() -> MultiProgress {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    clear_on_signal(&multi);
+    multi
+}
+
+/// The bars a signal clears: the latest from [`stderr_bars`].
+static ON_SIGNAL: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+fn clear_on_signal(multi: &MultiProgress) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    *ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(multi.clone());
+    INSTALLED.get_or_init(|| {
+        let Ok(mut signals) = Signals::new([SIGINT, SIGTERM]) else {
+            // Without the handler a signal kills us as before; the bars still work.
+            return;
+        };
+        std::thread::spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let multi = ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let exit = move || {
+                    let _ = console::Term::stderr().show_cursor();
+                    // Abrupt on purpose: cache writes are atomic (temp file +
+                    // rename), so nothing needs cleaning up.
+                    std::process::exit(128 + signal)
+                };
+                match multi {
+                    // Clears the bars and holds their lock, so no other thread
+                    // draws a frame again before the exit.
+                    Some(m) => m.suspend(exit),
+                    None => exit(),
+                }
+            }
+        });
+    });
 }
 
 /// One count on the screen; cloning shares it (e.g. across rayon threads).
