@@ -19,6 +19,9 @@ pub enum Unit {
     Bytes,
 }
 
+/// Writes smaller than this show no bar: they take well under a second.
+pub const WRITE_BAR_MIN: u64 = 64 << 20;
+
 /// Where one stage's (or command's) bars go.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -45,6 +48,14 @@ impl Progress {
 
     pub fn is_enabled(&self) -> bool {
         self.target.is_some()
+    }
+
+    /// A bytes bar for writing `total` bytes, shown only from [`WRITE_BAR_MIN`] on.
+    pub fn start_write(&self, label: &str, total: u64) -> Bar {
+        if total < WRITE_BAR_MIN {
+            return Bar::none();
+        }
+        self.start(label, total, Unit::Bytes)
     }
 
     /// A bar for `total` units of work described by `label` (without the stage
@@ -124,6 +135,16 @@ impl Bar {
         Bar(None)
     }
 
+    /// Whether the bar is drawn (it counts nothing otherwise).
+    pub fn is_shown(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The count so far (0 for a bar that is not shown).
+    pub fn position(&self) -> u64 {
+        self.0.as_ref().map_or(0, |b| b.position())
+    }
+
     pub fn inc(&self, n: u64) {
         if let Some(b) = &self.0 {
             b.inc(n);
@@ -135,5 +156,21 @@ impl Bar {
         if let Some(b) = &self.0 {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_bars_start_at_the_threshold_and_only_when_enabled() {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
+        let p = Progress::new(&multi, "s");
+        assert!(!p.start_write("w", WRITE_BAR_MIN - 1).is_shown());
+        assert!(!p.start_write("w", 0).is_shown());
+        assert!(p.start_write("w", WRITE_BAR_MIN).is_shown());
+        assert!(p.start_write("w", 1 << 33).is_shown());
+        assert!(!Progress::disabled().start_write("w", 1 << 33).is_shown());
     }
 }
