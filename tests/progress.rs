@@ -256,3 +256,47 @@ fn the_pty_helper_sees_a_terminal() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("running   check"), "{text:?}");
 }
+
+/// Runs the recipe on a pty and sends `signal` (INT, TERM) to qpipe once a
+/// validate bar is on the screen.
+fn interrupted(name: &str, signal: &str) -> (Output, String) {
+    let ws = workspace(name, 10);
+    let out = Command::new("python3")
+        .arg(root().join("tests/progress_util/pty_run.py"))
+        .arg(env!("CARGO_BIN_EXE_qpipe"))
+        .args(["run", "recipe.toml"])
+        .current_dir(&ws)
+        .env_remove("QPIPE_CACHE_DIR")
+        .env_remove("CI")
+        .env("TERM", "xterm-256color")
+        .env("PTY_SIGNAL", signal)
+        .env("PTY_SIGNAL_AFTER", "samples, ")
+        .output()
+        .expect("python3 runs the pty helper");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
+}
+
+#[test]
+fn a_signal_clears_the_bars_and_exits_128_plus_its_number() {
+    for (name, signal, code) in [("sigint", "INT", 130), ("sigterm", "TERM", 143)] {
+        let (out, text) = interrupted(name, signal);
+        assert_eq!(out.status.code(), Some(code), "{signal}: {text:?}");
+        let last = text
+            .rfind("samples, ")
+            .unwrap_or_else(|| panic!("{signal}: a bar was drawn: {text:?}"));
+        let after = &text[last..];
+        let cleared = after
+            .find("\r\x1b[2K")
+            .unwrap_or_else(|| panic!("{signal}: the last frame is cleared: {after:?}"));
+        let rest = &after[cleared + 5..];
+        assert!(
+            !rest.contains("samples") && !rest.contains("validating"),
+            "{signal}: no bar after the clearing: {after:?}"
+        );
+        assert!(
+            rest.ends_with("\x1b[?25h"),
+            "{signal}: the cursor shown last: {after:?}"
+        );
+    }
+}

@@ -13,7 +13,7 @@ use crate::pipeline::store::{short, Store};
 use crate::pipeline::{self, Event, Observer, Recipe, RunOptions};
 use crate::progress::Progress;
 use crate::stages::registry::StageFactory;
-use indicatif::{MultiProgress, ProgressDrawTarget};
+use indicatif::MultiProgress;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -535,8 +535,7 @@ impl Terminal {
         Terminal {
             verbose,
             tty: !quiet && std::io::stderr().is_terminal(),
-            bars: show_progress(quiet || json)
-                .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+            bars: show_progress(quiet || json).then(crate::progress::stderr_bars),
         }
     }
 

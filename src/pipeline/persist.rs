@@ -10,6 +10,7 @@ use super::engine::{lock, Engine};
 use super::fsutil::{self, FileLock};
 use super::store::{self, ActionEntry, Miss};
 use crate::error::{Error, Result};
+use crate::progress::Bar;
 use crate::stages::{Artifact, Memo};
 
 /// A built stage's result on its way into the store.
@@ -112,21 +113,36 @@ impl<'r> Engine<'r> {
                     ));
                 }
             }
-            self.store
-                .put_blob_with(blob, &produce, &|| self.pause_point("store", i))?;
+            let bar = self.write_bar("storing the artifact", blob.size, i);
+            let shown = counted(&produce, &bar);
+            self.store.put_blob_with(
+                blob,
+                if bar.is_shown() { &shown } else { &produce },
+                &|| self.pause_point("store", i),
+            )?;
         }
         for f in &job.files {
             let half = f.bytes.len() / 2;
+            let produce = |sink: &mut dyn FnMut(&[u8])| {
+                sink(&f.bytes[..half]);
+                sink(&f.bytes[half..]);
+            };
+            let bar = self.write_bar(&format!("storing {}", f.decl), f.bytes.len() as u64, i);
+            let shown = counted(&produce, &bar);
             self.store.put_blob_with(
                 &f.blob,
-                &|sink| {
-                    sink(&f.bytes[..half]);
-                    sink(&f.bytes[half..]);
-                },
+                if bar.is_shown() { &shown } else { &produce },
                 &|| self.pause_point("outblob", i),
             )?;
         }
         Ok(())
+    }
+
+    /// A bytes bar on stage `i`'s line for a large write (none for a small one).
+    fn write_bar(&self, label: &str, size: u64, i: usize) -> Bar {
+        self.observer
+            .progress(&self.recipe.stages[i].id)
+            .start_write(label, size)
     }
 
     /// Writes an output file under `out_dir` atomically, unless it already has these bytes.
@@ -155,7 +171,37 @@ impl<'r> Engine<'r> {
                 }
             }
         }
-        fsutil::write_atomic(dir, abs, bytes, &|| self.pause_point("output", i))
+        let name = abs.file_name().unwrap_or(abs.as_os_str()).to_string_lossy();
+        let bar = self.write_bar(&format!("writing {name}"), bytes.len() as u64, i);
+        if !bar.is_shown() {
+            return fsutil::write_atomic(dir, abs, bytes, &|| self.pause_point("output", i));
+        }
+        let half = bytes.len() / 2;
+        let produce = |sink: &mut dyn FnMut(&[u8])| {
+            sink(&bytes[..half]);
+            sink(&bytes[half..]);
+        };
+        let shown = counted(&produce, &bar);
+        fsutil::write_atomic_with(dir, abs, bytes.len() as u64, &shown, &|| {
+            self.pause_point("output", i)
+        })
+    }
+}
+
+/// Largest piece written between two updates of a bytes bar.
+const BAR_STEP: usize = 8 << 20;
+
+/// `produce` with its pieces handed on in slices of at most [`BAR_STEP`] bytes,
+/// each counted on `bar` once written.
+#[allow(clippy::type_complexity)] // the shape of fsutil::Produce, which names it
+fn counted<'a>(produce: fsutil::Produce<'a>, bar: &'a Bar) -> impl Fn(&mut dyn FnMut(&[u8])) + 'a {
+    move |sink| {
+        produce(&mut |piece: &[u8]| {
+            for part in piece.chunks(BAR_STEP) {
+                sink(part);
+                bar.inc(part.len() as u64);
+            }
+        })
     }
 }
 
@@ -207,5 +253,33 @@ impl Memo for StoreMemo<'_, '_> {
                 .warn(&format!("stage '{id}': cannot cache memo '{name}': {e}"));
         }
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::{Progress, WRITE_BAR_MIN};
+    use indicatif::{MultiProgress, ProgressDrawTarget};
+
+    #[test]
+    fn counted_hands_on_the_same_bytes_in_bar_steps_and_counts_them() {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
+        let bar = Progress::new(&multi, "s").start_write("w", WRITE_BAR_MIN);
+        assert!(bar.is_shown());
+        let data: Vec<u8> = (0..BAR_STEP * 2 + 5).map(|i| i as u8).collect();
+        let produce = |sink: &mut dyn FnMut(&[u8])| {
+            sink(&data[..3]);
+            sink(&data[3..]);
+        };
+        let mut got = Vec::new();
+        let mut pieces = Vec::new();
+        counted(&produce, &bar)(&mut |p: &[u8]| {
+            pieces.push(p.len());
+            got.extend_from_slice(p);
+        });
+        assert_eq!(got, data);
+        assert_eq!(pieces, vec![3, BAR_STEP, BAR_STEP, 2]);
+        assert_eq!(bar.position(), data.len() as u64);
     }
 }

@@ -1,9 +1,11 @@
 """Runs a command on a pseudo-terminal of 30 rows x 120 columns as its stdin,
 stdout and stderr, and writes everything it printed to our stdout (raw bytes);
-exits with the command's exit code."""
+exits with the command's exit code. With PTY_SIGNAL=INT|TERM and PTY_SIGNAL_AFTER=TEXT
+in the environment, sends that signal to the command once TEXT has been printed."""
 import fcntl
 import os
 import pty
+import signal
 import struct
 import sys
 import termios
@@ -20,6 +22,8 @@ if pid == 0:
     os.close(slave)
     os.execvp(sys.argv[1], sys.argv[1:])
 os.close(slave)
+sig = os.environ.get("PTY_SIGNAL")
+after = os.environ.get("PTY_SIGNAL_AFTER", "").encode()
 out = bytearray()
 while True:
     try:
@@ -29,6 +33,9 @@ while True:
     if not chunk:
         break
     out += chunk
+    if sig and after in out:
+        os.kill(pid, getattr(signal, "SIG" + sig))
+        sig = None
 _, status = os.waitpid(pid, 0)
 sys.stdout.buffer.write(bytes(out))
 sys.stdout.buffer.flush()
