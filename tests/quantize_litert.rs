@@ -50,16 +50,27 @@ fn check_model(model: &str, config: &str, tag: &str) {
                 (Resolver::Reference, Arithmetic::Reference) => {
                     assert_eq!(n, 0, "{model} {tag}: not bit-exact with BUILTIN_REF")
                 }
-                (Resolver::Default, Arithmetic::LiteRt) => {
-                    // XNNPACK's x86 microkernels are the ones the profile follows
-                    // (ARM ones requantize in fixed point). The default resolver picks
-                    // kernels by CPU, so this is a bound, not bit equality: measured 0
-                    // differing outputs on every fixture with AVX-512 (native) and AVX2
-                    // (QEMU -cpu Haswell, EPYC-Rome).
+                (Resolver::Default, Arithmetic::LiteRt) if cfg!(target_arch = "x86_64") => {
+                    // XNNPACK's x86 microkernels are the ones the profile follows. The
+                    // default resolver picks kernels by CPU, so this is a bound, not bit
+                    // equality: measured 0 differing outputs on every fixture with
+                    // AVX-512 (native) and AVX2 (QEMU -cpu Haswell, EPYC-Rome).
                     assert!(
                         worst <= 1.0 && n * 100 <= total,
                         "{model} {tag}: {n}/{total} outputs differ from the default resolver, \
                          by up to {worst} LSB"
+                    )
+                }
+                (Resolver::Default, Arithmetic::LiteRt) => {
+                    // Elsewhere (aarch64) XNNPACK requantizes in fixed point, which moves
+                    // a value by at most one LSB where the f32 rounding the profile follows
+                    // would round the other way. Not measured on such a CPU, so the bound
+                    // is derived: one LSB per requantizing op on the longest path, and the
+                    // fixture models have fewer than 8 of them.
+                    assert!(
+                        worst <= 8.0,
+                        "{model} {tag}: outputs differ from the default resolver by up to \
+                         {worst} LSB ({n}/{total} differ)"
                     )
                 }
                 _ => {}
