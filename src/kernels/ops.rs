@@ -159,6 +159,8 @@ pub enum Kernel {
     },
     /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
     Quantize,
+    /// GELU, PReLU, L2 normalization (`super::math`).
+    Composite(super::math::Composite),
 }
 
 fn bool_attr(node: &Node, key: &str, default: bool) -> Result<bool> {
@@ -272,6 +274,18 @@ impl Kernel {
                 Kernel::Forward
             }
             Op::IdentityN => Kernel::ForwardAll,
+            Op::Gelu { approximate } => {
+                arity(1, 1)?;
+                Kernel::Composite(super::math::Composite::Gelu { approximate })
+            }
+            Op::Prelu => {
+                arity(2, 2)?;
+                Kernel::Composite(super::math::Composite::Prelu)
+            }
+            Op::L2Normalize => {
+                arity(1, 1)?;
+                Kernel::Composite(super::math::Composite::L2Normalize)
+            }
             Op::LeakyRelu => {
                 arity(1, 1)?;
                 let alpha = match node.attr("alpha") {
@@ -569,6 +583,7 @@ impl Kernel {
                 Ok(inputs)
             }
             Kernel::ForwardAll => Ok(inputs),
+            Kernel::Composite(op) => one(super::math::composite(*op, &inputs)?),
             Kernel::Unary(op) => one(elementwise::unary(*op, inputs.swap_remove(0))?),
             Kernel::Binary(op) => {
                 let b = inputs.pop().expect("arity checked");

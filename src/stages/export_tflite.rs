@@ -37,7 +37,8 @@ impl Stage for ExportTflite {
         Role::TfliteExport { input: "input" }
     }
     fn version(&self) -> u32 {
-        1
+        // 2: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
+        2
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

@@ -194,7 +194,8 @@ impl Stage for QuantizeInt8 {
         }
     }
     fn version(&self) -> u32 {
-        1
+        // 2: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
+        2
     }
     fn deps(&self) -> StageDeps {
         StageDeps {
@@ -211,6 +212,7 @@ impl Stage for QuantizeInt8 {
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
+        let (graph, _) = crate::ir::passes::patterns::rewrite(&graph)?;
         let c = &self.config;
         let names: HashSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
         for e in &c.exclude {

@@ -122,6 +122,27 @@ pub enum Op {
         keep_dims: bool,
     },
     Quantize,
+    Abs,
+    Exp,
+    Log,
+    Neg,
+    Rsqrt,
+    Square,
+    SquaredDifference,
+    Pow,
+    Elu,
+    LeakyRelu {
+        alpha: f32,
+    },
+    Prelu,
+    BatchMatmul {
+        adj_x: bool,
+        adj_y: bool,
+    },
+    Gelu {
+        approximate: bool,
+    },
+    L2Normalization,
 }
 
 impl Op {
@@ -156,6 +177,20 @@ impl Op {
             Op::ReduceMax { .. } => 82,
             Op::ReduceMin { .. } => 89,
             Op::Quantize => 114,
+            Op::Abs => 101,
+            Op::Exp => 47,
+            Op::Log => 73,
+            Op::Neg => 59,
+            Op::Rsqrt => 76,
+            Op::Square => 92,
+            Op::SquaredDifference => 99,
+            Op::Pow => 78,
+            Op::Elu => 111,
+            Op::LeakyRelu { .. } => 98,
+            Op::Prelu => 54,
+            Op::BatchMatmul { .. } => 126,
+            Op::Gelu { .. } => 150,
+            Op::L2Normalization => 11,
         }
     }
 
@@ -196,6 +231,20 @@ pub fn builtin_name(code: i32) -> &'static str {
         (82, "REDUCE_MAX"),
         (89, "REDUCE_MIN"),
         (114, "QUANTIZE"),
+        (101, "ABS"),
+        (47, "EXP"),
+        (73, "LOG"),
+        (59, "NEG"),
+        (76, "RSQRT"),
+        (92, "SQUARE"),
+        (99, "SQUARED_DIFFERENCE"),
+        (78, "POW"),
+        (111, "ELU"),
+        (98, "LEAKY_RELU"),
+        (54, "PRELU"),
+        (126, "BATCH_MATMUL"),
+        (150, "GELU"),
+        (11, "L2_NORMALIZATION"),
     ];
     NAMES
         .iter()

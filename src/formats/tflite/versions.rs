@@ -246,6 +246,20 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
         | Op::Relu6 => int8_or_int16(in0, 2, 3, 1),
         Op::Sum { .. } => int8_or_int16(in0, 2, 1, 1),
         Op::Reshape | Op::ExpandDims => 1,
+        Op::Abs => match in0 {
+            Some(I32) => 5,
+            Some(I16) => 3,
+            Some(I8) | Some(U8) => 2,
+            _ => 1,
+        },
+        Op::Exp | Op::Log => int8_or_int16(in0, 2, 2, 1),
+        Op::Rsqrt => int8_or_int16(in0, 2, 3, 1),
+        Op::SquaredDifference => int8_or_int16(in0, 2, 1, 1),
+        Op::LeakyRelu { .. } => int8_or_int16(in0, 1, 2, 1),
+        Op::BatchMatmul { .. } => int8_or_int16(in0, 2, 3, 1),
+        Op::Gelu { .. } => int8_or_int16(in0, 2, 1, 1),
+        Op::L2Normalization => int8_or_int16(out0, 2, 1, 1),
+        Op::Neg | Op::Square | Op::Pow | Op::Elu | Op::Prelu => 1,
     }
 }
 
@@ -288,6 +302,20 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         74 => &["1.10.0", "1.15.0"],
         82 | 89 => &["1.11.0", "1.14.0", "2.5.0"],
         114 => &["1.14.0", "1.15.0", "2.7.0"],
+        101 => &["1.13.0", "2.4.0", "2.5.0", "2.6.0"],
+        47 => &["1.7.0"],
+        73 => &["1.14.0"],
+        92 => &["1.12.0"],
+        59 => &["1.9.0"],
+        76 => &["1.10.0", "2.5.0"],
+        99 => &["1.13.1", "2.5.0"],
+        78 => &["1.10.0"],
+        111 => &["1.14.0"],
+        98 => &["1.13.1", "2.3.0"],
+        54 => &["1.8.0"],
+        126 => &["2.3.0", "2.3.0", "2.4.0", "2.5.0"],
+        150 => &["2.9.0", "2.9.0"],
+        11 => &["1.5.0", "1.14.0"],
         _ => &[],
     };
     usize::try_from(version)

@@ -298,8 +298,12 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             | Unary::Inv
             | Unary::Sin
             | Unary::Cos
+            | Unary::Erf
             | Unary::LogicalNot,
         )
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::LeakyRelu
         | Op::Binary(
             Binary::RealDiv
