@@ -204,11 +204,19 @@ impl<'a> View<'a> {
         &self.g.nodes[i]
     }
 
+    /// A float constant at `r`, also through the `Cast`/`Dequantize` to float32 that
+    /// `fp16_cast` puts after each float16 constant.
     fn const_f32(&self, r: &TensorRef) -> Option<&'a Tensor> {
-        let (i, _) = self.producer(r)?;
-        self.g.nodes[i]
-            .const_value()
-            .filter(|t| t.dtype() == DType::F32)
+        let (i, op) = self.producer(r)?;
+        let n = &self.g.nodes[i];
+        let t = match op {
+            Op::Cast | Op::Dequantize => {
+                let (j, _) = self.producer(n.inputs.first()?)?;
+                self.g.nodes[j].const_value()?
+            }
+            _ => n.const_value()?,
+        };
+        matches!(t.dtype(), DType::F32 | DType::F16).then_some(t)
     }
 
     fn scalar(&self, r: &TensorRef) -> Option<f32> {
