@@ -7,6 +7,7 @@ pub mod graph_def;
 pub mod inspect;
 pub mod meta_graph;
 pub mod proto;
+pub mod saved_model;
 pub mod snappy;
 pub mod sstable;
 pub mod tensor_proto;
