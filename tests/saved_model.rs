@@ -365,3 +365,224 @@ fn saved_model_fixtures_meet_the_converter() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// A copy of a fixture's SavedModel directory under `target/tmp/saved_model/bad/<case>`.
+fn copy_saved_model(fixture: &str, case: &str) -> PathBuf {
+    let src = root().join("fixtures").join(fixture).join("saved_model");
+    let dst = root().join("target/tmp/saved_model/bad").join(case);
+    let _ = std::fs::remove_dir_all(&dst);
+    for e in walk(&src) {
+        let rel = e.strip_prefix(&src).unwrap();
+        let to = dst.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&e, &to).unwrap();
+    }
+    dst
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Writes a recipe that freezes `sm` with `extra` lines in `[model]`; returns its path.
+fn freeze_recipe(case: &str, model_lines: &str) -> PathBuf {
+    let dir = root().join("target/tmp/saved_model/recipes").join(case);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("recipe.toml");
+    std::fs::write(
+        &p,
+        format!("[model]\n{model_lines}\n\n[stages.freeze]\nkind = \"freeze\"\n"),
+    )
+    .unwrap();
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn inspect_lists_signatures_functions_and_variables() {
+    let dir = root().join("fixtures/sm_two_inputs/saved_model");
+    let o = qpipe(&["inspect", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mg = &v["meta_graphs"][0];
+    assert_eq!(mg["tags"], serde_json::json!(["serve"]));
+    let sig = mg["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "serving_default")
+        .expect("serving_default listed");
+    let ins: Vec<(&str, &str, Value)> = sig["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["key"].as_str().unwrap(),
+                t["dtype"].as_str().unwrap(),
+                t["shape"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ins,
+        [
+            ("input_a", "DT_FLOAT", serde_json::json!([null, 10])),
+            ("input_b", "DT_FLOAT", serde_json::json!([null, 6]))
+        ]
+    );
+    assert_eq!(sig["outputs"][0]["key"], "output_0");
+    assert_eq!(sig["outputs"][0]["shape"], serde_json::json!([null, 3]));
+    assert!(mg["functions"].as_array().unwrap().len() >= 2);
+    // Dense(10→12): kernel 10×12 float32 = 480 bytes, under an object-based key.
+    let vars = mg["variables"].as_array().unwrap();
+    assert!(
+        vars.iter()
+            .any(|x| x["shape"] == serde_json::json!([10, 12])
+                && x["bytes"] == 480
+                && x["key"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("/.ATTRIBUTES/VARIABLE_VALUE")),
+        "{mg}"
+    );
+    let text = qpipe(&["inspect", dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("signature serving_default:") && text.contains("input_b"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_saved_models_give_clear_errors() {
+    // A corrupt saved_model.pb.
+    let dir = copy_saved_model("sm_module", "corrupt");
+    std::fs::write(dir.join("saved_model.pb"), b"\x0a\xff\xff\xff\x0fgarbage").unwrap();
+    let o = qpipe(&["inspect", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("saved_model.pb") && e.contains("not a SavedModel"),
+        "{e}"
+    );
+
+    // No variables/ directory.
+    let dir = copy_saved_model("sm_module", "no_variables");
+    std::fs::remove_dir_all(dir.join("variables")).unwrap();
+    let recipe = freeze_recipe(
+        "no_variables",
+        &format!("saved_model = {}", toml_str(dir.to_str().unwrap())),
+    );
+    let o = qpipe(&["run", recipe.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("variables") && e.contains("missing"), "{e}");
+
+    // A variable the object graph does not map: the concrete functions lose their
+    // bound inputs.
+    let dir = copy_saved_model("sm_module", "unmapped");
+    let pb = dir.join("saved_model.pb");
+    let mut sm = {
+        use prost::Message;
+        qpipe::formats::tf::proto::SavedModel::decode(std::fs::read(&pb).unwrap().as_slice())
+            .unwrap()
+    };
+    for mg in &mut sm.meta_graphs {
+        if let Some(og) = mg.object_graph_def.as_mut() {
+            og.concrete_functions.clear();
+        }
+    }
+    std::fs::write(&pb, prost::Message::encode_to_vec(&sm)).unwrap();
+    let recipe = freeze_recipe(
+        "unmapped",
+        &format!("saved_model = {}", toml_str(dir.to_str().unwrap())),
+    );
+    let o = qpipe(&["run", recipe.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("saved_model.pb") && e.contains("is not mapped to a checkpoint value"),
+        "{e}"
+    );
+
+    // An unknown signature: a recipe error at the key, naming the file.
+    let sm_dir = root().join("fixtures/sm_module/saved_model");
+    let recipe = freeze_recipe(
+        "unknown_signature",
+        &format!(
+            "saved_model = {}\nsignature = \"nope\"",
+            toml_str(sm_dir.to_str().unwrap())
+        ),
+    );
+    let o = qpipe(&["run", recipe.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("recipe.toml:3:")
+            && e.contains("no signature 'nope'")
+            && e.contains("serving_default")
+            && e.contains("saved_model.pb"),
+        "{e}"
+    );
+}
+
+#[test]
+fn recipe_names_exactly_one_model_source() {
+    let sm_dir = root().join("fixtures/sm_module/saved_model");
+    let sm = toml_str(sm_dir.to_str().unwrap());
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "two_sources",
+            format!("saved_model = {sm}\ngraph = \"x.pb\""),
+            "give exactly one of checkpoint, graph and saved_model",
+        ),
+        (
+            "keras_file",
+            "saved_model = \"model.keras\"".into(),
+            "model.export",
+        ),
+        ("h5_file", "graph = \"model.h5\"".into(), "model.export"),
+        (
+            "signature_without_saved_model",
+            "graph = \"x.pb\"\nsignature = \"serving_default\"".into(),
+            "model.signature: only a saved_model has this key",
+        ),
+        (
+            "unknown_input",
+            format!("saved_model = {sm}\ninputs = [\"y\"]"),
+            "'y' is not one of signature 'serving_default''s inputs [\"x\"]",
+        ),
+    ];
+    for (case, lines, want) in cases {
+        let recipe = freeze_recipe(case, lines);
+        std::fs::write(recipe.with_file_name("x.pb"), b"").unwrap();
+        let o = qpipe(&["run", recipe.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{case}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains(want) && e.contains("recipe.toml:"),
+            "{case}: {e}"
+        );
+    }
+    // A subset of outputs by key works, and the inputs are the signature's keys.
+    let recipe = freeze_recipe(
+        "subset",
+        &format!("saved_model = {sm}\noutputs = [\"probs\"]\ntags = [\"serve\"]"),
+    );
+    let o = qpipe(&["run", recipe.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -5,6 +5,7 @@ pub mod crc32c;
 pub mod freeze;
 pub mod graph_def;
 pub mod inspect;
+pub mod inspect_saved_model;
 pub mod meta_graph;
 pub mod proto;
 pub mod saved_model;
