@@ -703,78 +703,66 @@ fn free_name(nodes: &[NodeDef], base: &str) -> String {
         .unwrap_or_default()
 }
 
-/// What to freeze: a SavedModel directory, the tag set, the signature and which of
-/// its inputs and outputs (keys; empty = all).
-#[derive(Debug, Clone)]
-pub struct SavedModelRequest<'a> {
-    pub dir: &'a Path,
-    pub tags: &'a [String],
-    pub signature: &'a str,
-    pub outputs: &'a [String],
+/// A signature's graph before freezing: inputs and outputs named by the signature's
+/// keys, calls inlined, variables still `VarHandleOp`s, with their checkpoint keys.
+pub struct Unfrozen {
+    pub graph: Graph,
+    pub keys: HashMap<String, VariableKey>,
 }
 
-/// Freezes one signature of a SavedModel: a graph whose inputs are placeholders named
-/// by the signature's input keys and whose outputs are `Identity` nodes named by its
-/// output keys (`outputs`, or all). Errors name the file and the item.
-pub fn freeze_saved_model(req: &SavedModelRequest, progress: &Progress) -> Result<Graph> {
-    let sm = read_saved_model(req.dir)?;
-    let pb = pb_path(req.dir);
-    let in_pb = |e: Error| Error::file(&pb, e);
-    let mg = select_meta_graph(sm, req.tags).map_err(in_pb)?;
-    let sig = find_signature(&mg, req.signature).map_err(in_pb)?;
-    let outputs: Vec<&SignatureTensor> = if req.outputs.is_empty() {
+/// Builds [`Unfrozen`] for `signature` of a MetaGraphDef, cut to `outputs` (keys; empty
+/// = all). `load_object_graph` gives the checkpoint's object graph, asked for only when
+/// the outputs read variables.
+pub fn signature_graph(
+    mg: &MetaGraphDef,
+    signature: &str,
+    outputs: &[String],
+    load_object_graph: &mut dyn FnMut() -> Result<TrackableObjectGraph>,
+) -> Result<Unfrozen> {
+    let sig = find_signature(mg, signature)?;
+    let outputs: Vec<&SignatureTensor> = if outputs.is_empty() {
         sig.outputs.iter().collect()
     } else {
-        req.outputs
+        outputs
             .iter()
             .map(|k| {
                 sig.outputs.iter().find(|o| &o.key == k).ok_or_else(|| {
-                    in_pb(Error::msg(format!(
+                    Error::msg(format!(
                         "signature '{}' has no output '{k}' (it has {:?})",
                         sig.name,
                         sig.outputs.iter().map(|o| &o.key).collect::<Vec<_>>()
-                    )))
+                    ))
                 })
             })
             .collect::<Result<_>>()?
     };
     let gd = mg.graph_def.clone().unwrap_or_default();
-    let library = function_library(&gd).map_err(in_pb)?;
+    let library = function_library(&gd)?;
     let roots: Vec<&str> = outputs.iter().map(|o| split_ref(&o.tensor).0).collect();
-    let outer = cut_outer(gd.node, &roots).map_err(in_pb)?;
+    let outer = cut_outer(gd.node, &roots)?;
 
-    let has_variables = outer.iter().any(|n| n.op == "VarHandleOp");
-    let vdir = req.dir.join("variables");
-    let (keys, bundle) = if has_variables {
-        if !vdir.is_dir() {
-            return Err(Error::file(
-                &vdir,
-                "missing: the signature reads variables, whose values are in variables/",
-            ));
-        }
-        let bundle = Bundle::open(&variables_prefix(req.dir))?;
-        let ckpt = checkpoint_object_graph(&bundle)?;
+    let keys = if outer.iter().any(|n| n.op == "VarHandleOp") {
+        let ckpt = load_object_graph()?;
         let objects = mg.object_graph_def.clone().unwrap_or_default();
-        let keys = captured_variable_keys(&outer, &library, &objects, &ckpt).map_err(in_pb)?;
-        (keys, Some(bundle))
+        captured_variable_keys(&outer, &library, &objects, &ckpt)?
     } else {
-        (HashMap::new(), None)
+        HashMap::new()
     };
     if let Some(v) = outer
         .iter()
         .find(|n| n.op == "VarHandleOp" && !keys.contains_key(&n.name))
     {
-        return Err(in_pb(Error::msg(format!(
+        return Err(Error::msg(format!(
             "variable '{}' (VarHandleOp) is not mapped to a checkpoint value by the object \
              graph (no call of a saved concrete function captures it)",
             v.name
-        ))));
+        )));
     }
 
-    let (mut nodes, aliases) = inline_calls(outer, &library).map_err(in_pb)?;
+    let (mut nodes, aliases) = inline_calls(outer, &library)?;
     let mut targets = outputs
         .iter()
-        .map(|o| resolve(&o.tensor, &aliases).map_err(in_pb))
+        .map(|o| resolve(&o.tensor, &aliases))
         .collect::<Result<Vec<_>>>()?;
 
     // Placeholders take the signature's input keys; outputs become Identity nodes
@@ -806,10 +794,10 @@ pub fn freeze_saved_model(req: &SavedModelRequest, progress: &Progress) -> Resul
     let mut out_refs = Vec::new();
     for (o, target) in outputs.iter().zip(targets) {
         if !nodes.iter().any(|n| n.name == split_ref(&target).0) {
-            return Err(in_pb(Error::msg(format!(
+            return Err(Error::msg(format!(
                 "signature output '{}' ({}) is not computed by the graph",
                 o.key, o.tensor
-            ))));
+            )));
         }
         let dtype = mg.signature_def[&sig.name].outputs[&o.key].dtype;
         let mut attr = BTreeMap::new();
@@ -837,11 +825,64 @@ pub fn freeze_saved_model(req: &SavedModelRequest, progress: &Progress) -> Resul
         }),
         ..GraphDef::default()
     };
-    let mut graph = graph_from_proto(&frozen).map_err(in_pb)?;
+    let mut graph = graph_from_proto(&frozen)?;
     let roots: Vec<String> = out_refs.iter().map(|r| r.node.clone()).collect();
     let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
-    extract_sub_graph(&mut graph, &roots).map_err(in_pb)?;
+    extract_sub_graph(&mut graph, &roots)?;
+    graph.outputs = out_refs;
+    Ok(Unfrozen { graph, keys })
+}
 
+/// What to freeze: a SavedModel directory, the tag set, the signature and which of
+/// its inputs and outputs (keys; empty = all).
+#[derive(Debug, Clone)]
+pub struct SavedModelRequest<'a> {
+    pub dir: &'a Path,
+    pub tags: &'a [String],
+    pub signature: &'a str,
+    pub outputs: &'a [String],
+}
+
+/// Freezes one signature of a SavedModel: a graph whose inputs are placeholders named
+/// by the signature's input keys and whose outputs are `Identity` nodes named by its
+/// output keys (`outputs`, or all). Errors name the file and the item.
+pub fn freeze_saved_model(req: &SavedModelRequest, progress: &Progress) -> Result<Graph> {
+    let sm = read_saved_model(req.dir)?;
+    let pb = pb_path(req.dir);
+    let in_pb = |e: Error| Error::file(&pb, e);
+    let mg = select_meta_graph(sm, req.tags).map_err(in_pb)?;
+    let vdir = req.dir.join("variables");
+    let mut bundle = None;
+    // Errors of reading variables/ name their own files; the others are saved_model.pb's.
+    let mut variables_failed = false;
+    let result = signature_graph(&mg, req.signature, req.outputs, &mut || {
+        let loaded = (|| {
+            if !vdir.is_dir() {
+                return Err(Error::file(
+                    &vdir,
+                    "missing: the signature reads variables, whose values are in variables/",
+                ));
+            }
+            let b = Bundle::open(&variables_prefix(req.dir))?;
+            let ckpt = checkpoint_object_graph(&b)?;
+            Ok((b, ckpt))
+        })();
+        match loaded {
+            Ok((b, ckpt)) => {
+                bundle = Some(b);
+                Ok(ckpt)
+            }
+            Err(e) => {
+                variables_failed = true;
+                Err(e)
+            }
+        }
+    });
+    let Unfrozen { mut graph, keys } = match result {
+        Ok(u) => u,
+        Err(e) if variables_failed => return Err(e),
+        Err(e) => return Err(in_pb(e)),
+    };
     if let Some(bundle) = bundle {
         let bytes = |key: &str| {
             bundle.entry(key).map_or(0, |e| {
@@ -858,6 +899,5 @@ pub fn freeze_saved_model(req: &SavedModelRequest, progress: &Progress) -> Resul
         .map_err(in_pb)?;
         bar.finish();
     }
-    graph.outputs = out_refs;
     Ok(graph)
 }
