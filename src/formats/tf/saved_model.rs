@@ -901,3 +901,250 @@ pub fn freeze_saved_model(req: &SavedModelRequest, progress: &Progress) -> Resul
     }
     Ok(graph)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::proto::{
+        op_def::ArgDef, tensor_info::Encoding, DataType, NameAttrList, OpDef, TensorProto,
+        TensorShapeProto,
+    };
+    use super::*;
+
+    fn av(v: attr_value::Value) -> AttrValue {
+        AttrValue { value: Some(v) }
+    }
+
+    fn func(name: &str) -> AttrValue {
+        av(attr_value::Value::Func(NameAttrList {
+            name: name.into(),
+            attr: BTreeMap::new(),
+        }))
+    }
+
+    fn floats(n: usize) -> AttrValue {
+        av(attr_value::Value::List(attr_value::ListValue {
+            r#type: vec![DataType::DtFloat as i32; n],
+            ..Default::default()
+        }))
+    }
+
+    fn node(name: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>) -> NodeDef {
+        NodeDef {
+            name: name.into(),
+            op: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            attr: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..NodeDef::default()
+        }
+    }
+
+    fn bool_const(name: &str, v: bool) -> NodeDef {
+        let t = TensorProto {
+            dtype: DataType::DtBool as i32,
+            tensor_shape: Some(TensorShapeProto::default()),
+            bool_val: vec![v],
+            ..TensorProto::default()
+        };
+        node(
+            name,
+            "Const",
+            &[],
+            vec![
+                (
+                    "dtype",
+                    av(attr_value::Value::Type(DataType::DtBool as i32)),
+                ),
+                ("value", av(attr_value::Value::Tensor(t))),
+            ],
+        )
+    }
+
+    fn arg(name: &str) -> ArgDef {
+        ArgDef {
+            name: name.into(),
+            r#type: DataType::DtFloat as i32,
+            ..ArgDef::default()
+        }
+    }
+
+    fn function(name: &str, ins: &[&str], nodes: Vec<NodeDef>, ret: &str) -> Vec<u8> {
+        FunctionDef {
+            signature: Some(OpDef {
+                name: name.into(),
+                input_arg: ins.iter().map(|a| arg(a)).collect(),
+                output_arg: vec![arg("out")],
+                ..OpDef::default()
+            }),
+            node_def: nodes,
+            ret: [("out".to_string(), ret.to_string())].into(),
+            ..FunctionDef::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// A MetaGraphDef whose `serving_default` maps `x` → placeholder `px`, `y` → `out`.
+    fn meta_graph(outer: Vec<NodeDef>, out: &str, functions: Vec<Vec<u8>>) -> MetaGraphDef {
+        let info = |name: &str| TensorInfo {
+            encoding: Some(Encoding::Name(name.into())),
+            dtype: DataType::DtFloat as i32,
+            tensor_shape: None,
+        };
+        let sig = SignatureDef {
+            inputs: [("x".to_string(), info("px:0"))].into(),
+            outputs: [("y".to_string(), info(out))].into(),
+            ..SignatureDef::default()
+        };
+        MetaGraphDef {
+            graph_def: Some(GraphDef {
+                node: outer,
+                library: FunctionDefLibrary {
+                    function: functions,
+                    ..FunctionDefLibrary::default()
+                }
+                .encode_to_vec(),
+                ..GraphDef::default()
+            }),
+            signature_def: [("serving_default".to_string(), sig)].into(),
+            ..MetaGraphDef::default()
+        }
+    }
+
+    fn placeholder() -> NodeDef {
+        node(
+            "px",
+            "Placeholder",
+            &[],
+            vec![(
+                "dtype",
+                av(attr_value::Value::Type(DataType::DtFloat as i32)),
+            )],
+        )
+    }
+
+    fn build(mg: &MetaGraphDef) -> Result<Graph> {
+        let mut no_variables = || -> Result<TrackableObjectGraph> { panic!("no variables here") };
+        signature_graph(mg, DEFAULT_SIGNATURE, &[], &mut no_variables).map(|u| u.graph)
+    }
+
+    #[test]
+    fn nested_calls_and_constant_ifs_are_inlined() {
+        let outer_fn = function(
+            "outer_fn",
+            &["a"],
+            vec![
+                bool_const("k", true),
+                node(
+                    "iff",
+                    "StatelessIf",
+                    &["k:output:0", "a", "^k"],
+                    vec![
+                        ("then_branch", func("neg_fn")),
+                        ("else_branch", func("missing_fn")),
+                        ("Tout", floats(1)),
+                    ],
+                ),
+                node("id", "Identity", &["iff:output:0"], vec![]),
+            ],
+            "id:output:0",
+        );
+        let neg_fn = function(
+            "neg_fn",
+            &["b"],
+            vec![node("n", "Neg", &["b"], vec![])],
+            "n:y:0",
+        );
+        let call = node(
+            "call",
+            "StatefulPartitionedCall",
+            &["px"],
+            vec![("f", func("outer_fn")), ("Tout", floats(1))],
+        );
+        let mg = meta_graph(vec![placeholder(), call], "call:0", vec![outer_fn, neg_fn]);
+        let g = build(&mg).unwrap();
+        let neg = g.node("call/iff/n").expect("the then branch is inlined");
+        assert_eq!(neg.op, "Neg");
+        assert_eq!(neg.inputs, [TensorRef::new("x", 0)]);
+        let y = g.node("y").unwrap();
+        assert_eq!(
+            (y.op.as_str(), &y.inputs[..]),
+            ("Identity", &[TensorRef::new("call/id", 0)][..])
+        );
+        assert_eq!(
+            g.node("call/id").unwrap().inputs,
+            [TensorRef::new("call/iff/n", 0)]
+        );
+        assert_eq!(g.outputs, [TensorRef::new("y", 0)]);
+        assert!(g.node("call").is_none() && g.node("px").is_none() && g.node("x").is_some());
+    }
+
+    #[test]
+    fn other_control_flow_is_an_error_naming_the_node() {
+        let body = function("body", &["a"], vec![], "a");
+        let w = node(
+            "loop",
+            "While",
+            &["px"],
+            vec![
+                ("body", func("body")),
+                ("cond", func("body")),
+                ("T", floats(1)),
+            ],
+        );
+        let e = build(&meta_graph(
+            vec![placeholder(), w],
+            "loop:0",
+            vec![body.clone()],
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("'loop' (While)") && e.contains("control flow"),
+            "{e}"
+        );
+
+        let iff = node(
+            "branch",
+            "If",
+            &["px", "px"],
+            vec![
+                ("then_branch", func("body")),
+                ("else_branch", func("body")),
+                ("Tout", floats(1)),
+            ],
+        );
+        let e = build(&meta_graph(
+            vec![placeholder(), iff],
+            "branch:0",
+            vec![body],
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("'branch' (If)") && e.contains("not a constant"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn body_outputs_need_the_op_table() {
+        let f = function(
+            "f",
+            &["a"],
+            vec![node("s", "FancyOp", &["a"], vec![])],
+            "s:out:0",
+        );
+        let call = node(
+            "call",
+            "PartitionedCall",
+            &["px"],
+            vec![("f", func("f")), ("Tout", floats(1))],
+        );
+        let e = build(&meta_graph(vec![placeholder(), call], "call:0", vec![f]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'s' (FancyOp)") && e.contains("output arguments"),
+            "{e}"
+        );
+    }
+}
