@@ -586,3 +586,33 @@ fn recipe_names_exactly_one_model_source() {
     let o = qpipe(&["run", recipe.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn the_cache_key_covers_saved_model_pb_and_variables_only() {
+    let dir = copy_saved_model("sm_module", "cache_key");
+    let recipe = freeze_recipe(
+        "cache_key",
+        &format!("saved_model = {}", toml_str(dir.to_str().unwrap())),
+    );
+    let freeze_status = || {
+        let o = qpipe(&["run", recipe.to_str().unwrap(), "--json"]);
+        let doc: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("no JSON ({e}): {}", stderr(&o)));
+        doc["stages"][0]["status"].as_str().unwrap().to_string()
+    };
+    assert_eq!(freeze_status(), "ran");
+    assert_eq!(freeze_status(), "cached");
+    // Files the freeze does not read do not enter the key.
+    std::fs::create_dir_all(dir.join("assets")).unwrap();
+    std::fs::write(dir.join("assets/vocab.txt"), b"a\nb\n").unwrap();
+    std::fs::write(dir.join("fingerprint.pb"), b"\x08\x01").unwrap();
+    assert_eq!(freeze_status(), "cached");
+    // Every file under variables/ does: a new one, and changed bytes.
+    std::fs::write(dir.join("variables/extra.txt"), b"x").unwrap();
+    assert_eq!(freeze_status(), "ran");
+    let data = dir.join("variables/variables.data-00000-of-00001");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes.push(0);
+    std::fs::write(&data, bytes).unwrap();
+    assert_ne!(freeze_status(), "cached");
+}
