@@ -159,7 +159,7 @@ fn remote_warnings(err: &str) -> usize {
 }
 
 #[test]
-fn a_server_killed_mid_run_dead_or_stalled_never_fails_the_build() {
+fn a_server_killed_mid_run_dead_failing_or_stalled_never_fails_the_build() {
     let reference = workspace("dead", "reference");
     let full = json(&qpipe(&["run", RECIPE, "--json"], &reference));
     assert!(all(&full, "ran", None));
@@ -201,6 +201,37 @@ fn a_server_killed_mid_run_dead_or_stalled_never_fails_the_build() {
     assert_eq!(run["remote"]["available"], false, "{run}");
     assert_eq!(remote_warnings(&err), 1, "{err}");
     assert_same_tree(&reference.join("recipes/out"), &a.join("recipes/out"));
+
+    // A server that answers 503 (retried, then given up) or 403 (given up at once).
+    let failing = Nginx::start("failing");
+    for (path, status) in [("failing", 503), ("forbidden", 403)] {
+        let ws = workspace("dead", path);
+        let o = qpipe(
+            &[
+                "run",
+                RECIPE,
+                "--json",
+                "--remote-cache",
+                &format!("{}/{path}", failing.url()),
+            ],
+            &ws,
+        );
+        assert_eq!(json(&o)["ok"], true);
+        let err = stderr(&o);
+        assert_eq!(remote_warnings(&err), 1, "{err}");
+        assert!(err.contains(&format!("HTTP {status}")), "{err}");
+        assert_same_tree(&reference.join("recipes/out"), &ws.join("recipes/out"));
+    }
+    let requests = |code: &str| {
+        failing
+            .access_log()
+            .lines()
+            .filter(|l| l.contains(&format!(" {code} ")))
+            .count()
+    };
+    assert_eq!(requests("503"), 3, "three attempts, then off");
+    assert_eq!(requests("403"), 1, "no retry of a refusal");
+    drop(failing);
 
     // Nothing listens there now: one warning, a local build.
     let b = workspace("dead", "b");

@@ -58,7 +58,9 @@ impl Nginx {
                access_log {d}/access.log qp;\n\
                server {{ listen 127.0.0.1:{port}; root {d}/root;\n\
                  location / {{ dav_methods PUT; create_full_put_path on;\n\
-                   dav_access user:rw group:rw all:r; }} }} }}\n"
+                   dav_access user:rw group:rw all:r; }}\n\
+                 location /failing/ {{ return 503; }}\n\
+                 location /forbidden/ {{ return 403; }} }} }}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let child = Command::new(&bin)
