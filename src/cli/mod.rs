@@ -349,7 +349,11 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
     if a.json {
         print_stdout(&format!("{}\n", report.to_json()))?;
     } else {
-        print_stdout(&report.summary_table())?;
+        let mut text = report.summary_table();
+        if let Some(r) = &report.remote {
+            text.push_str(&remote::summary_line(r));
+        }
+        print_stdout(&text)?;
     }
     Ok(if report.ok { 0 } else { 1 })
 }

@@ -66,6 +66,29 @@ pub(super) fn cmd_plan(a: PlanArgs, registry: &'static [StageFactory]) -> Result
     Ok(0)
 }
 
+/// The closing line of `qpipe run` with a remote cache.
+pub(super) fn summary_line(r: &serde_json::Value) -> String {
+    let mb = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1e6;
+    format!(
+        "remote cache {}{}: {} hits, {} uploads, {:.1} MB down, {:.1} MB up{}\n",
+        r["url"].as_str().unwrap_or("?"),
+        if r["upload"] == true {
+            ""
+        } else {
+            " (read-only)"
+        },
+        r["hits"],
+        r["uploads"],
+        mb("bytes_downloaded"),
+        mb("bytes_uploaded"),
+        if r["available"] == true {
+            ""
+        } else {
+            "; turned off after a failure"
+        }
+    )
+}
+
 /// Before `compare` reads the cache: fetch from the remote what the local cache lacks.
 pub(super) fn pull_for_reading(recipe: &Recipe, remote: Option<&Remote>) -> Result<()> {
     if let Some(r) = remote {
