@@ -26,7 +26,7 @@ fn keep(k: bool) -> (&'static str, Attr) {
 /// axis with a shrunk one, a negative stride.
 fn slices(b: &mut G, x: &str) -> Vec<String> {
     let mut outs = Vec::new();
-    let mut ss = |b: &mut G, name: &str, be: &[i32], en: &[i32], st: &[i32], m: [i64; 5]| {
+    let ss = |b: &mut G, name: &str, be: &[i32], en: &[i32], st: &[i32], m: [i64; 5]| {
         let n = be.len();
         b.konst(&format!("{name}/b"), i32t(&[n], be));
         b.konst(&format!("{name}/e"), i32t(&[n], en));
