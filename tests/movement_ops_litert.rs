@@ -1,7 +1,8 @@
 //! The shape and data-movement ops (issue 14) against LiteRT: one float graph
 //! and one int8 graph hold every op, exported with qpipe's TFLite lowering and
 //! run in LiteRT 2.3.0, each output compared with qpipe's interpreter (float
-//! within 1e-5, int8 bit for bit with `BUILTIN_REF`). Four Python processes in all.
+//! within 1e-5; int8 bit for bit with `BUILTIN_REF`, and with the default resolver
+//! under `Arithmetic::LiteRt`). Five Python processes in all.
 
 mod support;
 
@@ -429,14 +430,20 @@ fn int8_data_movement_matches_litert_bit_for_bit() {
     let x = Tensor::from_vec(vec![3, 6, 8], &v);
     // LiteRT's reference resolver registers no int8 TILE (version 3, as the
     // converter writes it too): TILE runs with the default resolver.
-    for (tile_only, resolver) in [(false, Resolver::Reference), (true, Resolver::Default)] {
+    for (tile_only, resolver) in [
+        (false, Resolver::Reference),
+        (false, Resolver::Default),
+        (true, Resolver::Default),
+    ] {
         let g = int8_graph(tile_only);
         let dir = tmp_dir(&format!("movement_int8_{tile_only}"));
         let (_, bytes) = tflite::export(&g).unwrap_or_else(|e| panic!("export: {e}"));
         let case = LiteRtCase::write(&dir, &bytes, &[("x".into(), x.clone())]);
-        let ours =
-            qpipe::kernels::run_with(&g, &[("x", x.clone())], &g.outputs, Arithmetic::Reference)
-                .unwrap();
+        let arith = match resolver {
+            Resolver::Reference => Arithmetic::Reference,
+            Resolver::Default => Arithmetic::LiteRt,
+        };
+        let ours = qpipe::kernels::run_with(&g, &[("x", x.clone())], &g.outputs, arith).unwrap();
         let theirs = case.run(resolver).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ours.len(), theirs.len());
         for ((r, a), b) in g.outputs.iter().zip(&ours).zip(&theirs) {

@@ -11,7 +11,7 @@ use crate::kernels::rounding::{
     calculate_input_radius, fixed, mean_multiplier, multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_greater_than_one, preprocess_softmax_scaling,
     quantize_multiplier, requantize_fp32, rounding_divide_by_pot,
-    saturating_rounding_doubling_high_mul, xnn_mean_scale,
+    saturating_rounding_doubling_high_mul, sum_requantize_f32, xnn_mean_scale,
 };
 use crate::kernels::value::Value;
 
@@ -91,6 +91,22 @@ pub fn reduce(
             for (&v, &o) in xs.iter().zip(&map) {
                 let v = if as_u8 { v as u8 as i32 } else { v as i32 };
                 sums[o] = sums[o].wrapping_add(v);
+            }
+            if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Sum && count > 0 {
+                let res: Vec<i8> = sums
+                    .iter()
+                    .map(|&sum| {
+                        sum_requantize_f32(
+                            sum,
+                            xin.scale,
+                            xin.zero_point,
+                            out.scale,
+                            out.zero_point,
+                            count,
+                        )
+                    })
+                    .collect();
+                return Ok(Value::from_vec(shape, res));
             }
             if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Mean && count > 0 {
                 let scale = xnn_mean_scale(xin.scale, out.scale, count);
