@@ -270,6 +270,10 @@ pub enum Op {
     Slice,
     Pack,
     Unpack,
+    /// `Split` (axis first, then the value) into `num_split` equal parts.
+    Split,
+    /// `SplitV` (value, sizes, axis).
+    SplitV,
     ConcatV2,
     Concat,
     Pad,
@@ -400,6 +404,8 @@ pub const NAMES: &[&str] = &[
     "Slice",
     "Pack",
     "Unpack",
+    "Split",
+    "SplitV",
     "ConcatV2",
     "Concat",
     "Pad",
@@ -834,6 +840,8 @@ impl Op {
             | Op::Slice
             | Op::Pack
             | Op::Unpack
+            | Op::Split
+            | Op::SplitV
             | Op::ConcatV2
             | Op::Concat
             | Op::Pad
@@ -975,6 +983,8 @@ impl Op {
             "Slice" => O::Slice,
             "Pack" => O::Pack,
             "Unpack" => O::Unpack,
+            "Split" => O::Split,
+            "SplitV" => O::SplitV,
             "ConcatV2" => O::ConcatV2,
             "Concat" => O::Concat,
             "Pad" => O::Pad,
@@ -1090,6 +1100,8 @@ impl Op {
             Op::Slice => "Slice",
             Op::Pack => "Pack",
             Op::Unpack => "Unpack",
+            Op::Split => "Split",
+            Op::SplitV => "SplitV",
             Op::ConcatV2 => "ConcatV2",
             Op::Concat => "Concat",
             Op::Pad => "Pad",

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod elementwise;
 pub mod fused;
 pub mod int8;
+pub mod movement;
 pub mod nn;
 pub mod ops;
 pub mod plan;

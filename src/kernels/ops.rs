@@ -117,6 +117,11 @@ pub enum Kernel {
     Slice,
     Pack(i64),
     Unpack(i64),
+    /// `Split` (axis, value) or, with `v`, `SplitV` (value, sizes, axis).
+    Split {
+        num: usize,
+        v: bool,
+    },
     /// `ConcatV2` (axis last) or `Concat` (axis first).
     Concat {
         axis_first: bool,
@@ -431,6 +436,18 @@ impl Kernel {
                 arity(1, 1)?;
                 Kernel::Unpack(int_attr(node, "axis", 0)?)
             }
+            op @ (Op::Split | Op::SplitV) => {
+                let v = op == Op::SplitV;
+                arity(if v { 3 } else { 2 }, if v { 3 } else { 2 })?;
+                let num = int_attr(node, "num_split", 0)?;
+                Kernel::Split {
+                    num: usize::try_from(num)
+                        .ok()
+                        .filter(|n| (1..=1 << 16).contains(n))
+                        .ok_or_else(|| Error::msg(format!("num_split {num} is out of range")))?,
+                    v,
+                }
+            }
             Op::ConcatV2 => {
                 arity(2, usize::MAX)?;
                 Kernel::Concat { axis_first: false }
@@ -631,6 +648,7 @@ impl Kernel {
             Kernel::Slice => one(array::slice(x(0), x(1), x(2))?),
             Kernel::Pack(axis) => one(array::pack(&inputs, *axis)?),
             Kernel::Unpack(axis) => array::unpack(x(0), *axis),
+            Kernel::Split { num, v } => super::movement::split_op(&inputs, *num, *v),
             Kernel::Concat { axis_first } => {
                 let (axis, parts) = if *axis_first {
                     (scalar(x(0), "Concat axis")?, &inputs[1..])

@@ -289,6 +289,25 @@ pub fn requantize_fp32(acc: i32, scale: f32, zero_point: i32, lo: i32, hi: i32) 
     round_half_even_f32(v) as i32 + zero_point
 }
 
+/// The optimized int8 SUM (`optimized_ops::QuantizedMeanOrSum` with
+/// `compute_sum`): `round(sum · s + bias) + zero_point` in f32 with
+/// `s = in_scale / out_scale` and `bias = -in_zp · s · count`, rounded half away
+/// from zero, then narrowed to int8 without saturation (the kernel's
+/// `static_cast<int8_t>` wraps).
+pub fn sum_requantize_f32(
+    sum: i32,
+    in_scale: f32,
+    in_zp: i32,
+    out_scale: f32,
+    out_zp: i32,
+    count: usize,
+) -> i8 {
+    let s = in_scale / out_scale;
+    let bias = -(in_zp as f32) * s * count as f32;
+    let v = round_half_away_f32(sum as f32 * s + bias) as i32;
+    v.wrapping_add(out_zp) as i8
+}
+
 /// The per-channel requantization scale XNNPACK computes for convolutions and
 /// fully connected layers: `in * w / out` in f32.
 pub fn xnn_conv_scale(in_scale: f32, w_scale: f32, out_scale: f32) -> f32 {

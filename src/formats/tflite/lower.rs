@@ -23,6 +23,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+mod movement;
+
 use super::model::{Activation, ConvOptions, Model, Op, Operator, Padding, PoolOptions, TensorDef};
 use crate::error::{Error, Result};
 use crate::ir::op::{Binary, Forward, Linear, Padding as IrPadding, Reduce, Unary};
@@ -127,6 +129,8 @@ fn const_like(op: &IrOp) -> bool {
         | IrOp::Slice
         | IrOp::Pack
         | IrOp::Unpack
+        | IrOp::Split
+        | IrOp::SplitV
         | IrOp::ConcatV2
         | IrOp::Concat
         | IrOp::Pad
@@ -198,6 +202,8 @@ fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
         | IrOp::Slice
         | IrOp::Pack
         | IrOp::Unpack
+        | IrOp::Split
+        | IrOp::SplitV
         | IrOp::Concat
         | IrOp::MirrorPad
         | IrOp::Transpose
@@ -357,6 +363,7 @@ impl<'g> Lowerer<'g> {
             };
             self.model.outputs.push((r.to_string(), t));
         }
+        movement::tidy(&mut self.model);
         if self.model.operators.iter().any(|op| {
             op.op == Op::Dequantize && self.tensor_dtype(op.inputs[0]) == Some(DType::F16)
         }) {
@@ -711,6 +718,20 @@ impl<'g> Lowerer<'g> {
                 };
                 self.unary(node, op)?;
             }
+            IrOp::Transpose
+            | IrOp::Tile
+            | IrOp::Slice
+            | IrOp::StridedSlice
+            | IrOp::Split
+            | IrOp::SplitV
+            | IrOp::Pack
+            | IrOp::Unpack
+            | IrOp::Fill
+            | IrOp::ZerosLike
+            | IrOp::Shape
+            | IrOp::Gather
+            | IrOp::ArgMax
+            | IrOp::ArgMin => self.lower_movement(node, &op)?,
             IrOp::Forward(Forward::CheckNumerics | Forward::PreventGradient)
             | IrOp::IdentityN
             | IrOp::Print
@@ -756,22 +777,10 @@ impl<'g> Lowerer<'g> {
                 kind: Reduce::Prod | Reduce::Any | Reduce::All,
                 ..
             }
-            | IrOp::ArgMax
-            | IrOp::ArgMin
-            | IrOp::Gather
-            | IrOp::Shape
             | IrOp::Size
             | IrOp::Rank
-            | IrOp::StridedSlice
-            | IrOp::Slice
-            | IrOp::Pack
-            | IrOp::Unpack
             | IrOp::Concat
             | IrOp::MirrorPad
-            | IrOp::Transpose
-            | IrOp::Tile
-            | IrOp::Fill
-            | IrOp::ZerosLike
             | IrOp::OnesLike
             | IrOp::Range
             | IrOp::Select
@@ -980,6 +989,7 @@ impl<'g> Lowerer<'g> {
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
         let (operator, w) = self.linear_op(node, &linear, activation)?;
         let b = match (&bias, linear) {
+            (Some(r), Linear::MatMul(_)) if self.is_zero_const(r) => -1,
             (Some(r), _) => self.input(r, Layout::AsIs)?,
             (None, Linear::MatMul(_)) => -1,
             // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
@@ -1093,7 +1103,10 @@ impl<'g> Lowerer<'g> {
         };
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
         let (operator, w) = self.linear_op(node, &linear, activation)?;
-        let b = self.input(&node.inputs[2], Layout::AsIs)?;
+        let b = match linear {
+            Linear::MatMul(_) if self.is_zero_const(&node.inputs[2]) => -1,
+            _ => self.input(&node.inputs[2], Layout::AsIs)?,
+        };
         self.emit(node, operator, vec![x, w, b])
     }
 

@@ -122,6 +122,40 @@ pub enum Op {
         keep_dims: bool,
     },
     Quantize,
+    Transpose,
+    Tile,
+    Slice,
+    /// Begin/end/strides are per input dimension; no ellipsis or new axes.
+    StridedSlice {
+        begin_mask: i32,
+        end_mask: i32,
+        shrink_axis_mask: i32,
+    },
+    Split {
+        num: i32,
+    },
+    SplitV {
+        num: i32,
+    },
+    Pack {
+        count: i32,
+        axis: i32,
+    },
+    Unpack {
+        num: i32,
+        axis: i32,
+    },
+    ArgMax {
+        output: DType,
+    },
+    ArgMin {
+        output: DType,
+    },
+    ZerosLike,
+    Fill,
+    Shape {
+        output: DType,
+    },
 }
 
 impl Op {
@@ -156,6 +190,19 @@ impl Op {
             Op::ReduceMax { .. } => 82,
             Op::ReduceMin { .. } => 89,
             Op::Quantize => 114,
+            Op::Transpose => 39,
+            Op::StridedSlice { .. } => 45,
+            Op::Split { .. } => 49,
+            Op::ArgMax { .. } => 56,
+            Op::Slice => 65,
+            Op::Tile => 69,
+            Op::Shape { .. } => 77,
+            Op::ArgMin { .. } => 79,
+            Op::Pack { .. } => 83,
+            Op::Unpack { .. } => 88,
+            Op::ZerosLike => 93,
+            Op::Fill => 94,
+            Op::SplitV { .. } => 102,
         }
     }
 
@@ -196,6 +243,19 @@ pub fn builtin_name(code: i32) -> &'static str {
         (82, "REDUCE_MAX"),
         (89, "REDUCE_MIN"),
         (114, "QUANTIZE"),
+        (39, "TRANSPOSE"),
+        (45, "STRIDED_SLICE"),
+        (49, "SPLIT"),
+        (56, "ARG_MAX"),
+        (65, "SLICE"),
+        (69, "TILE"),
+        (77, "SHAPE"),
+        (79, "ARG_MIN"),
+        (83, "PACK"),
+        (88, "UNPACK"),
+        (93, "ZEROS_LIKE"),
+        (94, "FILL"),
+        (102, "SPLIT_V"),
     ];
     NAMES
         .iter()

@@ -534,6 +534,49 @@ fn write_options(
             );
             (B::SqueezeOptions, Some(t.as_union_value()))
         }
+        Op::StridedSlice {
+            begin_mask,
+            end_mask,
+            shrink_axis_mask,
+        } => {
+            // StridedSliceOptions { begin_mask, end_mask, ellipsis_mask,
+            // new_axis_mask, shrink_axis_mask, offset }: slots 0, 1 and 4.
+            let t = raw_table(
+                fbb,
+                &[(0, *begin_mask), (1, *end_mask), (4, *shrink_axis_mask)],
+            );
+            (B::StridedSliceOptions, Some(t))
+        }
+        // SplitOptions / SplitVOptions { num_splits }.
+        Op::Split { num } => (B::SplitOptions, Some(raw_table(fbb, &[(0, *num)]))),
+        Op::SplitV { num } => (B::SplitVOptions, Some(raw_table(fbb, &[(0, *num)]))),
+        // PackOptions { values_count, axis }, UnpackOptions { num, axis }.
+        Op::Pack { count, axis } => (
+            B::PackOptions,
+            Some(raw_table(fbb, &[(0, *count), (1, *axis)])),
+        ),
+        Op::Unpack { num, axis } => (
+            B::UnpackOptions,
+            Some(raw_table(fbb, &[(0, *num), (1, *axis)])),
+        ),
+        // ArgMaxOptions / ArgMinOptions { output_type: TensorType (byte) }.
+        Op::ArgMax { output } | Op::ArgMin { output } | Op::Shape { output } => {
+            let code = tensor_type(*output).map_or(0, |t| t.0);
+            let start = fbb.start_table();
+            fbb.push_slot::<i8>(4, code, 0);
+            let t = fbb.end_table(start).as_union_value();
+            let kind = match op {
+                Op::ArgMax { .. } => B::ArgMaxOptions,
+                Op::ArgMin { .. } => B::ArgMinOptions,
+                _ => B::ShapeOptions,
+            };
+            (kind, Some(t))
+        }
+        Op::Transpose => empty_options(fbb, B::TransposeOptions),
+        Op::Tile => empty_options(fbb, B::TileOptions),
+        Op::Slice => empty_options(fbb, B::SliceOptions),
+        Op::ZerosLike => empty_options(fbb, B::ZerosLikeOptions),
+        Op::Fill => empty_options(fbb, B::FillOptions),
         Op::Reshape
         | Op::Pad
         | Op::Maximum
@@ -546,4 +589,29 @@ fn write_options(
         | Op::Tanh
         | Op::Logistic => (B::NONE, None),
     }
+}
+
+/// A table of int32 fields by slot (the generated schema keeps only the option
+/// tables qpipe had used, so newer ones are written by field position).
+fn raw_table(
+    fbb: &mut FlatBufferBuilder,
+    fields: &[(u16, i32)],
+) -> WIPOffset<flatbuffers::UnionWIPOffset> {
+    let start = fbb.start_table();
+    for &(slot, v) in fields {
+        fbb.push_slot::<i32>(4 + 2 * slot, v, 0);
+    }
+    fbb.end_table(start).as_union_value()
+}
+
+/// An option table without fields, as the converter writes for these operators.
+fn empty_options(
+    fbb: &mut FlatBufferBuilder,
+    kind: fb::BuiltinOptions,
+) -> (
+    fb::BuiltinOptions,
+    Option<WIPOffset<flatbuffers::UnionWIPOffset>>,
+) {
+    let start = fbb.start_table();
+    (kind, Some(fbb.end_table(start).as_union_value()))
 }

@@ -35,7 +35,7 @@ pub struct FullReport {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Role {
+pub(super) enum Role {
     /// A float activation (or a float constant, quantized like one).
     Data,
     /// Symmetric int8 weights, per channel along the axis when there is one.
@@ -47,18 +47,20 @@ enum Role {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
+pub(super) enum Kind {
     /// Output parameters come from its calibrated range.
     Free,
     /// Inputs and output share parameters.
     Same,
     /// TFLite fixes the output parameters.
     Fixed(f32, i64),
+    /// The output is not quantized (an index, as ARG_MAX gives).
+    Unquantized,
 }
 
-struct Spec {
-    kind: Kind,
-    roles: Vec<Role>,
+pub(super) struct Spec {
+    pub(super) kind: Kind,
+    pub(super) roles: Vec<Role>,
 }
 
 /// The window forms the int8 conv and pool kernels have.
@@ -265,6 +267,23 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data],
             }
         }
+        Op::Transpose
+        | Op::Tile
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::ZerosLike
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::Fill
+        | Op::Shape
+        | Op::BiasAdd {
+            layout: Layout::Nhwc,
+            v1: false,
+        } => super::movement::spec(n, &op, ins.len(), |i| need_data(&[i]))?,
         Op::Placeholder
         | Op::PlaceholderWithDefault
         | Op::Const
@@ -323,23 +342,12 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             kind: Reduce::Prod | Reduce::Any | Reduce::All,
             ..
         }
-        | Op::ArgMax
-        | Op::ArgMin
         | Op::Gather
-        | Op::Shape
         | Op::Size
         | Op::Rank
-        | Op::StridedSlice
-        | Op::Slice
-        | Op::Pack
-        | Op::Unpack
         | Op::Concat
         | Op::PadV2
         | Op::MirrorPad
-        | Op::Transpose
-        | Op::Tile
-        | Op::Fill
-        | Op::ZerosLike
         | Op::OnesLike
         | Op::Range
         | Op::Cast
@@ -476,6 +484,8 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             Ok(s) => {
                 specs.insert(i, s);
             }
+            // Shape arithmetic on integers is not a float op left behind.
+            Err(_) if !n.inputs.iter().any(|r| cx.data_ok(r)) => {}
             Err(why) => report.float_nodes.push((n.name.clone(), n.op.clone(), why)),
         }
     }
@@ -487,7 +497,12 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
         let Some(s) = specs.get(&i) else { continue };
         let n = &g.nodes[i];
         let out = groups.id(&key(&TensorRef::new(n.name.clone(), 0)));
-        if let Kind::Fixed(sc, zp) = s.kind {
+        for k in 1..super::movement::outputs(n) {
+            let id = groups.id(&key(&TensorRef::new(n.name.clone(), k as u32)));
+            groups.union(out, id);
+        }
+        if s.kind == Kind::Unquantized {
+        } else if let Kind::Fixed(sc, zp) = s.kind {
             let r = groups.find(out);
             groups.fixed[r] = Some((sc, zp));
         } else if let Some(r) = stats.get(&TensorRef::new(n.name.clone(), 0)) {
@@ -732,8 +747,15 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 q.attrs.insert(key_name.into(), Attr::Type(DType::I8));
             }
         }
-        q.output_quant.insert(0, out_q.clone());
-        int8_tensors.insert(out_key, out_q);
+        if s.kind != Kind::Unquantized {
+            for k in 1..super::movement::outputs(n) {
+                let r = TensorRef::new(n.name.clone(), k as u32);
+                q.output_quant.insert(k as u32, out_q.clone());
+                int8_tensors.insert(key(&r), out_q.clone());
+            }
+            q.output_quant.insert(0, out_q.clone());
+            int8_tensors.insert(out_key, out_q);
+        }
         new_nodes.push(q);
         report.int8_ops += 1;
     }

@@ -65,6 +65,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::Slice
         | Op::Pack
         | Op::Unpack
+        | Op::Split
+        | Op::SplitV
         | Op::ConcatV2
         | Op::Concat
         | Op::Pad

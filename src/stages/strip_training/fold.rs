@@ -964,6 +964,8 @@ impl Pass<'_> {
             | Op::Slice
             | Op::Pack
             | Op::Unpack
+            | Op::Split
+            | Op::SplitV
             | Op::ConcatV2
             | Op::Concat
             | Op::Transpose
