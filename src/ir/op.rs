@@ -297,6 +297,13 @@ pub enum Op {
     NoOp,
     Assert,
     SaveV2,
+    /// `SpaceToBatchND` / `BatchToSpaceND`: qpipe handles them only around a
+    /// convolution (what `atrous_conv2d` makes), folded into a dilated one.
+    SpaceToBatchND,
+    BatchToSpaceND,
+    /// `x * relu6(x + 3) / 6`, which strip_training fuses into one node (TFLite's
+    /// HARD_SWISH; TensorFlow has no such op, so a GraphDef holding it loads only in qpipe).
+    HardSwish,
     /// Any other op: qpipe passes it through (freeze, strip, GraphDef export) but
     /// cannot compute, shape or lower it.
     Other(String),
@@ -425,6 +432,9 @@ pub const NAMES: &[&str] = &[
     "NoOp",
     "Assert",
     "SaveV2",
+    "SpaceToBatchND",
+    "BatchToSpaceND",
+    "HardSwish",
 ];
 
 /// Variable ops: what `freeze` replaces by constants and what must not reach an
@@ -696,6 +706,9 @@ impl Op {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::HardSwish
+            | Op::BatchToSpaceND
             | Op::Other(_) => None,
         }
     }
@@ -851,6 +864,9 @@ impl Op {
             "NoOp" => O::NoOp,
             "Assert" => O::Assert,
             "SaveV2" => O::SaveV2,
+            "SpaceToBatchND" => O::SpaceToBatchND,
+            "BatchToSpaceND" => O::BatchToSpaceND,
+            "HardSwish" => O::HardSwish,
             other => O::Other(other.to_string()),
         })
     }
@@ -954,6 +970,9 @@ impl Op {
             Op::NoOp => "NoOp",
             Op::Assert => "Assert",
             Op::SaveV2 => "SaveV2",
+            Op::SpaceToBatchND => "SpaceToBatchND",
+            Op::BatchToSpaceND => "BatchToSpaceND",
+            Op::HardSwish => "HardSwish",
             Op::BiasAdd { v1: false, .. } => "BiasAdd",
             Op::BiasAdd { v1: true, .. } => "BiasAddV1",
             Op::Conv2D(_) => "Conv2D",

@@ -291,6 +291,7 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         )
         | Op::BiasAdd { v1: true, .. } => same(Some(first()?.dtype))?,
         Op::Unary(_)
+        | Op::HardSwish
         | Op::Softmax
         | Op::LogSoftmax
         | Op::LeakyRelu
@@ -627,6 +628,8 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         | Op::Tile
         | Op::Range
         // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => {
             return Err(err(
                 node,

@@ -6,6 +6,7 @@
 //! step's inputs and outputs travel with the step ([`ops::StepQuant`]) so that
 //! integer kernels dispatch on dtype without looking anything up at run time.
 
+pub mod activation;
 pub mod array;
 pub mod dataset;
 pub mod elementwise;

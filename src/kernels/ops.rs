@@ -159,6 +159,8 @@ pub enum Kernel {
     },
     /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
     Quantize,
+    /// `x * relu6(x + 3) / 6`.
+    HardSwish,
 }
 
 fn bool_attr(node: &Node, key: &str, default: bool) -> Result<bool> {
@@ -236,6 +238,10 @@ impl Kernel {
             Op::Unary(u) => {
                 arity(1, 1)?;
                 Kernel::Unary(UnaryOp::from_ir(u))
+            }
+            Op::HardSwish => {
+                arity(1, 1)?;
+                Kernel::HardSwish
             }
             Op::Binary(b) => {
                 arity(2, 2)?;
@@ -538,6 +544,8 @@ impl Kernel {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::BatchToSpaceND
             | Op::Other(_) => {
                 return Err(Error::msg(
                     "the interpreter has no kernel for this op".to_string(),
@@ -674,6 +682,7 @@ impl Kernel {
                 one(super::fused::fused_matmul_float(&inputs, *ta, *tb, *act)?)
             }
             Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
+            Kernel::HardSwish => one(super::activation::hard_swish(x(0))?),
         }
     }
 }

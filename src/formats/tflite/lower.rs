@@ -146,6 +146,9 @@ fn const_like(op: &IrOp) -> bool {
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
+        | IrOp::SpaceToBatchND
+        | IrOp::HardSwish
+        | IrOp::BatchToSpaceND
         | IrOp::Other(_) => false,
     }
 }
@@ -216,6 +219,9 @@ fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
+        | IrOp::SpaceToBatchND
+        | IrOp::HardSwish
+        | IrOp::BatchToSpaceND
         | IrOp::Other(_) => n,
     };
     0..k.min(n)
@@ -613,6 +619,7 @@ impl<'g> Lowerer<'g> {
             IrOp::Binary(Binary::Minimum) => self.binary(node, Op::Minimum)?,
             IrOp::Unary(Unary::Relu) => self.unary(node, Op::Relu)?,
             IrOp::Unary(Unary::Relu6) => self.unary(node, Op::Relu6)?,
+            IrOp::HardSwish => self.unary(node, Op::HardSwish)?,
             IrOp::Unary(Unary::Tanh) => self.unary(node, Op::Tanh)?,
             IrOp::Unary(Unary::Sigmoid) => self.unary(node, Op::Logistic)?,
             IrOp::Quantize => self.unary(node, Op::Quantize)?,
@@ -780,6 +787,8 @@ impl<'g> Lowerer<'g> {
             | IrOp::NoOp
             | IrOp::Assert
             | IrOp::SaveV2
+            | IrOp::SpaceToBatchND
+            | IrOp::BatchToSpaceND
             | IrOp::Other(_) => {
                 return Err(node_err(
                     node,

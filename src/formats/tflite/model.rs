@@ -87,6 +87,7 @@ pub enum Op {
     },
     Relu,
     Relu6,
+    HardSwish,
     Reshape,
     Softmax {
         beta: f32,
@@ -140,6 +141,7 @@ impl Op {
             Op::Mul { .. } => 18,
             Op::Relu => 19,
             Op::Relu6 => 21,
+            Op::HardSwish => 117,
             Op::Reshape => 22,
             Op::Softmax { .. } => 25,
             Op::Tanh => 28,
@@ -196,6 +198,7 @@ pub fn builtin_name(code: i32) -> &'static str {
         (82, "REDUCE_MAX"),
         (89, "REDUCE_MIN"),
         (114, "QUANTIZE"),
+        (117, "HARD_SWISH"),
     ];
     NAMES
         .iter()

@@ -245,7 +245,8 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
         | Op::ReduceMin { .. }
         | Op::Relu6 => int8_or_int16(in0, 2, 3, 1),
         Op::Sum { .. } => int8_or_int16(in0, 2, 1, 1),
-        Op::Reshape | Op::ExpandDims => 1,
+        // op_version.cc has no rule for HARD_SWISH: version 1 for float and int8.
+        Op::Reshape | Op::ExpandDims | Op::HardSwish => 1,
     }
 }
 
@@ -288,6 +289,7 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         74 => &["1.10.0", "1.15.0"],
         82 | 89 => &["1.11.0", "1.14.0", "2.5.0"],
         114 => &["1.14.0", "1.15.0", "2.7.0"],
+        117 => &["1.15.0"],
         _ => &[],
     };
     usize::try_from(version)

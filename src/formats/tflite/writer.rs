@@ -543,6 +543,7 @@ fn write_options(
         | Op::Quantize
         | Op::Relu
         | Op::Relu6
+        | Op::HardSwish
         | Op::Tanh
         | Op::Logistic => (B::NONE, None),
     }

@@ -246,7 +246,8 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Data],
             }
         }
-        Op::Unary(Unary::Relu | Unary::Relu6) => {
+        // LiteRT's int8 HARD_SWISH takes any output scale.
+        Op::Unary(Unary::Relu | Unary::Relu6) | Op::HardSwish => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Free,
@@ -351,6 +352,8 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => return no_kernel(),
     };
     if spec.roles.len() != ins.len() {

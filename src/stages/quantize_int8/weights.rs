@@ -42,6 +42,7 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::IdentityN
         | Op::Print
         | Op::Unary(_)
+        | Op::HardSwish
         | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
@@ -85,6 +86,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => return None,
     };
     if k != 1 {

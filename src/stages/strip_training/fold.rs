@@ -808,6 +808,7 @@ impl Pass<'_> {
             | Op::Softmax
             | Op::LogSoftmax
             | Op::LeakyRelu
+            | Op::HardSwish
             | Op::FusedBatchNorm { .. }
             | Op::PlaceholderWithDefault
             | Op::Dequantize
@@ -979,6 +980,8 @@ impl Pass<'_> {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::BatchToSpaceND
             | Op::Other(_) => None,
         }
     }
