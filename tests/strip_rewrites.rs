@@ -41,11 +41,18 @@ fn ops(g: &Graph) -> Vec<String> {
     g.nodes.iter().map(|n| n.op.clone()).collect()
 }
 
+/// A fixture, the ops its rewrites remove, and what the strip report must say.
+type Case = (
+    &'static str,
+    &'static [&'static str],
+    fn(&StripReport) -> bool,
+);
+
 /// The stripped fixture computes TF's outputs (first 200 eval rows) within
 /// 1e-5 · max(1, max|TF|), and lost the ops its rewrites remove.
 #[test]
 fn family_fixtures_keep_tf_outputs_through_the_rewrites() {
-    let cases: &[(&str, &[&str], fn(&StripReport) -> bool)] = &[
+    let cases: &[Case] = &[
         ("fam_mlp_bn", &["Reshape", "Mul", "AddV2"], |r| {
             r.affine_folded_forward == 2 && r.affine_moved_before_reshape == 2
         }),
@@ -90,7 +97,7 @@ fn family_fixtures_keep_tf_outputs_through_the_rewrites() {
     }
 }
 
-fn conv_attrs<'a>(pad: &'a str, stride: i64) -> Vec<(&'a str, Attr)> {
+fn conv_attrs(pad: &str, stride: i64) -> Vec<(&str, Attr)> {
     vec![
         ("strides", ints(&[1, stride, stride, 1])),
         ("padding", s(pad)),
