@@ -106,3 +106,59 @@ fn hard_swish_matches_litert_reference_in_int8_and_float() {
         );
     }
 }
+
+/// A depthwise convolution with depth multiplier 2 and one weight scale per output
+/// channel (C·M scales along axis 3, what quantize_int8 now gives it) exports and
+/// runs bit for bit like LiteRT's reference kernel.
+#[test]
+fn depthwise_with_a_depth_multiplier_runs_per_channel_like_litert() {
+    let mut rng = Rng::new(21);
+    let mut g = Graph::default();
+    let (c, m) = (3usize, 2usize);
+    let in_q = QuantParams::per_tensor(0.05, -7);
+    placeholder(&mut g, "x", DType::I8, &[1, 6, 6, c as i64], Some(in_q));
+    let n = 6 * 6 * c;
+    let xv: Vec<i8> = (0..n)
+        .map(|_| (rng.next_u64() % 256) as i64 as u8 as i8)
+        .collect();
+    let feeds = vec![("x".to_string(), Tensor::from_vec(vec![1, 6, 6, c], &xv))];
+    let ws: Vec<f32> = (0..c * m).map(|k| 0.004 * (1.0 + k as f32)).collect();
+    let wv: Vec<i8> = (0..9 * c * m)
+        .map(|_| ((rng.next_u64() % 255) as i64 - 127) as i8)
+        .collect();
+    let mut w = Node::constant("w", Tensor::from_vec(vec![3, 3, c, m], &wv));
+    w.output_quant
+        .insert(0, QuantParams::per_axis(ws.clone(), vec![0; c * m], 3));
+    let bias: Vec<i32> = (0..c * m).map(|k| k as i32 * 100 - 250).collect();
+    let mut b = Node::constant("b", Tensor::from_vec(vec![c * m], &bias));
+    b.output_quant.insert(
+        0,
+        QuantParams::per_axis(ws.iter().map(|s| s * 0.05).collect(), vec![0; c * m], 0),
+    );
+    g.nodes.push(w);
+    g.nodes.push(b);
+    for (name, pad) in [("dw_same", "SAME"), ("dw_valid", "VALID")] {
+        let mut d = Node::new(name, "_FusedDepthwiseConv2dNative")
+            .with_input(TensorRef::new("x", 0))
+            .with_input(TensorRef::new("w", 0))
+            .with_input(TensorRef::new("b", 0))
+            .with_attr("T", Attr::Type(DType::I8))
+            .with_attr("strides", Attr::Ints(vec![1, 1, 1, 1]))
+            .with_attr("padding", Attr::Str(pad.as_bytes().to_vec()))
+            .with_attr("fused_ops", Attr::Strs(vec![b"BiasAdd".to_vec()]))
+            .with_attr("num_args", Attr::Int(1));
+        d.output_quant.insert(0, QuantParams::per_tensor(0.03, 5));
+        g.nodes.push(d);
+        g.outputs.push(TensorRef::new(name, 0));
+    }
+    let dir = tmp_dir("spatial_depthwise_multiplier");
+    let (_, bytes) = tflite::export(&g).unwrap();
+    let case = LiteRtCase::write(&dir, &bytes, &feeds);
+    let theirs = case.run(Resolver::Reference).unwrap();
+    let fed: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let ours = qpipe::kernels::run_with(&g, &fed, &g.outputs, Arithmetic::Reference).unwrap();
+    for ((r, a), b) in g.outputs.iter().zip(&ours).zip(&theirs) {
+        assert_eq!(a.shape(), b.shape(), "{r}");
+        assert_eq!(a.to_i64_vec().unwrap(), b.to_i64_vec().unwrap(), "{r}");
+    }
+}
