@@ -162,3 +162,74 @@ fn depthwise_with_a_depth_multiplier_runs_per_channel_like_litert() {
         assert_eq!(a.to_i64_vec().unwrap(), b.to_i64_vec().unwrap(), "{r}");
     }
 }
+
+/// TRANSPOSE_CONV (bias and Relu fused, SAME and VALID, strides 1 and 2) and
+/// RESIZE_BILINEAR / RESIZE_NEAREST_NEIGHBOR in every coordinate mode, in float32:
+/// qpipe's kernels (TensorFlow's semantics) against LiteRT's reference kernels.
+#[test]
+fn transposed_convolution_and_resizes_match_litert_in_float() {
+    use support::graph_builder::{f32t, i32t, ints, s, G};
+    let mut rng = Rng::new(8);
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[1, 5, 5, 3]));
+    let xv = f32t(&[1, 5, 5, 3], &rng.vec(75));
+    for (k, (pad, stride, out)) in [("SAME", 2i64, 10i32), ("VALID", 2, 11), ("SAME", 1, 5)]
+        .into_iter()
+        .enumerate()
+    {
+        let w = b.konst(&format!("w{k}"), f32t(&[3, 3, 4, 3], &rng.vec(108)));
+        let os = b.konst(&format!("os{k}"), i32t(&[4], &[1, out, out, 4]));
+        let d = b.op(
+            &format!("deconv{k}"),
+            "Conv2DBackpropInput",
+            &[&os, &w, "x"],
+            &[
+                ("strides", ints(&[1, stride, stride, 1])),
+                ("padding", s(pad)),
+            ],
+        );
+        let bias = b.konst(&format!("b{k}"), f32t(&[4], &rng.vec(4)));
+        let ba = b.op(&format!("badd{k}"), "BiasAdd", &[&d, &bias], &[]);
+        b.op(&format!("relu{k}"), "Relu", &[&ba], &[]);
+        b.output(&format!("relu{k}"));
+    }
+    let size = b.konst("size", i32t(&[2], &[8, 7]));
+    for (op, ac, hp) in [
+        ("ResizeBilinear", false, false),
+        ("ResizeBilinear", true, false),
+        ("ResizeBilinear", false, true),
+        ("ResizeNearestNeighbor", false, false),
+        ("ResizeNearestNeighbor", true, false),
+        ("ResizeNearestNeighbor", false, true),
+    ] {
+        let name = format!("{op}_{ac}_{hp}");
+        b.op(
+            &name,
+            op,
+            &["x", &size],
+            &[
+                ("align_corners", Attr::Bool(ac)),
+                ("half_pixel_centers", Attr::Bool(hp)),
+            ],
+        );
+        b.output(&name);
+    }
+    let g = b.g;
+    let (_, bytes) = tflite::export(&g).unwrap();
+    let feeds = vec![("x".to_string(), xv.clone())];
+    let dir = tmp_dir("spatial_float_ops");
+    let case = LiteRtCase::write(&dir, &bytes, &feeds);
+    let theirs = case.run(Resolver::Reference).unwrap();
+    let ours = qpipe::kernels::run(&g, &[("x", xv)], &g.outputs).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    for ((r, a), t) in g.outputs.iter().zip(&ours).zip(&theirs) {
+        assert_eq!(a.shape(), t.shape(), "{r}");
+        let (x, y) = (a.to_f32_vec().unwrap(), t.to_f32_vec().unwrap());
+        let d = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{r}: max |qpipe - LiteRT| = {d}");
+    }
+}

@@ -60,6 +60,8 @@ fn family_fixtures_keep_tf_outputs_through_the_rewrites() {
             r.dilated_convolutions == 2
         }),
         ("fam_mobilenet_v2", &["Pad"], |r| r.pads_folded == 1),
+        // Transposed convolution and every resize mode, against TF.
+        ("fam_decoders", &[], |_| true),
         ("fam_mobilenet_v3", &["RealDiv"], |r| {
             r.divisions_to_multiplies == 3 && r.hard_swishes_fused == 2
         }),

@@ -16,6 +16,7 @@ pub mod nn;
 pub mod ops;
 pub mod plan;
 pub mod rounding;
+pub mod spatial;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};

@@ -245,6 +245,40 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
         | Op::ReduceMin { .. }
         | Op::Relu6 => int8_or_int16(in0, 2, 3, 1),
         Op::Sum { .. } => int8_or_int16(in0, 2, 1, 1),
+        Op::TransposeConv { activation, .. } => {
+            if *activation != super::model::Activation::None {
+                4
+            } else if op.inputs.len() == 4 && op.inputs[3] >= 0 {
+                3
+            } else if input(1) == Some(I8) {
+                2
+            } else {
+                1
+            }
+        }
+        Op::ResizeBilinear {
+            half_pixel_centers, ..
+        } => {
+            if in0 == Some(I16) {
+                4
+            } else if *half_pixel_centers {
+                3
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
+        Op::ResizeNearestNeighbor {
+            align_corners,
+            half_pixel_centers,
+        } => {
+            if in0 == Some(I16) {
+                4
+            } else if *align_corners || *half_pixel_centers {
+                3
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
         // op_version.cc has no rule for HARD_SWISH: version 1 for float and int8.
         Op::Reshape | Op::ExpandDims | Op::HardSwish => 1,
     }
@@ -275,6 +309,9 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         19 => &["1.5.0", "2.1.0", "2.5.0"],
         21 => &["1.5.0", "1.14.0", "2.5.0"],
         22 => &["1.5.0"],
+        23 => &["1.7.0", "1.14.0", "2.2.0", "2.5.0"],
+        67 => &["1.9.0", "2.2.0", "2.4.0", "2.13.0"],
+        97 => &["1.13.1", "1.14.0", "2.3.0", "2.4.0"],
         25 => &["1.5.0", "1.14.0", "2.3.0"],
         34 => &["1.5.0", "1.14.0", "2.4.0", "2.6.0"],
         36 => &[

@@ -213,6 +213,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         | Kernel::Transpose
         | Kernel::Dequantize
         | Kernel::Const(_)
+        | Kernel::ResizeNearest(_)
         | Kernel::ArgReduce { .. } => Ok(None),
         other => Err(Error::msg(format!(
             "no int8 kernel for {}",

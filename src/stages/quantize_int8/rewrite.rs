@@ -357,6 +357,9 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         | Op::Assert
         | Op::SaveV2
         | Op::SpaceToBatchND
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
         | Op::BatchToSpaceND
         | Op::Other(_) => return no_kernel(),
     };

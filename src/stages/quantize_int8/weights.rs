@@ -43,6 +43,9 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::Print
         | Op::Unary(_)
         | Op::HardSwish
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
         | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)

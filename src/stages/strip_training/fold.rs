@@ -981,6 +981,9 @@ impl Pass<'_> {
             | Op::Assert
             | Op::SaveV2
             | Op::SpaceToBatchND
+            | Op::Conv2DBackpropInput(_)
+            | Op::ResizeBilinear(_)
+            | Op::ResizeNearestNeighbor(_)
             | Op::BatchToSpaceND
             | Op::Other(_) => None,
         }
