@@ -294,6 +294,7 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         )
         | Op::BiasAdd { v1: true, .. } => same(Some(first()?.dtype))?,
         Op::Unary(_)
+        | Op::HardSwish
         | Op::Softmax
         | Op::LogSoftmax
         | Op::LeakyRelu
@@ -570,6 +571,30 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
             shape.extend_from_slice(&p[a + 1..]);
             vec![TensorInfo::new(ins[0].dtype, shape)]
         }
+        Op::Conv2DBackpropInput(_) => {
+            want_inputs(node, ins, 3)?;
+            let shape: Vec<i64> = ins[0]
+                .value
+                .as_ref()
+                .ok_or_else(|| err(node, "its output shape (input 0) is not known"))?
+                .iter()
+                .map(|d| d.unwrap_or(-1))
+                .collect();
+            if shape.len() != 4 || ins[2].shape.len() != 4 {
+                return Err(err(node, "only 4-D transposed convolutions are supported"));
+            }
+            vec![TensorInfo::new(ins[2].dtype, shape)]
+        }
+        Op::ResizeBilinear(_) | Op::ResizeNearestNeighbor(_) => {
+            want_inputs(node, ins, 2)?;
+            let size = int_value(node, ins, 1, "size")?;
+            let x = &ins[0];
+            if x.shape.len() != 4 || size.len() != 2 || size.iter().any(|&d| d <= 0) {
+                return Err(err(node, format!("needs a 4-D input and a positive size, got {:?} and {size:?}", x.shape)));
+            }
+            let dtype = if matches!(op, Op::ResizeBilinear(_)) { DType::F32 } else { x.dtype };
+            vec![TensorInfo::new(dtype, vec![x.shape[0], size[0], size[1], x.shape[3]])]
+        }
         Op::Pad | Op::PadV2 | Op::MirrorPad => {
             want_inputs(node, ins, 2)?;
             let pads = int_value(node, ins, 1, "paddings")?;
@@ -642,6 +667,8 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         | Op::Concat
         | Op::Range
         // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => {
             return Err(err(
                 node,

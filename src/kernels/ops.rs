@@ -164,6 +164,12 @@ pub enum Kernel {
     },
     /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
     Quantize,
+    /// `x * relu6(x + 3) / 6`.
+    HardSwish,
+    /// `Conv2DBackpropInput` (output shape, filter, input).
+    TransposeConv(Window),
+    ResizeBilinear(crate::ir::op::Resize),
+    ResizeNearest(crate::ir::op::Resize),
 }
 
 fn bool_attr(node: &Node, key: &str, default: bool) -> Result<bool> {
@@ -241,6 +247,22 @@ impl Kernel {
             Op::Unary(u) => {
                 arity(1, 1)?;
                 Kernel::Unary(UnaryOp::from_ir(u))
+            }
+            Op::HardSwish => {
+                arity(1, 1)?;
+                Kernel::HardSwish
+            }
+            Op::Conv2DBackpropInput(c) => {
+                arity(3, 3)?;
+                Kernel::TransposeConv(window(&c)?)
+            }
+            Op::ResizeBilinear(r) => {
+                arity(2, 2)?;
+                Kernel::ResizeBilinear(r)
+            }
+            Op::ResizeNearestNeighbor(r) => {
+                arity(2, 2)?;
+                Kernel::ResizeNearest(r)
             }
             Op::Binary(b) => {
                 arity(2, 2)?;
@@ -555,6 +577,8 @@ impl Kernel {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::BatchToSpaceND
             | Op::Other(_) => {
                 return Err(Error::msg(
                     "the interpreter has no kernel for this op".to_string(),
@@ -692,6 +716,10 @@ impl Kernel {
                 one(super::fused::fused_matmul_float(&inputs, *ta, *tb, *act)?)
             }
             Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
+            Kernel::HardSwish => one(super::activation::hard_swish(x(0))?),
+            Kernel::TransposeConv(w) => one(super::spatial::conv2d_transpose(x(0), x(1), x(2), w)?),
+            Kernel::ResizeBilinear(r) => one(super::spatial::resize_bilinear(x(0), x(1), *r)?),
+            Kernel::ResizeNearest(r) => one(super::spatial::resize_nearest(x(0), x(1), *r)?),
         }
     }
 }

@@ -87,6 +87,22 @@ pub enum Op {
     },
     Relu,
     Relu6,
+    HardSwish,
+    /// TRANSPOSE_CONV (inputs: output shape, filter `[out, h, w, in]`, input, bias).
+    TransposeConv {
+        padding: Padding,
+        stride_h: i32,
+        stride_w: i32,
+        activation: Activation,
+    },
+    ResizeBilinear {
+        align_corners: bool,
+        half_pixel_centers: bool,
+    },
+    ResizeNearestNeighbor {
+        align_corners: bool,
+        half_pixel_centers: bool,
+    },
     Reshape,
     Softmax {
         beta: f32,
@@ -174,6 +190,10 @@ impl Op {
             Op::Mul { .. } => 18,
             Op::Relu => 19,
             Op::Relu6 => 21,
+            Op::HardSwish => 117,
+            Op::TransposeConv { .. } => 67,
+            Op::ResizeBilinear { .. } => 23,
+            Op::ResizeNearestNeighbor { .. } => 97,
             Op::Reshape => 22,
             Op::Softmax { .. } => 25,
             Op::Tanh => 28,
@@ -228,6 +248,7 @@ pub fn builtin_name(code: i32) -> &'static str {
         (19, "RELU"),
         (21, "RELU6"),
         (22, "RESHAPE"),
+        (23, "RESIZE_BILINEAR"),
         (25, "SOFTMAX"),
         (28, "TANH"),
         (34, "PAD"),
@@ -238,10 +259,12 @@ pub fn builtin_name(code: i32) -> &'static str {
         (43, "SQUEEZE"),
         (55, "MAXIMUM"),
         (57, "MINIMUM"),
+        (67, "TRANSPOSE_CONV"),
         (70, "EXPAND_DIMS"),
         (74, "SUM"),
         (82, "REDUCE_MAX"),
         (89, "REDUCE_MIN"),
+        (97, "RESIZE_NEAREST_NEIGHBOR"),
         (114, "QUANTIZE"),
         (39, "TRANSPOSE"),
         (45, "STRIDED_SLICE"),
@@ -256,6 +279,7 @@ pub fn builtin_name(code: i32) -> &'static str {
         (93, "ZEROS_LIKE"),
         (94, "FILL"),
         (102, "SPLIT_V"),
+        (117, "HARD_SWISH"),
     ];
     NAMES
         .iter()

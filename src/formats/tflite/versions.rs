@@ -272,6 +272,28 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
                 int8_or_int16(in0, 2, 4, 1)
             }
         }
+        Op::TransposeConv { activation, .. } => {
+            if *activation != super::model::Activation::None {
+                4
+            } else if op.inputs.len() == 4 && op.inputs[3] >= 0 {
+                3
+            } else if input(1) == Some(I8) {
+                2
+            } else {
+                1
+            }
+        }
+        Op::ResizeBilinear {
+            half_pixel_centers, ..
+        } => {
+            if in0 == Some(I16) {
+                4
+            } else if *half_pixel_centers {
+                3
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
         Op::StridedSlice { .. } => {
             if input_dims(0).map_or(0, <[i32]>::len) > 4 {
                 4
@@ -303,6 +325,20 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
             Some(Bool) | Some(String) => 2,
             _ => 1,
         },
+        Op::ResizeNearestNeighbor {
+            align_corners,
+            half_pixel_centers,
+        } => {
+            if in0 == Some(I16) {
+                4
+            } else if *align_corners || *half_pixel_centers {
+                3
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
+        // op_version.cc has no rule for HARD_SWISH: version 1 for float and int8.
+        Op::HardSwish => 1,
     }
 }
 
@@ -331,6 +367,9 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         19 => &["1.5.0", "2.1.0", "2.5.0"],
         21 => &["1.5.0", "1.14.0", "2.5.0"],
         22 => &["1.5.0"],
+        23 => &["1.7.0", "1.14.0", "2.2.0", "2.5.0"],
+        67 => &["1.9.0", "2.2.0", "2.4.0", "2.13.0"],
+        97 => &["1.13.1", "1.14.0", "2.3.0", "2.4.0"],
         25 => &["1.5.0", "1.14.0", "2.3.0"],
         34 => &["1.5.0", "1.14.0", "2.4.0", "2.6.0"],
         36 => &[
@@ -359,6 +398,7 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         93 => &["1.12.0"],
         94 => &["1.13.0", "2.3.0", "2.5.0", "2.14.0"],
         102 => &["1.13.1", "1.14.0", "2.3.0"],
+        117 => &["1.15.0"],
         _ => &[],
     };
     usize::try_from(version)

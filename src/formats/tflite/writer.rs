@@ -386,7 +386,57 @@ fn write_options(
 ) {
     use fb::BuiltinOptions as B;
     let act = |a: super::model::Activation| fb::ActivationFunctionType(a.code());
+    // Options tables whose fields qpipe's vendored schema subset leaves out, written
+    // slot by slot (vtable slot k at offset 4 + 2k, in schema.fbs field order).
+    let table = |fbb: &mut FlatBufferBuilder, slots: &[(u16, i32)], ints: &[(u16, i32)]| {
+        let start = fbb.start_table();
+        for &(slot, v) in slots {
+            fbb.push_slot::<i8>(4 + 2 * slot, v as i8, 0);
+        }
+        for &(slot, v) in ints {
+            fbb.push_slot::<i32>(4 + 2 * slot, v, 0);
+        }
+        Some(fbb.end_table(start).as_union_value())
+    };
     match op {
+        // TransposeConvOptions { padding, stride_w, stride_h, fused_activation_function }
+        Op::TransposeConv {
+            padding: p,
+            stride_h,
+            stride_w,
+            activation,
+        } => (
+            B::TransposeConvOptions,
+            table(
+                fbb,
+                &[(0, padding(*p).0 as i32), (3, activation.code() as i32)],
+                &[(1, *stride_w), (2, *stride_h)],
+            ),
+        ),
+        // ResizeBilinearOptions { new_height, new_width (deprecated), align_corners, half_pixel_centers }
+        Op::ResizeBilinear {
+            align_corners,
+            half_pixel_centers,
+        } => (
+            B::ResizeBilinearOptions,
+            table(
+                fbb,
+                &[(2, *align_corners as i32), (3, *half_pixel_centers as i32)],
+                &[],
+            ),
+        ),
+        // ResizeNearestNeighborOptions { align_corners, half_pixel_centers }
+        Op::ResizeNearestNeighbor {
+            align_corners,
+            half_pixel_centers,
+        } => (
+            B::ResizeNearestNeighborOptions,
+            table(
+                fbb,
+                &[(0, *align_corners as i32), (1, *half_pixel_centers as i32)],
+                &[],
+            ),
+        ),
         Op::Conv2d(o) => {
             let t = fb::Conv2DOptions::create(
                 fbb,
@@ -586,6 +636,7 @@ fn write_options(
         | Op::Quantize
         | Op::Relu
         | Op::Relu6
+        | Op::HardSwish
         | Op::Tanh
         | Op::Logistic => (B::NONE, None),
     }

@@ -36,6 +36,7 @@
 //! resolver op by op (XNNPACK for the ops it takes, the optimized builtins for
 //! the rest); [`super::rounding`] describes each of its roundings.
 
+mod activation;
 mod conv;
 mod elementwise;
 mod hybrid;
@@ -195,6 +196,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
             quant,
         )?),
         Kernel::Unary(op) => one(elementwise::unary(*op, &inputs[0], quant)?),
+        Kernel::HardSwish => one(activation::hard_swish(&inputs[0], quant)?),
         Kernel::Softmax { log: false } => one(reduce::softmax(&inputs[0], quant)?),
         Kernel::Reduce { op, keep_dims } => one(reduce::reduce(
             &inputs[0], &inputs[1], *op, *keep_dims, quant,
@@ -235,6 +237,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         | Kernel::Split { .. }
         | Kernel::Dequantize
         | Kernel::Const(_)
+        | Kernel::ResizeNearest(_)
         | Kernel::ArgReduce { .. } => Ok(None),
         other => Err(Error::msg(format!(
             "no int8 kernel for {}",

@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::calibration::{Range32, Stats};
-use super::params::{asymmetric_params, bias_int32, quantize_with, symmetric_weights};
+use super::params::{
+    asymmetric_params, bias_int32, quantize_with, symmetric_depthwise_weights, symmetric_weights,
+};
 use crate::error::{Error, Result};
 use crate::ir::op::{Binary, Forward, Layout, Linear, Padding, Reduce, Unary};
 use crate::ir::{Attr, DType, Graph, Node, Op, QuantParams, Tensor, TensorRef};
@@ -141,7 +143,9 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                     if !window_ok(c.padding, c.layout) {
                         return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
                     }
-                    (w.shape()[3] == 1).then_some(2)
+                    // Per output channel: along C when M = 1, else along C·M (see
+                    // `symmetric_depthwise_weights`).
+                    Some(if w.shape()[3] == 1 { 2 } else { 3 })
                 }
                 Linear::MatMul(m) => {
                     weights(1, 2)?;
@@ -248,7 +252,8 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Data],
             }
         }
-        Op::Unary(Unary::Relu | Unary::Relu6) => {
+        // LiteRT's int8 HARD_SWISH takes any output scale.
+        Op::Unary(Unary::Relu | Unary::Relu6) | Op::HardSwish => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Free,
@@ -359,6 +364,11 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2
+        | Op::SpaceToBatchND
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
+        | Op::BatchToSpaceND
         | Op::Other(_) => return no_kernel(),
     };
     if spec.roles.len() != ins.len() {
@@ -685,7 +695,18 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                     let (wr, _) = match weight_cache.get(&ck) {
                         Some(v) => v.clone(),
                         None => {
-                            let (vals, p) = symmetric_weights(t, *axis)?;
+                            let depthwise = matches!(
+                                Op::parse(n),
+                                Ok(Op::Fused {
+                                    linear: Linear::Depthwise(_),
+                                    ..
+                                })
+                            );
+                            let (vals, p) = if depthwise && *axis == Some(3) {
+                                symmetric_depthwise_weights(t)?
+                            } else {
+                                symmetric_weights(t, *axis)?
+                            };
                             let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
                             let name = if sole {
                                 r.node.clone()
