@@ -187,6 +187,17 @@ def run_child(cmd, env=None, cwd=None):
     return rc, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, out.decode(), err.decode()
 
 
+def npy_rows(path):
+    """The first dimension of a .npy file, from its header (no numpy needed)."""
+    import ast
+    with open(path, "rb") as f:
+        head = f.read(10)
+        n = int.from_bytes(head[8:10], "little") if head[6] == 1 else int.from_bytes(
+            head[8:10] + f.read(2), "little")
+        header = ast.literal_eval(f.read(n).decode("latin1"))
+    return header["shape"][0]
+
+
 def model_files(name, work, tf_python):
     """(model line, input, output, calib, eval, labels) of a model, generating it if needed."""
     if name in FIXTURES:
@@ -224,6 +235,7 @@ def main():
                    help="time the first qpipe run (with a validate stage per variant) as a cold run")
     p.add_argument("--threads", type=int, default=1, help="RAYON_NUM_THREADS for qpipe eval")
     a = p.parse_args()
+    a.work = os.path.abspath(a.work)
     if not os.path.exists(a.qpipe):
         sys.exit("%s is missing: cargo build --release" % a.qpipe)
     variants = a.variants.split(",")
@@ -254,8 +266,7 @@ def main():
             rec["cold_run"] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss / 2**20,
                                "load": open("/proc/loadavg").read().split()[:3]}
             log("%s: cold run %.2f s wall, %.2f s CPU, %.0f MiB" % (name, wall, cpu, rss / 2**20))
-        import numpy  # noqa: F401  (only to read the row count; the system python may lack it)
-        rows = numpy.load(evalf, mmap_mode="r").shape[0]
+        rows = npy_rows(evalf)
         n = min(a.samples or (1000 if name in FIXTURES else 200), rows)
         env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
         for v in variants:

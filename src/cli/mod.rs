@@ -112,7 +112,7 @@ pub struct EvalArgs {
 pub struct RunArgs {
     /// The recipe (TOML).
     pub recipe: PathBuf,
-    /// Stages to run at once (default: the number of CPUs).
+    /// Stages to run at once, and threads their kernels share (default: the number of CPUs).
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub jobs: Option<u32>,
     /// Print why each stage runs.
@@ -321,6 +321,12 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
     };
     if let Some(j) = a.jobs {
         opts.jobs = j as usize;
+        // Stages running at once share one pool of kernel threads; --jobs caps it too,
+        // so that the run uses at most that many cores. (Fails only if the pool was
+        // already started, and then it keeps its size.)
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(j as usize)
+            .build_global();
     }
     let observer = Terminal::new(a.verbose, a.quiet, a.json);
     let report = pipeline::run(&recipe, &opts, &observer)?;

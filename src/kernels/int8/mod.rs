@@ -38,6 +38,7 @@
 
 mod conv;
 mod elementwise;
+mod gemm;
 mod hybrid;
 mod reduce;
 
