@@ -218,6 +218,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// CPU time (user + system, every thread) this process has used, where the system
+/// says (Linux: `/proc/self/stat`, in its 1/100 s ticks).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
 fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
     let arithmetic = crate::stages::validate::Runtime::parse(&a.runtime)
         .map_err(|e| Error::usage(format!("--runtime: {e}")))?
@@ -274,8 +283,11 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         },
         ..Default::default()
     };
+    let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
     let report = crate::kernels::evaluate(graph, spec, &opts)
         .map_err(|e| e.context(format!("stage '{}' on dataset '{}'", a.stage, a.dataset)))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
     if a.json {
         let doc = serde_json::json!({
             "stage": a.stage,
@@ -284,6 +296,8 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
             "accuracy": report.accuracy,
             "correct": report.correct,
             "written": report.written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
         });
         print_stdout(&format!("{doc}\n"))?;
     } else {

@@ -92,11 +92,12 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     // taps from zero in filter order (padding taps add 0 · w), as one pixel at a
     // time would.
     const TILE: usize = 32;
+    let packed = super::simd::sgemm::PackedB::new(ws, k, o);
     let compute_tile = |t: usize, out_t: &mut [f32]| {
         let rows = out_t.len() / o;
         if pointwise {
             let a = &xs[t * TILE * c..(t * TILE + rows) * c];
-            super::simd::sgemm::sgemm(rows, k, o, a, c, ws, out_t);
+            super::simd::sgemm::sgemm_packed(rows, a, c, &packed, out_t);
             return;
         }
         let mut patches = vec![0f32; rows * k];
@@ -120,7 +121,7 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
                 }
             }
         }
-        super::simd::sgemm::sgemm(rows, k, o, &patches, k, ws, out_t);
+        super::simd::sgemm::sgemm_packed(rows, &patches, k, &packed, out_t);
         // A pixel whose window lies wholly in the padding stays exactly zero.
         for (j, acc) in out_t.chunks_exact_mut(o).enumerate() {
             if !live[j] {
@@ -263,9 +264,10 @@ pub fn gemm(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize)
     }
     // Rows in blocks, each block one vectorized product over the whole of `b`.
     const ROWS: usize = 16;
+    let packed = super::simd::sgemm::PackedB::new(b, k, n);
     let block = |i: usize, o: &mut [f32]| {
         let rows = o.len() / n;
-        super::simd::sgemm::sgemm(rows, k, n, &a[i * ROWS * k..], k, b, o);
+        super::simd::sgemm::sgemm_packed(rows, &a[i * ROWS * k..], k, &packed, o);
     };
     if m * k * n >= PAR_THRESHOLD {
         out.par_chunks_mut(ROWS * n)

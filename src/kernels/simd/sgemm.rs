@@ -1,10 +1,46 @@
 //! Float matrix product with the scalar kernels' exact arithmetic (see the module
 //! above): `out[i][j] = Σ_kk a[i][kk] · b[kk][j]`, from 0.0, in `kk` order, each product
 //! and each sum rounded. Blocks of 4 rows × 16 columns stay in AVX2 registers for the
-//! whole sum.
+//! whole sum; `b` is first copied into panels of 16 columns, so that each step of the
+//! sum reads one contiguous 64-byte line of it.
+
+/// `b` (`[k, n]`) as the vector kernels read it: panels of 16 columns (then one of 8),
+/// each `[k, width]`; the last `n % 8` columns are read from `b` itself.
+pub struct PackedB<'a> {
+    b: &'a [f32],
+    k: usize,
+    n: usize,
+    panels: Vec<f32>,
+}
+
+impl<'a> PackedB<'a> {
+    pub fn new(b: &'a [f32], k: usize, n: usize) -> PackedB<'a> {
+        assert!(b.len() >= k * n, "sgemm: b is too short");
+        let mut panels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if super::avx2() {
+            panels.reserve(k * (n / 8 * 8));
+            let mut j = 0;
+            while j + 8 <= n {
+                let width = if j + 16 <= n { 16 } else { 8 };
+                for kk in 0..k {
+                    panels.extend_from_slice(&b[kk * n + j..kk * n + j + width]);
+                }
+                j += width;
+            }
+        }
+        PackedB { b, k, n, panels }
+    }
+}
 
 /// `out[i * n + j] = Σ_kk a[i * lda + kk] * b[kk * n + j]` for `i < m`, `j < n`.
 pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
+    sgemm_packed(m, a, lda, &PackedB::new(b, k, n), out);
+}
+
+/// [`sgemm`] with `b` packed once for many calls.
+pub fn sgemm_packed(m: usize, a: &[f32], lda: usize, b: &PackedB, out: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
     }
@@ -12,17 +48,14 @@ pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], out
         lda >= k && a.len() >= (m - 1) * lda + k,
         "sgemm: a is too short"
     );
-    assert!(
-        b.len() >= k * n && out.len() >= m * n,
-        "sgemm: b or out is too short"
-    );
+    assert!(out.len() >= m * n, "sgemm: out is too short");
     #[cfg(target_arch = "x86_64")]
-    if super::avx2() {
-        // SAFETY: AVX2 is present; the bounds were checked above.
-        unsafe { x86::sgemm(m, k, n, a, lda, b, out) };
+    if super::avx2() && b.panels.len() == k * (n / 8 * 8) {
+        // SAFETY: AVX2 is present; the bounds were checked above and by PackedB::new.
+        unsafe { x86::sgemm(m, a, lda, b, out) };
         return;
     }
-    portable(m, k, n, a, lda, b, out, 0);
+    portable(m, k, n, a, lda, b.b, out, 0);
 }
 
 /// The scalar loop over columns `j0..n` (what the vector kernels compute on the rest).
@@ -53,22 +86,23 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::PackedB;
     use std::arch::x86_64::*;
 
-    /// Rows `[r, r + MR)` × columns `[j, j + 8 NV)`.
+    /// Rows `[0, MR)` × columns `[0, 8 NV)` of the pointers' origins; `b` advances by
+    /// `8 NV` a step (a panel), `out` by `ldo` a row.
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const MR: usize, const NV: usize>(
         k: usize,
         a: *const f32,
         lda: usize,
         b: *const f32,
-        n: usize,
         out: *mut f32,
+        ldo: usize,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
         for kk in 0..k {
-            let bp = b.add(kk * n);
+            let bp = b.add(kk * 8 * NV);
             let mut bv = [_mm256_setzero_ps(); NV];
             for (v, x) in bv.iter_mut().enumerate() {
                 *x = _mm256_loadu_ps(bp.add(8 * v));
@@ -82,64 +116,58 @@ mod x86 {
         }
         for (r, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
-                _mm256_storeu_ps(out.add(r * n + 8 * v), x);
+                _mm256_storeu_ps(out.add(r * ldo + 8 * v), x);
             }
         }
     }
 
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn columns<const NV: usize>(
         m: usize,
         k: usize,
-        n: usize,
         a: *const f32,
         lda: usize,
         b: *const f32,
         out: *mut f32,
+        ldo: usize,
     ) {
         let mut r = 0;
         while r + 4 <= m {
-            block::<4, NV>(k, a.add(r * lda), lda, b, n, out.add(r * n));
+            block::<4, NV>(k, a.add(r * lda), lda, b, out.add(r * ldo), ldo);
             r += 4;
         }
-        let (a, out) = (a.add(r * lda), out.add(r * n));
+        let (a, out) = (a.add(r * lda), out.add(r * ldo));
         match m - r {
-            3 => block::<3, NV>(k, a, lda, b, n, out),
-            2 => block::<2, NV>(k, a, lda, b, n, out),
-            1 => block::<1, NV>(k, a, lda, b, n, out),
+            3 => block::<3, NV>(k, a, lda, b, out, ldo),
+            2 => block::<2, NV>(k, a, lda, b, out, ldo),
+            1 => block::<1, NV>(k, a, lda, b, out, ldo),
             _ => {}
         }
     }
 
     /// # Safety
-    /// AVX2 must be present; `a`, `b` and `out` must hold what [`super::sgemm`] checks.
+    /// AVX2 must be present; `a`, `b` and `out` must hold what [`super::sgemm_packed`]
+    /// checks, with `b` packed.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn sgemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f32],
-        lda: usize,
-        b: &[f32],
-        out: &mut [f32],
-    ) {
-        let (ap, bp, op) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
+    pub unsafe fn sgemm(m: usize, a: &[f32], lda: usize, b: &PackedB, out: &mut [f32]) {
+        let (k, n) = (b.k, b.n);
+        let (ap, op) = (a.as_ptr(), out.as_mut_ptr());
+        let mut panel = b.panels.as_ptr();
         let mut j = 0;
         while j + 16 <= n {
-            columns::<2>(m, k, n, ap, lda, bp.add(j), op.add(j));
+            columns::<2>(m, k, ap, lda, panel, op.add(j), n);
+            panel = panel.add(16 * k);
             j += 16;
         }
         if j + 8 <= n {
-            columns::<1>(m, k, n, ap, lda, bp.add(j), op.add(j));
+            columns::<1>(m, k, ap, lda, panel, op.add(j), n);
             j += 8;
         }
         if j < n {
-            super::portable(m, k, n, a, lda, b, out, j);
+            super::portable(m, k, n, a, lda, b.b, out, j);
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
