@@ -157,7 +157,11 @@ mod tests {
         assert_eq!(p.slice::<f32>().unwrap(), &[3.0, -1.0, -0.5, 0.0]);
         let n = composite(Composite::L2Normalize, std::slice::from_ref(&x)).unwrap();
         assert_eq!(n.slice::<f32>().unwrap(), &[0.6, -0.8, -1.0, 0.0]);
-        let g = composite(Composite::Gelu { approximate: false }, &[x.clone()]).unwrap();
+        let g = composite(
+            Composite::Gelu { approximate: false },
+            std::slice::from_ref(&x),
+        )
+        .unwrap();
         let g = g.slice::<f32>().unwrap();
         assert!((g[0] - 2.995_950_2).abs() < 1e-6 && (g[2] + 0.158_655_25).abs() < 1e-6);
         let t = composite(Composite::Gelu { approximate: true }, &[x]).unwrap();

@@ -6,16 +6,22 @@
 //! step's inputs and outputs travel with the step ([`ops::StepQuant`]) so that
 //! integer kernels dispatch on dtype without looking anything up at run time.
 
+pub mod activation;
 pub mod array;
 pub mod dataset;
 pub mod elementwise;
+mod fast_binary;
 pub mod fused;
 pub mod int8;
 pub mod math;
+pub mod movement;
 pub mod nn;
 pub mod ops;
+mod pad_rows;
 pub mod plan;
 pub mod rounding;
+pub mod simd;
+pub mod spatial;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};

@@ -70,6 +70,7 @@
 //! `per_channel_dense` (`true`), `exclude` (`[]`).
 
 pub mod calibration;
+mod movement;
 pub mod params;
 pub mod rewrite;
 pub mod weights;
@@ -194,8 +195,9 @@ impl Stage for QuantizeInt8 {
         }
     }
     fn version(&self) -> u32 {
-        // 2: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
-        2
+        // 2: data-movement ops, zero biases dropped, the spatial ops;
+        // 3: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
+        3
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

@@ -45,6 +45,10 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::Gelu { .. }
         | Op::Prelu
         | Op::L2Normalize
+        | Op::HardSwish
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
         | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
@@ -68,6 +72,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::Slice
         | Op::Pack
         | Op::Unpack
+        | Op::Split
+        | Op::SplitV
         | Op::ConcatV2
         | Op::Concat
         | Op::Pad
@@ -88,6 +94,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => return None,
     };
     if k != 1 {

@@ -811,6 +811,7 @@ impl Pass<'_> {
             | Op::Gelu { .. }
             | Op::Prelu
             | Op::L2Normalize
+            | Op::HardSwish
             | Op::FusedBatchNorm { .. }
             | Op::PlaceholderWithDefault
             | Op::Dequantize
@@ -967,6 +968,8 @@ impl Pass<'_> {
             | Op::Slice
             | Op::Pack
             | Op::Unpack
+            | Op::Split
+            | Op::SplitV
             | Op::ConcatV2
             | Op::Concat
             | Op::Transpose
@@ -982,6 +985,11 @@ impl Pass<'_> {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::Conv2DBackpropInput(_)
+            | Op::ResizeBilinear(_)
+            | Op::ResizeNearestNeighbor(_)
+            | Op::BatchToSpaceND
             | Op::Other(_) => None,
         }
     }
