@@ -116,17 +116,21 @@ impl OpSupport {
 pub fn every_op() -> Vec<OpSupport> {
     NAMES
         .iter()
-        .filter_map(|name| {
-            let mut n = Node::new("n", *name)
-                .with_attr("padding", Attr::Str(b"SAME".to_vec()))
-                .with_attr("strides", Attr::Ints(vec![1, 1, 1, 1]))
-                .with_attr("ksize", Attr::Ints(vec![1, 2, 2, 1]));
-            if name.starts_with('_') {
-                n = n.with_attr("fused_ops", Attr::Strs(vec![b"BiasAdd".to_vec()]));
-            }
-            Op::parse(&n).ok().map(|op| OpSupport::of(&op))
-        })
+        .filter_map(|name| Op::parse(&typical_node(name)).ok())
+        .map(|op| OpSupport::of(&op))
         .collect()
+}
+
+/// A node of op `name` with the attributes [`Op::parse`] needs at typical values.
+fn typical_node(name: &str) -> Node {
+    let mut n = Node::new("n", name)
+        .with_attr("padding", Attr::Str(b"SAME".to_vec()))
+        .with_attr("strides", Attr::Ints(vec![1, 1, 1, 1]))
+        .with_attr("ksize", Attr::Ints(vec![1, 2, 2, 1]));
+    if name.starts_with('_') {
+        n = n.with_attr("fused_ops", Attr::Strs(vec![b"BiasAdd".to_vec()]));
+    }
+    n
 }
 
 /// The op table of the README: every op with each layer's answer.
@@ -355,6 +359,26 @@ mod tests {
             t.contains("| `Identity` | yes | yes | int8 | no operator |"),
             "{t}"
         );
+    }
+
+    /// `kernel_support` says what `Kernel::compile` does: an op it has no kernel for is
+    /// refused with that message (a kernel that exists may still refuse the node's
+    /// inputs or attributes, which the typical node does not give).
+    #[test]
+    fn kernel_support_agrees_with_the_kernel_compiler() {
+        for name in NAMES {
+            let node = typical_node(name);
+            let op = Op::parse(&node).unwrap();
+            let refused = match crate::kernels::Kernel::compile(&node) {
+                Err(e) => e.to_string().contains("no kernel for this op"),
+                Ok(_) => false,
+            };
+            assert_eq!(
+                kernel_support(&op).float,
+                !refused,
+                "{name}: kernel_support and Kernel::compile disagree"
+            );
+        }
     }
 
     #[test]
