@@ -128,7 +128,11 @@ fn typical_node(name: &str) -> Node {
         .with_attr("strides", Attr::Ints(vec![1, 1, 1, 1]))
         .with_attr("ksize", Attr::Ints(vec![1, 2, 2, 1]));
     if name.starts_with('_') {
-        n = n.with_attr("fused_ops", Attr::Strs(vec![b"BiasAdd".to_vec()]));
+        let bias_add = Op::BiasAdd {
+            layout: crate::ir::op::Layout::Nhwc,
+            v1: false,
+        };
+        n = n.with_attr("fused_ops", Attr::Strs(vec![bias_add.name().into()]));
     }
     n
 }
