@@ -15,6 +15,9 @@ use crate::progress::Progress;
 use crate::stages::registry::StageFactory;
 use indicatif::MultiProgress;
 
+mod remote;
+pub use remote::{PlanArgs, RemoteArgs};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "qpipe",
@@ -45,6 +48,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Compare the model variants a recipe builds: size, accuracy, error, ops, time.
     Compare(CompareArgs),
+    /// List stages, dependencies, variants and the keys known without building (for CI fan-out).
+    Plan(PlanArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +77,8 @@ pub struct CompareArgs {
     /// Samples to time each variant on (batch 1, one thread); 0 skips the timing.
     #[arg(long, default_value_t = 100)]
     pub latency_samples: usize,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +149,18 @@ pub struct RunArgs {
     /// After a failure, start no further stage.
     #[arg(long, overrides_with = "keep_going")]
     pub fail_fast: bool,
+    /// Build shard K of N: every N-th variant (see `qpipe plan`) and what it needs.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard, conflicts_with = "only")]
+    pub shard: Option<(usize, usize)>,
+    /// Build only these stages (ids, or names before matrix expansion) and what they need.
+    #[arg(long, value_name = "ID", num_args = 1..)]
+    pub only: Vec<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
+    pipeline::remote::plan::parse_shard(s)
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +229,7 @@ fn dispatch(cli: Cli, registry: &'static [StageFactory]) -> Result<i32> {
         Command::Ops(a) => cmd_ops(a),
         Command::Eval(a) => cmd_eval(a, registry),
         Command::Compare(a) => cmd_compare(a, registry),
+        Command::Plan(a) => remote::cmd_plan(a, registry),
     }
 }
 
@@ -364,6 +384,8 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
     let recipe = Recipe::load_with(&a.recipe, registry)?;
     let mut opts = RunOptions {
         fail_fast: a.fail_fast,
+        remote: a.remote.open(&recipe)?,
+        only: pipeline::remote::select_stages(&recipe, a.shard, &a.only)?,
         ..RunOptions::default()
     };
     if let Some(j) = a.jobs {
@@ -374,19 +396,24 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
     if a.json {
         print_stdout(&format!("{}\n", report.to_json()))?;
     } else {
-        print_stdout(&report.summary_table())?;
+        let mut text = report.summary_table();
+        if let Some(r) = &report.remote {
+            text.push_str(&remote::summary_line(r));
+        }
+        print_stdout(&text)?;
     }
     Ok(if report.ok { 0 } else { 1 })
 }
 
 fn cmd_compare(a: CompareArgs, registry: &'static [StageFactory]) -> Result<i32> {
     let recipe = Recipe::load_with(&a.recipe, registry)?;
+    let remote = a.remote.open(&recipe)?;
     if a.run {
-        let report = pipeline::run(
-            &recipe,
-            &RunOptions::default(),
-            &Terminal::new(false, false, false),
-        )?;
+        let opts = RunOptions {
+            remote: remote.clone(),
+            ..RunOptions::default()
+        };
+        let report = pipeline::run(&recipe, &opts, &Terminal::new(false, false, false))?;
         if !report.ok {
             let failed = report.with_status(pipeline::StageStatus::Failed);
             return Err(Error::msg(format!(
@@ -396,6 +423,7 @@ fn cmd_compare(a: CompareArgs, registry: &'static [StageFactory]) -> Result<i32>
             )));
         }
     }
+    remote::pull_for_reading(&recipe, remote.as_deref())?;
     let opts = pipeline::compare::CompareOptions {
         dataset: a.dataset.clone(),
         latency_samples: a.latency_samples,

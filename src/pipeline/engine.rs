@@ -32,6 +32,8 @@ pub(super) struct Outcome {
     pub(super) metrics: serde_json::Map<String, Value>,
     /// Built, and handed to the persister: a `Stored` message follows.
     pub(super) persisting: bool,
+    /// A cache hit fetched from the remote cache.
+    pub(super) remote_hit: bool,
 }
 
 pub(super) enum Msg {
@@ -82,6 +84,7 @@ pub(super) struct Engine<'r> {
     /// Where built stages go to be stored while their dependents run (none: store inline).
     pub(super) persist_tx: Mutex<Option<mpsc::Sender<Persist>>>,
     pub(super) backlog: Backlog,
+    pub(super) remote: Option<Arc<super::remote::Remote>>,
 }
 
 thread_local! {
@@ -141,6 +144,7 @@ impl<'r> Engine<'r> {
         hasher: FileHasher,
         observer: &'r dyn Observer,
         verify_max: u64,
+        remote: Option<Arc<super::remote::Remote>>,
     ) -> Self {
         let nodes = (0..recipe.stages.len())
             .map(|i| Node {
@@ -173,6 +177,7 @@ impl<'r> Engine<'r> {
                 bytes: Mutex::new(0),
                 room: std::sync::Condvar::new(),
             },
+            remote,
         }
     }
 
@@ -225,7 +230,17 @@ impl<'r> Engine<'r> {
             stage_manifest(self.recipe, i, &self.hasher, &|u| self.done_artifact(u))?;
         let key = manifest.key();
         *key_out = Some(key.clone());
-        let reason = match self.lookup(i, &key) {
+        let local = self.lookup(i, &key);
+        if local.is_err() {
+            if let Some(entry) = self.remote_entry(i, &key) {
+                if let Some(metrics) = self.serve(i, &manifest, entry)? {
+                    let mut o = self.outcome(StageStatus::Cached, key, t0, metrics);
+                    o.remote_hit = true;
+                    return Ok(o);
+                }
+            }
+        }
+        let reason = match local {
             Ok(entry) => match self.serve(i, &manifest, entry)? {
                 Some(metrics) => return Ok(self.outcome(StageStatus::Cached, key, t0, metrics)),
                 None => DirtyReason::EntryCorrupt("an output blob is unusable".into()),
@@ -285,7 +300,19 @@ impl<'r> Engine<'r> {
             seconds: t0.elapsed().as_secs_f64(),
             metrics,
             persisting: false,
+            remote_hit: false,
         }
+    }
+
+    /// Stage `i`'s entry for `key` from the remote cache, downloaded into the store.
+    fn remote_entry(&self, i: usize, key: &str) -> Option<ActionEntry> {
+        let remote = self.remote.as_ref()?;
+        let s = &self.recipe.stages[i];
+        let outputs: BTreeSet<&str> = s.outputs.iter().map(|(p, _)| p.as_str()).collect();
+        let label = format!("stage '{}'", s.id);
+        remote
+            .fetch_entry(&self.store, key, &label, &outputs, true, &|w| self.warn(w))
+            .map(|doc| doc.entry)
     }
 
     /// A usable entry for `key`, or why there is none (a corrupt one is also a warning).

@@ -20,6 +20,7 @@ pub mod outdir;
 mod persist;
 pub mod recipe;
 pub mod recipe_check;
+pub mod remote;
 pub mod report;
 pub mod run;
 pub mod status;

@@ -94,6 +94,10 @@ impl<'r> Engine<'r> {
         self.store
             .publish_action(&job.entry, &|| self.pause_point("action", i))?;
         self.write_ref(i, &job.entry.manifest, &job.entry.key);
+        if let Some(remote) = &self.remote {
+            let label = format!("stage '{}'", self.recipe.stages[i].id);
+            remote.upload_entry(&self.store, &job.entry, &label, &|w| self.warn(w));
+        }
         drop(job);
         self.pause_point("done", i);
         Ok(())

@@ -43,6 +43,8 @@ pub struct Recipe {
     pub cache_dir: PathBuf,
     pub out_dir: PathBuf,
     pub allow_outside_out_dir: bool,
+    /// `remote_cache = "http://…"` under `[pipeline]` (see [`super::remote`]).
+    pub remote_cache: Option<String>,
     pub model: ModelSpec,
     /// Every file of the model (checkpoint `.meta`, `.index`, all data shards; or the `.pb`).
     pub model_files: Vec<ExternalFile>,
@@ -224,6 +226,7 @@ impl<'s, 't> Parser<'s, 't> {
         let mut cache_dir = self.dir.join(".qpipe");
         let mut out_dir = self.dir.join("out");
         let mut allow_outside_out_dir = false;
+        let mut remote_cache = None;
         let mut name_set = false;
         for (k, v) in pipeline.iter() {
             let key = format!("pipeline.{}", k.get_ref());
@@ -242,11 +245,24 @@ impl<'s, 't> Parser<'s, 't> {
                 "cache_dir" => cache_dir = self.dir.join(self.string(v, &key)?),
                 "out_dir" => out_dir = self.dir.join(self.string(v, &key)?),
                 "allow_outside_out_dir" => allow_outside_out_dir = self.boolean(v, &key)?,
+                "remote_cache" => {
+                    let url = self.string(v, &key)?;
+                    if let Err(e) = super::remote::check_recipe_url(url) {
+                        return Err(self.src.err(v.span(), &key, e));
+                    }
+                    remote_cache = Some(url.to_string());
+                }
                 _ => {
                     return Err(self.unknown_key(
                         k,
                         &key,
-                        &["name", "cache_dir", "out_dir", "allow_outside_out_dir"],
+                        &[
+                            "name",
+                            "cache_dir",
+                            "out_dir",
+                            "allow_outside_out_dir",
+                            "remote_cache",
+                        ],
                     ))
                 }
             }
@@ -289,6 +305,7 @@ impl<'s, 't> Parser<'s, 't> {
             cache_dir,
             out_dir,
             allow_outside_out_dir,
+            remote_cache,
             model,
             model_files,
             datasets,

@@ -40,6 +40,9 @@ pub struct StageReport {
     pub metrics: serde_json::Map<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a cached stage, where the result came from: `local` or `remote`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
 }
 
 /// The result of `qpipe run`.
@@ -51,6 +54,9 @@ pub struct RunReport {
     /// Files removed from out_dir after this successful full run: outputs an earlier
     /// run of this pipeline wrote that the recipe no longer declares (relative to out_dir).
     pub pruned: Vec<String>,
+    /// The remote cache's counters (`--remote-cache`), absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<Value>,
 }
 
 impl RunReport {
@@ -292,6 +298,7 @@ mod tests {
                     key: Some("k".repeat(64)),
                     metrics,
                     error: None,
+                    cache: Some("remote"),
                 },
                 StageReport {
                     id: "b".into(),
@@ -301,14 +308,19 @@ mod tests {
                     key: None,
                     metrics: Default::default(),
                     error: Some("gate".into()),
+                    cache: None,
                 },
             ],
             pruned: vec!["old.tflite".into()],
+            remote: None,
         };
         let v: Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["pipeline"], "p");
         assert_eq!(v["ok"], false);
         assert_eq!(v["stages"][0]["status"], "cached");
+        assert_eq!(v["stages"][0]["cache"], "remote");
+        assert!(v["stages"][1].get("cache").is_none());
+        assert!(v.get("remote").is_none());
         assert_eq!(v["stages"][0]["metrics"]["accuracy"], 0.9375);
         assert!(v["stages"][0].get("error").is_none());
         assert_eq!(v["stages"][1]["error"], "gate");

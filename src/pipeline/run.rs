@@ -45,6 +45,11 @@ pub struct RunOptions {
     /// Blobs up to this size are rehashed on every cache hit; larger ones are only
     /// size-checked on a hit and rehashed when read (default [`store::VERIFY_ON_HIT_MAX`]).
     pub verify_on_hit_max: u64,
+    /// The shared cache over HTTP (see [`super::remote`]).
+    pub remote: Option<std::sync::Arc<super::remote::Remote>>,
+    /// Build only these stages (closed upstream: [`super::remote::select_stages`]);
+    /// the others are left out of the report.
+    pub only: Option<std::collections::BTreeSet<usize>>,
 }
 
 impl Default for RunOptions {
@@ -55,6 +60,8 @@ impl Default for RunOptions {
                 .unwrap_or(1),
             fail_fast: false,
             verify_on_hit_max: store::VERIFY_ON_HIT_MAX,
+            remote: None,
+            only: None,
         }
     }
 }
@@ -129,7 +136,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
         hasher,
         observer,
         opts.verify_on_hit_max,
+        opts.remote.clone(),
     );
+    let selected = |i: usize| opts.only.as_ref().is_none_or(|s| s.contains(&i));
     let mut results: Vec<Option<StageReport>> = (0..n).map(|_| None).collect();
     let mut indegree: Vec<usize> = (0..n).map(|i| dag.upstream(i).len()).collect();
     // Stage workers are plain threads, not rayon tasks: stages use rayon inside, and a
@@ -140,175 +149,182 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
     let (res_tx, res_rx) = mpsc::channel::<Msg>();
     let (persist_tx, persist_rx) = mpsc::channel::<Persist>();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let workers_started = std::thread::scope(|scope| {
-        let mut started = 0usize;
-        for w in 0..opts.jobs.clamp(1, n.max(1)) {
-            let job_rx = &job_rx;
-            let res_tx = res_tx.clone();
-            let engine = &engine;
-            let stop = &stop;
-            let spawned = std::thread::Builder::new()
-                .name(format!("qpipe-stage-{w}"))
-                .spawn_scoped(scope, move || loop {
-                    let next = lock(job_rx).recv();
-                    let Ok(i) = next else { break };
-                    let r = (!stop.load(std::sync::atomic::Ordering::SeqCst))
-                        .then(|| engine.execute(i));
-                    if res_tx.send(Msg::Stage(i, r)).is_err() {
-                        break;
-                    }
-                });
-            started += spawned.is_ok() as usize;
-        }
-        // One persister, first in first out: a stage's blobs are durable before any
-        // dependent that passes its artifact through publishes an entry naming them.
-        {
-            let res_tx = res_tx.clone();
-            let engine = &engine;
-            let spawned = std::thread::Builder::new()
-                .name("qpipe-store".into())
-                .spawn_scoped(scope, move || {
-                    for job in persist_rx {
-                        let i = job.i;
-                        let held = job.held_bytes();
-                        // A panic here must still report back, or the run would wait forever.
-                        let r = catch_unwind(AssertUnwindSafe(|| engine.persist(job)))
-                            .unwrap_or_else(|_| {
-                                Err(Error::msg("storing panicked (a bug in qpipe)"))
-                            })
-                            .map_err(|e| e.to_string());
-                        engine.backlog.release(held);
-                        if res_tx.send(Msg::Stored(i, r)).is_err() {
+    let workers_started =
+        std::thread::scope(|scope| {
+            let mut started = 0usize;
+            for w in 0..opts.jobs.clamp(1, n.max(1)) {
+                let job_rx = &job_rx;
+                let res_tx = res_tx.clone();
+                let engine = &engine;
+                let stop = &stop;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("qpipe-stage-{w}"))
+                    .spawn_scoped(scope, move || loop {
+                        let next = lock(job_rx).recv();
+                        let Ok(i) = next else { break };
+                        let r = (!stop.load(std::sync::atomic::Ordering::SeqCst))
+                            .then(|| engine.execute(i));
+                        if res_tx.send(Msg::Stage(i, r)).is_err() {
                             break;
                         }
-                    }
-                });
-            if spawned.is_ok() {
-                *lock(&engine.persist_tx) = Some(persist_tx);
+                    });
+                started += spawned.is_ok() as usize;
             }
-        }
-        drop(res_tx);
-        if started == 0 {
-            lock(&engine.persist_tx).take();
-            return 0;
-        }
-        let mut ready: BinaryHeap<Reverse<usize>> =
-            (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
-        let mut running = 0usize;
-        // Stages handed to the persister minus those it reported back. A stage's
-        // `Stored` can arrive before its own `Stage` message, so this may dip below 0.
-        let mut storing = 0isize;
-        let mut store_errors: Vec<(usize, String)> = Vec::new();
-        let mut stopped = false;
-        loop {
-            while let Some(Reverse(i)) = ready.pop().filter(|_| !stopped) {
-                if job_tx.send(i).is_err() {
+            // One persister, first in first out: a stage's blobs are durable before any
+            // dependent that passes its artifact through publishes an entry naming them.
+            {
+                let res_tx = res_tx.clone();
+                let engine = &engine;
+                let spawned = std::thread::Builder::new()
+                    .name("qpipe-store".into())
+                    .spawn_scoped(scope, move || {
+                        for job in persist_rx {
+                            let i = job.i;
+                            let held = job.held_bytes();
+                            // A panic here must still report back, or the run would wait forever.
+                            let r = catch_unwind(AssertUnwindSafe(|| engine.persist(job)))
+                                .unwrap_or_else(|_| {
+                                    Err(Error::msg("storing panicked (a bug in qpipe)"))
+                                })
+                                .map_err(|e| e.to_string());
+                            engine.backlog.release(held);
+                            if res_tx.send(Msg::Stored(i, r)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                if spawned.is_ok() {
+                    *lock(&engine.persist_tx) = Some(persist_tx);
+                }
+            }
+            drop(res_tx);
+            if started == 0 {
+                lock(&engine.persist_tx).take();
+                return 0;
+            }
+            let mut ready: BinaryHeap<Reverse<usize>> = (0..n)
+                .filter(|&i| indegree[i] == 0 && selected(i))
+                .map(Reverse)
+                .collect();
+            let mut running = 0usize;
+            // Stages handed to the persister minus those it reported back. A stage's
+            // `Stored` can arrive before its own `Stage` message, so this may dip below 0.
+            let mut storing = 0isize;
+            let mut store_errors: Vec<(usize, String)> = Vec::new();
+            let mut stopped = false;
+            loop {
+                while let Some(Reverse(i)) = ready.pop().filter(|_| !stopped) {
+                    if job_tx.send(i).is_err() {
+                        break;
+                    }
+                    running += 1;
+                }
+                if running == 0 && storing == 0 {
                     break;
                 }
-                running += 1;
-            }
-            if running == 0 && storing == 0 {
-                break;
-            }
-            let Ok(msg) = res_rx.recv() else { break };
-            let (i, r) = match msg {
-                Msg::Stage(i, r) => (i, r),
-                Msg::Stored(i, r) => {
-                    storing -= 1;
-                    if let Err(error) = r {
-                        let error = Error::msg(format!("storing its result: {error}"))
-                            .context(format!("stage '{}'", recipe.stages[i].id))
-                            .to_string();
-                        let stage = &recipe.stages[i];
+                let Ok(msg) = res_rx.recv() else { break };
+                let (i, r) = match msg {
+                    Msg::Stage(i, r) => (i, r),
+                    Msg::Stored(i, r) => {
+                        storing -= 1;
+                        if let Err(error) = r {
+                            let error = Error::msg(format!("storing its result: {error}"))
+                                .context(format!("stage '{}'", recipe.stages[i].id))
+                                .to_string();
+                            let stage = &recipe.stages[i];
+                            observer.event(Event::Failed {
+                                id: &stage.id,
+                                error: &error,
+                            });
+                            store_errors.push((i, error));
+                            if opts.fail_fast {
+                                stopped = true;
+                                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                        continue;
+                    }
+                };
+                running -= 1;
+                let stage = &recipe.stages[i];
+                match r {
+                    None => {}
+                    Some(Ok(o)) => {
+                        storing += o.persisting as isize;
+                        match o.status {
+                            StageStatus::Cached => observer.event(Event::Cached { id: &stage.id }),
+                            _ => observer.event(Event::Ran {
+                                id: &stage.id,
+                                seconds: o.seconds,
+                            }),
+                        }
+                        results[i] =
+                            Some(StageReport {
+                                id: stage.id.clone(),
+                                kind: stage.kind.to_string(),
+                                status: o.status,
+                                seconds: o.seconds,
+                                key: Some(o.key),
+                                metrics: o.metrics,
+                                error: None,
+                                cache: (o.status == StageStatus::Cached)
+                                    .then_some(if o.remote_hit { "remote" } else { "local" }),
+                            });
+                        for d in dag.dependents(i) {
+                            indegree[d] -= 1;
+                            if indegree[d] == 0 && results[d].is_none() && selected(d) {
+                                ready.push(Reverse(d));
+                            }
+                        }
+                    }
+                    Some(Err(f)) => {
                         observer.event(Event::Failed {
                             id: &stage.id,
-                            error: &error,
+                            error: &f.error,
                         });
-                        store_errors.push((i, error));
+                        results[i] = Some(StageReport {
+                            id: stage.id.clone(),
+                            kind: stage.kind.to_string(),
+                            status: StageStatus::Failed,
+                            seconds: f.seconds,
+                            key: f.key,
+                            metrics: serde_json::Map::new(),
+                            error: Some(f.error),
+                            cache: None,
+                        });
+                        let reason = format!("upstream stage '{}' failed", stage.id);
+                        for d in dag.downstream_closure(i) {
+                            if results[d].is_none() && selected(d) {
+                                observer.event(Event::Skipped {
+                                    id: &recipe.stages[d].id,
+                                    reason: &reason,
+                                });
+                                results[d] = Some(skipped(recipe, d, &reason));
+                            }
+                        }
                         if opts.fail_fast {
                             stopped = true;
                             stop.store(true, std::sync::atomic::Ordering::SeqCst);
                         }
                     }
-                    continue;
                 }
-            };
-            running -= 1;
-            let stage = &recipe.stages[i];
-            match r {
-                None => {}
-                Some(Ok(o)) => {
-                    storing += o.persisting as isize;
-                    match o.status {
-                        StageStatus::Cached => observer.event(Event::Cached { id: &stage.id }),
-                        _ => observer.event(Event::Ran {
-                            id: &stage.id,
-                            seconds: o.seconds,
-                        }),
-                    }
-                    results[i] = Some(StageReport {
-                        id: stage.id.clone(),
-                        kind: stage.kind.to_string(),
-                        status: o.status,
-                        seconds: o.seconds,
-                        key: Some(o.key),
-                        metrics: o.metrics,
-                        error: None,
-                    });
-                    for d in dag.dependents(i) {
-                        indegree[d] -= 1;
-                        if indegree[d] == 0 && results[d].is_none() {
-                            ready.push(Reverse(d));
-                        }
-                    }
-                }
-                Some(Err(f)) => {
-                    observer.event(Event::Failed {
-                        id: &stage.id,
-                        error: &f.error,
-                    });
-                    results[i] = Some(StageReport {
-                        id: stage.id.clone(),
-                        kind: stage.kind.to_string(),
-                        status: StageStatus::Failed,
-                        seconds: f.seconds,
-                        key: f.key,
-                        metrics: serde_json::Map::new(),
-                        error: Some(f.error),
-                    });
-                    let reason = format!("upstream stage '{}' failed", stage.id);
-                    for d in dag.downstream_closure(i) {
-                        if results[d].is_none() {
-                            observer.event(Event::Skipped {
-                                id: &recipe.stages[d].id,
-                                reason: &reason,
-                            });
-                            results[d] = Some(skipped(recipe, d, &reason));
-                        }
-                    }
-                    if opts.fail_fast {
-                        stopped = true;
-                        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
+                engine.release_inputs(i);
+            }
+            drop(job_tx);
+            lock(&engine.persist_tx).take();
+            for (i, error) in store_errors {
+                if let Some(report) = results[i].as_mut() {
+                    report.status = StageStatus::Failed;
+                    report.error = Some(error);
                 }
             }
-            engine.release_inputs(i);
-        }
-        drop(job_tx);
-        lock(&engine.persist_tx).take();
-        for (i, error) in store_errors {
-            if let Some(report) = results[i].as_mut() {
-                report.status = StageStatus::Failed;
-                report.error = Some(error);
-            }
-        }
-        started
-    });
+            started
+        });
     if workers_started == 0 {
         return Err(Error::msg("cannot start worker threads"));
     }
     for (i, r) in results.iter_mut().enumerate() {
-        if r.is_none() {
+        if r.is_none() && selected(i) {
             let reason = "not started: the run stopped after a failure (--fail-fast)";
             observer.event(Event::Skipped {
                 id: &recipe.stages[i].id,
@@ -328,6 +344,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, observer: &dyn Observer) -> Resul
             .all(|s| matches!(s.status, StageStatus::Ran | StageStatus::Cached)),
         stages,
         pruned: Vec::new(),
+        remote: opts.remote.as_ref().map(|r| r.summary()),
     };
     report.pruned = super::outdir::prune(recipe, &engine.store, &report, &|w| {
         observer.event(Event::Warning(w))
@@ -349,5 +366,6 @@ fn skipped(recipe: &Recipe, i: usize, reason: &str) -> StageReport {
         key: None,
         metrics: serde_json::Map::new(),
         error: Some(reason.to_string()),
+        cache: None,
     }
 }

@@ -306,6 +306,28 @@ impl Store {
         fsutil::write_atomic_with(&self.tmp_dir(), &path, blob.size, produce, mid_write)
     }
 
+    /// Where a blob lives (for streaming it elsewhere; read it only after [`Store::check_blob`]).
+    pub fn blob_path(&self, blob: &BlobRef) -> Option<PathBuf> {
+        is_hex64(&blob.blake3).then(|| self.object_path(&blob.blake3))
+    }
+
+    /// Moves `file` (in [`Store::tmp_dir`], written and synced, whose content the caller
+    /// verified to be `blob`) into place: the remote cache's downloads.
+    pub fn adopt_blob(&self, blob: &BlobRef, file: &Path) -> Result<()> {
+        if self.check_blob(blob, false).is_ok() {
+            let _ = fs::remove_file(file);
+            return Ok(());
+        }
+        let path = self
+            .blob_path(blob)
+            .ok_or_else(|| crate::error::Error::msg(format!("bad blob hash '{}'", blob.blake3)))?;
+        let parent = path.parent().unwrap_or(&self.dir);
+        fsutil::create_dir_all(parent)?;
+        fs::rename(file, &path).map_err(|e| crate::error::Error::io(&path, e))?;
+        let _ = fsutil::sync_dir(parent);
+        Ok(())
+    }
+
     /// Checks that a blob exists with its size, and (if `verify`) its hash.
     pub fn check_blob(&self, blob: &BlobRef, verify: bool) -> std::result::Result<(), Miss> {
         if !is_hex64(&blob.blake3) {
