@@ -11,6 +11,13 @@ pub enum ModelSource {
     Checkpoint(PathBuf),
     /// An already frozen GraphDef (`.pb`).
     Graph(PathBuf),
+    /// A TF2 SavedModel directory (`saved_model.pb`, `variables/`): the signature and
+    /// tag set to read. The model's inputs and outputs are the signature's keys.
+    SavedModel {
+        dir: PathBuf,
+        signature: String,
+        tags: Vec<String>,
+    },
 }
 
 /// The recipe's `[model]` table, resolved.

@@ -62,6 +62,11 @@ fn meta_graph_inputs() {
 }
 
 #[test]
+fn saved_model_inputs() {
+    check("saved_model", targets::saved_model);
+}
+
+#[test]
 fn npy_inputs() {
     check("npy", targets::npy);
 }

@@ -235,7 +235,25 @@ fn dispatch(cli: Cli, registry: &'static [StageFactory]) -> Result<i32> {
 
 fn cmd_inspect(a: InspectArgs) -> Result<i32> {
     let is_tflite = a.path.extension().is_some_and(|e| e == "tflite");
-    let (text, json) = if is_tflite {
+    let keras = a
+        .path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("keras") || e.eq_ignore_ascii_case("h5"));
+    let sm_dir = if a.path.file_name().is_some_and(|n| n == "saved_model.pb") {
+        a.path.parent().map(std::path::Path::to_path_buf)
+    } else {
+        crate::formats::tf::saved_model::is_saved_model_dir(&a.path).then(|| a.path.clone())
+    };
+    let (text, json) = if keras {
+        return Err(Error::usage(format!(
+            "{}: a Keras file, which qpipe does not read; run `model.export(\"DIR\")` in \
+             Python and inspect DIR (or name it as saved_model in a recipe)",
+            a.path.display()
+        )));
+    } else if let Some(dir) = sm_dir {
+        let s = crate::formats::tf::inspect_saved_model::inspect_saved_model(&dir)?;
+        (s.to_string(), s.to_json())
+    } else if is_tflite {
         let bytes = crate::error::read_file(&a.path)?;
         let summary = crate::formats::tflite::reader::read(&bytes, &a.path.display().to_string())?;
         (summary.render(), summary.to_json())

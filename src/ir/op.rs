@@ -435,6 +435,164 @@ pub fn is_variable_op(op: &str) -> bool {
     VARIABLE_OPS.contains(&op)
 }
 
+/// How many tensors one output argument of an op stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgLen {
+    One,
+    /// A list whose length is this int attribute (`Split`'s `num_split`).
+    Number(&'static str),
+    /// A list with one tensor per entry of this list(type) attribute.
+    TypeList(&'static str),
+}
+
+/// One output argument of an op: its name and length.
+pub type OutputArg = (&'static str, ArgLen);
+
+/// The output arguments of a TensorFlow op, in order: what a function body's
+/// `node:arg:index` input refers to (TensorFlow's op registry, for the ops qpipe reads
+/// and those a SavedModel's bodies hold). `None` for an op not listed.
+pub fn output_args(op: &str) -> Option<&'static [OutputArg]> {
+    use ArgLen::*;
+    const OUTPUT: &[OutputArg] = &[("output", One)];
+    const Y: &[OutputArg] = &[("y", One)];
+    const Z: &[OutputArg] = &[("z", One)];
+    const ACTIVATIONS: &[OutputArg] = &[("activations", One)];
+    const NONE: &[OutputArg] = &[];
+    Some(match op {
+        "Placeholder"
+        | "PlaceholderWithDefault"
+        | "Const"
+        | "Identity"
+        | "StopGradient"
+        | "Snapshot"
+        | "CheckNumerics"
+        | "PreventGradient"
+        | "EnsureShape"
+        | "Print"
+        | "BiasAdd"
+        | "BiasAddV1"
+        | "Conv2D"
+        | "Conv3D"
+        | "DepthwiseConv2dNative"
+        | "Conv2DBackpropInput"
+        | "MaxPool"
+        | "MaxPoolV2"
+        | "AvgPool"
+        | "Sum"
+        | "Mean"
+        | "Max"
+        | "Min"
+        | "Prod"
+        | "Any"
+        | "All"
+        | "ArgMax"
+        | "ArgMin"
+        | "Gather"
+        | "GatherV2"
+        | "GatherNd"
+        | "ResourceGather"
+        | "ResourceGatherNd"
+        | "ExpandDims"
+        | "Squeeze"
+        | "Reshape"
+        | "Shape"
+        | "Size"
+        | "Rank"
+        | "StridedSlice"
+        | "Slice"
+        | "Pack"
+        | "ConcatV2"
+        | "Concat"
+        | "Pad"
+        | "PadV2"
+        | "MirrorPad"
+        | "Tile"
+        | "Fill"
+        | "Range"
+        | "Select"
+        | "SelectV2"
+        | "RandomUniform"
+        | "RandomStandardNormal"
+        | "TruncatedNormal"
+        | "Dequantize"
+        | "Quantize"
+        | "BatchMatMul"
+        | "BatchMatMulV2"
+        | "BatchMatMulV3"
+        | "_FusedConv2D"
+        | "_FusedDepthwiseConv2dNative"
+        | "_FusedMatMul"
+        | "Einsum"
+        | "SpaceToBatchND"
+        | "BatchToSpaceND"
+        | "DepthToSpace"
+        | "SpaceToDepth"
+        | "OneHot"
+        | "BroadcastTo"
+        | "ClipByValue"
+        | "L2Loss"
+        | "Cumsum"
+        | "Cumprod"
+        | "ReverseV2"
+        | "ScatterNd"
+        | "StaticRegexFullMatch"
+        | "StringJoin"
+        | "ResizeBilinear"
+        | "ResizeNearestNeighbor"
+        | "StatelessRandomUniformV2"
+        | "StatelessRandomNormalV2"
+        | "MatrixDiag"
+        | "MatrixDiagV3" => OUTPUT,
+        "Tanh" | "Sigmoid" | "Rsqrt" | "Sqrt" | "Square" | "Exp" | "Log" | "Log1p" | "Neg"
+        | "Abs" | "Floor" | "Ceil" | "Round" | "Rint" | "Sign" | "Reciprocal" | "Inv" | "Sin"
+        | "Cos" | "LogicalNot" | "Erf" | "Transpose" | "ZerosLike" | "OnesLike" | "Cast"
+        | "Expm1" | "IsNan" | "IsInf" | "IsFinite" => Y,
+        "Add" | "AddV2" | "Sub" | "Mul" | "RealDiv" | "Div" | "DivNoNan" | "TruncateDiv"
+        | "FloorDiv" | "FloorMod" | "Mod" | "Maximum" | "Minimum" | "Pow" | "SquaredDifference"
+        | "Greater" | "GreaterEqual" | "Less" | "LessEqual" | "Equal" | "NotEqual"
+        | "LogicalAnd" | "LogicalOr" | "MulNoNan" | "Atan2" => Z,
+        "Relu" | "Relu6" | "Elu" | "Selu" | "LeakyRelu" | "Softplus" | "Softsign" => ACTIVATIONS,
+        "MatMul" => &[("product", One)],
+        "Softmax" => &[("softmax", One)],
+        "LogSoftmax" => &[("logsoftmax", One)],
+        "AddN" => &[("sum", One)],
+        "ReadVariableOp" => &[("value", One)],
+        "VarHandleOp" => &[("resource", One)],
+        "ShardedFilename" => &[("filename", One)],
+        "Where" => &[("index", One)],
+        "BroadcastArgs" => &[("r0", One)],
+        "IdentityN" => &[("output", TypeList("T"))],
+        "Split" | "SplitV" => &[("output", Number("num_split"))],
+        "Unpack" => &[("output", Number("num"))],
+        "ShapeN" => &[("output", Number("N"))],
+        "TopKV2" => &[("values", One), ("indices", One)],
+        "Unique" => &[("y", One), ("idx", One)],
+        "FusedBatchNorm" | "FusedBatchNormV2" => &[
+            ("y", One),
+            ("batch_mean", One),
+            ("batch_variance", One),
+            ("reserve_space_1", One),
+            ("reserve_space_2", One),
+        ],
+        "FusedBatchNormV3" => &[
+            ("y", One),
+            ("batch_mean", One),
+            ("batch_variance", One),
+            ("reserve_space_1", One),
+            ("reserve_space_2", One),
+            ("reserve_space_3", One),
+        ],
+        "RestoreV2" => &[("tensors", TypeList("dtypes"))],
+        "StatefulPartitionedCall" | "PartitionedCall" | "If" | "StatelessIf" => {
+            &[("output", TypeList("Tout"))]
+        }
+        "While" | "StatelessWhile" => &[("output", TypeList("T"))],
+        "NoOp" | "Assert" | "SaveV2" | "MergeV2Checkpoints" | "AssignVariableOp"
+        | "DisableCopyOnRead" => NONE,
+        _ => return None,
+    })
+}
+
 /// Ops that exist only for training, checkpointing or debugging and must not survive
 /// into an inference graph (or that qpipe cannot handle yet), with why; `None` for
 /// every other op. `name` is the node's: a backprop-input op under `gradients/` is a

@@ -210,7 +210,7 @@ pub struct BatchJob {
     pub out_dir: PathBuf,
 }
 
-/// Runs every job in one LiteRT process (`tests/litert/run_batch.py`): float data for an
+/// Runs every job in one LiteRT process (`tests/litert/run_jobs.py`): float data for an
 /// int8 input is quantized with the input's parameters and int8 outputs are dequantized.
 /// Per job, the outputs in the model's order or LiteRT's error; a job that fails does not
 /// stop the others. Failing to start the process fails the test.
@@ -240,15 +240,15 @@ pub fn run_litert_batch(jobs: &[BatchJob], dir: &Path) -> Vec<Result<Vec<Tensor>
     std::fs::create_dir_all(dir).unwrap();
     let jobs_file = dir.join("litert_jobs.json");
     std::fs::write(&jobs_file, serde_json::to_vec(&list).unwrap()).unwrap();
-    let script = manifest_dir().join("tests/litert/run_batch.py");
+    let script = manifest_dir().join("tests/litert/run_jobs.py");
     let out = run_checked(
         Command::new(litert_python()).arg(&script).arg(&jobs_file),
         &format!("LiteRT batch of {} models", jobs.len()),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let report: Vec<serde_json::Value> = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("run_batch.py printed no JSON list ({e}): {out}"));
-    assert_eq!(report.len(), jobs.len(), "run_batch.py answered {report:?}");
+        .unwrap_or_else(|e| panic!("run_jobs.py printed no JSON list ({e}): {out}"));
+    assert_eq!(report.len(), jobs.len(), "run_jobs.py answered {report:?}");
     report
         .iter()
         .map(|r| {

@@ -103,6 +103,16 @@ pub fn model_file_paths(source: &ModelSource) -> Vec<PathBuf> {
             v.sort();
             v
         }
+        ModelSource::SavedModel { dir, .. } => {
+            let mut v = vec![dir.join("saved_model.pb")];
+            let vars = dir.join("variables");
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&vars)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            files.sort();
+            v.extend(files);
+            v
+        }
     }
 }
 

@@ -75,6 +75,20 @@ pub fn freeze_model_with(model: &ModelSpec, progress: &Progress) -> Result<Graph
             (graph, meta_path(&prefix))
         }
         ModelSource::Graph(path) => (cut_frozen_graph(path, &model.outputs)?, path.clone()),
+        ModelSource::SavedModel {
+            dir,
+            signature,
+            tags,
+        } => {
+            let req = super::saved_model::SavedModelRequest {
+                dir,
+                tags,
+                signature,
+                outputs: &model.outputs,
+            };
+            let graph = super::saved_model::freeze_saved_model(&req, progress)?;
+            (graph, super::saved_model::pb_path(dir))
+        }
     };
     bind_model_spec(&mut graph, model).map_err(|e| Error::file(&file, e))?;
     Ok(graph)
@@ -529,7 +543,7 @@ fn restore_graph_keys(
 }
 
 /// Reads a variable's value and checks it against the variable's `dtype` and `shape`.
-fn load_variable(bundle: &Bundle, node: &Node, vk: &VariableKey) -> Result<Tensor> {
+pub(crate) fn load_variable(bundle: &Bundle, node: &Node, vk: &VariableKey) -> Result<Tensor> {
     let what = format!("variable '{}' ({})", node.name, node.op);
     if !bundle.contains(&vk.key) {
         return Err(Error::msg(format!(

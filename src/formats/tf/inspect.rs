@@ -572,7 +572,7 @@ fn show_dtype(d: Option<DType>) -> &'static str {
     d.map_or("?", DType::name)
 }
 
-fn show_shape(s: &Option<Vec<i64>>) -> String {
+pub(crate) fn show_shape(s: &Option<Vec<i64>>) -> String {
     match s {
         None => "<unknown>".into(),
         Some(dims) => format!(
@@ -596,7 +596,7 @@ fn show_dims(s: &[usize]) -> String {
     )
 }
 
-fn shape_json(s: &Option<Vec<i64>>) -> Value {
+pub(crate) fn shape_json(s: &Option<Vec<i64>>) -> Value {
     match s {
         None => Value::Null,
         Some(dims) => dims
@@ -607,7 +607,7 @@ fn shape_json(s: &Option<Vec<i64>>) -> Value {
 }
 
 /// Human-readable byte count.
-fn show_bytes(b: u64) -> String {
+pub(crate) fn show_bytes(b: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = b as f64;
     let mut unit = 0;
@@ -623,7 +623,7 @@ fn show_bytes(b: u64) -> String {
 }
 
 /// Writes rows as left-aligned columns, two spaces apart, indented by two.
-fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
+pub(crate) fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {

@@ -9,7 +9,7 @@ use prost::Message;
 use qpipe::formats::tf::checkpoint::{index_filename, Bundle};
 use qpipe::formats::tf::proto::BundleHeaderProto;
 use qpipe::formats::tf::sstable::{self, Table, BLOCK_TRAILER_LEN, FOOTER_LEN};
-use qpipe::formats::tf::{crc32c, graph_def, meta_graph, snappy};
+use qpipe::formats::tf::{crc32c, graph_def, meta_graph, saved_model, snappy};
 use qpipe::ir::Graph;
 
 /// The all-dtypes checkpoint (strings, partitioned variables, two shards).
@@ -142,6 +142,47 @@ pub fn graph_def(data: &[u8]) {
 pub fn meta_graph(data: &[u8]) {
     if let Ok(m) = meta_graph::meta_graph_from_bytes(data) {
         use_graph(m.graph);
+    }
+}
+
+/// A `saved_model.pb`: decoded, its MetaGraphDef picked, and every signature's graph
+/// built (calls inlined, inputs and outputs named by the keys) against a checkpoint
+/// object graph that gives every node a key, so that variable mapping runs too.
+pub fn saved_model(data: &[u8]) {
+    use qpipe::formats::tf::proto::trackable_object_graph::{
+        trackable_object::SerializedTensor, TrackableObject,
+    };
+    let Ok(sm) = saved_model::decode_saved_model(data) else {
+        return;
+    };
+    let _ = saved_model::select_meta_graph(sm.clone(), &["serve".to_string()]);
+    for mg in &sm.meta_graphs {
+        let Ok(sigs) = saved_model::signatures(mg) else {
+            continue;
+        };
+        let nodes = mg
+            .object_graph_def
+            .as_ref()
+            .map_or(0, |o| o.nodes.len())
+            .min(10_000);
+        let ckpt = qpipe::formats::tf::proto::TrackableObjectGraph {
+            nodes: (0..nodes)
+                .map(|i| TrackableObject {
+                    children: Vec::new(),
+                    attributes: vec![SerializedTensor {
+                        name: "VARIABLE_VALUE".into(),
+                        full_name: String::new(),
+                        checkpoint_key: format!("v{i}"),
+                    }],
+                })
+                .collect(),
+        };
+        for sig in sigs {
+            let mut load = || Ok(ckpt.clone());
+            if let Ok(u) = saved_model::signature_graph(mg, &sig.name, &[], &mut load) {
+                use_graph(u.graph);
+            }
+        }
     }
 }
 

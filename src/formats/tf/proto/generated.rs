@@ -339,18 +339,6 @@ pub struct NameAttrList {
     #[prost(btree_map = "string, message", tag = "2")]
     pub attr: ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, AttrValue>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct FunctionDefLibrary {
-    /// Serialized FunctionDef messages.
-    #[prost(bytes = "vec", repeated, tag = "1")]
-    pub function: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
-    /// Serialized GradientDef messages.
-    #[prost(bytes = "vec", repeated, tag = "2")]
-    pub gradient: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
-    /// Serialized RegisteredGradient messages.
-    #[prost(bytes = "vec", repeated, tag = "3")]
-    pub registered_gradients: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
-}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeDef {
     #[prost(string, tag = "1")]
@@ -370,6 +358,79 @@ pub struct NodeDef {
     /// FullTypeDef, carried as bytes.
     #[prost(bytes = "vec", tag = "7")]
     pub experimental_type: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FunctionDefLibrary {
+    /// Serialized FunctionDef messages.
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub function: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// Serialized GradientDef messages.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub gradient: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// Serialized RegisteredGradient messages.
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub registered_gradients: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+}
+/// One function of the library: its signature, body and output bindings.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FunctionDef {
+    #[prost(message, optional, tag = "1")]
+    pub signature: ::core::option::Option<OpDef>,
+    #[prost(btree_map = "string, message", tag = "5")]
+    pub attr: ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, AttrValue>,
+    /// Serialized FunctionDef.ArgAttrs, by argument index; carried, never read.
+    #[prost(btree_map = "uint32, bytes", tag = "7")]
+    pub arg_attr: ::prost::alloc::collections::BTreeMap<u32, ::prost::alloc::vec::Vec<u8>>,
+    #[prost(btree_map = "uint32, uint32", tag = "8")]
+    pub resource_arg_unique_id: ::prost::alloc::collections::BTreeMap<u32, u32>,
+    /// The body. Inputs are "arg", "node:out_arg:index" or "^node".
+    #[prost(message, repeated, tag = "3")]
+    pub node_def: ::prost::alloc::vec::Vec<NodeDef>,
+    /// Output argument name -> "node:out_arg:index" or "arg".
+    #[prost(btree_map = "string, string", tag = "4")]
+    pub ret: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub control_ret: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+}
+/// The part of an op (or function) signature qpipe reads: names and argument lists.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OpDef {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub input_arg: ::prost::alloc::vec::Vec<op_def::ArgDef>,
+    #[prost(message, repeated, tag = "3")]
+    pub output_arg: ::prost::alloc::vec::Vec<op_def::ArgDef>,
+    #[prost(string, repeated, tag = "20")]
+    pub control_output: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Nested message and enum types in `OpDef`.
+pub mod op_def {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct ArgDef {
+        #[prost(string, tag = "1")]
+        pub name: ::prost::alloc::string::String,
+        #[prost(string, tag = "2")]
+        pub description: ::prost::alloc::string::String,
+        #[prost(enumeration = "super::DataType", tag = "3")]
+        pub r#type: i32,
+        #[prost(string, tag = "4")]
+        pub type_attr: ::prost::alloc::string::String,
+        /// For a list of one type: the int attribute holding its length.
+        #[prost(string, tag = "5")]
+        pub number_attr: ::prost::alloc::string::String,
+        /// For a list of several types: the list(type) attribute.
+        #[prost(string, tag = "6")]
+        pub type_list_attr: ::prost::alloc::string::String,
+        #[prost(bool, tag = "16")]
+        pub is_ref: bool,
+    }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VersionDef {
@@ -397,6 +458,142 @@ pub struct GraphDef {
     /// A serialized GraphDebugInfo, carried as bytes.
     #[prost(bytes = "vec", tag = "5")]
     pub debug_info: ::prost::alloc::vec::Vec<u8>,
+}
+/// MetaGraphDef.object_graph_def: the objects a SavedModel restores.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SavedObjectGraph {
+    /// Node 0 is the root. The ids are those of the checkpoint's TrackableObjectGraph.
+    #[prost(message, repeated, tag = "1")]
+    pub nodes: ::prost::alloc::vec::Vec<SavedObject>,
+    #[prost(btree_map = "string, message", tag = "2")]
+    pub concrete_functions: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        SavedConcreteFunction,
+    >,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SavedObject {
+    #[prost(message, repeated, tag = "1")]
+    pub children:
+        ::prost::alloc::vec::Vec<trackable_object_graph::trackable_object::ObjectReference>,
+    #[prost(oneof = "saved_object::Kind", tags = "4, 5, 6, 7, 8, 9, 10, 12")]
+    pub kind: ::core::option::Option<saved_object::Kind>,
+}
+/// Nested message and enum types in `SavedObject`.
+pub mod saved_object {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "4")]
+        UserObject(super::SavedUserObject),
+        #[prost(message, tag = "5")]
+        Asset(super::SavedAsset),
+        #[prost(message, tag = "6")]
+        Function(super::SavedFunction),
+        #[prost(message, tag = "7")]
+        Variable(super::SavedVariable),
+        #[prost(message, tag = "8")]
+        BareConcreteFunction(super::SavedBareConcreteFunction),
+        #[prost(message, tag = "9")]
+        Constant(super::SavedConstant),
+        #[prost(message, tag = "10")]
+        Resource(super::SavedResource),
+        #[prost(message, tag = "12")]
+        CapturedTensor(super::CapturedTensor),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedUserObject {
+    #[prost(string, tag = "1")]
+    pub identifier: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedAsset {
+    #[prost(int32, tag = "1")]
+    pub asset_file_def_index: i32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedFunction {
+    #[prost(string, repeated, tag = "1")]
+    pub concrete_functions: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedBareConcreteFunction {
+    #[prost(string, tag = "1")]
+    pub concrete_function_name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedConstant {
+    #[prost(string, tag = "1")]
+    pub operation: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedResource {
+    #[prost(string, tag = "1")]
+    pub device: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CapturedTensor {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub concrete_function: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SavedVariable {
+    #[prost(enumeration = "DataType", tag = "1")]
+    pub dtype: i32,
+    #[prost(message, optional, tag = "2")]
+    pub shape: ::core::option::Option<TensorShapeProto>,
+    #[prost(bool, tag = "3")]
+    pub trainable: bool,
+    #[prost(string, tag = "6")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub device: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedConcreteFunction {
+    /// Object-graph node ids of the captured inputs, in the order of the function's
+    /// trailing input arguments.
+    #[prost(int32, repeated, tag = "2")]
+    pub bound_inputs: ::prost::alloc::vec::Vec<i32>,
+}
+/// The checkpoint's `_CHECKPOINTABLE_OBJECT_GRAPH` tensor (a serialized string).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TrackableObjectGraph {
+    #[prost(message, repeated, tag = "1")]
+    pub nodes: ::prost::alloc::vec::Vec<trackable_object_graph::TrackableObject>,
+}
+/// Nested message and enum types in `TrackableObjectGraph`.
+pub mod trackable_object_graph {
+    #[derive(Clone, PartialEq, ::prost::Message)]
+    pub struct TrackableObject {
+        #[prost(message, repeated, tag = "1")]
+        pub children: ::prost::alloc::vec::Vec<trackable_object::ObjectReference>,
+        #[prost(message, repeated, tag = "2")]
+        pub attributes: ::prost::alloc::vec::Vec<trackable_object::SerializedTensor>,
+    }
+    /// Nested message and enum types in `TrackableObject`.
+    pub mod trackable_object {
+        #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+        pub struct ObjectReference {
+            #[prost(int32, tag = "1")]
+            pub node_id: i32,
+            #[prost(string, tag = "2")]
+            pub local_name: ::prost::alloc::string::String,
+        }
+        #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+        pub struct SerializedTensor {
+            /// e.g. "VARIABLE_VALUE".
+            #[prost(string, tag = "1")]
+            pub name: ::prost::alloc::string::String,
+            #[prost(string, tag = "2")]
+            pub full_name: ::prost::alloc::string::String,
+            /// The bundle key, e.g. "layer-1/kernel/.ATTRIBUTES/VARIABLE_VALUE".
+            #[prost(string, tag = "3")]
+            pub checkpoint_key: ::prost::alloc::string::String,
+        }
+    }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SaverDef {
@@ -463,6 +660,9 @@ pub struct MetaGraphDef {
     #[prost(btree_map = "string, message", tag = "5")]
     pub signature_def:
         ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, SignatureDef>,
+    /// Set in a SavedModel (TF2).
+    #[prost(message, optional, tag = "7")]
+    pub object_graph_def: ::core::option::Option<SavedObjectGraph>,
 }
 /// Nested message and enum types in `MetaGraphDef`.
 pub mod meta_graph_def {
@@ -583,6 +783,13 @@ pub struct SignatureDef {
     #[prost(btree_map = "string, message", tag = "4")]
     pub defaults:
         ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, TensorProto>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SavedModel {
+    #[prost(int64, tag = "1")]
+    pub saved_model_schema_version: i64,
+    #[prost(message, repeated, tag = "2")]
+    pub meta_graphs: ::prost::alloc::vec::Vec<MetaGraphDef>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TensorSliceProto {
