@@ -144,3 +144,41 @@ fn a_matmul_without_bias_gets_a_zero_one_when_asked() {
         run1(&f, &[("x", xv)], "mm").to_f32_vec().unwrap()
     );
 }
+
+#[test]
+fn a_biasless_conv_fuses_its_relu_when_it_gets_a_zero_bias() {
+    for act in ["Relu", "Relu6"] {
+        let mut b = G::new();
+        let mut rng = Rng::new(3);
+        b.placeholder("x", DType::F32, Some(&[-1, 1, 9, 3]));
+        b.konst("w", f32t(&[1, 2, 3, 4], &rng.vec(24)));
+        b.op(
+            "conv",
+            "Conv2D",
+            &["x", "w"],
+            &[
+                ("strides", ints(&[1, 1, 1, 1])),
+                ("padding", s("VALID")),
+                ("data_format", s("NHWC")),
+            ],
+        );
+        b.op("act", act, &["conv"], &[]);
+        b.output("act");
+        // Without a zero bias nothing fuses; with one, the activation joins it.
+        let (f, r0) = fuse(&b.g, false).unwrap();
+        assert_eq!(r0.fused, 0);
+        assert_eq!(f.node("act").unwrap().op, act);
+        let (f, r1) = fuse(&b.g, true).unwrap();
+        assert_eq!((r1.fused, r1.zero_biases), (1, 1));
+        assert_eq!(f.node("act").unwrap().op, "_FusedConv2D");
+        assert_eq!(fused_ops(&f, "act"), vec!["BiasAdd", act]);
+        assert!(f.node("conv").is_none());
+        let xv = x();
+        assert_eq!(
+            run1(&b.g, &[("x", xv.clone())], "act")
+                .to_f32_vec()
+                .unwrap(),
+            run1(&f, &[("x", xv)], "act").to_f32_vec().unwrap()
+        );
+    }
+}

@@ -826,15 +826,17 @@ fn transposed_conv(name: &str) -> Graph {
 }
 
 #[test]
-fn a_transposed_convolution_is_not_called_a_gradient() {
-    let e = strip_default(&transposed_conv("up/conv2d_transpose"))
-        .unwrap_err()
-        .to_string();
+fn a_transposed_convolution_is_kept_and_its_gradient_twin_refused() {
+    // The forward op of conv2d_transpose is a layer: it survives stripping and runs.
+    let g = transposed_conv("up/conv2d_transpose");
+    let (st, _) = strip_default(&g).unwrap();
     assert_eq!(
-        e,
-        "cannot strip node 'up/conv2d_transpose' (Conv2DBackpropInput): transposed convolution \
-         (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
+        st.node("up/conv2d_transpose").unwrap().op,
+        "Conv2DBackpropInput"
     );
+    let x = f32t(&[1, 4, 4, 2], &Rng::new(4).vec(32));
+    let y = run1(&st, &[("x", x)], "up/conv2d_transpose");
+    assert_eq!(y.shape(), &[1, 8, 8, 3]);
     // The same op under `gradients/` is a gradient.
     let e = strip_default(&transposed_conv(
         "gradients/conv/Conv2D_grad/Conv2DBackpropInput",

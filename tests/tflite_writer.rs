@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use qpipe::formats::tflite::{self, reader, schema};
-use qpipe::ir::{DType, Graph};
+use qpipe::ir::{DType, Graph, Tensor};
 use qpipe::stages::fp16_cast::cast_fp16;
 use support::fixtures::{stripped_fixture, MODELS};
 use support::graph_builder::{f32t, ints, s, G};
@@ -312,13 +312,13 @@ fn interpreter_ops_without_an_export_say_so() {
     }
     let mut b = G::new();
     b.placeholder("x", DType::F32, Some(&[-1, 4]));
-    b.konst("reps", support::graph_builder::i32t(&[2], &[2, 1]));
-    b.op("tiled", "Tile", &["x", "reps"], &[]);
-    b.output("tiled");
+    b.konst("axis", Tensor::scalar(0i32));
+    b.op("joined", "Concat", &["axis", "x", "x"], &[]);
+    b.output("joined");
     let err = tflite::export(&b.g).unwrap_err().to_string();
     assert_eq!(
         err,
-        "node 'tiled' (Tile): this op cannot be exported to .tflite (qpipe has no shape rule for it)"
+        "node 'joined' (Concat): this op cannot be exported to .tflite (qpipe has no shape rule for it)"
     );
 }
 

@@ -57,6 +57,13 @@ pub struct Conv {
     pub layout: Layout,
 }
 
+/// How `ResizeBilinear` / `ResizeNearestNeighbor` map output to input coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resize {
+    pub align_corners: bool,
+    pub half_pixel_centers: bool,
+}
+
 /// The window of `MaxPool` / `AvgPool`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pool {
@@ -270,6 +277,10 @@ pub enum Op {
     Slice,
     Pack,
     Unpack,
+    /// `Split` (axis first, then the value) into `num_split` equal parts.
+    Split,
+    /// `SplitV` (value, sizes, axis).
+    SplitV,
     ConcatV2,
     Concat,
     Pad,
@@ -297,6 +308,18 @@ pub enum Op {
     NoOp,
     Assert,
     SaveV2,
+    /// `SpaceToBatchND` / `BatchToSpaceND`: qpipe handles them only around a
+    /// convolution (what `atrous_conv2d` makes), folded into a dilated one.
+    SpaceToBatchND,
+    BatchToSpaceND,
+    /// `x * relu6(x + 3) / 6`, which strip_training fuses into one node (TFLite's
+    /// HARD_SWISH; TensorFlow has no such op, so a GraphDef holding it loads only in qpipe).
+    HardSwish,
+    /// `Conv2DBackpropInput` outside a gradient: the forward op of `conv2d_transpose`
+    /// (inputs: output shape, filter `[h, w, out, in]`, input).
+    Conv2DBackpropInput(Conv),
+    ResizeBilinear(Resize),
+    ResizeNearestNeighbor(Resize),
     /// Any other op: qpipe passes it through (freeze, strip, GraphDef export) but
     /// cannot compute, shape or lower it.
     Other(String),
@@ -400,6 +423,8 @@ pub const NAMES: &[&str] = &[
     "Slice",
     "Pack",
     "Unpack",
+    "Split",
+    "SplitV",
     "ConcatV2",
     "Concat",
     "Pad",
@@ -425,6 +450,12 @@ pub const NAMES: &[&str] = &[
     "NoOp",
     "Assert",
     "SaveV2",
+    "SpaceToBatchND",
+    "BatchToSpaceND",
+    "HardSwish",
+    "Conv2DBackpropInput",
+    "ResizeBilinear",
+    "ResizeNearestNeighbor",
 ];
 
 /// Variable ops: what `freeze` replaces by constants and what must not reach an
@@ -619,9 +650,10 @@ pub fn training_only(name: &str, op: &str) -> Option<&'static str> {
             "an optimizer or assignment op is on the path"
         }
         _ if op.ends_with("Summary") || op.ends_with("SummaryV2") => "a summary op is on the path",
-        // The backprop-input ops are also the forward ops of transposed convolutions.
+        // The backprop-input op is also the forward op of transposed convolutions.
+        "Conv2DBackpropInput" if !in_gradients => return None,
         _ if op.contains("BackpropInput") && !in_gradients => {
-            "transposed convolution (the op of conv2d_transpose / Conv2DTranspose) is not supported yet"
+            "this transposed convolution (3-D or depthwise) is not supported yet"
         }
         _ if op.ends_with("Grad") || op.contains("Backprop") => "a gradient op is on the path",
         _ => return None,
@@ -759,6 +791,20 @@ fn pool(node: &Node) -> Result<Pool, IrError> {
     })
 }
 
+fn resize(node: &Node) -> Result<Resize, IrError> {
+    let r = Resize {
+        align_corners: bool_attr(node, "align_corners")?,
+        half_pixel_centers: bool_attr(node, "half_pixel_centers")?,
+    };
+    if r.align_corners && r.half_pixel_centers {
+        return Err(bad(
+            node,
+            "align_corners and half_pixel_centers are both set",
+        ));
+    }
+    Ok(r)
+}
+
 fn matmul(node: &Node) -> Result<MatMul, IrError> {
     Ok(MatMul {
         transpose_a: bool_attr(node, "transpose_a")?,
@@ -834,6 +880,8 @@ impl Op {
             | Op::Slice
             | Op::Pack
             | Op::Unpack
+            | Op::Split
+            | Op::SplitV
             | Op::ConcatV2
             | Op::Concat
             | Op::Pad
@@ -854,6 +902,12 @@ impl Op {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::HardSwish
+            | Op::Conv2DBackpropInput(_)
+            | Op::ResizeBilinear(_)
+            | Op::ResizeNearestNeighbor(_)
+            | Op::BatchToSpaceND
             | Op::Other(_) => None,
         }
     }
@@ -975,6 +1029,8 @@ impl Op {
             "Slice" => O::Slice,
             "Pack" => O::Pack,
             "Unpack" => O::Unpack,
+            "Split" => O::Split,
+            "SplitV" => O::SplitV,
             "ConcatV2" => O::ConcatV2,
             "Concat" => O::Concat,
             "Pad" => O::Pad,
@@ -1009,6 +1065,12 @@ impl Op {
             "NoOp" => O::NoOp,
             "Assert" => O::Assert,
             "SaveV2" => O::SaveV2,
+            "SpaceToBatchND" => O::SpaceToBatchND,
+            "BatchToSpaceND" => O::BatchToSpaceND,
+            "HardSwish" => O::HardSwish,
+            "Conv2DBackpropInput" => O::Conv2DBackpropInput(conv(node)?),
+            "ResizeBilinear" => O::ResizeBilinear(resize(node)?),
+            "ResizeNearestNeighbor" => O::ResizeNearestNeighbor(resize(node)?),
             other => O::Other(other.to_string()),
         })
     }
@@ -1090,6 +1152,8 @@ impl Op {
             Op::Slice => "Slice",
             Op::Pack => "Pack",
             Op::Unpack => "Unpack",
+            Op::Split => "Split",
+            Op::SplitV => "SplitV",
             Op::ConcatV2 => "ConcatV2",
             Op::Concat => "Concat",
             Op::Pad => "Pad",
@@ -1112,6 +1176,12 @@ impl Op {
             Op::NoOp => "NoOp",
             Op::Assert => "Assert",
             Op::SaveV2 => "SaveV2",
+            Op::SpaceToBatchND => "SpaceToBatchND",
+            Op::BatchToSpaceND => "BatchToSpaceND",
+            Op::HardSwish => "HardSwish",
+            Op::Conv2DBackpropInput(_) => "Conv2DBackpropInput",
+            Op::ResizeBilinear(_) => "ResizeBilinear",
+            Op::ResizeNearestNeighbor(_) => "ResizeNearestNeighbor",
             Op::BiasAdd { v1: false, .. } => "BiasAdd",
             Op::BiasAdd { v1: true, .. } => "BiasAddV1",
             Op::Conv2D(_) => "Conv2D",

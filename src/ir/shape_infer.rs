@@ -8,6 +8,9 @@
 
 use std::collections::HashMap;
 
+mod movement;
+pub use movement::{split_sizes, strided_spec, SliceDim, StridedSpec};
+
 use super::op::{Binary, Conv, Forward, Layout, Linear, MatMul, Op, Padding, Pool, Unary};
 use super::{Attr, DType, Graph, IrError, Node, Tensor, TensorRef};
 
@@ -291,6 +294,7 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         )
         | Op::BiasAdd { v1: true, .. } => same(Some(first()?.dtype))?,
         Op::Unary(_)
+        | Op::HardSwish
         | Op::Softmax
         | Op::LogSoftmax
         | Op::LeakyRelu
@@ -527,7 +531,12 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
                 value: value.and_then(|v| small_value(x.dtype, v)),
             }]
         }
-        Op::StridedSlice => strided_slice(node, ins)?,
+        Op::StridedSlice => movement::strided_slice(node, ins)?,
+        Op::Slice => movement::slice(node, ins)?,
+        Op::Unpack => movement::unpack(node, ins)?,
+        Op::Tile => movement::tile(node, ins)?,
+        Op::Split => movement::split(node, ins, false)?,
+        Op::SplitV => movement::split(node, ins, true)?,
         Op::GatherV2 | Op::Gather => {
             want_inputs(node, ins, 2)?;
             let axis = if *op == Op::GatherV2 {
@@ -561,6 +570,30 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
             shape.extend_from_slice(&idx[b..]);
             shape.extend_from_slice(&p[a + 1..]);
             vec![TensorInfo::new(ins[0].dtype, shape)]
+        }
+        Op::Conv2DBackpropInput(_) => {
+            want_inputs(node, ins, 3)?;
+            let shape: Vec<i64> = ins[0]
+                .value
+                .as_ref()
+                .ok_or_else(|| err(node, "its output shape (input 0) is not known"))?
+                .iter()
+                .map(|d| d.unwrap_or(-1))
+                .collect();
+            if shape.len() != 4 || ins[2].shape.len() != 4 {
+                return Err(err(node, "only 4-D transposed convolutions are supported"));
+            }
+            vec![TensorInfo::new(ins[2].dtype, shape)]
+        }
+        Op::ResizeBilinear(_) | Op::ResizeNearestNeighbor(_) => {
+            want_inputs(node, ins, 2)?;
+            let size = int_value(node, ins, 1, "size")?;
+            let x = &ins[0];
+            if x.shape.len() != 4 || size.len() != 2 || size.iter().any(|&d| d <= 0) {
+                return Err(err(node, format!("needs a 4-D input and a positive size, got {:?} and {size:?}", x.shape)));
+            }
+            let dtype = if matches!(op, Op::ResizeBilinear(_)) { DType::F32 } else { x.dtype };
+            vec![TensorInfo::new(dtype, vec![x.shape[0], size[0], size[1], x.shape[3]])]
         }
         Op::Pad | Op::PadV2 | Op::MirrorPad => {
             want_inputs(node, ins, 2)?;
@@ -610,7 +643,17 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
             vec![TensorInfo::new(x.dtype, shape)]
         }
         Op::Fill | Op::Random(_) => {
-            let dims = int_value(node, ins, 0, "shape")?;
+            // A dimension known only at run time (a batch) stays -1.
+            let dims: Vec<i64> = ins
+                .first()
+                .and_then(|i| i.value.clone())
+                .ok_or_else(|| err(node, "shape (input 0) has no known length"))?
+                .into_iter()
+                .map(|d| d.unwrap_or(-1))
+                .collect();
+            if dims.iter().any(|&d| d < -1) {
+                return Err(err(node, format!("shape {dims:?} has a negative dimension")));
+            }
             let dtype = if *op == Op::Fill {
                 want_inputs(node, ins, 2)?;
                 ins[1].dtype
@@ -621,12 +664,11 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         }
         Op::NoOp | Op::Assert | Op::SaveV2 | Op::Print => vec![],
         Op::BatchMatMul { .. }
-        | Op::Slice
-        | Op::Unpack
         | Op::Concat
-        | Op::Tile
         | Op::Range
         // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => {
             return Err(err(
                 node,
@@ -787,124 +829,6 @@ fn reshape_dims(node: &Node, x: &TensorInfo, target: &[Option<i64>]) -> Result<V
         }
     }
     Ok(dims)
-}
-
-fn strided_slice(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrError> {
-    want_inputs(node, ins, 4)?;
-    let begin = int_value(node, ins, 1, "begin")?;
-    let end = int_value(node, ins, 2, "end")?;
-    let strides = int_value(node, ins, 3, "strides")?;
-    let mask = |k: &str| match node.attr(k) {
-        Some(Attr::Int(v)) => *v,
-        _ => 0,
-    };
-    if mask("ellipsis_mask") != 0 || mask("new_axis_mask") != 0 {
-        return Err(err(
-            node,
-            "ellipsis_mask and new_axis_mask are not supported",
-        ));
-    }
-    let (bm, em, sm) = (
-        mask("begin_mask"),
-        mask("end_mask"),
-        mask("shrink_axis_mask"),
-    );
-    let x = &ins[0];
-    let n = begin.len();
-    if end.len() != n || strides.len() != n || n > x.shape.len() {
-        return Err(err(
-            node,
-            "begin, end and strides do not match the input rank",
-        ));
-    }
-    let mut shape = Vec::new();
-    let mut ranges = Vec::new();
-    for j in 0..x.shape.len() {
-        let d = x.shape[j];
-        if j >= n {
-            shape.push(d);
-            ranges.push(None);
-            continue;
-        }
-        let s = strides[j];
-        if s == 0 {
-            return Err(err(node, "stride 0"));
-        }
-        let shrink = sm & (1 << j) != 0;
-        if d < 0 {
-            if shrink {
-                ranges.push(None);
-            } else {
-                shape.push(-1);
-                ranges.push(None);
-            }
-            continue;
-        }
-        let clamp = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
-        let norm = |v: i64| if v < 0 { v + d } else { v };
-        let (lo, hi) = if s > 0 { (0, d) } else { (-1, d - 1) };
-        let b = if bm & (1 << j) != 0 {
-            if s > 0 {
-                0
-            } else {
-                d - 1
-            }
-        } else {
-            clamp(norm(begin[j]), lo, hi)
-        };
-        if shrink {
-            let b = norm(begin[j]);
-            if b < 0 || b >= d {
-                return Err(err(
-                    node,
-                    format!("index {} out of range for size {d}", begin[j]),
-                ));
-            }
-            ranges.push(Some((b, b + 1, 1)));
-            continue;
-        }
-        let e = if em & (1 << j) != 0 {
-            if s > 0 {
-                d
-            } else {
-                -1
-            }
-        } else {
-            clamp(norm(end[j]), lo, hi)
-        };
-        let (span, step) = if s > 0 {
-            ((e - b).max(0), s)
-        } else {
-            ((b - e).max(0), s.checked_neg().unwrap_or(i64::MAX))
-        };
-        let len = span / step + i64::from(span % step != 0);
-        shape.push(len);
-        ranges.push(Some((b, e, s)));
-    }
-    let value = match (&x.value, x.shape.len(), ranges.first()) {
-        (Some(v), 1, Some(Some((b, e, s)))) => {
-            let mut out = Vec::new();
-            let mut i = *b;
-            while (*s > 0 && i < *e) || (*s < 0 && i > *e) {
-                out.push(
-                    usize::try_from(i)
-                        .ok()
-                        .and_then(|i| v.get(i).copied().flatten()),
-                );
-                match i.checked_add(*s) {
-                    Some(next) => i = next,
-                    None => break,
-                }
-            }
-            Some(out)
-        }
-        _ => None,
-    };
-    Ok(vec![TensorInfo {
-        dtype: x.dtype,
-        shape,
-        value,
-    }])
 }
 
 #[cfg(test)]

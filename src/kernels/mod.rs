@@ -6,15 +6,18 @@
 //! step's inputs and outputs travel with the step ([`ops::StepQuant`]) so that
 //! integer kernels dispatch on dtype without looking anything up at run time.
 
+pub mod activation;
 pub mod array;
 pub mod dataset;
 pub mod elementwise;
 pub mod fused;
 pub mod int8;
+pub mod movement;
 pub mod nn;
 pub mod ops;
 pub mod plan;
 pub mod rounding;
+pub mod spatial;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};

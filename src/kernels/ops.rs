@@ -117,6 +117,11 @@ pub enum Kernel {
     Slice,
     Pack(i64),
     Unpack(i64),
+    /// `Split` (axis, value) or, with `v`, `SplitV` (value, sizes, axis).
+    Split {
+        num: usize,
+        v: bool,
+    },
     /// `ConcatV2` (axis last) or `Concat` (axis first).
     Concat {
         axis_first: bool,
@@ -159,6 +164,12 @@ pub enum Kernel {
     },
     /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
     Quantize,
+    /// `x * relu6(x + 3) / 6`.
+    HardSwish,
+    /// `Conv2DBackpropInput` (output shape, filter, input).
+    TransposeConv(Window),
+    ResizeBilinear(crate::ir::op::Resize),
+    ResizeNearest(crate::ir::op::Resize),
 }
 
 fn bool_attr(node: &Node, key: &str, default: bool) -> Result<bool> {
@@ -236,6 +247,22 @@ impl Kernel {
             Op::Unary(u) => {
                 arity(1, 1)?;
                 Kernel::Unary(UnaryOp::from_ir(u))
+            }
+            Op::HardSwish => {
+                arity(1, 1)?;
+                Kernel::HardSwish
+            }
+            Op::Conv2DBackpropInput(c) => {
+                arity(3, 3)?;
+                Kernel::TransposeConv(window(&c)?)
+            }
+            Op::ResizeBilinear(r) => {
+                arity(2, 2)?;
+                Kernel::ResizeBilinear(r)
+            }
+            Op::ResizeNearestNeighbor(r) => {
+                arity(2, 2)?;
+                Kernel::ResizeNearest(r)
             }
             Op::Binary(b) => {
                 arity(2, 2)?;
@@ -431,6 +458,18 @@ impl Kernel {
                 arity(1, 1)?;
                 Kernel::Unpack(int_attr(node, "axis", 0)?)
             }
+            op @ (Op::Split | Op::SplitV) => {
+                let v = op == Op::SplitV;
+                arity(if v { 3 } else { 2 }, if v { 3 } else { 2 })?;
+                let num = int_attr(node, "num_split", 0)?;
+                Kernel::Split {
+                    num: usize::try_from(num)
+                        .ok()
+                        .filter(|n| (1..=1 << 16).contains(n))
+                        .ok_or_else(|| Error::msg(format!("num_split {num} is out of range")))?,
+                    v,
+                }
+            }
             Op::ConcatV2 => {
                 arity(2, usize::MAX)?;
                 Kernel::Concat { axis_first: false }
@@ -538,6 +577,8 @@ impl Kernel {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::BatchToSpaceND
             | Op::Other(_) => {
                 return Err(Error::msg(
                     "the interpreter has no kernel for this op".to_string(),
@@ -631,6 +672,7 @@ impl Kernel {
             Kernel::Slice => one(array::slice(x(0), x(1), x(2))?),
             Kernel::Pack(axis) => one(array::pack(&inputs, *axis)?),
             Kernel::Unpack(axis) => array::unpack(x(0), *axis),
+            Kernel::Split { num, v } => super::movement::split_op(&inputs, *num, *v),
             Kernel::Concat { axis_first } => {
                 let (axis, parts) = if *axis_first {
                     (scalar(x(0), "Concat axis")?, &inputs[1..])
@@ -674,6 +716,10 @@ impl Kernel {
                 one(super::fused::fused_matmul_float(&inputs, *ta, *tb, *act)?)
             }
             Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
+            Kernel::HardSwish => one(super::activation::hard_swish(x(0))?),
+            Kernel::TransposeConv(w) => one(super::spatial::conv2d_transpose(x(0), x(1), x(2), w)?),
+            Kernel::ResizeBilinear(r) => one(super::spatial::resize_bilinear(x(0), x(1), *r)?),
+            Kernel::ResizeNearest(r) => one(super::spatial::resize_nearest(x(0), x(1), *r)?),
         }
     }
 }
@@ -824,14 +870,22 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::StridedSlice
         | Op::Slice
         | Op::Transpose
+        | Op::Tile
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::ZerosLike
+        | Op::BiasAdd { .. }
         | Op::Dequantize
         | Op::ArgMax
-        | Op::ArgMin => (true, true),
+        | Op::ArgMin
+        | Op::HardSwish
+        | Op::ResizeNearestNeighbor(_) => (true, true),
         Op::Unary(_)
         | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
-        | Op::BiasAdd { .. }
         | Op::Conv2D(_)
         | Op::DepthwiseConv2dNative(_)
         | Op::MatMul(_)
@@ -839,19 +893,19 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::FusedBatchNorm { .. }
         | Op::LogSoftmax
         | Op::Reduce { .. }
-        | Op::Pack
-        | Op::Unpack
         | Op::MirrorPad
-        | Op::Tile
         | Op::Fill
-        | Op::ZerosLike
         | Op::OnesLike
         | Op::Range
         | Op::Cast
         | Op::Select
         | Op::SelectV2
-        | Op::Random(Random::Uniform) => (true, false),
+        | Op::Random(Random::Uniform)
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_) => (true, false),
         Op::Random(Random::StandardNormal | Random::TruncatedNormal)
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2

@@ -289,6 +289,25 @@ pub fn requantize_fp32(acc: i32, scale: f32, zero_point: i32, lo: i32, hi: i32) 
     round_half_even_f32(v) as i32 + zero_point
 }
 
+/// The optimized int8 SUM (`optimized_ops::QuantizedMeanOrSum` with
+/// `compute_sum`): `round(sum · s + bias) + zero_point` in f32 with
+/// `s = in_scale / out_scale` and `bias = -in_zp · s · count`, rounded half away
+/// from zero, then narrowed to int8 without saturation (the kernel's
+/// `static_cast<int8_t>` wraps).
+pub fn sum_requantize_f32(
+    sum: i32,
+    in_scale: f32,
+    in_zp: i32,
+    out_scale: f32,
+    out_zp: i32,
+    count: usize,
+) -> i8 {
+    let s = in_scale / out_scale;
+    let bias = -(in_zp as f32) * s * count as f32;
+    let v = round_half_away_f32(sum as f32 * s + bias) as i32;
+    v.wrapping_add(out_zp) as i8
+}
+
 /// The per-channel requantization scale XNNPACK computes for convolutions and
 /// fully connected layers: `in * w / out` in f32.
 pub fn xnn_conv_scale(in_scale: f32, w_scale: f32, out_scale: f32) -> f32 {
@@ -1061,4 +1080,103 @@ mod tests {
             ((acc as f32 * s) as f64 * w as f64 + b as f64) as f32
         );
     }
+}
+
+/// The fixed-point parameters of LiteRT's int8 HARD_SWISH (`HardSwishPrepare` in
+/// `kernels/activations.cc`): the input on a 2^-7 finer "hires" scale, its
+/// multiplier to the output scale and to the "reluish" scale on which 3.0 is 2^15,
+/// each a Q15 multiplier with an exponent. The ratios are computed in f32 and then
+/// split like any multiplier (`QuantizeMultiplier` in f64, then rounded to 16 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HardSwishParams {
+    pub input_zero_point: i32,
+    pub output_zero_point: i32,
+    pub output_multiplier: i16,
+    pub output_exponent: i32,
+    pub reluish_multiplier: i16,
+    pub reluish_exponent: i32,
+}
+
+/// `DownScaleInt32ToInt16Multiplier`: a Q31 multiplier rounded to Q15.
+fn down_scale_to_i16(m: i32) -> i16 {
+    const OFFSET: i32 = 1 << 15;
+    if m >= i32::MAX - OFFSET {
+        return i16::MAX;
+    }
+    ((m + OFFSET) >> 16) as i16
+}
+
+impl HardSwishParams {
+    /// `None` when the output scale is so much smaller than the input's that the
+    /// output multiplier would need a left shift (LiteRT refuses such a model).
+    pub fn new(
+        in_scale: f32,
+        in_zero_point: i32,
+        out_scale: f32,
+        out_zero_point: i32,
+    ) -> Option<HardSwishParams> {
+        let hires = (1.0f32 / 128.0) * in_scale;
+        let reluish_scale = 3.0f32 / 32768.0;
+        let (om, oe) = quantize_multiplier((hires / out_scale) as f64);
+        let (rm, re) = quantize_multiplier((hires / reluish_scale) as f64);
+        (oe <= 0).then_some(HardSwishParams {
+            input_zero_point: in_zero_point,
+            output_zero_point: out_zero_point,
+            output_multiplier: down_scale_to_i16(om),
+            output_exponent: oe,
+            reluish_multiplier: down_scale_to_i16(rm),
+            reluish_exponent: re,
+        })
+    }
+}
+
+/// gemmlowp's 16-bit `SaturatingRoundingDoublingHighMul`.
+fn srdhm_i16(a: i16, b: i16) -> i16 {
+    if a == i16::MIN && b == i16::MIN {
+        return i16::MAX;
+    }
+    let ab = a as i32 * b as i32;
+    let nudge = if ab >= 0 { 1 << 14 } else { 1 - (1 << 14) };
+    ((ab + nudge) / (1 << 15)) as i16
+}
+
+/// The reference kernel's `SaturatingDoublingHighMul`: like [`srdhm_i16`] but
+/// truncating toward zero.
+fn sdhm_i16(a: i16, b: i16) -> i16 {
+    if a == i16::MIN && b == i16::MIN {
+        return i16::MAX;
+    }
+    ((a as i32 * b as i32) / (1 << 15)) as i16
+}
+
+fn saturating_left_shift_i16(v: i16, amount: i32) -> i16 {
+    let r = (v as i64) * (1i64 << amount.clamp(0, 31));
+    r.clamp(i16::MIN as i64, i16::MAX as i64) as i16
+}
+
+fn rounding_divide_by_pot_i16(x: i16, exponent: i32) -> i16 {
+    rounding_divide_by_pot(x as i32, exponent.clamp(0, 31)) as i16
+}
+
+/// One element of LiteRT's reference int8 HARD_SWISH
+/// (`reference_ops::HardSwish<int8_t>` in `reference/hard_swish.h`).
+pub fn hard_swish_int8(q: i8, p: &HardSwishParams) -> i8 {
+    let input = (q as i32 - p.input_zero_point) as i16;
+    let hires = input.wrapping_mul(1 << 7);
+    let preshift_out = srdhm_i16(hires, p.output_multiplier);
+    let mut reluish = hires;
+    if p.reluish_exponent > 0 {
+        reluish = saturating_left_shift_i16(reluish, p.reluish_exponent - 1);
+    }
+    reluish = srdhm_i16(reluish, p.reluish_multiplier);
+    if p.reluish_exponent > 0 {
+        reluish = saturating_left_shift_i16(reluish, 1);
+    }
+    if p.reluish_exponent < 0 {
+        reluish = rounding_divide_by_pot_i16(reluish, -p.reluish_exponent);
+    }
+    let reluish = ((reluish as i32 + (1 << 15)) >> 1) as i16;
+    let pre = sdhm_i16(reluish, preshift_out);
+    let out = rounding_divide_by_pot_i16(pre, -p.output_exponent) as i32 + p.output_zero_point;
+    out.clamp(-128, 127) as i8
 }

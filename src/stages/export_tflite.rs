@@ -37,7 +37,7 @@ impl Stage for ExportTflite {
         Role::TfliteExport { input: "input" }
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

@@ -70,6 +70,7 @@
 //! `per_channel_dense` (`true`), `exclude` (`[]`).
 
 pub mod calibration;
+mod movement;
 pub mod params;
 pub mod rewrite;
 pub mod weights;
@@ -194,7 +195,7 @@ impl Stage for QuantizeInt8 {
         }
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

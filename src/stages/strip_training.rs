@@ -17,7 +17,10 @@
 //! `bind` (default empty): placeholders to replace by scalar constants, for graphs
 //! whose keep probability or training flag is a plain placeholder.
 
+mod activation;
+mod affine;
 mod bn;
+mod conv_window;
 mod fold;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -127,6 +130,18 @@ pub struct StripReport {
     pub batch_norms_folded: usize,
     pub muls_folded_into_weights: usize,
     pub adds_folded_into_bias: usize,
+    /// Multiplies and adds by a per-channel constant folded into the layer after them.
+    pub affine_folded_forward: usize,
+    /// Multiplies and adds moved before a reshape (to fold into the layer before it).
+    pub affine_moved_before_reshape: usize,
+    pub reshapes_removed: usize,
+    pub divisions_to_multiplies: usize,
+    /// `SpaceToBatchND → conv → BatchToSpaceND` chains made one dilated convolution.
+    pub dilated_convolutions: usize,
+    /// Zero `Pad`s before a VALID convolution folded into SAME padding.
+    pub pads_folded: usize,
+    /// `x * relu6(x + 3) / 6` patterns fused into one `HardSwish`.
+    pub hard_swishes_fused: usize,
 }
 
 impl StripReport {
@@ -165,6 +180,20 @@ impl StripReport {
             "adds_folded_into_bias".into(),
             self.adds_folded_into_bias.into(),
         );
+        for (k, v) in [
+            ("affine_folded_forward", self.affine_folded_forward),
+            (
+                "affine_moved_before_reshape",
+                self.affine_moved_before_reshape,
+            ),
+            ("reshapes_removed", self.reshapes_removed),
+            ("divisions_to_multiplies", self.divisions_to_multiplies),
+            ("dilated_convolutions", self.dilated_convolutions),
+            ("pads_folded", self.pads_folded),
+            ("hard_swishes_fused", self.hard_swishes_fused),
+        ] {
+            m.insert(k.into(), v.into());
+        }
         m
     }
 }
@@ -324,8 +353,26 @@ pub fn strip(
     bypass_passthroughs(&mut g, &declared)?;
     prune(&mut g)?;
 
+    let mut ws = conv_window::WindowStats::default();
+    conv_window::fold_space_to_batch(&mut g, &mut ws)?;
+    let mut af = affine::AffineStats::default();
+    affine::divisions_to_multiplies(&mut g, &mut af)?;
     if opts.fold_batch_norm {
-        let bs = bn::fold_batch_norms(&mut g)?;
+        let mut bs = bn::fold_batch_norms(&mut g)?;
+        // Backwards first (into the layer before); what cannot go backwards goes
+        // through a reshape or forwards into the layer after.
+        let limit = g.nodes.len() + 16;
+        for _ in 0..limit {
+            if !(affine::move_before_reshape_once(&mut g, &mut af)?
+                || affine::fold_forward_once(&mut g, &mut af)?)
+            {
+                break;
+            }
+            prune(&mut g)?;
+            bn::fold_backward(&mut g, &mut bs)?;
+        }
+        prune(&mut g)?;
+        affine::collapse_reshapes(&mut g, &mut af)?;
         report.batch_norms_folded = bs.fused_batch_norms;
         report.muls_folded_into_weights = bs.muls_into_weights;
         report.adds_folded_into_bias = bs.adds_into_bias;
@@ -333,6 +380,14 @@ pub fn strip(
         bypass_passthroughs(&mut g, &declared)?;
         prune(&mut g)?;
     }
+    conv_window::fold_pads(&mut g, &mut ws)?;
+    report.hard_swishes_fused = activation::fuse_hard_swish(&mut g)?;
+    report.affine_folded_forward = af.folded_forward;
+    report.affine_moved_before_reshape = af.moved_before_reshape;
+    report.reshapes_removed = af.reshapes_removed;
+    report.divisions_to_multiplies = af.divisions_to_multiplies;
+    report.dilated_convolutions = ws.dilated_convolutions;
+    report.pads_folded = ws.pads_folded;
 
     for n in &g.nodes {
         if declared.contains(&n.name) {
@@ -390,7 +445,7 @@ impl Stage for StripTraining {
         }
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

@@ -520,7 +520,8 @@ impl Stage for Validate {
     }
     fn version(&self) -> u32 {
         // 2: the default runtime is LiteRT's reference kernels; every output is measured.
-        2
+        // 3: int8 SUM follows LiteRT's kernels (reference: bytes read as uint8).
+        3
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

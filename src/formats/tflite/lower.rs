@@ -23,6 +23,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+mod movement;
+
 use super::model::{Activation, ConvOptions, Model, Op, Operator, Padding, PoolOptions, TensorDef};
 use crate::error::{Error, Result};
 use crate::ir::op::{Binary, Forward, Linear, Padding as IrPadding, Reduce, Unary};
@@ -56,6 +58,8 @@ enum Layout {
     Depthwise,
     /// MatMul `[in, out]` → FULLY_CONNECTED `[out, in]`.
     Transposed,
+    /// Conv2DBackpropInput filter `[h, w, out, in]` → TRANSPOSE_CONV `[out, h, w, in]`.
+    TransposeConv,
 }
 
 /// Lowers `graph` to a TFLite model. An op with no TFLite equivalent, or a
@@ -127,6 +131,8 @@ fn const_like(op: &IrOp) -> bool {
         | IrOp::Slice
         | IrOp::Pack
         | IrOp::Unpack
+        | IrOp::Split
+        | IrOp::SplitV
         | IrOp::ConcatV2
         | IrOp::Concat
         | IrOp::Pad
@@ -146,14 +152,24 @@ fn const_like(op: &IrOp) -> bool {
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
+        | IrOp::SpaceToBatchND
+        | IrOp::HardSwish
+        | IrOp::Conv2DBackpropInput(_)
+        | IrOp::ResizeBilinear(_)
+        | IrOp::ResizeNearestNeighbor(_)
+        | IrOp::BatchToSpaceND
         | IrOp::Other(_) => false,
     }
 }
 
 /// The inputs of `node` whose values it needs at run time; the others (axes,
 /// target shapes, paddings) are read from shape inference at export time.
-fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
+fn runtime_inputs(node: &Node, op: &IrOp) -> Vec<usize> {
     let n = node.inputs.len();
+    // A transposed convolution's output shape (input 0) is read from shape inference.
+    if let IrOp::Conv2DBackpropInput(_) = op {
+        return (1..n.min(3)).collect();
+    }
     let k = match op {
         IrOp::Reshape
         | IrOp::ExpandDims
@@ -198,6 +214,8 @@ fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
         | IrOp::Slice
         | IrOp::Pack
         | IrOp::Unpack
+        | IrOp::Split
+        | IrOp::SplitV
         | IrOp::Concat
         | IrOp::MirrorPad
         | IrOp::Transpose
@@ -216,9 +234,15 @@ fn runtime_inputs(node: &Node, op: &IrOp) -> std::ops::Range<usize> {
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
+        | IrOp::SpaceToBatchND
+        | IrOp::HardSwish
+        | IrOp::Conv2DBackpropInput(_)
+        | IrOp::ResizeBilinear(_)
+        | IrOp::ResizeNearestNeighbor(_)
+        | IrOp::BatchToSpaceND
         | IrOp::Other(_) => n,
     };
-    0..k.min(n)
+    (0..k.min(n)).collect()
 }
 
 impl<'g> Lowerer<'g> {
@@ -322,7 +346,7 @@ impl<'g> Lowerer<'g> {
             if !self.needed[i] || inputs.contains(&i) || !const_like(&self.ops[i]) {
                 continue;
             }
-            let all_const = runtime_inputs(node, &self.ops[i]).all(|k| {
+            let all_const = runtime_inputs(node, &self.ops[i]).into_iter().all(|k| {
                 matches!(
                     self.values.get(&node.inputs[k]),
                     Some(Value::Const(..)) | Some(Value::Stored(..))
@@ -357,6 +381,7 @@ impl<'g> Lowerer<'g> {
             };
             self.model.outputs.push((r.to_string(), t));
         }
+        movement::tidy(&mut self.model);
         if self.model.operators.iter().any(|op| {
             op.op == Op::Dequantize && self.tensor_dtype(op.inputs[0]) == Some(DType::F16)
         }) {
@@ -613,6 +638,26 @@ impl<'g> Lowerer<'g> {
             IrOp::Binary(Binary::Minimum) => self.binary(node, Op::Minimum)?,
             IrOp::Unary(Unary::Relu) => self.unary(node, Op::Relu)?,
             IrOp::Unary(Unary::Relu6) => self.unary(node, Op::Relu6)?,
+            IrOp::HardSwish => self.unary(node, Op::HardSwish)?,
+            IrOp::Conv2DBackpropInput(c) => self.lower_transpose_conv(i, node, c)?,
+            IrOp::ResizeBilinear(r) | IrOp::ResizeNearestNeighbor(r) => {
+                let size = self.known_ints(node, 1, "size")?;
+                let x = self.input(&node.inputs[0], Layout::AsIs)?;
+                let s = self.int_const(node, format!("{}/size", node.name), &[2], &size)?;
+                let (align_corners, half_pixel_centers) = (r.align_corners, r.half_pixel_centers);
+                let op = if matches!(op, IrOp::ResizeBilinear(_)) {
+                    Op::ResizeBilinear {
+                        align_corners,
+                        half_pixel_centers,
+                    }
+                } else {
+                    Op::ResizeNearestNeighbor {
+                        align_corners,
+                        half_pixel_centers,
+                    }
+                };
+                self.emit(node, op, vec![x, s])?
+            }
             IrOp::Unary(Unary::Tanh) => self.unary(node, Op::Tanh)?,
             IrOp::Unary(Unary::Sigmoid) => self.unary(node, Op::Logistic)?,
             IrOp::Quantize => self.unary(node, Op::Quantize)?,
@@ -711,6 +756,20 @@ impl<'g> Lowerer<'g> {
                 };
                 self.unary(node, op)?;
             }
+            IrOp::Transpose
+            | IrOp::Tile
+            | IrOp::Slice
+            | IrOp::StridedSlice
+            | IrOp::Split
+            | IrOp::SplitV
+            | IrOp::Pack
+            | IrOp::Unpack
+            | IrOp::Fill
+            | IrOp::ZerosLike
+            | IrOp::Shape
+            | IrOp::Gather
+            | IrOp::ArgMax
+            | IrOp::ArgMin => self.lower_movement(node, &op)?,
             IrOp::Forward(Forward::CheckNumerics | Forward::PreventGradient)
             | IrOp::IdentityN
             | IrOp::Print
@@ -756,22 +815,10 @@ impl<'g> Lowerer<'g> {
                 kind: Reduce::Prod | Reduce::Any | Reduce::All,
                 ..
             }
-            | IrOp::ArgMax
-            | IrOp::ArgMin
-            | IrOp::Gather
-            | IrOp::Shape
             | IrOp::Size
             | IrOp::Rank
-            | IrOp::StridedSlice
-            | IrOp::Slice
-            | IrOp::Pack
-            | IrOp::Unpack
             | IrOp::Concat
             | IrOp::MirrorPad
-            | IrOp::Transpose
-            | IrOp::Tile
-            | IrOp::Fill
-            | IrOp::ZerosLike
             | IrOp::OnesLike
             | IrOp::Range
             | IrOp::Select
@@ -780,6 +827,8 @@ impl<'g> Lowerer<'g> {
             | IrOp::NoOp
             | IrOp::Assert
             | IrOp::SaveV2
+            | IrOp::SpaceToBatchND
+            | IrOp::BatchToSpaceND
             | IrOp::Other(_) => {
                 return Err(node_err(
                     node,
@@ -980,6 +1029,7 @@ impl<'g> Lowerer<'g> {
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
         let (operator, w) = self.linear_op(node, &linear, activation)?;
         let b = match (&bias, linear) {
+            (Some(r), Linear::MatMul(_)) if self.is_zero_const(r) => -1,
             (Some(r), _) => self.input(r, Layout::AsIs)?,
             (None, Linear::MatMul(_)) => -1,
             // CONV_2D and DEPTHWISE_CONV_2D kernels require a bias tensor.
@@ -990,6 +1040,78 @@ impl<'g> Lowerer<'g> {
         let out_ref = TensorRef::new(tail_node.name.clone(), 0);
         let t = self.runtime_tensor(tail_node, &out_ref)?;
         self.add_op(operator, vec![x, w, b], vec![t]);
+        self.values.insert(out_ref, Value::Runtime(t));
+        let mut k = i;
+        while k != tail {
+            let r = TensorRef::new(graph.nodes[k].name.clone(), 0);
+            k = self.consumers[&r][0];
+            self.absorbed.insert(k);
+        }
+        Ok(())
+    }
+
+    /// `Conv2DBackpropInput` → TRANSPOSE_CONV with its bias add and Relu/Relu6 fused,
+    /// as the converter emits it; the output shape is a constant from shape
+    /// inference (batch 1 where it is known only at run time, as the converter writes it).
+    fn lower_transpose_conv(
+        &mut self,
+        i: usize,
+        node: &'g Node,
+        c: crate::ir::op::Conv,
+    ) -> Result<()> {
+        let graph = self.graph;
+        nhwc(node, c.layout)?;
+        if c.dilations != [1, 1] {
+            return Err(node_err(node, "TRANSPOSE_CONV has no dilation"));
+        }
+        if node.inputs.len() != 3 {
+            return Err(node_err(node, "needs three inputs"));
+        }
+        let shape = self.out_shape(node)?;
+        let out_channels = *shape.last().unwrap_or(&-1);
+        let mut tail = i;
+        let mut bias = None;
+        let mut activation = Activation::None;
+        let here = TensorRef::new(node.name.clone(), 0);
+        if let Some(k) = self.sole_consumer(&here) {
+            if let Some(b) = self.bias_operand(k, &here, out_channels) {
+                bias = Some(b);
+                tail = k;
+            }
+        }
+        let tail_ref = TensorRef::new(graph.nodes[tail].name.clone(), 0);
+        if let Some(k) = self.sole_consumer(&tail_ref) {
+            let act = match self.ops[k] {
+                IrOp::Unary(Unary::Relu) => Some(Activation::Relu),
+                IrOp::Unary(Unary::Relu6) => Some(Activation::Relu6),
+                _ => None,
+            };
+            let same_quant = !graph.nodes[tail].output_quant.contains_key(&0)
+                || graph.nodes[k].output_quant.contains_key(&0);
+            if let (Some(a), true) = (act, same_quant) {
+                activation = a;
+                tail = k;
+            }
+        }
+        let dims: Vec<i64> = shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
+        let os = self.int_const(node, format!("{}/output_shape", node.name), &[4], &dims)?;
+        let w = self.input(&node.inputs[1], Layout::TransposeConv)?;
+        let x = self.input(&node.inputs[2], Layout::AsIs)?;
+        let b = match &bias {
+            Some(r) => self.input(r, Layout::AsIs)?,
+            None => -1,
+        };
+        let [sh, sw] = window_i32(node, "strides", c.strides)?;
+        let op = Op::TransposeConv {
+            padding: padding(node, c.padding)?,
+            stride_h: sh,
+            stride_w: sw,
+            activation,
+        };
+        let tail_node = &graph.nodes[tail];
+        let out_ref = TensorRef::new(tail_node.name.clone(), 0);
+        let t = self.runtime_tensor(tail_node, &out_ref)?;
+        self.add_op(op, vec![os, w, x, b], vec![t]);
         self.values.insert(out_ref, Value::Runtime(t));
         let mut k = i;
         while k != tail {
@@ -1093,7 +1215,10 @@ impl<'g> Lowerer<'g> {
         };
         let x = self.input(&node.inputs[0], Layout::AsIs)?;
         let (operator, w) = self.linear_op(node, &linear, activation)?;
-        let b = self.input(&node.inputs[2], Layout::AsIs)?;
+        let b = match linear {
+            Linear::MatMul(_) if self.is_zero_const(&node.inputs[2]) => -1,
+            _ => self.input(&node.inputs[2], Layout::AsIs)?,
+        };
         self.emit(node, operator, vec![x, w, b])
     }
 
@@ -1289,6 +1414,14 @@ fn rearrange(
             debug_assert_eq!(t2.shape(), [o, h, w, i]);
             Ok((t2, move_axis(&[3], 0, quant, o)?))
         }
+        Layout::TransposeConv => {
+            let [h, w, o, i] = s[..] else {
+                return Err(node_err(node, format!("filter shape {s:?} is not HWOI")));
+            };
+            let t2 = transpose(node, t, &[2, 0, 1, 3])?;
+            debug_assert_eq!(t2.shape(), [o, h, w, i]);
+            Ok((t2, move_axis(&[2], 0, quant, o)?))
+        }
         Layout::Depthwise => {
             let [h, w, c, m] = s[..] else {
                 return Err(node_err(node, format!("filter shape {s:?} is not HWCM")));
@@ -1446,6 +1579,42 @@ pub fn lowering(op: &IrOp) -> Lowering {
             batch_dims: 0,
         },
         IrOp::Pad | IrOp::PadV2 => Op::Pad,
+        IrOp::Transpose => Op::Transpose,
+        IrOp::Tile => Op::Tile,
+        IrOp::Slice => Op::Slice,
+        IrOp::StridedSlice => Op::StridedSlice {
+            begin_mask: 0,
+            end_mask: 0,
+            shrink_axis_mask: 0,
+        },
+        IrOp::Split => Op::Split { num: 2 },
+        IrOp::SplitV => Op::SplitV { num: 2 },
+        IrOp::Pack => Op::Pack { count: 2, axis: 0 },
+        IrOp::Unpack => Op::Unpack { num: 2, axis: 0 },
+        IrOp::Fill => Op::Fill,
+        IrOp::ZerosLike => Op::ZerosLike,
+        IrOp::Shape => Op::Shape { output: DType::I32 },
+        IrOp::Gather => Op::Gather {
+            axis: 0,
+            batch_dims: 0,
+        },
+        IrOp::ArgMax => Op::ArgMax { output: DType::I64 },
+        IrOp::ArgMin => Op::ArgMin { output: DType::I64 },
+        IrOp::HardSwish => Op::HardSwish,
+        IrOp::Conv2DBackpropInput(_) => Op::TransposeConv {
+            padding: Padding::Same,
+            stride_h: 1,
+            stride_w: 1,
+            activation,
+        },
+        IrOp::ResizeBilinear(r) => Op::ResizeBilinear {
+            align_corners: r.align_corners,
+            half_pixel_centers: r.half_pixel_centers,
+        },
+        IrOp::ResizeNearestNeighbor(r) => Op::ResizeNearestNeighbor {
+            align_corners: r.align_corners,
+            half_pixel_centers: r.half_pixel_centers,
+        },
         IrOp::MaxPool(_) => Op::MaxPool2d(pool),
         IrOp::AvgPool(_) => Op::AveragePool2d(pool),
         IrOp::Forward(Forward::CheckNumerics | Forward::PreventGradient)
@@ -1460,22 +1629,10 @@ pub fn lowering(op: &IrOp) -> Lowering {
         | IrOp::FusedBatchNorm { .. }
         | IrOp::LogSoftmax
         | IrOp::Reduce { .. }
-        | IrOp::ArgMax
-        | IrOp::ArgMin
-        | IrOp::Gather
-        | IrOp::Shape
         | IrOp::Size
         | IrOp::Rank
-        | IrOp::StridedSlice
-        | IrOp::Slice
-        | IrOp::Pack
-        | IrOp::Unpack
         | IrOp::Concat
         | IrOp::MirrorPad
-        | IrOp::Transpose
-        | IrOp::Tile
-        | IrOp::Fill
-        | IrOp::ZerosLike
         | IrOp::OnesLike
         | IrOp::Range
         | IrOp::Select
@@ -1484,6 +1641,8 @@ pub fn lowering(op: &IrOp) -> Lowering {
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
+        | IrOp::SpaceToBatchND
+        | IrOp::BatchToSpaceND
         | IrOp::Other(_) => return Lowering::None,
     })
 }

@@ -87,6 +87,22 @@ pub enum Op {
     },
     Relu,
     Relu6,
+    HardSwish,
+    /// TRANSPOSE_CONV (inputs: output shape, filter `[out, h, w, in]`, input, bias).
+    TransposeConv {
+        padding: Padding,
+        stride_h: i32,
+        stride_w: i32,
+        activation: Activation,
+    },
+    ResizeBilinear {
+        align_corners: bool,
+        half_pixel_centers: bool,
+    },
+    ResizeNearestNeighbor {
+        align_corners: bool,
+        half_pixel_centers: bool,
+    },
     Reshape,
     Softmax {
         beta: f32,
@@ -122,6 +138,40 @@ pub enum Op {
         keep_dims: bool,
     },
     Quantize,
+    Transpose,
+    Tile,
+    Slice,
+    /// Begin/end/strides are per input dimension; no ellipsis or new axes.
+    StridedSlice {
+        begin_mask: i32,
+        end_mask: i32,
+        shrink_axis_mask: i32,
+    },
+    Split {
+        num: i32,
+    },
+    SplitV {
+        num: i32,
+    },
+    Pack {
+        count: i32,
+        axis: i32,
+    },
+    Unpack {
+        num: i32,
+        axis: i32,
+    },
+    ArgMax {
+        output: DType,
+    },
+    ArgMin {
+        output: DType,
+    },
+    ZerosLike,
+    Fill,
+    Shape {
+        output: DType,
+    },
 }
 
 impl Op {
@@ -140,6 +190,10 @@ impl Op {
             Op::Mul { .. } => 18,
             Op::Relu => 19,
             Op::Relu6 => 21,
+            Op::HardSwish => 117,
+            Op::TransposeConv { .. } => 67,
+            Op::ResizeBilinear { .. } => 23,
+            Op::ResizeNearestNeighbor { .. } => 97,
             Op::Reshape => 22,
             Op::Softmax { .. } => 25,
             Op::Tanh => 28,
@@ -156,6 +210,19 @@ impl Op {
             Op::ReduceMax { .. } => 82,
             Op::ReduceMin { .. } => 89,
             Op::Quantize => 114,
+            Op::Transpose => 39,
+            Op::StridedSlice { .. } => 45,
+            Op::Split { .. } => 49,
+            Op::ArgMax { .. } => 56,
+            Op::Slice => 65,
+            Op::Tile => 69,
+            Op::Shape { .. } => 77,
+            Op::ArgMin { .. } => 79,
+            Op::Pack { .. } => 83,
+            Op::Unpack { .. } => 88,
+            Op::ZerosLike => 93,
+            Op::Fill => 94,
+            Op::SplitV { .. } => 102,
         }
     }
 
@@ -181,6 +248,7 @@ pub fn builtin_name(code: i32) -> &'static str {
         (19, "RELU"),
         (21, "RELU6"),
         (22, "RESHAPE"),
+        (23, "RESIZE_BILINEAR"),
         (25, "SOFTMAX"),
         (28, "TANH"),
         (34, "PAD"),
@@ -191,11 +259,27 @@ pub fn builtin_name(code: i32) -> &'static str {
         (43, "SQUEEZE"),
         (55, "MAXIMUM"),
         (57, "MINIMUM"),
+        (67, "TRANSPOSE_CONV"),
         (70, "EXPAND_DIMS"),
         (74, "SUM"),
         (82, "REDUCE_MAX"),
         (89, "REDUCE_MIN"),
+        (97, "RESIZE_NEAREST_NEIGHBOR"),
         (114, "QUANTIZE"),
+        (39, "TRANSPOSE"),
+        (45, "STRIDED_SLICE"),
+        (49, "SPLIT"),
+        (56, "ARG_MAX"),
+        (65, "SLICE"),
+        (69, "TILE"),
+        (77, "SHAPE"),
+        (79, "ARG_MIN"),
+        (83, "PACK"),
+        (88, "UNPACK"),
+        (93, "ZEROS_LIKE"),
+        (94, "FILL"),
+        (102, "SPLIT_V"),
+        (117, "HARD_SWISH"),
     ];
     NAMES
         .iter()

@@ -245,7 +245,100 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
         | Op::ReduceMin { .. }
         | Op::Relu6 => int8_or_int16(in0, 2, 3, 1),
         Op::Sum { .. } => int8_or_int16(in0, 2, 1, 1),
-        Op::Reshape | Op::ExpandDims => 1,
+        Op::Reshape | Op::ExpandDims | Op::ZerosLike | Op::Shape { .. } => 1,
+        Op::Transpose => {
+            let rank = input_dims(0).map_or(0, <[i32]>::len);
+            if rank > 5 {
+                6
+            } else if in0 == Some(I16) {
+                5
+            } else if rank > 4 {
+                4
+            } else if in0 == Some(Bool) {
+                3
+            } else {
+                int8_or_int16(in0, 2, 5, 1)
+            }
+        }
+        Op::Tile => match in0 {
+            Some(I8) => 3,
+            Some(String) => 2,
+            _ => 1,
+        },
+        Op::Slice => {
+            if input_dims(0).map_or(0, <[i32]>::len) > 4 {
+                5
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
+        Op::TransposeConv { activation, .. } => {
+            if *activation != super::model::Activation::None {
+                4
+            } else if op.inputs.len() == 4 && op.inputs[3] >= 0 {
+                3
+            } else if input(1) == Some(I8) {
+                2
+            } else {
+                1
+            }
+        }
+        Op::ResizeBilinear {
+            half_pixel_centers, ..
+        } => {
+            if in0 == Some(I16) {
+                4
+            } else if *half_pixel_centers {
+                3
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
+        Op::StridedSlice { .. } => {
+            if input_dims(0).map_or(0, <[i32]>::len) > 4 {
+                4
+            } else if in0 == Some(Bool) {
+                3
+            } else {
+                int8_or_int16(in0, 2, 1, 1)
+            }
+        }
+        // SPLIT's data is input 1 (the axis comes first).
+        Op::Split { .. } => match in1 {
+            Some(I16) => 4,
+            Some(I32) => 3,
+            Some(I8) => 2,
+            _ => 1,
+        },
+        Op::SplitV { .. } => int8_or_int16(in0, 2, 3, 1),
+        Op::Pack { .. } => int8_or_int16(in0, 2, 3, 1),
+        Op::Unpack { .. } => match in0 {
+            Some(I8) | Some(U8) => 2,
+            Some(Bool) => 3,
+            Some(I16) => 4,
+            _ => 1,
+        },
+        Op::ArgMax { .. } | Op::ArgMin { .. } => int8_or_int16(in0, 2, 1, 1),
+        Op::Fill => match in1 {
+            Some(F16) => 4,
+            Some(I8) | Some(I16) => 3,
+            Some(Bool) | Some(String) => 2,
+            _ => 1,
+        },
+        Op::ResizeNearestNeighbor {
+            align_corners,
+            half_pixel_centers,
+        } => {
+            if in0 == Some(I16) {
+                4
+            } else if *align_corners || *half_pixel_centers {
+                3
+            } else {
+                int8_or_int16(in0, 2, 4, 1)
+            }
+        }
+        // op_version.cc has no rule for HARD_SWISH: version 1 for float and int8.
+        Op::HardSwish => 1,
     }
 }
 
@@ -274,6 +367,9 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         19 => &["1.5.0", "2.1.0", "2.5.0"],
         21 => &["1.5.0", "1.14.0", "2.5.0"],
         22 => &["1.5.0"],
+        23 => &["1.7.0", "1.14.0", "2.2.0", "2.5.0"],
+        67 => &["1.9.0", "2.2.0", "2.4.0", "2.13.0"],
+        97 => &["1.13.1", "1.14.0", "2.3.0", "2.4.0"],
         25 => &["1.5.0", "1.14.0", "2.3.0"],
         34 => &["1.5.0", "1.14.0", "2.4.0", "2.6.0"],
         36 => &[
@@ -288,6 +384,21 @@ pub fn min_runtime_for_op(code: i32, version: i32) -> Option<&'static str> {
         74 => &["1.10.0", "1.15.0"],
         82 | 89 => &["1.11.0", "1.14.0", "2.5.0"],
         114 => &["1.14.0", "1.15.0", "2.7.0"],
+        39 => &["1.6.0", "1.14.0", "1.15.0", "2.4.0", "2.5.0", "2.13.0"],
+        45 => &[
+            "1.6.0", "1.14.0", "2.1.0", "2.3.0", "2.5.0", "2.6.0", "2.14.0", "2.14.0",
+        ],
+        49 => &["1.5.0", "1.14.0", "1.14.0", "2.3.0"],
+        56 | 79 => &["1.9.0", "1.14.0", "2.9.0"],
+        65 => &["1.14.0", "1.14.0", "1.14.0", "2.3.0", "2.5.0", "2.14.0"],
+        69 => &["1.10.1", "1.15.0", "2.10.0"],
+        77 => &["1.10.0", "2.10.0"],
+        83 => &["1.11.0", "1.14.0", "2.3.0", "2.14.0"],
+        88 => &["1.11.0", "1.14.0", "2.2.0", "2.3.0"],
+        93 => &["1.12.0"],
+        94 => &["1.13.0", "2.3.0", "2.5.0", "2.14.0"],
+        102 => &["1.13.1", "1.14.0", "2.3.0"],
+        117 => &["1.15.0"],
         _ => &[],
     };
     usize::try_from(version)

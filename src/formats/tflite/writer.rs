@@ -386,7 +386,57 @@ fn write_options(
 ) {
     use fb::BuiltinOptions as B;
     let act = |a: super::model::Activation| fb::ActivationFunctionType(a.code());
+    // Options tables whose fields qpipe's vendored schema subset leaves out, written
+    // slot by slot (vtable slot k at offset 4 + 2k, in schema.fbs field order).
+    let table = |fbb: &mut FlatBufferBuilder, slots: &[(u16, i32)], ints: &[(u16, i32)]| {
+        let start = fbb.start_table();
+        for &(slot, v) in slots {
+            fbb.push_slot::<i8>(4 + 2 * slot, v as i8, 0);
+        }
+        for &(slot, v) in ints {
+            fbb.push_slot::<i32>(4 + 2 * slot, v, 0);
+        }
+        Some(fbb.end_table(start).as_union_value())
+    };
     match op {
+        // TransposeConvOptions { padding, stride_w, stride_h, fused_activation_function }
+        Op::TransposeConv {
+            padding: p,
+            stride_h,
+            stride_w,
+            activation,
+        } => (
+            B::TransposeConvOptions,
+            table(
+                fbb,
+                &[(0, padding(*p).0 as i32), (3, activation.code() as i32)],
+                &[(1, *stride_w), (2, *stride_h)],
+            ),
+        ),
+        // ResizeBilinearOptions { new_height, new_width (deprecated), align_corners, half_pixel_centers }
+        Op::ResizeBilinear {
+            align_corners,
+            half_pixel_centers,
+        } => (
+            B::ResizeBilinearOptions,
+            table(
+                fbb,
+                &[(2, *align_corners as i32), (3, *half_pixel_centers as i32)],
+                &[],
+            ),
+        ),
+        // ResizeNearestNeighborOptions { align_corners, half_pixel_centers }
+        Op::ResizeNearestNeighbor {
+            align_corners,
+            half_pixel_centers,
+        } => (
+            B::ResizeNearestNeighborOptions,
+            table(
+                fbb,
+                &[(0, *align_corners as i32), (1, *half_pixel_centers as i32)],
+                &[],
+            ),
+        ),
         Op::Conv2d(o) => {
             let t = fb::Conv2DOptions::create(
                 fbb,
@@ -534,6 +584,49 @@ fn write_options(
             );
             (B::SqueezeOptions, Some(t.as_union_value()))
         }
+        Op::StridedSlice {
+            begin_mask,
+            end_mask,
+            shrink_axis_mask,
+        } => {
+            // StridedSliceOptions { begin_mask, end_mask, ellipsis_mask,
+            // new_axis_mask, shrink_axis_mask, offset }: slots 0, 1 and 4.
+            let t = raw_table(
+                fbb,
+                &[(0, *begin_mask), (1, *end_mask), (4, *shrink_axis_mask)],
+            );
+            (B::StridedSliceOptions, Some(t))
+        }
+        // SplitOptions / SplitVOptions { num_splits }.
+        Op::Split { num } => (B::SplitOptions, Some(raw_table(fbb, &[(0, *num)]))),
+        Op::SplitV { num } => (B::SplitVOptions, Some(raw_table(fbb, &[(0, *num)]))),
+        // PackOptions { values_count, axis }, UnpackOptions { num, axis }.
+        Op::Pack { count, axis } => (
+            B::PackOptions,
+            Some(raw_table(fbb, &[(0, *count), (1, *axis)])),
+        ),
+        Op::Unpack { num, axis } => (
+            B::UnpackOptions,
+            Some(raw_table(fbb, &[(0, *num), (1, *axis)])),
+        ),
+        // ArgMaxOptions / ArgMinOptions { output_type: TensorType (byte) }.
+        Op::ArgMax { output } | Op::ArgMin { output } | Op::Shape { output } => {
+            let code = tensor_type(*output).map_or(0, |t| t.0);
+            let start = fbb.start_table();
+            fbb.push_slot::<i8>(4, code, 0);
+            let t = fbb.end_table(start).as_union_value();
+            let kind = match op {
+                Op::ArgMax { .. } => B::ArgMaxOptions,
+                Op::ArgMin { .. } => B::ArgMinOptions,
+                _ => B::ShapeOptions,
+            };
+            (kind, Some(t))
+        }
+        Op::Transpose => empty_options(fbb, B::TransposeOptions),
+        Op::Tile => empty_options(fbb, B::TileOptions),
+        Op::Slice => empty_options(fbb, B::SliceOptions),
+        Op::ZerosLike => empty_options(fbb, B::ZerosLikeOptions),
+        Op::Fill => empty_options(fbb, B::FillOptions),
         Op::Reshape
         | Op::Pad
         | Op::Maximum
@@ -543,7 +636,33 @@ fn write_options(
         | Op::Quantize
         | Op::Relu
         | Op::Relu6
+        | Op::HardSwish
         | Op::Tanh
         | Op::Logistic => (B::NONE, None),
     }
+}
+
+/// A table of int32 fields by slot (the generated schema keeps only the option
+/// tables qpipe had used, so newer ones are written by field position).
+fn raw_table(
+    fbb: &mut FlatBufferBuilder,
+    fields: &[(u16, i32)],
+) -> WIPOffset<flatbuffers::UnionWIPOffset> {
+    let start = fbb.start_table();
+    for &(slot, v) in fields {
+        fbb.push_slot::<i32>(4 + 2 * slot, v, 0);
+    }
+    fbb.end_table(start).as_union_value()
+}
+
+/// An option table without fields, as the converter writes for these operators.
+fn empty_options(
+    fbb: &mut FlatBufferBuilder,
+    kind: fb::BuiltinOptions,
+) -> (
+    fb::BuiltinOptions,
+    Option<WIPOffset<flatbuffers::UnionWIPOffset>>,
+) {
+    let start = fbb.start_table();
+    (kind, Some(fbb.end_table(start).as_union_value()))
 }

@@ -164,6 +164,15 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrErr
             if !zero_bias {
                 continue;
             }
+            // A biasless op gets a zero bias; its activation fuses all the same.
+            if let Some(a) = sole_reader(&n.name) {
+                if matches!(
+                    parsed(&graph.nodes[a]),
+                    Some(Op::Unary(Unary::Relu | Unary::Relu6))
+                ) {
+                    chain.act = Some(a);
+                }
+            }
         }
         chains.push((chain, channels));
     }

@@ -36,6 +36,7 @@
 //! resolver op by op (XNNPACK for the ops it takes, the optimized builtins for
 //! the rest); [`super::rounding`] describes each of its roundings.
 
+mod activation;
 mod conv;
 mod elementwise;
 mod hybrid;
@@ -170,7 +171,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         }
         _ => {}
     }
-    let binary = matches!(kernel, Kernel::Binary(_));
+    let binary = matches!(kernel, Kernel::Binary(_) | Kernel::BiasAdd { .. });
     if !(is_i8(0) || binary && is_i8(1)) {
         return Ok(None);
     }
@@ -185,7 +186,17 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
             one(conv::pool(&inputs[0], *kind, *ksize, win, quant)?)
         }
         Kernel::Binary(op) => one(elementwise::binary(*op, &inputs[0], &inputs[1], quant)?),
+        // Exported as ADD, which broadcasts the bias over the last dimension.
+        Kernel::BiasAdd {
+            channels_first: false,
+        } => one(elementwise::binary(
+            super::elementwise::BinaryOp::Add,
+            &inputs[0],
+            &inputs[1],
+            quant,
+        )?),
         Kernel::Unary(op) => one(elementwise::unary(*op, &inputs[0], quant)?),
+        Kernel::HardSwish => one(activation::hard_swish(&inputs[0], quant)?),
         Kernel::Softmax { log: false } => one(reduce::softmax(&inputs[0], quant)?),
         Kernel::Reduce { op, keep_dims } => one(reduce::reduce(
             &inputs[0], &inputs[1], *op, *keep_dims, quant,
@@ -193,6 +204,18 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         Kernel::Pad | Kernel::PadV2 => one(elementwise::pad(inputs, quant)?),
         Kernel::Concat { .. } => {
             same_params_everywhere(quant, "concatenation")?;
+            Ok(None)
+        }
+        // The zeros of the output's parameters (exported as SUB(x, x), which gives them exactly).
+        Kernel::ZerosLike => {
+            let zp = output_affine(quant)?.zero_point as i8;
+            one(Value::from_vec(
+                inputs[0].shape.clone(),
+                vec![zp; inputs[0].len()],
+            ))
+        }
+        Kernel::Pack(_) => {
+            same_params_everywhere(quant, "pack")?;
             Ok(None)
         }
         Kernel::Forward
@@ -209,8 +232,12 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         | Kernel::StridedSlice(_)
         | Kernel::Slice
         | Kernel::Transpose
+        | Kernel::Tile
+        | Kernel::Unpack(_)
+        | Kernel::Split { .. }
         | Kernel::Dequantize
         | Kernel::Const(_)
+        | Kernel::ResizeNearest(_)
         | Kernel::ArgReduce { .. } => Ok(None),
         other => Err(Error::msg(format!(
             "no int8 kernel for {}",

@@ -11,7 +11,7 @@ use crate::kernels::rounding::{
     calculate_input_radius, fixed, mean_multiplier, multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_greater_than_one, preprocess_softmax_scaling,
     quantize_multiplier, requantize_fp32, rounding_divide_by_pot,
-    saturating_rounding_doubling_high_mul, xnn_mean_scale,
+    saturating_rounding_doubling_high_mul, sum_requantize_f32, xnn_mean_scale,
 };
 use crate::kernels::value::Value;
 
@@ -83,9 +83,30 @@ pub fn reduce(
             Ok(Value::from_vec(shape, acc))
         }
         ReduceOp::Mean | ReduceOp::Sum => {
+            // LiteRT's reference SUM kernel instantiates the reduction for uint8
+            // whatever the type: it reads int8 bytes as 0..255 and saturates to
+            // 0..255 (reduce.cc, `QuantizedMeanOrSum` with `GetTensorData<uint8_t>`).
+            let as_u8 = op == ReduceOp::Sum && quant.arithmetic == Arithmetic::Reference;
             let mut sums = vec![0i32; n_out];
             for (&v, &o) in xs.iter().zip(&map) {
-                sums[o] = sums[o].wrapping_add(v as i32);
+                let v = if as_u8 { v as u8 as i32 } else { v as i32 };
+                sums[o] = sums[o].wrapping_add(v);
+            }
+            if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Sum && count > 0 {
+                let res: Vec<i8> = sums
+                    .iter()
+                    .map(|&sum| {
+                        sum_requantize_f32(
+                            sum,
+                            xin.scale,
+                            xin.zero_point,
+                            out.scale,
+                            out.zero_point,
+                            count,
+                        )
+                    })
+                    .collect();
+                return Ok(Value::from_vec(shape, res));
             }
             if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Mean && count > 0 {
                 let scale = xnn_mean_scale(xin.scale, out.scale, count);
@@ -110,10 +131,13 @@ pub fn reduce(
                 sums.iter()
                     .map(|&sum| {
                         let shifted = (sum as i64 - xin.zero_point as i64 * count as i64) as i32;
-                        sat8(
-                            multiply_by_quantized_multiplier(shifted, q, s, ROUNDING)
-                                + out.zero_point,
-                        )
+                        let v = multiply_by_quantized_multiplier(shifted, q, s, ROUNDING)
+                            + out.zero_point;
+                        if as_u8 {
+                            v.clamp(0, 255) as u8 as i8
+                        } else {
+                            sat8(v)
+                        }
                     })
                     .collect()
             };

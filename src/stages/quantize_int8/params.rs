@@ -142,6 +142,23 @@ pub fn finite_range(t: &Tensor) -> Result<(f32, f32)> {
         .reduce(|| (0f32, 0f32), |a, b| (a.0.min(b.0), a.1.max(b.1))))
 }
 
+/// Depthwise weights `[h, w, c, m]` with one scale per output channel `c·m + j`
+/// (what TFLite reads along axis 3 of its `[1, h, w, c·m]` filter); the parameters
+/// say axis 3 with `c·m` scales, the convention the TFLite lowering and the int8
+/// kernel share for a depth multiplier above 1.
+pub fn symmetric_depthwise_weights(t: &Tensor) -> Result<(Tensor, QuantParams)> {
+    let s = t.shape().to_vec();
+    let [h, w, c, m] = s[..] else {
+        return Err(Error::msg(format!(
+            "depthwise weights {s:?} are not [h, w, c, m]"
+        )));
+    };
+    let flat = t.reshaped(vec![h * w, c * m])?;
+    let (q, mut p) = symmetric_weights(&flat, Some(1))?;
+    p.axis = Some(3);
+    Ok((q.reshaped(s)?, p))
+}
+
 /// Int32 bias: `round(b / (in_scale * w_scale[c]))` (the product in f32), clamped to
 /// ±(2^31 - 1); its scales are those products, zero points 0, along axis 0 (per
 /// tensor when the weights are).
@@ -226,6 +243,20 @@ mod tests {
             })
             .collect();
         (q, scales)
+    }
+
+    #[test]
+    fn depthwise_weights_with_a_multiplier_get_one_scale_per_output_channel() {
+        let (h, w, c, m) = (3, 3, 4, 2);
+        let v = values(h * w * c * m);
+        let t = Tensor::from_vec(vec![h, w, c, m], &v);
+        let (q, p) = symmetric_depthwise_weights(&t).unwrap();
+        // Output channel k = c·m + j is the flat index modulo C·M.
+        let (want_q, want_scales) = serial(&v, c * m, 1);
+        assert_eq!(q.shape(), &[h, w, c, m]);
+        assert_eq!(q.values::<i8>().unwrap(), want_q);
+        assert_eq!(p.scale, want_scales);
+        assert_eq!((p.axis, p.scale.len()), (Some(3), c * m));
     }
 
     #[test]

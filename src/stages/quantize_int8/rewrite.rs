@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::calibration::{Range32, Stats};
-use super::params::{asymmetric_params, bias_int32, quantize_with, symmetric_weights};
+use super::params::{
+    asymmetric_params, bias_int32, quantize_with, symmetric_depthwise_weights, symmetric_weights,
+};
 use crate::error::{Error, Result};
 use crate::ir::op::{Binary, Forward, Layout, Linear, Padding, Reduce, Unary};
 use crate::ir::{Attr, DType, Graph, Node, Op, QuantParams, Tensor, TensorRef};
@@ -35,7 +37,7 @@ pub struct FullReport {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Role {
+pub(super) enum Role {
     /// A float activation (or a float constant, quantized like one).
     Data,
     /// Symmetric int8 weights, per channel along the axis when there is one.
@@ -47,18 +49,20 @@ enum Role {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
+pub(super) enum Kind {
     /// Output parameters come from its calibrated range.
     Free,
     /// Inputs and output share parameters.
     Same,
     /// TFLite fixes the output parameters.
     Fixed(f32, i64),
+    /// The output is not quantized (an index, as ARG_MAX gives).
+    Unquantized,
 }
 
-struct Spec {
-    kind: Kind,
-    roles: Vec<Role>,
+pub(super) struct Spec {
+    pub(super) kind: Kind,
+    pub(super) roles: Vec<Role>,
 }
 
 /// The window forms the int8 conv and pool kernels have.
@@ -139,7 +143,9 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                     if !window_ok(c.padding, c.layout) {
                         return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
                     }
-                    (w.shape()[3] == 1).then_some(2)
+                    // Per output channel: along C when M = 1, else along C·M (see
+                    // `symmetric_depthwise_weights`).
+                    Some(if w.shape()[3] == 1 { 2 } else { 3 })
                 }
                 Linear::MatMul(m) => {
                     weights(1, 2)?;
@@ -246,7 +252,8 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Data],
             }
         }
-        Op::Unary(Unary::Relu | Unary::Relu6) => {
+        // LiteRT's int8 HARD_SWISH takes any output scale.
+        Op::Unary(Unary::Relu | Unary::Relu6) | Op::HardSwish => {
             need_data(&[0])?;
             Spec {
                 kind: Kind::Free,
@@ -265,6 +272,23 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data],
             }
         }
+        Op::Transpose
+        | Op::Tile
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::ZerosLike
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::Fill
+        | Op::Shape
+        | Op::BiasAdd {
+            layout: Layout::Nhwc,
+            v1: false,
+        } => super::movement::spec(n, &op, ins.len(), |i| need_data(&[i]))?,
         Op::Placeholder
         | Op::PlaceholderWithDefault
         | Op::Const
@@ -323,23 +347,12 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             kind: Reduce::Prod | Reduce::Any | Reduce::All,
             ..
         }
-        | Op::ArgMax
-        | Op::ArgMin
         | Op::Gather
-        | Op::Shape
         | Op::Size
         | Op::Rank
-        | Op::StridedSlice
-        | Op::Slice
-        | Op::Pack
-        | Op::Unpack
         | Op::Concat
         | Op::PadV2
         | Op::MirrorPad
-        | Op::Transpose
-        | Op::Tile
-        | Op::Fill
-        | Op::ZerosLike
         | Op::OnesLike
         | Op::Range
         | Op::Cast
@@ -351,6 +364,11 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2
+        | Op::SpaceToBatchND
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
+        | Op::BatchToSpaceND
         | Op::Other(_) => return no_kernel(),
     };
     if spec.roles.len() != ins.len() {
@@ -476,6 +494,8 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             Ok(s) => {
                 specs.insert(i, s);
             }
+            // Shape arithmetic on integers is not a float op left behind.
+            Err(_) if !n.inputs.iter().any(|r| cx.data_ok(r)) => {}
             Err(why) => report.float_nodes.push((n.name.clone(), n.op.clone(), why)),
         }
     }
@@ -487,7 +507,12 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
         let Some(s) = specs.get(&i) else { continue };
         let n = &g.nodes[i];
         let out = groups.id(&key(&TensorRef::new(n.name.clone(), 0)));
-        if let Kind::Fixed(sc, zp) = s.kind {
+        for k in 1..super::movement::outputs(n) {
+            let id = groups.id(&key(&TensorRef::new(n.name.clone(), k as u32)));
+            groups.union(out, id);
+        }
+        if s.kind == Kind::Unquantized {
+        } else if let Kind::Fixed(sc, zp) = s.kind {
             let r = groups.find(out);
             groups.fixed[r] = Some((sc, zp));
         } else if let Some(r) = stats.get(&TensorRef::new(n.name.clone(), 0)) {
@@ -670,7 +695,18 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                     let (wr, _) = match weight_cache.get(&ck) {
                         Some(v) => v.clone(),
                         None => {
-                            let (vals, p) = symmetric_weights(t, *axis)?;
+                            let depthwise = matches!(
+                                Op::parse(n),
+                                Ok(Op::Fused {
+                                    linear: Linear::Depthwise(_),
+                                    ..
+                                })
+                            );
+                            let (vals, p) = if depthwise && *axis == Some(3) {
+                                symmetric_depthwise_weights(t)?
+                            } else {
+                                symmetric_weights(t, *axis)?
+                            };
                             let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
                             let name = if sole {
                                 r.node.clone()
@@ -732,8 +768,15 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 q.attrs.insert(key_name.into(), Attr::Type(DType::I8));
             }
         }
-        q.output_quant.insert(0, out_q.clone());
-        int8_tensors.insert(out_key, out_q);
+        if s.kind != Kind::Unquantized {
+            for k in 1..super::movement::outputs(n) {
+                let r = TensorRef::new(n.name.clone(), k as u32);
+                q.output_quant.insert(k as u32, out_q.clone());
+                int8_tensors.insert(key(&r), out_q.clone());
+            }
+            q.output_quant.insert(0, out_q.clone());
+            int8_tensors.insert(out_key, out_q);
+        }
         new_nodes.push(q);
         report.int8_ops += 1;
     }
@@ -847,7 +890,20 @@ pub fn int8_form(op: &Op) -> Int8Form {
             | Binary::Minimum,
         )
         | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Sigmoid | Unary::Tanh)
-        | Op::Softmax => int8,
+        | Op::Softmax
+        | Op::Transpose
+        | Op::Tile
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::ZerosLike
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::Fill
+        | Op::HardSwish => int8,
         Op::Placeholder
         | Op::PlaceholderWithDefault
         | Op::Const
@@ -872,25 +928,20 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::BatchMatMul { .. }
         | Op::LogSoftmax
         | Op::Reduce { .. }
-        | Op::ArgMax
-        | Op::ArgMin
         | Op::Gather
-        | Op::StridedSlice
-        | Op::Slice
-        | Op::Pack
-        | Op::Unpack
         | Op::Concat
         | Op::PadV2
         | Op::MirrorPad
-        | Op::Transpose
-        | Op::Tile
-        | Op::Fill
-        | Op::ZerosLike
         | Op::OnesLike
         | Op::Range
         | Op::Cast
         | Op::Select
         | Op::SelectV2
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
         | Op::Other(_) => Int8Form::Float,
     }
 }

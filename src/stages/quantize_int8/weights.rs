@@ -42,6 +42,10 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::IdentityN
         | Op::Print
         | Op::Unary(_)
+        | Op::HardSwish
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
         | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
@@ -65,6 +69,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::Slice
         | Op::Pack
         | Op::Unpack
+        | Op::Split
+        | Op::SplitV
         | Op::ConcatV2
         | Op::Concat
         | Op::Pad
@@ -85,6 +91,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::NoOp
         | Op::Assert
         | Op::SaveV2
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
         | Op::Other(_) => return None,
     };
     if k != 1 {

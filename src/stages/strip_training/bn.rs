@@ -215,7 +215,12 @@ fn weighted(g: &Graph, idx: &HashMap<String, usize>, n: &Node) -> Option<Weighte
 
 /// A per-channel vector from a constant that broadcasts only along the last axis of
 /// a rank-`rank` tensor with `channels` channels.
-fn per_channel(v: &[f32], shape: &[usize], channels: usize, rank: usize) -> Option<Vec<f32>> {
+pub(super) fn per_channel(
+    v: &[f32],
+    shape: &[usize],
+    channels: usize,
+    rank: usize,
+) -> Option<Vec<f32>> {
     if v.len() == 1 && shape.len() <= rank {
         return Some(vec![v[0]; channels]);
     }
@@ -399,11 +404,18 @@ fn set_const(
 pub fn fold_batch_norms(g: &mut Graph) -> Result<BnStats> {
     let mut stats = BnStats::default();
     rewrite_fused(g, &mut stats)?;
+    fold_backward(g, &mut stats)?;
+    Ok(stats)
+}
+
+/// Folds per-channel constant multiplies and adds into the op before them, as long as
+/// there are any.
+pub fn fold_backward(g: &mut Graph, stats: &mut BnStats) -> Result<()> {
     let limit = g.nodes.len() * 2 + 16;
     for _ in 0..limit {
-        if !fold_once(g, &mut stats)? {
+        if !fold_once(g, stats)? {
             break;
         }
     }
-    Ok(stats)
+    Ok(())
 }

@@ -808,6 +808,7 @@ impl Pass<'_> {
             | Op::Softmax
             | Op::LogSoftmax
             | Op::LeakyRelu
+            | Op::HardSwish
             | Op::FusedBatchNorm { .. }
             | Op::PlaceholderWithDefault
             | Op::Dequantize
@@ -964,6 +965,8 @@ impl Pass<'_> {
             | Op::Slice
             | Op::Pack
             | Op::Unpack
+            | Op::Split
+            | Op::SplitV
             | Op::ConcatV2
             | Op::Concat
             | Op::Transpose
@@ -979,6 +982,11 @@ impl Pass<'_> {
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
+            | Op::SpaceToBatchND
+            | Op::Conv2DBackpropInput(_)
+            | Op::ResizeBilinear(_)
+            | Op::ResizeNearestNeighbor(_)
+            | Op::BatchToSpaceND
             | Op::Other(_) => None,
         }
     }
