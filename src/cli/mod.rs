@@ -131,7 +131,7 @@ pub struct EvalArgs {
 pub struct RunArgs {
     /// The recipe (TOML).
     pub recipe: PathBuf,
-    /// Stages to run at once (default: the number of CPUs).
+    /// Stages to run at once, and threads their kernels share (default: the number of CPUs).
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub jobs: Option<u32>,
     /// Print why each stage runs.
@@ -303,6 +303,15 @@ fn cmd_ops(a: OpsArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// CPU time (user + system, every thread) this process has used, where the system
+/// says (Linux: `/proc/self/stat`, in its 1/100 s ticks).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
 fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
     let arithmetic = crate::stages::validate::Runtime::parse(&a.runtime)
         .map_err(|e| Error::usage(format!("--runtime: {e}")))?
@@ -359,8 +368,11 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
         },
         ..Default::default()
     };
+    let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
     let report = crate::kernels::evaluate(graph, spec, &opts)
         .map_err(|e| e.context(format!("stage '{}' on dataset '{}'", a.stage, a.dataset)))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
     if a.json {
         let doc = serde_json::json!({
             "stage": a.stage,
@@ -369,6 +381,8 @@ fn cmd_eval(a: EvalArgs, registry: &'static [StageFactory]) -> Result<i32> {
             "accuracy": report.accuracy,
             "correct": report.correct,
             "written": report.written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
         });
         print_stdout(&format!("{doc}\n"))?;
     } else {
@@ -408,6 +422,12 @@ fn cmd_run(a: RunArgs, registry: &'static [StageFactory]) -> Result<i32> {
     };
     if let Some(j) = a.jobs {
         opts.jobs = j as usize;
+        // Stages running at once share one pool of kernel threads; --jobs caps it too,
+        // so that the run uses at most that many cores. (Fails only if the pool was
+        // already started, and then it keeps its size.)
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(j as usize)
+            .build_global();
     }
     let observer = Terminal::new(a.verbose, a.quiet, a.json);
     let report = pipeline::run(&recipe, &opts, &observer)?;

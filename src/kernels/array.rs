@@ -540,6 +540,9 @@ pub fn pad(
         shape.push(grown);
     }
     super::value::checked_len(&shape)?;
+    if mirror.is_none() && r > 0 {
+        return dispatch_any!(x.dtype(), T => super::pad_rows::pad_constant::<T>(x, &p, constant, shape));
+    }
     let total = num_elements(&shape).unwrap_or(0);
     let mut src = Vec::with_capacity(total);
     let mut idx = vec![0usize; r];

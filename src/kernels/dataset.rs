@@ -276,9 +276,33 @@ pub fn argmax_rows(v: &[f64], rows: usize, cols: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Runs `plan` over rows `[0, samples)` in batches of `batch_size`. `map` runs on
-/// each batch's fetched values in parallel; `sink` receives the results in row
-/// order. At most a window of a few batches per thread is in memory at once.
+/// The bytes a batch's largest intermediate tensor should hold. Batches are sized to
+/// it: activations of that size stay in cache and are allocated from memory the
+/// allocator reuses, where tensors of tens of megabytes would be mapped afresh, and
+/// their pages cleared by the kernel, for every op of every batch.
+pub const BATCH_BYTES: usize = 4 << 20;
+
+/// Rows of the first batch, which measures the plan's tensors for [`batch_rows`].
+pub const PROBE_ROWS: usize = 4;
+
+/// Rows per batch for a plan whose largest tensor holds `per_row` bytes a row: as many
+/// as keep it within [`BATCH_BYTES`], from 1 to `max_rows`.
+pub fn batch_rows(per_row: usize, max_rows: usize) -> usize {
+    (BATCH_BYTES / per_row.max(1)).clamp(1, max_rows.max(1))
+}
+
+/// Row ranges over `[start, total)` in batches of `rows`.
+pub fn batch_ranges(start: usize, total: usize, rows: usize) -> Vec<Range<usize>> {
+    (start..total)
+        .step_by(rows.max(1))
+        .map(|s| s..(s + rows.max(1)).min(total))
+        .collect()
+}
+
+/// Runs `plan` over rows `[0, samples)`: [`PROBE_ROWS`] rows first, then batches of at most
+/// `batch_size` rows, fewer when the plan's tensors are large ([`batch_rows`]).
+/// `map` runs on each batch's fetched values in parallel; `sink` receives the results
+/// in row order. At most a window of a few batches per thread is in memory at once.
 pub fn run_batches<R: Send>(
     plan: &Plan,
     data: &Dataset,
@@ -291,22 +315,23 @@ pub fn run_batches<R: Send>(
         return Err(Error::usage("batch size must be at least 1"));
     }
     let total = samples.map_or(data.rows(), |s| s.min(data.rows()));
-    let batches: Vec<Range<usize>> = (0..total)
-        .step_by(batch_size)
-        .map(|s| s..(s + batch_size).min(total))
-        .collect();
+    let run = |r: &Range<usize>| {
+        let feeds = data.feeds(plan, r.clone())?;
+        let outs = plan
+            .run_values(feeds)
+            .map_err(|e| e.context(format!("rows {}..{}", r.start, r.end)))?;
+        map(r.clone(), outs)
+    };
+    if total == 0 {
+        return Ok(());
+    }
+    let probe = PROBE_ROWS.min(total);
+    sink(0..probe, run(&(0..probe))?)?;
+    let per_row = plan.peak_bytes() / probe;
+    let batches = batch_ranges(probe, total, batch_rows(per_row, batch_size));
     let window = (rayon::current_num_threads() * 2).max(1);
     for chunk in batches.chunks(window) {
-        let results: Vec<Result<R>> = chunk
-            .par_iter()
-            .map(|r| {
-                let feeds = data.feeds(plan, r.clone())?;
-                let outs = plan
-                    .run_values(feeds)
-                    .map_err(|e| e.context(format!("rows {}..{}", r.start, r.end)))?;
-                map(r.clone(), outs)
-            })
-            .collect();
+        let results: Vec<Result<R>> = chunk.par_iter().map(run).collect();
         for (r, res) in chunk.iter().zip(results) {
             sink(r.clone(), res?)?;
         }

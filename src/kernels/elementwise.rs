@@ -607,6 +607,10 @@ fn cmp_values<T: Elem + Copy + PartialOrd>(op: BinaryOp, a: &Value, b: &Value) -
 
 /// Applies a binary op with broadcasting. Both operands must have the same dtype.
 pub fn binary(op: BinaryOp, a: Value, b: Value) -> Result<Value> {
+    let (a, b) = match super::fast_binary::try_binary(op, a, b) {
+        Ok(done) => return done,
+        Err(operands) => operands,
+    };
     let dt = same_dtype(op, &a, &b)?;
     if matches!(op, BinaryOp::LogicalAnd | BinaryOp::LogicalOr) {
         if dt != DType::Bool {

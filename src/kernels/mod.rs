@@ -10,14 +10,17 @@ pub mod activation;
 pub mod array;
 pub mod dataset;
 pub mod elementwise;
+mod fast_binary;
 pub mod fused;
 pub mod int8;
 pub mod movement;
 pub mod nn;
 pub mod ops;
+mod pad_rows;
 pub mod plan;
 pub mod rounding;
 pub mod spatial;
+pub mod simd;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};

@@ -82,16 +82,28 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     let k = kh * kw * c;
     let mut out = vec![0f32; n * oh * ow * o];
     let work = n * oh * ow * k * o;
-    // Output pixels (anywhere in the batch) are computed `BLOCK` at a time, so each
-    // filter row is loaded once per block rather than once per pixel. Every output
-    // element still sums its taps in the same order from zero, so the result is bit
-    // for bit that of one pixel at a time.
-    const BLOCK: usize = 4;
-    let compute_block = |blk: usize, out_blk: &mut [f32]| {
-        let mut patches = vec![0f32; BLOCK * k];
-        let mut live = [false; BLOCK];
-        for (j, live) in live.iter_mut().enumerate().take(out_blk.len() / o) {
-            let px = blk * BLOCK + j;
+    let pixels = n * oh * ow;
+    // A 1×1 stride-1 convolution without padding is a matrix product of the input
+    // rows as they are.
+    let pointwise =
+        kh == 1 && kw == 1 && win.strides == [1, 1] && (oh, ow, pt, pl) == (h, wd, 0, 0);
+    // Otherwise output pixels (anywhere in the batch) are computed `TILE` at a time
+    // from their patches, one matrix product per tile. Every output element sums its
+    // taps from zero in filter order (padding taps add 0 · w), as one pixel at a
+    // time would.
+    const TILE: usize = 32;
+    let packed = super::simd::sgemm::PackedB::new(ws, k, o);
+    let compute_tile = |t: usize, out_t: &mut [f32]| {
+        let rows = out_t.len() / o;
+        if pointwise {
+            let a = &xs[t * TILE * c..(t * TILE + rows) * c];
+            super::simd::sgemm::sgemm_packed(rows, a, c, &packed, out_t);
+            return;
+        }
+        let mut patches = vec![0f32; rows * k];
+        let mut live = [false; TILE];
+        for (j, live) in live.iter_mut().enumerate().take(rows) {
+            let px = t * TILE + j;
             let (b, y, ox) = (px / (oh * ow), px / ow % oh, px % ow);
             let patch = &mut patches[j * k..(j + 1) * k];
             for ky in 0..kh {
@@ -109,29 +121,23 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
                 }
             }
         }
-        for kk in 0..k {
-            let wrow = &ws[kk * o..(kk + 1) * o];
-            for (j, acc) in out_blk.chunks_exact_mut(o).enumerate() {
-                // A pixel whose window lies wholly in the padding stays exactly zero.
-                if !live[j] {
-                    continue;
-                }
-                let p = patches[j * k + kk];
-                for (a, &wv) in acc.iter_mut().zip(wrow) {
-                    *a += p * wv;
-                }
+        super::simd::sgemm::sgemm_packed(rows, &patches, k, &packed, out_t);
+        // A pixel whose window lies wholly in the padding stays exactly zero.
+        for (j, acc) in out_t.chunks_exact_mut(o).enumerate() {
+            if !live[j] {
+                acc.fill(0.0);
             }
         }
     };
-    if o > 0 {
+    if o > 0 && pixels > 0 {
         if work >= PAR_THRESHOLD {
-            out.par_chunks_mut(BLOCK * o)
+            out.par_chunks_mut(TILE * o)
                 .enumerate()
-                .for_each(|(i, blk)| compute_block(i, blk));
+                .for_each(|(i, t)| compute_tile(i, t));
         } else {
-            out.chunks_mut(BLOCK * o)
+            out.chunks_mut(TILE * o)
                 .enumerate()
-                .for_each(|(i, blk)| compute_block(i, blk));
+                .for_each(|(i, t)| compute_tile(i, t));
         }
     }
     Ok(Value::from_vec(vec![n, oh, ow, o], out))
@@ -154,7 +160,60 @@ pub fn depthwise_conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     let oc = c * m;
     let row = ow * oc;
     let mut out = vec![0f32; n * oh * row];
-    let compute_row = |r: usize, out_row: &mut [f32]| {
+    let dw = Depthwise {
+        xs,
+        ws,
+        win,
+        dims: [h, wd, c, m, kh, kw, oh, ow, pt, pl],
+    };
+    let compute_row = |r: usize, out_row: &mut [f32]| dw.run_row(r, out_row);
+    if row > 0 {
+        if n * oh * ow * oc * kh * kw >= PAR_THRESHOLD {
+            out.par_chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, o)| compute_row(r, o));
+        } else {
+            out.chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, o)| compute_row(r, o));
+        }
+    }
+    Ok(Value::from_vec(vec![n, oh, ow, oc], out))
+}
+
+/// One output row of a float depthwise convolution (see [`depthwise_conv2d`]).
+struct Depthwise<'a> {
+    xs: &'a [f32],
+    ws: &'a [f32],
+    win: &'a Window,
+    /// h, wd, c, m, kh, kw, oh, ow, pt, pl.
+    dims: [usize; 10],
+}
+
+impl Depthwise<'_> {
+    fn run_row(&self, r: usize, out_row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd::avx2() {
+            // SAFETY: AVX2 is present.
+            unsafe { self.row_avx2(r, out_row) };
+            return;
+        }
+        self.row(r, out_row)
+    }
+
+    /// The same loops compiled for AVX2, which vectorizes them across channels (no FMA:
+    /// the same products and sums).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_avx2(&self, r: usize, out_row: &mut [f32]) {
+        self.row(r, out_row)
+    }
+
+    #[inline(always)]
+    fn row(&self, r: usize, out_row: &mut [f32]) {
+        let [h, wd, c, m, kh, kw, oh, ow, pt, pl] = self.dims;
+        let (xs, ws, win) = (self.xs, self.ws, self.win);
+        let oc = c * m;
         let (b, y) = (r / oh, r % oh);
         for ox in 0..ow {
             let acc = &mut out_row[ox * oc..(ox + 1) * oc];
@@ -185,19 +244,7 @@ pub fn depthwise_conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
                 }
             }
         }
-    };
-    if row > 0 {
-        if n * oh * ow * oc * kh * kw >= PAR_THRESHOLD {
-            out.par_chunks_mut(row)
-                .enumerate()
-                .for_each(|(r, o)| compute_row(r, o));
-        } else {
-            out.chunks_mut(row)
-                .enumerate()
-                .for_each(|(r, o)| compute_row(r, o));
-        }
     }
-    Ok(Value::from_vec(vec![n, oh, ow, oc], out))
 }
 
 fn transpose2(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -212,25 +259,24 @@ fn transpose2(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// `[m, k] x [k, n]` into `out` (row-major), accumulating each output in k order.
 pub fn gemm(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    let row = |i: usize, o: &mut [f32]| {
-        o.fill(0.0);
-        let ar = &a[i * k..(i + 1) * k];
-        for (kk, &av) in ar.iter().enumerate() {
-            let br = &b[kk * n..(kk + 1) * n];
-            for (ov, &bv) in o.iter_mut().zip(br) {
-                *ov += av * bv;
-            }
-        }
-    };
-    if n == 0 {
+    if n == 0 || m == 0 {
         return;
     }
+    // Rows in blocks, each block one vectorized product over the whole of `b`.
+    const ROWS: usize = 16;
+    let packed = super::simd::sgemm::PackedB::new(b, k, n);
+    let block = |i: usize, o: &mut [f32]| {
+        let rows = o.len() / n;
+        super::simd::sgemm::sgemm_packed(rows, &a[i * ROWS * k..], k, &packed, o);
+    };
     if m * k * n >= PAR_THRESHOLD {
-        out.par_chunks_mut(n)
+        out.par_chunks_mut(ROWS * n)
             .enumerate()
-            .for_each(|(i, o)| row(i, o));
+            .for_each(|(i, o)| block(i, o));
     } else {
-        out.chunks_mut(n).enumerate().for_each(|(i, o)| row(i, o));
+        out.chunks_mut(ROWS * n)
+            .enumerate()
+            .for_each(|(i, o)| block(i, o));
     }
 }
 

@@ -45,8 +45,26 @@ pub struct Plan {
     inputs: Vec<PlanInput>,
     fetches: Vec<usize>,
     fetch_refs: Vec<TensorRef>,
+    /// The most bytes one value has held in the runs so far (see [`Plan::peak_bytes`]).
+    peak: Peak,
     /// Last, so that it drops after the steps' constants.
     _consts: ConstRelease,
+}
+
+/// A running maximum shared by the threads running a plan.
+#[derive(Debug, Default)]
+struct Peak(std::sync::atomic::AtomicUsize);
+
+impl Clone for Peak {
+    fn clone(&self) -> Peak {
+        Peak(self.get().into())
+    }
+}
+
+impl Peak {
+    fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Lets go of this plan's share of large constants (see [`Value::from_const_tensor`]).
@@ -246,6 +264,7 @@ impl Plan {
             inputs,
             fetches: fetch_slots,
             fetch_refs: fetches.to_vec(),
+            peak: Peak::default(),
             _consts: ConstRelease,
         })
     }
@@ -277,6 +296,13 @@ impl Plan {
         self.steps.is_empty()
     }
 
+    /// The most bytes any value computed by a step has held, over every run so far:
+    /// after a run of `r` rows, `peak_bytes() / r` sizes the next batches (see
+    /// [`super::dataset::batch_rows`]).
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.get()
+    }
+
     /// Runs the plan on values given in [`Plan::inputs`] order.
     pub fn run_values(&self, feeds: Vec<Value>) -> Result<Vec<Value>> {
         if feeds.len() != self.inputs.len() {
@@ -291,6 +317,7 @@ impl Plan {
             check_feed(inp, &v)?;
             slots[inp.slot] = Some(v);
         }
+        let mut peak = 0usize;
         for step in &self.steps {
             let mut args = Vec::with_capacity(step.inputs.len());
             for &(s, take) in &step.inputs {
@@ -309,6 +336,9 @@ impl Plan {
             let outs = super::exec_kernel(&step.kernel, args, &step.quant)
                 .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
             let n_outs = outs.len();
+            for v in &outs {
+                peak = peak.max(v.len() * v.dtype().size().unwrap_or(8));
+            }
             for (port, v) in outs.into_iter().enumerate() {
                 if let Some(Some(s)) = step.outputs.get(port) {
                     slots[*s] = Some(v);
@@ -323,6 +353,9 @@ impl Plan {
                 )));
             }
         }
+        self.peak
+            .0
+            .fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
         self.fetches
             .iter()
             .zip(&self.fetch_refs)

@@ -36,10 +36,12 @@ use serde::{Deserialize, Serialize};
 use super::{Artifact, OutputFile, Role, Stage, StageContext, StageDeps, StageOutput};
 use crate::error::{Error, Result};
 use crate::ir::{DType, Graph, QuantParams, TensorRef};
-use crate::kernels::dataset::{argmax_rows, Dataset};
+use crate::kernels::dataset::{argmax_rows, batch_ranges, batch_rows, Dataset, PROBE_ROWS};
 use crate::kernels::rounding::quantize_value;
 use crate::kernels::{Arithmetic, Buf, Plan, Value};
 
+/// The most rows in a batch (fewer when the models' tensors are large: see
+/// [`crate::kernels::dataset::batch_rows`]).
 const BATCH: usize = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -640,11 +642,16 @@ impl Stage for Validate {
         let bar = ctx
             .progress
             .start("validating", total as u64, crate::progress::Unit::Samples);
-        let batches: Vec<Range<usize>> = (0..total)
-            .step_by(BATCH)
-            .map(|s| s..(s + BATCH).min(total))
-            .collect();
         let mut acc = Acc::new(out_names.len(), pairs.len());
+        // A few rows first, to size the batches by the tensors the models make.
+        let probe = PROBE_ROWS.min(total);
+        acc.merge(
+            &run.batch(0..probe)
+                .map_err(|e| e.context(format!("stage '{id}'")))?,
+        );
+        bar.inc(probe as u64);
+        let per_row = run.ref_plan.peak_bytes().max(run.cand_plan.peak_bytes()) / probe;
+        let batches = batch_ranges(probe, total, batch_rows(per_row, BATCH));
         let window = (rayon::current_num_threads() * 2).max(1);
         for chunk in batches.chunks(window) {
             let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| run.batch(r.clone())).collect();

@@ -13,6 +13,7 @@ use crate::kernels::rounding::{
     activation_range, multiply_by_quantized_multiplier, quantize_multiplier, requantize_fp32,
     requantize_in_double, xnn_activation_range, xnn_conv_scale,
 };
+use crate::kernels::simd::igemm::PackedWeights;
 use crate::kernels::value::Value;
 
 pub(super) fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
@@ -132,15 +133,46 @@ pub fn conv2d(
             "filter has {kc} input channels, the input has {c}"
         )));
     }
-    windowed(x, w, b, o, win, act, quant, |acc, xs, wv, tap, in_off| {
-        for (ic, &xq) in xs.iter().enumerate() {
-            let xv = xq as i32 + in_off;
-            let wo = (tap * c + ic) * o;
-            for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
-                *a = a.wrapping_add((wq as i32).wrapping_mul(xv));
+    let [n, h, wd, _] = dims4(x, "input")?;
+    let [kh, kw, _, _] = dims4(w, "filter")?;
+    let xin = input_affine(quant, 0)?;
+    let out = output_affine(quant)?;
+    let ws = channel_scales(quant, 1, o)?;
+    let bias = bias_i32(b, o)?;
+    let requant = Output::new(quant.arithmetic, false, xin.scale, &ws, out, act);
+    let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
+    let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
+    let xs = x.slice::<i8>()?;
+    let image = h * wd * c;
+    let mut res = vec![0i8; n * oh * ow * o];
+    let geom = super::gemm::Geom {
+        win,
+        h,
+        wd,
+        c,
+        kh,
+        kw,
+        oh,
+        ow,
+        pt,
+        pl,
+    };
+    super::gemm::conv(
+        geom,
+        n,
+        w.slice::<i8>()?,
+        o,
+        &mut res,
+        |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
+        |_, acc, out| {
+            for (px_acc, px_out) in acc.chunks_exact(o).zip(out.chunks_exact_mut(o)) {
+                for (oc, (&a, r)) in px_acc.iter().zip(px_out).enumerate() {
+                    *r = requant.apply(a.wrapping_add(bias[oc]), oc);
+                }
             }
-        }
-    })
+        },
+    );
+    Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }
 
 /// `_FusedDepthwiseConv2dNative` on int8: filter `[kh, kw, C, M]`, output channel
@@ -173,6 +205,12 @@ pub fn depthwise(
         quant,
         |acc, xs, wv, tap, in_off| {
             let wo = tap * c * m;
+            if m == 1 {
+                for ((a, &xq), &wq) in acc.iter_mut().zip(xs).zip(&wv[wo..wo + c]) {
+                    *a = a.wrapping_add((wq as i32).wrapping_mul(xq as i32 + in_off));
+                }
+                return;
+            }
             for (ic, &xq) in xs.iter().enumerate() {
                 let xv = xq as i32 + in_off;
                 for mm in 0..m {
@@ -237,7 +275,19 @@ pub(super) fn fc_dims(x: &Value, w: &Value, tb: bool, what: &str) -> Result<(usi
     Ok((batch, k, units))
 }
 
-/// The part conv and depthwise share, as TFLite's reference integer kernels do it:
+type Dims9 = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
+/// The depthwise convolution as TFLite's reference integer kernels do it:
 /// walk the output positions (rows in parallel), skip out-of-bounds taps, let
 /// `accumulate(acc, input_pixel, filter, tap, input_offset)` add one filter tap, then
 /// add the bias, requantize per output channel and clamp to the fused activation.
@@ -266,17 +316,62 @@ fn windowed(
     let in_off = -xin.zero_point;
     let mut res = vec![0i8; n * oh * ow * o];
     let row = ow * o;
-    let compute = |r: usize, out_row: &mut [i8]| {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_row(
+        r: usize,
+        acc: &mut [i32],
+        (h, wd, c, kh, kw, oh, ow, pt, pl): Dims9,
+        win: &Window,
+        xs: &[i8],
+        wv: &[i8],
+        in_off: i32,
+        accumulate: &impl Fn(&mut [i32], &[i8], &[i8], usize, i32),
+    ) {
         let (bi, oy) = (r / oh, r % oh);
-        let mut acc = vec![0i32; o];
-        for ox in 0..ow {
-            acc.iter_mut().for_each(|a| *a = 0);
+        let o = acc.len() / ow;
+        for (ox, acc) in acc.chunks_exact_mut(o).enumerate() {
+            acc.fill(0);
             for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
                 let xo = ((bi * h + iy) * wd + ix) * c;
-                accumulate(&mut acc, &xs[xo..xo + c], wv, t, in_off);
+                accumulate(acc, &xs[xo..xo + c], wv, t, in_off);
             });
-            for (oc, a) in acc.iter().enumerate() {
-                out_row[ox * o + oc] = requant.apply(a.wrapping_add(bias[oc]), oc);
+        }
+    }
+    /// The same loops compiled for AVX2, which vectorizes the accumulation across
+    /// channels (integer sums: the same results).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn accumulate_row_avx2(
+        r: usize,
+        acc: &mut [i32],
+        dims: Dims9,
+        win: &Window,
+        xs: &[i8],
+        wv: &[i8],
+        in_off: i32,
+        accumulate: &impl Fn(&mut [i32], &[i8], &[i8], usize, i32),
+    ) {
+        accumulate_row(r, acc, dims, win, xs, wv, in_off, accumulate)
+    }
+    let dims = (h, wd, c, kh, kw, oh, ow, pt, pl);
+    let compute = |r: usize, out_row: &mut [i8]| {
+        let mut acc = vec![0i32; ow * o];
+        #[cfg(target_arch = "x86_64")]
+        let done = crate::kernels::simd::avx2() && {
+            // SAFETY: AVX2 is present.
+            unsafe { accumulate_row_avx2(r, &mut acc, dims, win, xs, wv, in_off, &accumulate) };
+            true
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = false;
+        if !done {
+            accumulate_row(r, &mut acc, dims, win, xs, wv, in_off, &accumulate);
+        }
+        for (px_acc, px_out) in acc.chunks_exact(o).zip(out_row.chunks_exact_mut(o)) {
+            for (oc, (&a, r)) in px_acc.iter().zip(px_out).enumerate() {
+                *r = requant.apply(a.wrapping_add(bias[oc]), oc);
             }
         }
     };
@@ -316,23 +411,19 @@ pub fn fully_connected(
     let bias = bias_i32(b, units)?;
     let requant = Output::new(quant.arithmetic, true, xin.scale, &ws, out, act);
     let xs = x.slice::<i8>()?;
-    let wv = w.slice::<i8>()?;
-    let in_off = -xin.zero_point;
+    let packed = PackedWeights::pack(w.slice::<i8>()?, k, units, tb);
     let mut res = vec![0i8; batch * units];
-    for bi in 0..batch {
-        for u in 0..units {
-            let mut acc = 0i32;
-            for kk in 0..k {
-                let wq = if tb {
-                    wv[u * k + kk]
-                } else {
-                    wv[kk * units + u]
-                } as i32;
-                acc = acc.wrapping_add(wq.wrapping_mul(xs[bi * k + kk] as i32 + in_off));
+    super::gemm::fully_connected(
+        batch,
+        &packed,
+        &mut res,
+        |bi| (&xs[bi * k..(bi + 1) * k], -xin.zero_point),
+        |_, acc, out| {
+            for (u, (&a, r)) in acc.iter().zip(out).enumerate() {
+                *r = requant.apply(a.wrapping_add(bias[u]), u);
             }
-            res[bi * units + u] = requant.apply(acc.wrapping_add(bias[u]), u);
-        }
-    }
+        },
+    );
     Ok(Value::from_vec(vec![batch, units], res))
 }
 

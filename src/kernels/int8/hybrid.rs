@@ -29,7 +29,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::{dims4, fc_dims, for_each_tap};
+use super::conv::{dims4, fc_dims};
 use super::{channel_scales, Arithmetic};
 use crate::error::{Error, Result};
 use crate::ir::FusedActivation;
@@ -39,6 +39,7 @@ use crate::kernels::rounding::{
     asymmetric_quantize_floats, hybrid_dequantize, symmetric_quantize_floats, xnn_dynamic_quantize,
     DynamicRow, HybridScaling,
 };
+use crate::kernels::simd::igemm::PackedWeights;
 use crate::kernels::value::Value;
 
 /// TFLite `ActivationFunctionWithMinMax` for the float fused activations.
@@ -86,40 +87,50 @@ pub fn fully_connected(
     let ws = channel_scales(quant, 1, units)?;
     let bias = float_bias(b, units)?;
     let xs = x.slice::<f32>()?;
-    let wv = w.slice::<i8>()?;
-    let weight = |u: usize, kk: usize| -> i32 {
-        (if tb {
-            wv[u * k + kk]
-        } else {
-            wv[kk * units + u]
-        }) as i32
-    };
+    let packed = PackedWeights::pack(w.slice::<i8>()?, k, units, tb);
     let scaling = match quant.arithmetic {
         Arithmetic::Reference => HybridScaling::AccTimesProduct,
         Arithmetic::LiteRt => HybridScaling::XnnFma,
     };
+    let wv = w.slice::<i8>()?;
     let row_sums: Vec<i32> = (0..units)
-        .map(|u| (0..k).map(|kk| weight(u, kk)).sum())
+        .map(|u| {
+            (0..k)
+                .map(|kk| {
+                    (if tb {
+                        wv[u * k + kk]
+                    } else {
+                        wv[kk * units + u]
+                    }) as i32
+                })
+                .sum()
+        })
         .collect();
-    let mut res = vec![0f32; batch * units];
-    if units > 0 {
-        res.par_chunks_mut(units).enumerate().for_each(|(bi, out)| {
+    let rows: Vec<DynamicRow> = (0..batch)
+        .into_par_iter()
+        .map(|bi| {
             let v = &xs[bi * k..(bi + 1) * k];
-            let row = match quant.arithmetic {
+            match quant.arithmetic {
                 Arithmetic::Reference => asymmetric_quantize_floats(v),
                 Arithmetic::LiteRt => xnn_dynamic_quantize(v),
-            };
-            for (u, o) in out.iter_mut().enumerate() {
-                let mut dot = 0i32;
-                for (kk, &q) in row.q.iter().enumerate() {
-                    dot = dot.wrapping_add(weight(u, kk) * q as i32);
-                }
+            }
+        })
+        .collect();
+    let mut res = vec![0f32; batch * units];
+    super::gemm::fully_connected(
+        batch,
+        &packed,
+        &mut res,
+        |bi| (&rows[bi].q[..], 0),
+        |bi, dots, out| {
+            let row = &rows[bi];
+            for (u, (&dot, o)) in dots.iter().zip(out).enumerate() {
                 let acc = dot.wrapping_sub(row_sums[u].wrapping_mul(row.offset));
                 let v = hybrid_dequantize(acc, row.scale, ws[u], bias[u], scaling);
                 *o = activate(v, act);
             }
-        });
-    }
+        },
+    );
     Ok(Value::from_vec(vec![batch, units], res))
 }
 
@@ -154,7 +165,6 @@ pub fn conv2d(
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<f32>()?;
-    let wv = w.slice::<i8>()?;
     let image = h * wd * c;
     let rows: Vec<DynamicRow> = (0..n)
         .into_par_iter()
@@ -168,33 +178,37 @@ pub fn conv2d(
         })
         .collect();
     let mut res = vec![0f32; n * oh * ow * o];
-    let line = ow * o;
-    let compute = |r: usize, out: &mut [f32]| {
-        let (bi, oy) = (r / oh, r % oh);
-        let row = &rows[bi];
-        let mut acc = vec![0i32; o];
-        for ox in 0..ow {
-            acc.iter_mut().for_each(|a| *a = 0);
-            for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
-                let xo = (iy * wd + ix) * c;
-                for ic in 0..c {
-                    let xv = row.q[xo + ic] as i32 - row.offset;
-                    let wo = (t * c + ic) * o;
-                    for (a, &wq) in acc.iter_mut().zip(&wv[wo..wo + o]) {
-                        *a = a.wrapping_add(wq as i32 * xv);
-                    }
-                }
-            });
-            for (oc, &a) in acc.iter().enumerate() {
-                let v = hybrid_dequantize(a, row.scale, ws[oc], bias[oc], scaling);
-                out[ox * o + oc] = activate(v, act);
-            }
-        }
+    let geom = super::gemm::Geom {
+        win,
+        h,
+        wd,
+        c,
+        kh,
+        kw,
+        oh,
+        ow,
+        pt,
+        pl,
     };
-    if line > 0 {
-        res.par_chunks_mut(line)
-            .enumerate()
-            .for_each(|(r, out)| compute(r, out));
-    }
+    let per_image = oh * ow;
+    super::gemm::conv(
+        geom,
+        n,
+        w.slice::<i8>()?,
+        o,
+        &mut res,
+        |bi| (&rows[bi].q[..], -rows[bi].offset),
+        |px0, acc, out| {
+            for (j, (px_acc, px_out)) in
+                acc.chunks_exact(o).zip(out.chunks_exact_mut(o)).enumerate()
+            {
+                let row = &rows[(px0 + j) / per_image];
+                for (oc, (&a, r)) in px_acc.iter().zip(px_out).enumerate() {
+                    let v = hybrid_dequantize(a, row.scale, ws[oc], bias[oc], scaling);
+                    *r = activate(v, act);
+                }
+            }
+        },
+    );
     Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }

@@ -39,6 +39,7 @@
 mod activation;
 mod conv;
 mod elementwise;
+mod gemm;
 mod hybrid;
 mod reduce;
 

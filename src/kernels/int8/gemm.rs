@@ -1,0 +1,141 @@
+//! The integer matrix products behind the int8 and hybrid convolutions and fully
+//! connected ops: activations as i16 patches (an int8 value minus its zero point, 0 for
+//! a padding tap, which the reference kernels skip), int8 weights, wrapping i32 sums
+//! ([`crate::kernels::simd::igemm`]). The callers add the bias and requantize each
+//! accumulator exactly as before, so outputs keep their bits.
+
+use rayon::prelude::*;
+
+use super::conv::for_each_tap;
+use crate::kernels::nn::Window;
+use crate::kernels::simd::igemm::{igemm, PackedWeights};
+
+/// Output pixels per matrix product.
+pub(super) const TILE: usize = 32;
+
+/// Work (multiply-adds) below which a product stays on the calling thread.
+const PAR_THRESHOLD: usize = 1 << 16;
+
+/// Geometry of a convolution over NHWC input.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geom<'a> {
+    pub win: &'a Window,
+    pub h: usize,
+    pub wd: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub pt: usize,
+    pub pl: usize,
+}
+
+/// Runs a convolution with HWIO int8 weights over `n` images: `image(b)` gives image
+/// `b`'s int8 values and the offset added to each (minus a zero point, so within
+/// -127..=128: the products' `shift` of 128 - offset keeps every value in a byte). For each
+/// tile of output pixels, `finish(first_pixel, acc, out)` turns the i32 sums
+/// (`[pixels, o]`, bias not included) into the tile's outputs.
+pub(super) fn conv<'a, T: Send>(
+    g: Geom<'_>,
+    n: usize,
+    w: &[i8],
+    o: usize,
+    out: &mut [T],
+    image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
+    finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
+) {
+    let k = g.kh * g.kw * g.c;
+    let packed = PackedWeights::pack(w, k, o, false);
+    let lda = packed.lda();
+    let pixels = n * g.oh * g.ow;
+    if o == 0 || pixels == 0 {
+        return;
+    }
+    let tile = |t: usize, out_t: &mut [T]| {
+        let rows = out_t.len() / o;
+        let mut patches = vec![0i16; rows * lda];
+        let mut shifts = [0i32; TILE];
+        for (j, patch) in patches.chunks_exact_mut(lda).enumerate() {
+            let px = t * TILE + j;
+            let (b, oy, ox) = (px / (g.oh * g.ow), px / g.ow % g.oh, px % g.ow);
+            let (xs, off) = image(b);
+            shifts[j] = 128 - off;
+            for_each_tap(
+                g.win,
+                (g.h, g.wd),
+                (g.kh, g.kw),
+                (g.pt, g.pl),
+                oy,
+                ox,
+                |tap, iy, ix| {
+                    let src = &xs[(iy * g.wd + ix) * g.c..(iy * g.wd + ix + 1) * g.c];
+                    let dst = &mut patch[tap * g.c..(tap + 1) * g.c];
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = (s as i32 + off) as i16;
+                    }
+                },
+            );
+        }
+        let mut acc = vec![0i32; rows * o];
+        igemm(rows, &patches, lda, &packed, &shifts, &mut acc);
+        finish(t * TILE, &acc, out_t);
+    };
+    if pixels * k * o >= PAR_THRESHOLD {
+        out.par_chunks_mut(TILE * o)
+            .enumerate()
+            .for_each(|(t, o)| tile(t, o));
+    } else {
+        out.chunks_mut(TILE * o)
+            .enumerate()
+            .for_each(|(t, o)| tile(t, o));
+    }
+}
+
+/// A fully connected op over `batch` rows of `k` int8 values: `row(b)` gives row `b`
+/// and the offset added to each value; `packed` the weights. `finish(row, acc, out)`
+/// turns one row's sums into its outputs.
+pub(super) fn fully_connected<'a, T: Send>(
+    batch: usize,
+    packed: &PackedWeights,
+    out: &mut [T],
+    row: impl Fn(usize) -> (&'a [i8], i32) + Sync,
+    finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
+) {
+    let (k, units) = (packed.k, packed.n);
+    let lda = packed.lda();
+    if units == 0 || batch == 0 {
+        return;
+    }
+    const ROWS: usize = 16;
+    let block = |blk: usize, out_b: &mut [T]| {
+        let rows = out_b.len() / units;
+        let mut a = vec![0i16; rows * lda];
+        let mut shifts = [0i32; ROWS];
+        for (j, dst) in a.chunks_exact_mut(lda).enumerate() {
+            let (xs, off) = row(blk * ROWS + j);
+            shifts[j] = 128 - off;
+            for (d, &s) in dst.iter_mut().zip(&xs[..k]) {
+                *d = (s as i32 + off) as i16;
+            }
+        }
+        let mut acc = vec![0i32; rows * units];
+        igemm(rows, &a, lda, packed, &shifts, &mut acc);
+        for (j, (acc, out)) in acc
+            .chunks_exact(units)
+            .zip(out_b.chunks_exact_mut(units))
+            .enumerate()
+        {
+            finish(blk * ROWS + j, acc, out);
+        }
+    };
+    if batch * k * units >= PAR_THRESHOLD {
+        out.par_chunks_mut(ROWS * units)
+            .enumerate()
+            .for_each(|(b, o)| block(b, o));
+    } else {
+        out.chunks_mut(ROWS * units)
+            .enumerate()
+            .for_each(|(b, o)| block(b, o));
+    }
+}

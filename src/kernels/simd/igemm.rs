@@ -1,0 +1,350 @@
+//! Integer matrix product for the int8 and hybrid kernels: int8 weights times
+//! activations that fit i16 (an int8 value minus a zero point), summed in wrapping
+//! i32. Integer sums do not depend on order, so every path gives the scalar kernels'
+//! bits. On AVX2 the weights are packed as pairs of i16 rows so that one `vpmaddwd`
+//! multiplies two reduction steps of 8 outputs at once. With AVX512-VNNI they are also
+//! packed in groups of four int8 rows for `vpdpbusd`, which multiplies unsigned bytes by
+//! signed ones: the activations are shifted into 0..=255 (`v + shift`) and
+//! `shift · Σ_k w` is taken off each sum again, exactly, in wrapping i32.
+
+/// Weights `[k, n]` packed for [`igemm`]: `data[(p * n + j) * 2 + t]` is the weight
+/// of reduction step `2p + t` and output `j` (0 past `k`).
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    pub k: usize,
+    pub n: usize,
+    data: Vec<i16>,
+    /// `quads[(q * n + j) * 4 + t]`: weight of step `4q + t`, output `j` (VNNI only).
+    quads: Vec<i8>,
+    /// `Σ_k w[k][j]` (VNNI only).
+    colsum: Vec<i32>,
+}
+
+impl PackedWeights {
+    /// From `w` as `[k, n]`, or as `[n, k]` when `transposed`.
+    pub fn pack(w: &[i8], k: usize, n: usize, transposed: bool) -> PackedWeights {
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0i16; pairs * n * 2];
+        for kk in 0..k {
+            let (p, t) = (kk / 2, kk % 2);
+            for j in 0..n {
+                let v = if transposed {
+                    w[j * k + kk]
+                } else {
+                    w[kk * n + j]
+                };
+                data[(p * n + j) * 2 + t] = v as i16;
+            }
+        }
+        let (mut quads, mut colsum) = (Vec::new(), Vec::new());
+        #[cfg(target_arch = "x86_64")]
+        if super::vnni() {
+            quads = vec![0i8; k.div_ceil(4) * 4 * n];
+            colsum = vec![0i32; n];
+            for kk in 0..k {
+                let (q, t) = (kk / 4, kk % 4);
+                for j in 0..n {
+                    let v = if transposed {
+                        w[j * k + kk]
+                    } else {
+                        w[kk * n + j]
+                    };
+                    quads[(q * n + j) * 4 + t] = v;
+                    colsum[j] = colsum[j].wrapping_add(v as i32);
+                }
+            }
+        }
+        PackedWeights {
+            k,
+            n,
+            data,
+            quads,
+            colsum,
+        }
+    }
+
+    /// The row stride [`igemm`] needs of its activations: `k` rounded up to even.
+    pub fn lda(&self) -> usize {
+        self.k.div_ceil(2) * 2
+    }
+}
+
+/// `out[i * n + j] = Σ_kk a[i * lda + kk] · w[kk][j]` in wrapping i32, for `i < m`.
+/// `lda` is at least [`PackedWeights::lda`], and `a[i * lda + k]` is 0 when `k` is odd.
+/// Every value of row `i` of `a` plus `shifts[i]` lies in `0..=255`.
+pub fn igemm(m: usize, a: &[i16], lda: usize, w: &PackedWeights, shifts: &[i32], out: &mut [i32]) {
+    let (k2, n) = (w.lda(), w.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lda >= k2 && a.len() >= (m - 1) * lda + k2,
+        "igemm: a is too short"
+    );
+    assert!(
+        out.len() >= m * n && shifts.len() >= m,
+        "igemm: out or shifts is too short"
+    );
+    debug_assert!(w.k.is_multiple_of(2) || (0..m).all(|i| a[i * lda + w.k] == 0));
+    #[cfg(target_arch = "x86_64")]
+    if !w.quads.is_empty() && super::vnni() {
+        // SAFETY: AVX512-VNNI is present (the weights were packed for it); the bounds
+        // were checked above.
+        unsafe { x86::igemm_vnni(m, a, lda, w, shifts, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2() {
+        // SAFETY: AVX2 is present; the bounds were checked above.
+        unsafe { x86::igemm(m, a, lda, w, out) };
+        return;
+    }
+    portable(m, a, lda, w, out, 0);
+}
+
+#[inline(always)]
+fn portable(m: usize, a: &[i16], lda: usize, w: &PackedWeights, out: &mut [i32], j0: usize) {
+    let n = w.n;
+    let pairs = w.lda() / 2;
+    for i in 0..m {
+        let o = &mut out[i * n + j0..(i + 1) * n];
+        o.fill(0);
+        for p in 0..pairs {
+            let (x0, x1) = (a[i * lda + 2 * p] as i32, a[i * lda + 2 * p + 1] as i32);
+            let wp = &w.data[(p * n + j0) * 2..(p + 1) * n * 2];
+            for (ov, wv) in o.iter_mut().zip(wp.chunks_exact(2)) {
+                *ov = ov
+                    .wrapping_add(x0 * wv[0] as i32)
+                    .wrapping_add(x1 * wv[1] as i32);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::PackedWeights;
+    use std::arch::x86_64::*;
+
+    /// Rows `[0, MR)` × outputs `[0, 8 NV)` of the pointers' origin.
+    #[target_feature(enable = "avx2")]
+    unsafe fn block<const MR: usize, const NV: usize>(
+        pairs: usize,
+        a: *const i16,
+        lda: usize,
+        w: *const i16,
+        n: usize,
+        out: *mut i32,
+    ) {
+        let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+        for p in 0..pairs {
+            let wp = w.add(p * n * 2);
+            let mut wv = [_mm256_setzero_si256(); NV];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm256_loadu_si256(wp.add(16 * v) as *const __m256i);
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let pair = (a.add(r * lda + 2 * p) as *const i32).read_unaligned();
+                let av = _mm256_set1_epi32(pair);
+                for (x, &wq) in row.iter_mut().zip(&wv) {
+                    *x = _mm256_add_epi32(*x, _mm256_madd_epi16(av, wq));
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                _mm256_storeu_si256(out.add(r * n + 8 * v) as *mut __m256i, x);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn columns<const NV: usize>(
+        m: usize,
+        pairs: usize,
+        a: *const i16,
+        lda: usize,
+        w: *const i16,
+        n: usize,
+        out: *mut i32,
+    ) {
+        let mut r = 0;
+        while r + 4 <= m {
+            block::<4, NV>(pairs, a.add(r * lda), lda, w, n, out.add(r * n));
+            r += 4;
+        }
+        let (a, out) = (a.add(r * lda), out.add(r * n));
+        match m - r {
+            3 => block::<3, NV>(pairs, a, lda, w, n, out),
+            2 => block::<2, NV>(pairs, a, lda, w, n, out),
+            1 => block::<1, NV>(pairs, a, lda, w, n, out),
+            _ => {}
+        }
+    }
+
+    /// Rows `[0, MR)` × outputs `[0, 8 NV)`, four reduction steps per instruction.
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn block_vnni<const MR: usize, const NV: usize>(
+        quads: usize,
+        u: *const u8,
+        ldu: usize,
+        w: *const i8,
+        n: usize,
+        out: *mut i32,
+    ) {
+        let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+        for q in 0..quads {
+            let wq = w.add(q * n * 4);
+            let mut wv = [_mm256_setzero_si256(); NV];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm256_loadu_si256(wq.add(32 * v) as *const __m256i);
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let quad = (u.add(r * ldu + 4 * q) as *const i32).read_unaligned();
+                let uv = _mm256_set1_epi32(quad);
+                for (x, &wq) in row.iter_mut().zip(&wv) {
+                    *x = _mm256_dpbusd_epi32(*x, uv, wq);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                _mm256_storeu_si256(out.add(r * n + 8 * v) as *mut __m256i, x);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn columns_vnni<const NV: usize>(
+        m: usize,
+        quads: usize,
+        u: *const u8,
+        ldu: usize,
+        w: *const i8,
+        n: usize,
+        out: *mut i32,
+    ) {
+        let mut r = 0;
+        while r + 4 <= m {
+            block_vnni::<4, NV>(quads, u.add(r * ldu), ldu, w, n, out.add(r * n));
+            r += 4;
+        }
+        let (u, out) = (u.add(r * ldu), out.add(r * n));
+        match m - r {
+            3 => block_vnni::<3, NV>(quads, u, ldu, w, n, out),
+            2 => block_vnni::<2, NV>(quads, u, ldu, w, n, out),
+            1 => block_vnni::<1, NV>(quads, u, ldu, w, n, out),
+            _ => {}
+        }
+    }
+
+    /// # Safety
+    /// AVX512-VNNI and VL must be present, `w` packed for them; `a` and `out` must hold
+    /// what [`super::igemm`] checks.
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn igemm_vnni(
+        m: usize,
+        a: &[i16],
+        lda: usize,
+        w: &PackedWeights,
+        shifts: &[i32],
+        out: &mut [i32],
+    ) {
+        let (k, n) = (w.k, w.n);
+        let ldu = k.div_ceil(4) * 4;
+        let quads = ldu / 4;
+        let mut u = vec![0u8; m * ldu];
+        for (i, row) in u.chunks_exact_mut(ldu).enumerate() {
+            let shift = shifts[i];
+            for (d, &v) in row.iter_mut().zip(&a[i * lda..i * lda + k]) {
+                // In range by the caller's promise; a value outside would only wrap.
+                *d = (v as i32 + shift) as u8;
+            }
+        }
+        let (up, wp, op) = (u.as_ptr(), w.quads.as_ptr(), out.as_mut_ptr());
+        let mut j = 0;
+        while j + 16 <= n {
+            columns_vnni::<2>(m, quads, up, ldu, wp.add(j * 4), n, op.add(j));
+            j += 16;
+        }
+        if j + 8 <= n {
+            columns_vnni::<1>(m, quads, up, ldu, wp.add(j * 4), n, op.add(j));
+            j += 8;
+        }
+        for (i, &shift) in shifts.iter().enumerate().take(m) {
+            for (o, &cs) in out[i * n..i * n + j].iter_mut().zip(&w.colsum) {
+                *o = o.wrapping_sub(shift.wrapping_mul(cs));
+            }
+        }
+        if j < n {
+            super::portable(m, a, lda, w, out, j);
+        }
+    }
+
+    /// # Safety
+    /// AVX2 must be present; `a` and `out` must hold what [`super::igemm`] checks.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn igemm(m: usize, a: &[i16], lda: usize, w: &PackedWeights, out: &mut [i32]) {
+        let (n, pairs) = (w.n, w.lda() / 2);
+        let (ap, wp, op) = (a.as_ptr(), w.data.as_ptr(), out.as_mut_ptr());
+        let mut j = 0;
+        while j + 16 <= n {
+            columns::<2>(m, pairs, ap, lda, wp.add(j * 2), n, op.add(j));
+            j += 16;
+        }
+        if j + 8 <= n {
+            columns::<1>(m, pairs, ap, lda, wp.add(j * 2), n, op.add(j));
+            j += 8;
+        }
+        if j < n {
+            super::portable(m, a, lda, w, out, j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_and_scalar_paths_equal_the_plain_sum() {
+        let mut seed = 11u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 16) as i32
+        };
+        for &(m, k, n, tr) in &[
+            (1, 1, 1, false),
+            (5, 7, 3, true),
+            (9, 33, 41, false),
+            (4, 64, 16, true),
+            (13, 101, 25, false),
+        ] {
+            let w: Vec<i8> = (0..k * n).map(|_| (next() % 256 - 128) as i8).collect();
+            let packed = PackedWeights::pack(&w, k, n, tr);
+            let lda = packed.lda() + 2;
+            let mut a = vec![0i16; m * lda];
+            for i in 0..m {
+                for kk in 0..k {
+                    a[i * lda + kk] = (next() % 256 - 255) as i16;
+                }
+            }
+            let mut fast = vec![7i32; m * n];
+            igemm(m, &a, lda, &packed, &vec![255; m], &mut fast);
+            let mut slow = vec![7i32; m * n];
+            portable(m, &a, lda, &packed, &mut slow, 0);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: i32 = (0..k)
+                        .map(|kk| {
+                            let wv = if tr { w[j * k + kk] } else { w[kk * n + j] };
+                            a[i * lda + kk] as i32 * wv as i32
+                        })
+                        .sum();
+                    assert_eq!(fast[i * n + j], want, "m={m} k={k} n={n} ({i}, {j})");
+                    assert_eq!(slow[i * n + j], want);
+                }
+            }
+        }
+    }
+}

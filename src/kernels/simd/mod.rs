@@ -1,0 +1,39 @@
+//! Vectorized inner loops of the matrix kernels, chosen at run time by the CPU's
+//! features (AVX2 on x86-64), with a portable fallback that computes the same bits.
+//!
+//! Float products keep the arithmetic of the scalar kernels exactly: every output sums
+//! its terms from 0.0 in the order of the reduction index, rounding each product and
+//! then each sum (a multiply and an add, never a fused multiply-add). Vectors run
+//! across independent outputs (output channels, rows of a block), never across the
+//! terms of one sum, so the results are bit for bit those of the scalar loops, on
+//! every CPU. That matters beyond `validate`: calibration ranges, and through them the
+//! bytes of every int8 model, come from these float kernels.
+//!
+//! Integer products accumulate in wrapping i32, whose sums do not depend on order.
+
+pub mod igemm;
+pub mod sgemm;
+
+/// Whether AVX2 may be used (detected once; `QPIPE_NO_SIMD` set to anything turns
+/// the vector paths off, to compare them with the portable ones).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var_os("QPIPE_NO_SIMD").is_none() && std::arch::is_x86_feature_detected!("avx2")
+    })
+}
+
+/// Whether AVX512-VNNI (with VL, for 256-bit vectors) may be used for int8 products.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn vnni() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        avx2()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    })
+}

@@ -1,0 +1,200 @@
+//! Float matrix product with the scalar kernels' exact arithmetic (see the module
+//! above): `out[i][j] = Σ_kk a[i][kk] · b[kk][j]`, from 0.0, in `kk` order, each product
+//! and each sum rounded. Blocks of 4 rows × 16 columns stay in AVX2 registers for the
+//! whole sum; `b` is first copied into panels of 16 columns, so that each step of the
+//! sum reads one contiguous 64-byte line of it.
+
+/// `b` (`[k, n]`) as the vector kernels read it: panels of 16 columns (then one of 8),
+/// each `[k, width]`; the last `n % 8` columns are read from `b` itself.
+pub struct PackedB<'a> {
+    b: &'a [f32],
+    k: usize,
+    n: usize,
+    panels: Vec<f32>,
+}
+
+impl<'a> PackedB<'a> {
+    pub fn new(b: &'a [f32], k: usize, n: usize) -> PackedB<'a> {
+        assert!(b.len() >= k * n, "sgemm: b is too short");
+        let mut panels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if super::avx2() {
+            panels.reserve(k * (n / 8 * 8));
+            let mut j = 0;
+            while j + 8 <= n {
+                let width = if j + 16 <= n { 16 } else { 8 };
+                for kk in 0..k {
+                    panels.extend_from_slice(&b[kk * n + j..kk * n + j + width]);
+                }
+                j += width;
+            }
+        }
+        PackedB { b, k, n, panels }
+    }
+}
+
+/// `out[i * n + j] = Σ_kk a[i * lda + kk] * b[kk * n + j]` for `i < m`, `j < n`.
+pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
+    sgemm_packed(m, a, lda, &PackedB::new(b, k, n), out);
+}
+
+/// [`sgemm`] with `b` packed once for many calls.
+pub fn sgemm_packed(m: usize, a: &[f32], lda: usize, b: &PackedB, out: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lda >= k && a.len() >= (m - 1) * lda + k,
+        "sgemm: a is too short"
+    );
+    assert!(out.len() >= m * n, "sgemm: out is too short");
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2() && b.panels.len() == k * (n / 8 * 8) {
+        // SAFETY: AVX2 is present; the bounds were checked above and by PackedB::new.
+        unsafe { x86::sgemm(m, a, lda, b, out) };
+        return;
+    }
+    portable(m, k, n, a, lda, b.b, out, 0);
+}
+
+/// The scalar loop over columns `j0..n` (what the vector kernels compute on the rest).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn portable(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    out: &mut [f32],
+    j0: usize,
+) {
+    for i in 0..m {
+        let o = &mut out[i * n + j0..(i + 1) * n];
+        o.fill(0.0);
+        let ar = &a[i * lda..i * lda + k];
+        for (kk, &av) in ar.iter().enumerate() {
+            let br = &b[kk * n + j0..(kk + 1) * n];
+            for (ov, &bv) in o.iter_mut().zip(br) {
+                *ov += av * bv;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::PackedB;
+    use std::arch::x86_64::*;
+
+    /// Rows `[0, MR)` × columns `[0, 8 NV)` of the pointers' origins; `b` advances by
+    /// `8 NV` a step (a panel), `out` by `ldo` a row.
+    #[target_feature(enable = "avx2")]
+    unsafe fn block<const MR: usize, const NV: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        for kk in 0..k {
+            let bp = b.add(kk * 8 * NV);
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(bp.add(8 * v));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*a.add(r * lda + kk));
+                for (x, &w) in row.iter_mut().zip(&bv) {
+                    *x = _mm256_add_ps(*x, _mm256_mul_ps(av, w));
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * ldo + 8 * v), x);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn columns<const NV: usize>(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut r = 0;
+        while r + 4 <= m {
+            block::<4, NV>(k, a.add(r * lda), lda, b, out.add(r * ldo), ldo);
+            r += 4;
+        }
+        let (a, out) = (a.add(r * lda), out.add(r * ldo));
+        match m - r {
+            3 => block::<3, NV>(k, a, lda, b, out, ldo),
+            2 => block::<2, NV>(k, a, lda, b, out, ldo),
+            1 => block::<1, NV>(k, a, lda, b, out, ldo),
+            _ => {}
+        }
+    }
+
+    /// # Safety
+    /// AVX2 must be present; `a`, `b` and `out` must hold what [`super::sgemm_packed`]
+    /// checks, with `b` packed.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sgemm(m: usize, a: &[f32], lda: usize, b: &PackedB, out: &mut [f32]) {
+        let (k, n) = (b.k, b.n);
+        let (ap, op) = (a.as_ptr(), out.as_mut_ptr());
+        let mut panel = b.panels.as_ptr();
+        let mut j = 0;
+        while j + 16 <= n {
+            columns::<2>(m, k, ap, lda, panel, op.add(j), n);
+            panel = panel.add(16 * k);
+            j += 16;
+        }
+        if j + 8 <= n {
+            columns::<1>(m, k, ap, lda, panel, op.add(j), n);
+            j += 8;
+        }
+        if j < n {
+            super::portable(m, k, n, a, lda, b.b, out, j);
+        }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_and_scalar_paths_agree_bit_for_bit() {
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (9, 33, 41),
+            (4, 64, 16),
+            (13, 100, 25),
+        ] {
+            let lda = k + 3;
+            let a: Vec<f32> = (0..m * lda).map(|_| next()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| next() * 1e3).collect();
+            let mut fast = vec![f32::NAN; m * n];
+            sgemm(m, k, n, &a, lda, &b, &mut fast);
+            let mut slow = vec![f32::NAN; m * n];
+            portable(m, k, n, &a, lda, &b, &mut slow, 0);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "m={m} k={k} n={n}");
+        }
+    }
+}
