@@ -19,8 +19,8 @@ pub mod ops;
 mod pad_rows;
 pub mod plan;
 pub mod rounding;
-pub mod spatial;
 pub mod simd;
+pub mod spatial;
 pub mod value;
 
 pub use dataset::{evaluate, Dataset, EvalOptions, EvalReport};
