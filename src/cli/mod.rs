@@ -42,6 +42,8 @@ pub enum Command {
     Cache(CacheCommand),
     /// Summarize a checkpoint, a `.meta`, a frozen `.pb` or a `.tflite` file.
     Inspect(InspectArgs),
+    /// Every op qpipe knows: float and int8 kernels, how quantize_int8 treats it, its TFLite builtin.
+    Ops(OpsArgs),
     /// Run a built stage's model on a data set with qpipe's interpreter.
     Eval(EvalArgs),
     /// Compare the model variants a recipe builds: size, accuracy, error, ops, time.
@@ -84,6 +86,16 @@ pub struct InspectArgs {
     /// A checkpoint prefix (or its .index/.data/.meta file or directory), a .pb, or a .tflite.
     pub path: PathBuf,
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct OpsArgs {
+    /// Print the README's Markdown table.
+    #[arg(long, conflicts_with = "json")]
+    pub markdown: bool,
+    /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -214,6 +226,7 @@ fn dispatch(cli: Cli, registry: &'static [StageFactory]) -> Result<i32> {
         Command::Cache(CacheCommand::Gc(a)) => cmd_cache_gc(a, registry),
         Command::Cache(CacheCommand::Verify(a)) => cmd_cache_verify(a, registry),
         Command::Inspect(a) => cmd_inspect(a),
+        Command::Ops(a) => cmd_ops(a),
         Command::Eval(a) => cmd_eval(a, registry),
         Command::Compare(a) => cmd_compare(a, registry),
         Command::Plan(a) => remote::cmd_plan(a, registry),
@@ -245,14 +258,48 @@ fn cmd_inspect(a: InspectArgs) -> Result<i32> {
         let summary = crate::formats::tflite::reader::read(&bytes, &a.path.display().to_string())?;
         (summary.render(), summary.to_json())
     } else {
+        use crate::stages::op_support::{model_problems, render_problems};
         let ins = crate::formats::tf::inspect::inspect(&a.path)?;
-        (ins.to_string(), ins.to_json())
+        let (mut text, mut json) = (ins.to_string(), ins.to_json());
+        if let Some(g) = &ins.graph {
+            let found = model_problems(&a.path, g);
+            text += &render_problems(&found);
+            json["graph"]["unsupported_ops"] = found.to_json();
+        }
+        (text, json)
     };
     if a.json {
         print_stdout(&format!("{json}\n"))?;
     } else {
         print_stdout(&text)?;
     }
+    Ok(0)
+}
+
+fn cmd_ops(a: OpsArgs) -> Result<i32> {
+    use crate::stages::op_support::{every_op, markdown_table};
+    let text = if a.markdown {
+        markdown_table()
+    } else if a.json {
+        let ops: Vec<_> = every_op().iter().map(|o| o.to_json()).collect();
+        format!("{}\n", serde_json::Value::from(ops))
+    } else {
+        let mut s = String::new();
+        for o in every_op() {
+            let problems = o.problems();
+            s += &format!(
+                "{:24} {}\n",
+                o.name,
+                if problems.is_empty() {
+                    "runs, quantizes and exports".to_string()
+                } else {
+                    problems.join("; ")
+                }
+            );
+        }
+        s
+    };
+    print_stdout(&text)?;
     Ok(0)
 }
 

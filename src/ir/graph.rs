@@ -202,6 +202,21 @@ pub struct Graph {
     pub library: Vec<u8>,
 }
 
+/// The ops of TF1 loop control flow (`tf.while_loop`, `dynamic_rnn`), which qpipe does not support.
+pub const LOOP_OPS: &[&str] = &[
+    "Merge",
+    "RefMerge",
+    "NextIteration",
+    "RefNextIteration",
+    "Switch",
+    "RefSwitch",
+    "LoopCond",
+    "Enter",
+    "RefEnter",
+    "Exit",
+    "RefExit",
+];
+
 impl Graph {
     /// Name → position in `nodes`. Duplicate names are an error.
     pub fn index(&self) -> Result<HashMap<&str, usize>, IrError> {
@@ -283,19 +298,6 @@ impl Graph {
     /// ordered: a TF1 while loop when loop control flow is among them (the only
     /// cycles TF allows), else a cycle through the first of them.
     pub fn cycle_message(&self, stuck: &[usize]) -> String {
-        const LOOP_OPS: &[&str] = &[
-            "Merge",
-            "RefMerge",
-            "NextIteration",
-            "RefNextIteration",
-            "Switch",
-            "RefSwitch",
-            "LoopCond",
-            "Enter",
-            "RefEnter",
-            "Exit",
-            "RefExit",
-        ];
         let Some(&at) = stuck
             .iter()
             .find(|&&i| LOOP_OPS.contains(&self.nodes[i].op.as_str()))

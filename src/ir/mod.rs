@@ -9,7 +9,7 @@ pub mod shape_infer;
 mod tensor;
 
 pub use dtype::DType;
-pub use graph::{Attr, Graph, Node, TensorRef};
+pub use graph::{Attr, Graph, Node, TensorRef, LOOP_OPS};
 pub use op::{FusedActivation, Op};
 pub use tensor::{filled_buffer, num_elements, Element, QuantParams, Tensor, TensorData};
 

@@ -835,3 +835,96 @@ pub fn shape_attr(node: &Node, key: &str) -> Option<Vec<i64>> {
         _ => None,
     }
 }
+
+/// What the interpreter can compute of an op: `float` (a float or dtype-agnostic
+/// kernel, what `validate`, calibration and constant folding run) and `int8` (a
+/// kernel on int8 data, bit-exact with LiteRT's reference kernels, or one that only
+/// moves int8 data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSupport {
+    pub float: bool,
+    pub int8: bool,
+}
+
+/// [`KernelSupport`] of `op`, the answer [`Kernel::compile`] and [`super::int8::exec`]
+/// give for it (one exhaustive match, kept beside theirs).
+pub fn kernel_support(op: &Op) -> KernelSupport {
+    use crate::ir::op::{Binary, Unary};
+    let (float, int8) = match op {
+        Op::Fused { .. }
+        | Op::MaxPool(_)
+        | Op::AvgPool(_)
+        | Op::Softmax
+        | Op::Pad
+        | Op::PadV2
+        | Op::ConcatV2
+        | Op::Concat
+        | Op::Quantize
+        | Op::Reduce {
+            kind: Reduce::Max | Reduce::Min | Reduce::Mean | Reduce::Sum,
+            ..
+        }
+        | Op::Binary(Binary::Add | Binary::AddV2 | Binary::Sub | Binary::Mul)
+        | Op::Binary(Binary::Maximum | Binary::Minimum)
+        | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Sigmoid | Unary::Tanh) => (true, true),
+        // Fed, or kernels that move or index data whatever its type.
+        Op::Placeholder
+        | Op::Const
+        | Op::PlaceholderWithDefault
+        | Op::Forward(_)
+        | Op::IdentityN
+        | Op::Print
+        | Op::Gather
+        | Op::GatherV2
+        | Op::ExpandDims
+        | Op::Squeeze
+        | Op::Reshape
+        | Op::Shape
+        | Op::Size
+        | Op::Rank
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Transpose
+        | Op::Tile
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::ZerosLike
+        | Op::BiasAdd { .. }
+        | Op::Dequantize
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::HardSwish
+        | Op::ResizeNearestNeighbor(_) => (true, true),
+        Op::Unary(_)
+        | Op::LeakyRelu
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::Conv2D(_)
+        | Op::DepthwiseConv2dNative(_)
+        | Op::MatMul(_)
+        | Op::BatchMatMul { .. }
+        | Op::FusedBatchNorm { .. }
+        | Op::LogSoftmax
+        | Op::Reduce { .. }
+        | Op::MirrorPad
+        | Op::Fill
+        | Op::OnesLike
+        | Op::Range
+        | Op::Cast
+        | Op::Select
+        | Op::SelectV2
+        | Op::Random(Random::Uniform)
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_) => (true, false),
+        Op::Random(Random::StandardNormal | Random::TruncatedNormal)
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
+        | Op::NoOp
+        | Op::Assert
+        | Op::SaveV2
+        | Op::Other(_) => (false, false),
+    };
+    KernelSupport { float, int8 }
+}

@@ -6,6 +6,7 @@ pub mod export_graphdef;
 pub mod export_tflite;
 pub mod fp16_cast;
 pub mod freeze;
+pub mod op_support;
 pub mod quantize_int8;
 pub mod registry;
 pub mod strip_training;

@@ -200,3 +200,68 @@ impl LiteRtCase {
         )
     }
 }
+
+/// One model of a [`run_litert_batch`] call: `.npy` inputs by model input name, and
+/// the directory its outputs are written to.
+pub struct BatchJob {
+    pub model: PathBuf,
+    pub inputs: Vec<(String, PathBuf)>,
+    pub resolver: Resolver,
+    pub out_dir: PathBuf,
+}
+
+/// Runs every job in one LiteRT process (`tests/litert/run_jobs.py`): float data for an
+/// int8 input is quantized with the input's parameters and int8 outputs are dequantized.
+/// Per job, the outputs in the model's order or LiteRT's error; a job that fails does not
+/// stop the others. Failing to start the process fails the test.
+pub fn run_litert_batch(jobs: &[BatchJob], dir: &Path) -> Vec<Result<Vec<Tensor>, String>> {
+    if jobs.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<serde_json::Value> = jobs
+        .iter()
+        .map(|j| {
+            let inputs: serde_json::Map<String, serde_json::Value> = j
+                .inputs
+                .iter()
+                .map(|(n, p)| (n.clone(), p.display().to_string().into()))
+                .collect();
+            serde_json::json!({
+                "model": j.model.display().to_string(),
+                "inputs": inputs,
+                "resolver": match j.resolver {
+                    Resolver::Default => "builtin",
+                    Resolver::Reference => "ref",
+                },
+                "out_dir": j.out_dir.display().to_string(),
+            })
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    let jobs_file = dir.join("litert_jobs.json");
+    std::fs::write(&jobs_file, serde_json::to_vec(&list).unwrap()).unwrap();
+    let script = manifest_dir().join("tests/litert/run_jobs.py");
+    let out = run_checked(
+        Command::new(litert_python()).arg(&script).arg(&jobs_file),
+        &format!("LiteRT batch of {} models", jobs.len()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let report: Vec<serde_json::Value> = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("run_jobs.py printed no JSON list ({e}): {out}"));
+    assert_eq!(report.len(), jobs.len(), "run_jobs.py answered {report:?}");
+    report
+        .iter()
+        .map(|r| {
+            if r["ok"] == true {
+                Ok(r["outputs"]
+                    .as_array()
+                    .expect("outputs")
+                    .iter()
+                    .map(|f| qpipe::npy::read(Path::new(f.as_str().unwrap())).unwrap())
+                    .collect())
+            } else {
+                Err(r["error"].as_str().unwrap_or("?").to_string())
+            }
+        })
+        .collect()
+}

@@ -69,6 +69,18 @@ pub struct GraphSummary {
     /// Where the model's outputs probably are (see [`likely_outputs`]).
     pub likely_outputs: Vec<OutputSummary>,
     pub variables: Vec<VariableSummary>,
+    /// The ops the likely outputs are computed with (variables and training-only nodes
+    /// left out, variable reads as `freeze` rewrites them), sorted by op.
+    pub inference_ops: Vec<OpUse>,
+}
+
+/// An op of the inference part of a graph: how many nodes use it, and the first one
+/// (with its attributes, for the typed op).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpUse {
+    pub op: String,
+    pub nodes: usize,
+    pub first: Node,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -461,6 +473,48 @@ fn type_attr(n: &Node, key: &str) -> Option<DType> {
     }
 }
 
+/// The ops of the nodes `roots` depend on through data edges, as they will be after
+/// `freeze`: variables and their reads are constants then, a `ResourceGather` a
+/// `GatherV2`; training-only nodes (`StopGradient`, debugging) are passed through.
+fn inference_ops(g: &Graph, roots: &[usize]) -> Vec<OpUse> {
+    let index: HashMap<&str, usize> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let mut seen = vec![false; g.nodes.len()];
+    let mut stack = roots.to_vec();
+    let mut uses: BTreeMap<String, OpUse> = BTreeMap::new();
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut seen[i], true) {
+            continue;
+        }
+        let n = &g.nodes[i];
+        stack.extend(
+            n.inputs
+                .iter()
+                .filter_map(|r| index.get(r.node.as_str()).copied())
+                .filter(|&j| !seen[j]),
+        );
+        if is_variable(&n.op) || n.op == "ReadVariableOp" || is_training_only(n) {
+            continue;
+        }
+        let mut node = n.clone();
+        if n.op == "ResourceGather" {
+            node.op = "GatherV2".into();
+        }
+        uses.entry(node.op.clone())
+            .and_modify(|u| u.nodes += 1)
+            .or_insert(OpUse {
+                op: node.op.clone(),
+                nodes: 1,
+                first: node,
+            });
+    }
+    uses.into_values().collect()
+}
+
 /// Ops, placeholders, likely outputs and variables of any graph.
 pub fn summarize_graph(file: &Path, format: GraphFormat, g: &Graph) -> GraphSummary {
     let placeholders = g
@@ -475,7 +529,9 @@ pub fn summarize_graph(file: &Path, format: GraphFormat, g: &Graph) -> GraphSumm
             shape: shape_attr(n, "shape"),
         })
         .collect();
-    let likely_outputs = likely_outputs(g)
+    let outputs = likely_outputs(g);
+    let inference_ops = inference_ops(g, &outputs);
+    let likely_outputs = outputs
         .into_iter()
         .map(|i| &g.nodes[i])
         .map(|n| OutputSummary {
@@ -508,6 +564,7 @@ pub fn summarize_graph(file: &Path, format: GraphFormat, g: &Graph) -> GraphSumm
         placeholders,
         likely_outputs,
         variables,
+        inference_ops,
     }
 }
 

@@ -1518,6 +1518,180 @@ fn transpose(node: &Node, t: &Tensor, perm: &[usize]) -> Result<Tensor> {
     Tensor::from_bytes(t.dtype(), out_shape, out).map_err(|e| node_err(node, e))
 }
 
+/// What [`lower`] makes of an op.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lowering {
+    /// This builtin (options at their defaults; the real ones come from the node).
+    Builtin(Op),
+    /// No operator of its own: a constant, an input, or its input passed on.
+    NoOperator,
+    /// No TFLite builtin qpipe exports.
+    None,
+}
+
+/// [`Lowering`] of `op`: the builtin `lower_node` emits for it (one exhaustive match,
+/// kept beside that one).
+pub fn lowering(op: &IrOp) -> Lowering {
+    let conv = ConvOptions {
+        padding: Padding::Same,
+        stride_h: 1,
+        stride_w: 1,
+        dilation_h: 1,
+        dilation_w: 1,
+        activation: Activation::None,
+    };
+    let pool = PoolOptions {
+        padding: Padding::Same,
+        stride_h: 1,
+        stride_w: 1,
+        filter_h: 1,
+        filter_w: 1,
+        activation: Activation::None,
+    };
+    let activation = Activation::None;
+    let linear = |l: &Linear| match l {
+        Linear::Conv2D(_) => Op::Conv2d(conv),
+        Linear::Depthwise(_) => Op::DepthwiseConv2d {
+            conv,
+            depth_multiplier: 1,
+        },
+        Linear::MatMul(_) => Op::FullyConnected {
+            activation,
+            keep_num_dims: false,
+            asymmetric_quantize_inputs: false,
+        },
+    };
+    Lowering::Builtin(match op {
+        IrOp::Const
+        | IrOp::Placeholder
+        | IrOp::PlaceholderWithDefault
+        | IrOp::Forward(
+            Forward::Identity | Forward::StopGradient | Forward::Snapshot | Forward::EnsureShape,
+        )
+        | IrOp::Cast => return Lowering::NoOperator,
+        IrOp::Dequantize => Op::Dequantize,
+        IrOp::Quantize => Op::Quantize,
+        IrOp::Reshape => Op::Reshape,
+        IrOp::ExpandDims => Op::ExpandDims,
+        IrOp::Squeeze => Op::Squeeze { dims: vec![] },
+        IrOp::Conv2D(c) => linear(&Linear::Conv2D(*c)),
+        IrOp::DepthwiseConv2dNative(c) => linear(&Linear::Depthwise(*c)),
+        IrOp::MatMul(m) => linear(&Linear::MatMul(*m)),
+        IrOp::Fused { linear: l, .. } => linear(l),
+        IrOp::BiasAdd { v1: false, .. } | IrOp::Binary(Binary::Add | Binary::AddV2) => {
+            Op::Add { activation }
+        }
+        IrOp::Binary(Binary::Sub) => Op::Sub { activation },
+        IrOp::Binary(Binary::Mul) => Op::Mul { activation },
+        IrOp::Binary(Binary::RealDiv) => Op::Div { activation },
+        IrOp::Binary(Binary::Maximum) => Op::Maximum,
+        IrOp::Binary(Binary::Minimum) => Op::Minimum,
+        IrOp::Unary(Unary::Relu) => Op::Relu,
+        IrOp::Unary(Unary::Relu6) => Op::Relu6,
+        IrOp::Unary(Unary::Tanh) => Op::Tanh,
+        IrOp::Unary(Unary::Sigmoid) => Op::Logistic,
+        IrOp::Softmax => Op::Softmax { beta: 1.0 },
+        IrOp::Reduce {
+            kind: Reduce::Max,
+            keep_dims,
+        } => Op::ReduceMax {
+            keep_dims: *keep_dims,
+        },
+        IrOp::Reduce {
+            kind: Reduce::Min,
+            keep_dims,
+        } => Op::ReduceMin {
+            keep_dims: *keep_dims,
+        },
+        IrOp::Reduce {
+            kind: Reduce::Sum,
+            keep_dims,
+        } => Op::Sum {
+            keep_dims: *keep_dims,
+        },
+        IrOp::Reduce {
+            kind: Reduce::Mean,
+            keep_dims,
+        } => Op::Mean {
+            keep_dims: *keep_dims,
+        },
+        IrOp::ConcatV2 => Op::Concatenation {
+            axis: 0,
+            activation,
+        },
+        IrOp::GatherV2 => Op::Gather {
+            axis: 0,
+            batch_dims: 0,
+        },
+        IrOp::Pad | IrOp::PadV2 => Op::Pad,
+        IrOp::Transpose => Op::Transpose,
+        IrOp::Tile => Op::Tile,
+        IrOp::Slice => Op::Slice,
+        IrOp::StridedSlice => Op::StridedSlice {
+            begin_mask: 0,
+            end_mask: 0,
+            shrink_axis_mask: 0,
+        },
+        IrOp::Split => Op::Split { num: 2 },
+        IrOp::SplitV => Op::SplitV { num: 2 },
+        IrOp::Pack => Op::Pack { count: 2, axis: 0 },
+        IrOp::Unpack => Op::Unpack { num: 2, axis: 0 },
+        IrOp::Fill => Op::Fill,
+        IrOp::ZerosLike => Op::ZerosLike,
+        IrOp::Shape => Op::Shape { output: DType::I32 },
+        IrOp::Gather => Op::Gather {
+            axis: 0,
+            batch_dims: 0,
+        },
+        IrOp::ArgMax => Op::ArgMax { output: DType::I64 },
+        IrOp::ArgMin => Op::ArgMin { output: DType::I64 },
+        IrOp::HardSwish => Op::HardSwish,
+        IrOp::Conv2DBackpropInput(_) => Op::TransposeConv {
+            padding: Padding::Same,
+            stride_h: 1,
+            stride_w: 1,
+            activation,
+        },
+        IrOp::ResizeBilinear(r) => Op::ResizeBilinear {
+            align_corners: r.align_corners,
+            half_pixel_centers: r.half_pixel_centers,
+        },
+        IrOp::ResizeNearestNeighbor(r) => Op::ResizeNearestNeighbor {
+            align_corners: r.align_corners,
+            half_pixel_centers: r.half_pixel_centers,
+        },
+        IrOp::MaxPool(_) => Op::MaxPool2d(pool),
+        IrOp::AvgPool(_) => Op::AveragePool2d(pool),
+        IrOp::Forward(Forward::CheckNumerics | Forward::PreventGradient)
+        | IrOp::IdentityN
+        | IrOp::Print
+        | IrOp::Unary(_)
+        | IrOp::LeakyRelu
+        | IrOp::Binary(_)
+        | IrOp::Compare(_)
+        | IrOp::BiasAdd { v1: true, .. }
+        | IrOp::BatchMatMul { .. }
+        | IrOp::FusedBatchNorm { .. }
+        | IrOp::LogSoftmax
+        | IrOp::Reduce { .. }
+        | IrOp::Size
+        | IrOp::Rank
+        | IrOp::Concat
+        | IrOp::MirrorPad
+        | IrOp::OnesLike
+        | IrOp::Range
+        | IrOp::Select
+        | IrOp::SelectV2
+        | IrOp::Random(_)
+        | IrOp::NoOp
+        | IrOp::Assert
+        | IrOp::SaveV2
+        | IrOp::SpaceToBatchND
+        | IrOp::BatchToSpaceND
+        | IrOp::Other(_) => return Lowering::None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -479,6 +479,44 @@ pub fn op_codes(model: &Model) -> (Vec<(i32, i32)>, Vec<u32>) {
     (codes, index)
 }
 
+/// The versions [`op_version`] gives `op` on float32 data and on int8 data (int8
+/// activations and weights, int32 bias), for a typical operand shape: rank-4 data, a
+/// second operand of the data's shape and a bias. Where the version depends on more
+/// (dilation, broadcasting, per-channel weights) the export picks it per operator.
+pub fn typical_versions(op: &Op) -> (i32, i32) {
+    use crate::formats::tflite::model::TensorDef;
+    use crate::ir::QuantParams;
+    let tensor = |dtype: DType, shape: &[i32]| TensorDef {
+        name: String::new(),
+        dtype,
+        shape: shape.to_vec(),
+        shape_signature: None,
+        data: None,
+        quant: (dtype != DType::F32).then(|| QuantParams::per_tensor(0.05, 0)),
+    };
+    let version = |data: DType, bias: DType| {
+        let model = Model {
+            tensors: vec![
+                tensor(data, &[1, 4, 4, 4]),
+                tensor(data, &[1, 4, 4, 4]),
+                tensor(bias, &[4]),
+                tensor(data, &[1, 4, 4, 4]),
+            ],
+            ..Model::default()
+        };
+        let operator = Operator {
+            op: op.clone(),
+            inputs: vec![0, 1, 2],
+            outputs: vec![3],
+        };
+        op_version(&model, &operator)
+    };
+    (
+        version(DType::F32, DType::F32),
+        version(DType::I8, DType::I32),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -846,3 +846,106 @@ pub fn quantized_tensors(g: &Graph) -> BTreeMap<String, QuantParams> {
         .filter_map(|n| n.output_quant.get(&0).map(|q| (n.name.clone(), q.clone())))
         .collect()
 }
+
+/// How `quantize_int8` treats an op, whatever its graph: the op-level answer of
+/// [`spec`] (which also checks inputs, windows and constants per node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Form {
+    /// int8 under `DEFAULT` with calibration and `OPTIMIZE_FOR_LATENCY` (a matrix op
+    /// after fusing the bias add that follows it); `hybrid`: under dynamic range its
+    /// weights are int8 and its input is quantized at run time.
+    Int8 { hybrid: bool },
+    /// Computes in float only: stays float with QUANTIZE/DEQUANTIZE around it under
+    /// `DEFAULT`, and is an error under `OPTIMIZE_FOR_LATENCY`.
+    Float,
+    /// Computes nothing quantize_int8 sees: constants, inputs, forwarding, shape
+    /// arithmetic and batch norms folded by `strip_training`, training-only ops.
+    NotComputed,
+}
+
+/// [`Int8Form`] of `op` (one exhaustive match, kept beside [`spec`]'s).
+pub fn int8_form(op: &Op) -> Int8Form {
+    let int8 = Int8Form::Int8 { hybrid: false };
+    match op {
+        Op::Fused { linear, .. } => Int8Form::Int8 {
+            hybrid: linear.kind().has_hybrid_kernel(),
+        },
+        Op::Conv2D(_) | Op::MatMul(_) => Int8Form::Int8 { hybrid: true },
+        Op::DepthwiseConv2dNative(_) | Op::BiasAdd { v1: false, .. } => int8,
+        Op::MaxPool(_)
+        | Op::AvgPool(_)
+        | Op::Reshape
+        | Op::ExpandDims
+        | Op::Squeeze
+        | Op::Forward(Forward::Identity)
+        | Op::ConcatV2
+        | Op::GatherV2
+        | Op::Pad
+        | Op::Reduce {
+            kind: Reduce::Max | Reduce::Min | Reduce::Mean | Reduce::Sum,
+            ..
+        }
+        | Op::Binary(
+            Binary::Add
+            | Binary::AddV2
+            | Binary::Sub
+            | Binary::Mul
+            | Binary::Maximum
+            | Binary::Minimum,
+        )
+        | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Sigmoid | Unary::Tanh)
+        | Op::Softmax
+        | Op::Transpose
+        | Op::Tile
+        | Op::StridedSlice
+        | Op::Slice
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::ZerosLike
+        | Op::ArgMax
+        | Op::ArgMin
+        | Op::Fill
+        | Op::HardSwish => int8,
+        Op::Placeholder
+        | Op::PlaceholderWithDefault
+        | Op::Const
+        | Op::Forward(_)
+        | Op::IdentityN
+        | Op::Print
+        | Op::FusedBatchNorm { .. }
+        | Op::Shape
+        | Op::Size
+        | Op::Rank
+        | Op::Random(_)
+        | Op::Dequantize
+        | Op::Quantize
+        | Op::NoOp
+        | Op::Assert
+        | Op::SaveV2 => Int8Form::NotComputed,
+        Op::Unary(_)
+        | Op::LeakyRelu
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::BiasAdd { v1: true, .. }
+        | Op::BatchMatMul { .. }
+        | Op::LogSoftmax
+        | Op::Reduce { .. }
+        | Op::Gather
+        | Op::Concat
+        | Op::PadV2
+        | Op::MirrorPad
+        | Op::OnesLike
+        | Op::Range
+        | Op::Cast
+        | Op::Select
+        | Op::SelectV2
+        | Op::SpaceToBatchND
+        | Op::BatchToSpaceND
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_)
+        | Op::Other(_) => Int8Form::Float,
+    }
+}
