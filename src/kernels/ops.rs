@@ -917,7 +917,10 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::SelectV2
         | Op::Random(Random::Uniform)
         | Op::Conv2DBackpropInput(_)
-        | Op::ResizeBilinear(_) => (true, false),
+        | Op::ResizeBilinear(_)
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize => (true, false),
         Op::Random(Random::StandardNormal | Random::TruncatedNormal)
         | Op::SpaceToBatchND
         | Op::BatchToSpaceND

@@ -1646,6 +1646,26 @@ pub fn lowering(op: &IrOp) -> Lowering {
         IrOp::ArgMax => Op::ArgMax { output: DType::I64 },
         IrOp::ArgMin => Op::ArgMin { output: DType::I64 },
         IrOp::HardSwish => Op::HardSwish,
+        IrOp::Unary(Unary::Abs) => Op::Abs,
+        IrOp::Unary(Unary::Exp) => Op::Exp,
+        IrOp::Unary(Unary::Log) => Op::Log,
+        IrOp::Unary(Unary::Neg) => Op::Neg,
+        IrOp::Unary(Unary::Rsqrt) => Op::Rsqrt,
+        IrOp::Unary(Unary::Square) => Op::Square,
+        IrOp::Unary(Unary::Elu) => Op::Elu,
+        IrOp::Binary(Binary::SquaredDifference) => Op::SquaredDifference,
+        IrOp::Binary(Binary::Pow) => Op::Pow,
+        IrOp::LeakyRelu => Op::LeakyRelu { alpha: 0.2 },
+        IrOp::Gelu { approximate } => Op::Gelu {
+            approximate: *approximate,
+        },
+        IrOp::Prelu => Op::Prelu,
+        IrOp::L2Normalize => Op::L2Normalization,
+        // By a constant 2-D operand it is a FULLY_CONNECTED, as the converter writes it.
+        IrOp::BatchMatMul { .. } => Op::BatchMatmul {
+            adj_x: false,
+            adj_y: false,
+        },
         IrOp::Conv2DBackpropInput(_) => Op::TransposeConv {
             padding: Padding::Same,
             stride_h: 1,
@@ -1666,11 +1686,9 @@ pub fn lowering(op: &IrOp) -> Lowering {
         | IrOp::IdentityN
         | IrOp::Print
         | IrOp::Unary(_)
-        | IrOp::LeakyRelu
         | IrOp::Binary(_)
         | IrOp::Compare(_)
         | IrOp::BiasAdd { v1: true, .. }
-        | IrOp::BatchMatMul { .. }
         | IrOp::FusedBatchNorm { .. }
         | IrOp::LogSoftmax
         | IrOp::Reduce { .. }

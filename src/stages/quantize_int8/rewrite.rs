@@ -946,6 +946,9 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::Conv2DBackpropInput(_)
         | Op::ResizeBilinear(_)
         | Op::ResizeNearestNeighbor(_)
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::Other(_) => Int8Form::Float,
     }
 }
