@@ -160,6 +160,7 @@ pub enum Unary {
     Sin,
     Cos,
     LogicalNot,
+    Erf,
 }
 
 /// Element-wise, broadcasting ops of two inputs with the dtype of the first.
@@ -308,6 +309,14 @@ pub enum Op {
     NoOp,
     Assert,
     SaveV2,
+    /// GELU, fused from its tanh (`approximate`) or erf form by `passes::patterns`.
+    Gelu {
+        approximate: bool,
+    },
+    /// PReLU (x, alpha), fused from its TF1 and Keras forms by `passes::patterns`.
+    Prelu,
+    /// `tf.math.l2_normalize` over the last axis (x), fused by `passes::patterns`.
+    L2Normalize,
     /// `SpaceToBatchND` / `BatchToSpaceND`: qpipe handles them only around a
     /// convolution (what `atrous_conv2d` makes), folded into a dilated one.
     SpaceToBatchND,
@@ -364,6 +373,7 @@ pub const NAMES: &[&str] = &[
     "Sin",
     "Cos",
     "LogicalNot",
+    "Erf",
     "LeakyRelu",
     "Add",
     "AddV2",
@@ -447,6 +457,9 @@ pub const NAMES: &[&str] = &[
     "_FusedConv2D",
     "_FusedDepthwiseConv2dNative",
     "_FusedMatMul",
+    GELU,
+    PRELU,
+    L2_NORMALIZE,
     "NoOp",
     "Assert",
     "SaveV2",
@@ -457,6 +470,12 @@ pub const NAMES: &[&str] = &[
     "ResizeBilinear",
     "ResizeNearestNeighbor",
 ];
+
+/// qpipe's own ops for the composites `passes::patterns` fuses (TensorFlow has no
+/// single op for them).
+pub const GELU: &str = "_QpipeGelu";
+pub const PRELU: &str = "_QpipePrelu";
+pub const L2_NORMALIZE: &str = "_QpipeL2Normalize";
 
 /// Variable ops: what `freeze` replaces by constants and what must not reach an
 /// inference graph.
@@ -899,6 +918,9 @@ impl Op {
             | Op::Random(_)
             | Op::Dequantize
             | Op::Quantize
+            | Op::Gelu { .. }
+            | Op::Prelu
+            | Op::L2Normalize
             | Op::NoOp
             | Op::Assert
             | Op::SaveV2
@@ -954,6 +976,7 @@ impl Op {
             "Sin" => O::Unary(Unary::Sin),
             "Cos" => O::Unary(Unary::Cos),
             "LogicalNot" => O::Unary(Unary::LogicalNot),
+            "Erf" => O::Unary(Unary::Erf),
             "LeakyRelu" => O::LeakyRelu,
             "Add" => O::Binary(Binary::Add),
             "AddV2" => O::Binary(Binary::AddV2),
@@ -1062,6 +1085,11 @@ impl Op {
                 linear: Linear::MatMul(matmul(node)?),
                 activation: fused_activation(node)?,
             },
+            GELU => O::Gelu {
+                approximate: bool_attr(node, "approximate")?,
+            },
+            PRELU => O::Prelu,
+            L2_NORMALIZE => O::L2Normalize,
             "NoOp" => O::NoOp,
             "Assert" => O::Assert,
             "SaveV2" => O::SaveV2,
@@ -1113,6 +1141,7 @@ impl Op {
             Op::Unary(Unary::Sin) => "Sin",
             Op::Unary(Unary::Cos) => "Cos",
             Op::Unary(Unary::LogicalNot) => "LogicalNot",
+            Op::Unary(Unary::Erf) => "Erf",
             Op::LeakyRelu => "LeakyRelu",
             Op::Binary(Binary::Add) => "Add",
             Op::Binary(Binary::AddV2) => "AddV2",
@@ -1173,6 +1202,9 @@ impl Op {
             Op::Random(Random::TruncatedNormal) => "TruncatedNormal",
             Op::Dequantize => "Dequantize",
             Op::Quantize => "Quantize",
+            Op::Gelu { .. } => GELU,
+            Op::Prelu => PRELU,
+            Op::L2Normalize => L2_NORMALIZE,
             Op::NoOp => "NoOp",
             Op::Assert => "Assert",
             Op::SaveV2 => "SaveV2",

@@ -294,6 +294,9 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
         )
         | Op::BiasAdd { v1: true, .. } => same(Some(first()?.dtype))?,
         Op::Unary(_)
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::HardSwish
         | Op::Softmax
         | Op::LogSoftmax
@@ -663,8 +666,8 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
             vec![TensorInfo::new(dtype, dims)]
         }
         Op::NoOp | Op::Assert | Op::SaveV2 | Op::Print => vec![],
-        Op::BatchMatMul { .. }
-        | Op::Concat
+        Op::BatchMatMul { .. } => batch_matmul_shape(node, ins)?,
+        Op::Concat
         | Op::Range
         // Shapes are inferred for export; an op without a rule has no .tflite lowering either.
         | Op::SpaceToBatchND
@@ -702,6 +705,41 @@ fn matmul_shape(node: &Node, m: &MatMul, ins: &[TensorInfo]) -> Result<Vec<Tenso
         ));
     }
     Ok(vec![TensorInfo::new(ins[0].dtype, vec![m_, n])])
+}
+
+/// `BatchMatMul*`: `[.., m, k] x [.., k, n]` (adjoints from `adj_x`/`adj_y`), batch
+/// dimensions broadcast.
+fn batch_matmul_shape(node: &Node, ins: &[TensorInfo]) -> Result<Vec<TensorInfo>, IrError> {
+    want_inputs(node, ins, 2)?;
+    let adj = |k: &str| match node.attr(k) {
+        None => Ok(false),
+        Some(_) => node.attr_bool(k),
+    };
+    let (adj_x, adj_y) = (adj("adj_x")?, adj("adj_y")?);
+    let (a, b) = (&ins[0].shape, &ins[1].shape);
+    if a.len() < 2 || b.len() < 2 {
+        return Err(err(
+            node,
+            format!("operands must have rank ≥ 2, got {a:?} x {b:?}"),
+        ));
+    }
+    let (ra, rb) = (a.len(), b.len());
+    let (m, ka) = if adj_x {
+        (a[ra - 1], a[ra - 2])
+    } else {
+        (a[ra - 2], a[ra - 1])
+    };
+    let (kb, n) = if adj_y {
+        (b[rb - 1], b[rb - 2])
+    } else {
+        (b[rb - 2], b[rb - 1])
+    };
+    if ka >= 0 && kb >= 0 && ka != kb {
+        return Err(err(node, format!("inner dimensions differ: {a:?} x {b:?}")));
+    }
+    let mut shape = broadcast(node, &[&a[..ra - 2], &b[..rb - 2]])?;
+    shape.extend([m, n]);
+    Ok(vec![TensorInfo::new(ins[0].dtype, shape)])
 }
 
 fn conv_shape(

@@ -152,6 +152,7 @@ pub enum UnaryOp {
     Sin,
     Cos,
     LogicalNot,
+    Erf,
 }
 
 impl UnaryOp {
@@ -188,6 +189,7 @@ impl UnaryOp {
             Unary::Sin => UnaryOp::Sin,
             Unary::Cos => UnaryOp::Cos,
             Unary::LogicalNot => UnaryOp::LogicalNot,
+            Unary::Erf => UnaryOp::Erf,
         }
     }
 }
@@ -270,6 +272,7 @@ macro_rules! float_unary {
             UnaryOp::Reciprocal => one / $x,
             UnaryOp::Sin => $x.sin(),
             UnaryOp::Cos => $x.cos(),
+            UnaryOp::Erf => super::math::erf(f64::from($x)) as $t,
             UnaryOp::LogicalNot => unreachable!("checked before dispatch"),
         }
     }};

@@ -13,6 +13,7 @@ pub mod elementwise;
 mod fast_binary;
 pub mod fused;
 pub mod int8;
+pub mod math;
 pub mod movement;
 pub mod nn;
 pub mod ops;

@@ -164,6 +164,8 @@ pub enum Kernel {
     },
     /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
     Quantize,
+    /// GELU, PReLU, L2 normalization (`super::math`).
+    Composite(super::math::Composite),
     /// `x * relu6(x + 3) / 6`.
     HardSwish,
     /// `Conv2DBackpropInput` (output shape, filter, input).
@@ -299,6 +301,18 @@ impl Kernel {
                 Kernel::Forward
             }
             Op::IdentityN => Kernel::ForwardAll,
+            Op::Gelu { approximate } => {
+                arity(1, 1)?;
+                Kernel::Composite(super::math::Composite::Gelu { approximate })
+            }
+            Op::Prelu => {
+                arity(2, 2)?;
+                Kernel::Composite(super::math::Composite::Prelu)
+            }
+            Op::L2Normalize => {
+                arity(1, 1)?;
+                Kernel::Composite(super::math::Composite::L2Normalize)
+            }
             Op::LeakyRelu => {
                 arity(1, 1)?;
                 let alpha = match node.attr("alpha") {
@@ -610,6 +624,7 @@ impl Kernel {
                 Ok(inputs)
             }
             Kernel::ForwardAll => Ok(inputs),
+            Kernel::Composite(op) => one(super::math::composite(*op, &inputs)?),
             Kernel::Unary(op) => one(elementwise::unary(*op, inputs.swap_remove(0))?),
             Kernel::Binary(op) => {
                 let b = inputs.pop().expect("arity checked");
@@ -902,7 +917,10 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::SelectV2
         | Op::Random(Random::Uniform)
         | Op::Conv2DBackpropInput(_)
-        | Op::ResizeBilinear(_) => (true, false),
+        | Op::ResizeBilinear(_)
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize => (true, false),
         Op::Random(Random::StandardNormal | Random::TruncatedNormal)
         | Op::SpaceToBatchND
         | Op::BatchToSpaceND

@@ -37,7 +37,9 @@ impl Stage for ExportTflite {
         Role::TfliteExport { input: "input" }
     }
     fn version(&self) -> u32 {
-        2
+        // 2: data-movement ops, zero biases dropped, the spatial ops;
+        // 3: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
+        3
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

@@ -269,6 +269,9 @@ pub fn model_problems(path: &Path, summary: &GraphSummary) -> ModelProblems {
             &frozen.outputs,
             &Default::default(),
         )?;
+        // The composites (GELU, PReLU, l2_normalize) are fused before quantize_int8
+        // and export see them; report the fused ops, not their parts.
+        let (g, _) = crate::ir::passes::patterns::rewrite(&g)?;
         let mut uses: BTreeMap<String, OpUse> = BTreeMap::new();
         for n in g.nodes {
             match uses.get_mut(&n.op) {

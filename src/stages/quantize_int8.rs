@@ -195,7 +195,9 @@ impl Stage for QuantizeInt8 {
         }
     }
     fn version(&self) -> u32 {
-        2
+        // 2: data-movement ops, zero biases dropped, the spatial ops;
+        // 3: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
+        3
     }
     fn deps(&self) -> StageDeps {
         StageDeps {
@@ -212,6 +214,7 @@ impl Stage for QuantizeInt8 {
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
+        let (graph, _) = crate::ir::passes::patterns::rewrite(&graph)?;
         let c = &self.config;
         let names: HashSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
         for e in &c.exclude {

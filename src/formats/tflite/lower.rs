@@ -65,7 +65,8 @@ enum Layout {
 /// Lowers `graph` to a TFLite model. An op with no TFLite equivalent, or a
 /// pattern qpipe cannot express, is an error naming the node and op.
 pub fn lower(graph: &Graph) -> Result<Model> {
-    Lowerer::new(graph)?.run()
+    let (graph, _) = crate::ir::passes::patterns::rewrite(graph)?;
+    Lowerer::new(&graph)?.run()
 }
 
 struct Lowerer<'g> {
@@ -149,6 +150,9 @@ fn const_like(op: &IrOp) -> bool {
         | IrOp::Random(_)
         | IrOp::Quantize
         | IrOp::Fused { .. }
+        | IrOp::Gelu { .. }
+        | IrOp::Prelu
+        | IrOp::L2Normalize
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
@@ -231,6 +235,9 @@ fn runtime_inputs(node: &Node, op: &IrOp) -> Vec<usize> {
         | IrOp::Dequantize
         | IrOp::Quantize
         | IrOp::Fused { .. }
+        | IrOp::Gelu { .. }
+        | IrOp::Prelu
+        | IrOp::L2Normalize
         | IrOp::NoOp
         | IrOp::Assert
         | IrOp::SaveV2
@@ -660,6 +667,26 @@ impl<'g> Lowerer<'g> {
             }
             IrOp::Unary(Unary::Tanh) => self.unary(node, Op::Tanh)?,
             IrOp::Unary(Unary::Sigmoid) => self.unary(node, Op::Logistic)?,
+            IrOp::Unary(Unary::Abs) => self.unary(node, Op::Abs)?,
+            IrOp::Unary(Unary::Exp) => self.unary(node, Op::Exp)?,
+            IrOp::Unary(Unary::Log) => self.unary(node, Op::Log)?,
+            IrOp::Unary(Unary::Neg) => self.unary(node, Op::Neg)?,
+            IrOp::Unary(Unary::Rsqrt) => self.unary(node, Op::Rsqrt)?,
+            IrOp::Unary(Unary::Square) => self.unary(node, Op::Square)?,
+            IrOp::Unary(Unary::Elu) => self.unary(node, Op::Elu)?,
+            IrOp::Binary(Binary::SquaredDifference) => self.binary(node, Op::SquaredDifference)?,
+            IrOp::Binary(Binary::Pow) => self.binary(node, Op::Pow)?,
+            IrOp::LeakyRelu => {
+                let alpha = match node.attr("alpha") {
+                    None => 0.2,
+                    Some(_) => node.attr_float("alpha")?,
+                };
+                self.unary(node, Op::LeakyRelu { alpha })?
+            }
+            IrOp::Gelu { approximate } => self.unary(node, Op::Gelu { approximate })?,
+            IrOp::Prelu => self.binary(node, Op::Prelu)?,
+            IrOp::L2Normalize => self.unary(node, Op::L2Normalization)?,
+            IrOp::BatchMatMul { .. } => self.lower_batch_matmul(i, node)?,
             IrOp::Quantize => self.unary(node, Op::Quantize)?,
             IrOp::Softmax => self.unary(node, Op::Softmax { beta: 1.0 })?,
             IrOp::Reduce {
@@ -774,17 +801,11 @@ impl<'g> Lowerer<'g> {
             | IrOp::IdentityN
             | IrOp::Print
             | IrOp::Unary(
-                Unary::Elu
-                | Unary::Selu
+                Unary::Selu
                 | Unary::Softplus
-                | Unary::Rsqrt
                 | Unary::Sqrt
-                | Unary::Square
-                | Unary::Exp
-                | Unary::Log
                 | Unary::Log1p
-                | Unary::Neg
-                | Unary::Abs
+                | Unary::Erf
                 | Unary::Floor
                 | Unary::Ceil
                 | Unary::Round
@@ -796,19 +817,15 @@ impl<'g> Lowerer<'g> {
                 | Unary::Cos
                 | Unary::LogicalNot,
             )
-            | IrOp::LeakyRelu
             | IrOp::Binary(
                 Binary::Div
                 | Binary::TruncateDiv
                 | Binary::FloorDiv
                 | Binary::FloorMod
-                | Binary::Mod
-                | Binary::Pow
-                | Binary::SquaredDifference,
+                | Binary::Mod,
             )
             | IrOp::Compare(_)
             | IrOp::BiasAdd { v1: true, .. }
-            | IrOp::BatchMatMul { .. }
             | IrOp::FusedBatchNorm { .. }
             | IrOp::LogSoftmax
             | IrOp::Reduce {
@@ -1187,13 +1204,41 @@ impl<'g> Lowerer<'g> {
                 (
                     Op::FullyConnected {
                         activation,
-                        keep_num_dims: false,
+                        keep_num_dims: self.input_rank(node, 0)? > 2,
                         asymmetric_quantize_inputs: hybrid,
                     },
                     w,
                 )
             }
         })
+    }
+
+    /// `BatchMatMul*`: by a constant matrix → FULLY_CONNECTED (keeping the leading
+    /// dimensions, bias and activation fused as for `MatMul`), as the converter
+    /// does; of two runtime tensors → BATCH_MATMUL.
+    fn lower_batch_matmul(&mut self, i: usize, node: &'g Node) -> Result<()> {
+        if node.inputs.len() != 2 {
+            return Err(node_err(node, "needs two inputs"));
+        }
+        let adj = |k: &str| -> Result<bool> {
+            Ok(match node.attr(k) {
+                None => false,
+                Some(_) => node.attr_bool(k)?,
+            })
+        };
+        let (adj_x, adj_y) = (adj("adj_x")?, adj("adj_y")?);
+        let weights_const = matches!(
+            self.values.get(&node.inputs[1]),
+            Some(Value::Const(..)) | Some(Value::Stored(..))
+        );
+        if weights_const && !adj_x && self.input_rank(node, 1)? == 2 {
+            let m = crate::ir::op::MatMul {
+                transpose_a: false,
+                transpose_b: adj_y,
+            };
+            return self.lower_linear(i, node, Linear::MatMul(m));
+        }
+        self.binary(node, Op::BatchMatmul { adj_x, adj_y })
     }
 
     /// `_FusedConv2D`, `_FusedDepthwiseConv2dNative`, `_FusedMatMul` (from
@@ -1601,6 +1646,26 @@ pub fn lowering(op: &IrOp) -> Lowering {
         IrOp::ArgMax => Op::ArgMax { output: DType::I64 },
         IrOp::ArgMin => Op::ArgMin { output: DType::I64 },
         IrOp::HardSwish => Op::HardSwish,
+        IrOp::Unary(Unary::Abs) => Op::Abs,
+        IrOp::Unary(Unary::Exp) => Op::Exp,
+        IrOp::Unary(Unary::Log) => Op::Log,
+        IrOp::Unary(Unary::Neg) => Op::Neg,
+        IrOp::Unary(Unary::Rsqrt) => Op::Rsqrt,
+        IrOp::Unary(Unary::Square) => Op::Square,
+        IrOp::Unary(Unary::Elu) => Op::Elu,
+        IrOp::Binary(Binary::SquaredDifference) => Op::SquaredDifference,
+        IrOp::Binary(Binary::Pow) => Op::Pow,
+        IrOp::LeakyRelu => Op::LeakyRelu { alpha: 0.2 },
+        IrOp::Gelu { approximate } => Op::Gelu {
+            approximate: *approximate,
+        },
+        IrOp::Prelu => Op::Prelu,
+        IrOp::L2Normalize => Op::L2Normalization,
+        // By a constant 2-D operand it is a FULLY_CONNECTED, as the converter writes it.
+        IrOp::BatchMatMul { .. } => Op::BatchMatmul {
+            adj_x: false,
+            adj_y: false,
+        },
         IrOp::Conv2DBackpropInput(_) => Op::TransposeConv {
             padding: Padding::Same,
             stride_h: 1,
@@ -1621,11 +1686,9 @@ pub fn lowering(op: &IrOp) -> Lowering {
         | IrOp::IdentityN
         | IrOp::Print
         | IrOp::Unary(_)
-        | IrOp::LeakyRelu
         | IrOp::Binary(_)
         | IrOp::Compare(_)
         | IrOp::BiasAdd { v1: true, .. }
-        | IrOp::BatchMatMul { .. }
         | IrOp::FusedBatchNorm { .. }
         | IrOp::LogSoftmax
         | IrOp::Reduce { .. }

@@ -638,7 +638,46 @@ fn write_options(
         | Op::Relu6
         | Op::HardSwish
         | Op::Tanh
-        | Op::Logistic => (B::NONE, None),
+        | Op::Logistic
+        | Op::Abs
+        | Op::Exp
+        | Op::Log
+        | Op::Rsqrt
+        | Op::SquaredDifference
+        | Op::Pow
+        | Op::Elu
+        | Op::Prelu => (B::NONE, None),
+        // Options tables the schema subset leaves out (or declares without
+        // fields), written slot by slot: the field ids are upstream schema.fbs's.
+        Op::Neg | Op::Square | Op::L2Normalization => {
+            let t = fbb.start_table();
+            let t = fbb.end_table(t);
+            let kind = match op {
+                Op::Neg => B::NegOptions,
+                Op::Square => B::SquareOptions,
+                _ => B::L2NormOptions,
+            };
+            (kind, Some(t.as_union_value()))
+        }
+        Op::LeakyRelu { alpha } => {
+            let t = fbb.start_table();
+            fbb.push_slot::<f32>(4, *alpha, 0.0);
+            let t = fbb.end_table(t);
+            (B::LeakyReluOptions, Some(t.as_union_value()))
+        }
+        Op::BatchMatmul { adj_x, adj_y } => {
+            let t = fbb.start_table();
+            fbb.push_slot::<bool>(4, *adj_x, false);
+            fbb.push_slot::<bool>(6, *adj_y, false);
+            let t = fbb.end_table(t);
+            (B(101), Some(t.as_union_value()))
+        }
+        Op::Gelu { approximate } => {
+            let t = fbb.start_table();
+            fbb.push_slot::<bool>(4, *approximate, false);
+            let t = fbb.end_table(t);
+            (B(116), Some(t.as_union_value()))
+        }
     }
 }
 

@@ -2,3 +2,4 @@
 //! quantizes; validate fuses the float reference the same way to compare layers).
 
 pub mod fuse;
+pub mod patterns;

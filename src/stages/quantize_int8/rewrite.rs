@@ -322,8 +322,12 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             | Unary::Inv
             | Unary::Sin
             | Unary::Cos
+            | Unary::Erf
             | Unary::LogicalNot,
         )
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::LeakyRelu
         | Op::Binary(
             Binary::RealDiv
@@ -942,6 +946,9 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::Conv2DBackpropInput(_)
         | Op::ResizeBilinear(_)
         | Op::ResizeNearestNeighbor(_)
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::Other(_) => Int8Form::Float,
     }
 }

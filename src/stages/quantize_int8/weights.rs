@@ -42,6 +42,9 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::IdentityN
         | Op::Print
         | Op::Unary(_)
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::HardSwish
         | Op::Conv2DBackpropInput(_)
         | Op::ResizeBilinear(_)

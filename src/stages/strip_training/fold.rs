@@ -808,6 +808,9 @@ impl Pass<'_> {
             | Op::Softmax
             | Op::LogSoftmax
             | Op::LeakyRelu
+            | Op::Gelu { .. }
+            | Op::Prelu
+            | Op::L2Normalize
             | Op::HardSwish
             | Op::FusedBatchNorm { .. }
             | Op::PlaceholderWithDefault
