@@ -31,34 +31,7 @@ const FIXTURES: &[&str] = &[
 
 /// Stages that fail today for an op other branches are adding, with the text their error
 /// must contain. When one starts to pass, the test fails until it is removed here.
-const KNOWN_GAPS: &[(&str, &str, &str)] = &[
-    // Keras 3's Embedding maps negative ids with Less/AddV2/SelectV2 on the int32 ids;
-    // the TFLite lowering of Less (comparisons) is not on this branch.
-    ("sm_text", "x_float32", "(Less): has no TFLite equivalent"),
-    ("sm_text", "x_fp16", "(Less): has no TFLite equivalent"),
-    (
-        "sm_text",
-        "x_int8_default",
-        "(Less): has no TFLite equivalent",
-    ),
-    (
-        "sm_text",
-        "x_dynamic_range",
-        "(Less): has no TFLite equivalent",
-    ),
-    (
-        "sm_text",
-        "x_optimize_for_size",
-        "(Less): has no TFLite equivalent",
-    ),
-    // OPTIMIZE_FOR_LATENCY quantizes (the int32 id arithmetic needs no int8 kernel),
-    // and its export meets the same missing lowering.
-    (
-        "sm_text",
-        "x_full_integer",
-        "(Less): has no TFLite equivalent",
-    ),
-];
+const KNOWN_GAPS: &[(&str, &str, &str)] = &[];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -27,7 +27,7 @@ mod movement;
 
 use super::model::{Activation, ConvOptions, Model, Op, Operator, Padding, PoolOptions, TensorDef};
 use crate::error::{Error, Result};
-use crate::ir::op::{Binary, Forward, Linear, Padding as IrPadding, Reduce, Unary};
+use crate::ir::op::{Binary, Compare, Forward, Linear, Padding as IrPadding, Reduce, Unary};
 use crate::ir::shape_infer::{infer_shapes, TensorInfo};
 use crate::ir::{
     Attr, DType, FusedActivation, Graph, Node, Op as IrOp, QuantParams, Tensor, TensorRef,
@@ -676,6 +676,20 @@ impl<'g> Lowerer<'g> {
             IrOp::Unary(Unary::Elu) => self.unary(node, Op::Elu)?,
             IrOp::Binary(Binary::SquaredDifference) => self.binary(node, Op::SquaredDifference)?,
             IrOp::Binary(Binary::Pow) => self.binary(node, Op::Pow)?,
+            IrOp::Compare(c) if compare_op(&c).is_some() => {
+                self.binary(node, compare_op(&c).expect("checked by the guard"))?
+            }
+            IrOp::SelectV2 => {
+                if node.inputs.len() != 3 {
+                    return Err(node_err(node, "needs three inputs"));
+                }
+                let ins = node
+                    .inputs
+                    .iter()
+                    .map(|r| self.input(r, Layout::AsIs))
+                    .collect::<Result<Vec<_>>>()?;
+                self.emit(node, Op::SelectV2, ins)?
+            }
             IrOp::LeakyRelu => {
                 let alpha = match node.attr("alpha") {
                     None => 0.2,
@@ -839,7 +853,6 @@ impl<'g> Lowerer<'g> {
             | IrOp::OnesLike
             | IrOp::Range
             | IrOp::Select
-            | IrOp::SelectV2
             | IrOp::Random(_)
             | IrOp::NoOp
             | IrOp::Assert
@@ -1518,6 +1531,19 @@ fn transpose(node: &Node, t: &Tensor, perm: &[usize]) -> Result<Tensor> {
     Tensor::from_bytes(t.dtype(), out_shape, out).map_err(|e| node_err(node, e))
 }
 
+/// The TFLite comparison for `c` (the logical ones have none qpipe writes).
+fn compare_op(c: &Compare) -> Option<Op> {
+    Some(match c {
+        Compare::Less => Op::Less,
+        Compare::Greater => Op::Greater,
+        Compare::GreaterEqual => Op::GreaterEqual,
+        Compare::LessEqual => Op::LessEqual,
+        Compare::Equal => Op::Equal,
+        Compare::NotEqual => Op::NotEqual,
+        Compare::LogicalAnd | Compare::LogicalOr => return None,
+    })
+}
+
 /// What [`lower`] makes of an op.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lowering {
@@ -1655,6 +1681,8 @@ pub fn lowering(op: &IrOp) -> Lowering {
         IrOp::Unary(Unary::Elu) => Op::Elu,
         IrOp::Binary(Binary::SquaredDifference) => Op::SquaredDifference,
         IrOp::Binary(Binary::Pow) => Op::Pow,
+        IrOp::Compare(c) if compare_op(c).is_some() => compare_op(c).expect("checked by the guard"),
+        IrOp::SelectV2 => Op::SelectV2,
         IrOp::LeakyRelu => Op::LeakyRelu { alpha: 0.2 },
         IrOp::Gelu { approximate } => Op::Gelu {
             approximate: *approximate,
@@ -1699,7 +1727,6 @@ pub fn lowering(op: &IrOp) -> Lowering {
         | IrOp::OnesLike
         | IrOp::Range
         | IrOp::Select
-        | IrOp::SelectV2
         | IrOp::Random(_)
         | IrOp::NoOp
         | IrOp::Assert

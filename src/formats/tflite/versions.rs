@@ -260,6 +260,16 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
         Op::Gelu { .. } => int8_or_int16(in0, 2, 1, 1),
         Op::L2Normalization => int8_or_int16(out0, 2, 1, 1),
         Op::Neg | Op::Square | Op::Pow | Op::Elu | Op::Prelu => 1,
+        // op_version.cc: the comparisons are 2 for int8 (3 for int16), EQUAL and
+        // NOT_EQUAL 3 for strings; SELECT_V2 is 2 only past 4-D broadcasting.
+        Op::Less | Op::Greater | Op::GreaterEqual | Op::LessEqual => int8_or_int16(in0, 2, 3, 1),
+        Op::Equal | Op::NotEqual => match in0 {
+            Some(String) => 3,
+            Some(I8) => 2,
+            Some(I16) => 4,
+            _ => 1,
+        },
+        Op::SelectV2 => 1,
         Op::ZerosLike | Op::Shape { .. } => 1,
         Op::Transpose => {
             let rank = input_dims(0).map_or(0, <[i32]>::len);

@@ -647,6 +647,14 @@ fn write_options(
         | Op::Pow
         | Op::Elu
         | Op::Prelu => (B::NONE, None),
+        Op::Less => empty_options(fbb, B::LessOptions),
+        Op::Greater => empty_options(fbb, B::GreaterOptions),
+        Op::GreaterEqual => empty_options(fbb, B::GreaterEqualOptions),
+        Op::LessEqual => empty_options(fbb, B::LessEqualOptions),
+        Op::Equal => empty_options(fbb, B::EqualOptions),
+        Op::NotEqual => empty_options(fbb, B::NotEqualOptions),
+        // SELECT_V2's options table has no fields; LiteRT reads none.
+        Op::SelectV2 => (B::NONE, None),
         // Options tables the schema subset leaves out (or declares without
         // fields), written slot by slot: the field ids are upstream schema.fbs's.
         Op::Neg | Op::Square | Op::L2Normalization => {
