@@ -36,6 +36,7 @@ impl PackedWeights {
                 data[(p * n + j) * 2 + t] = v as i16;
             }
         }
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // filled on x86-64 only
         let (mut quads, mut colsum) = (Vec::new(), Vec::new());
         #[cfg(target_arch = "x86_64")]
         if super::vnni() {

@@ -16,6 +16,7 @@ pub struct PackedB<'a> {
 impl<'a> PackedB<'a> {
     pub fn new(b: &'a [f32], k: usize, n: usize) -> PackedB<'a> {
         assert!(b.len() >= k * n, "sgemm: b is too short");
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // filled on x86-64 only
         let mut panels = Vec::new();
         #[cfg(target_arch = "x86_64")]
         if super::avx2() {
