@@ -6,7 +6,9 @@
 //! - PReLU as `relu(x) − α·relu(−x)`, `relu(x) + α·(x − relu(x))` and Keras'
 //!   `relu(x) + (−α)·relu(−x)`, α constant → one `_QpipePrelu(x, α)`;
 //! - `tf.math.l2_normalize` over the last axis (`x · rsqrt(max(Σx², ε))`) →
-//!   one `_QpipeL2Normalize`.
+//!   one `_QpipeL2Normalize`;
+//! - `square(a − b)` → `SquaredDifference(a, b)` (LayerNorm's variance): TFLite has an
+//!   int8 SQUARED_DIFFERENCE but no int8 SQUARE. The `Sub` stays for its other readers.
 //!
 //! Before matching, `Identity`/`StopGradient`/`Snapshot` are bypassed (what
 //! `tf.nn.moments` puts between its mean and the squared difference) and identical
@@ -28,6 +30,7 @@ pub struct PatternReport {
     pub gelu: usize,
     pub prelu: usize,
     pub l2_normalize: usize,
+    pub squared_difference: usize,
 }
 
 /// Applies every rewrite of the module documentation.
@@ -487,6 +490,18 @@ fn match_l2(v: &View, i: usize, ranks: &HashMap<TensorRef, usize>) -> Option<Ten
     None
 }
 
+fn match_square_of_difference(v: &View, i: usize) -> Option<(TensorRef, TensorRef)> {
+    if !matches!(parsed(v.node(i))?, Op::Unary(Unary::Square)) {
+        return None;
+    }
+    let (j, op) = v.producer(v.node(i).inputs.first()?)?;
+    if !matches!(op, Op::Binary(Binary::Sub)) {
+        return None;
+    }
+    let (a, b) = v.pair(j)?;
+    Some((a.clone(), b.clone()))
+}
+
 fn fuse_composites(g: &mut Graph, report: &mut PatternReport) -> Result<(), IrError> {
     let ranks: HashMap<TensorRef, usize> = infer_shapes(g)
         .map(|m| m.into_iter().map(|(r, i)| (r, i.shape.len())).collect())
@@ -546,6 +561,9 @@ fn fuse_composites(g: &mut Graph, report: &mut PatternReport) -> Result<(), IrEr
             } else if let Some(x) = match_l2(&v, i, &ranks) {
                 replace.push((i, fused(L2_NORMALIZE, vec![x])));
                 report.l2_normalize += 1;
+            } else if let Some((a, b)) = match_square_of_difference(&v, i) {
+                replace.push((i, fused("SquaredDifference", vec![a, b])));
+                report.squared_difference += 1;
             }
         }
     }
@@ -717,5 +735,29 @@ mod tests {
         let s = out.node("s").unwrap();
         assert_eq!(s.inputs[0], s.inputs[1]);
         assert_eq!(out.nodes.len(), 3);
+    }
+
+    #[test]
+    fn square_of_a_difference_becomes_squared_difference() {
+        // LayerNorm's variance: the Sub also feeds the normalization, so it stays
+        let g = graph(
+            vec![
+                c("mu", &[0.5], vec![]),
+                op("d", "Sub", &["x", "mu"]),
+                op("sq", "Square", &["d"]),
+                op("y", "Mul", &["sq", "d"]),
+            ],
+            "y",
+        );
+        let (out, rep) = rewrite(&g).unwrap();
+        assert_eq!(rep.squared_difference, 1);
+        let sq = out.node("sq").unwrap();
+        assert_eq!(sq.op, "SquaredDifference");
+        let ins: Vec<&str> = sq.inputs.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(ins, ["x", "mu"]);
+        assert!(out.node("d").is_some());
+        // a Square of anything else is left alone
+        let g = graph(vec![op("sq", "Square", &["x"])], "sq");
+        assert_eq!(rewrite(&g).unwrap().1.squared_difference, 0);
     }
 }
