@@ -197,7 +197,10 @@ impl QuantizeInt8 {
 impl Stage for QuantizeInt8 {
     fn role(&self) -> Role {
         Role::Model {
-            label: format!("int8 {}", self.config.strategy),
+            label: match &self.config.fallback {
+                None => format!("int8 {}", self.config.strategy),
+                Some(_) => format!("int8 {} + fallback", self.config.strategy),
+            },
             float: false,
         }
     }

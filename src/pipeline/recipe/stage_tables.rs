@@ -54,10 +54,13 @@ pub(super) fn key_at(table: &DeTable<'_>, offset: usize) -> Option<String> {
         stack.push((k.get_ref().to_string(), v));
     }
     while let Some((path, v)) = stack.pop() {
-        if !v.span().contains(&offset) {
+        // A sub-table written as its own `[header]` has a span that need not hold
+        // its keys, so tables are searched whatever their span.
+        if v.span().contains(&offset) {
+            best = Some(path.clone());
+        } else if !matches!(v.get_ref(), DeValue::Table(_)) {
             continue;
         }
-        best = Some(path.clone());
         if let DeValue::Table(t) = v.get_ref() {
             for (k, e) in t.iter() {
                 let p = format!("{path}.{}", k.get_ref());
