@@ -275,3 +275,237 @@ fn fallback_is_within_0_7_points_of_float_on_eval_and_litert_agrees() {
         );
     }
 }
+
+/// A copy of a fixture's tuning split in `dir` (so that a test may change it).
+fn copy_tune(name: &str, dir: &Path) {
+    for f in ["tune_input_x.npy", "tune_y.npy"] {
+        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn same_inputs_give_a_byte_identical_file() {
+    let name = "q16_outlier_channel";
+    let mut files = Vec::new();
+    let mut metrics = Vec::new();
+    // Fresh caches, and a different number of threads each time.
+    for jobs in ["1", "2"] {
+        let dir = tmp_dir("fallback-determinism");
+        let recipe = write(&dir, &recipe(name, &fixture(name), TARGET));
+        let run = run_ok(&recipe, &["--jobs", jobs, "--only", "export_int8"]);
+        assert_eq!(stage(&run, "int8")["status"], "ran");
+        metrics.push(stage(&run, "int8")["metrics"]["fallback"].clone());
+        files.push(std::fs::read(dir.join("out/int8.tflite")).unwrap());
+    }
+    assert!(metrics[0]["float_ops"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty()));
+    assert_eq!(metrics[0], metrics[1]);
+    assert!(files[0] == files[1], "the two int8.tflite files differ");
+}
+
+#[test]
+fn fallback_config_and_tuning_data_are_in_the_cache_key() {
+    let name = "q16_sensitive_act";
+    let dir = tmp_dir("fallback-key");
+    copy_tune(name, &dir);
+    let recipe = write(&dir, &recipe(name, &dir, TARGET));
+    let status = |extra: &[&str]| {
+        let run = run_ok(&recipe, extra);
+        stage(&run, "int8")["status"].as_str().unwrap().to_string()
+    };
+    let only = ["--only", "int8"];
+    assert_eq!(status(&only), "ran");
+    assert_eq!(status(&only), "cached");
+    let edit = |from: &str, to: &str| {
+        let text = std::fs::read_to_string(&recipe).unwrap();
+        assert!(text.contains(from), "{from:?}");
+        std::fs::write(&recipe, text.replacen(from, to, 1)).unwrap();
+    };
+    for (from, to) in [
+        ("max_accuracy_drop = 0.005\n", "max_accuracy_drop = 0.006\n"),
+        (
+            "dataset = \"tune\"\n",
+            "dataset = \"tune\"\nmax_trials = 49\n",
+        ),
+        ("max_trials = 49\n", "max_trials = 49\nbest_effort = true\n"),
+        (
+            "best_effort = true\n",
+            "best_effort = true\nreference = \"strip\"\n",
+        ),
+    ] {
+        edit(from, to);
+        assert_eq!(status(&only), "ran", "after {to:?}");
+        assert_eq!(status(&only), "cached", "after {to:?}");
+    }
+    // One tuning label changed: same config, other data.
+    let y = dir.join("tune_y.npy");
+    let mut labels = qpipe::npy::read(&y).unwrap().to_i64_vec().unwrap();
+    labels[0] = (labels[0] + 1) % 4;
+    let t = qpipe::ir::Tensor::from_vec(vec![labels.len()], &labels);
+    qpipe::npy::write(&y, &t).unwrap();
+    assert_eq!(status(&only), "ran", "after changing tune_y.npy");
+    assert_eq!(status(&only), "cached");
+}
+
+#[test]
+fn an_unreachable_target_fails_with_the_best_reached_unless_best_effort() {
+    let name = "q16_outlier_channel";
+    let dir = tmp_dir("fallback-unreachable");
+    // The calibration set has no labels: the target is agreement with the reference.
+    let body = "dataset = \"calib\"\nmin_agreement = 1.0\nmax_trials = 2\n";
+    let recipe = write(&dir, &recipe(name, &fixture(name), body));
+    let o = qpipe(&["run", recipe.to_str().unwrap(), "--only", "int8"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("min_agreement 100.00% is not met on 'calib' (200 samples) after 2 trials")
+            && err.contains("the best reached was an agreement of"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(
+        &recipe,
+        text.replacen(body, &format!("{body}best_effort = true\n"), 1),
+    )
+    .unwrap();
+    let run = run_ok(&recipe, &["--only", "int8"]);
+    let f = &stage(&run, "int8")["metrics"]["fallback"];
+    assert_eq!(f["met"], false, "{f}");
+    assert_eq!(f["trials"], 2, "{f}");
+    let best = f["agreement"].as_f64().unwrap();
+    assert!(
+        best < 1.0 && best >= f["int8_agreement"].as_f64().unwrap(),
+        "{f}"
+    );
+    assert!(
+        f.get("accuracy_drop").is_none(),
+        "no labels, no accuracy: {f}"
+    );
+    // An accuracy target on data without labels is refused when the stage runs.
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(
+        &recipe,
+        text.replacen("min_agreement = 1.0\n", "max_accuracy_drop = 0.01\n", 1),
+    )
+    .unwrap();
+    let o = qpipe(&["run", recipe.to_str().unwrap(), "--only", "int8"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("max_accuracy_drop needs labels in data set 'calib'"),
+        "{err}"
+    );
+}
+
+/// 1-based line and column of the first `needle` after `after`.
+fn pos(text: &str, after: &str, needle: &str) -> (usize, usize) {
+    let start = text.find(after).unwrap();
+    let at = start + text[start..].find(needle).unwrap();
+    let before = &text[..at];
+    (
+        before.matches('\n').count() + 1,
+        before.rsplit('\n').next().unwrap().chars().count() + 1,
+    )
+}
+
+#[test]
+fn bad_fallback_tables_are_recipe_errors_at_line_and_column() {
+    const HEAD: &str = "[stages.int8.fallback]\n";
+    // (fallback body, text the error points at, the key named, part of the message)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "dataset = \"tune\"\nmax_accuracy_drop = 0.01\nmin_agreement = 0.9\n",
+            "0.9",
+            "fallback.min_agreement",
+            "not both",
+        ),
+        ("dataset = \"tune\"\n", HEAD, "fallback", "needs a target"),
+        (
+            "dataset = \"tune\"\nmin_agreement = 0.9\nreference = \"nosuch\"\n",
+            "\"nosuch\"",
+            "fallback.reference",
+            "unknown stage 'nosuch'",
+        ),
+        (
+            "dataset = \"nosuch\"\nmin_agreement = 0.9\n",
+            "\"nosuch\"",
+            "fallback.dataset",
+            "unknown dataset 'nosuch'",
+        ),
+        (
+            "dataset = \"tune\"\nmin_agreement = 0.9\nto = \"int16\"\n",
+            "\"int16\"",
+            "fallback.to",
+            "\"int16\" is not supported yet",
+        ),
+        (
+            "dataset = \"tune\"\nmin_agreement = 0.9\nto = \"bf16\"\n",
+            "\"bf16\"",
+            "fallback.to",
+            "expected \"float\"",
+        ),
+        (
+            "dataset = \"tune\"\nmax_accuracy_drop = 1.5\n",
+            "1.5",
+            "fallback.max_accuracy_drop",
+            "not a fraction",
+        ),
+        (
+            "dataset = \"tune\"\nmin_agreement = -0.1\n",
+            "-0.1",
+            "fallback.min_agreement",
+            "not a fraction",
+        ),
+        (
+            "dataset = \"tune\"\nmin_agreement = 0.9\nmax_trials = 0\n",
+            "0\n",
+            "fallback.max_trials",
+            "at least 1",
+        ),
+        (
+            "dataset = \"tune\"\nmin_agreement = 0.9\nbogus = 1\n",
+            "bogus",
+            "fallback.bogus",
+            "unknown field `bogus`",
+        ),
+        (
+            "min_agreement = 0.9\n",
+            HEAD,
+            "fallback",
+            "missing field `dataset`",
+        ),
+    ];
+    let dir = tmp_dir("fallback-errors");
+    for (body, at, key, message) in cases {
+        let text = recipe("q16_sensitive_act", &fixture("q16_sensitive_act"), body);
+        let recipe = write(&dir, &text);
+        let o = qpipe(&["run", recipe.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{body}: {err}");
+        let (line, col) = pos(&text, HEAD, at);
+        let want = format!("recipe.toml:{line}:{col}: stages.int8.{key}: ");
+        assert!(
+            err.contains(&want) && err.contains(message),
+            "{body}: want {want}…{message}, got: {err}"
+        );
+        assert!(!dir.join("out").exists(), "{body}: something ran");
+    }
+    // A fallback on a stage that does not make a full-integer model.
+    let text = recipe("q16_sensitive_act", &fixture("q16_sensitive_act"), TARGET);
+    let bad = text.replacen(
+        "[stages.int8]\nkind = \"quantize_int8\"\ninput = \"strip\"\ncalibration = \"calib\"\n",
+        "[stages.int8]\nkind = \"quantize_int8\"\ninput = \"strip\"\n",
+        1,
+    );
+    assert_ne!(bad, text);
+    write(&dir, &bad);
+    let o = qpipe(&["run", dir.join("recipe.toml").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let (line, col) = pos(&bad, HEAD, HEAD);
+    assert!(
+        o.status.code() == Some(2)
+            && err.contains(&format!("recipe.toml:{line}:{col}: stages.int8.fallback: "))
+            && err.contains("needs strategy = \"DEFAULT\" with calibration"),
+        "{err}"
+    );
+}
