@@ -245,6 +245,20 @@ impl Tuner<'_> {
         }
     }
 
+    fn trial_json(&self, reverted: Option<&str>, s: &Score) -> serde_json::Value {
+        let key = if self.f.max_accuracy_drop.is_some() {
+            "accuracy_drop"
+        } else {
+            "agreement"
+        };
+        let value = if self.f.max_accuracy_drop.is_some() {
+            s.shortfall
+        } else {
+            1.0 - s.shortfall
+        };
+        serde_json::json!({ "reverted": reverted, key: value, "mean_abs_error": s.m.mean_abs_error })
+    }
+
     fn target(&self) -> String {
         match (self.f.max_accuracy_drop, self.f.min_agreement) {
             (Some(max), _) => format!("max_accuracy_drop {:.2} points", max * 100.0),
@@ -307,6 +321,8 @@ pub fn tune(
     let mut order: Vec<String> = Vec::new();
     let mut sensitivity = Vec::new();
     let mut reranks = 0usize;
+    // Each trial: the op it reverted (none for the all-int8 model) and what it reached.
+    let mut history = vec![t.trial_json(None, &initial)];
     if !t.met(&initial) && trials < f.max_trials {
         // Each op alone in int8: the error it adds by itself.
         let all: BTreeSet<String> = candidates.iter().map(|c| c.0.clone()).collect();
@@ -337,6 +353,7 @@ pub fn tune(
             let s = t.score(&float)?;
             trials += 1;
             evaluations += 1;
+            history.push(t.trial_json(Some(&candidates[k].0), &s));
             let worse = s.shortfall > current.shortfall;
             current = s;
             if s.shortfall < best.0.shortfall {
@@ -412,6 +429,7 @@ pub fn tune(
         "reranks": reranks,
         "samples": chosen.m.samples,
         "sensitivity": sensitivity,
+        "history": history,
     });
     if let (Some(r), Some(c)) = (chosen.m.reference_accuracy, chosen.m.candidate_accuracy) {
         m["reference_accuracy"] = r.into();
