@@ -144,18 +144,23 @@ pub(super) fn expand_placeholders(
     Ok(out)
 }
 
-/// The dotted key and span of the first string value `s` in `table` or its
-/// sub-tables (where a stage named a data set).
+/// The dotted key and span of a string value `s` in `table` or its sub-tables (where a
+/// stage named a data set). An explicit stack keeps the depth independent of the input.
 fn find_string(table: &DeTable<'_>, s: &str) -> Option<(String, Range<usize>)> {
-    for (k, v) in table.iter() {
+    let mut stack: Vec<(String, &Value<'_>)> = table
+        .iter()
+        .rev()
+        .map(|(k, v)| (k.get_ref().to_string(), v))
+        .collect();
+    while let Some((path, v)) = stack.pop() {
         match v.get_ref() {
-            DeValue::String(x) if x.as_ref() == s => {
-                return Some((k.get_ref().to_string(), v.span()))
-            }
+            DeValue::String(x) if x.as_ref() == s => return Some((path, v.span())),
             DeValue::Table(t) => {
-                if let Some((sub, span)) = find_string(t, s) {
-                    return Some((format!("{}.{sub}", k.get_ref()), span));
-                }
+                stack.extend(
+                    t.iter()
+                        .rev()
+                        .map(|(k, e)| (format!("{path}.{}", k.get_ref()), e)),
+                );
             }
             _ => {}
         }
