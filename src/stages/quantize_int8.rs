@@ -70,6 +70,7 @@
 //! `per_channel_dense` (`true`), `exclude` (`[]`).
 
 pub mod calibration;
+pub mod int16;
 mod movement;
 pub mod params;
 pub mod rewrite;
@@ -106,6 +107,22 @@ impl std::fmt::Display for Strategy {
     }
 }
 
+/// The activation type of full-integer quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    #[default]
+    Int8,
+    /// TFLite's 16x8 mode (see [`int16`]).
+    Int16,
+}
+
+impl Activations {
+    fn is_int8(&self) -> bool {
+        *self == Activations::Int8
+    }
+}
+
 fn default_method() -> Method {
     Method::Minmax
 }
@@ -130,6 +147,9 @@ pub struct QuantizeInt8Config {
     pub per_channel_dense: bool,
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Left out of the cache key when int8, so int8 stages keep their keys.
+    #[serde(default, skip_serializing_if = "Activations::is_int8")]
+    pub activations: Activations,
 }
 
 pub struct QuantizeInt8 {
@@ -146,6 +166,22 @@ pub fn build(
     let config: QuantizeInt8Config = super::parse_config(table)?;
     if config.strategy == Strategy::OptimizeForLatency && config.calibration.is_none() {
         return Err(table.error("strategy", LATENCY_NEEDS_CALIBRATION));
+    }
+    if config.activations == Activations::Int16 {
+        if config.strategy == Strategy::OptimizeForSize {
+            return Err(table.error(
+                "activations",
+                "activations = \"int16\" quantizes activations, but OPTIMIZE_FOR_SIZE is \
+                 weight-only (float compute); use DEFAULT or OPTIMIZE_FOR_LATENCY",
+            ));
+        }
+        if config.calibration.is_none() {
+            return Err(table.error(
+                "activations",
+                "activations = \"int16\" needs a calibration data set (calibration = \
+                 \"<dataset>\") for the activation ranges",
+            ));
+        }
     }
     Ok(Box::new(QuantizeInt8 { config }))
 }
@@ -190,7 +226,10 @@ impl QuantizeInt8 {
 impl Stage for QuantizeInt8 {
     fn role(&self) -> Role {
         Role::Model {
-            label: format!("int8 {}", self.config.strategy),
+            label: match self.config.activations {
+                Activations::Int8 => format!("int8 {}", self.config.strategy),
+                Activations::Int16 => format!("int16x8 {}", self.config.strategy),
+            },
             float: false,
         }
     }
@@ -312,6 +351,7 @@ impl Stage for QuantizeInt8 {
                     per_channel_dense: c.per_channel_dense,
                     exclude: exclude.clone(),
                     int8_io: c.strategy == Strategy::OptimizeForLatency,
+                    int16: c.activations == Activations::Int16,
                 };
                 let (g, r) = rewrite::quantize_full(&fused, &stats, &opts)
                     .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;
@@ -324,15 +364,19 @@ impl Stage for QuantizeInt8 {
                         .collect();
                     if !blocking.is_empty() {
                         return Err(Error::msg(format!(
-                            "stage '{}': OPTIMIZE_FOR_LATENCY needs every op in int8, but {} \
+                            "stage '{}': OPTIMIZE_FOR_LATENCY needs every op in {}, but {} \
                              cannot be: {}",
                             ctx.id,
+                            if opts.int16 { "int16" } else { "int8" },
                             blocking.len(),
                             blocking.join("; ")
                         )));
                     }
                 }
                 metrics.insert("mode".into(), "full_integer".into());
+                if opts.int16 {
+                    metrics.insert("activations".into(), "int16".into());
+                }
                 metrics.insert("calibration_samples".into(), stats.samples.into());
                 let casts = crate::kernels::dataset::Dataset::open(spec)?.graph_casts(&graph);
                 if !casts.is_empty() {
