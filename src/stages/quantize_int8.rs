@@ -67,7 +67,8 @@
 //!
 //! Config: `input` (required), `strategy` (`"DEFAULT"`), `calibration` (a data set
 //! name), `samples` (default: every row), `method` (`"minmax"`),
-//! `per_channel_dense` (`true`), `exclude` (`[]`).
+//! `per_channel_dense` (`true`), `exclude` (`[]`), `activations` (`"int8"`, or
+//! `"int16"` for TFLite's 16x8 mode, see [`int16`]).
 
 pub mod calibration;
 pub mod int16;
