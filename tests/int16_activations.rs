@@ -55,7 +55,7 @@ fn qpipe(args: &[&str], dir: &Path) -> Output {
         .expect("qpipe runs")
 }
 
-fn recipe(name: &str) -> String {
+fn recipe(name: &str, strategies: &str) -> String {
     let fx = root().join("fixtures").join(name);
     let f = |file: &str| serde_json::to_string(&fx.join(file).display().to_string()).unwrap();
     format!(
@@ -86,7 +86,7 @@ kind = "quantize_int8"
 input = "strip"
 calibration = "calib"
 activations = "int16"
-matrix = {{ strategy = ["DEFAULT", "OPTIMIZE_FOR_LATENCY"] }}
+matrix = {{ strategy = [{strategies}] }}
 
 [stages.check]
 kind = "validate"
@@ -135,7 +135,11 @@ fn int16_activations_reach_float_and_litert_agrees_with_validate() {
     for name in FIXTURES {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("recipe.toml"), recipe(name)).unwrap();
+        std::fs::write(
+            dir.join("recipe.toml"),
+            recipe(name, r#""DEFAULT", "OPTIMIZE_FOR_LATENCY""#),
+        )
+        .unwrap();
         let out = qpipe(&["run", "recipe.toml", "--json", "-q"], &dir);
         assert!(
             out.status.success(),
@@ -281,4 +285,87 @@ fn nonsense_int16_combinations_are_recipe_errors() {
         "stages.q.activations",
         "int4",
     );
+}
+
+/// A model with ops that have no 16x8 kernel in qpipe (fam_conv_gap's MEAN and
+/// REDUCE_MAX): under DEFAULT they stay float between DEQUANTIZE and QUANTIZE, LiteRT
+/// runs the file and its accuracy equals validate's; under OPTIMIZE_FOR_LATENCY the
+/// stage fails naming them.
+#[test]
+fn ops_without_an_int16_kernel_stay_float_or_are_named() {
+    let name = "fam_conv_gap";
+    let work = root().join("target/tmp/int16_mixed");
+    let _ = std::fs::remove_dir_all(&work);
+    for strategy in ["DEFAULT", "OPTIMIZE_FOR_LATENCY"] {
+        let dir = work.join(strategy);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("recipe.toml"),
+            recipe(name, &format!("\"{strategy}\"")),
+        )
+        .unwrap();
+        let out = qpipe(&["run", "recipe.toml", "--json", "-q"], &dir);
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("run --json");
+        let stage = |id: &str| -> Value {
+            doc["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["id"] == format!("{id}@{strategy}"))
+                .unwrap_or_else(|| panic!("no stage {id}@{strategy} in {doc}"))
+                .clone()
+        };
+        let q = stage("q16");
+        if strategy == "OPTIMIZE_FOR_LATENCY" {
+            assert!(!out.status.success(), "LATENCY must fail: {doc}");
+            let err = q["error"].as_str().unwrap_or_default().to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("needs every op in int16")
+                    && err.contains("Mean")
+                    && err.contains("Max"),
+                "the error must name the ops: {err}"
+            );
+            continue;
+        }
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let float: Vec<String> = q["metrics"]["float_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["op"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            float.contains(&"Mean".to_string()) && float.contains(&"Max".to_string()),
+            "{float:?}"
+        );
+        let check = stage("check")["metrics"].clone();
+        let res = run_litert_batch(
+            &[BatchJob {
+                model: dir.join(format!("out/q16_{strategy}.tflite")),
+                inputs: vec![(
+                    "input_x".into(),
+                    root().join("fixtures").join(name).join("eval_input_x.npy"),
+                )],
+                resolver: Resolver::Reference,
+                out_dir: dir.join("litert"),
+            }],
+            &dir,
+        );
+        let outs = res[0].as_ref().unwrap_or_else(|e| panic!("LiteRT: {e}"));
+        let labels = qpipe::npy::read(&root().join("fixtures").join(name).join("eval_y.npy"))
+            .unwrap()
+            .values::<i64>()
+            .unwrap();
+        let litert = accuracy(&outs[0], &labels);
+        eprintln!(
+            "{name} int16 DEFAULT: float {}, validate {}, LiteRT {litert}",
+            check["reference_accuracy"], check["candidate_accuracy"]
+        );
+        assert_eq!(check["candidate_accuracy"].as_f64(), Some(litert));
+    }
 }
