@@ -1314,3 +1314,11 @@ pub fn hard_swish_int8(q: i8, p: &HardSwishParams) -> i8 {
     let out = rounding_divide_by_pot_i16(pre, -p.output_exponent) as i32 + p.output_zero_point;
     out.clamp(-128, 127) as i8
 }
+
+/// RESIZE_BILINEAR's int8 interpolation (`ResizeBilinearInteger`): a sum in
+/// 2^20 fixed point back to an integer, half away from zero (`(x ± 2^19) / 2^20`,
+/// C++ division toward zero).
+pub fn round_shift_20_half_away(x: i64) -> i64 {
+    let round = if x > 0 { 1 << 19 } else { -(1 << 19) };
+    (x + round) / (1 << 20)
+}
