@@ -436,7 +436,7 @@ fn bad_fallback_tables_are_recipe_errors_at_line_and_column() {
             "dataset = \"tune\"\nmin_agreement = 0.9\nto = \"int16\"\n",
             "\"int16\"",
             "fallback.to",
-            "\"int16\" is not supported yet",
+            "(int8 and int16 regions in one model) is not supported yet",
         ),
         (
             "dataset = \"tune\"\nmin_agreement = 0.9\nto = \"bf16\"\n",

@@ -71,12 +71,15 @@ impl Dataset {
         })
     }
 
-    /// Feeds float data to the graph's int8 inputs quantized with their parameters
+    /// Feeds float data to the graph's int8 (and int16) inputs quantized with their parameters
     /// (as `validate` feeds an int8-input candidate), instead of refusing it.
     pub fn quantize_int8_inputs(mut self, graph: &Graph) -> Dataset {
         for name in &graph.inputs {
             let Some(n) = graph.node(name) else { continue };
-            let int8 = matches!(n.attrs.get("dtype"), Some(crate::ir::Attr::Type(DType::I8)));
+            let int8 = matches!(
+                n.attrs.get("dtype"),
+                Some(crate::ir::Attr::Type(DType::I8 | DType::I16))
+            );
             if let (true, Some(q)) = (int8, n.output_quant.get(&0)) {
                 if q.scale.len() == 1 {
                     self.input_quant.push((name.clone(), q.clone()));
@@ -170,6 +173,17 @@ impl Dataset {
                 if let (Some((_, q)), true) = (quant, v.dtype().is_float()) {
                     let x = cast(&v, DType::F32)?;
                     let (s, z) = (q.scale[0], q.zero_point[0] as i32);
+                    if inp.dtype == Some(DType::I16) {
+                        return Ok(Value::from_vec(
+                            v.shape.clone(),
+                            x.slice::<f32>()?
+                                .iter()
+                                .map(|&f| {
+                                    super::rounding::quantize_value(f, s, z, -32768, 32767) as i16
+                                })
+                                .collect(),
+                        ));
+                    }
                     return Ok(Value::from_vec(
                         v.shape.clone(),
                         x.slice::<f32>()?

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod elementwise;
 mod fast_binary;
 pub mod fused;
+pub mod int16;
 pub mod int8;
 pub mod math;
 pub mod movement;
@@ -33,9 +34,12 @@ pub use value::{Buf, Elem, Value};
 use crate::error::Result;
 use crate::ir::Node;
 
-/// Runs `kernel` on `inputs`: its int8 form when the step is int8 and one exists,
+/// Runs `kernel` on `inputs`: its int16 or int8 form when the step is int8 and one exists,
 /// else the generic (float, or dtype-agnostic) one.
 pub fn exec_kernel(kernel: &Kernel, inputs: Vec<Value>, quant: &StepQuant) -> Result<Vec<Value>> {
+    if let Some(out) = int16::exec(kernel, &inputs, quant)? {
+        return Ok(out);
+    }
     if let Some(out) = int8::exec(kernel, &inputs, quant)? {
         return Ok(out);
     }

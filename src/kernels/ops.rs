@@ -162,8 +162,10 @@ pub enum Kernel {
         tb: bool,
         act: FusedActivation,
     },
-    /// `Quantize` (TFLite QUANTIZE): to int8 with the output's parameters.
-    Quantize,
+    /// `Quantize` (TFLite QUANTIZE): to int8 (or int16) with the output's parameters.
+    Quantize {
+        to: DType,
+    },
     /// GELU, PReLU, L2 normalization (`super::math`).
     Composite(super::math::Composite),
     /// `x * relu6(x + 3) / 6`.
@@ -591,7 +593,12 @@ impl Kernel {
             }
             Op::Quantize => {
                 arity(1, 1)?;
-                Kernel::Quantize
+                Kernel::Quantize {
+                    to: match node.attr("dtype") {
+                        Some(Attr::Type(DType::I16)) => DType::I16,
+                        _ => DType::I8,
+                    },
+                }
             }
             Op::Placeholder => {
                 return Err(Error::msg("placeholder is needed but was not fed"));
@@ -739,7 +746,7 @@ impl Kernel {
             Kernel::FusedMatMul { ta, tb, act } => {
                 one(super::fused::fused_matmul_float(&inputs, *ta, *tb, *act)?)
             }
-            Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
+            Kernel::Quantize { .. } => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
             Kernel::HardSwish => one(super::activation::hard_swish(x(0))?),
             Kernel::TransposeConv { win, act } => {
                 one(super::spatial::conv2d_transpose_fused(&inputs, win, *act)?)

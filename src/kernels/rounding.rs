@@ -765,6 +765,122 @@ pub fn hybrid_dequantize(
     }
 }
 
+/// The 16x8 kernels' `MultiplyByQuantizedMultiplier(int64_t x, q, shift)`: the Q31
+/// multiplier is reduced to Q15 (`(q + 2^15) >> 16`, or `0x7FFF` from `0x7FFF0000`
+/// on), then one rounding (half up) of `x * reduced` by `2^(15 - shift)`. TFLite
+/// builds it the same way with and without `TFLITE_SINGLE_ROUNDING`.
+pub fn multiply_by_quantized_multiplier_i64(x: i64, q: i32, shift: i32) -> i32 {
+    let reduced: i64 = if q < 0x7FFF_0000 {
+        (q as i64 + (1 << 15)) >> 16
+    } else {
+        0x7FFF
+    };
+    let total = (15 - shift).clamp(1, 62);
+    (x.wrapping_mul(reduced).wrapping_add(1i64 << (total - 1)) >> total) as i32
+}
+
+/// The reference 16x8 FULLY_CONNECTED requantization: the i64 accumulator times
+/// `(f64)in * (f64)w / (f64)out` in double, rounded once half away from zero
+/// (saturated to i32 before the caller clamps it to int16).
+pub fn requantize_i64_in_double(acc: i64, multiplier: f64) -> i32 {
+    round_half_away_f64(acc as f64 * multiplier).clamp(i32::MIN as f64, i32::MAX as f64) as i32
+}
+
+/// The 513-entry int16 lookup table of TFLite's `LUTPopulateInt16<FloatT>`: 512
+/// samples of `f` over the input range, each biased by half the error of linear
+/// interpolation at the step's midpoint, plus the end value; all arithmetic in
+/// `FloatT` (f32 for EXP, f64 for SOFTMAX's tables), `std::round` half away from zero.
+macro_rules! lut_int16 {
+    ($name:ident, $t:ty) => {
+        pub fn $name(
+            in_scale: $t,
+            in_zp: i32,
+            out_scale: $t,
+            out_zp: i32,
+            f: impl Fn($t) -> $t,
+        ) -> [i16; 513] {
+            let input_min = in_scale * (-32768 - in_zp) as $t;
+            let input_max = in_scale * (32767 - in_zp) as $t;
+            let output_min = out_scale * (-32768 - out_zp) as $t;
+            let output_max = out_scale * (32767 - out_zp) as $t;
+            let step = (input_max - input_min) / 512 as $t;
+            let half_step = step / 2 as $t;
+            let inv = 65536 as $t / (output_max - output_min);
+            let clamp = |v: $t| v.max(-32768 as $t).min(32767 as $t) as i16;
+            let mut lut = [0i16; 513];
+            for (i, slot) in lut.iter_mut().enumerate().take(512) {
+                let at = input_min + i as $t * step;
+                let val = f(at);
+                let val_mid = f(at + half_step);
+                let val_next = f(input_min + (i + 1) as $t * step);
+                let sample = (val * inv).round();
+                let interp = ((val_next * inv + (val * inv).round()) / 2 as $t).round();
+                let mid = (val_mid * inv).round();
+                let bias = ((interp - mid) / 2 as $t).round();
+                *slot = clamp(sample - bias);
+            }
+            lut[512] = clamp((f(input_max) * inv).round());
+            lut
+        }
+    };
+}
+lut_int16!(lut_int16_f32, f32);
+lut_int16!(lut_int16_f64, f64);
+
+/// TFLite's int16 table lookup with linear interpolation between the 512 base values
+/// (`lut_lookup_with_interpolation`): index `256 + (v >> 7)`, the low 7 bits weight
+/// the slope to the next entry, rounded half up; the slope and the sum wrap to int16.
+pub fn lut_lookup_int16(v: i16, lut: &[i16; 513]) -> i16 {
+    let index = (256 + (v as i32 >> 7)) as usize;
+    let offset = (v as i32) & 0x7f;
+    let base = lut[index];
+    let slope = lut[index + 1].wrapping_sub(base) as i32;
+    let delta = (slope * offset + 64) >> 7;
+    (base as i32 + delta) as i16
+}
+
+/// The tables of TFLite's int16 SOFTMAX: `exp` over [-10, 0] and `1 / (1 + x)`
+/// over [0, 1], both to [-1, 1], built in double.
+pub fn softmax_int16_luts() -> ([i16; 513], [i16; 513]) {
+    let range = 65535.0f64;
+    (
+        lut_int16_f64(10.0 / range, 32767, 2.0 / range, 0, f64::exp),
+        lut_int16_f64(1.0 / range, -32768, 2.0 / range, 0, |x| 1.0 / (1.0 + x)),
+    )
+}
+
+/// One row of TFLite's reference int16 SOFTMAX (`SoftmaxInt16`): the differences to
+/// the row's maximum are rescaled by `(multiplier, shift)` so that [-65535, 0] is
+/// [-10, 0], looked up in the exp table, summed in Q16.15; the reciprocal of the
+/// sum comes from the `1 / (1 + x)` table after normalizing it by its leading zeros.
+pub fn softmax_int16_row(
+    x: &[i16],
+    out: &mut [i16],
+    (multiplier, shift): (i32, i32),
+    exp_lut: &[i16; 513],
+    recip_lut: &[i16; 513],
+) {
+    let Some(&max) = x.iter().max() else { return };
+    let mut sum: i32 = 0;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let diff = v as i32 - max as i32;
+        let scaled = multiply_by_quantized_multiplier(diff, multiplier, shift, Rounding::Double);
+        let sym = (scaled + 32767).clamp(-32768, 32767) as i16;
+        *o = lut_lookup_int16(sym, exp_lut);
+        sum = sum.wrapping_add(*o as i32);
+    }
+    let headroom_plus_one = (sum as u32).leading_zeros() as i32;
+    let shifted = ((((sum as i64) << (headroom_plus_one - 1).max(0)) + (1 << 13)) >> 14) as i32;
+    let sym = (shifted - ((1 << 15) + (1 << 16))).clamp(-32768, 32767) as i16;
+    let recip = lut_lookup_int16(sym, recip_lut) as i64;
+    let right = (31 - headroom_plus_one).max(1);
+    let round = 1i64 << (right - 1);
+    for o in out.iter_mut() {
+        let r = ((*o as i64 * recip + round) >> right) as i32;
+        *o = r.clamp(0, 32767) as i16;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,11 +67,13 @@
 //!
 //! Config: `input` (required), `strategy` (`"DEFAULT"`), `calibration` (a data set
 //! name), `samples` (default: every row), `method` (`"minmax"`),
-//! `per_channel_dense` (`true`), `exclude` (`[]`), and the `fallback` table
+//! `per_channel_dense` (`true`), `exclude` (`[]`), `activations` (`"int8"`, or
+//! `"int16"` for TFLite's 16x8 mode, see [`int16`]), and the `fallback` table
 //! ([`fallback`]: ops kept in float until a tuning data set's accuracy holds).
 
 pub mod calibration;
 pub mod fallback;
+pub mod int16;
 mod movement;
 pub mod params;
 pub mod rewrite;
@@ -108,6 +110,22 @@ impl std::fmt::Display for Strategy {
     }
 }
 
+/// The activation type of full-integer quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    #[default]
+    Int8,
+    /// TFLite's 16x8 mode (see [`int16`]).
+    Int16,
+}
+
+impl Activations {
+    fn is_int8(&self) -> bool {
+        *self == Activations::Int8
+    }
+}
+
 fn default_method() -> Method {
     Method::Minmax
 }
@@ -134,6 +152,9 @@ pub struct QuantizeInt8Config {
     pub exclude: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<fallback::FallbackConfig>,
+    /// Left out of the cache key when int8, so int8 stages keep their keys.
+    #[serde(default, skip_serializing_if = "Activations::is_int8")]
+    pub activations: Activations,
 }
 
 pub struct QuantizeInt8 {
@@ -153,6 +174,29 @@ pub fn build(
     }
     if let Some(f) = &config.fallback {
         fallback::check(table, &config, f)?;
+        if config.activations == Activations::Int16 {
+            return Err(table.error(
+                "activations",
+                "an accuracy-aware fallback on an int16 (16x8) stage is not supported yet; \
+                 use it with activations = \"int8\"",
+            ));
+        }
+    }
+    if config.activations == Activations::Int16 {
+        if config.strategy == Strategy::OptimizeForSize {
+            return Err(table.error(
+                "activations",
+                "activations = \"int16\" quantizes activations, but OPTIMIZE_FOR_SIZE is \
+                 weight-only (float compute); use DEFAULT or OPTIMIZE_FOR_LATENCY",
+            ));
+        }
+        if config.calibration.is_none() {
+            return Err(table.error(
+                "activations",
+                "activations = \"int16\" needs a calibration data set (calibration = \
+                 \"<dataset>\") for the activation ranges",
+            ));
+        }
     }
     Ok(Box::new(QuantizeInt8 { config }))
 }
@@ -197,9 +241,13 @@ impl QuantizeInt8 {
 impl Stage for QuantizeInt8 {
     fn role(&self) -> Role {
         Role::Model {
-            label: match &self.config.fallback {
-                None => format!("int8 {}", self.config.strategy),
-                Some(_) => format!("int8 {} + fallback", self.config.strategy),
+            label: match (self.config.activations, &self.config.fallback) {
+                (Activations::Int8, None) => format!("int8 {}", self.config.strategy),
+                (Activations::Int8, Some(_)) => format!("int8 {} + fallback", self.config.strategy),
+                (Activations::Int16, None) => format!("int16x8 {}", self.config.strategy),
+                (Activations::Int16, Some(_)) => {
+                    format!("int16x8 {} + fallback", self.config.strategy)
+                }
             },
             float: false,
         }
@@ -326,6 +374,7 @@ impl Stage for QuantizeInt8 {
                     per_channel_dense: c.per_channel_dense,
                     exclude: exclude.clone(),
                     int8_io: c.strategy == Strategy::OptimizeForLatency,
+                    int16: c.activations == Activations::Int16,
                 };
                 let (g, r) = match &c.fallback {
                     None => rewrite::quantize_full(&fused, &stats, &opts)
@@ -345,15 +394,19 @@ impl Stage for QuantizeInt8 {
                         .collect();
                     if !blocking.is_empty() {
                         return Err(Error::msg(format!(
-                            "stage '{}': OPTIMIZE_FOR_LATENCY needs every op in int8, but {} \
+                            "stage '{}': OPTIMIZE_FOR_LATENCY needs every op in {}, but {} \
                              cannot be: {}",
                             ctx.id,
+                            if opts.int16 { "int16" } else { "int8" },
                             blocking.len(),
                             blocking.join("; ")
                         )));
                     }
                 }
                 metrics.insert("mode".into(), "full_integer".into());
+                if opts.int16 {
+                    metrics.insert("activations".into(), "int16".into());
+                }
                 metrics.insert("calibration_samples".into(), stats.samples.into());
                 let casts = crate::kernels::dataset::Dataset::open(spec)?.graph_casts(&graph);
                 if !casts.is_empty() {

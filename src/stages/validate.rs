@@ -294,9 +294,13 @@ impl Acc {
     }
 }
 
-/// A value as f64, dequantizing int8/int32 with `q`.
+/// A value as f64, dequantizing int8/int16/int32 with `q`.
 fn real_values(v: &Value, q: Option<&QuantParams>) -> Result<Vec<f64>> {
     match (&*v.buf, q) {
+        (Buf::I16(x), Some(q)) if q.scale.len() == 1 => {
+            let (s, z) = (q.scale[0] as f64, q.zero_point[0] as f64);
+            Ok(x.iter().map(|&v| (v as f64 - z) * s).collect())
+        }
         (Buf::I8(x), Some(q)) if q.scale.len() == 1 => {
             let (s, z) = (q.scale[0] as f64, q.zero_point[0] as f64);
             Ok(x.iter().map(|&v| (v as f64 - z) * s).collect())
@@ -353,7 +357,9 @@ struct Run<'a> {
     cand_plan: Plan,
     /// For each candidate plan input: index of the reference feed with that name,
     /// and the parameters to quantize it with when the candidate takes int8.
-    cand_feeds: Vec<(usize, Option<QuantParams>)>,
+    /// Per candidate input: the reference feed and, for an int8 (int16: `true`)
+    /// input, its parameters.
+    cand_feeds: Vec<(usize, Option<(QuantParams, bool)>)>,
     /// Output names (the reference's), and the candidate's quantization of each.
     out_names: Vec<String>,
     out_quant: Vec<Option<QuantParams>>,
@@ -369,7 +375,12 @@ impl Run<'_> {
         for (k, q) in &self.cand_feeds {
             let v = ref_feeds[*k].clone();
             cand_feeds.push(match q {
-                Some(q) => {
+                Some((q, true)) => {
+                    let (x, s) = (v.slice::<f32>()?, q.scale[0]);
+                    let q16 = |&f: &f32| quantize_value(f, s, 0, -32768, 32767) as i16;
+                    Value::from_vec(v.shape.clone(), x.iter().map(q16).collect())
+                }
+                Some((q, false)) => {
                     let x = v.slice::<f32>()?;
                     let (s, z) = (q.scale[0], q.zero_point[0] as i32);
                     Value::from_vec(
@@ -609,9 +620,11 @@ impl Stage for Validate {
                         inp.name
                     ))
                 })?;
-            let q = (inp.dtype == Some(DType::I8))
+            let int16 = inp.dtype == Some(DType::I16);
+            let q = (inp.dtype == Some(DType::I8) || int16)
                 .then(|| producer_quant(&candidate, &TensorRef::new(inp.name.clone(), 0)))
-                .flatten();
+                .flatten()
+                .map(|q| (q, int16));
             cand_feeds.push((k, q));
         }
         let ds = Dataset::open(spec).map_err(|e| e.context(format!("stage '{id}'")))?;

@@ -5,8 +5,8 @@
 
 JOBS.json is a list of {"model", "inputs": {NAME: FILE.npy}, "resolver": "ref"|"builtin",
 "out_dir"}. Inputs are matched to the model's inputs by tensor name (a model with one
-input takes the single given file). Float data for an int8 or uint8 input is quantized
-with the input's scale and zero point, and an int8/uint8 output is dequantized with its
+input takes the single given file). Float data for an int8, uint8 or int16 input is quantized
+with the input's scale and zero point, and an int8/uint8/int16 output is dequantized with its
 own, so that every output can be compared with float references. Rows are fed one at a
 time, or in chunks of 256 when the batch dimension is dynamic.
 
@@ -29,7 +29,7 @@ RESOLVERS = {
 
 
 def quantize_feed(d, arr):
-    if d["dtype"] in (np.int8, np.uint8) and arr.dtype == np.float32:
+    if d["dtype"] in (np.int8, np.uint8, np.int16) and arr.dtype == np.float32:
         scale, zp = d["quantization"]
         info = np.iinfo(d["dtype"])
         q = np.round(arr / scale) + zp
@@ -38,7 +38,7 @@ def quantize_feed(d, arr):
 
 
 def dequantize_output(d, arr):
-    if d["dtype"] in (np.int8, np.uint8):
+    if d["dtype"] in (np.int8, np.uint8, np.int16):
         scale, zp = d["quantization"]
         return ((arr.astype(np.float32) - zp) * scale).astype(np.float32)
     return arr

@@ -59,6 +59,10 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
     };
     let hybrid = in0 == Some(F32) && in1 == Some(I8) && out0 == Some(F32);
     let int8 = in0 == Some(I8) && in1 == Some(I8) && out0 == Some(I8);
+    // 16x8 (int16 activations, int8 weights): op_version.cc versions these only when
+    // `quantized_bias_type` is set, which qpipe does not write; TF 2.21's converter
+    // writes FULLY_CONNECTED 4, CONV_2D and DEPTHWISE_CONV_2D 3 for them, and so does qpipe.
+    let w16x8 = in0 == Some(I16) && in1 == Some(I8) && out0 == Some(I16);
 
     match &op.op {
         Op::Conv2d(_) => {
@@ -68,7 +72,7 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
             };
             if grouped {
                 6
-            } else if int8 {
+            } else if int8 || w16x8 {
                 3
             } else if hybrid {
                 if per_channel(op.inputs.get(1).copied()) {
@@ -89,7 +93,7 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
                 } else {
                     4
                 }
-            } else if int8 {
+            } else if int8 || w16x8 {
                 3
             } else if conv.dilation_h != 1 || conv.dilation_w != 1 {
                 2
@@ -110,7 +114,7 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
                 6
             } else if *keep_num_dims {
                 5
-            } else if int8 {
+            } else if int8 || w16x8 {
                 4
             } else if hybrid && *asymmetric_quantize_inputs {
                 9
@@ -199,13 +203,17 @@ pub fn op_version(model: &Model, op: &Operator) -> i32 {
                 1
             }
         }
+        // int16 ADD and SUB are written with `pot_scale_int16 = false` (writer.rs).
         Op::Add { .. } => match in0 {
             Some(I64) => 4,
+            Some(I16) if out0 == Some(I16) => 3,
             Some(I8) => 2,
             _ => 1,
         },
         Op::Sub { .. } => {
-            if in0 == Some(I64) {
+            if in0 == Some(I16) && out0 == Some(I16) {
+                5
+            } else if in0 == Some(I64) {
                 4
             } else if broadcast_over_4d() {
                 3

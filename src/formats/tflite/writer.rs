@@ -186,7 +186,12 @@ pub fn write(model: &Model) -> Result<Vec<u8>> {
 
     let mut operators = Vec::with_capacity(model.operators.len());
     for (op, &code) in model.operators.iter().zip(&code_index) {
-        let (options_type, options) = write_options(&mut fbb, &op.op);
+        let int16 = op
+            .inputs
+            .first()
+            .and_then(|&i| model.tensor(i))
+            .is_some_and(|t| t.dtype == DType::I16);
+        let (options_type, options) = write_options(&mut fbb, &op.op, int16);
         let inputs = fbb.create_vector(&op.inputs);
         let outputs = fbb.create_vector(&op.outputs);
         operators.push(fb::Operator::create(
@@ -377,9 +382,12 @@ fn write_tensor<'a>(
     )
 }
 
+/// `int16`: the op reads int16 data (ADD and SUB then take the general-scale
+/// 16x8 path, `pot_scale_int16 = false`, as TF's converter writes them).
 fn write_options(
     fbb: &mut FlatBufferBuilder,
     op: &Op,
+    int16: bool,
 ) -> (
     fb::BuiltinOptions,
     Option<WIPOffset<flatbuffers::UnionWIPOffset>>,
@@ -519,7 +527,7 @@ fn write_options(
                 fbb,
                 &fb::AddOptionsArgs {
                     fused_activation_function: act(*activation),
-                    pot_scale_int16: true,
+                    pot_scale_int16: !int16,
                 },
             );
             (B::AddOptions, Some(t.as_union_value()))
@@ -529,7 +537,7 @@ fn write_options(
                 fbb,
                 &fb::SubOptionsArgs {
                     fused_activation_function: act(*activation),
-                    pot_scale_int16: true,
+                    pot_scale_int16: !int16,
                 },
             );
             (B::SubOptions, Some(t.as_union_value()))

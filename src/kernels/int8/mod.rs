@@ -140,7 +140,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         inputs.get(i).is_some_and(|v| v.dtype() == DType::I8)
             && quant.inputs.get(i).is_some_and(|q| q.is_some())
     };
-    if let Kernel::Quantize = kernel {
+    if let Kernel::Quantize { .. } = kernel {
         let x = inputs
             .first()
             .ok_or_else(|| Error::msg("Quantize needs an input"))?;

@@ -69,8 +69,8 @@ impl<'de> Deserialize<'de> for FallbackTo {
         match String::deserialize(d)?.as_str() {
             "float" => Ok(FallbackTo::Float),
             "int16" => Err(serde::de::Error::custom(
-                "to = \"int16\" is not supported yet: this qpipe has no int16 activations \
-                 to fall back to; use \"float\"",
+                "to = \"int16\" (int8 and int16 regions in one model) is not supported yet; \
+                 use \"float\", or activations = \"int16\" on the whole stage",
             )),
             other => Err(serde::de::Error::custom(format!(
                 "unknown fallback \"{other}\"; expected \"float\""

@@ -22,6 +22,8 @@ pub struct FullOptions {
     pub exclude: HashSet<String>,
     /// Int8 model inputs and outputs (no float interface).
     pub int8_io: bool,
+    /// 16x8: int16 activations, int64 biases (`activations = "int16"`).
+    pub int16: bool,
 }
 
 /// What [`quantize_full`] did.
@@ -524,7 +526,14 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 .push((n.name.clone(), n.op.clone(), "excluded".into()));
             continue;
         }
-        match spec(&cx, n, opts.per_channel_dense) {
+        let s = spec(&cx, n, opts.per_channel_dense);
+        let s = match (opts.int16, Op::parse(n)) {
+            (true, Ok(op)) => {
+                super::int16::spec(&op, s, n.inputs.first().is_some_and(|r| cx.data_ok(r)))
+            }
+            _ => s,
+        };
+        match s {
             Ok(s) => {
                 specs.insert(i, s);
             }
@@ -589,8 +598,13 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             .get(&root)
             .copied()
             .unwrap_or(Range32 { min: 0.0, max: 0.0 });
-        Some(asymmetric_params(r.min, r.max))
+        Some(if opts.int16 {
+            super::int16::symmetric_params(r.min, r.max)
+        } else {
+            asymmetric_params(r.min, r.max)
+        })
     };
+    let act = super::int16::dtype(opts.int16);
 
     // 3. Rewrite.
     let mut names = Names {
@@ -613,7 +627,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             let float = matches!(n.attr("dtype"), Some(Attr::Type(DType::F32)));
             if opts.int8_io && float {
                 if let Some(q) = params_of(&mut groups, &k) {
-                    p.attrs.insert("dtype".into(), Attr::Type(DType::I8));
+                    p.attrs.insert("dtype".into(), Attr::Type(act));
                     p.output_quant.insert(0, q.clone());
                     int8_tensors.insert(k, q);
                 }
@@ -635,7 +649,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                         let name = names.fresh(&format!("{k}/dequantize"));
                         let mut d = Node::new(name.clone(), Op::Dequantize.name())
                             .with_input(r.clone())
-                            .with_attr("T", Attr::Type(DType::I8))
+                            .with_attr("T", Attr::Type(act))
                             .with_attr("dtype", Attr::Type(DType::F32));
                         d.device = n.device.clone();
                         new_nodes.push(d);
@@ -667,7 +681,11 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                         } else {
                             names.fresh(&format!("{}/int8", r.node))
                         };
-                        let vals = quantize_with(t, p.scale[0], p.zero_point[0])?;
+                        let vals = if opts.int16 {
+                            super::int16::quantize_const(t, p.scale[0])?
+                        } else {
+                            quantize_with(t, p.scale[0], p.zero_point[0])?
+                        };
                         new_nodes.retain(|x| x.name != name);
                         let mut c = int8_const(name.clone(), vals, p.clone());
                         if let Some(orig) = cx.node_of(&r) {
@@ -693,8 +711,8 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                             let name = names.fresh(&format!("{tk}/requantize"));
                             let mut rq = Node::new(name.clone(), Op::Quantize.name())
                                 .with_input(r.clone())
-                                .with_attr("T", Attr::Type(DType::I8))
-                                .with_attr("dtype", Attr::Type(DType::I8));
+                                .with_attr("T", Attr::Type(act))
+                                .with_attr("dtype", Attr::Type(act));
                             rq.output_quant.insert(0, want.clone());
                             new_nodes.push(rq);
                             report.requantize_ops += 1;
@@ -708,7 +726,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                                 let mut qn = Node::new(name.clone(), Op::Quantize.name())
                                     .with_input(r.clone())
                                     .with_attr("T", Attr::Type(DType::F32))
-                                    .with_attr("dtype", Attr::Type(DType::I8));
+                                    .with_attr("dtype", Attr::Type(act));
                                 qn.output_quant.insert(0, want.clone());
                                 new_nodes.push(qn);
                                 report.quantize_ops += 1;
@@ -784,22 +802,33 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 .map(|v| v.1.clone())
                 .ok_or_else(|| Error::msg("weights were not quantized before the bias"))?;
             let s_in = in_scale.ok_or_else(|| Error::msg("no input scale for the bias"))?;
-            let (vals, bq) = bias_int32(&t.values::<f32>()?, s_in, &wq.scale);
+            let b = t.values::<f32>()?;
+            let (vals, bq) = if opts.int16 {
+                let (v, q) = super::int16::bias_int64(&b, s_in, &wq.scale);
+                (Tensor::from_vec(t.shape().to_vec(), &v), q)
+            } else {
+                let (v, q) = bias_int32(&b, s_in, &wq.scale);
+                (Tensor::from_vec(t.shape().to_vec(), &v), q)
+            };
             let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
             let name = if sole {
                 r.node.clone()
             } else {
-                names.fresh(&format!("{}/int32", r.node))
+                names.fresh(&format!(
+                    "{}/{}",
+                    r.node,
+                    if opts.int16 { "int64" } else { "int32" }
+                ))
             };
             new_nodes.retain(|x| x.name != name);
-            let mut b = Node::constant(name.clone(), Tensor::from_vec(t.shape().to_vec(), &vals));
+            let mut b = Node::constant(name.clone(), vals);
             b.output_quant.insert(0, bq);
             new_nodes.push(b);
             q.inputs[bk] = TensorRef::new(name, 0);
         }
         for key_name in ["T", "Tparams"] {
             if q.attrs.contains_key(key_name) {
-                q.attrs.insert(key_name.into(), Attr::Type(DType::I8));
+                q.attrs.insert(key_name.into(), Attr::Type(act));
             }
         }
         if s.kind != Kind::Unquantized {
@@ -838,7 +867,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                     out.nodes.push(
                         Node::new(name.clone(), Op::Dequantize.name())
                             .with_input(r.clone())
-                            .with_attr("T", Attr::Type(DType::I8))
+                            .with_attr("T", Attr::Type(act))
                             .with_attr("dtype", Attr::Type(DType::F32)),
                     );
                     report.dequantize_ops += 1;

@@ -61,9 +61,11 @@ pub fn measure(
                     inp.name
                 ))
             })?;
-        let q = (inp.dtype == Some(DType::I8))
+        let int16 = inp.dtype == Some(DType::I16);
+        let q = (inp.dtype == Some(DType::I8) || int16)
             .then(|| producer_quant(candidate, &TensorRef::new(inp.name.clone(), 0)))
-            .flatten();
+            .flatten()
+            .map(|q| (q, int16));
         cand_feeds.push((k, q));
     }
     let ds = Dataset::open(spec)?;
