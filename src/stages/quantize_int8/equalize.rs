@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::ir::op::{FusedActivation, Layout, Linear};
+use crate::ir::op::{FusedActivation, Layout, Linear, Unary};
 use crate::ir::{Graph, Node, Op, Tensor, TensorRef};
 
 /// Sweeps over the pairs (chains A→B→C need several to settle).
@@ -119,11 +119,9 @@ fn output_bound(g: &Graph, index: &HashMap<&str, usize>, r: &TensorRef) -> Optio
             activation: FusedActivation::ReluN1To1,
             ..
         } => Some(1.0),
-        _ => match n.op.as_str() {
-            "Relu6" => Some(6.0),
-            "Sigmoid" | "Tanh" | "Softmax" => Some(1.0),
-            _ => None,
-        },
+        Op::Unary(Unary::Relu6) => Some(6.0),
+        Op::Unary(Unary::Sigmoid | Unary::Tanh) | Op::Softmax => Some(1.0),
+        _ => None,
     }
 }
 
