@@ -66,14 +66,19 @@
 //!   in float that was not excluded is an error naming it.
 //!
 //! Config: `input` (required), `strategy` (`"DEFAULT"`), `calibration` (a data set
-//! name), `samples` (default: every row), `method` (`"minmax"`),
-//! `per_channel_dense` (`true`), `exclude` (`[]`), `activations` (`"int8"`, or
-//! `"int16"` for TFLite's 16x8 mode, see [`int16`]), and the `fallback` table
-//! ([`fallback`]: ops kept in float until a tuning data set's accuracy holds).
+//! name), `samples` (default: every row), `method` (`"minmax"`), `percentile`,
+//! `equalize`, `bias_correction` (see [`methods`]), `per_channel_dense` (`true`),
+//! `exclude` (`[]`), `activations` (`"int8"`, or `"int16"` for TFLite's 16x8 mode, see
+//! [`int16`]), and the `fallback` table ([`fallback`]: ops kept in float until a tuning
+//! data set's accuracy holds).
 
+pub mod bias_correction;
 pub mod calibration;
+pub mod equalize;
 pub mod fallback;
+pub mod histogram;
 pub mod int16;
+pub mod methods;
 mod movement;
 pub mod params;
 pub mod rewrite;
@@ -146,6 +151,12 @@ pub struct QuantizeInt8Config {
     pub samples: Option<usize>,
     #[serde(default = "default_method")]
     pub method: Method,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<f64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub equalize: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bias_correction: bool,
     #[serde(default = "yes")]
     pub per_channel_dense: bool,
     #[serde(default)]
@@ -172,6 +183,8 @@ pub fn build(
     if config.strategy == Strategy::OptimizeForLatency && config.calibration.is_none() {
         return Err(table.error("strategy", LATENCY_NEEDS_CALIBRATION));
     }
+    let calibrates = config.calibration.is_some() && config.strategy != Strategy::OptimizeForSize;
+    methods::check(table, &config.calib(), calibrates)?;
     if let Some(f) = &config.fallback {
         fallback::check(table, &config, f)?;
         if config.activations == Activations::Int16 {
@@ -214,19 +227,33 @@ fn weight_bytes(g: &Graph) -> usize {
 /// files, the qpipe version and the stage kind's version, and the fused graph that is
 /// calibrated is a function of those; so the key adds only what the config chooses.
 /// Strategies that calibrate the same way (DEFAULT, OPTIMIZE_FOR_LATENCY) share it.
+/// The statistics hold histograms from which every `method` derives its ranges, so
+/// the method and percentile are not part of the key; `equalize` (the graph that
+/// runs) and `bias_correction` (per-channel histograms) are.
 pub fn calibration_key(
     dataset: &str,
     digest: &[u8; 32],
     samples: Option<usize>,
-    method: Method,
+    calib: &methods::CalibOptions,
 ) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
-    h.update(b"qpipe calibration v2\0");
+    h.update(b"qpipe calibration v3\0");
     h.update(dataset.as_bytes());
     h.update(&[0]);
     h.update(digest);
-    h.update(format!("{samples:?}/{method:?}").as_bytes());
+    h.update(format!("{samples:?}/{}/{}", calib.equalize, calib.bias_correction).as_bytes());
     h.finalize().as_bytes().to_vec()
+}
+
+impl QuantizeInt8Config {
+    fn calib(&self) -> methods::CalibOptions {
+        methods::CalibOptions {
+            method: self.method,
+            percentile: self.percentile,
+            equalize: self.equalize,
+            bias_correction: self.bias_correction,
+        }
+    }
 }
 
 impl QuantizeInt8 {
@@ -290,6 +317,9 @@ impl Stage for QuantizeInt8 {
         let exclude: HashSet<String> = c.exclude.iter().cloned().collect();
         let mut metrics = serde_json::Map::new();
         metrics.insert("strategy".into(), c.strategy.to_string().into());
+        if self.calibration_used().is_some() {
+            metrics.insert("method".into(), c.method.to_string().into());
+        }
         metrics.insert("weight_bytes_before".into(), weight_bytes(&graph).into());
         let full = match (c.strategy, self.calibration_used()) {
             (Strategy::OptimizeForSize, _) => None,
@@ -353,8 +383,10 @@ impl Stage for QuantizeInt8 {
                     ))
                 })?;
                 let (fused, _) = crate::ir::passes::fuse::fuse(&graph, true)?;
+                let (fused, per_channel) =
+                    methods::before_calibration(&fused, &c.calib(), &mut metrics)?;
                 let digest = calibration::dataset_digest(spec)?;
-                let key = calibration_key(ds, &digest, c.samples, c.method);
+                let key = calibration_key(ds, &digest, c.samples, &c.calib());
                 let mut computed = false;
                 let bytes = ctx.memo.get_or_compute("calibration", &key, &mut || {
                     computed = true;
@@ -363,13 +395,21 @@ impl Stage for QuantizeInt8 {
                         &fused,
                         spec,
                         c.samples,
-                        c.method,
+                        &per_channel,
                         CALIBRATION_BATCH,
                         &|total| ctx.progress.start(&label, total, Unit::Samples),
                     )
                     .map(|s| s.to_bytes())
                 })?;
                 let stats = Stats::from_bytes(&bytes)?;
+                let (fused, stats) = methods::after_calibration(
+                    &fused,
+                    stats,
+                    &c.calib(),
+                    c.per_channel_dense,
+                    &exclude,
+                    &mut metrics,
+                )?;
                 let opts = rewrite::FullOptions {
                     per_channel_dense: c.per_channel_dense,
                     exclude: exclude.clone(),

@@ -1,7 +1,8 @@
 //! Calibration: run the float graph on a data set and record every float
-//! activation's range, batch by batch (memory bounded by a window of batches),
-//! batches in parallel. The statistics serialize to JSON so that the pipeline can
-//! cache them apart from the quantization settings.
+//! activation's range and histogram, batch by batch (memory bounded by a window of
+//! batches), batches in parallel. The statistics serialize to JSON so that the
+//! pipeline can cache them apart from the quantization settings: every `method`
+//! derives its ranges from the same statistics ([`Stats::with_method`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -16,12 +17,29 @@ use crate::kernels::{Buf, Plan, Value};
 use crate::progress::Bar;
 use crate::spec::DatasetSpec;
 
+use super::histogram::{Histogram, HALF_BINS};
+
 /// How a tensor's range is derived from what calibration saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Observed minimum and maximum (TFLite's calibrator).
     Minmax,
+    /// The central `percentile` % of the values.
+    Percentile,
+    /// The least squared quantization error over the histogram.
+    Mse,
+    /// TensorRT's entropy calibration.
+    Kl,
+    /// Per tensor, the least (outlier-capped) squared error, searched from every
+    /// other method's range (see `histogram::auto`).
+    Auto,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.serialize(f)
+    }
 }
 
 /// Range of one tensor over the calibration samples.
@@ -38,11 +56,33 @@ pub struct Stats {
     pub ranges: BTreeMap<String, Range32>,
     /// Shape of each tensor without its batch dimension (from the first batch).
     pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Every recorded tensor's histogram.
+    #[serde(default)]
+    pub histograms: BTreeMap<String, Histogram>,
+    /// For the tensors asked for (bias correction's layer inputs): the mean of
+    /// each channel (last axis).
+    #[serde(default)]
+    pub channel_means: BTreeMap<String, Vec<f64>>,
 }
 
 impl Stats {
     pub fn get(&self, t: &TensorRef) -> Option<Range32> {
         self.ranges.get(&t.to_string()).copied()
+    }
+
+    /// The statistics with each tensor's range replaced by what `method` derives
+    /// from its histogram (min/max leaves them as observed).
+    pub fn with_method(&self, method: Method, percentile: f64) -> Stats {
+        let mut out = self.clone();
+        if method == Method::Minmax {
+            return out;
+        }
+        for (k, r) in out.ranges.iter_mut() {
+            if let Some(h) = self.histograms.get(k) {
+                *r = super::histogram::range(method, percentile, h, *r);
+            }
+        }
+        out
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -81,19 +121,24 @@ fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
         .collect()
 }
 
-/// A tensor's range in one batch and its shape without the batch dimension.
-type Seen = (Range32, Vec<usize>);
+/// A tensor's range in one batch, its shape without the batch dimension, its
+/// histogram and (when asked for) its per-channel sums.
+type Seen = (Range32, Vec<usize>, Histogram, Option<ChannelSums>);
 
-/// Min/max of each fetched float tensor of one batch. NaN or Inf is an error.
+/// Per-channel sums of a batch, and the number of values per channel.
+type ChannelSums = (Vec<f64>, u64);
+
+/// Min/max and histograms of each fetched float tensor of one batch. NaN or Inf is
+/// an error.
 fn batch_ranges(
     rows: Range<usize>,
-    fetches: &[TensorRef],
+    fetches: &[(TensorRef, bool)],
     outs: Vec<Value>,
 ) -> Result<Vec<Option<Seen>>> {
     fetches
         .iter()
         .zip(outs)
-        .map(|(r, v)| {
+        .map(|((r, per_channel), v)| {
             let Buf::F32(x) = &*v.buf else {
                 return Ok(None);
             };
@@ -111,27 +156,43 @@ fn batch_ranges(
                 hi = hi.max(f);
             }
             let shape = v.shape.get(1..).map(<[usize]>::to_vec).unwrap_or_default();
-            Ok(Some((Range32 { min: lo, max: hi }, shape)))
+            let hist = Histogram::of(x.iter().copied(), HALF_BINS);
+            let channels = match (per_channel, v.shape.last()) {
+                (true, Some(&c)) if c > 0 => {
+                    let mut sums = vec![0f64; c];
+                    for (k, &f) in x.iter().enumerate() {
+                        sums[k % c] += f as f64;
+                    }
+                    Some((sums, (x.len() / c) as u64))
+                }
+                _ => None,
+            };
+            Ok(Some((Range32 { min: lo, max: hi }, shape, hist, channels)))
         })
         .collect()
 }
 
-/// Runs `graph` on the first `samples` rows of `data` and records the ranges.
+/// Runs `graph` on the first `samples` rows of `data` and records the ranges and
+/// histograms, and the per-channel means of the tensors in `per_channel`.
 pub fn calibrate(
     graph: &Graph,
     data: &DatasetSpec,
     samples: Option<usize>,
-    method: Method,
+    per_channel: &std::collections::BTreeSet<TensorRef>,
     batch_size: usize,
     bar: &dyn Fn(u64) -> Bar,
 ) -> Result<Stats> {
-    let Method::Minmax = method;
     let feeds: Vec<&str> = graph.inputs.iter().map(String::as_str).collect();
-    let fetches: Vec<TensorRef> = calibrated_tensors(graph)
+    let fetches: Vec<(TensorRef, bool)> = calibrated_tensors(graph)
         .into_iter()
         .filter(|r| !feeds.contains(&r.node.as_str()) || r.index == 0)
+        .map(|r| {
+            let c = per_channel.contains(&r);
+            (r, c)
+        })
         .collect();
-    let plan = Plan::compile(graph, &feeds, &fetches)?;
+    let refs: Vec<TensorRef> = fetches.iter().map(|f| f.0.clone()).collect();
+    let plan = Plan::compile(graph, &feeds, &refs)?;
     let ds = Dataset::open(data)?;
     let total = samples.map_or(ds.rows(), |s| s.min(ds.rows()));
     if samples == Some(0) {
@@ -143,6 +204,7 @@ pub fn calibrate(
         return Err(Error::msg("calibration: the data set has no rows"));
     }
     let bar = bar(total as u64);
+    let mut sums: BTreeMap<String, ChannelSums> = BTreeMap::new();
     let mut stats = Stats {
         samples: total,
         ..Stats::default()
@@ -155,18 +217,51 @@ pub fn calibrate(
         |rows, outs| batch_ranges(rows, &fetches, outs),
         |rows, ranges| {
             bar.inc(rows.len() as u64);
-            for (r, v) in fetches.iter().zip(ranges) {
-                let Some((range, shape)) = v else { continue };
+            for ((r, _), v) in fetches.iter().zip(ranges) {
+                let Some((range, shape, hist, channels)) = v else {
+                    continue;
+                };
                 let key = r.to_string();
                 let e = stats.ranges.entry(key.clone()).or_insert(range);
                 e.min = e.min.min(range.min);
                 e.max = e.max.max(range.max);
+                stats
+                    .histograms
+                    .entry(key.clone())
+                    .or_default()
+                    .merge(&hist);
+                if let Some((ch, n)) = channels {
+                    let (all, count) = sums.entry(key.clone()).or_default();
+                    if all.is_empty() {
+                        all.resize(ch.len(), 0.0);
+                    }
+                    if all.len() != ch.len() {
+                        return Err(Error::msg(format!(
+                            "calibration: tensor '{r}' has {} channels in rows {}..{} but {} \
+                             before",
+                            ch.len(),
+                            rows.start,
+                            rows.end,
+                            all.len()
+                        )));
+                    }
+                    for (a, c) in all.iter_mut().zip(&ch) {
+                        *a += c;
+                    }
+                    *count += n;
+                }
                 stats.shapes.entry(key).or_insert(shape);
             }
             Ok(())
         },
     )?;
     bar.finish();
+    for (k, (s, n)) in sums {
+        let n = n.max(1) as f64;
+        stats
+            .channel_means
+            .insert(k, s.into_iter().map(|v| v / n).collect());
+    }
     Ok(stats)
 }
 
