@@ -12,8 +12,8 @@
 //! - `exports`: qpipe makes the file; `litert_runs`: LiteRT loads and runs it;
 //! - `matches_tf` (float32, fp16): every output within 1e-5·max(1, max|TF output|) of TF's
 //!   committed outputs (fp16: 2e-3·max(1, max|TF output|));
-//! - `validate_matches_litert`: for a classifier, validate's accuracy (runtime `litert-ref`)
-//!   is LiteRT's to the sample; otherwise validate's `max_abs_error` of the first output is
+//! - `validate_matches_litert`: for a classifier, validate's accuracy (runtime `litert-ref`,
+//!   or `xnnpack` where LiteRT runs the default resolver) is LiteRT's to the sample; otherwise validate's `max_abs_error` of the first output is
 //!   within [`VALIDATE_ERROR_TOLERANCE`]·max(1, max|TF output|) of LiteRT's error against TF;
 //! - `bytes`: at most 1.02× the converter's file;
 //! - `ops` and `histogram`: no more operators than the converter's file, in total and per
@@ -132,7 +132,7 @@ fn input_names(model: &Value) -> Vec<&str> {
 
 /// One recipe building, exporting and validating every variant of a fixture, in a
 /// scratch directory.
-fn write_recipe(name: &str, model: &Value, dir: &Path) -> PathBuf {
+fn write_recipe(name: &str, model: &Value, conv: &Value, dir: &Path) -> PathBuf {
     let fx = root().join("fixtures").join(name);
     let inputs = input_names(model);
     let outputs: Vec<&str> = model["outputs"]
@@ -178,9 +178,14 @@ fn write_recipe(name: &str, model: &Value, dir: &Path) -> PathBuf {
         r += &format!(
             "[stages.{export}]\nkind = \"export_tflite\"\ninput = \"{model_stage}\"\npath = \"{variant}.tflite\"\n\n"
         );
+        // Validate with the arithmetic of the resolver LiteRT runs the file with.
+        let runtime = match resolver_of(conv, variant) {
+            Resolver::Reference => "litert-ref",
+            Resolver::Default => "xnnpack",
+        };
         r += &format!(
             "[stages.v_{variant}]\nkind = \"validate\"\nreference = \"strip\"\ncandidate = \"{model_stage}\"\n\
-             dataset = \"eval\"\nruntime = \"litert-ref\"\nreport = \"{variant}.layers.json\"\n\n"
+             dataset = \"eval\"\nruntime = \"{runtime}\"\nreport = \"{variant}.layers.json\"\n\n"
         );
     }
     let p = dir.join("recipe.toml");
@@ -338,7 +343,7 @@ fn measure(name: &'static str) -> Run {
         .collect();
     let inspect_lists = inspect_reasons.keys().cloned().collect();
 
-    let recipe = write_recipe(name, &model, &dir);
+    let recipe = write_recipe(name, &model, &conv, &dir);
     let run = qpipe(&["run", recipe.to_str().unwrap(), "--json"]);
     let doc: Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|e| {
         panic!(

@@ -867,6 +867,14 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::Binary(Binary::Add | Binary::AddV2 | Binary::Sub | Binary::Mul)
         | Op::Binary(Binary::Maximum | Binary::Minimum)
         | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Sigmoid | Unary::Tanh) => (true, true),
+        // kernels/int8/math.rs.
+        Op::Unary(Unary::Exp | Unary::Log | Unary::Elu | Unary::Rsqrt | Unary::Abs)
+        | Op::Binary(Binary::SquaredDifference)
+        | Op::LeakyRelu
+        | Op::BatchMatMul { .. }
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize => (true, true),
         // Fed, or kernels that move or index data whatever its type.
         Op::Placeholder
         | Op::Const
@@ -898,13 +906,11 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::HardSwish
         | Op::ResizeNearestNeighbor(_) => (true, true),
         Op::Unary(_)
-        | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
         | Op::Conv2D(_)
         | Op::DepthwiseConv2dNative(_)
         | Op::MatMul(_)
-        | Op::BatchMatMul { .. }
         | Op::FusedBatchNorm { .. }
         | Op::LogSoftmax
         | Op::Reduce { .. }
@@ -917,10 +923,7 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::SelectV2
         | Op::Random(Random::Uniform)
         | Op::Conv2DBackpropInput(_)
-        | Op::ResizeBilinear(_)
-        | Op::Gelu { .. }
-        | Op::Prelu
-        | Op::L2Normalize => (true, false),
+        | Op::ResizeBilinear(_) => (true, false),
         Op::Random(Random::StandardNormal | Random::TruncatedNormal)
         | Op::SpaceToBatchND
         | Op::BatchToSpaceND

@@ -6,7 +6,10 @@
 //! - PReLU as `relu(x) − α·relu(−x)`, `relu(x) + α·(x − relu(x))` and Keras'
 //!   `relu(x) + (−α)·relu(−x)`, α constant → one `_QpipePrelu(x, α)`;
 //! - `tf.math.l2_normalize` over the last axis (`x · rsqrt(max(Σx², ε))`) →
-//!   one `_QpipeL2Normalize`.
+//!   one `_QpipeL2Normalize`;
+//! - `square(a − b)` → `SquaredDifference(a, b)` (LayerNorm written with
+//!   `reduce_mean`; the same float arithmetic, and TFLite has an int8 kernel for it
+//!   where SQUARE has none).
 //!
 //! Before matching, `Identity`/`StopGradient`/`Snapshot` are bypassed (what
 //! `tf.nn.moments` puts between its mean and the squared difference) and identical
@@ -28,6 +31,7 @@ pub struct PatternReport {
     pub gelu: usize,
     pub prelu: usize,
     pub l2_normalize: usize,
+    pub squared_difference: usize,
 }
 
 /// Applies every rewrite of the module documentation.
@@ -487,6 +491,17 @@ fn match_l2(v: &View, i: usize, ranks: &HashMap<TensorRef, usize>) -> Option<Ten
     None
 }
 
+/// `Square(Sub(a, b))`: the operands of the subtraction.
+fn match_square_of_difference(v: &View, i: usize) -> Option<Vec<TensorRef>> {
+    if v.ops[i] != Some(Op::Unary(Unary::Square)) {
+        return None;
+    }
+    let (j, op) = v.producer(v.node(i).inputs.first()?)?;
+    let sub = v.node(j);
+    (*op == Op::Binary(Binary::Sub) && sub.inputs.len() == 2 && sub.control_inputs.is_empty())
+        .then(|| sub.inputs.clone())
+}
+
 fn fuse_composites(g: &mut Graph, report: &mut PatternReport) -> Result<(), IrError> {
     let ranks: HashMap<TensorRef, usize> = infer_shapes(g)
         .map(|m| m.into_iter().map(|(r, i)| (r, i.shape.len())).collect())
@@ -546,6 +561,10 @@ fn fuse_composites(g: &mut Graph, report: &mut PatternReport) -> Result<(), IrEr
             } else if let Some(x) = match_l2(&v, i, &ranks) {
                 replace.push((i, fused(L2_NORMALIZE, vec![x])));
                 report.l2_normalize += 1;
+            } else if let Some(ab) = match_square_of_difference(&v, i) {
+                let op = Op::Binary(Binary::SquaredDifference);
+                replace.push((i, fused(op.name(), ab)));
+                report.squared_difference += 1;
             }
         }
     }
