@@ -603,6 +603,35 @@ mod tests {
     }
 
     #[test]
+    fn square_of_a_difference_becomes_squared_difference() {
+        let m = c("m", &[0.5, 1.0, 1.5, 2.0], vec![4]);
+        let g = graph(
+            vec![
+                m,
+                op("d", "Sub", &["x", "m"]),
+                op("sq", "Square", &["d"]),
+                op("y", "Mul", &["sq", "d"]),
+            ],
+            "y",
+        );
+        let (out, rep) = rewrite(&g).unwrap();
+        assert_eq!(rep.squared_difference, 1);
+        let sq = out.node("sq").unwrap();
+        assert_eq!(sq.op, "SquaredDifference");
+        assert_eq!(
+            sq.inputs,
+            vec![TensorRef::new("x", 0), TensorRef::new("m", 0)]
+        );
+        // The difference is still read by the Mul.
+        assert_eq!(out.node("d").unwrap().op, "Sub");
+        // A square of anything else stays.
+        let g = graph(vec![op("sq", "Square", &["x"])], "sq");
+        let (out, rep) = rewrite(&g).unwrap();
+        assert_eq!(rep.squared_difference, 0);
+        assert_eq!(out.node("sq").unwrap().op, "Square");
+    }
+
+    #[test]
     fn the_three_prelu_forms_become_one_op_each() {
         let alpha = c("a", &[0.1, 0.2, 0.3, 0.4], vec![4]);
         // relu(x) - a*relu(-x)
