@@ -14,6 +14,9 @@
 //! a constant vector of the output channels counts as a bias, as the converter
 //! treats `x @ W + b` (Keras `Dense` on rank-3 input).
 //!
+//! A `Conv2DBackpropInput` with a bias (and activation) is fused too, keeping its
+//! op (see [`super::fuse_tconv`]).
+//!
 //! With `zero_bias`, a convolution or matrix product that has no bias gets a zero
 //! one, so that every such op of a graph to quantize has the fused form.
 
@@ -302,5 +305,7 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrErr
             g.nodes.push(n.clone());
         }
     }
+    let (g, tconv) = super::fuse_tconv::fuse(&g)?;
+    report.fused += tconv;
     Ok((g, report))
 }

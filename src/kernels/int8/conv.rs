@@ -22,7 +22,7 @@ pub(super) fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
 }
 
 /// The int32 bias of a fused op with `channels` outputs.
-fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
+pub(super) fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
     let b = v.slice::<i32>().map_err(|e| e.context("int8 bias"))?;
     if b.len() != channels || v.rank() != 1 {
         return Err(Error::msg(format!(
@@ -35,7 +35,7 @@ fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
 
 /// Per output channel requantization of an i32 accumulator (bias included) to
 /// int8, clamped to the fused activation.
-enum Requant {
+pub(super) enum Requant {
     /// `PopulateConvolutionQuantizationParams`: (multiplier, shift) from
     /// `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`, double rounding.
     Reference(Vec<(i32, i32)>),
@@ -45,7 +45,7 @@ enum Requant {
     Fp32(Vec<f32>),
 }
 
-struct Output {
+pub(super) struct Output {
     requant: Requant,
     zero_point: i32,
     lo: i32,
@@ -53,7 +53,7 @@ struct Output {
 }
 
 impl Output {
-    fn new(
+    pub(super) fn new(
         arith: Arithmetic,
         fully_connected: bool,
         in_scale: f32,
@@ -101,7 +101,7 @@ impl Output {
     }
 
     #[inline]
-    fn apply(&self, acc: i32, channel: usize) -> i8 {
+    pub(super) fn apply(&self, acc: i32, channel: usize) -> i8 {
         let v = match &self.requant {
             Requant::Reference(m) => {
                 let (q, s) = m[channel];
