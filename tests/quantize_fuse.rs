@@ -183,6 +183,59 @@ fn a_biasless_conv_fuses_its_relu_when_it_gets_a_zero_bias() {
     }
 }
 
+/// `x @ W + b` on rank-3 input (a `BatchMatMulV2` by a constant matrix and an `AddV2`
+/// of a constant vector), with the weights transposed or not.
+#[test]
+fn batch_matmul_by_a_constant_and_its_add_become_a_fused_matmul() {
+    for adj_y in [false, true] {
+        let mut b = G::new();
+        let mut rng = Rng::new(11);
+        b.placeholder("x", DType::F32, Some(&[-1, 3, 4]));
+        let wshape: &[usize] = if adj_y { &[5, 4] } else { &[4, 5] };
+        b.konst("w", f32t(wshape, &rng.vec(20)));
+        b.konst("bias", f32t(&[5], &rng.vec(5)));
+        b.op(
+            "mm",
+            "BatchMatMulV2",
+            &["x", "w"],
+            &[("adj_y", Attr::Bool(adj_y))],
+        );
+        b.op("add", "AddV2", &["mm", "bias"], &[]);
+        b.op("act", "Relu", &["add"], &[]);
+        b.output("act");
+        let g = b.g;
+        let (f, rep) = fuse(&g, false).unwrap();
+        assert_eq!(rep.fused, 1);
+        let n = f.node("act").unwrap();
+        assert_eq!(n.op, "_FusedMatMul");
+        assert_eq!(n.attr("transpose_b"), Some(&Attr::Bool(adj_y)));
+        assert_eq!(fused_ops(&f, "act"), ["BiasAdd", "Relu"]);
+        assert!(f.node("mm").is_none() && f.node("add").is_none());
+        let xv = f32t(&[2, 3, 4], &Rng::new(3).vec(24));
+        let a = run1(&g, &[("x", xv.clone())], "act");
+        let c = run1(&f, &[("x", xv)], "act");
+        assert_eq!(a.shape(), c.shape());
+        let (a, c) = (a.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
+        assert!(
+            support::numeric::max_abs_diff(&a, &c) < 1e-5,
+            "fusion changed float results: {a:?} vs {c:?}"
+        );
+    }
+}
+
+/// A product of two runtime tensors stays a `BatchMatMulV2`.
+#[test]
+fn batch_matmul_of_two_tensors_is_not_fused() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 3, 4]));
+    b.placeholder("y", DType::F32, Some(&[-1, 4, 2]));
+    b.op("mm", "BatchMatMulV2", &["x", "y"], &[]);
+    b.output("mm");
+    let (f, rep) = fuse(&b.g, true).unwrap();
+    assert_eq!(rep.fused, 0);
+    assert_eq!(f.node("mm").unwrap().op, "BatchMatMulV2");
+}
+
 /// `conv2d_transpose` as TF1 writes it: the output shape packs the input's run-time
 /// batch (`tf.stack([tf.shape(x)[0], ...])`), then a bias add and `act`.
 fn transpose_conv_chain(act: Option<&str>) -> Graph {

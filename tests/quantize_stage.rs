@@ -217,7 +217,7 @@ fn non_finite_activations_are_an_error_naming_the_tensor() {
 fn ops_without_int8_kernels_stay_float_or_block_latency() {
     let dir = tmp_dir("q8_float_fallback");
     let (mut g, ds) = log_graph(&dir);
-    // Make Log finite: log(relu + 1).
+    // An op with no int8 kernel (LiteRT has int8 LOG): softplus(relu + 1).
     g.nodes
         .push(qpipe::ir::Node::constant("one", f32t(&[], &[1.0])));
     let mut add = qpipe::ir::Node::new("relu1", "AddV2")
@@ -227,6 +227,7 @@ fn ops_without_int8_kernels_stay_float_or_block_latency() {
         .insert("T".into(), qpipe::ir::Attr::Type(DType::F32));
     g.nodes.push(add);
     g.node_mut("log").unwrap().inputs[0] = r("relu1");
+    g.node_mut("log").unwrap().op = "Softplus".into();
     let run = |extra: &str| {
         run_stage(
             "quantize_int8",
@@ -245,8 +246,8 @@ fn ops_without_int8_kernels_stay_float_or_block_latency() {
     assert!(floats[0]["reason"]
         .as_str()
         .unwrap()
-        .contains("no int8 kernel for Log"));
-    // Log reads a dequantized tensor and feeds a quantized one.
+        .contains("no int8 kernel for Softplus"));
+    // Softplus reads a dequantized tensor and feeds a quantized one.
     let log = q.node("log").unwrap();
     assert_eq!(q.node(&log.inputs[0].node).unwrap().op, "Dequantize");
     let logits = q.node("logits").unwrap();
@@ -262,7 +263,10 @@ fn ops_without_int8_kernels_stay_float_or_block_latency() {
     let err = run("strategy = \"OPTIMIZE_FOR_LATENCY\"")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("'log' (Log): no int8 kernel for Log"), "{err}");
+    assert!(
+        err.contains("'log' (Softplus): no int8 kernel for Softplus"),
+        "{err}"
+    );
     // ... unless it is excluded explicitly.
     let out = run("strategy = \"OPTIMIZE_FOR_LATENCY\"\nexclude = [\"log\"]").unwrap();
     let q = graph_of(&out);

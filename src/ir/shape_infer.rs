@@ -257,7 +257,7 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
             match linear {
                 Linear::Conv2D(c) => conv_shape(node, c, false, ins)?,
                 Linear::Depthwise(c) => conv_shape(node, c, true, ins)?,
-                Linear::MatMul(m) => matmul_shape(node, m, ins)?,
+                Linear::MatMul(m) => fused_matmul_shape(node, m, ins)?,
             }
         }
         Op::Placeholder => {
@@ -706,6 +706,37 @@ fn matmul_shape(node: &Node, m: &MatMul, ins: &[TensorInfo]) -> Result<Vec<Tenso
         ));
     }
     Ok(vec![TensorInfo::new(ins[0].dtype, vec![m_, n])])
+}
+
+/// `_FusedMatMul`: a matrix product, or (from a `BatchMatMul` by a constant matrix)
+/// `[.., k] x [k, n]` over the leading dimensions of its input.
+fn fused_matmul_shape(
+    node: &Node,
+    m: &MatMul,
+    ins: &[TensorInfo],
+) -> Result<Vec<TensorInfo>, IrError> {
+    if ins[0].shape.len() <= 2 || m.transpose_a {
+        return matmul_shape(node, m, &ins[..2]);
+    }
+    rank_of(node, &ins[1], 2, "weights")?;
+    let (kb, n) = if m.transpose_b {
+        (ins[1].shape[1], ins[1].shape[0])
+    } else {
+        (ins[1].shape[0], ins[1].shape[1])
+    };
+    let ka = *ins[0].shape.last().unwrap_or(&-1);
+    if ka >= 0 && kb >= 0 && ka != kb {
+        return Err(err(
+            node,
+            format!(
+                "inner dimensions differ: {:?} x {:?}",
+                ins[0].shape, ins[1].shape
+            ),
+        ));
+    }
+    let mut shape = ins[0].shape.clone();
+    *shape.last_mut().expect("rank > 2") = n;
+    Ok(vec![TensorInfo::new(ins[0].dtype, shape)])
 }
 
 /// `BatchMatMul*`: `[.., m, k] x [.., k, n]` (adjoints from `adj_x`/`adj_y`), batch

@@ -52,6 +52,16 @@ pub fn fused_matmul_float(
     let [x, w, b] = inputs else {
         return Err(Error::msg("_FusedMatMul needs input, weights and bias"));
     };
-    let y = nn::matmul(x, w, ta, tb)?;
+    // A `BatchMatMul` by a constant matrix: the leading dimensions are rows.
+    let y = if x.rank() > 2 && !ta {
+        let k = x.shape[x.rank() - 1];
+        let rows = x.shape[..x.rank() - 1].iter().product();
+        let y = nn::matmul(&x.reshaped(vec![rows, k])?, w, ta, tb)?;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("rank > 2") = y.shape[1];
+        y.reshaped(shape)?
+    } else {
+        nn::matmul(x, w, ta, tb)?
+    };
     activate(elementwise::bias_add(y, b.clone(), false)?, act)
 }

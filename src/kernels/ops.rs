@@ -885,6 +885,14 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::Binary(Binary::Add | Binary::AddV2 | Binary::Sub | Binary::Mul)
         | Op::Binary(Binary::Maximum | Binary::Minimum)
         | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Sigmoid | Unary::Tanh) => (true, true),
+        // kernels/int8/math.rs.
+        Op::Unary(Unary::Exp | Unary::Log | Unary::Elu | Unary::Rsqrt | Unary::Abs)
+        | Op::Binary(Binary::SquaredDifference)
+        | Op::LeakyRelu
+        | Op::BatchMatMul { .. }
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize => (true, true),
         // Fed, or kernels that move or index data whatever its type.
         Op::Placeholder
         | Op::Const
@@ -918,13 +926,11 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::ResizeBilinear(_)
         | Op::Conv2DBackpropInput(_) => (true, true),
         Op::Unary(_)
-        | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
         | Op::Conv2D(_)
         | Op::DepthwiseConv2dNative(_)
         | Op::MatMul(_)
-        | Op::BatchMatMul { .. }
         | Op::FusedBatchNorm { .. }
         | Op::LogSoftmax
         | Op::Reduce { .. }
@@ -935,10 +941,7 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::Cast
         | Op::Select
         | Op::SelectV2
-        | Op::Random(Random::Uniform)
-        | Op::Gelu { .. }
-        | Op::Prelu
-        | Op::L2Normalize => (true, false),
+        | Op::Random(Random::Uniform) => (true, false),
         Op::Random(Random::StandardNormal | Random::TruncatedNormal)
         | Op::SpaceToBatchND
         | Op::BatchToSpaceND

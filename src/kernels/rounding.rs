@@ -881,6 +881,78 @@ pub fn softmax_int16_row(
     }
 }
 
+/// XNNPACK's int8 LEAKY_RELU (`xnn_init_qs8_lrelu_scalar_params` and the `qs8-vlrelu`
+/// microkernels), which the default resolver runs: multipliers `lrintf(-256 · s)`
+/// for `s = in / out` and `s · slope` (f32), then `((zp - x) · m + (out_zp << 8) +
+/// 128) >> 8`, saturated; the negative multiplier applies where `x ≤ zp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct XnnLeakyRelu {
+    input_zero_point: i32,
+    positive_multiplier: i32,
+    negative_multiplier: i32,
+    bias: i32,
+}
+
+impl XnnLeakyRelu {
+    pub fn new(in_scale: f32, in_zp: i32, out_scale: f32, out_zp: i32, slope: f32) -> XnnLeakyRelu {
+        let positive_scale = in_scale / out_scale;
+        let negative_scale = positive_scale * slope;
+        XnnLeakyRelu {
+            input_zero_point: in_zp,
+            positive_multiplier: round_half_even_f32(-256.0 * positive_scale) as i32,
+            negative_multiplier: round_half_even_f32(-256.0 * negative_scale) as i32,
+            bias: (out_zp << 8) + 0x80,
+        }
+    }
+
+    pub fn apply(&self, x: i32) -> i32 {
+        let acc = self.input_zero_point - x;
+        let m = if acc >= 0 {
+            self.negative_multiplier
+        } else {
+            self.positive_multiplier
+        };
+        (self.bias.wrapping_add(acc.wrapping_mul(m)) >> 8).clamp(-128, 127)
+    }
+}
+
+/// TFLite `GetInvSqrtQuantizedMultiplierExp(input, kReverseShift)`: `1 / sqrt(input)`
+/// as a Q31 multiplier and a left shift for [`multiply_by_quantized_multiplier`],
+/// by gemmlowp fixed-point Newton-Raphson (five steps in `FixedPoint<int32, 3>`).
+/// Used by the int8 RSQRT and L2_NORMALIZATION. Inputs ≤ 1 give `(i32::MAX, 0)`.
+pub fn inv_sqrt_quantized_multiplier(input: i32) -> (i32, i32) {
+    use fixed::{rescale, saturating_rounding_multiply_by_pot};
+    use saturating_rounding_doubling_high_mul as mul;
+    if input <= 1 {
+        return (i32::MAX, 0);
+    }
+    let mut input = input;
+    let mut shift = 11;
+    while input >= 1 << 29 {
+        input /= 4;
+        shift += 1;
+    }
+    let max_left_shift_bits = (input as u32).leading_zeros() as i32 - 1;
+    let left_shift_bit_pairs = max_left_shift_bits / 2 - 1;
+    shift -= left_shift_bit_pairs;
+    input <<= 2 * left_shift_bit_pairs;
+    // Raw values of FixedPoint<int32, 3>; a product of two has 6 integer bits.
+    let half_input = saturating_rounding_multiply_by_pot(input >> 1, -1);
+    let half_three = (1 << 28) + (1 << 27);
+    let mut x = 1 << 28;
+    for _ in 0..5 {
+        let x3 = rescale(mul(mul(x, x), x), 9, 3);
+        x = rescale(mul(half_three, x).wrapping_sub(mul(half_input, x3)), 6, 3);
+    }
+    const HALF_SQRT_2: i32 = 1518500250;
+    x = mul(x, HALF_SQRT_2);
+    if shift < 0 {
+        x = x.wrapping_shl((-shift) as u32);
+        shift = 0;
+    }
+    (x, -shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,10 @@
 //! This is the contract between the quantizer, the interpreter's int8 kernels
 //! ([`crate::kernels::int8`]) and the TFLite exporter.
 //!
-//! * **Fusion** (as TF's grappler remapper): `Conv2D`, `DepthwiseConv2dNative` or
-//!   `MatMul` followed by `BiasAdd` (and `Relu` or `Relu6`) becomes one
+//! * **Fusion** (as TF's grappler remapper): `Conv2D`, `DepthwiseConv2dNative`,
+//!   `MatMul` or a `BatchMatMul*` by a constant matrix (`x @ W` on rank-3 input,
+//!   FULLY_CONNECTED over the leading dimensions) followed by `BiasAdd` or an `Add`
+//!   of a constant vector (and `Relu` or `Relu6`) becomes one
 //!   `_FusedConv2D`, `_FusedDepthwiseConv2dNative` or `_FusedMatMul(x, filter,
 //!   bias)` with `fused_ops = ["BiasAdd"(, "Relu"|"Relu6")]`, `num_args = 1` and the
 //!   matrix op's attributes, named after the last node of the chain. A `Conv2D`

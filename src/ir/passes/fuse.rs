@@ -9,6 +9,11 @@
 //! it keeps the channel axis last: the fused convolution keeps the `Conv2D`'s name
 //! and the `Squeeze`/`Reshape` moves after it under the last node's name.
 //!
+//! A `BatchMatMul*` by a constant matrix (`adj_x` false) fuses as a `MatMul` whose
+//! input keeps its leading dimensions (`transpose_b` from `adj_y`), and an `Add` of
+//! a constant vector of the output channels counts as a bias, as the converter
+//! treats `x @ W + b` (Keras `Dense` on rank-3 input).
+//!
 //! A `Conv2DBackpropInput` with a bias (and activation) is fused too, keeping its
 //! op (see [`super::fuse_tconv`]).
 //!
@@ -17,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::ir::op::{Layout, Linear, Unary};
+use crate::ir::op::{Binary, Layout, Linear, Unary};
 use crate::ir::{Attr, DType, FusedActivation, Graph, IrError, Node, Op, Tensor, TensorRef};
 
 /// What [`fuse`] did.
@@ -33,8 +38,24 @@ fn linear_of(op: &Op) -> Option<Linear> {
         Op::Conv2D(c) if c.layout == Layout::Nhwc => Some(Linear::Conv2D(*c)),
         Op::DepthwiseConv2dNative(c) if c.layout == Layout::Nhwc => Some(Linear::Depthwise(*c)),
         Op::MatMul(m) => Some(Linear::MatMul(*m)),
+        // By a constant matrix (checked by the caller): FULLY_CONNECTED over the
+        // leading dimensions, as the converter lowers it.
+        Op::BatchMatMul { .. } => Some(Linear::MatMul(crate::ir::op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        })),
         _ => None,
     }
+}
+
+/// `adj_x`, `adj_y` of a `BatchMatMul*` node (absent means false).
+fn adjoints(n: &Node) -> Option<(bool, bool)> {
+    let adj = |k: &str| match n.attr(k) {
+        None => Some(false),
+        Some(Attr::Bool(b)) => Some(*b),
+        Some(_) => None,
+    };
+    Some((adj("adj_x")?, adj("adj_y")?))
 }
 
 /// Output channels of a matrix op from its constant weights.
@@ -88,9 +109,22 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrErr
     };
     let mut chains = Vec::new();
     for (i, n) in graph.nodes.iter().enumerate() {
-        let Some(linear) = parsed(n).as_ref().and_then(linear_of) else {
+        let op = parsed(n);
+        let Some(mut linear) = op.as_ref().and_then(linear_of) else {
             continue;
         };
+        let batch = matches!(op, Some(Op::BatchMatMul { .. }));
+        if batch {
+            match adjoints(n) {
+                Some((false, adj_y)) => {
+                    linear = Linear::MatMul(crate::ir::op::MatMul {
+                        transpose_a: false,
+                        transpose_b: adj_y,
+                    })
+                }
+                _ => continue,
+            }
+        }
         if n.inputs.len() != 2 {
             continue;
         }
@@ -140,12 +174,16 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrErr
         }
         if let Some(b) = sole_reader(cur) {
             let bn = &graph.nodes[b];
+            // An `Add` of a constant vector is a bias too (Keras `Dense` on rank-3
+            // input, `x @ W + b`).
             let bias_ok = matches!(
                 parsed(bn),
-                Some(Op::BiasAdd {
-                    v1: false,
-                    layout: Layout::Nhwc
-                })
+                Some(
+                    Op::BiasAdd {
+                        v1: false,
+                        layout: Layout::Nhwc
+                    } | Op::Binary(Binary::Add | Binary::AddV2)
+                )
             ) && bn.inputs.len() == 2
                 && bn.inputs[0].node == cur
                 && const_of(&bn.inputs[1])
@@ -218,6 +256,12 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrErr
         let mut f = Node::new(fused_name, fused.name());
         f.inputs = vec![op.inputs[0].clone(), op.inputs[1].clone(), bias_ref];
         f.device = op.device.clone();
+        if let Linear::MatMul(m) = c.linear {
+            f.attrs
+                .insert("transpose_a".into(), Attr::Bool(m.transpose_a));
+            f.attrs
+                .insert("transpose_b".into(), Attr::Bool(m.transpose_b));
+        }
         for key in [
             "T",
             "strides",

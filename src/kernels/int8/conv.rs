@@ -253,14 +253,18 @@ pub(super) fn for_each_tap(
 
 /// `(batch, k, units)` of a fully connected op on `x` `[batch, k]` and weights `w`
 /// (`[k, units]`, or `[units, k]` with `tb`).
+/// Rows, depth and units of a fully connected layer. An input of rank above 2
+/// (a `BatchMatMul` by a constant matrix) has its leading dimensions as rows, as
+/// FULLY_CONNECTED with `keep_num_dims`; see [`fc_out_shape`].
 pub(super) fn fc_dims(x: &Value, w: &Value, tb: bool, what: &str) -> Result<(usize, usize, usize)> {
-    if x.rank() != 2 || w.rank() != 2 {
+    if x.rank() < 2 || w.rank() != 2 {
         return Err(Error::msg(format!(
             "{what} fully connected needs matrices, got {:?} and {:?}",
             x.shape, w.shape
         )));
     }
-    let (batch, k) = (x.shape[0], x.shape[1]);
+    let k = x.shape[x.rank() - 1];
+    let batch = x.shape[..x.rank() - 1].iter().product();
     let (wk, units) = if tb {
         (w.shape[1], w.shape[0])
     } else {
@@ -273,6 +277,15 @@ pub(super) fn fc_dims(x: &Value, w: &Value, tb: bool, what: &str) -> Result<(usi
         )));
     }
     Ok((batch, k, units))
+}
+
+/// The output shape of a fully connected layer: the input's with `units` last.
+pub(super) fn fc_out_shape(x: &Value, units: usize) -> Vec<usize> {
+    let mut s = x.shape.clone();
+    if let Some(l) = s.last_mut() {
+        *l = units;
+    }
+    s
 }
 
 type Dims9 = (
@@ -424,7 +437,7 @@ pub fn fully_connected(
             }
         },
     );
-    Ok(Value::from_vec(vec![batch, units], res))
+    Ok(Value::from_vec(fc_out_shape(x, units), res))
 }
 
 /// Int8 pooling. Both require the output's parameters to equal the input's; the

@@ -29,7 +29,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::{dims4, fc_dims};
+use super::conv::{dims4, fc_dims, fc_out_shape};
 use super::{channel_scales, Arithmetic};
 use crate::error::{Error, Result};
 use crate::ir::FusedActivation;
@@ -131,7 +131,7 @@ pub fn fully_connected(
             }
         },
     );
-    Ok(Value::from_vec(vec![batch, units], res))
+    Ok(Value::from_vec(fc_out_shape(x, units), res))
 }
 
 /// `_FusedConv2D` with float input (NHWC), int8 filter (HWIO) and float bias:

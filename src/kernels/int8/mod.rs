@@ -41,9 +41,12 @@ mod conv;
 mod elementwise;
 mod gemm;
 mod hybrid;
+mod math;
 mod reduce;
 mod spatial;
 
+use super::elementwise::{BinaryOp, UnaryOp};
+use super::math::Composite;
 use super::ops::{Arithmetic, Kernel, StepQuant};
 use super::rounding::Rounding;
 use super::value::Value;
@@ -196,6 +199,9 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         Kernel::Pool { kind, ksize, win } => {
             one(conv::pool(&inputs[0], *kind, *ksize, win, quant)?)
         }
+        Kernel::Binary(BinaryOp::SquaredDifference) => {
+            one(math::squared_difference(&inputs[0], &inputs[1], quant)?)
+        }
         Kernel::Binary(op) => one(elementwise::binary(*op, &inputs[0], &inputs[1], quant)?),
         // Exported as ADD, which broadcasts the bias over the last dimension.
         Kernel::BiasAdd {
@@ -205,6 +211,36 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
             &inputs[0],
             &inputs[1],
             quant,
+        )?),
+        Kernel::Unary(op @ (UnaryOp::Exp | UnaryOp::Log | UnaryOp::Elu)) => {
+            let t = match op {
+                UnaryOp::Exp => math::Table::Exp,
+                UnaryOp::Log => math::Table::Log,
+                _ => math::Table::Elu,
+            };
+            one(math::lookup(t, &inputs[0], quant)?)
+        }
+        Kernel::Unary(UnaryOp::Rsqrt) => one(math::rsqrt(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::Abs) => one(math::abs(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::LeakyRelu(bits)) => {
+            one(math::leaky_relu(&inputs[0], f32::from_bits(*bits), quant)?)
+        }
+        Kernel::Composite(Composite::Gelu { approximate }) => one(math::lookup(
+            math::Table::Gelu {
+                approximate: *approximate,
+            },
+            &inputs[0],
+            quant,
+        )?),
+        Kernel::Composite(Composite::Prelu) => {
+            let alpha = inputs
+                .get(1)
+                .ok_or_else(|| Error::msg("PReLU needs an alpha input"))?;
+            one(math::prelu(&inputs[0], alpha, quant)?)
+        }
+        Kernel::Composite(Composite::L2Normalize) => one(math::l2_normalize(&inputs[0], quant)?),
+        Kernel::BatchMatMul { adj_a, adj_b } => one(math::batch_matmul(
+            &inputs[0], &inputs[1], *adj_a, *adj_b, quant,
         )?),
         Kernel::Unary(op) => one(elementwise::unary(*op, &inputs[0], quant)?),
         Kernel::HardSwish => one(activation::hard_swish(&inputs[0], quant)?),

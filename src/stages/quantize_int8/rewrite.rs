@@ -295,6 +295,36 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data],
             }
         }
+        // Element-wise ops with int8 kernels in LiteRT (tables, fixed-point RSQRT,
+        // rescaling ABS and LEAKY_RELU), output parameters from calibration.
+        Op::Unary(Unary::Exp | Unary::Log | Unary::Elu | Unary::Rsqrt | Unary::Abs)
+        | Op::LeakyRelu
+        | Op::Gelu { .. } => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Free,
+                roles: vec![Data],
+            }
+        }
+        // PRELU's alpha is quantized per tensor like an activation constant.
+        Op::Prelu | Op::Binary(Binary::SquaredDifference) | Op::BatchMatMul { .. } => {
+            need_data(&[0, 1])?;
+            if cx.const_f32(&ins[0]).is_some() && cx.const_f32(&ins[1]).is_some() {
+                return Err("both inputs are constants".into());
+            }
+            Spec {
+                kind: Kind::Free,
+                roles: vec![Data, Data],
+            }
+        }
+        // LiteRT's int8 L2_NORMALIZATION fixes its output to (1/128, 0).
+        Op::L2Normalize => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Fixed(1.0 / 128.0, 0),
+                roles: vec![Data],
+            }
+        }
         Op::Softmax | Op::Unary(Unary::Sigmoid | Unary::Tanh) => {
             need_data(&[0])?;
             let kind = if op == Op::Unary(Unary::Tanh) {
@@ -337,17 +367,12 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         | Op::IdentityN
         | Op::Print
         | Op::Unary(
-            Unary::Elu
-            | Unary::Selu
+            Unary::Selu
             | Unary::Softplus
-            | Unary::Rsqrt
             | Unary::Sqrt
             | Unary::Square
-            | Unary::Exp
-            | Unary::Log
             | Unary::Log1p
             | Unary::Neg
-            | Unary::Abs
             | Unary::Floor
             | Unary::Ceil
             | Unary::Round
@@ -360,10 +385,6 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             | Unary::Erf
             | Unary::LogicalNot,
         )
-        | Op::Gelu { .. }
-        | Op::Prelu
-        | Op::L2Normalize
-        | Op::LeakyRelu
         | Op::Binary(
             Binary::RealDiv
             | Binary::Div
@@ -371,15 +392,13 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
             | Binary::FloorDiv
             | Binary::FloorMod
             | Binary::Mod
-            | Binary::Pow
-            | Binary::SquaredDifference,
+            | Binary::Pow,
         )
         | Op::Compare(_)
         | Op::BiasAdd { .. }
         | Op::Conv2D(_)
         | Op::DepthwiseConv2dNative(_)
         | Op::MatMul(_)
-        | Op::BatchMatMul { .. }
         | Op::FusedBatchNorm { .. }
         | Op::LogSoftmax
         | Op::Reduce {
@@ -576,8 +595,14 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 }
                 id
             };
-            if s.kind == Kind::Same && !groups.union(out, id) {
-                requant.insert((i, k));
+            // A fixed input (LOGISTIC, L2_NORMALIZATION) of a concatenation is
+            // requantized rather than fixing the other inputs' parameters too.
+            let several = matches!(Op::parse(n), Ok(Op::ConcatV2 | Op::Pack));
+            if s.kind == Kind::Same {
+                let root = groups.find(id);
+                if several && groups.fixed[root].is_some() || !groups.union(out, id) {
+                    requant.insert((i, k));
+                }
             }
         }
     }
@@ -929,7 +954,8 @@ pub fn int8_form(op: &Op) -> Int8Form {
         Op::Fused { linear, .. } => Int8Form::Int8 {
             hybrid: linear.kind().has_hybrid_kernel(),
         },
-        Op::Conv2D(_) | Op::MatMul(_) => Int8Form::Int8 { hybrid: true },
+        // A `BatchMatMul` by a constant matrix becomes a fully connected layer.
+        Op::Conv2D(_) | Op::MatMul(_) | Op::BatchMatMul { .. } => Int8Form::Int8 { hybrid: true },
         Op::DepthwiseConv2dNative(_) | Op::BiasAdd { v1: false, .. } => int8,
         Op::MaxPool(_)
         | Op::AvgPool(_)
@@ -952,7 +978,22 @@ pub fn int8_form(op: &Op) -> Int8Form {
             | Binary::Maximum
             | Binary::Minimum,
         )
-        | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Sigmoid | Unary::Tanh)
+        | Op::Unary(
+            Unary::Relu
+            | Unary::Relu6
+            | Unary::Sigmoid
+            | Unary::Tanh
+            | Unary::Exp
+            | Unary::Log
+            | Unary::Elu
+            | Unary::Rsqrt
+            | Unary::Abs,
+        )
+        | Op::Binary(Binary::SquaredDifference)
+        | Op::LeakyRelu
+        | Op::Gelu { .. }
+        | Op::Prelu
+        | Op::L2Normalize
         | Op::Softmax
         | Op::Transpose
         | Op::Tile
@@ -987,11 +1028,9 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::Assert
         | Op::SaveV2 => Int8Form::NotComputed,
         Op::Unary(_)
-        | Op::LeakyRelu
         | Op::Binary(_)
         | Op::Compare(_)
         | Op::BiasAdd { v1: true, .. }
-        | Op::BatchMatMul { .. }
         | Op::LogSoftmax
         | Op::Reduce { .. }
         | Op::Gather
@@ -1005,9 +1044,6 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::SelectV2
         | Op::SpaceToBatchND
         | Op::BatchToSpaceND
-        | Op::Gelu { .. }
-        | Op::Prelu
-        | Op::L2Normalize
         | Op::Other(_) => Int8Form::Float,
     }
 }
