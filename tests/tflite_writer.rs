@@ -188,10 +188,12 @@ fn the_same_graph_gives_the_same_bytes() {
 
 #[test]
 fn identical_constants_share_one_buffer() {
+    // larger than what the pattern pass merges into one tensor: two tensors, one buffer
+    let v: Vec<f32> = (0..80).map(|i| i as f32).collect();
     let mut b = G::new();
-    b.placeholder("x", DType::F32, Some(&[-1, 4]));
-    b.konst("c1", f32t(&[4], &[1.0, 2.0, 3.0, 4.0]));
-    b.konst("c2", f32t(&[4], &[1.0, 2.0, 3.0, 4.0]));
+    b.placeholder("x", DType::F32, Some(&[-1, 80]));
+    b.konst("c1", f32t(&[80], &v));
+    b.konst("c2", f32t(&[80], &v));
     b.op("a", "AddV2", &["x", "c1"], &[]);
     b.op("m", "Mul", &["a", "c2"], &[]);
     b.output("m");
@@ -201,6 +203,21 @@ fn identical_constants_share_one_buffer() {
     let c2 = m.tensors.iter().find(|t| t.name == "c2").unwrap();
     assert_ne!(c1.buffer, 0);
     assert_eq!(c1.buffer, c2.buffer);
+}
+
+#[test]
+fn identical_small_constants_of_elementwise_ops_become_one_tensor() {
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, Some(&[-1, 4]));
+    b.konst("c1", f32t(&[4], &[1.0, 2.0, 3.0, 4.0]));
+    b.konst("c2", f32t(&[4], &[1.0, 2.0, 3.0, 4.0]));
+    b.op("a", "AddV2", &["x", "c1"], &[]);
+    b.op("m", "Mul", &["a", "c2"], &[]);
+    b.output("m");
+    let (_, bytes) = tflite::export(&b.g).unwrap();
+    let m = reader::read(&bytes, "shared").unwrap();
+    assert!(m.tensors.iter().any(|t| t.name == "c1"));
+    assert!(!m.tensors.iter().any(|t| t.name == "c2"));
 }
 
 #[test]

@@ -41,8 +41,9 @@
 //!   magic-bias / `cvtps2dq` of the SIMD microkernels, which agree) and the zero
 //!   point added. One rounding, to even, where the reference kernels round twice
 //!   (or once in double, half away from zero).
-//! * MEAN ([`xnn_mean_scale`]): the i32 sum less `count * in_zp`, times
-//!   `(in / out) * (1 / count)` in f32, rounded half to even.
+//! * MEAN and SUM ([`xnn_reduce_requantize`]): the i32 sum of the raw values times
+//!   `(in / out) * (1 / count)` (SUM: `in / out`) in f32, plus the zero point
+//!   `out_zp - (count * in_zp) * s` folded in f32, rounded half to even.
 //! * ADD and SUB ([`XnnAdd`]): integer, with 21-bit multipliers derived from the
 //!   f32 ratios `a / out` and `b / out` and an arithmetic right shift whose bias
 //!   rounds half up.
@@ -289,23 +290,32 @@ pub fn requantize_fp32(acc: i32, scale: f32, zero_point: i32, lo: i32, hi: i32) 
     round_half_even_f32(v) as i32 + zero_point
 }
 
-/// The optimized int8 SUM (`optimized_ops::QuantizedMeanOrSum` with
-/// `compute_sum`): `round(sum · s + bias) + zero_point` in f32 with
-/// `s = in_scale / out_scale` and `bias = -in_zp · s · count`, rounded half away
-/// from zero, then narrowed to int8 without saturation (the kernel's
-/// `static_cast<int8_t>` wraps).
-pub fn sum_requantize_f32(
+/// XNNPACK's int8 MEAN and SUM (`reduce-nd.c` since December 2024: an int32 sum of the
+/// raw int8 values, then the reference int32 → qint8 convert): with
+/// `s = (in / out) · (1 / count)` for MEAN or `in / out` for SUM and the zero point folded
+/// in f32 as `zp' = out_zp − (count · in_zp) · s`, the result is
+/// `nearbyint(sum · s + zp')` (half to even), saturated. The input zero point is not
+/// subtracted from the integer sum, so ties fall differently from
+/// `round((sum − count · in_zp) · s) + out_zp`.
+pub fn xnn_reduce_requantize(
     sum: i32,
     in_scale: f32,
     in_zp: i32,
     out_scale: f32,
     out_zp: i32,
     count: usize,
+    mean: bool,
 ) -> i8 {
-    let s = in_scale / out_scale;
-    let bias = -(in_zp as f32) * s * count as f32;
-    let v = round_half_away_f32(sum as f32 * s + bias) as i32;
-    v.wrapping_add(out_zp) as i8
+    let mut s = in_scale / out_scale;
+    if mean {
+        s *= 1.0f32 / count as f32;
+    }
+    let zp = out_zp as f32 - ((count as i32) as f32 * in_zp as f32) * s;
+    let v = sum as f32 * s + zp;
+    if v.is_nan() {
+        return 0;
+    }
+    round_half_even_f32(v.clamp(-128.0, 127.0)) as i8
 }
 
 /// The per-channel requantization scale XNNPACK computes for convolutions and
@@ -330,11 +340,6 @@ pub fn xnn_activation_range(act: FusedActivation, scale: f32, zero_point: i32) -
         FusedActivation::Relu6 => (q(0.0), q(6.0)),
         FusedActivation::ReluN1To1 => (q(-1.0), q(1.0)),
     }
-}
-
-/// XNNPACK's MEAN scale: `(in / out) * (1 / count)`, each step in f32.
-pub fn xnn_mean_scale(in_scale: f32, out_scale: f32, count: usize) -> f32 {
-    (in_scale / out_scale) * (1.0f32 / count as f32)
 }
 
 /// XNNPACK's int8 ADD (`xnn_init_qs8_add_minmax_scalar_params` and the `vadd`
@@ -1016,7 +1021,20 @@ mod tests {
         assert_eq!(xnn_quantize_f32(0.25, 0.5, 0), 0);
         assert_eq!(xnn_quantize_f32(0.75, 0.5, 0), 2);
         assert_eq!(quantize_value(0.25, 0.5, 0, -128, 127), 1);
-        assert_eq!(xnn_mean_scale(0.5, 0.25, 4), 0.5);
+        // MEAN of 8 raw values summing to 12 with in_zp 1: (12 - 8) / 8 = 0.5 exactly,
+        // computed as 12 * 0.125 + (0 - 8 * 0.125) = 0.5, a tie rounded to even
+        assert_eq!(xnn_reduce_requantize(12, 1.0, 1, 1.0, 0, 8, true), 0);
+        assert_eq!(xnn_reduce_requantize(20, 1.0, 1, 1.0, 0, 8, true), 2);
+        // the folded zero point is an f32: with in_zp 3, count 8 and s = 0.3 / 0.7 / 8 the
+        // two roundings of (sum - 24) * s differ from sum * s + zp' on some sums
+        let differs = (-1024..1024).any(|sum| {
+            let s = (0.3f32 / 0.7) * (1.0 / 8.0);
+            let separate = round_half_even_f32(((sum - 24) as f32 * s).clamp(-128.0, 127.0));
+            xnn_reduce_requantize(sum, 0.3, 3, 0.7, 0, 8, true) as f32 != separate
+        });
+        assert!(differs);
+        // SUM saturates
+        assert_eq!(xnn_reduce_requantize(1000, 1.0, 0, 1.0, 0, 8, false), 127);
     }
 
     #[test]

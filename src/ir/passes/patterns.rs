@@ -6,11 +6,16 @@
 //! - PReLU as `relu(x) − α·relu(−x)`, `relu(x) + α·(x − relu(x))` and Keras'
 //!   `relu(x) + (−α)·relu(−x)`, α constant → one `_QpipePrelu(x, α)`;
 //! - `tf.math.l2_normalize` over the last axis (`x · rsqrt(max(Σx², ε))`) →
-//!   one `_QpipeL2Normalize`.
+//!   one `_QpipeL2Normalize`;
+//! - `square(a − b)` → `SquaredDifference(a, b)` (LayerNorm's variance): TFLite has an
+//!   int8 SQUARED_DIFFERENCE but no int8 SQUARE. The `Sub` stays for its other readers.
 //!
 //! Before matching, `Identity`/`StopGradient`/`Snapshot` are bypassed (what
 //! `tf.nn.moments` puts between its mean and the squared difference) and identical
-//! pure nodes are merged (Keras and `tf.nn` repeat `x − mean`, `relu(x)`, `−x`).
+//! pure nodes are merged (Keras and `tf.nn` repeat `x − mean`, `relu(x)`, `−x`), as are
+//! identical small constants that only elementwise ops or a `Dequantize` read (two LayerNorms'
+//! ε: an fp16 file then dequantizes it once, as the converter's does). A constant another op reads
+//! (a weight, a bias) keeps its own tensor, since its quantization depends on that op.
 //! A fused node takes the name of the last node of its pattern, so graph outputs and
 //! per-layer comparisons keep their names; nodes only the pattern read are dropped.
 
@@ -28,6 +33,7 @@ pub struct PatternReport {
     pub gelu: usize,
     pub prelu: usize,
     pub l2_normalize: usize,
+    pub squared_difference: usize,
 }
 
 /// Applies every rewrite of the module documentation.
@@ -119,11 +125,41 @@ fn pure(op: &Op) -> bool {
             | Op::BiasAdd { .. }
             | Op::Softmax
             | Op::Reduce { .. }
+            | Op::Dequantize
     )
 }
 
 /// Merges identical pure nodes into the first of them; returns how many went.
 fn merge_duplicates(g: &mut Graph) -> Result<usize, IrError> {
+    const SMALL: usize = 64;
+    let mut elementwise_only: HashMap<&str, bool> = HashMap::new();
+    for n in &g.nodes {
+        let ew = matches!(
+            parsed(n),
+            Some(Op::Binary(_) | Op::Compare(_) | Op::Dequantize)
+        );
+        for r in &n.inputs {
+            *elementwise_only.entry(r.node.as_str()).or_insert(true) &= ew;
+        }
+    }
+    let mergeable_const = |n: &Node| -> Option<String> {
+        let t = n.const_value()?;
+        (t.len() <= SMALL && elementwise_only.get(n.name.as_str()) == Some(&true)).then(|| {
+            format!(
+                "Const|{:?}|{:?}|{:?}|{:?}",
+                t.dtype(),
+                t.shape(),
+                t.bytes(),
+                n.output_quant
+            )
+        })
+    };
+    let const_keys: HashMap<String, String> = g
+        .nodes
+        .iter()
+        .filter(|n| n.control_inputs.is_empty())
+        .filter_map(|n| Some((n.name.clone(), mergeable_const(n)?)))
+        .collect();
     let keep_names: HashSet<String> = g
         .outputs
         .iter()
@@ -144,10 +180,13 @@ fn merge_duplicates(g: &mut Graph) -> Result<usize, IrError> {
         if keep_names.contains(&n.name) || !n.control_inputs.is_empty() {
             continue;
         }
-        if !parsed(n).as_ref().is_some_and(pure) {
+        let key = if let Some(k) = const_keys.get(&n.name) {
+            k.clone()
+        } else if parsed(n).as_ref().is_some_and(pure) {
+            format!("{}|{:?}|{:?}|{:?}", n.op, n.inputs, n.attrs, n.output_quant)
+        } else {
             continue;
-        }
-        let key = format!("{}|{:?}|{:?}|{:?}", n.op, n.inputs, n.attrs, n.output_quant);
+        };
         match seen.get(&key) {
             Some(first) => {
                 alias.insert(n.name.clone(), first.clone());
@@ -487,6 +526,18 @@ fn match_l2(v: &View, i: usize, ranks: &HashMap<TensorRef, usize>) -> Option<Ten
     None
 }
 
+fn match_square_of_difference(v: &View, i: usize) -> Option<(TensorRef, TensorRef)> {
+    if !matches!(parsed(v.node(i))?, Op::Unary(Unary::Square)) {
+        return None;
+    }
+    let (j, op) = v.producer(v.node(i).inputs.first()?)?;
+    if !matches!(op, Op::Binary(Binary::Sub)) {
+        return None;
+    }
+    let (a, b) = v.pair(j)?;
+    Some((a.clone(), b.clone()))
+}
+
 fn fuse_composites(g: &mut Graph, report: &mut PatternReport) -> Result<(), IrError> {
     let ranks: HashMap<TensorRef, usize> = infer_shapes(g)
         .map(|m| m.into_iter().map(|(r, i)| (r, i.shape.len())).collect())
@@ -546,6 +597,9 @@ fn fuse_composites(g: &mut Graph, report: &mut PatternReport) -> Result<(), IrEr
             } else if let Some(x) = match_l2(&v, i, &ranks) {
                 replace.push((i, fused(L2_NORMALIZE, vec![x])));
                 report.l2_normalize += 1;
+            } else if let Some((a, b)) = match_square_of_difference(&v, i) {
+                replace.push((i, fused("SquaredDifference", vec![a, b])));
+                report.squared_difference += 1;
             }
         }
     }
@@ -717,5 +771,51 @@ mod tests {
         let s = out.node("s").unwrap();
         assert_eq!(s.inputs[0], s.inputs[1]);
         assert_eq!(out.nodes.len(), 3);
+    }
+
+    #[test]
+    fn square_of_a_difference_becomes_squared_difference() {
+        // LayerNorm's variance: the Sub also feeds the normalization, so it stays
+        let g = graph(
+            vec![
+                c("mu", &[0.5], vec![]),
+                op("d", "Sub", &["x", "mu"]),
+                op("sq", "Square", &["d"]),
+                op("y", "Mul", &["sq", "d"]),
+            ],
+            "y",
+        );
+        let (out, rep) = rewrite(&g).unwrap();
+        assert_eq!(rep.squared_difference, 1);
+        let sq = out.node("sq").unwrap();
+        assert_eq!(sq.op, "SquaredDifference");
+        let ins: Vec<&str> = sq.inputs.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(ins, ["x", "mu"]);
+        assert!(out.node("d").is_some());
+        // a Square of anything else is left alone
+        let g = graph(vec![op("sq", "Square", &["x"])], "sq");
+        assert_eq!(rewrite(&g).unwrap().1.squared_difference, 0);
+    }
+
+    #[test]
+    fn equal_small_constants_merge_only_where_elementwise_ops_read_them() {
+        let g = graph(
+            vec![
+                c("eps1", &[1e-3], vec![]),
+                c("eps2", &[1e-3], vec![]),
+                c("w1", &[1.0; 16], vec![4, 4]),
+                c("w2", &[1.0; 16], vec![4, 4]),
+                op("a", "AddV2", &["x", "eps1"]),
+                op("b", "AddV2", &["a", "eps2"]),
+                op("m1", "MatMul", &["b", "w1"]),
+                op("m2", "MatMul", &["m1", "w2"]),
+            ],
+            "m2",
+        );
+        let (out, rep) = rewrite(&g).unwrap();
+        assert_eq!(rep.merged, 1);
+        assert!(out.node("eps2").is_none());
+        assert_eq!(out.node("b").unwrap().inputs[1].node, "eps1");
+        assert!(out.node("w1").is_some() && out.node("w2").is_some());
     }
 }

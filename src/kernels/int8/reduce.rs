@@ -10,8 +10,8 @@ use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     calculate_input_radius, fixed, mean_multiplier, multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_greater_than_one, preprocess_softmax_scaling,
-    quantize_multiplier, requantize_fp32, rounding_divide_by_pot,
-    saturating_rounding_doubling_high_mul, sum_requantize_f32, xnn_mean_scale,
+    quantize_multiplier, rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
+    xnn_reduce_requantize,
 };
 use crate::kernels::value::Value;
 
@@ -194,29 +194,20 @@ pub fn reduce(
                     sums
                 }
             };
-            if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Sum && count > 0 {
+            if quant.arithmetic == Arithmetic::LiteRt && count > 0 {
+                let mean = op == ReduceOp::Mean;
                 let res: Vec<i8> = sums
                     .iter()
                     .map(|&sum| {
-                        sum_requantize_f32(
+                        xnn_reduce_requantize(
                             sum,
                             xin.scale,
                             xin.zero_point,
                             out.scale,
                             out.zero_point,
                             count,
+                            mean,
                         )
-                    })
-                    .collect();
-                return Ok(Value::from_vec(shape, res));
-            }
-            if quant.arithmetic == Arithmetic::LiteRt && op == ReduceOp::Mean && count > 0 {
-                let scale = xnn_mean_scale(xin.scale, out.scale, count);
-                let res: Vec<i8> = sums
-                    .iter()
-                    .map(|&sum| {
-                        let shifted = (sum as i64 - xin.zero_point as i64 * count as i64) as i32;
-                        sat8(requantize_fp32(shifted, scale, out.zero_point, -128, 127))
                     })
                     .collect();
                 return Ok(Value::from_vec(shape, res));
