@@ -182,3 +182,107 @@ fn a_biasless_conv_fuses_its_relu_when_it_gets_a_zero_bias() {
         );
     }
 }
+
+/// `conv2d_transpose` as TF1 writes it: the output shape packs the input's run-time
+/// batch (`tf.stack([tf.shape(x)[0], ...])`), then a bias add and `act`.
+fn transpose_conv_chain(act: Option<&str>) -> Graph {
+    use support::graph_builder::i32t;
+    let mut b = G::new();
+    let mut rng = Rng::new(14);
+    b.placeholder("x", DType::F32, Some(&[-1, 4, 4, 3]));
+    b.konst("w", f32t(&[3, 3, 5, 3], &rng.vec(135)));
+    b.konst("bias", f32t(&[5], &rng.vec(5)));
+    b.op(
+        "shape",
+        "Shape",
+        &["x"],
+        &[("out_type", Attr::Type(DType::I32))],
+    );
+    b.konst("begin", i32t(&[1], &[0]));
+    b.konst("end", i32t(&[1], &[1]));
+    b.konst("step", i32t(&[1], &[1]));
+    b.op(
+        "n",
+        "StridedSlice",
+        &["shape", "begin", "end", "step"],
+        &[
+            ("Index", Attr::Type(DType::I32)),
+            ("shrink_axis_mask", Attr::Int(1)),
+        ],
+    );
+    for (k, v) in [("h", 8), ("w_", 8), ("c", 5)] {
+        b.konst(k, i32t(&[], &[v]));
+    }
+    b.op(
+        "os",
+        "Pack",
+        &["n", "h", "w_", "c"],
+        &[("N", Attr::Int(4)), ("axis", Attr::Int(0))],
+    );
+    b.op(
+        "deconv",
+        "Conv2DBackpropInput",
+        &["os", "w", "x"],
+        &[("strides", ints(&[1, 2, 2, 1])), ("padding", s("SAME"))],
+    );
+    b.op("badd", "BiasAdd", &["deconv", "bias"], &[]);
+    let mut last = "badd".to_string();
+    if let Some(a) = act {
+        b.op("act", a, &["badd"], &[]);
+        last = "act".into();
+    }
+    b.op("out", "Identity", &[&last], &[]);
+    b.output("out");
+    b.g
+}
+
+#[test]
+fn transposed_conv_bias_and_activation_become_one_node_that_keeps_its_op() {
+    let x = f32t(&[2, 4, 4, 3], &Rng::new(3).vec(96));
+    for act in [None, Some("Relu"), Some("Relu6")] {
+        let g = transpose_conv_chain(act);
+        let (f, r) = fuse(&g, false).unwrap();
+        assert_eq!(r.fused, 1, "{act:?}");
+        let last = if act.is_some() { "act" } else { "badd" };
+        let n = f.node(last).unwrap();
+        assert_eq!(n.op, "Conv2DBackpropInput");
+        assert_eq!(n.inputs.len(), 4);
+        assert_eq!(n.inputs[3].node, "bias");
+        let mut want = vec!["BiasAdd".to_string()];
+        want.extend(act.map(String::from));
+        assert_eq!(fused_ops(&f, last), want);
+        assert!(f.node("deconv").is_none());
+        if last == "act" {
+            assert!(f.node("badd").is_none());
+        }
+        let a = run1(&g, &[("x", x.clone())], "out").to_f32_vec().unwrap();
+        let b = run1(&f, &[("x", x.clone())], "out").to_f32_vec().unwrap();
+        assert_eq!(a, b, "fusion changed float results");
+        assert_eq!(a.len(), 2 * 8 * 8 * 5);
+    }
+}
+
+/// LiteRT sizes TRANSPOSE_CONV's output from a constant shape once, so a file whose
+/// output shape was folded at batch 1 is written as a batch-1 file (as the
+/// converter's is) instead of declaring a batch it cannot run; the fused bias and
+/// activation are TRANSPOSE_CONV's own.
+#[test]
+fn a_run_time_batch_transposed_conv_exports_as_a_batch_one_file() {
+    use qpipe::formats::tflite;
+    let (f, _) = fuse(&transpose_conv_chain(Some("Relu")), false).unwrap();
+    let (_, bytes) = tflite::export(&f).unwrap();
+    let m = tflite::reader::read(&bytes, "model").unwrap();
+    let names: Vec<&str> = m.operators.iter().map(|o| o.name).collect();
+    assert_eq!(names, ["TRANSPOSE_CONV"]);
+    assert_eq!(m.operators[0].inputs.len(), 4);
+    let input = &m.tensors[m.inputs[0] as usize];
+    assert_eq!(input.shape, [1, 4, 4, 3]);
+    assert_eq!(input.shape_signature, None);
+    assert!(m.tensors.iter().all(|t| t.shape_signature.is_none()));
+    // Without the transposed convolution the batch stays dynamic.
+    let g = conv_chain(None, false);
+    let (_, bytes) = tflite::export(&g).unwrap();
+    let m = tflite::reader::read(&bytes, "model").unwrap();
+    let input = &m.tensors[m.inputs[0] as usize];
+    assert_eq!(input.shape_signature, Some(vec![-1, 1, 9, 3]));
+}

@@ -233,3 +233,134 @@ fn transposed_convolution_and_resizes_match_litert_in_float() {
         assert!(d <= 1e-5, "{r}: max |qpipe - LiteRT| = {d}");
     }
 }
+
+/// The int8 TRANSPOSE_CONV (per output channel weights, int32 bias, with and
+/// without a fused Relu, SAME and VALID, strides 1 and 2, and without a bias),
+/// RESIZE_BILINEAR (up and down, in every coordinate mode) and
+/// RESIZE_NEAREST_NEIGHBOR give LiteRT's reference kernels' bits. One model, one
+/// LiteRT process.
+#[test]
+fn int8_transposed_convolution_and_resizes_match_litert_reference() {
+    let mut rng = Rng::new(1407);
+    let mut g = Graph::default();
+    let (c, o) = (3usize, 4usize);
+    let in_scale = 0.05f32;
+    let in_q = QuantParams::per_tensor(in_scale, -7);
+    placeholder(
+        &mut g,
+        "x",
+        DType::I8,
+        &[1, 5, 5, c as i64],
+        Some(in_q.clone()),
+    );
+    let xv: Vec<i8> = (0..25 * c)
+        .map(|_| (rng.next_u64() % 256) as i64 as u8 as i8)
+        .collect();
+    let feeds = vec![("x".to_string(), Tensor::from_vec(vec![1, 5, 5, c], &xv))];
+    let cases: [(&str, i64, i32, Option<&str>, bool); 5] = [
+        ("SAME", 2, 10, Some("Relu"), true),
+        ("VALID", 2, 11, None, true),
+        ("SAME", 1, 5, Some("Relu"), true),
+        ("VALID", 1, 7, Some("Relu6"), true),
+        ("SAME", 2, 9, None, false),
+    ];
+    for (k, (pad, stride, out, act, with_bias)) in cases.into_iter().enumerate() {
+        let ws: Vec<f32> = (0..o)
+            .map(|j| 0.003 * (1.0 + j as f32) * (1.0 + rng.f().abs()))
+            .collect();
+        let wv: Vec<i8> = (0..9 * o * c)
+            .map(|_| ((rng.next_u64() % 255) as i64 - 127) as i8)
+            .collect();
+        let mut w = Node::constant(format!("w{k}"), Tensor::from_vec(vec![3, 3, o, c], &wv));
+        w.output_quant
+            .insert(0, QuantParams::per_axis(ws.clone(), vec![0; o], 2));
+        g.nodes.push(w);
+        g.nodes.push(Node::constant(
+            format!("os{k}"),
+            Tensor::from_vec(vec![4], &[1, out, out, o as i32]),
+        ));
+        let mut d = Node::new(format!("deconv{k}"), "Conv2DBackpropInput")
+            .with_input(TensorRef::new(format!("os{k}"), 0))
+            .with_input(TensorRef::new(format!("w{k}"), 0))
+            .with_input(TensorRef::new("x", 0))
+            .with_attr("T", Attr::Type(DType::I8))
+            .with_attr("strides", Attr::Ints(vec![1, stride, stride, 1]))
+            .with_attr("padding", Attr::Str(pad.as_bytes().to_vec()));
+        if with_bias {
+            let bias: Vec<i32> = (0..o)
+                .map(|_| (rng.next_u64() % 4001) as i32 - 2000)
+                .collect();
+            let mut b = Node::constant(format!("b{k}"), Tensor::from_vec(vec![o], &bias));
+            b.output_quant.insert(
+                0,
+                QuantParams::per_axis(ws.iter().map(|s| s * in_scale).collect(), vec![0; o], 0),
+            );
+            g.nodes.push(b);
+            let mut ops = vec![b"BiasAdd".to_vec()];
+            ops.extend(act.map(|a| a.as_bytes().to_vec()));
+            d = d
+                .with_input(TensorRef::new(format!("b{k}"), 0))
+                .with_attr("fused_ops", Attr::Strs(ops));
+        }
+        d.output_quant.insert(
+            0,
+            QuantParams::per_tensor(0.02 + 0.01 * k as f32, 3 - k as i64),
+        );
+        g.nodes.push(d);
+        g.outputs.push(TensorRef::new(format!("deconv{k}"), 0));
+    }
+    for (s, hw) in [("up", [8, 7]), ("down", [3, 4])] {
+        g.nodes.push(Node::constant(
+            format!("size_{s}"),
+            Tensor::from_vec(vec![2], &hw),
+        ));
+        for (op, ac, hp) in [
+            ("ResizeBilinear", false, false),
+            ("ResizeBilinear", true, false),
+            ("ResizeBilinear", false, true),
+            ("ResizeNearestNeighbor", false, false),
+            ("ResizeNearestNeighbor", true, false),
+            ("ResizeNearestNeighbor", false, true),
+        ] {
+            let name = format!("{op}_{s}_{ac}_{hp}");
+            let mut n = Node::new(name.clone(), op)
+                .with_input(TensorRef::new("x", 0))
+                .with_input(TensorRef::new(format!("size_{s}"), 0))
+                .with_attr("T", Attr::Type(DType::I8))
+                .with_attr("align_corners", Attr::Bool(ac))
+                .with_attr("half_pixel_centers", Attr::Bool(hp));
+            n.output_quant.insert(0, in_q.clone());
+            g.nodes.push(n);
+            g.outputs.push(TensorRef::new(name, 0));
+        }
+    }
+    let dir = tmp_dir("spatial_int8_ops");
+    let (_, bytes) = tflite::export(&g).unwrap();
+    let case = LiteRtCase::write(&dir, &bytes, &feeds);
+    let theirs = case.run(Resolver::Reference).unwrap();
+    let fed: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let ours = qpipe::kernels::run_with(&g, &fed, &g.outputs, Arithmetic::Reference).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    for ((r, a), b) in g.outputs.iter().zip(&ours).zip(&theirs) {
+        assert_eq!(a.dtype(), DType::I8, "{r}");
+        assert_eq!(a.shape(), b.shape(), "{r}");
+        let (x, y) = (a.to_i64_vec().unwrap(), b.to_i64_vec().unwrap());
+        let bad: Vec<(usize, i64, i64)> = x
+            .iter()
+            .zip(&y)
+            .enumerate()
+            .filter(|(_, (p, q))| p != q)
+            .map(|(k, (p, q))| (k, *p, *q))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{r}: differs from BUILTIN_REF at (index, qpipe, LiteRT) {bad:?}"
+        );
+        let distinct: std::collections::BTreeSet<i64> = x.iter().copied().collect();
+        assert!(
+            distinct.len() > 8,
+            "{r}: only {} distinct outputs",
+            distinct.len()
+        );
+    }
+}

@@ -857,6 +857,15 @@ fn fused_activation(node: &Node) -> Result<FusedActivation, IrError> {
     }
 }
 
+/// The bias add and activation `passes::fuse` folded into a `Conv2DBackpropInput`
+/// (a fourth input, the bias, and `fused_ops`); `None` when it has none.
+pub fn transpose_conv_activation(node: &Node) -> Result<Option<FusedActivation>, IrError> {
+    match node.attr("fused_ops") {
+        None => Ok(None),
+        Some(_) => fused_activation(node).map(Some),
+    }
+}
+
 impl Op {
     /// The matrix op of an op that may run hybrid: only quantize_int8's fused ops
     /// read int8 weights directly (the others read them through a `Dequantize`).

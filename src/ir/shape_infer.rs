@@ -595,7 +595,8 @@ fn infer_node(node: &Node, op: &Op, ins: &[TensorInfo]) -> Result<Vec<TensorInfo
             if x.shape.len() != 4 || size.len() != 2 || size.iter().any(|&d| d <= 0) {
                 return Err(err(node, format!("needs a 4-D input and a positive size, got {:?} and {size:?}", x.shape)));
             }
-            let dtype = if matches!(op, Op::ResizeBilinear(_)) { DType::F32 } else { x.dtype };
+            // TensorFlow's bilinear resize gives float; qpipe's int8 form keeps int8.
+            let dtype = if matches!(op, Op::ResizeBilinear(_)) && x.dtype != DType::I8 { DType::F32 } else { x.dtype };
             vec![TensorInfo::new(dtype, vec![x.shape[0], size[0], size[1], x.shape[3]])]
         }
         Op::Pad | Op::PadV2 | Op::MirrorPad => {

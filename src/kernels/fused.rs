@@ -8,7 +8,7 @@ use super::value::Value;
 use crate::error::{Error, Result};
 use crate::ir::FusedActivation;
 
-fn activate(v: Value, act: FusedActivation) -> Result<Value> {
+pub(super) fn activate(v: Value, act: FusedActivation) -> Result<Value> {
     match act {
         FusedActivation::None => Ok(v),
         FusedActivation::Relu => elementwise::unary(UnaryOp::Relu, v),

@@ -168,8 +168,12 @@ pub enum Kernel {
     Composite(super::math::Composite),
     /// `x * relu6(x + 3) / 6`.
     HardSwish,
-    /// `Conv2DBackpropInput` (output shape, filter, input).
-    TransposeConv(Window),
+    /// `Conv2DBackpropInput` (output shape, filter, input), with the bias (a fourth
+    /// input) and activation `passes::fuse` folds into it.
+    TransposeConv {
+        win: Window,
+        act: Option<FusedActivation>,
+    },
     ResizeBilinear(crate::ir::op::Resize),
     ResizeNearest(crate::ir::op::Resize),
 }
@@ -255,8 +259,13 @@ impl Kernel {
                 Kernel::HardSwish
             }
             Op::Conv2DBackpropInput(c) => {
-                arity(3, 3)?;
-                Kernel::TransposeConv(window(&c)?)
+                let act = crate::ir::op::transpose_conv_activation(node)?;
+                let n = if act.is_some() { 4 } else { 3 };
+                arity(n, n)?;
+                Kernel::TransposeConv {
+                    win: window(&c)?,
+                    act,
+                }
             }
             Op::ResizeBilinear(r) => {
                 arity(2, 2)?;
@@ -732,7 +741,9 @@ impl Kernel {
             }
             Kernel::Quantize => Err(Error::msg("Quantize of a non-float, non-int8 tensor")),
             Kernel::HardSwish => one(super::activation::hard_swish(x(0))?),
-            Kernel::TransposeConv(w) => one(super::spatial::conv2d_transpose(x(0), x(1), x(2), w)?),
+            Kernel::TransposeConv { win, act } => {
+                one(super::spatial::conv2d_transpose_fused(&inputs, win, *act)?)
+            }
             Kernel::ResizeBilinear(r) => one(super::spatial::resize_bilinear(x(0), x(1), *r)?),
             Kernel::ResizeNearest(r) => one(super::spatial::resize_nearest(x(0), x(1), *r)?),
         }
@@ -896,7 +907,9 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::ArgMax
         | Op::ArgMin
         | Op::HardSwish
-        | Op::ResizeNearestNeighbor(_) => (true, true),
+        | Op::ResizeNearestNeighbor(_)
+        | Op::ResizeBilinear(_)
+        | Op::Conv2DBackpropInput(_) => (true, true),
         Op::Unary(_)
         | Op::LeakyRelu
         | Op::Binary(_)
@@ -916,8 +929,6 @@ pub fn kernel_support(op: &Op) -> KernelSupport {
         | Op::Select
         | Op::SelectV2
         | Op::Random(Random::Uniform)
-        | Op::Conv2DBackpropInput(_)
-        | Op::ResizeBilinear(_)
         | Op::Gelu { .. }
         | Op::Prelu
         | Op::L2Normalize => (true, false),

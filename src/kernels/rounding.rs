@@ -1605,3 +1605,11 @@ mod row_tests {
         );
     }
 }
+
+/// RESIZE_BILINEAR's int8 interpolation (`ResizeBilinearInteger`): a sum in
+/// 2^20 fixed point back to an integer, half away from zero (`(x ± 2^19) / 2^20`,
+/// C++ division toward zero).
+pub fn round_shift_20_half_away(x: i64) -> i64 {
+    let round = if x > 0 { 1 << 19 } else { -(1 << 19) };
+    (x + round) / (1 << 20)
+}

@@ -7,6 +7,7 @@ use super::nn::{out_size, Window};
 use super::value::{Buf, Value};
 use crate::error::{Error, Result};
 use crate::ir::op::Resize;
+use crate::ir::FusedActivation;
 
 fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
     match v.shape[..] {
@@ -81,6 +82,27 @@ pub fn conv2d_transpose(output_shape: &Value, w: &Value, x: &Value, win: &Window
         }
     }
     Ok(Value::from_vec(vec![n, oh, ow, oc], out))
+}
+
+/// [`conv2d_transpose`] of `inputs` (output shape, filter, input), then, when
+/// `passes::fuse` folded them in, the bias (input 3) and the activation, with the
+/// same f32 arithmetic as the unfused ops.
+pub fn conv2d_transpose_fused(
+    inputs: &[Value],
+    win: &Window,
+    act: Option<FusedActivation>,
+) -> Result<Value> {
+    match (inputs, act) {
+        ([os, w, x], None) => conv2d_transpose(os, w, x, win),
+        ([os, w, x, b], Some(act)) => {
+            let y = conv2d_transpose(os, w, x, win)?;
+            super::fused::activate(super::elementwise::bias_add(y, b.clone(), false)?, act)
+        }
+        _ => Err(Error::msg(format!(
+            "Conv2DBackpropInput has {} inputs (3, or 4 with a fused bias)",
+            inputs.len()
+        ))),
+    }
 }
 
 fn target(size: &Value) -> Result<[usize; 2]> {

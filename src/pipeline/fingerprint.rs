@@ -227,12 +227,14 @@ impl Manifest {
     /// The config with values naming upstream stages replaced by a placeholder.
     fn hashed_config(&self) -> Value {
         let mut config = self.config.clone();
-        if let Value::Object(map) = &mut config {
-            for (key, input) in &self.inputs {
-                if let Some(v) = map.get_mut(key) {
-                    if v.as_str() == Some(input.stage.as_str()) {
-                        *v = Value::String(STAGE_REF_PLACEHOLDER.into());
-                    }
+        for (key, input) in &self.inputs {
+            // A key may be a dotted path into a sub-table (`fallback.reference`).
+            let v = key
+                .split('.')
+                .try_fold(&mut config, |v, k| v.as_object_mut()?.get_mut(k));
+            if let Some(v) = v {
+                if v.as_str() == Some(input.stage.as_str()) {
+                    *v = Value::String(STAGE_REF_PLACEHOLDER.into());
                 }
             }
         }

@@ -198,8 +198,9 @@ impl<'a> ConfigTable<'a> {
         self.table.span()
     }
 
+    /// The value at `key`, or at a dotted path into sub-tables (`fallback.dataset`).
     pub fn get(&self, key: &str) -> Option<&Spanned<DeValue<'a>>> {
-        self.table.get_ref().get(key)
+        lookup(self.table.get_ref(), key)
     }
 
     /// A string value, if `key` is present and holds one.
@@ -214,6 +215,34 @@ impl<'a> ConfigTable<'a> {
             key: Some(key.to_string()),
             span: self.get(key).map(|v| v.span()),
         }
+    }
+}
+
+/// The value at `key` in `table`, or at a dotted path into its sub-tables: stage
+/// deps and config errors may name a key of a sub-table (`fallback.reference`).
+pub fn lookup<'s, 'a>(table: &'s DeTable<'a>, key: &str) -> Option<&'s Spanned<DeValue<'a>>> {
+    if let Some(v) = table.get(key) {
+        return Some(v);
+    }
+    let (head, rest) = key.split_once('.')?;
+    match table.get(head)?.get_ref() {
+        DeValue::Table(t) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+/// [`lookup`], for changing the value.
+pub fn lookup_mut<'s, 'a>(
+    table: &'s mut DeTable<'a>,
+    key: &str,
+) -> Option<&'s mut Spanned<DeValue<'a>>> {
+    if table.contains_key(key) {
+        return table.get_mut(key);
+    }
+    let (head, rest) = key.split_once('.')?;
+    match table.get_mut(head)?.get_mut() {
+        DeValue::Table(t) => lookup_mut(t, rest),
+        _ => None,
     }
 }
 

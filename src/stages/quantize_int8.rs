@@ -67,9 +67,11 @@
 //!
 //! Config: `input` (required), `strategy` (`"DEFAULT"`), `calibration` (a data set
 //! name), `samples` (default: every row), `method` (`"minmax"`),
-//! `per_channel_dense` (`true`), `exclude` (`[]`).
+//! `per_channel_dense` (`true`), `exclude` (`[]`), and the `fallback` table
+//! ([`fallback`]: ops kept in float until a tuning data set's accuracy holds).
 
 pub mod calibration;
+pub mod fallback;
 mod movement;
 pub mod params;
 pub mod rewrite;
@@ -130,6 +132,8 @@ pub struct QuantizeInt8Config {
     pub per_channel_dense: bool,
     #[serde(default)]
     pub exclude: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<fallback::FallbackConfig>,
 }
 
 pub struct QuantizeInt8 {
@@ -146,6 +150,9 @@ pub fn build(
     let config: QuantizeInt8Config = super::parse_config(table)?;
     if config.strategy == Strategy::OptimizeForLatency && config.calibration.is_none() {
         return Err(table.error("strategy", LATENCY_NEEDS_CALIBRATION));
+    }
+    if let Some(f) = &config.fallback {
+        fallback::check(table, &config, f)?;
     }
     Ok(Box::new(QuantizeInt8 { config }))
 }
@@ -190,7 +197,10 @@ impl QuantizeInt8 {
 impl Stage for QuantizeInt8 {
     fn role(&self) -> Role {
         Role::Model {
-            label: format!("int8 {}", self.config.strategy),
+            label: match &self.config.fallback {
+                None => format!("int8 {}", self.config.strategy),
+                Some(_) => format!("int8 {} + fallback", self.config.strategy),
+            },
             float: false,
         }
     }
@@ -200,14 +210,18 @@ impl Stage for QuantizeInt8 {
         3
     }
     fn deps(&self) -> StageDeps {
-        StageDeps {
+        let mut deps = StageDeps {
             stages: vec![("input".into(), self.config.input.clone())],
             datasets: self
                 .calibration_used()
                 .map(|d| vec![d.to_string()])
                 .unwrap_or_default(),
             ..StageDeps::default()
+        };
+        if let Some(f) = &self.config.fallback {
+            fallback::add_deps(f, &mut deps);
         }
+        deps
     }
     fn config(&self) -> serde_json::Value {
         super::config_json(&self.config)
@@ -313,8 +327,15 @@ impl Stage for QuantizeInt8 {
                     exclude: exclude.clone(),
                     int8_io: c.strategy == Strategy::OptimizeForLatency,
                 };
-                let (g, r) = rewrite::quantize_full(&fused, &stats, &opts)
-                    .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?;
+                let (g, r) = match &c.fallback {
+                    None => rewrite::quantize_full(&fused, &stats, &opts)
+                        .map_err(|e| e.context(format!("stage '{}'", ctx.id)))?,
+                    Some(f) => {
+                        let (g, r, m) = fallback::tune(ctx, f, &fused, &stats, &opts)?;
+                        metrics.insert("fallback".into(), m);
+                        (g, r)
+                    }
+                };
                 if c.strategy == Strategy::OptimizeForLatency {
                     let blocking: Vec<String> = r
                         .float_nodes

@@ -28,6 +28,8 @@
 //! convolution is compared with the float output of the same chain. An int8
 //! `Quantize` of a float tensor is compared with that tensor.
 
+pub mod measure;
+
 use std::ops::Range;
 
 use rayon::prelude::*;

@@ -84,6 +84,8 @@ struct Lowerer<'g> {
     materialized: HashMap<(TensorRef, Layout), i32>,
     /// Nodes already emitted as part of a fused operator.
     absorbed: HashSet<usize>,
+    /// A TRANSPOSE_CONV's output shape was written for batch 1 (see `lower_transpose_conv`).
+    batch_one: bool,
     model: Model,
 }
 
@@ -170,9 +172,10 @@ fn const_like(op: &IrOp) -> bool {
 /// target shapes, paddings) are read from shape inference at export time.
 fn runtime_inputs(node: &Node, op: &IrOp) -> Vec<usize> {
     let n = node.inputs.len();
-    // A transposed convolution's output shape (input 0) is read from shape inference.
+    // A transposed convolution's output shape (input 0) is read from shape inference;
+    // the filter, the input and a fused bias are operands.
     if let IrOp::Conv2DBackpropInput(_) = op {
-        return (1..n.min(3)).collect();
+        return (1..n.min(4)).collect();
     }
     let k = match op {
         IrOp::Reshape
@@ -317,6 +320,7 @@ impl<'g> Lowerer<'g> {
             values: HashMap::new(),
             materialized: HashMap::new(),
             absorbed: HashSet::new(),
+            batch_one: false,
             model: Model {
                 description: DESCRIPTION.to_string(),
                 ..Model::default()
@@ -387,6 +391,20 @@ impl<'g> Lowerer<'g> {
                 None => return Err(Error::msg(format!("output '{r}' was not lowered"))),
             };
             self.model.outputs.push((r.to_string(), t));
+        }
+        if self.batch_one {
+            // The file runs at batch 1 only: say so in the signatures, as the
+            // converter's file does, rather than let a runtime resize the batch.
+            for t in &mut self.model.tensors {
+                if let Some(sig) = &mut t.shape_signature {
+                    if sig.first() == Some(&-1) {
+                        sig[0] = 1;
+                    }
+                    if sig.iter().all(|&d| d >= 0) {
+                        t.shape_signature = None;
+                    }
+                }
+            }
         }
         movement::tidy(&mut self.model);
         if self.model.operators.iter().any(|op| {
@@ -1080,9 +1098,13 @@ impl<'g> Lowerer<'g> {
         Ok(())
     }
 
-    /// `Conv2DBackpropInput` → TRANSPOSE_CONV with its bias add and Relu/Relu6 fused,
-    /// as the converter emits it; the output shape is a constant from shape
-    /// inference (batch 1 where it is known only at run time, as the converter writes it).
+    /// `Conv2DBackpropInput` → TRANSPOSE_CONV with its bias add and Relu/Relu6 fused
+    /// (by `passes::fuse`, or here), as the converter emits it. The output shape is
+    /// a constant from shape inference. Where its batch is known only at run time
+    /// it is written as 1 and the whole file is made batch 1, as the converter's
+    /// file is: LiteRT sizes the output from a constant shape once, so a constant
+    /// cannot follow a resized batch, and computing it (SHAPE, STRIDED_SLICE, PACK,
+    /// what the converter writes for a dynamic batch) would cost three operators.
     fn lower_transpose_conv(
         &mut self,
         i: usize,
@@ -1094,8 +1116,11 @@ impl<'g> Lowerer<'g> {
         if c.dilations != [1, 1] {
             return Err(node_err(node, "TRANSPOSE_CONV has no dilation"));
         }
-        if node.inputs.len() != 3 {
-            return Err(node_err(node, "needs three inputs"));
+        let fused =
+            crate::ir::op::transpose_conv_activation(node).map_err(|e| node_err(node, e))?;
+        let want = if fused.is_some() { 4 } else { 3 };
+        if node.inputs.len() != want {
+            return Err(node_err(node, format!("needs {want} inputs")));
         }
         let shape = self.out_shape(node)?;
         let out_channels = *shape.last().unwrap_or(&-1);
@@ -1103,14 +1128,23 @@ impl<'g> Lowerer<'g> {
         let mut bias = None;
         let mut activation = Activation::None;
         let here = TensorRef::new(node.name.clone(), 0);
-        if let Some(k) = self.sole_consumer(&here) {
+        if let Some(act) = fused {
+            bias = Some(node.inputs[3].clone());
+            activation = match act {
+                FusedActivation::None => Activation::None,
+                FusedActivation::Relu => Activation::Relu,
+                FusedActivation::Relu6 => Activation::Relu6,
+                FusedActivation::ReluN1To1 => Activation::ReluN1To1,
+            };
+        } else if let Some(k) = self.sole_consumer(&here) {
             if let Some(b) = self.bias_operand(k, &here, out_channels) {
                 bias = Some(b);
                 tail = k;
             }
         }
         let tail_ref = TensorRef::new(graph.nodes[tail].name.clone(), 0);
-        if let Some(k) = self.sole_consumer(&tail_ref) {
+        let chain = fused.is_none();
+        if let Some(k) = self.sole_consumer(&tail_ref).filter(|_| chain) {
             let act = match self.ops[k] {
                 IrOp::Unary(Unary::Relu) => Some(Activation::Relu),
                 IrOp::Unary(Unary::Relu6) => Some(Activation::Relu6),
@@ -1122,6 +1156,9 @@ impl<'g> Lowerer<'g> {
                 activation = a;
                 tail = k;
             }
+        }
+        if shape.first().is_some_and(|&d| d < 0) {
+            self.batch_one = true;
         }
         let dims: Vec<i64> = shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
         let os = self.int_const(node, format!("{}/output_shape", node.name), &[4], &dims)?;

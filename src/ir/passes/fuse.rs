@@ -9,6 +9,9 @@
 //! it keeps the channel axis last: the fused convolution keeps the `Conv2D`'s name
 //! and the `Squeeze`/`Reshape` moves after it under the last node's name.
 //!
+//! A `Conv2DBackpropInput` with a bias (and activation) is fused too, keeping its
+//! op (see [`super::fuse_tconv`]).
+//!
 //! With `zero_bias`, a convolution or matrix product that has no bias gets a zero
 //! one, so that every such op of a graph to quantize has the fused form.
 
@@ -258,5 +261,7 @@ pub fn fuse(graph: &Graph, zero_bias: bool) -> Result<(Graph, FuseReport), IrErr
             g.nodes.push(n.clone());
         }
     }
+    let (g, tconv) = super::fuse_tconv::fuse(&g)?;
+    report.fused += tconv;
     Ok((g, report))
 }

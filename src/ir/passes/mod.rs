@@ -2,4 +2,5 @@
 //! quantizes; validate fuses the float reference the same way to compare layers).
 
 pub mod fuse;
+pub mod fuse_tconv;
 pub mod patterns;

@@ -22,7 +22,7 @@ pub(super) fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
 }
 
 /// The int32 bias of a fused op with `channels` outputs.
-fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
+pub(super) fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
     let b = v.slice::<i32>().map_err(|e| e.context("int8 bias"))?;
     if b.len() != channels || v.rank() != 1 {
         return Err(Error::msg(format!(
@@ -39,7 +39,7 @@ fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
 ///   shift) from `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`, double rounding;
 /// * the reference FULLY_CONNECTED: in double, one rounding;
 /// * XNNPACK: an f32 scale per channel, one rounding to even.
-fn requantizer(
+pub(super) fn requantizer(
     arith: Arithmetic,
     fully_connected: bool,
     in_scale: f32,

@@ -42,6 +42,7 @@ mod elementwise;
 mod gemm;
 mod hybrid;
 mod reduce;
+mod spatial;
 
 use super::ops::{Arithmetic, Kernel, StepQuant};
 use super::rounding::Rounding;
@@ -172,6 +173,15 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         }
         _ => {}
     }
+    // TRANSPOSE_CONV's data is its third input (output shape and filter come first).
+    if let Kernel::TransposeConv { win, act } = kernel {
+        if !is_i8(2) {
+            return Ok(None);
+        }
+        return Ok(Some(vec![spatial::transpose_conv(
+            inputs, win, *act, quant,
+        )?]));
+    }
     let binary = matches!(kernel, Kernel::Binary(_) | Kernel::BiasAdd { .. });
     if !(is_i8(0) || binary && is_i8(1)) {
         return Ok(None);
@@ -198,6 +208,9 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         )?),
         Kernel::Unary(op) => one(elementwise::unary(*op, &inputs[0], quant)?),
         Kernel::HardSwish => one(activation::hard_swish(&inputs[0], quant)?),
+        Kernel::ResizeBilinear(r) => {
+            one(spatial::resize_bilinear(&inputs[0], &inputs[1], *r, quant)?)
+        }
         Kernel::Softmax { log: false } => one(reduce::softmax(&inputs[0], quant)?),
         Kernel::Reduce { op, keep_dims } => one(reduce::reduce(
             &inputs[0], &inputs[1], *op, *keep_dims, quant,

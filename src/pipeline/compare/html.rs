@@ -24,6 +24,11 @@ pub fn render(c: &Comparison) -> String {
         esc(&c.recipe)
     );
     table(&mut h, c);
+    for v in &c.variants {
+        if let Some(f) = &v.fallback {
+            let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(&f.describe(&v.name)));
+        }
+    }
     let _ = writeln!(
         h,
         "<p class=\"note\">{}.<br>{}.</p>",

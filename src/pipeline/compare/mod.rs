@@ -93,6 +93,71 @@ pub struct Variant {
     /// Every model output's errors from the `validate` stage (the columns above are
     /// those of the labelled output, the first unless `labels_output` says).
     pub outputs: Vec<OutputMetrics>,
+    /// What an accuracy-aware fallback did, from the model stage's `fallback` metrics.
+    pub fallback: Option<FallbackMetrics>,
+}
+
+/// A model stage's accuracy-aware fallback: the ops it kept out of int8, the trials it
+/// took and what it reached on its tuning set.
+#[derive(Debug, Clone, Serialize)]
+pub struct FallbackMetrics {
+    pub dataset: String,
+    pub target: String,
+    pub met: bool,
+    pub float_ops: Vec<String>,
+    pub trials: u64,
+    pub samples: Option<u64>,
+    pub accuracy_drop: Option<f64>,
+    pub agreement: Option<f64>,
+}
+
+impl FallbackMetrics {
+    fn from_metrics(m: &Value) -> Option<FallbackMetrics> {
+        let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Some(FallbackMetrics {
+            dataset: s("dataset"),
+            target: s("target"),
+            met: m.get("met")?.as_bool()?,
+            float_ops: m
+                .get("float_ops")?
+                .as_array()?
+                .iter()
+                .filter_map(|o| o.get("node").and_then(Value::as_str).map(String::from))
+                .collect(),
+            trials: m.get("trials")?.as_u64()?,
+            samples: m.get("samples").and_then(Value::as_u64),
+            accuracy_drop: m.get("accuracy_drop").and_then(Value::as_f64),
+            agreement: m.get("agreement").and_then(Value::as_f64),
+        })
+    }
+
+    /// One line: `int8 DEFAULT: fallback kept 2 ops in float (a, b) after 3 trials; ...`.
+    pub fn describe(&self, variant: &str) -> String {
+        let ops = if self.float_ops.is_empty() {
+            "no op".to_string()
+        } else {
+            format!(
+                "{} op{} ({})",
+                self.float_ops.len(),
+                if self.float_ops.len() == 1 { "" } else { "s" },
+                self.float_ops.join(", ")
+            )
+        };
+        let reached = match (self.accuracy_drop, self.agreement) {
+            (Some(d), _) => format!("drop {:+.2} pts", d * 100.0),
+            (None, Some(a)) => format!("agreement {:.4}", a),
+            _ => "-".to_string(),
+        };
+        format!(
+            "{variant}: fallback kept {ops} in float after {} trial{}; on '{}' ({} samples) {reached}, target {}{}",
+            self.trials,
+            if self.trials == 1 { "" } else { "s" },
+            self.dataset,
+            self.samples.map_or("-".into(), |n| n.to_string()),
+            self.target,
+            if self.met { "" } else { " NOT met (best effort)" }
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -283,6 +348,10 @@ pub fn compare(recipe: &Recipe, opts: &CompareOptions) -> Result<Comparison> {
             ms_per_sample: None,
             layers: Vec::new(),
             outputs: Vec::new(),
+            fallback: e
+                .metrics
+                .get("fallback")
+                .and_then(FallbackMetrics::from_metrics),
         };
         if let Some(&vi) = validate_of.get(&m) {
             let ve = entry(vi);
@@ -480,10 +549,15 @@ impl Comparison {
         }
     }
 
-    /// One line per output of each variant with several outputs.
+    /// One line per output of each variant with several outputs, and one per
+    /// variant an accuracy-aware fallback tuned.
     fn outputs_note(&self) -> Vec<String> {
         let num = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".into(), f);
-        let mut lines = Vec::new();
+        let mut lines: Vec<String> = self
+            .variants
+            .iter()
+            .filter_map(|v| v.fallback.as_ref().map(|f| f.describe(&v.name)))
+            .collect();
         for v in self.variants.iter().filter(|v| v.outputs.len() > 1) {
             for o in &v.outputs {
                 lines.push(format!(

@@ -54,10 +54,13 @@ pub(super) fn key_at(table: &DeTable<'_>, offset: usize) -> Option<String> {
         stack.push((k.get_ref().to_string(), v));
     }
     while let Some((path, v)) = stack.pop() {
-        if !v.span().contains(&offset) {
+        // A sub-table written as its own `[header]` has a span that need not hold
+        // its keys, so tables are searched whatever their span.
+        if v.span().contains(&offset) {
+            best = Some(path.clone());
+        } else if !matches!(v.get_ref(), DeValue::Table(_)) {
             continue;
         }
-        best = Some(path.clone());
         if let DeValue::Table(t) = v.get_ref() {
             for (k, e) in t.iter() {
                 let p = format!("{path}.{}", k.get_ref());
@@ -141,6 +144,30 @@ pub(super) fn expand_placeholders(
     Ok(out)
 }
 
+/// The dotted key and span of a string value `s` in `table` or its sub-tables (where a
+/// stage named a data set). An explicit stack keeps the depth independent of the input.
+fn find_string(table: &DeTable<'_>, s: &str) -> Option<(String, Range<usize>)> {
+    let mut stack: Vec<(String, &Value<'_>)> = table
+        .iter()
+        .rev()
+        .map(|(k, v)| (k.get_ref().to_string(), v))
+        .collect();
+    while let Some((path, v)) = stack.pop() {
+        match v.get_ref() {
+            DeValue::String(x) if x.as_ref() == s => return Some((path, v.span())),
+            DeValue::Table(t) => {
+                stack.extend(
+                    t.iter()
+                        .rev()
+                        .map(|(k, e)| (format!("{path}.{}", k.get_ref()), e)),
+                );
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The most stages a recipe may expand to.
 pub(super) const MAX_STAGES: usize = 10_000;
 
@@ -181,8 +208,7 @@ impl<'s, 't> Parser<'s, 't> {
                 for (key, target) in &deps.stages {
                     let base = target.split('@').next().unwrap_or(target);
                     let Some(&ti) = index.get(base) else {
-                        let span = table
-                            .get(key.as_str())
+                        let span = crate::stages::lookup(&table, key)
                             .map(|v| v.span())
                             .unwrap_or(p.table.span());
                         let known: Vec<&str> = protos.iter().map(|p| p.id.as_str()).collect();
@@ -219,9 +245,7 @@ impl<'s, 't> Parser<'s, 't> {
                         continue; // unreachable: pass 1 resolved every reference
                     };
                     let span = || {
-                        p.table
-                            .get_ref()
-                            .get(key.as_str())
+                        crate::stages::lookup(p.table.get_ref(), key)
                             .map(|v| v.span())
                             .unwrap_or(p.table.span())
                     };
@@ -281,7 +305,7 @@ impl<'s, 't> Parser<'s, 't> {
                     }
                     let mut table = self.instance_table(p, c, &BTreeMap::new(), true)?;
                     for (key, up_name) in &rewrites {
-                        if let Some(v) = table.get_mut(key.as_str()) {
+                        if let Some(v) = crate::stages::lookup_mut(&mut table, key) {
                             *v.get_mut() = DeValue::String(Cow::Owned(up_name.clone()));
                         }
                     }
@@ -360,11 +384,8 @@ impl<'s, 't> Parser<'s, 't> {
             }
             for d in &stages[i].deps.datasets {
                 if !datasets.contains_key(d) {
-                    let (key, at) = config
-                        .table()
-                        .iter()
-                        .find(|(_, v)| v.get_ref().as_str() == Some(d.as_str()))
-                        .map(|(k, v)| (format!("stages.{base}.{}", k.get_ref()), v.span()))
+                    let (key, at) = find_string(config.table(), d)
+                        .map(|(k, span)| (format!("stages.{base}.{k}"), span))
                         .unwrap_or((format!("stages.{base}"), config.span()));
                     let known: Vec<&str> = datasets.keys().map(String::as_str).collect();
                     return Err(self.src.err(

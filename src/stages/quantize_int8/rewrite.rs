@@ -163,6 +163,39 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
                 roles: vec![Data, Weight(axis), Bias],
             }
         }
+        // TRANSPOSE_CONV: output shape, filter `[h, w, out, in]` per output channel,
+        // input, and the int32 bias `passes::fuse` folded in.
+        Op::Conv2DBackpropInput(c) => {
+            if !window_ok(c.padding, c.layout) || c.dilations != [1, 1] {
+                return Err(
+                    "only SAME/VALID padding in NHWC without dilation has an int8 kernel".into(),
+                );
+            }
+            need_data(&[2])?;
+            if cx.const_f32(&ins[2]).is_some() {
+                return Err("its input is a constant".into());
+            }
+            weights(1, 4)?;
+            let mut roles = vec![Aux, Weight(Some(2)), Data];
+            if ins.len() == 4 {
+                if cx.const_f32(&ins[3]).is_none() {
+                    return Err("its bias is not a float32 constant".into());
+                }
+                roles.push(Bias);
+            }
+            Spec {
+                kind: Kind::Free,
+                roles,
+            }
+        }
+        // The int8 resizes move or interpolate values in the input's parameters.
+        Op::ResizeBilinear(_) | Op::ResizeNearestNeighbor(_) => {
+            need_data(&[0])?;
+            Spec {
+                kind: Kind::Same,
+                roles: vec![Data, Aux],
+            }
+        }
         Op::MaxPool(p) | Op::AvgPool(p) => {
             if !window_ok(p.padding, p.layout) {
                 return Err("only SAME/VALID padding in NHWC has an int8 kernel".into());
@@ -369,9 +402,6 @@ fn spec(cx: &Ctx, n: &Node, per_channel_dense: bool) -> std::result::Result<Spec
         | Op::Assert
         | Op::SaveV2
         | Op::SpaceToBatchND
-        | Op::Conv2DBackpropInput(_)
-        | Op::ResizeBilinear(_)
-        | Op::ResizeNearestNeighbor(_)
         | Op::BatchToSpaceND
         | Op::Other(_) => return no_kernel(),
     };
@@ -645,7 +675,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                         }
                         new_nodes.push(c);
                         q.inputs[k] = TensorRef::new(name, 0);
-                        if k == 0 {
+                        if in_scale.is_none() {
                             in_scale = Some(p.scale[0]);
                         }
                         continue;
@@ -687,7 +717,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                             .clone()
                     };
                     q.inputs[k] = src;
-                    if k == 0 {
+                    if in_scale.is_none() {
                         in_scale = Some(want.scale[0]);
                     }
                 }
@@ -907,7 +937,10 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::ArgMax
         | Op::ArgMin
         | Op::Fill
-        | Op::HardSwish => int8,
+        | Op::HardSwish
+        | Op::Conv2DBackpropInput(_)
+        | Op::ResizeBilinear(_)
+        | Op::ResizeNearestNeighbor(_) => int8,
         Op::Placeholder
         | Op::PlaceholderWithDefault
         | Op::Const
@@ -943,9 +976,6 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::SelectV2
         | Op::SpaceToBatchND
         | Op::BatchToSpaceND
-        | Op::Conv2DBackpropInput(_)
-        | Op::ResizeBilinear(_)
-        | Op::ResizeNearestNeighbor(_)
         | Op::Gelu { .. }
         | Op::Prelu
         | Op::L2Normalize

@@ -35,6 +35,8 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         Op::MatMul(m) => Linear::MatMul(*m),
         Op::Fused { linear, .. } => *linear,
         Op::GatherV2 | Op::Gather => return (k == 0).then_some(None),
+        // Filter `[h, w, out, in]`, per output channel (TRANSPOSE_CONV's axis 0).
+        Op::Conv2DBackpropInput(_) => return (k == 1 && rank == 4).then_some(Some(2)),
         Op::Placeholder
         | Op::PlaceholderWithDefault
         | Op::Const
@@ -46,7 +48,6 @@ fn weight_use(op: &Op, k: usize, w: &Tensor, per_channel_dense: bool) -> Option<
         | Op::Prelu
         | Op::L2Normalize
         | Op::HardSwish
-        | Op::Conv2DBackpropInput(_)
         | Op::ResizeBilinear(_)
         | Op::ResizeNearestNeighbor(_)
         | Op::LeakyRelu

@@ -1,0 +1,115 @@
+//! Validate's comparison of a candidate with a reference as a function, for
+//! `quantize_int8`'s accuracy-aware fallback: the same plans, feeds, arithmetic, batches
+//! and class rules as the stage ([`Run::batch`]), without the per-layer table, so
+//! that what the fallback tunes for is what a `validate` stage then reports.
+
+use rayon::prelude::*;
+
+use super::{batch_ranges, batch_rows, fraction, producer_quant, Acc, OutKind, Run, Runtime};
+use super::{Dataset, PROBE_ROWS};
+use crate::error::{Error, Result};
+use crate::ir::{DType, Graph, TensorRef};
+use crate::kernels::Plan;
+use crate::spec::DatasetSpec;
+
+/// What [`measure`] found on the first (labelled) output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    pub samples: usize,
+    /// The accuracies, when the data set has labels and the output has classes.
+    pub reference_accuracy: Option<f64>,
+    pub candidate_accuracy: Option<f64>,
+    /// Top-1 agreement with the reference, when the output has classes.
+    pub agreement: Option<f64>,
+    /// Mean absolute difference from the reference's output.
+    pub mean_abs_error: f64,
+}
+
+/// Runs `reference` and `candidate` on every row of `spec` as `validate` does.
+pub fn measure(
+    reference: &Graph,
+    candidate: &Graph,
+    spec: &DatasetSpec,
+    runtime: Runtime,
+) -> Result<Measured> {
+    if reference.outputs.is_empty() || reference.outputs.len() != candidate.outputs.len() {
+        return Err(Error::msg(format!(
+            "the reference has {} outputs, the candidate {}",
+            reference.outputs.len(),
+            candidate.outputs.len()
+        )));
+    }
+    let (ref_fused, _) = crate::ir::passes::fuse::fuse(reference, true)?;
+    let ref_in: Vec<&str> = ref_fused.inputs.iter().map(String::as_str).collect();
+    let cand_in: Vec<&str> = candidate.inputs.iter().map(String::as_str).collect();
+    let arith = runtime.arithmetic();
+    let ref_plan = Plan::compile(&ref_fused, &ref_in, &ref_fused.outputs)
+        .map_err(|e| e.context("reference"))?
+        .with_arithmetic(arith);
+    let cand_plan = Plan::compile(candidate, &cand_in, &candidate.outputs)
+        .map_err(|e| e.context("candidate"))?
+        .with_arithmetic(arith);
+    let mut cand_feeds = Vec::new();
+    for inp in cand_plan.inputs() {
+        let k = ref_plan
+            .inputs()
+            .iter()
+            .position(|r| r.name == inp.name)
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "the candidate's input '{}' is not an input of the reference",
+                    inp.name
+                ))
+            })?;
+        let q = (inp.dtype == Some(DType::I8))
+            .then(|| producer_quant(candidate, &TensorRef::new(inp.name.clone(), 0)))
+            .flatten();
+        cand_feeds.push((k, q));
+    }
+    let ds = Dataset::open(spec)?;
+    let total = ds.rows();
+    if total == 0 {
+        return Err(Error::usage("the data set has no rows"));
+    }
+    let run = Run {
+        ds: &ds,
+        out_quant: candidate
+            .outputs
+            .iter()
+            .map(|o| producer_quant(candidate, o))
+            .collect(),
+        out_names: reference.outputs.iter().map(|o| o.to_string()).collect(),
+        labelled: 0,
+        ref_plan,
+        cand_plan,
+        cand_feeds,
+        pairs: &[],
+    };
+    let n_out = run.out_names.len();
+    let mut acc = Acc::new(n_out, 0);
+    let probe = PROBE_ROWS.min(total);
+    acc.merge(&run.batch(0..probe)?);
+    let per_row = run.ref_plan.peak_bytes().max(run.cand_plan.peak_bytes()) / probe;
+    let batches = batch_ranges(probe, total, batch_rows(per_row, super::BATCH));
+    let window = (rayon::current_num_threads() * 2).max(1);
+    for chunk in batches.chunks(window) {
+        let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| run.batch(r.clone())).collect();
+        for p in parts {
+            acc.merge(&p?);
+        }
+    }
+    let out = &acc.outputs[0];
+    let classes = out.kind.unwrap_or(OutKind::Regression) != OutKind::Regression;
+    let labels = classes && ds.has_labels();
+    Ok(Measured {
+        samples: acc.rows,
+        reference_accuracy: labels.then(|| fraction(acc.ref_correct, acc.rows)),
+        candidate_accuracy: labels.then(|| fraction(acc.cand_correct, acc.rows)),
+        agreement: classes.then(|| fraction(out.agree, acc.rows)),
+        mean_abs_error: if out.n == 0 {
+            0.0
+        } else {
+            out.abs_err / out.n as f64
+        },
+    })
+}
