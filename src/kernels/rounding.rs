@@ -662,10 +662,7 @@ pub fn asymmetric_quantize_floats(values: &[f32]) -> DynamicRow {
     };
     let scale = scale as f32;
     let inv = 1.0f32 / scale;
-    let q = values
-        .iter()
-        .map(|&v| (round_half_away_f32(v * inv) as i32 + offset).clamp(-128, 127) as i8)
-        .collect();
+    let q = scale_round_row(values, inv, offset, (-128, 127), false);
     DynamicRow { q, scale, offset }
 }
 
@@ -691,10 +688,7 @@ pub fn symmetric_quantize_floats(values: &[f32]) -> DynamicRow {
         };
     }
     let inv = 127.0f32 / range;
-    let q = values
-        .iter()
-        .map(|&v| (round_half_away_f32(v * inv) as i32).clamp(-127, 127) as i8)
-        .collect();
+    let q = scale_round_row(values, inv, 0, (-127, 127), false);
     DynamicRow {
         q,
         scale: range / 127.0,
@@ -723,15 +717,58 @@ pub fn xnn_dynamic_quantize(values: &[f32]) -> DynamicRow {
         qmax - rmax_m
     };
     let offset = round_half_even_f32(zp.clamp(qmin, qmax)) as i32;
-    let q = values
-        .iter()
-        .map(|&v| (round_half_even_f32(v * m) as i32 + offset).clamp(-128, 127) as i8)
-        .collect();
+    let q = scale_round_row(values, m, offset, (-128, 127), true);
     DynamicRow {
         q,
         scale: 1.0 / m,
         offset,
     }
+}
+
+/// `clamp(round(v · m) + offset, lo, hi)` for each value, rounded half to even
+/// (`even`) or half away from zero: the values of a dynamically quantized row. On
+/// AVX2 the same expressions are compiled for it and vectorize (a multiply, a
+/// rounding and an add per value: the same bits).
+fn scale_round_row(
+    values: &[f32],
+    m: f32,
+    offset: i32,
+    (lo, hi): (i32, i32),
+    even: bool,
+) -> Vec<i8> {
+    #[inline(always)]
+    fn body(values: &[f32], m: f32, offset: i32, (lo, hi): (i32, i32), even: bool, out: &mut [i8]) {
+        if even {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = (round_half_even_f32(v * m) as i32 + offset).clamp(lo, hi) as i8;
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = (round_half_away_f32(v * m) as i32 + offset).clamp(lo, hi) as i8;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn body_avx2(
+        values: &[f32],
+        m: f32,
+        offset: i32,
+        range: (i32, i32),
+        even: bool,
+        out: &mut [i8],
+    ) {
+        body(values, m, offset, range, even, out)
+    }
+    let mut out = vec![0i8; values.len()];
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::avx2() {
+        // SAFETY: AVX2 is present.
+        unsafe { body_avx2(values, m, offset, (lo, hi), even, &mut out) };
+        return out;
+    }
+    body(values, m, offset, (lo, hi), even, &mut out);
+    out
 }
 
 /// How a hybrid kernel turns its i32 accumulator (already corrected for the input
@@ -1385,6 +1422,376 @@ pub fn hard_swish_int8(q: i8, p: &HardSwishParams) -> i8 {
     let pre = sdhm_i16(reluish, preshift_out);
     let out = rounding_divide_by_pot_i16(pre, -p.output_exponent) as i32 + p.output_zero_point;
     out.clamp(-128, 127) as i8
+}
+
+/// The per-channel multipliers of a convolution's or fully connected op's
+/// requantization.
+#[derive(Debug, Clone)]
+pub enum ChannelMultipliers {
+    /// [`multiply_by_quantized_multiplier`] with `(q, shift)` per channel.
+    Quantized(Vec<(i32, i32)>, Rounding),
+    /// [`requantize_in_double`] (the reference FULLY_CONNECTED).
+    Double(Vec<f64>),
+    /// [`requantize_fp32`] (XNNPACK).
+    Fp32(Vec<f32>),
+}
+
+/// Requantizes rows of i32 accumulators (one value per output channel, bias not yet
+/// added) to int8, clamped to `[lo, hi]`. [`RowRequantizer::row`] runs eight channels
+/// per AVX2 instruction sequence when the parameters allow it and gives the bits of
+/// [`RowRequantizer::apply`], the element-wise functions above, on every input
+/// (tests below compare them on random and rounding-boundary inputs).
+#[derive(Debug, Clone)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the vector fields
+pub struct RowRequantizer {
+    mult: ChannelMultipliers,
+    zero_point: i32,
+    lo: i32,
+    hi: i32,
+    /// Whether every channel's parameters fit the vector path.
+    vector: bool,
+    /// For `Quantized` on the vector path, per channel: the left shift, `q`, the
+    /// right shift, its mask and its mask / 2.
+    left: Vec<i32>,
+    q: Vec<i32>,
+    right: Vec<i32>,
+    mask: Vec<i32>,
+    half: Vec<i32>,
+}
+
+/// Bounds within which the vector paths may clamp early (zero points, activation
+/// bounds): any accumulator beyond ±2^24 then lands on the same bound.
+const ROW_BOUND: i32 = 1 << 20;
+
+impl RowRequantizer {
+    pub fn new(mult: ChannelMultipliers, zero_point: i32, lo: i32, hi: i32) -> RowRequantizer {
+        let small = |v: i32| (-ROW_BOUND..=ROW_BOUND).contains(&v);
+        let bounds = small(zero_point) && small(lo) && small(hi) && lo <= hi;
+        let (mut left, mut q, mut right, mut mask, mut half) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let vector = bounds
+            && match &mult {
+                ChannelMultipliers::Quantized(m, rounding) => {
+                    *rounding == Rounding::Double
+                        && m.iter()
+                            .all(|&(qq, s)| qq != i32::MIN && (-31..=31).contains(&s))
+                }
+                ChannelMultipliers::Double(m) => m.iter().all(|v| v.is_finite()),
+                ChannelMultipliers::Fp32(m) => m.iter().all(|v| v.is_finite()),
+            };
+        if let (true, ChannelMultipliers::Quantized(m, _)) = (vector, &mult) {
+            for &(qq, s) in m {
+                let r = (-s).max(0);
+                let mk = ((1i64 << r) - 1) as i32;
+                left.push(s.max(0));
+                q.push(qq);
+                right.push(r);
+                mask.push(mk);
+                half.push(mk >> 1);
+            }
+        }
+        RowRequantizer {
+            mult,
+            zero_point,
+            lo,
+            hi,
+            vector,
+            left,
+            q,
+            right,
+            mask,
+            half,
+        }
+    }
+
+    /// The output of accumulator `acc` (bias included) on `channel`.
+    #[inline]
+    pub fn apply(&self, acc: i32, channel: usize) -> i8 {
+        let v = match &self.mult {
+            ChannelMultipliers::Quantized(m, rounding) => {
+                let (q, s) = m[channel];
+                multiply_by_quantized_multiplier(acc, q, s, *rounding).wrapping_add(self.zero_point)
+            }
+            ChannelMultipliers::Double(m) => {
+                requantize_in_double(acc, m[channel]).saturating_add(self.zero_point)
+            }
+            ChannelMultipliers::Fp32(m) => {
+                requantize_fp32(acc, m[channel], self.zero_point, self.lo, self.hi)
+            }
+        };
+        v.clamp(self.lo, self.hi).clamp(-128, 127) as i8
+    }
+
+    /// `out[c] = apply(acc[c] + bias[c], c)` (wrapping add) for the channels of one
+    /// row; `acc`, `bias` and `out` have one value per channel.
+    pub fn row(&self, acc: &[i32], bias: &[i32], out: &mut [i8]) {
+        let n = out.len();
+        assert!(
+            acc.len() == n && bias.len() == n,
+            "requantize: row lengths differ"
+        );
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self.vector && n >= 8 && crate::kernels::simd::avx2() {
+            // SAFETY: AVX2 is present; the lengths were checked above.
+            done = unsafe { row_x86::row(self, acc, bias, out) };
+        }
+        for c in done..n {
+            out[c] = self.apply(acc[c].wrapping_add(bias[c]), c);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod row_x86 {
+    use super::{ChannelMultipliers, RowRequantizer};
+    use std::arch::x86_64::*;
+
+    /// gemmlowp's saturating rounding doubling high multiply for `b` other than
+    /// `i32::MIN`: `(a·b + nudge) / 2^31` truncated equals `⌊(a·b + 2^30) / 2^31⌋`
+    /// for either sign, whose low 32 bits a logical 64-bit shift gives.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn srdhm(a: __m256i, b: __m256i) -> __m256i {
+        let round = _mm256_set1_epi64x(1 << 30);
+        let even = _mm256_add_epi64(_mm256_mul_epi32(a, b), round);
+        let odd = _mm256_add_epi64(
+            _mm256_mul_epi32(_mm256_srli_epi64::<32>(a), _mm256_srli_epi64::<32>(b)),
+            round,
+        );
+        let even = _mm256_srli_epi64::<31>(even);
+        let odd = _mm256_slli_epi64::<32>(_mm256_srli_epi64::<31>(odd));
+        _mm256_blend_epi32::<0b1010_1010>(even, odd)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(p: &[i32], c: usize) -> __m256i {
+        _mm256_loadu_si256(p.as_ptr().add(c) as *const __m256i)
+    }
+
+    /// Clamps to `[lo, hi]` and to int8 and stores eight bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store8(v: __m256i, lo: __m256i, hi: __m256i, out: *mut i8) {
+        let v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+        let v = _mm256_min_epi32(
+            _mm256_max_epi32(v, _mm256_set1_epi32(-128)),
+            _mm256_set1_epi32(127),
+        );
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
+        let a = _mm_cvtsi128_si32(_mm256_castsi256_si128(p));
+        let b = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(p));
+        (out as *mut i32).write_unaligned(a);
+        (out.add(4) as *mut i32).write_unaligned(b);
+    }
+
+    /// The channels `[0, 8·⌊n/8⌋)` of [`RowRequantizer::row`]; returns how many.
+    ///
+    /// # Safety
+    /// AVX2 must be present, `r.vector` set, and `acc`, `bias`, `out` of equal length.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn row(r: &RowRequantizer, acc: &[i32], bias: &[i32], out: &mut [i8]) -> usize {
+        let n = out.len() / 8 * 8;
+        let zp = _mm256_set1_epi32(r.zero_point);
+        let (lo, hi) = (_mm256_set1_epi32(r.lo), _mm256_set1_epi32(r.hi));
+        let op = out.as_mut_ptr();
+        match &r.mult {
+            ChannelMultipliers::Quantized(..) => {
+                for c in (0..n).step_by(8) {
+                    let x = _mm256_add_epi32(load(acc, c), load(bias, c));
+                    let x = _mm256_sllv_epi32(x, load(&r.left, c));
+                    let x = srdhm(x, load(&r.q, c));
+                    let (mask, e) = (load(&r.mask, c), load(&r.right, c));
+                    let rem = _mm256_and_si256(x, mask);
+                    let negative = _mm256_cmpgt_epi32(_mm256_setzero_si256(), x);
+                    let threshold = _mm256_sub_epi32(load(&r.half, c), negative);
+                    let up = _mm256_cmpgt_epi32(rem, threshold);
+                    let v = _mm256_sub_epi32(_mm256_srav_epi32(x, e), up);
+                    store8(_mm256_add_epi32(v, zp), lo, hi, op.add(c));
+                }
+            }
+            ChannelMultipliers::Double(m) => {
+                let bound = _mm256_set1_pd((1 << 24) as f64);
+                let neg_bound = _mm256_set1_pd(-((1 << 24) as f64));
+                let (half, one) = (_mm256_set1_pd(0.5), _mm256_set1_pd(1.0));
+                let round = |x: __m128i, mp: *const f64| {
+                    let v = _mm256_mul_pd(_mm256_cvtepi32_pd(x), _mm256_loadu_pd(mp));
+                    let t = _mm256_round_pd::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+                    let f = _mm256_sub_pd(v, t);
+                    let up = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(f, half), one);
+                    let down = _mm256_and_pd(
+                        _mm256_cmp_pd::<_CMP_LE_OQ>(f, _mm256_sub_pd(_mm256_setzero_pd(), half)),
+                        one,
+                    );
+                    let v = _mm256_sub_pd(_mm256_add_pd(t, up), down);
+                    _mm256_cvtpd_epi32(_mm256_min_pd(_mm256_max_pd(v, neg_bound), bound))
+                };
+                for c in (0..n).step_by(8) {
+                    let x = _mm256_add_epi32(load(acc, c), load(bias, c));
+                    let a = round(_mm256_castsi256_si128(x), m.as_ptr().add(c));
+                    let b = round(_mm256_extracti128_si256::<1>(x), m.as_ptr().add(c + 4));
+                    let v = _mm256_set_m128i(b, a);
+                    store8(_mm256_add_epi32(v, zp), lo, hi, op.add(c));
+                }
+            }
+            ChannelMultipliers::Fp32(m) => {
+                let flo = _mm256_set1_ps((r.lo - r.zero_point) as f32);
+                let fhi = _mm256_set1_ps((r.hi - r.zero_point) as f32);
+                for c in (0..n).step_by(8) {
+                    let x = _mm256_add_epi32(load(acc, c), load(bias, c));
+                    let v =
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_loadu_ps(m.as_ptr().add(c)));
+                    let v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
+                    let v = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                    store8(
+                        _mm256_add_epi32(_mm256_cvtps_epi32(v), zp),
+                        lo,
+                        hi,
+                        op.add(c),
+                    );
+                }
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod row_tests {
+    use super::*;
+
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Accumulators that hit the rounding boundaries of `shift` (halves and their
+    /// neighbours) and the extremes, then random ones.
+    fn accumulators(next: &mut impl FnMut() -> u64, n: usize) -> Vec<i32> {
+        let mut v = vec![
+            0,
+            1,
+            -1,
+            2,
+            -2,
+            3,
+            -3,
+            i32::MAX,
+            i32::MIN,
+            i32::MAX - 1,
+            i32::MIN + 1,
+        ];
+        for e in 0..31 {
+            let h = 1i64 << e;
+            for k in [-3i64, -1, 0, 1, 2] {
+                for d in [-1i64, 0, 1] {
+                    v.push((k * 2 * h + h + d).clamp(i32::MIN as i64, i32::MAX as i64) as i32);
+                }
+            }
+        }
+        while v.len() < n {
+            let r = next();
+            let bits = (r >> 40) % 32;
+            v.push((r as u32 as i32) >> bits);
+        }
+        v
+    }
+
+    fn check(mult: ChannelMultipliers, channels: usize, zp: i32, lo: i32, hi: i32, accs: &[i32]) {
+        let r = RowRequantizer::new(mult, zp, lo, hi);
+        let bias: Vec<i32> = (0..channels as i32)
+            .map(|c| (c * 7919) % 301 - 150)
+            .collect();
+        let mut out = vec![0i8; channels];
+        for chunk in accs.chunks(channels) {
+            if chunk.len() < channels {
+                break;
+            }
+            r.row(chunk, &bias, &mut out);
+            for c in 0..channels {
+                let want = r.apply(chunk[c].wrapping_add(bias[c]), c);
+                assert_eq!(out[c], want, "{:?} acc {} channel {c}", r.mult, chunk[c]);
+            }
+        }
+    }
+
+    #[test]
+    fn vector_rows_equal_the_scalar_requantization() {
+        let mut next = rng(0x9e37_79b9_7f4a_7c15);
+        let channels = 27; // three vectors and a tail
+        let accs = accumulators(&mut next, 40_000);
+        let reals = |next: &mut dyn FnMut() -> u64| -> Vec<f64> {
+            let mut m = vec![0.5, 0.25, 1.0, 0.0, 2.0, 1.5, 0.75, 1e-9, 3.0e-10, 1234.5];
+            while m.len() < channels {
+                let exp = (next() % 40) as i32 - 30;
+                m.push((1.0 + (next() % 1_000_000) as f64 / 1e6) * 2f64.powi(exp));
+            }
+            m
+        };
+        for (zp, lo, hi) in [
+            (0, -128, 127),
+            (-128, -128, 127),
+            (5, -3, 100),
+            (127, 127, 127),
+        ] {
+            let m = reals(&mut next);
+            let q: Vec<(i32, i32)> = m.iter().map(|&v| quantize_multiplier(v)).collect();
+            check(
+                ChannelMultipliers::Quantized(q, Rounding::Double),
+                channels,
+                zp,
+                lo,
+                hi,
+                &accs,
+            );
+            check(
+                ChannelMultipliers::Double(m.clone()),
+                channels,
+                zp,
+                lo,
+                hi,
+                &accs,
+            );
+            let f: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+            check(ChannelMultipliers::Fp32(f), channels, zp, lo, hi, &accs);
+        }
+        // Parameters outside the vector path's range still requantize (element-wise).
+        let wide = vec![(1 << 30, -31); channels];
+        check(
+            ChannelMultipliers::Quantized(wide, Rounding::Single),
+            channels,
+            0,
+            -128,
+            127,
+            &accs,
+        );
+        let odd = vec![f32::INFINITY; channels];
+        check(ChannelMultipliers::Fp32(odd), channels, 3, -128, 127, &accs);
+    }
+
+    #[test]
+    fn vector_path_is_taken_for_ordinary_parameters() {
+        let q = vec![quantize_multiplier(0.003); 16];
+        assert!(
+            RowRequantizer::new(
+                ChannelMultipliers::Quantized(q, Rounding::Double),
+                -5,
+                -128,
+                127
+            )
+            .vector
+        );
+        assert!(
+            !RowRequantizer::new(ChannelMultipliers::Fp32(vec![f32::NAN; 8]), 0, -128, 127).vector
+        );
+    }
 }
 
 /// RESIZE_BILINEAR's int8 interpolation (`ResizeBilinearInteger`): a sum in

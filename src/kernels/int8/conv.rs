@@ -4,14 +4,14 @@
 
 use rayon::prelude::*;
 
-use super::{channel_scales, input_affine, output_affine, sat8, Arithmetic, ROUNDING};
+use super::{channel_scales, input_affine, output_affine, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::ir::FusedActivation;
 use crate::kernels::nn::{out_size, PoolKind, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    activation_range, multiply_by_quantized_multiplier, quantize_multiplier, requantize_fp32,
-    requantize_in_double, xnn_activation_range, xnn_conv_scale,
+    activation_range, quantize_multiplier, xnn_activation_range, xnn_conv_scale,
+    ChannelMultipliers, RowRequantizer,
 };
 use crate::kernels::simd::igemm::PackedWeights;
 use crate::kernels::value::Value;
@@ -34,86 +34,52 @@ pub(super) fn bias_i32(v: &Value, channels: usize) -> Result<&[i32]> {
 }
 
 /// Per output channel requantization of an i32 accumulator (bias included) to
-/// int8, clamped to the fused activation.
-pub(super) enum Requant {
-    /// `PopulateConvolutionQuantizationParams`: (multiplier, shift) from
-    /// `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`, double rounding.
-    Reference(Vec<(i32, i32)>),
-    /// The reference FULLY_CONNECTED: in double, one rounding.
-    Double(Vec<f64>),
-    /// XNNPACK: an f32 scale per channel, one rounding to even.
-    Fp32(Vec<f32>),
-}
-
-pub(super) struct Output {
-    requant: Requant,
-    zero_point: i32,
-    lo: i32,
-    hi: i32,
-}
-
-impl Output {
-    pub(super) fn new(
-        arith: Arithmetic,
-        fully_connected: bool,
-        in_scale: f32,
-        w_scales: &[f32],
-        out: super::Affine,
-        act: FusedActivation,
-    ) -> Output {
-        let (requant, (lo, hi)) = match arith {
-            Arithmetic::LiteRt => (
-                Requant::Fp32(
+/// int8, clamped to the fused activation:
+/// * reference convolutions: `PopulateConvolutionQuantizationParams`'s (multiplier,
+///   shift) from `(f64)in_scale * (f64)w_scale[c] / (f64)out_scale`, double rounding;
+/// * the reference FULLY_CONNECTED: in double, one rounding;
+/// * XNNPACK: an f32 scale per channel, one rounding to even.
+pub(super) fn requantizer(
+    arith: Arithmetic,
+    fully_connected: bool,
+    in_scale: f32,
+    w_scales: &[f32],
+    out: super::Affine,
+    act: FusedActivation,
+) -> RowRequantizer {
+    let (mult, (lo, hi)) = match arith {
+        Arithmetic::LiteRt => (
+            ChannelMultipliers::Fp32(
+                w_scales
+                    .iter()
+                    .map(|&ws| xnn_conv_scale(in_scale, ws, out.scale))
+                    .collect(),
+            ),
+            xnn_activation_range(act, out.scale, out.zero_point),
+        ),
+        Arithmetic::Reference => (
+            if fully_connected {
+                ChannelMultipliers::Double(
                     w_scales
                         .iter()
-                        .map(|&ws| xnn_conv_scale(in_scale, ws, out.scale))
+                        .map(|&ws| in_scale as f64 * ws as f64 / out.scale as f64)
                         .collect(),
-                ),
-                xnn_activation_range(act, out.scale, out.zero_point),
-            ),
-            Arithmetic::Reference => (
-                if fully_connected {
-                    Requant::Double(
-                        w_scales
-                            .iter()
-                            .map(|&ws| in_scale as f64 * ws as f64 / out.scale as f64)
-                            .collect(),
-                    )
-                } else {
-                    Requant::Reference(
-                        w_scales
-                            .iter()
-                            .map(|&ws| {
-                                quantize_multiplier(in_scale as f64 * ws as f64 / out.scale as f64)
-                            })
-                            .collect(),
-                    )
-                },
-                activation_range(act, out.scale, out.zero_point, -128, 127),
-            ),
-        };
-        Output {
-            requant,
-            zero_point: out.zero_point,
-            lo,
-            hi,
-        }
-    }
-
-    #[inline]
-    pub(super) fn apply(&self, acc: i32, channel: usize) -> i8 {
-        let v = match &self.requant {
-            Requant::Reference(m) => {
-                let (q, s) = m[channel];
-                multiply_by_quantized_multiplier(acc, q, s, ROUNDING) + self.zero_point
-            }
-            Requant::Double(m) => {
-                requantize_in_double(acc, m[channel]).saturating_add(self.zero_point)
-            }
-            Requant::Fp32(m) => requantize_fp32(acc, m[channel], self.zero_point, self.lo, self.hi),
-        };
-        sat8(v.clamp(self.lo, self.hi))
-    }
+                )
+            } else {
+                ChannelMultipliers::Quantized(
+                    w_scales
+                        .iter()
+                        .map(|&ws| {
+                            quantize_multiplier(in_scale as f64 * ws as f64 / out.scale as f64)
+                        })
+                        .collect(),
+                    ROUNDING,
+                )
+            },
+            activation_range(act, out.scale, out.zero_point, -128, 127),
+        ),
+    };
+    RowRequantizer::new(mult, out.zero_point, lo, hi)
 }
 
 /// `_FusedConv2D` on int8: input NHWC, filter HWIO (per output channel), int32 bias.
@@ -139,7 +105,7 @@ pub fn conv2d(
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, o)?;
     let bias = bias_i32(b, o)?;
-    let requant = Output::new(quant.arithmetic, false, xin.scale, &ws, out, act);
+    let requant = requantizer(quant.arithmetic, false, xin.scale, &ws, out, act);
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
@@ -166,9 +132,7 @@ pub fn conv2d(
         |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
         |_, acc, out| {
             for (px_acc, px_out) in acc.chunks_exact(o).zip(out.chunks_exact_mut(o)) {
-                for (oc, (&a, r)) in px_acc.iter().zip(px_out).enumerate() {
-                    *r = requant.apply(a.wrapping_add(bias[oc]), oc);
-                }
+                requant.row(px_acc, bias, px_out);
             }
         },
     );
@@ -225,8 +189,10 @@ pub fn depthwise(
 /// The filter taps of output position (`oy`, `ox`) that fall inside the `h`×`wd`
 /// input, given the window, the filter size and the top/left padding: calls
 /// `tap(tap_index, iy, ix)` for each, in filter order. Shared by the int8 and the
-/// hybrid convolutions.
+/// hybrid convolutions. Always inlined, so that the AVX2 copies of its callers
+/// vectorize the per-tap work.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(super) fn for_each_tap(
     win: &Window,
     (h, wd): (usize, usize),
@@ -321,7 +287,7 @@ fn windowed(
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, o)?;
     let bias = bias_i32(b, o)?;
-    let requant = Output::new(quant.arithmetic, false, xin.scale, &ws, out, act);
+    let requant = requantizer(quant.arithmetic, false, xin.scale, &ws, out, act);
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
@@ -383,9 +349,7 @@ fn windowed(
             accumulate_row(r, &mut acc, dims, win, xs, wv, in_off, &accumulate);
         }
         for (px_acc, px_out) in acc.chunks_exact(o).zip(out_row.chunks_exact_mut(o)) {
-            for (oc, (&a, r)) in px_acc.iter().zip(px_out).enumerate() {
-                *r = requant.apply(a.wrapping_add(bias[oc]), oc);
-            }
+            requant.row(px_acc, bias, px_out);
         }
     };
     if row > 0 {
@@ -422,7 +386,7 @@ pub fn fully_connected(
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, units)?;
     let bias = bias_i32(b, units)?;
-    let requant = Output::new(quant.arithmetic, true, xin.scale, &ws, out, act);
+    let requant = requantizer(quant.arithmetic, true, xin.scale, &ws, out, act);
     let xs = x.slice::<i8>()?;
     let packed = PackedWeights::pack(w.slice::<i8>()?, k, units, tb);
     let mut res = vec![0i8; batch * units];
@@ -431,11 +395,7 @@ pub fn fully_connected(
         &packed,
         &mut res,
         |bi| (&xs[bi * k..(bi + 1) * k], -xin.zero_point),
-        |_, acc, out| {
-            for (u, (&a, r)) in acc.iter().zip(out).enumerate() {
-                *r = requant.apply(a.wrapping_add(bias[u]), u);
-            }
-        },
+        |_, acc, out| requant.row(acc, bias, out),
     );
     Ok(Value::from_vec(fc_out_shape(x, units), res))
 }

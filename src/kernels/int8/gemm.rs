@@ -1,14 +1,17 @@
 //! The integer matrix products behind the int8 and hybrid convolutions and fully
-//! connected ops: activations as i16 patches (an int8 value minus its zero point, 0 for
-//! a padding tap, which the reference kernels skip), int8 weights, wrapping i32 sums
-//! ([`crate::kernels::simd::igemm`]). The callers add the bias and requantize each
-//! accumulator exactly as before, so outputs keep their bits.
+//! connected ops: activations as byte patches built straight into the layout the
+//! product reads (`x + 128` for an int8 value `x`, and for a padding tap, which the
+//! reference kernels skip, the byte that stands for 0 after the input offset), int8
+//! weights, wrapping i32 sums ([`crate::kernels::simd::igemm::igemm_u8`]). A 1×1
+//! convolution with stride 1 and no padding reads its input pixels as they are. The
+//! callers add the bias and requantize each accumulator exactly as before, so outputs
+//! keep their bits.
 
 use rayon::prelude::*;
 
 use super::conv::for_each_tap;
 use crate::kernels::nn::Window;
-use crate::kernels::simd::igemm::{igemm, PackedWeights};
+use crate::kernels::simd::igemm::{igemm_u8, PackedWeights};
 
 /// Output pixels per matrix product.
 pub(super) const TILE: usize = 32;
@@ -47,38 +50,53 @@ pub(super) fn conv<'a, T: Send>(
 ) {
     let k = g.kh * g.kw * g.c;
     let packed = PackedWeights::pack(w, k, o, false);
-    let lda = packed.lda();
+    let ldu = packed.ldu();
     let pixels = n * g.oh * g.ow;
     if o == 0 || pixels == 0 {
         return;
     }
+    // Every output pixel reads one input pixel, the one at its own position.
+    let pointwise = g.kh == 1
+        && g.kw == 1
+        && g.win.strides == [1, 1]
+        && (g.oh, g.ow, g.pt, g.pl) == (g.h, g.wd, 0, 0);
     let tile = |t: usize, out_t: &mut [T]| {
         let rows = out_t.len() / o;
-        let mut patches = vec![0i16; rows * lda];
+        let mut patches = vec![0u8; rows * ldu];
         let mut shifts = [0i32; TILE];
-        for (j, patch) in patches.chunks_exact_mut(lda).enumerate() {
+        for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
             let px = t * TILE + j;
-            let (b, oy, ox) = (px / (g.oh * g.ow), px / g.ow % g.oh, px % g.ow);
+            let (b, in_image) = (px / (g.oh * g.ow), px % (g.oh * g.ow));
             let (xs, off) = image(b);
+            // `(x + off) + shift` with `shift = 128 - off` is `x + 128` whatever the
+            // offset; a padding tap stands for `x + off = 0`.
             shifts[j] = 128 - off;
+            if pointwise {
+                let src = &xs[in_image * g.c..(in_image + 1) * g.c];
+                for (d, &s) in patch.iter_mut().zip(src) {
+                    *d = s as u8 ^ 0x80;
+                }
+                continue;
+            }
+            patch[..k].fill((128 - off) as u8);
             for_each_tap(
                 g.win,
                 (g.h, g.wd),
                 (g.kh, g.kw),
                 (g.pt, g.pl),
-                oy,
-                ox,
+                in_image / g.ow,
+                in_image % g.ow,
                 |tap, iy, ix| {
                     let src = &xs[(iy * g.wd + ix) * g.c..(iy * g.wd + ix + 1) * g.c];
                     let dst = &mut patch[tap * g.c..(tap + 1) * g.c];
                     for (d, &s) in dst.iter_mut().zip(src) {
-                        *d = (s as i32 + off) as i16;
+                        *d = s as u8 ^ 0x80;
                     }
                 },
             );
         }
         let mut acc = vec![0i32; rows * o];
-        igemm(rows, &patches, lda, &packed, &shifts, &mut acc);
+        igemm_u8(rows, &patches, ldu, &packed, &shifts[..rows], &mut acc);
         finish(t * TILE, &acc, out_t);
     };
     if pixels * k * o >= PAR_THRESHOLD {
@@ -103,24 +121,24 @@ pub(super) fn fully_connected<'a, T: Send>(
     finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
     let (k, units) = (packed.k, packed.n);
-    let lda = packed.lda();
+    let ldu = packed.ldu();
     if units == 0 || batch == 0 {
         return;
     }
     const ROWS: usize = 16;
     let block = |blk: usize, out_b: &mut [T]| {
         let rows = out_b.len() / units;
-        let mut a = vec![0i16; rows * lda];
+        let mut a = vec![0u8; rows * ldu];
         let mut shifts = [0i32; ROWS];
-        for (j, dst) in a.chunks_exact_mut(lda).enumerate() {
+        for (j, dst) in a.chunks_exact_mut(ldu).enumerate() {
             let (xs, off) = row(blk * ROWS + j);
             shifts[j] = 128 - off;
             for (d, &s) in dst.iter_mut().zip(&xs[..k]) {
-                *d = (s as i32 + off) as i16;
+                *d = s as u8 ^ 0x80;
             }
         }
         let mut acc = vec![0i32; rows * units];
-        igemm(rows, &a, lda, packed, &shifts, &mut acc);
+        igemm_u8(rows, &a, ldu, packed, &shifts[..rows], &mut acc);
         for (j, (acc, out)) in acc
             .chunks_exact(units)
             .zip(out_b.chunks_exact_mut(units))

@@ -134,6 +134,55 @@ pub fn fully_connected(
     Ok(Value::from_vec(fc_out_shape(x, units), res))
 }
 
+/// `out[c] = activate(hybrid_dequantize(acc[c], …))` for the channels of one output
+/// pixel; on AVX2 the same expressions compiled for it (multiplies and adds, no
+/// fused multiply-add unless `scaling` asks for one: the same bits).
+#[allow(clippy::too_many_arguments)]
+fn dequantize_pixel(
+    acc: &[i32],
+    in_scale: f32,
+    ws: &[f32],
+    bias: &[f32],
+    scaling: HybridScaling,
+    act: FusedActivation,
+    out: &mut [f32],
+) {
+    #[inline(always)]
+    fn body(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        scaling: HybridScaling,
+        act: FusedActivation,
+        out: &mut [f32],
+    ) {
+        for (((&a, &w), &b), r) in acc.iter().zip(ws).zip(bias).zip(out) {
+            *r = activate(hybrid_dequantize(a, in_scale, w, b, scaling), act);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn body_avx2(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        scaling: HybridScaling,
+        act: FusedActivation,
+        out: &mut [f32],
+    ) {
+        body(acc, in_scale, ws, bias, scaling, act, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if scaling != HybridScaling::XnnFma && crate::kernels::simd::avx2() {
+        // SAFETY: AVX2 is present.
+        unsafe { body_avx2(acc, in_scale, ws, bias, scaling, act, out) };
+        return;
+    }
+    body(acc, in_scale, ws, bias, scaling, act, out)
+}
+
 /// `_FusedConv2D` with float input (NHWC), int8 filter (HWIO) and float bias:
 /// LiteRT's hybrid CONV_2D.
 pub fn conv2d(
@@ -203,10 +252,7 @@ pub fn conv2d(
                 acc.chunks_exact(o).zip(out.chunks_exact_mut(o)).enumerate()
             {
                 let row = &rows[(px0 + j) / per_image];
-                for (oc, (&a, r)) in px_acc.iter().zip(px_out).enumerate() {
-                    let v = hybrid_dequantize(a, row.scale, ws[oc], bias[oc], scaling);
-                    *r = activate(v, act);
-                }
+                dequantize_pixel(px_acc, row.scale, &ws, bias, scaling, act, px_out);
             }
         },
     );

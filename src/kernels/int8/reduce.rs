@@ -15,11 +15,13 @@ use crate::kernels::rounding::{
 };
 use crate::kernels::value::Value;
 
-/// Output shape and, for every input element, the index of its output element.
+/// Output shape, for every input element the index of its output element (empty
+/// unless `with_map`) and the number of input elements per output element.
 fn reduction_map(
     shape: &[usize],
     axes: &Value,
     keep_dims: bool,
+    with_map: bool,
 ) -> Result<(Vec<usize>, Vec<usize>, usize)> {
     let r = shape.len();
     let mut red = vec![false; r];
@@ -40,9 +42,9 @@ fn reduction_map(
     }
     let n_in: usize = shape.iter().product();
     let n_out: usize = full.iter().product();
-    let mut map = Vec::with_capacity(n_in);
+    let mut map = Vec::with_capacity(if with_map { n_in } else { 0 });
     let mut idx = vec![0usize; r];
-    for _ in 0..n_in {
+    for _ in 0..if with_map { n_in } else { 0 } {
         map.push(idx.iter().zip(&strides).map(|(i, s)| i * s).sum());
         for d in (0..r).rev() {
             idx[d] += 1;
@@ -56,6 +58,96 @@ fn reduction_map(
     Ok((out_shape, map, count))
 }
 
+/// The reduced axes as one block of consecutive dimensions: the input is then
+/// `[outer, reduced, inner]` and output element `(o, i)` reduces
+/// `x[o, 0..reduced, i]`. `None` when the reduced axes are not consecutive.
+fn consecutive_block(shape: &[usize], axes: &Value) -> Result<Option<(usize, usize, usize)>> {
+    let r = shape.len();
+    let mut red = vec![false; r];
+    for a in axes.to_i64s()? {
+        red[norm_axis(a, r, false)?] = true;
+    }
+    let (Some(first), Some(last)) = (red.iter().position(|&b| b), red.iter().rposition(|&b| b))
+    else {
+        return Ok(None);
+    };
+    if !red[first..=last].iter().all(|&b| b) {
+        return Ok(None);
+    }
+    let prod = |d: &[usize]| d.iter().product::<usize>();
+    Ok(Some((
+        prod(&shape[..first]),
+        prod(&shape[first..=last]),
+        prod(&shape[last + 1..]),
+    )))
+}
+
+/// `acc[i] = max/min(acc[i], x[r · inner + i])` over the `reduced` rows of `xs`.
+#[inline(always)]
+fn extreme_rows(xs: &[i8], acc: &mut [i8], max: bool) {
+    let inner = acc.len();
+    for row in xs.chunks_exact(inner) {
+        if max {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a = (*a).max(v);
+            }
+        } else {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a = (*a).min(v);
+            }
+        }
+    }
+}
+
+/// [`extreme_rows`] compiled for AVX2 (`vpmaxsb` across 32 bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn extreme_rows_avx2(xs: &[i8], acc: &mut [i8], max: bool) {
+    extreme_rows(xs, acc, max)
+}
+
+/// The int8 maximum or minimum over a block of consecutive axes.
+fn extreme_block(xs: &[i8], (outer, reduced, inner): (usize, usize, usize), max: bool) -> Vec<i8> {
+    let mut acc = vec![if max { i8::MIN } else { i8::MAX }; outer * inner];
+    if inner == 0 || reduced == 0 {
+        return acc;
+    }
+    for (x, a) in xs
+        .chunks_exact(reduced * inner)
+        .zip(acc.chunks_exact_mut(inner))
+    {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd::avx2() {
+            // SAFETY: AVX2 is present.
+            unsafe { extreme_rows_avx2(x, a, max) };
+            continue;
+        }
+        extreme_rows(x, a, max);
+    }
+    acc
+}
+
+/// The i32 sums over a block of consecutive axes, of the values or (`as_u8`) of their
+/// bytes read as 0..=255.
+fn sum_block(xs: &[i8], (outer, reduced, inner): (usize, usize, usize), as_u8: bool) -> Vec<i32> {
+    let mut sums = vec![0i32; outer * inner];
+    if inner == 0 || reduced == 0 {
+        return sums;
+    }
+    for (x, s) in xs
+        .chunks_exact(reduced * inner)
+        .zip(sums.chunks_exact_mut(inner))
+    {
+        for row in x.chunks_exact(inner) {
+            for (a, &v) in s.iter_mut().zip(row) {
+                let v = if as_u8 { v as u8 as i32 } else { v as i32 };
+                *a = a.wrapping_add(v);
+            }
+        }
+    }
+    sums
+}
+
 pub fn reduce(
     x: &Value,
     axes: &Value,
@@ -66,7 +158,8 @@ pub fn reduce(
     let xs = x.slice::<i8>()?;
     let xin = input_affine(quant, 0)?;
     let out = output_affine(quant)?;
-    let (shape, map, count) = reduction_map(&x.shape, axes, keep_dims)?;
+    let block = consecutive_block(&x.shape, axes)?;
+    let (shape, map, count) = reduction_map(&x.shape, axes, keep_dims, block.is_none())?;
     let n_out: usize = shape.iter().product();
     match op {
         ReduceOp::Max | ReduceOp::Min => {
@@ -76,6 +169,9 @@ pub fn reduce(
                 )));
             }
             let max = op == ReduceOp::Max;
+            if let Some(block) = block {
+                return Ok(Value::from_vec(shape, extreme_block(xs, block, max)));
+            }
             let mut acc = vec![if max { i8::MIN } else { i8::MAX }; n_out];
             for (&v, &o) in xs.iter().zip(&map) {
                 acc[o] = if max { acc[o].max(v) } else { acc[o].min(v) };
@@ -87,11 +183,17 @@ pub fn reduce(
             // whatever the type: it reads int8 bytes as 0..255 and saturates to
             // 0..255 (reduce.cc, `QuantizedMeanOrSum` with `GetTensorData<uint8_t>`).
             let as_u8 = op == ReduceOp::Sum && quant.arithmetic == Arithmetic::Reference;
-            let mut sums = vec![0i32; n_out];
-            for (&v, &o) in xs.iter().zip(&map) {
-                let v = if as_u8 { v as u8 as i32 } else { v as i32 };
-                sums[o] = sums[o].wrapping_add(v);
-            }
+            let sums = match block {
+                Some(block) => sum_block(xs, block, as_u8),
+                None => {
+                    let mut sums = vec![0i32; n_out];
+                    for (&v, &o) in xs.iter().zip(&map) {
+                        let v = if as_u8 { v as u8 as i32 } else { v as i32 };
+                        sums[o] = sums[o].wrapping_add(v);
+                    }
+                    sums
+                }
+            };
             if quant.arithmetic == Arithmetic::LiteRt && count > 0 {
                 let mean = op == ReduceOp::Mean;
                 let res: Vec<i8> = sums

@@ -5,7 +5,7 @@
 //! `align_corners` / `half_pixel_centers`). RESIZE_NEAREST_NEIGHBOR only moves
 //! values and runs the generic kernel.
 
-use super::conv::{bias_i32, dims4, Output};
+use super::conv::{bias_i32, dims4, requantizer};
 use super::{channel_scales, input_affine, output_affine};
 use crate::error::{Error, Result};
 use crate::ir::op::Resize;
@@ -63,7 +63,7 @@ pub fn transpose_conv(
     let ws = channel_scales(quant, 1, oc)?;
     let bias = b.map(|b| bias_i32(b, oc)).transpose()?;
     let act = act.unwrap_or(FusedActivation::None);
-    let requant = Output::new(quant.arithmetic, false, xin.scale, &ws, out, act);
+    let requant = requantizer(quant.arithmetic, false, xin.scale, &ws, out, act);
     let total = n
         .checked_mul(oh * ow * oc)
         .filter(|&t| t <= 1 << 31)

@@ -68,6 +68,53 @@ impl PackedWeights {
     pub fn lda(&self) -> usize {
         self.k.div_ceil(2) * 2
     }
+
+    /// The row stride [`igemm_u8`] needs of its activations: `k` rounded up to 4.
+    pub fn ldu(&self) -> usize {
+        self.k.div_ceil(4) * 4
+    }
+}
+
+/// `out[i * n + j] = Σ_kk (u[i * ldu + kk] - shifts[i]) · w[kk][j]` in wrapping i32,
+/// for `i < m`: activations given as bytes `a + shift`, the layout the VNNI kernel
+/// reads directly (so a caller builds its patches straight into it). `ldu` is at least
+/// [`PackedWeights::ldu`]; the bytes of a row past `k` are ignored (their weights are 0).
+pub fn igemm_u8(
+    m: usize,
+    u: &[u8],
+    ldu: usize,
+    w: &PackedWeights,
+    shifts: &[i32],
+    out: &mut [i32],
+) {
+    let n = w.n;
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        ldu >= w.ldu() && u.len() >= (m - 1) * ldu + w.ldu(),
+        "igemm: u is too short"
+    );
+    assert!(
+        out.len() >= m * n && shifts.len() >= m,
+        "igemm: out or shifts is too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if !w.quads.is_empty() && super::vnni() {
+        // SAFETY: AVX512-VNNI is present (the weights were packed for it); the bounds
+        // were checked above.
+        unsafe { x86::igemm_vnni_u8(m, u, ldu, w, shifts, out) };
+        return;
+    }
+    let lda = w.lda();
+    let mut a = vec![0i16; m * lda];
+    for (i, row) in a.chunks_exact_mut(lda).enumerate() {
+        let shift = shifts[i];
+        for (d, &v) in row.iter_mut().zip(&u[i * ldu..i * ldu + w.k]) {
+            *d = (v as i32 - shift) as i16;
+        }
+    }
+    igemm(m, &a, lda, w, shifts, out);
 }
 
 /// `out[i * n + j] = Σ_kk a[i * lda + kk] · w[kk][j]` in wrapping i32, for `i < m`.
@@ -251,17 +298,32 @@ mod x86 {
         shifts: &[i32],
         out: &mut [i32],
     ) {
-        let (k, n) = (w.k, w.n);
-        let ldu = k.div_ceil(4) * 4;
-        let quads = ldu / 4;
+        let ldu = w.ldu();
         let mut u = vec![0u8; m * ldu];
         for (i, row) in u.chunks_exact_mut(ldu).enumerate() {
             let shift = shifts[i];
-            for (d, &v) in row.iter_mut().zip(&a[i * lda..i * lda + k]) {
+            for (d, &v) in row.iter_mut().zip(&a[i * lda..i * lda + w.k]) {
                 // In range by the caller's promise; a value outside would only wrap.
                 *d = (v as i32 + shift) as u8;
             }
         }
+        igemm_vnni_u8(m, &u, ldu, w, shifts, out)
+    }
+
+    /// # Safety
+    /// AVX512-VNNI and VL must be present, `w` packed for them; `u` and `out` must hold
+    /// what [`super::igemm_u8`] checks.
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn igemm_vnni_u8(
+        m: usize,
+        u: &[u8],
+        ldu: usize,
+        w: &PackedWeights,
+        shifts: &[i32],
+        out: &mut [i32],
+    ) {
+        let n = w.n;
+        let quads = w.ldu() / 4;
         let (up, wp, op) = (u.as_ptr(), w.quads.as_ptr(), out.as_mut_ptr());
         let mut j = 0;
         while j + 16 <= n {
@@ -272,13 +334,26 @@ mod x86 {
             columns_vnni::<1>(m, quads, up, ldu, wp.add(j * 4), n, op.add(j));
             j += 8;
         }
-        for (i, &shift) in shifts.iter().enumerate().take(m) {
-            for (o, &cs) in out[i * n..i * n + j].iter_mut().zip(&w.colsum) {
-                *o = o.wrapping_sub(shift.wrapping_mul(cs));
+        if j < n {
+            // The last columns, over the same bytes (weights past `k` are 0).
+            for i in 0..m {
+                let row = &u[i * ldu..i * ldu + w.k];
+                let o = &mut out[i * n + j..(i + 1) * n];
+                o.fill(0);
+                for (kk, &v) in row.iter().enumerate() {
+                    let (q, t) = (kk / 4, kk % 4);
+                    let x = v as i32;
+                    for (jj, ov) in o.iter_mut().enumerate() {
+                        let wv = w.quads[(q * n + j + jj) * 4 + t] as i32;
+                        *ov = ov.wrapping_add(x.wrapping_mul(wv));
+                    }
+                }
             }
         }
-        if j < n {
-            super::portable(m, a, lda, w, out, j);
+        for (i, &shift) in shifts.iter().enumerate().take(m) {
+            for (o, &cs) in out[i * n..(i + 1) * n].iter_mut().zip(&w.colsum) {
+                *o = o.wrapping_sub(shift.wrapping_mul(cs));
+            }
         }
     }
 
@@ -334,6 +409,20 @@ mod tests {
             igemm(m, &a, lda, &packed, &vec![255; m], &mut fast);
             let mut slow = vec![7i32; m * n];
             portable(m, &a, lda, &packed, &mut slow, 0);
+            let ldu = packed.ldu() + 4;
+            let mut u = vec![0u8; m * ldu];
+            for i in 0..m {
+                for kk in 0..ldu {
+                    // Past `k` the bytes are anything: their weights are 0.
+                    u[i * ldu + kk] = if kk < k {
+                        (a[i * lda + kk] + 255) as u8
+                    } else {
+                        next() as u8
+                    };
+                }
+            }
+            let mut bytes = vec![7i32; m * n];
+            igemm_u8(m, &u, ldu, &packed, &vec![255; m], &mut bytes);
             for i in 0..m {
                 for j in 0..n {
                     let want: i32 = (0..k)
@@ -344,6 +433,7 @@ mod tests {
                         .sum();
                     assert_eq!(fast[i * n + j], want, "m={m} k={k} n={n} ({i}, {j})");
                     assert_eq!(slow[i * n + j], want);
+                    assert_eq!(bytes[i * n + j], want, "u8 m={m} k={k} n={n} ({i}, {j})");
                 }
             }
         }
