@@ -278,6 +278,14 @@ fn nonsense_int16_combinations_are_recipe_errors() {
         "needs a calibration data set",
     );
     expect_error(
+        "auto",
+        "[stages.q]\nkind = \"quantize_int8\"\ninput = \"freeze\"\ncalibration = \"calib\"\n\
+         activations = \"int16\"\nmethod = \"auto\"\n",
+        "\"auto\"",
+        "stages.q.method",
+        "choose ranges for the 8-bit grid",
+    );
+    expect_error(
         "unknown",
         "[stages.q]\nkind = \"quantize_int8\"\ninput = \"freeze\"\ncalibration = \"calib\"\n\
          activations = \"int4\"\n",

@@ -205,6 +205,17 @@ pub fn build(
                  weight-only (float compute); use DEFAULT or OPTIMIZE_FOR_LATENCY",
             ));
         }
+        if matches!(
+            config.method,
+            calibration::Method::Mse | calibration::Method::Kl | calibration::Method::Auto
+        ) {
+            return Err(table.error(
+                "method",
+                "method = \"mse\", \"kl\" and \"auto\" choose ranges for the 8-bit grid, \
+                 not for activations = \"int16\"; use \"minmax\" or \"percentile\" (equalize \
+                 and bias_correction apply to int16 as they do to int8)",
+            ));
+        }
         if config.calibration.is_none() {
             return Err(table.error(
                 "activations",
