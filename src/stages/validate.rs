@@ -351,6 +351,40 @@ fn producer_quant(g: &Graph, r: &TensorRef) -> Option<QuantParams> {
         .cloned()
 }
 
+/// A candidate input: its position among the reference's inputs, and for an int8 or
+/// int16 input its quantization (and whether it is int16).
+pub(crate) type CandFeed = (usize, Option<(QuantParams, bool)>);
+
+/// For each input of the candidate's plan: its position among the reference's inputs,
+/// and, for an int8 or int16 input, the parameters to quantize the float data with
+/// (and whether it is int16).
+pub(crate) fn candidate_feeds(
+    ref_plan: &Plan,
+    cand_plan: &Plan,
+    candidate: &Graph,
+) -> Result<Vec<CandFeed>> {
+    let mut feeds = Vec::new();
+    for inp in cand_plan.inputs() {
+        let k = ref_plan
+            .inputs()
+            .iter()
+            .position(|r| r.name == inp.name)
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "the candidate's input '{}' is not an input of the reference",
+                    inp.name
+                ))
+            })?;
+        let int16 = inp.dtype == Some(DType::I16);
+        let q = (inp.dtype == Some(DType::I8) || int16)
+            .then(|| producer_quant(candidate, &TensorRef::new(inp.name.clone(), 0)))
+            .flatten()
+            .map(|q| (q, int16));
+        feeds.push((k, q));
+    }
+    Ok(feeds)
+}
+
 struct Run<'a> {
     ds: &'a Dataset,
     ref_plan: Plan,
@@ -359,7 +393,7 @@ struct Run<'a> {
     /// and the parameters to quantize it with when the candidate takes int8.
     /// Per candidate input: the reference feed and, for an int8 (int16: `true`)
     /// input, its parameters.
-    cand_feeds: Vec<(usize, Option<(QuantParams, bool)>)>,
+    cand_feeds: Vec<CandFeed>,
     /// Output names (the reference's), and the candidate's quantization of each.
     out_names: Vec<String>,
     out_quant: Vec<Option<QuantParams>>,
@@ -608,25 +642,8 @@ impl Stage for Validate {
         let cand_plan = Plan::compile(&candidate, &cand_in, &cand_fetch)
             .map_err(|e| e.context(format!("stage '{id}': candidate")))?
             .with_arithmetic(arith);
-        let mut cand_feeds = Vec::new();
-        for inp in cand_plan.inputs() {
-            let k = ref_plan
-                .inputs()
-                .iter()
-                .position(|r| r.name == inp.name)
-                .ok_or_else(|| {
-                    Error::msg(format!(
-                        "stage '{id}': the candidate's input '{}' is not an input of the reference",
-                        inp.name
-                    ))
-                })?;
-            let int16 = inp.dtype == Some(DType::I16);
-            let q = (inp.dtype == Some(DType::I8) || int16)
-                .then(|| producer_quant(&candidate, &TensorRef::new(inp.name.clone(), 0)))
-                .flatten()
-                .map(|q| (q, int16));
-            cand_feeds.push((k, q));
-        }
+        let cand_feeds = candidate_feeds(&ref_plan, &cand_plan, &candidate)
+            .map_err(|e| e.context(format!("stage '{id}'")))?;
         let ds = Dataset::open(spec).map_err(|e| e.context(format!("stage '{id}'")))?;
         let total = c.samples.map_or(ds.rows(), |s| s.min(ds.rows()));
         if total == 0 {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::{batch_ranges, batch_rows, fraction, producer_quant, Acc, OutKind, Run, Runtime};
 use super::{Dataset, PROBE_ROWS};
 use crate::error::{Error, Result};
-use crate::ir::{DType, Graph, TensorRef};
+use crate::ir::Graph;
 use crate::kernels::Plan;
 use crate::spec::DatasetSpec;
 
@@ -49,25 +49,7 @@ pub fn measure(
     let cand_plan = Plan::compile(candidate, &cand_in, &candidate.outputs)
         .map_err(|e| e.context("candidate"))?
         .with_arithmetic(arith);
-    let mut cand_feeds = Vec::new();
-    for inp in cand_plan.inputs() {
-        let k = ref_plan
-            .inputs()
-            .iter()
-            .position(|r| r.name == inp.name)
-            .ok_or_else(|| {
-                Error::msg(format!(
-                    "the candidate's input '{}' is not an input of the reference",
-                    inp.name
-                ))
-            })?;
-        let int16 = inp.dtype == Some(DType::I16);
-        let q = (inp.dtype == Some(DType::I8) || int16)
-            .then(|| producer_quant(candidate, &TensorRef::new(inp.name.clone(), 0)))
-            .flatten()
-            .map(|q| (q, int16));
-        cand_feeds.push((k, q));
-    }
+    let cand_feeds = super::candidate_feeds(&ref_plan, &cand_plan, candidate)?;
     let ds = Dataset::open(spec)?;
     let total = ds.rows();
     if total == 0 {
