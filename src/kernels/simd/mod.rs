@@ -25,13 +25,15 @@ pub(crate) fn avx2() -> bool {
     })
 }
 
-/// Whether AVX512-VNNI (with VL, for 256-bit vectors) may be used for int8 products.
+/// Whether AVX512-VNNI (with VL, for 256-bit vectors) may be used for int8 products
+/// (`QPIPE_NO_VNNI` set to anything keeps the AVX2 ones, as on a CPU without AVX-512).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn vnni() -> bool {
     use std::sync::OnceLock;
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         avx2()
+            && std::env::var_os("QPIPE_NO_VNNI").is_none()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
