@@ -1,6 +1,7 @@
 //! Float kernels of quantize_int8's fused ops (`_FusedConv2D`,
 //! `_FusedDepthwiseConv2dNative`, `_FusedMatMul`): the matrix op, `BiasAdd`, then the
-//! activation, with the same f32 arithmetic as the unfused ops.
+//! activation, with the same f32 arithmetic as the unfused ops (applied by the matrix
+//! kernel to each tile of outputs while it is in cache: [`nn::Epilogue`]).
 
 use super::elementwise::{self, UnaryOp};
 use super::nn::{self, Window};
@@ -17,14 +18,35 @@ pub(super) fn activate(v: Value, act: FusedActivation) -> Result<Value> {
     }
 }
 
+/// The epilogue of a fused op: its bias (a vector) and activation.
+pub(super) fn epilogue<'a>(b: &'a Value, act: FusedActivation) -> Result<nn::Epilogue<'a>> {
+    if b.rank() != 1 {
+        return Err(Error::msg(format!(
+            "bias must be a vector, got shape {:?}",
+            b.shape
+        )));
+    }
+    let act = match act {
+        FusedActivation::None => nn::Act::None,
+        FusedActivation::Relu => nn::Act::Relu,
+        FusedActivation::Relu6 => nn::Act::Relu6,
+        FusedActivation::ReluN1To1 => {
+            return Err(Error::msg("RELU_N1_TO_1 has no float fused form"))
+        }
+    };
+    Ok(nn::Epilogue {
+        bias: Some(b.slice::<f32>()?),
+        act,
+    })
+}
+
 /// Float `_FusedConv2D`: `Conv2D`, `BiasAdd`, activation, in that order (the same
 /// f32 arithmetic as the unfused ops).
 pub fn fused_conv_float(inputs: &[Value], win: &Window, act: FusedActivation) -> Result<Value> {
     let [x, w, b] = inputs else {
         return Err(Error::msg("_FusedConv2D needs input, filter and bias"));
     };
-    let y = nn::conv2d(x, w, win)?;
-    activate(elementwise::bias_add(y, b.clone(), false)?, act)
+    nn::conv2d_ex(x, w, win, epilogue(b, act)?)
 }
 
 /// Float `_FusedDepthwiseConv2dNative`.
@@ -38,8 +60,7 @@ pub fn fused_depthwise_float(
             "_FusedDepthwiseConv2dNative needs input, filter and bias",
         ));
     };
-    let y = nn::depthwise_conv2d(x, w, win)?;
-    activate(elementwise::bias_add(y, b.clone(), false)?, act)
+    nn::depthwise_conv2d_ex(x, w, win, epilogue(b, act)?)
 }
 
 /// Float `_FusedMatMul`.
@@ -52,16 +73,16 @@ pub fn fused_matmul_float(
     let [x, w, b] = inputs else {
         return Err(Error::msg("_FusedMatMul needs input, weights and bias"));
     };
+    let epi = epilogue(b, act)?;
     // A `BatchMatMul` by a constant matrix: the leading dimensions are rows.
-    let y = if x.rank() > 2 && !ta {
+    if x.rank() > 2 && !ta {
         let k = x.shape[x.rank() - 1];
         let rows = x.shape[..x.rank() - 1].iter().product();
-        let y = nn::matmul(&x.reshaped(vec![rows, k])?, w, ta, tb)?;
+        let y = nn::matmul_ex(&x.reshaped(vec![rows, k])?, w, ta, tb, epi)?;
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rank > 2") = y.shape[1];
-        y.reshaped(shape)?
+        y.reshaped(shape)
     } else {
-        nn::matmul(x, w, ta, tb)?
-    };
-    activate(elementwise::bias_add(y, b.clone(), false)?, act)
+        nn::matmul_ex(x, w, ta, tb, epi)
+    }
 }

@@ -9,6 +9,98 @@ use crate::error::{Error, Result};
 /// Work (multiply-adds) below which a kernel stays on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 16;
 
+/// An activation a float matrix kernel applies as it stores its outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Act {
+    #[default]
+    None,
+    Relu,
+    Relu6,
+}
+
+/// What a float convolution or matrix product does to each output before it leaves
+/// the cache: `BiasAdd` (over the last axis), then the activation, with the f32
+/// arithmetic of those ops (the plan fuses them into the product; see
+/// `plan::fuse_float_epilogues`), so the bits are those of the ops run one by one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub act: Act,
+}
+
+impl Epilogue<'_> {
+    fn check(&self, shape: &[usize]) -> Result<()> {
+        match (self.bias, shape.last()) {
+            (Some(b), Some(&c)) if b.len() != c => Err(Error::msg(format!(
+                "bias of {} elements does not match input shape {shape:?}",
+                b.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies it to whole rows of `o` channels.
+    #[inline(always)]
+    fn apply(&self, rows: &mut [f32], o: usize) {
+        if o == 0 {
+            return;
+        }
+        match self.bias {
+            Some(b) => match self.act {
+                Act::None => epilogue_rows(rows, b, |v| v),
+                Act::Relu => epilogue_rows(rows, b, relu),
+                Act::Relu6 => epilogue_rows(rows, b, relu6),
+            },
+            None => match self.act {
+                Act::None => {}
+                Act::Relu => rows.iter_mut().for_each(|v| *v = relu(*v)),
+                Act::Relu6 => rows.iter_mut().for_each(|v| *v = relu6(*v)),
+            },
+        }
+    }
+}
+
+#[inline(always)]
+fn epilogue_rows(rows: &mut [f32], b: &[f32], act: impl Fn(f32) -> f32) {
+    for r in rows.chunks_exact_mut(b.len()) {
+        for (v, &bv) in r.iter_mut().zip(b) {
+            *v = act(*v + bv);
+        }
+    }
+}
+
+/// `Relu` as the element-wise kernel computes it (NaN and -0 pass through).
+#[inline(always)]
+fn relu(x: f32) -> f32 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
+/// `Relu6` as the element-wise kernel computes it (two selects, which vectorize).
+#[inline(always)]
+fn relu6(x: f32) -> f32 {
+    let y = if x < 0.0 { 0.0 } else { x };
+    if y > 6.0 {
+        6.0
+    } else {
+        y
+    }
+}
+
+/// A vector of `len` floats whose elements the caller writes (each exactly once)
+/// through the spare capacity before `set_len`, without a zero fill first.
+fn output_vec(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+thread_local! {
+    /// Patch rows of the current convolution tile, reused across tiles and calls.
+    static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Padding {
     Same,
@@ -67,6 +159,11 @@ fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
 
 /// `Conv2D` in NHWC with an HWIO filter.
 pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
+    conv2d_ex(x, w, win, Epilogue::default())
+}
+
+/// [`conv2d`], then `epi` on each tile of outputs.
+pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Value> {
     let [n, h, wd, c] = dims4(x, "input")?;
     let [kh, kw, kc, o] = dims4(w, "filter")?;
     if kc != c {
@@ -77,10 +174,12 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     super::value::checked_len(&[n, oh, ow, o])?;
+    epi.check(&[o])?;
     let xs = x.slice::<f32>()?;
     let ws = w.slice::<f32>()?;
     let k = kh * kw * c;
-    let mut out = vec![0f32; n * oh * ow * o];
+    let len = n * oh * ow * o;
+    let mut out = output_vec(len);
     let work = n * oh * ow * k * o;
     let pixels = n * oh * ow;
     // A 1×1 stride-1 convolution without padding is a matrix product of the input
@@ -93,58 +192,77 @@ pub fn conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     // time would.
     const TILE: usize = 32;
     let packed = super::simd::sgemm::PackedB::new(ws, k, o);
-    let compute_tile = |t: usize, out_t: &mut [f32]| {
+    let compute_tile = |t: usize, out_t: &mut [std::mem::MaybeUninit<f32>]| {
         let rows = out_t.len() / o;
         if pointwise {
             let a = &xs[t * TILE * c..(t * TILE + rows) * c];
-            super::simd::sgemm::sgemm_packed(rows, a, c, &packed, out_t);
+            let done = super::simd::sgemm::sgemm_packed_uninit(rows, a, c, &packed, out_t);
+            epi.apply(done, o);
             return;
         }
-        let mut patches = vec![0f32; rows * k];
-        let mut live = [false; TILE];
-        for (j, live) in live.iter_mut().enumerate().take(rows) {
-            let px = t * TILE + j;
-            let (b, y, ox) = (px / (oh * ow), px / ow % oh, px % ow);
-            let patch = &mut patches[j * k..(j + 1) * k];
-            for ky in 0..kh {
-                let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
-                for kx in 0..kw {
-                    let ix = (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
-                    let dst = &mut patch[(ky * kw + kx) * c..(ky * kw + kx + 1) * c];
-                    if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= wd {
-                        dst.fill(0.0);
-                    } else {
-                        let off = ((b * h + iy as usize) * wd + ix as usize) * c;
-                        dst.copy_from_slice(&xs[off..off + c]);
-                        *live = true;
+        PATCHES.with_borrow_mut(|patches| {
+            if patches.len() < rows * k {
+                patches.resize(rows * k, 0.0);
+            }
+            let mut live = [false; TILE];
+            for (j, live) in live.iter_mut().enumerate().take(rows) {
+                let px = t * TILE + j;
+                let (b, y, ox) = (px / (oh * ow), px / ow % oh, px % ow);
+                let patch = &mut patches[j * k..(j + 1) * k];
+                for ky in 0..kh {
+                    let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                    let row_in = iy >= 0 && (iy as usize) < h;
+                    for kx in 0..kw {
+                        let ix =
+                            (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
+                        let dst = &mut patch[(ky * kw + kx) * c..(ky * kw + kx + 1) * c];
+                        if !row_in || ix < 0 || ix as usize >= wd {
+                            dst.fill(0.0);
+                        } else {
+                            let off = ((b * h + iy as usize) * wd + ix as usize) * c;
+                            dst.copy_from_slice(&xs[off..off + c]);
+                            *live = true;
+                        }
                     }
                 }
             }
-        }
-        super::simd::sgemm::sgemm_packed(rows, &patches, k, &packed, out_t);
-        // A pixel whose window lies wholly in the padding stays exactly zero.
-        for (j, acc) in out_t.chunks_exact_mut(o).enumerate() {
-            if !live[j] {
-                acc.fill(0.0);
+            let done = super::simd::sgemm::sgemm_packed_uninit(rows, patches, k, &packed, out_t);
+            // A pixel whose window lies wholly in the padding stays exactly zero.
+            for (j, acc) in done.chunks_exact_mut(o).enumerate() {
+                if !live[j] {
+                    acc.fill(0.0);
+                }
             }
-        }
+            epi.apply(done, o);
+        });
     };
     if o > 0 && pixels > 0 {
+        let spare = &mut out.spare_capacity_mut()[..len];
         if work >= PAR_THRESHOLD {
-            out.par_chunks_mut(TILE * o)
+            spare
+                .par_chunks_mut(TILE * o)
                 .enumerate()
                 .for_each(|(i, t)| compute_tile(i, t));
         } else {
-            out.chunks_mut(TILE * o)
+            spare
+                .chunks_mut(TILE * o)
                 .enumerate()
                 .for_each(|(i, t)| compute_tile(i, t));
         }
     }
+    // SAFETY: the tiles wrote every element (or there are none).
+    unsafe { out.set_len(if o > 0 && pixels > 0 { len } else { 0 }) };
+    out.resize(len, 0.0);
     Ok(Value::from_vec(vec![n, oh, ow, o], out))
 }
 
 /// `DepthwiseConv2dNative` in NHWC with a `[kh, kw, c, multiplier]` filter.
 pub fn depthwise_conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
+    depthwise_conv2d_ex(x, w, win, Epilogue::default())
+}
+
+/// [`depthwise_conv2d`], then `epi` on each output.
+pub fn depthwise_conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Value> {
     let [n, h, wd, c] = dims4(x, "input")?;
     let [kh, kw, kc, m] = dims4(w, "filter")?;
     if kc != c {
@@ -155,43 +273,54 @@ pub fn depthwise_conv2d(x: &Value, w: &Value, win: &Window) -> Result<Value> {
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     super::value::checked_len(&[n, oh, ow, c, m])?;
+    epi.check(&[c * m])?;
     let xs = x.slice::<f32>()?;
     let ws = w.slice::<f32>()?;
     let oc = c * m;
     let row = ow * oc;
-    let mut out = vec![0f32; n * oh * row];
+    let len = n * oh * row;
+    let mut out = output_vec(len);
     let dw = Depthwise {
         xs,
         ws,
         win,
+        epi,
         dims: [h, wd, c, m, kh, kw, oh, ow, pt, pl],
     };
-    let compute_row = |r: usize, out_row: &mut [f32]| dw.run_row(r, out_row);
     if row > 0 {
+        let spare = &mut out.spare_capacity_mut()[..len];
         if n * oh * ow * oc * kh * kw >= PAR_THRESHOLD {
-            out.par_chunks_mut(row)
+            spare
+                .par_chunks_mut(row)
                 .enumerate()
-                .for_each(|(r, o)| compute_row(r, o));
+                .for_each(|(r, o)| dw.run_row(r, o));
         } else {
-            out.chunks_mut(row)
+            spare
+                .chunks_mut(row)
                 .enumerate()
-                .for_each(|(r, o)| compute_row(r, o));
+                .for_each(|(r, o)| dw.run_row(r, o));
         }
     }
+    // SAFETY: every row wrote each of its elements (or there are none).
+    unsafe { out.set_len(if row > 0 { len } else { 0 }) };
+    out.resize(len, 0.0);
     Ok(Value::from_vec(vec![n, oh, ow, oc], out))
 }
 
-/// One output row of a float depthwise convolution (see [`depthwise_conv2d`]).
+/// One output row of a float depthwise convolution (see [`depthwise_conv2d`]). Each
+/// output sums its taps from 0.0 in filter order, skipping those in the padding, each
+/// product and sum rounded; then the epilogue.
 struct Depthwise<'a> {
     xs: &'a [f32],
     ws: &'a [f32],
     win: &'a Window,
+    epi: Epilogue<'a>,
     /// h, wd, c, m, kh, kw, oh, ow, pt, pl.
     dims: [usize; 10],
 }
 
 impl Depthwise<'_> {
-    fn run_row(&self, r: usize, out_row: &mut [f32]) {
+    fn run_row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
         #[cfg(target_arch = "x86_64")]
         if super::simd::avx2() {
             // SAFETY: AVX2 is present.
@@ -205,18 +334,20 @@ impl Depthwise<'_> {
     /// the same products and sums).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn row_avx2(&self, r: usize, out_row: &mut [f32]) {
+    unsafe fn row_avx2(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
         self.row(r, out_row)
     }
 
     #[inline(always)]
-    fn row(&self, r: usize, out_row: &mut [f32]) {
+    fn row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
         let [h, wd, c, m, kh, kw, oh, ow, pt, pl] = self.dims;
         let (xs, ws, win) = (self.xs, self.ws, self.win);
         let oc = c * m;
         let (b, y) = (r / oh, r % oh);
+        // (input offset, filter offset) of each tap inside the input, in filter order.
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
         for ox in 0..ow {
-            let acc = &mut out_row[ox * oc..(ox + 1) * oc];
+            taps.clear();
             for ky in 0..kh {
                 let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
                 if iy < 0 || iy as usize >= h {
@@ -228,21 +359,74 @@ impl Depthwise<'_> {
                         continue;
                     }
                     let off = ((b * h + iy as usize) * wd + ix as usize) * c;
-                    let xin = &xs[off..off + c];
-                    let wk = &ws[(ky * kw + kx) * oc..(ky * kw + kx + 1) * oc];
-                    if m == 1 {
-                        for ((a, &xv), &wv) in acc.iter_mut().zip(xin).zip(wk) {
-                            *a += xv * wv;
-                        }
-                    } else {
-                        for (ci, &xv) in xin.iter().enumerate() {
-                            for mi in 0..m {
-                                acc[ci * m + mi] += xv * wk[ci * m + mi];
-                            }
+                    taps.push((off, (ky * kw + kx) * oc));
+                }
+            }
+            let dst = &mut out_row[ox * oc..(ox + 1) * oc];
+            if m == 1 {
+                let mut ch = 0;
+                while ch + 16 <= c {
+                    self.channels::<16>(&taps, ch, dst);
+                    ch += 16;
+                }
+                while ch + 8 <= c {
+                    self.channels::<8>(&taps, ch, dst);
+                    ch += 8;
+                }
+                while ch < c {
+                    self.channels::<1>(&taps, ch, dst);
+                    ch += 1;
+                }
+            } else {
+                let acc: &mut [f32] = {
+                    for d in dst.iter_mut() {
+                        d.write(0.0);
+                    }
+                    // SAFETY: initialized just above.
+                    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+                };
+                for &(off, wo) in &taps {
+                    let (xin, wk) = (&xs[off..off + c], &ws[wo..wo + oc]);
+                    for (ci, &xv) in xin.iter().enumerate() {
+                        for mi in 0..m {
+                            acc[ci * m + mi] += xv * wk[ci * m + mi];
                         }
                     }
                 }
+                self.epi.apply(acc, oc);
             }
+        }
+    }
+
+    /// Channels `ch..ch + W` of one output pixel (multiplier 1), in registers.
+    #[inline(always)]
+    fn channels<const W: usize>(
+        &self,
+        taps: &[(usize, usize)],
+        ch: usize,
+        dst: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        let mut acc = [0f32; W];
+        for &(off, wo) in taps {
+            let xv: &[f32; W] = self.xs[off + ch..off + ch + W].try_into().expect("W");
+            let wv: &[f32; W] = self.ws[wo + ch..wo + ch + W].try_into().expect("W");
+            for i in 0..W {
+                acc[i] += xv[i] * wv[i];
+            }
+        }
+        if let Some(bias) = self.epi.bias {
+            let bv: &[f32; W] = bias[ch..ch + W].try_into().expect("W");
+            for i in 0..W {
+                acc[i] += bv[i];
+            }
+        }
+        match self.epi.act {
+            Act::None => {}
+            Act::Relu => acc.iter_mut().for_each(|v| *v = relu(*v)),
+            Act::Relu6 => acc.iter_mut().for_each(|v| *v = relu6(*v)),
+        }
+        for (d, &v) in dst[ch..ch + W].iter_mut().zip(&acc) {
+            d.write(v);
         }
     }
 }
@@ -259,16 +443,34 @@ fn transpose2(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// `[m, k] x [k, n]` into `out` (row-major), accumulating each output in k order.
 pub fn gemm(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; only values are written.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    gemm_ex(a, b, out, m, k, n, Epilogue::default());
+}
+
+/// [`gemm`] into memory that need not be initialized (every output is written), then
+/// `epi` on each block of rows.
+fn gemm_ex(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
+    m: usize,
+    k: usize,
+    n: usize,
+    epi: Epilogue,
+) {
     if n == 0 || m == 0 {
         return;
     }
     // Rows in blocks, each block one vectorized product over the whole of `b`.
     const ROWS: usize = 16;
     let packed = super::simd::sgemm::PackedB::new(b, k, n);
-    let block = |i: usize, o: &mut [f32]| {
+    let block = |i: usize, o: &mut [std::mem::MaybeUninit<f32>]| {
         let rows = o.len() / n;
-        super::simd::sgemm::sgemm_packed(rows, &a[i * ROWS * k..], k, &packed, o);
+        let done = super::simd::sgemm::sgemm_packed_uninit(rows, &a[i * ROWS * k..], k, &packed, o);
+        epi.apply(done, n);
     };
+    let out = &mut out[..m * n];
     if m * k * n >= PAR_THRESHOLD {
         out.par_chunks_mut(ROWS * n)
             .enumerate()
@@ -282,6 +484,11 @@ pub fn gemm(a: &[f32], b: &[f32], out: &mut [f32], m: usize, k: usize, n: usize)
 
 /// `MatMul` of two matrices with TensorFlow's transpose flags.
 pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool) -> Result<Value> {
+    matmul_ex(a, b, ta, tb, Epilogue::default())
+}
+
+/// [`matmul`], then `epi` on each output.
+pub fn matmul_ex(a: &Value, b: &Value, ta: bool, tb: bool, epi: Epilogue) -> Result<Value> {
     if a.rank() != 2 || b.rank() != 2 {
         return Err(Error::msg(format!(
             "MatMul needs matrices, got shapes {:?} and {:?}",
@@ -308,6 +515,7 @@ pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool) -> Result<Value> {
         )));
     }
     super::value::checked_len(&[m, n])?;
+    epi.check(&[n])?;
     let av = a.slice::<f32>()?;
     let bv = b.slice::<f32>()?;
     let at;
@@ -324,8 +532,11 @@ pub fn matmul(a: &Value, b: &Value, ta: bool, tb: bool) -> Result<Value> {
     } else {
         bv
     };
-    let mut out = vec![0f32; m * n];
-    gemm(av, bv, &mut out, m, k, n);
+    let mut out = output_vec(m * n);
+    gemm_ex(av, bv, out.spare_capacity_mut(), m, k, n, epi);
+    // SAFETY: gemm_ex wrote every element (none when m or n is 0).
+    unsafe { out.set_len(if m > 0 && n > 0 { m * n } else { 0 }) };
+    out.resize(m * n, 0.0);
     Ok(Value::from_vec(vec![m, n], out))
 }
 

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use super::elementwise::UnaryOp;
+use super::nn::Act;
 use super::ops::Arithmetic;
 use super::ops::{shape_attr, Kernel, StepQuant};
 use super::value::Value;
@@ -35,6 +37,15 @@ struct Step {
     /// Slot for each output index that someone reads.
     outputs: Vec<Option<usize>>,
     quant: StepQuant,
+    /// A float matrix step that also runs the `BiasAdd` (its bias the last input) and
+    /// activation steps that read only its output (see [`fuse_float_epilogues`]).
+    fused: Option<Fused>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Fused {
+    bias: bool,
+    act: Act,
 }
 
 /// A compiled graph, reusable across batches and threads.
@@ -212,6 +223,7 @@ impl Plan {
                 inputs: in_slots,
                 outputs: Vec::new(),
                 quant,
+                fused: None,
             });
         }
         let fetch_slots: Vec<usize> = fetches
@@ -240,6 +252,7 @@ impl Plan {
         gather_before_dequantize(&mut steps, &mut n_slots, &fetch_slots);
         gather_from_tables(&mut steps, &fetch_slots)?;
         fold_constant_casts(&mut steps)?;
+        fuse_float_epilogues(&mut steps, &fetch_slots);
         let mut last_use = vec![usize::MAX; n_slots];
         let mut is_fetch = vec![false; n_slots];
         for &f in &fetch_slots {
@@ -333,8 +346,11 @@ impl Plan {
                     ))
                 })?);
             }
-            let outs = super::exec_kernel(&step.kernel, args, &step.quant)
-                .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
+            let outs = match step.fused {
+                None => super::exec_kernel(&step.kernel, args, &step.quant),
+                Some(f) => run_fused(step, args, f),
+            }
+            .map_err(|e| e.context(format!("node '{}' ({})", step.name, step.op)))?;
             let n_outs = outs.len();
             for v in &outs {
                 peak = peak.max(v.len() * v.dtype().size().unwrap_or(8));
@@ -591,4 +607,156 @@ fn fold_constant_casts(steps: &mut [Step]) -> Result<()> {
         step.inputs.clear();
     }
     Ok(())
+}
+
+/// Gives each float `Conv2D`, `DepthwiseConv2dNative` and `MatMul` step the `BiasAdd`
+/// (NHWC) and then the `Relu` or `Relu6` that are the only readers of its output, so
+/// that the matrix kernel applies them to each tile of outputs while it is in cache
+/// ([`super::nn::Epilogue`], the same f32 arithmetic) instead of in two more passes
+/// over the whole batch. Only steps without quantization take part; the fused step
+/// takes the place of the last step it absorbs, where all of its inputs exist.
+fn fuse_float_epilogues(steps: &mut Vec<Step>, fetches: &[usize]) {
+    let mut readers: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (st, step) in steps.iter().enumerate() {
+        for (k, &(s, _)) in step.inputs.iter().enumerate() {
+            readers.entry(s).or_default().push((st, k));
+        }
+    }
+    let float = |step: &Step| {
+        step.quant.inputs.iter().all(Option::is_none)
+            && step.quant.outputs.iter().all(Option::is_none)
+    };
+    // The single reader (at input 0) of `step`'s single output, when not a fetch.
+    let sole_reader = |step: &Step| -> Option<usize> {
+        let [Some(t)] = step.outputs.as_slice() else {
+            return None;
+        };
+        if fetches.contains(t) {
+            return None;
+        }
+        match readers.get(t).map(Vec::as_slice) {
+            Some(&[(r, 0)]) => Some(r),
+            _ => None,
+        }
+    };
+    // Steps absorbed or moved, and where each fused step goes.
+    let mut gone = vec![false; steps.len()];
+    let mut place: HashMap<usize, usize> = HashMap::new();
+    for c in 0..steps.len() {
+        let matrix = matches!(
+            steps[c].kernel,
+            Kernel::Conv2D(_) | Kernel::Depthwise(_) | Kernel::MatMul { .. }
+        );
+        if !matrix || !float(&steps[c]) || steps[c].inputs.len() != 2 {
+            continue;
+        }
+        let mut last = c;
+        let mut bias = None;
+        if let Some(r) = sole_reader(&steps[c]) {
+            let s = &steps[r];
+            if matches!(
+                s.kernel,
+                Kernel::BiasAdd {
+                    channels_first: false
+                }
+            ) && s.inputs.len() == 2
+                && float(s)
+            {
+                bias = Some(s.inputs[1].0);
+                last = r;
+                gone[r] = true;
+            }
+        }
+        let mut act = Act::None;
+        if let Some(r) = sole_reader(&steps[last]) {
+            let s = &steps[r];
+            let a = match s.kernel {
+                Kernel::Unary(UnaryOp::Relu) => Act::Relu,
+                Kernel::Unary(UnaryOp::Relu6) => Act::Relu6,
+                _ => Act::None,
+            };
+            if a != Act::None && s.inputs.len() == 1 && float(s) {
+                act = a;
+                last = r;
+                gone[r] = true;
+            }
+        }
+        if last == c {
+            continue;
+        }
+        let out = steps[last].outputs.clone();
+        let step = &mut steps[c];
+        if let Some(b) = bias {
+            step.inputs.push((b, false));
+            step.quant.inputs.push(None);
+        }
+        step.outputs = out;
+        step.fused = Some(Fused {
+            bias: bias.is_some(),
+            act,
+        });
+        gone[c] = true;
+        place.insert(last, c);
+    }
+    if place.is_empty() {
+        return;
+    }
+    let mut old: Vec<Option<Step>> = std::mem::take(steps).into_iter().map(Some).collect();
+    for i in 0..old.len() {
+        if let Some(&c) = place.get(&i) {
+            steps.extend(old[c].take());
+        } else if !gone[i] {
+            steps.extend(old[i].take());
+        }
+    }
+}
+
+/// Runs a step made by [`fuse_float_epilogues`]: the fused float kernel, or, when an
+/// input is not float32 after all, the absorbed ops one by one.
+fn run_fused(step: &Step, mut args: Vec<Value>, f: Fused) -> Result<Vec<Value>> {
+    use super::nn;
+    let all_f32 = args.iter().all(|v| v.dtype() == DType::F32);
+    if !all_f32 {
+        let bias = if f.bias { args.pop() } else { None };
+        let n = args.len();
+        let quant = StepQuant {
+            inputs: step.quant.inputs[..n].to_vec(),
+            ..step.quant.clone()
+        };
+        let mut y = super::exec_kernel(&step.kernel, args, &quant)?;
+        if y.len() != 1 {
+            return Err(Error::msg("a fused matrix step must have one output"));
+        }
+        let mut v = y.remove(0);
+        if let Some(b) = bias {
+            v = super::elementwise::bias_add(v, b, false)?;
+        }
+        v = match f.act {
+            Act::None => v,
+            Act::Relu => super::elementwise::unary(UnaryOp::Relu, v)?,
+            Act::Relu6 => super::elementwise::unary(UnaryOp::Relu6, v)?,
+        };
+        return Ok(vec![v]);
+    }
+    let bias = if f.bias {
+        let b = &args[2];
+        if b.rank() != 1 {
+            return Err(Error::msg(format!(
+                "bias must be a vector, got shape {:?}",
+                b.shape
+            )));
+        }
+        Some(b.slice::<f32>()?)
+    } else {
+        None
+    };
+    let epi = nn::Epilogue { bias, act: f.act };
+    let (x, w) = (&args[0], &args[1]);
+    let y = match &step.kernel {
+        Kernel::Conv2D(win) => nn::conv2d_ex(x, w, win, epi)?,
+        Kernel::Depthwise(win) => nn::depthwise_conv2d_ex(x, w, win, epi)?,
+        Kernel::MatMul { ta, tb } => nn::matmul_ex(x, w, *ta, *tb, epi)?,
+        _ => return Err(Error::msg("this kernel takes no fused epilogue")),
+    };
+    Ok(vec![y])
 }

@@ -4,6 +4,8 @@
 //! whole sum; `b` is first copied into panels of 16 columns, so that each step of the
 //! sum reads one contiguous 64-byte line of it.
 
+use std::mem::MaybeUninit;
+
 /// `b` (`[k, n]`) as the vector kernels read it: panels of 16 columns (then one of 8),
 /// each `[k, width]`; the last `n % 8` columns are read from `b` itself.
 pub struct PackedB<'a> {
@@ -41,40 +43,72 @@ pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], out
 
 /// [`sgemm`] with `b` packed once for many calls.
 pub fn sgemm_packed(m: usize, a: &[f32], lda: usize, b: &PackedB, out: &mut [f32]) {
-    let (k, n) = (b.k, b.n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        lda >= k && a.len() >= (m - 1) * lda + k,
-        "sgemm: a is too short"
-    );
-    assert!(out.len() >= m * n, "sgemm: out is too short");
-    #[cfg(target_arch = "x86_64")]
-    if super::avx2() && b.panels.len() == k * (n / 8 * 8) {
-        // SAFETY: AVX2 is present; the bounds were checked above and by PackedB::new.
-        unsafe { x86::sgemm(m, a, lda, b, out) };
-        return;
-    }
-    portable(m, k, n, a, lda, b.b, out, 0);
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialized values
+    // are written through the view.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    sgemm_packed_uninit(m, a, lda, b, out);
 }
 
-/// The scalar loop over columns `j0..n` (what the vector kernels compute on the rest).
+/// [`sgemm_packed`] into memory that need not be initialized (no zero fill first):
+/// every one of the `m * n` outputs is written; returns them.
+pub fn sgemm_packed_uninit<'o>(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    out: &'o mut [MaybeUninit<f32>],
+) -> &'o mut [f32] {
+    let (k, n) = (b.k, b.n);
+    assert!(out.len() >= m * n, "sgemm: out is too short");
+    let out = &mut out[..m * n];
+    if m > 0 && n > 0 {
+        assert!(
+            lda >= k && a.len() >= (m - 1) * lda + k,
+            "sgemm: a is too short"
+        );
+        let op = out.as_mut_ptr() as *mut f32;
+        #[cfg(target_arch = "x86_64")]
+        let done = if super::avx2() && b.panels.len() == k * (n / 8 * 8) {
+            // SAFETY: AVX2 is present; the bounds were checked above and by PackedB::new.
+            unsafe { x86::sgemm(m, a, lda, b, op) };
+            true
+        } else {
+            false
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = false;
+        if !done {
+            // SAFETY: `op` holds `m * n` elements (checked above).
+            unsafe { portable(m, k, n, a, lda, b.b, op, 0) };
+        }
+    }
+    // SAFETY: every element was written above.
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// The scalar loop over columns `j0..n` (what the vector kernels compute on the rest),
+/// writing `out` (which need not be initialized) before reading it.
+///
+/// # Safety
+/// `out` must be valid for `m * n` elements.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn portable(
+unsafe fn portable(
     m: usize,
     k: usize,
     n: usize,
     a: &[f32],
     lda: usize,
     b: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
     j0: usize,
 ) {
     for i in 0..m {
-        let o = &mut out[i * n + j0..(i + 1) * n];
-        o.fill(0.0);
+        let row = out.add(i * n + j0);
+        for j in 0..n - j0 {
+            row.add(j).write(0.0);
+        }
+        let o = std::slice::from_raw_parts_mut(row, n - j0);
         let ar = &a[i * lda..i * lda + k];
         for (kk, &av) in ar.iter().enumerate() {
             let br = &b[kk * n + j0..(kk + 1) * n];
@@ -147,12 +181,12 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX2 must be present; `a`, `b` and `out` must hold what [`super::sgemm_packed`]
-    /// checks, with `b` packed.
+    /// AVX2 must be present; `a`, `b` and `op` (`m * n` elements, written, never read
+    /// before) must hold what [`super::sgemm_packed_uninit`] checks, with `b` packed.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn sgemm(m: usize, a: &[f32], lda: usize, b: &PackedB, out: &mut [f32]) {
+    pub unsafe fn sgemm(m: usize, a: &[f32], lda: usize, b: &PackedB, op: *mut f32) {
         let (k, n) = (b.k, b.n);
-        let (ap, op) = (a.as_ptr(), out.as_mut_ptr());
+        let ap = a.as_ptr();
         let mut panel = b.panels.as_ptr();
         let mut j = 0;
         while j + 16 <= n {
@@ -165,7 +199,7 @@ mod x86 {
             j += 8;
         }
         if j < n {
-            super::portable(m, k, n, a, lda, b.b, out, j);
+            super::portable(m, k, n, a, lda, b.b, op, j);
         }
     }
 }
@@ -193,7 +227,7 @@ mod tests {
             let mut fast = vec![f32::NAN; m * n];
             sgemm(m, k, n, &a, lda, &b, &mut fast);
             let mut slow = vec![f32::NAN; m * n];
-            portable(m, k, n, &a, lda, &b, &mut slow, 0);
+            unsafe { portable(m, k, n, &a, lda, &b, slow.as_mut_ptr(), 0) };
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&slow), "m={m} k={k} n={n}");
         }
