@@ -496,3 +496,65 @@ fn gathers_from_large_constant_tables_read_rows_in_place() {
         .to_string();
     assert!(e.contains("70000") && e.contains("emb"), "{e}");
 }
+
+/// The plan fuses BiasAdd and Relu/Relu6 into the float Conv2D, depthwise and MatMul
+/// before them (fewer steps); the outputs keep the bits of the ops run one by one,
+/// which fetching the intermediates (so that nothing fuses) shows.
+#[test]
+fn fused_bias_and_activation_give_the_bits_of_the_separate_ops() {
+    let (n, h, w, c, o) = (3usize, 7usize, 6usize, 5usize, 19usize);
+    let mut rng = Rng::new(11);
+    let scaled = |rng: &mut Rng, len: usize, s: f32| -> Vec<f32> {
+        rng.vec(len).into_iter().map(|v| v * s).collect()
+    };
+    let mut b = G::new();
+    b.placeholder("x", DType::F32, None);
+    b.konst("k1", f32t(&[3, 3, c, o], &scaled(&mut rng, 9 * c * o, 4.0)));
+    b.konst("b1", f32t(&[o], &scaled(&mut rng, o, 3.0)));
+    b.konst("k2", f32t(&[3, 3, o, 1], &scaled(&mut rng, 9 * o, 2.0)));
+    b.konst("b2", f32t(&[o], &scaled(&mut rng, o, 1.0)));
+    let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+    let flat = oh * ow * o;
+    b.konst("k3", f32t(&[flat, 10], &scaled(&mut rng, flat * 10, 1.0)));
+    b.konst("b3", f32t(&[10], &scaled(&mut rng, 10, 1.0)));
+    b.konst("shape", i32t(&[2], &[-1, flat as i32]));
+    let conv = |stride: i64| {
+        vec![
+            ("strides", Attr::Ints(vec![1, stride, stride, 1])),
+            ("dilations", Attr::Ints(vec![1, 1, 1, 1])),
+            ("padding", Attr::Str(b"SAME".to_vec())),
+            ("data_format", Attr::Str(b"NHWC".to_vec())),
+        ]
+    };
+    b.op("c1", "Conv2D", &["x", "k1"], &conv(1));
+    b.op("a1", "BiasAdd", &["c1", "b1"], &[]);
+    b.op("r1", "Relu6", &["a1"], &[]);
+    b.op("c2", "DepthwiseConv2dNative", &["r1", "k2"], &conv(2));
+    b.op("a2", "BiasAdd", &["c2", "b2"], &[]);
+    b.op("r2", "Relu", &["a2"], &[]);
+    b.op("f", "Reshape", &["r2", "shape"], &[]);
+    b.op("m", "MatMul", &["f", "k3"], &[]);
+    b.op("y", "BiasAdd", &["m", "b3"], &[]);
+    let x = f32t(&[n, h, w, c], &rng.vec(n * h * w * c));
+    let fused = Plan::compile(&b.g, &["x"], &[r("y")]).unwrap();
+    let inter = ["c1", "a1", "c2", "a2", "m", "y"].map(r);
+    let separate = Plan::compile(&b.g, &["x"], &inter).unwrap();
+    assert!(
+        fused.len() + 5 <= separate.len(),
+        "{} steps fused, {} separate",
+        fused.len(),
+        separate.len()
+    );
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_f32_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let y = fused.run(&[("x", x.clone())]).unwrap().remove(0);
+    let y_sep = separate.run(&[("x", x)]).unwrap().remove(5);
+    assert_eq!(bits(&y), bits(&y_sep));
+    let v = y.to_f32_vec().unwrap();
+    assert!(v.iter().any(|&e| e != 0.0) && v.iter().all(|e| e.is_finite()));
+}
