@@ -24,9 +24,9 @@ const FIXTURES: &[&str] = &[
 ///
 /// q16_outlier_inputs: one sample of 300 (0.33 points), row 78, whose two largest
 /// float logits differ by 1.5e-4. Min/max calibration takes every range from the
-/// x200 glitch rows (input 303, 25 to 75 times the ordinary rows' ranges), so the
-/// input's int16 step (0.0093) alone moves that row's logits by 5e-3, and its int8
-/// weights alone (float activations) by 8e-3 (numpy, measured): any 8-bit weight
+/// x200 glitch rows (input 303, 23 to 75 times the ordinary rows' ranges), so the
+/// input's int16 step (0.0093) alone moves that row's logits by up to 5e-3, and its int8
+/// weights alone (float activations) by 9e-3 (numpy, measured): any 8-bit weight
 /// grid decides that row by the direction of its rounding. TF's converter's 16x8
 /// file loses the same sample in LiteRT; equalization and bias correction do not
 /// change it (measured).
