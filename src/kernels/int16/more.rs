@@ -25,7 +25,7 @@ use crate::kernels::value::{Buf, Value};
 
 /// LOGISTIC (`tanh = false`) or TANH on int16; the output must be (1/32768, 0).
 pub fn sigmoid_tanh(x: &Value, tanh: bool, quant: &StepQuant) -> Result<Value> {
-    let what = if tanh { "Tanh" } else { "Logistic" };
+    let what = if tanh { "TANH" } else { "LOGISTIC" };
     let so = out_scale(quant)?;
     if so != 1.0 / 32768.0 {
         return Err(Error::msg(format!(
@@ -69,7 +69,7 @@ fn same_scales(quant: &StepQuant, what: &str) -> Result<()> {
 
 /// MAXIMUM (`max = true`) or MINIMUM, broadcasting.
 pub fn max_min(a: &Value, b: &Value, max: bool, quant: &StepQuant) -> Result<Value> {
-    same_scales(quant, if max { "Maximum" } else { "Minimum" })?;
+    same_scales(quant, if max { "MAXIMUM" } else { "MINIMUM" })?;
     let (v, shape) = broadcast_map(
         a.slice::<i16>()?,
         &a.shape,
