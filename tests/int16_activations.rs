@@ -56,6 +56,12 @@ fn qpipe(args: &[&str], dir: &Path) -> Output {
 }
 
 fn recipe(name: &str, strategies: &str) -> String {
+    let files = ("calib_input_x.npy", "eval_input_x.npy", "eval_y.npy");
+    recipe_with(name, files, strategies)
+}
+
+/// [`recipe`] with the fixture's calibration, evaluation and label files.
+fn recipe_with(name: &str, (calib, eval, labels): (&str, &str, &str), strategies: &str) -> String {
     let fx = root().join("fixtures").join(name);
     let f = |file: &str| serde_json::to_string(&fx.join(file).display().to_string()).unwrap();
     format!(
@@ -100,9 +106,9 @@ input = "q16"
 path = "q16_${{strategy}}.tflite"
 "#,
         ckpt = f("best_validation"),
-        calib = f("calib_input_x.npy"),
-        eval = f("eval_input_x.npy"),
-        labels = f("eval_y.npy"),
+        calib = f(calib),
+        eval = f(eval),
+        labels = f(labels),
     )
 }
 
@@ -379,23 +385,30 @@ fn ops_without_an_int16_kernel_stay_float_or_are_named() {
     }
 }
 
-/// The 16x8 kernels of LOGISTIC, TANH, MEAN, REDUCE_MAX and the data-movement ops in
-/// whole models: fam_lstm (Sigmoid/Tanh gates, Split, Unpack, Transpose,
-/// StridedSlice, ZerosLike) and fam_conv_gap (global Mean and Max pooling) are int16
-/// everywhere under DEFAULT and OPTIMIZE_FOR_LATENCY, and LiteRT's accuracy on every
-/// exported file (BUILTIN_REF) equals validate's, which runs qpipe's kernels.
+/// The 16x8 kernels of LOGISTIC, TANH, MEAN, REDUCE_MAX, RELU6, the pools and the
+/// data-movement ops in whole models: fam_lstm (Sigmoid/Tanh gates, Split, Unpack,
+/// Transpose, StridedSlice, ZerosLike), fam_conv_gap (global Mean and Max) and conv_bn
+/// (MaxPool, AvgPool, Relu6, depthwise) are int16 everywhere under DEFAULT and
+/// OPTIMIZE_FOR_LATENCY, and LiteRT's accuracy on every exported file (BUILTIN_REF)
+/// equals validate's, which runs qpipe's kernels.
 #[test]
 fn logistic_tanh_mean_and_movement_run_in_int16_in_whole_models() {
     let work = root().join("target/tmp/int16_new_kernels");
     let _ = std::fs::remove_dir_all(&work);
     let mut runs = Vec::new();
     let mut jobs = Vec::new();
-    for name in ["fam_lstm", "fam_conv_gap"] {
+    let fam = ("calib_input_x.npy", "eval_input_x.npy", "eval_y.npy");
+    let conv_bn = ("calib_x.npy", "eval_x.npy", "eval_y.npy");
+    for (name, files) in [
+        ("fam_lstm", fam),
+        ("fam_conv_gap", fam),
+        ("conv_bn", conv_bn),
+    ] {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("recipe.toml"),
-            recipe(name, r#""DEFAULT", "OPTIMIZE_FOR_LATENCY""#),
+            recipe_with(name, files, r#""DEFAULT", "OPTIMIZE_FOR_LATENCY""#),
         )
         .unwrap();
         let out = qpipe(&["run", "recipe.toml", "--json", "-q"], &dir);
@@ -421,7 +434,7 @@ fn logistic_tanh_mean_and_movement_run_in_int16_in_whole_models() {
                 model: dir.join(format!("out/q16_{strategy}.tflite")),
                 inputs: vec![(
                     "input_x".into(),
-                    root().join("fixtures").join(name).join("eval_input_x.npy"),
+                    root().join("fixtures").join(name).join(files.1),
                 )],
                 resolver: Resolver::Reference,
                 out_dir: dir.join(format!("litert_{strategy}")),
