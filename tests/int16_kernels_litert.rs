@@ -356,6 +356,16 @@ fn build(seed: u64) -> (Graph, Vec<(String, Tensor)>) {
     }
     let q = b.act();
     b.op("relu6", "Relu6", &["x4"], vec![], q);
+    for (name, alpha) in [("leaky", 0.2f32), ("leaky_neg", -0.3), ("leaky_big", 1.7)] {
+        let q = b.act();
+        b.op(
+            name,
+            "LeakyRelu",
+            &["x4"],
+            vec![("alpha", Attr::Float(alpha))],
+            q,
+        );
+    }
     // MEAN (spatial with keep_dims, and the last axis), REDUCE_MAX/MIN.
     let hw = b.konst("hw", Tensor::from_vec(vec![2], &[1i32, 2]), None);
     let last = b.konst("last", Tensor::from_vec(vec![1], &[-1i32]), None);

@@ -59,6 +59,7 @@ pub const SUPPORTED: &[&str] = &[
     "LOGISTIC",
     "TANH",
     "RELU6",
+    "LEAKY_RELU",
     "MEAN",
     "MAXIMUM",
     "MINIMUM",
@@ -151,6 +152,9 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         Kernel::Unary(UnaryOp::Sigmoid) => one(more::sigmoid_tanh(&inputs[0], false, quant)?),
         Kernel::Unary(UnaryOp::Tanh) => one(more::sigmoid_tanh(&inputs[0], true, quant)?),
         Kernel::Unary(UnaryOp::Relu6) => one(more::relu6(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::LeakyRelu(bits)) => {
+            one(more::leaky_relu(&inputs[0], f32::from_bits(*bits), quant)?)
+        }
         Kernel::Binary(op @ (BinaryOp::Maximum | BinaryOp::Minimum)) => one(more::max_min(
             &inputs[0],
             &inputs[1],

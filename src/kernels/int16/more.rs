@@ -4,6 +4,8 @@
 //!   and `Tanh` over `sigmoid_table_uint16`), input rescaled to 1/(3·4096) units,
 //!   output fixed at (1/32768, 0).
 //! * RELU6: `MBQM(x, in / out)` clamped to [0, round(6 / out)].
+//! * LEAKY_RELU: `MBQM(x, in / out)` for x ≥ 0, else `MBQM(x, in · alpha / out)` (the
+//!   multipliers in f32, a negative one applied as its magnitude and negated).
 //! * MEAN: `reference_ops::QuantizedMeanOrSum` (int32 sum, `1 / count` folded into the
 //!   `in / out` multiplier). SUM has no int16 form: LiteRT's reference SUM reads int16
 //!   data as uint8 (see `quantize_int8::int16`).
@@ -47,6 +49,33 @@ pub fn relu6(x: &Value, quant: &StepQuant) -> Result<Value> {
         .slice::<i16>()?
         .iter()
         .map(|&a| multiply_by_quantized_multiplier(a as i32, m, s, ROUNDING).clamp(lo, hi) as i16)
+        .collect();
+    Ok(Value::from_vec(x.shape.clone(), v))
+}
+
+/// LEAKY_RELU on int16 (`reference_ops::QuantizeLeakyRelu<int16_t>`).
+pub fn leaky_relu(x: &Value, alpha: f32, quant: &StepQuant) -> Result<Value> {
+    let (si, so) = (in_scale(quant, 0)?, out_scale(quant)?);
+    let m_alpha = si * alpha / so;
+    let (qa, sa) = quantize_multiplier(f64::from(m_alpha.abs()));
+    let (qi, shi) = quantize_multiplier(f64::from(si / so));
+    let v: Vec<i16> = x
+        .slice::<i16>()?
+        .iter()
+        .map(|&a| {
+            let a = a as i32;
+            let r = if a >= 0 {
+                multiply_by_quantized_multiplier(a, qi, shi, ROUNDING)
+            } else {
+                let r = multiply_by_quantized_multiplier(a, qa, sa, ROUNDING);
+                if m_alpha < 0.0 {
+                    -r
+                } else {
+                    r
+                }
+            };
+            r.clamp(-32768, 32767) as i16
+        })
         .collect();
     Ok(Value::from_vec(x.shape.clone(), v))
 }

@@ -58,6 +58,7 @@ pub(super) fn spec(
         | Op::Binary(Binary::Add | Binary::AddV2 | Binary::Sub | Binary::Mul)
         | Op::BiasAdd { .. }
         | Op::Unary(Unary::Relu | Unary::Relu6)
+        | Op::LeakyRelu
         | Op::Binary(Binary::Maximum | Binary::Minimum)
         | Op::Reduce {
             kind: Reduce::Mean | Reduce::Max | Reduce::Min,
