@@ -356,6 +356,12 @@ fn build(seed: u64) -> (Graph, Vec<(String, Tensor)>) {
     }
     let q = b.act();
     b.op("relu6", "Relu6", &["x4"], vec![], q);
+    b.op("abs_same", "Abs", &["x4"], vec![], q4.clone());
+    let q = QuantParams::per_tensor(b.scale(1e-4, 1e-1), 0);
+    b.op("abs", "Abs", &["x4"], vec![], q);
+    // LiteRT's int16 RSQRT refuses negative inputs: |x4| feeds it.
+    let q = QuantParams::per_tensor(b.scale(1e-4, 1e-1), 0);
+    b.op("rsqrt", "Rsqrt", &["abs_same"], vec![], q);
     for (name, alpha) in [("leaky", 0.2f32), ("leaky_neg", -0.3), ("leaky_big", 1.7)] {
         let q = b.act();
         b.op(

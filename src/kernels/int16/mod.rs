@@ -60,6 +60,8 @@ pub const SUPPORTED: &[&str] = &[
     "TANH",
     "RELU6",
     "LEAKY_RELU",
+    "ABS",
+    "RSQRT",
     "MEAN",
     "MAXIMUM",
     "MINIMUM",
@@ -152,6 +154,8 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         Kernel::Unary(UnaryOp::Sigmoid) => one(more::sigmoid_tanh(&inputs[0], false, quant)?),
         Kernel::Unary(UnaryOp::Tanh) => one(more::sigmoid_tanh(&inputs[0], true, quant)?),
         Kernel::Unary(UnaryOp::Relu6) => one(more::relu6(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::Abs) => one(more::abs(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::Rsqrt) => one(more::rsqrt(&inputs[0], quant)?),
         Kernel::Unary(UnaryOp::LeakyRelu(bits)) => {
             one(more::leaky_relu(&inputs[0], f32::from_bits(*bits), quant)?)
         }

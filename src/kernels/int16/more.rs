@@ -4,6 +4,8 @@
 //!   and `Tanh` over `sigmoid_table_uint16`), input rescaled to 1/(3·4096) units,
 //!   output fixed at (1/32768, 0).
 //! * RELU6: `MBQM(x, in / out)` clamped to [0, round(6 / out)].
+//! * ABS: `|x|`, times `in / out` when the scales differ. RSQRT: TFLite's interpolated
+//!   int16 table of `1 / sqrt(x)` (`32767 · out` at x ≤ 0), built in f32.
 //! * LEAKY_RELU: `MBQM(x, in / out)` for x ≥ 0, else `MBQM(x, in · alpha / out)` (the
 //!   multipliers in f32, a negative one applied as its magnitude and negated).
 //! * MEAN: `reference_ops::QuantizedMeanOrSum` (int32 sum, `1 / count` folded into the
@@ -20,8 +22,8 @@ use crate::kernels::elementwise::broadcast_map;
 use crate::kernels::int8::ROUNDING;
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    activation_range, logistic_int16, mean_multiplier, multiply_by_quantized_multiplier,
-    quantize_multiplier, sigmoid_tanh_int16_rescale, tanh_int16,
+    activation_range, logistic_int16, lut_int16_f32, lut_lookup_int16, mean_multiplier,
+    multiply_by_quantized_multiplier, quantize_multiplier, sigmoid_tanh_int16_rescale, tanh_int16,
 };
 use crate::kernels::value::{Buf, Value};
 
@@ -50,6 +52,45 @@ pub fn relu6(x: &Value, quant: &StepQuant) -> Result<Value> {
         .iter()
         .map(|&a| multiply_by_quantized_multiplier(a as i32, m, s, ROUNDING).clamp(lo, hi) as i16)
         .collect();
+    Ok(Value::from_vec(x.shape.clone(), v))
+}
+
+/// ABS on int16 (`AbsEvalQuantized<int16_t>`).
+pub fn abs(x: &Value, quant: &StepQuant) -> Result<Value> {
+    let (si, so) = (in_scale(quant, 0)?, out_scale(quant)?);
+    let m = (si != so).then(|| quantize_multiplier(f64::from(si / so)));
+    let v: Vec<i16> = x
+        .slice::<i16>()?
+        .iter()
+        .map(|&a| {
+            let value = (a as i32).abs();
+            let r = match m {
+                Some((q, s)) => multiply_by_quantized_multiplier(value, q, s, ROUNDING),
+                None => value,
+            };
+            r.clamp(-32768, 32767) as i16
+        })
+        .collect();
+    Ok(Value::from_vec(x.shape.clone(), v))
+}
+
+/// RSQRT on int16 through TFLite's interpolated table (elementwise.cc's `Prepare`).
+pub fn rsqrt(x: &Value, quant: &StepQuant) -> Result<Value> {
+    let so = out_scale(quant)?;
+    let xs = x.slice::<i16>()?;
+    if xs.iter().any(|&a| a < 0) {
+        return Err(Error::msg(
+            "int16 RSQRT of a negative value (LiteRT fails: only defined for positive values)",
+        ));
+    }
+    let lut = lut_int16_f32(in_scale(quant, 0)?, 0, so, 0, |v| {
+        if v <= 0.0 {
+            32767.0 * so
+        } else {
+            1.0 / v.sqrt()
+        }
+    });
+    let v: Vec<i16> = xs.iter().map(|&a| lut_lookup_int16(a, &lut)).collect();
     Ok(Value::from_vec(x.shape.clone(), v))
 }
 

@@ -57,7 +57,7 @@ pub(super) fn spec(
         | Op::ConcatV2
         | Op::Binary(Binary::Add | Binary::AddV2 | Binary::Sub | Binary::Mul)
         | Op::BiasAdd { .. }
-        | Op::Unary(Unary::Relu | Unary::Relu6)
+        | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Abs | Unary::Rsqrt)
         | Op::LeakyRelu
         | Op::Binary(Binary::Maximum | Binary::Minimum)
         | Op::Reduce {
