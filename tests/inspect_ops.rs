@@ -117,6 +117,46 @@ fn a_model_qpipe_handles_lists_none() {
         text.contains("ops qpipe cannot run, quantize or export (inference graph): none"),
         "{text}"
     );
+    assert!(
+        text.contains("ops that stay float under activations = \"int16\" (no 16x8 kernel): none"),
+        "{text}"
+    );
+}
+
+/// The ops with an int8 form but no 16x8 one are listed apart: they are no problem
+/// unless the recipe asks for int16 activations.
+#[test]
+fn ops_without_a_16x8_kernel_are_listed_apart() {
+    let mut g = G::new();
+    g.placeholder("x", DType::F32, Some(&[-1, 4]));
+    g.op("s", "Sigmoid", &["x"], &[]);
+    g.op("e", "Elu", &["s"], &[]);
+    g.op("e_2", "Elu", &["e"], &[]);
+    g.op("out", "Tanh", &["e_2"], &[]);
+    g.output("out");
+    let dir = support::tmp_dir("inspect_ops_int16");
+    let pb = dir.join("g.pb");
+    std::fs::write(
+        &pb,
+        qpipe::formats::tf::graph_def::graph_to_bytes(&g.g).unwrap(),
+    )
+    .unwrap();
+    assert!(listed(&pb).is_empty());
+    let (out, _) = qpipe(&["inspect", pb.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["graph"]["unsupported_ops"]["float_in_int16"],
+        serde_json::json!([{"op": "Elu", "nodes": 2}]),
+        "{v}"
+    );
+    let (text, _) = qpipe(&["inspect", pb.to_str().unwrap()]);
+    assert!(
+        text.contains(
+            "ops that stay float under activations = \"int16\" (no 16x8 kernel; an error \
+             under OPTIMIZE_FOR_LATENCY): Elu (2 nodes)"
+        ),
+        "{text}"
+    );
 }
 
 #[test]

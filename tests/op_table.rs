@@ -69,6 +69,16 @@ fn qpipe_ops_prints_the_table_and_json() {
     assert_eq!(conv["tflite_builtin"], "CONV_2D");
     assert_eq!(conv["quantize_int8"], "int8+hybrid");
     assert_eq!(conv["tflite_versions"]["int8"], 3);
+    assert_eq!(conv["int16"], true);
+    let int16 = |name: &str| ops.iter().find(|o| o["op"] == name).unwrap()["int16"].clone();
+    assert_eq!(int16("Sigmoid"), true);
+    assert_eq!(int16("Mean"), true);
+    assert_eq!(
+        int16("Sum"),
+        false,
+        "LiteRT's reference SUM reads int16 as uint8"
+    );
+    assert_eq!(int16("Elu"), false);
     let text = run(&["ops"]);
     assert!(
         text.lines()

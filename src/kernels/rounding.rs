@@ -871,6 +871,112 @@ pub fn softmax_int16_row(
     }
 }
 
+/// `sigmoid(i / 24)` in 0.16 fixed point: TFLite's table for its int16 LOGISTIC and
+/// TANH (`sigmoid_table_uint16`, common.h; tanh(x) = 2 sigmoid(2x) - 1).
+#[rustfmt::skip]
+const SIGMOID_TABLE_U16: [u16; 256] = [
+    32768, 33451, 34133, 34813, 35493, 36169, 36843, 37513, 38180, 38841, 39498, 40149,
+    40794, 41432, 42064, 42688, 43304, 43912, 44511, 45102, 45683, 46255, 46817, 47369,
+    47911, 48443, 48964, 49475, 49975, 50464, 50942, 51409, 51865, 52311, 52745, 53169,
+    53581, 53983, 54374, 54755, 55125, 55485, 55834, 56174, 56503, 56823, 57133, 57433,
+    57724, 58007, 58280, 58544, 58800, 59048, 59288, 59519, 59743, 59959, 60168, 60370,
+    60565, 60753, 60935, 61110, 61279, 61441, 61599, 61750, 61896, 62036, 62172, 62302,
+    62428, 62549, 62666, 62778, 62886, 62990, 63090, 63186, 63279, 63368, 63454, 63536,
+    63615, 63691, 63765, 63835, 63903, 63968, 64030, 64090, 64148, 64204, 64257, 64308,
+    64357, 64405, 64450, 64494, 64536, 64576, 64614, 64652, 64687, 64721, 64754, 64786,
+    64816, 64845, 64873, 64900, 64926, 64950, 64974, 64997, 65019, 65039, 65060, 65079,
+    65097, 65115, 65132, 65149, 65164, 65179, 65194, 65208, 65221, 65234, 65246, 65258,
+    65269, 65280, 65291, 65301, 65310, 65319, 65328, 65337, 65345, 65352, 65360, 65367,
+    65374, 65381, 65387, 65393, 65399, 65404, 65410, 65415, 65420, 65425, 65429, 65433,
+    65438, 65442, 65445, 65449, 65453, 65456, 65459, 65462, 65465, 65468, 65471, 65474,
+    65476, 65479, 65481, 65483, 65485, 65488, 65489, 65491, 65493, 65495, 65497, 65498,
+    65500, 65501, 65503, 65504, 65505, 65507, 65508, 65509, 65510, 65511, 65512, 65513,
+    65514, 65515, 65516, 65517, 65517, 65518, 65519, 65520, 65520, 65521, 65522, 65522,
+    65523, 65523, 65524, 65524, 65525, 65525, 65526, 65526, 65526, 65527, 65527, 65528,
+    65528, 65528, 65529, 65529, 65529, 65529, 65530, 65530, 65530, 65530, 65531, 65531,
+    65531, 65531, 65531, 65532, 65532, 65532, 65532, 65532, 65532, 65533, 65533, 65533,
+    65533, 65533, 65533, 65533, 65533, 65534, 65534, 65534, 65534, 65534, 65534, 65534,
+    65534, 65534, 65534, 65535,
+];
+
+/// TFLite's `CheckedLog2`: `round(log(x) / log(2))` in f32 and whether `x` is a power
+/// of two to within 1e-3 of an octave.
+fn checked_log2(x: f32) -> (i32, bool) {
+    let l = x.ln() * (1.0f32 / 2.0f32.ln());
+    let r = round_half_away_f32(l);
+    (r as i32, (l - r).abs() < 1e-3)
+}
+
+/// The input rescaling of TFLite's int16 LOGISTIC (`tanh = false`) and TANH
+/// (`SigmoidPrepare`/`TanhPrepare`, then the power-of-two fixup of
+/// `reference_integer_ops::Logistic`/`Tanh`): `(multiplier, right_shift)` with which
+/// `(x * multiplier + round) >> right_shift` puts the input in 1/(3·4096) units
+/// (±2^17 is ±10.7). A scale of 2^-12 (TANH: also 2^-11) is the power-of-two case,
+/// multiplier `3 << shift` and no shift.
+pub fn sigmoid_tanh_int16_rescale(in_scale: f32, tanh: bool) -> (i32, i32) {
+    let (log2, pot) = checked_log2(in_scale);
+    let shift = 12 + log2;
+    if pot && (shift == 0 || tanh && shift == 1) {
+        return (3 << shift, 0);
+    }
+    let mut multiplier = in_scale as f64 * 4096.0 * 3.0;
+    let mut shift = 0;
+    while multiplier <= 32767.0 / 2.0 && shift <= 30 {
+        shift += 1;
+        multiplier *= 2.0;
+    }
+    (multiplier as i32, shift)
+}
+
+/// The rescaled input of [`logistic_int16`]/[`tanh_int16`] (int32 arithmetic, as C).
+fn sigmoid_tanh_input(x: i16, (multiplier, shift): (i32, i32)) -> i32 {
+    let round = if shift > 0 { 1 << (shift - 1) } else { 0 };
+    (x as i32).wrapping_mul(multiplier).wrapping_add(round) >> shift
+}
+
+/// TFLite's reference int16 LOGISTIC (`reference_integer_ops::Logistic`): the table
+/// interpolated over 9 fractional bits of |x|, mirrored for negative x, output in
+/// 1/32768 units (zero point 0).
+pub fn logistic_int16(x: i16, rescale: (i32, i32)) -> i16 {
+    let input = sigmoid_tanh_input(x, rescale);
+    let abs = input.unsigned_abs();
+    let uh = abs >> 9;
+    let result: u32 = if uh >= 255 {
+        0x7FFF << 10
+    } else {
+        let ua = SIGMOID_TABLE_U16[uh as usize] as u32;
+        let ub = SIGMOID_TABLE_U16[uh as usize + 1] as u32;
+        (ua << 9).wrapping_add((abs & 0x1ff).wrapping_mul(ub.wrapping_sub(ua)))
+    };
+    let result = if input >= 0 {
+        result.wrapping_add(1 << 9)
+    } else {
+        (1u32 << 25).wrapping_sub(result).wrapping_add((1 << 9) - 1)
+    };
+    (result >> 10) as i16
+}
+
+/// TFLite's reference int16 TANH (`reference_integer_ops::Tanh`): the sigmoid table
+/// over 8 fractional bits of |x|, `2 sigmoid - 1`, output in 1/32768 units.
+pub fn tanh_int16(x: i16, rescale: (i32, i32)) -> i16 {
+    let input = sigmoid_tanh_input(x, rescale);
+    let abs = input.unsigned_abs();
+    let uh = abs >> 8;
+    let result: i32 = if uh >= 255 {
+        0xFFFF << 8
+    } else {
+        let ua = SIGMOID_TABLE_U16[uh as usize] as u32;
+        let ub = SIGMOID_TABLE_U16[uh as usize + 1] as u32;
+        (ua << 8).wrapping_add((abs & 0xFF).wrapping_mul(ub.wrapping_sub(ua))) as i32
+    };
+    let result = if input >= 0 {
+        result - (1 << 23) + (1 << 7)
+    } else {
+        -result + (1 << 23) + (1 << 7) - 1
+    };
+    (result >> 8) as i16
+}
+
 /// XNNPACK's int8 LEAKY_RELU (`xnn_init_qs8_lrelu_scalar_params` and the `qs8-vlrelu`
 /// microkernels), which the default resolver runs: multipliers `lrintf(-256 · s)`
 /// for `s = in / out` and `s · slope` (f32), then `((zp - x) · m + (out_zp << 8) +
@@ -1205,6 +1311,35 @@ mod tests {
         assert_eq!(lut[128], -128 + (256.0 * xnn_sigmoid(-12.8)).round() as i8);
         assert_eq!(xnn_sigmoid(200.0), 1.0);
         assert_eq!(xnn_sigmoid(-200.0), 0.0);
+    }
+
+    #[test]
+    fn int16_logistic_and_tanh_fixed_points() {
+        // A power-of-two scale is rescaled by 3 without a shift (LOGISTIC: 2^-12 only);
+        // any other scale · 12288 is doubled up past 16383.5.
+        assert_eq!(sigmoid_tanh_int16_rescale(1.0 / 4096.0, false), (3, 0));
+        assert_eq!(sigmoid_tanh_int16_rescale(1.0 / 2048.0, true), (6, 0));
+        assert_eq!(sigmoid_tanh_int16_rescale(1.0 / 2048.0, false), (24576, 12));
+        let r = sigmoid_tanh_int16_rescale(1e-3, false);
+        assert_eq!(r, ((1e-3f32 as f64 * 12288.0 * 2048.0) as i32, 11));
+        // sigmoid(0) = 1/2, tanh(0) = 0, odd/even symmetry, saturation.
+        assert_eq!(logistic_int16(0, r), 16384);
+        assert_eq!(tanh_int16(0, r), 0);
+        assert_eq!(logistic_int16(32767, r), 32767);
+        assert_eq!(logistic_int16(-32768, r), 1);
+        assert_eq!(tanh_int16(32767, r), 32767);
+        assert_eq!(tanh_int16(-32768, r), -32767);
+        for x in [1i16, 100, 1000, 5000] {
+            let (p, n) = (logistic_int16(x, r) as i32, logistic_int16(-x, r) as i32);
+            assert!((p + n - 32768).abs() <= 1, "{x}: {p} {n}");
+            let want = 32768.0 / (1.0 + (-(x as f64) * 1e-3).exp());
+            assert!((p as f64 - want).abs() < 8.0, "{x}: {p} vs {want}");
+            let t = tanh_int16(x, r) as f64;
+            assert!(
+                (t - 32768.0 * (x as f64 * 1e-3).tanh()).abs() < 16.0,
+                "{x}: {t}"
+            );
+        }
     }
 
     #[test]

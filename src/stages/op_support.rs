@@ -18,7 +18,7 @@ use crate::formats::tflite::versions::typical_versions;
 use crate::ir::op::{training_only, NAMES};
 use crate::ir::{Attr, Node, Op, LOOP_OPS};
 use crate::kernels::ops::{kernel_support, KernelSupport};
-use crate::stages::quantize_int8::rewrite::{int8_form, Int8Form};
+use crate::stages::quantize_int8::rewrite::{int16_form, int8_form, Int8Form};
 
 /// Every layer's answer for one op.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,8 @@ pub struct OpSupport {
     pub name: String,
     pub kernels: KernelSupport,
     pub int8: Int8Form,
+    /// `activations = "int16"` computes it in 16x8 (int16 activations).
+    pub int16: bool,
     pub tflite: Lowering,
 }
 
@@ -36,6 +38,7 @@ impl OpSupport {
             name: op.name().to_string(),
             kernels: kernel_support(op),
             int8: int8_form(op),
+            int16: int16_form(op),
             tflite: lowering(op),
         }
     }
@@ -105,6 +108,7 @@ impl OpSupport {
                 Int8Form::Float => "float",
                 Int8Form::NotComputed => "not_computed",
             },
+            "int16": self.int16,
             "tflite_builtin": builtin,
             "tflite_versions": versions,
         })
@@ -141,16 +145,17 @@ fn typical_node(name: &str) -> Node {
 pub fn markdown_table() -> String {
     let yes = |b: bool| if b { "yes" } else { "–" };
     let mut s = String::from(
-        "| TF op | float kernel | int8 kernel | quantize_int8 | TFLite builtin |\n\
-         |---|---|---|---|---|\n",
+        "| TF op | float kernel | int8 kernel | quantize_int8 | 16x8 | TFLite builtin |\n\
+         |---|---|---|---|---|---|\n",
     );
     for o in every_op() {
         s += &format!(
-            "| `{}` | {} | {} | {} | {} |\n",
+            "| `{}` | {} | {} | {} | {} | {} |\n",
             o.name,
             yes(o.kernels.float),
             yes(o.kernels.int8),
             o.quantize_text(),
+            if o.int16 { "int16" } else { "–" },
             o.tflite_text()
         );
     }
@@ -230,6 +235,10 @@ pub struct ModelProblems {
     /// outputs, else why not (the ops are then those of the unstripped graph).
     pub graph: String,
     pub problems: Vec<OpProblem>,
+    /// The ops (and node counts) that have an int8 form but no 16x8 one: under
+    /// `activations = "int16"` they stay float (`DEFAULT`) or are an error
+    /// (`OPTIMIZE_FOR_LATENCY`).
+    pub float_in_int16: Vec<(String, usize)>,
 }
 
 impl ModelProblems {
@@ -237,8 +246,26 @@ impl ModelProblems {
         json!({
             "graph": self.graph,
             "ops": self.problems.iter().map(OpProblem::to_json).collect::<Vec<_>>(),
+            "float_in_int16": self
+                .float_in_int16
+                .iter()
+                .map(|(op, nodes)| json!({"op": op, "nodes": nodes}))
+                .collect::<Vec<_>>(),
         })
     }
+}
+
+/// The ops of `uses` with an int8 form and no 16x8 form.
+fn float_in_int16(uses: &[OpUse]) -> Vec<(String, usize)> {
+    uses.iter()
+        .filter(|u| {
+            Op::parse(&u.first).is_ok_and(|op| {
+                let s = OpSupport::of(&op);
+                matches!(s.int8, Int8Form::Int8 { .. }) && !s.int16
+            })
+        })
+        .map(|u| (u.op.clone(), u.nodes))
+        .collect()
 }
 
 /// What [`graph_problems`] finds in the model at `path` (a checkpoint or a GraphDef that
@@ -294,6 +321,7 @@ pub fn model_problems(path: &Path, summary: &GraphSummary) -> ModelProblems {
         (false, Ok(uses)) => ModelProblems {
             graph: "inference graph".into(),
             problems: graph_problems(&uses),
+            float_in_int16: float_in_int16(&uses),
         },
         (empty, result) => ModelProblems {
             graph: match (empty, result) {
@@ -305,6 +333,7 @@ pub fn model_problems(path: &Path, summary: &GraphSummary) -> ModelProblems {
                 (_, Ok(_)) => unreachable!("handled above"),
             },
             problems: graph_problems(&summary.inference_ops),
+            float_in_int16: float_in_int16(&summary.inference_ops),
         },
     }
 }
@@ -312,9 +341,23 @@ pub fn model_problems(path: &Path, summary: &GraphSummary) -> ModelProblems {
 /// The human-readable list `qpipe inspect` prints.
 pub fn render_problems(found: &ModelProblems) -> String {
     let problems = &found.problems;
+    let int16 = if found.float_in_int16.is_empty() {
+        "ops that stay float under activations = \"int16\" (no 16x8 kernel): none\n".to_string()
+    } else {
+        let ops: Vec<String> = found
+            .float_in_int16
+            .iter()
+            .map(|(op, n)| format!("{op} ({n} node{})", if *n == 1 { "" } else { "s" }))
+            .collect();
+        format!(
+            "ops that stay float under activations = \"int16\" (no 16x8 kernel; an error \
+             under OPTIMIZE_FOR_LATENCY): {}\n",
+            ops.join(", ")
+        )
+    };
     if problems.is_empty() {
         return format!(
-            "ops qpipe cannot run, quantize or export ({}): none\n",
+            "ops qpipe cannot run, quantize or export ({}): none\n{int16}",
             found.graph
         );
     }
@@ -335,7 +378,7 @@ pub fn render_problems(found: &ModelProblems) -> String {
             s += &format!("    - {r}\n");
         }
     }
-    s
+    s + &int16
 }
 
 #[cfg(test)]
@@ -361,11 +404,16 @@ mod tests {
     fn the_table_lists_every_op_with_builtin_and_versions() {
         let t = markdown_table();
         assert_eq!(t.lines().count(), NAMES.len() + 2, "{t}");
-        assert!(t.contains("| `Conv2D` | yes | – | int8; hybrid under dynamic range | CONV_2D (v1 float, v3 int8) |"), "{t}");
+        assert!(t.contains("| `Conv2D` | yes | – | int8; hybrid under dynamic range | int16 | CONV_2D (v1 float, v3 int8) |"), "{t}");
         assert!(
-            t.contains("| `Identity` | yes | yes | int8 | no operator |"),
+            t.contains("| `Identity` | yes | yes | int8 | int16 | no operator |"),
             "{t}"
         );
+        assert!(
+            t.contains("| `Sigmoid` | yes | yes | int8 | int16 |"),
+            "{t}"
+        );
+        assert!(t.contains("| `Sum` | yes | yes | int8 | – |"), "{t}");
     }
 
     /// `kernel_support` says what `Kernel::compile` does: an op it has no kernel for is

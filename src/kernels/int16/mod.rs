@@ -24,6 +24,7 @@
 //! * SOFTMAX: `SoftmaxInt16` with its exp and reciprocal tables (in f64).
 
 mod conv;
+mod more;
 
 use super::elementwise::{broadcast_map, BinaryOp, UnaryOp};
 use super::int8::ROUNDING;
@@ -55,6 +56,27 @@ pub const SUPPORTED: &[&str] = &[
     "SQUEEZE",
     "EXPAND_DIMS",
     "CONCATENATION",
+    "LOGISTIC",
+    "TANH",
+    "RELU6",
+    "LEAKY_RELU",
+    "ABS",
+    "RSQRT",
+    "MEAN",
+    "MAXIMUM",
+    "MINIMUM",
+    "REDUCE_MAX",
+    "REDUCE_MIN",
+    "TRANSPOSE",
+    "SLICE",
+    "STRIDED_SLICE",
+    "PAD",
+    "GATHER",
+    "SPLIT",
+    "SPLIT_V",
+    "PACK",
+    "UNPACK",
+    "TILE",
 ];
 
 /// The scale of an int16 activation (per tensor, zero point 0, as every 16x8
@@ -129,20 +151,54 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
         } => one(binary_op(BinaryOp::Add, &inputs[0], &inputs[1], quant)?),
         Kernel::Unary(UnaryOp::Relu) => one(relu(&inputs[0], quant)?),
         Kernel::Unary(UnaryOp::Exp) => one(exp(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::Sigmoid) => one(more::sigmoid_tanh(&inputs[0], false, quant)?),
+        Kernel::Unary(UnaryOp::Tanh) => one(more::sigmoid_tanh(&inputs[0], true, quant)?),
+        Kernel::Unary(UnaryOp::Relu6) => one(more::relu6(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::Abs) => one(more::abs(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::Rsqrt) => one(more::rsqrt(&inputs[0], quant)?),
+        Kernel::Unary(UnaryOp::LeakyRelu(bits)) => {
+            one(more::leaky_relu(&inputs[0], f32::from_bits(*bits), quant)?)
+        }
+        Kernel::Binary(op @ (BinaryOp::Maximum | BinaryOp::Minimum)) => one(more::max_min(
+            &inputs[0],
+            &inputs[1],
+            *op == BinaryOp::Maximum,
+            quant,
+        )?),
+        Kernel::Reduce { op, keep_dims } => one(more::reduce(
+            &inputs[0], &inputs[1], *op, *keep_dims, quant,
+        )?),
         Kernel::Softmax { log: false } => one(softmax(&inputs[0], quant)?),
-        Kernel::Concat { .. } => {
+        // Exported as SUB(x, x), which gives exactly 0 in 16x8.
+        Kernel::ZerosLike => one(Value::from_vec(
+            inputs[0].shape.clone(),
+            vec![0i16; inputs[0].len()],
+        )),
+        Kernel::Concat { .. } | Kernel::Pack(_) => {
             let out = out_scale(quant)?;
             for (i, q) in quant.inputs.iter().enumerate() {
                 if q.is_some() && in_scale(quant, i)? != out {
                     return Err(Error::msg(format!(
-                        "int16 concatenation input {i} is not quantized like its output"
+                        "int16 concatenation or pack input {i} is not quantized like its output"
                     )));
                 }
             }
             Ok(None)
         }
+        // Data movement, whatever the element type: LiteRT's kernels switch on the
+        // element size (TRANSPOSE, SLICE, STRIDED_SLICE, TILE) or list int16 (the rest);
+        // PAD pads with the output's zero point, 0.
         Kernel::Forward
         | Kernel::ForwardAll
+        | Kernel::Transpose
+        | Kernel::Slice
+        | Kernel::StridedSlice(_)
+        | Kernel::Pad
+        | Kernel::Gather { .. }
+        | Kernel::GatherTable { .. }
+        | Kernel::Split { .. }
+        | Kernel::Unpack(_)
+        | Kernel::Tile
         | Kernel::ExpandDims
         | Kernel::Squeeze(_)
         | Kernel::Reshape
@@ -225,7 +281,14 @@ fn binary_op(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<Va
             let twice_max = 2.0 * sa.max(sb) as f64;
             let m1 = quantize_multiplier(sa as f64 / twice_max);
             let m2 = quantize_multiplier(sb as f64 / twice_max);
-            let mo = quantize_multiplier(twice_max / ((1i64 << LEFT_SHIFT) as f64 * so as f64));
+            let real_out = twice_max / ((1i64 << LEFT_SHIFT) as f64 * so as f64);
+            if real_out >= 1.0 {
+                return Err(Error::msg(format!(
+                    "int16 {op:?}: output scale {so} is below 2·max(input scales) / 32768 \
+                     ({sa}, {sb}); LiteRT aborts on such a model"
+                )));
+            }
+            let mo = quantize_multiplier(real_out);
             let sub = op == BinaryOp::Sub;
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
                 let sx = mbqm((x as i32) << LEFT_SHIFT, m1);

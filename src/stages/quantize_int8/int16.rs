@@ -8,17 +8,24 @@
 
 use super::rewrite::{Kind, Role, Spec};
 use crate::error::Result;
-use crate::ir::op::{Binary, Forward, Unary};
+use crate::ir::op::{Binary, Forward, Reduce, Unary};
 use crate::ir::{DType, Op, QuantParams, Tensor};
 
-/// Symmetric int16 parameters of a calibrated range. An empty range gets scale 1.
+/// Why SUM stays float in 16x8 (`reduce.cc`'s reference `QuantizedMeanOrSum` call).
+const SUM_READS_UINT8: &str =
+    "LiteRT's reference SUM reads int16 data as uint8, so it stays float in 16x8";
+
+/// Symmetric int16 parameters of a calibrated range. An empty range (a tensor that is
+/// always 0, such as an LSTM's first `h @ U`) gets a small scale: LiteRT's int16 ADD
+/// and SUB abort (`QuantizeMultiplierSmallerThanOneExp`) unless
+/// `2 · max(in) / (2^15 · out) < 1`, which scale 1 beside real scales breaks.
 pub fn symmetric_params(min: f32, max: f32) -> QuantParams {
     let half = min.abs().max(max.abs());
     let scale = half / 32767.0;
     if scale > 0.0 && scale.is_finite() {
         QuantParams::per_tensor(scale, 0)
     } else {
-        QuantParams::per_tensor(1.0, 0)
+        QuantParams::per_tensor(1e-6, 0)
     }
 }
 
@@ -50,8 +57,31 @@ pub(super) fn spec(
         | Op::ConcatV2
         | Op::Binary(Binary::Add | Binary::AddV2 | Binary::Sub | Binary::Mul)
         | Op::BiasAdd { .. }
-        | Op::Unary(Unary::Relu) => {}
-        Op::Softmax => s.kind = Kind::Fixed(1.0 / 32768.0, 0),
+        | Op::Unary(Unary::Relu | Unary::Relu6 | Unary::Abs | Unary::Rsqrt)
+        | Op::LeakyRelu
+        | Op::Binary(Binary::Maximum | Binary::Minimum)
+        | Op::Reduce {
+            kind: Reduce::Mean | Reduce::Max | Reduce::Min,
+            ..
+        }
+        | Op::Transpose
+        | Op::Slice
+        | Op::StridedSlice
+        | Op::Pad
+        | Op::GatherV2
+        | Op::Split
+        | Op::SplitV
+        | Op::Pack
+        | Op::Unpack
+        | Op::Tile
+        | Op::ZerosLike
+        | Op::Shape => {}
+        Op::Softmax | Op::Unary(Unary::Sigmoid | Unary::Tanh) => {
+            s.kind = Kind::Fixed(1.0 / 32768.0, 0)
+        }
+        Op::Reduce {
+            kind: Reduce::Sum, ..
+        } => return Err(SUM_READS_UINT8.into()),
         _ => {
             return Err(format!(
                 "no int16 kernel in qpipe for {op:?}, so it stays float in 16x8"

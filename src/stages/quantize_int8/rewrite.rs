@@ -1073,3 +1073,20 @@ pub fn int8_form(op: &Op) -> Int8Form {
         | Op::Other(_) => Int8Form::Float,
     }
 }
+
+/// Whether `activations = "int16"` computes the op in 16x8: [`super::int16::spec`]
+/// asked with the op's [`int8_form`]. The matrix ops count as the fused ops they
+/// become; a `BatchMatMul` only when it is by a constant (a fully connected layer),
+/// which the op alone does not tell, so no.
+pub fn int16_form(op: &Op) -> bool {
+    let int8 = match (op, int8_form(op)) {
+        (Op::BatchMatMul { .. }, _) => return false,
+        (Op::Conv2D(_) | Op::DepthwiseConv2dNative(_) | Op::MatMul(_), _) => return true,
+        (_, Int8Form::Int8 { .. }) => Ok(Spec {
+            kind: Kind::Free,
+            roles: Vec::new(),
+        }),
+        _ => Err(String::new()),
+    };
+    super::int16::spec(op, int8, true).is_ok()
+}

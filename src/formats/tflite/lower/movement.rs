@@ -133,9 +133,9 @@ impl<'g> Lowerer<'g> {
             IrOp::Fill => self.lower_fill(node),
             IrOp::ZerosLike => {
                 let x = self.input(&x_ref()?, Layout::AsIs)?;
-                if self.tensor_dtype(x) == Some(DType::I8) {
-                    // TFLite's ZEROS_LIKE has no int8 kernel; x - x is exactly
-                    // the zero point.
+                if matches!(self.tensor_dtype(x), Some(DType::I8 | DType::I16)) {
+                    // TFLite's ZEROS_LIKE has no int8 or int16 kernel; x - x is
+                    // exactly the zero point.
                     let op = Op::Sub {
                         activation: crate::formats::tflite::model::Activation::None,
                     };
