@@ -415,12 +415,17 @@ struct Run<'a> {
     reference: Reference<'a>,
 }
 
+/// A reference output of a batch: its shape, whether float, its values.
+type RefOutput<'a> = (Vec<usize>, bool, std::borrow::Cow<'a, [f64]>);
+
+/// A reference tensor of a batch: its shape and values.
+type RefTensor<'a> = (Vec<usize>, std::borrow::Cow<'a, [f32]>);
+
 /// The reference's values of a batch as [`Run::batch`] compares them.
 struct RefBatch<'a> {
-    /// Per output: its shape, whether float, its values.
-    outputs: Vec<(Vec<usize>, bool, std::borrow::Cow<'a, [f64]>)>,
-    /// Per pair, within the layer rows: the reference tensor's shape and values.
-    layers: Vec<Option<(Vec<usize>, std::borrow::Cow<'a, [f32]>)>>,
+    outputs: Vec<RefOutput<'a>>,
+    /// Per pair, within the layer rows (else `None`).
+    layers: Vec<Option<RefTensor<'a>>>,
 }
 
 impl<'a> Run<'a> {
