@@ -155,8 +155,9 @@ pub struct QuantizeInt8Config {
     pub method: Method,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentile: Option<f64>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub equalize: bool,
+    /// Unset: on under `activations = "int16"`, off otherwise (see [`int16`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equalize: Option<bool>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bias_correction: bool,
     #[serde(default = "yes")]
@@ -186,14 +187,19 @@ pub fn build(
         return Err(table.error("strategy", LATENCY_NEEDS_CALIBRATION));
     }
     let calibrates = config.calibration.is_some() && config.strategy != Strategy::OptimizeForSize;
-    methods::check(table, &config.calib(), calibrates)?;
+    // Checked as written: int16's default `equalize` is not the user's setting.
+    let written = methods::CalibOptions {
+        equalize: config.equalize == Some(true),
+        ..config.calib()
+    };
+    methods::check(table, &written, calibrates)?;
     if let Some(f) = &config.fallback {
         fallback::check(table, &config, f)?;
-        if config.activations == Activations::Int16 {
+        if config.activations == Activations::Int16 && f.to == fallback::FallbackTo::Int16 {
             return Err(table.error(
-                "activations",
-                "an accuracy-aware fallback on an int16 (16x8) stage is not supported yet; \
-                 use it with activations = \"int8\"",
+                "fallback.to",
+                "to = \"int16\" on an int16 (16x8) stage: its ops are int16 already; \
+                 use to = \"float\", or activations = \"int8\" to mix int8 and int16",
             ));
         }
     }
@@ -259,13 +265,24 @@ pub fn calibration_key(
 }
 
 impl QuantizeInt8Config {
+    /// The calibration options as run: `equalize` defaults to on under int16.
     fn calib(&self) -> methods::CalibOptions {
         methods::CalibOptions {
             method: self.method,
             percentile: self.percentile,
-            equalize: self.equalize,
+            equalize: self
+                .equalize
+                .unwrap_or(self.activations == Activations::Int16),
             bias_correction: self.bias_correction,
         }
+    }
+
+    /// The config as the cache key sees it: `equalize` as run, and absent when off,
+    /// so that int8 stages keep their keys whether `equalize = false` is written.
+    fn key_view(&self) -> Self {
+        let mut c = self.clone();
+        c.equalize = Some(c.calib().equalize).filter(|&on| on);
+        c
     }
 }
 
@@ -312,7 +329,7 @@ impl Stage for QuantizeInt8 {
         deps
     }
     fn config(&self) -> serde_json::Value {
-        super::config_json(&self.config)
+        super::config_json(&self.config.key_view())
     }
     fn run(&self, ctx: &StageContext) -> Result<StageOutput> {
         let graph = ctx.input_graph("input")?;
@@ -428,6 +445,7 @@ impl Stage for QuantizeInt8 {
                     exclude: exclude.clone(),
                     int8_io: c.strategy == Strategy::OptimizeForLatency,
                     int16: c.activations == Activations::Int16,
+                    int16_nodes: HashSet::new(),
                 };
                 let (g, r) = match &c.fallback {
                     None => rewrite::quantize_full(&fused, &stats, &opts)

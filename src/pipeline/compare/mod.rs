@@ -105,6 +105,8 @@ pub struct FallbackMetrics {
     pub target: String,
     pub met: bool,
     pub float_ops: Vec<String>,
+    /// With `to = "int16"`: the reverted ops computed in int16.
+    pub int16_ops: Vec<String>,
     pub trials: u64,
     pub samples: Option<u64>,
     pub accuracy_drop: Option<f64>,
@@ -124,6 +126,13 @@ impl FallbackMetrics {
                 .iter()
                 .filter_map(|o| o.get("node").and_then(Value::as_str).map(String::from))
                 .collect(),
+            int16_ops: m
+                .get("int16_ops")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.get("node").and_then(Value::as_str).map(String::from))
+                .collect(),
             trials: m.get("trials")?.as_u64()?,
             samples: m.get("samples").and_then(Value::as_u64),
             accuracy_drop: m.get("accuracy_drop").and_then(Value::as_f64),
@@ -133,15 +142,23 @@ impl FallbackMetrics {
 
     /// One line: `int8 DEFAULT: fallback kept 2 ops in float (a, b) after 3 trials; ...`.
     pub fn describe(&self, variant: &str) -> String {
-        let ops = if self.float_ops.is_empty() {
-            "no op".to_string()
-        } else {
+        let list = |ops: &[String]| {
             format!(
                 "{} op{} ({})",
-                self.float_ops.len(),
-                if self.float_ops.len() == 1 { "" } else { "s" },
-                self.float_ops.join(", ")
+                ops.len(),
+                if ops.len() == 1 { "" } else { "s" },
+                ops.join(", ")
             )
+        };
+        let ops = match (self.float_ops.is_empty(), self.int16_ops.is_empty()) {
+            (true, true) => "no op in float".to_string(),
+            (false, true) => format!("{} in float", list(&self.float_ops)),
+            (true, false) => format!("{} in int16", list(&self.int16_ops)),
+            (false, false) => format!(
+                "{} in int16 and {} in float",
+                list(&self.int16_ops),
+                list(&self.float_ops)
+            ),
         };
         let reached = match (self.accuracy_drop, self.agreement) {
             (Some(d), _) => format!("drop {:+.2} pts", d * 100.0),
@@ -149,7 +166,7 @@ impl FallbackMetrics {
             _ => "-".to_string(),
         };
         format!(
-            "{variant}: fallback kept {ops} in float after {} trial{}; on '{}' ({} samples) {reached}, target {}{}",
+            "{variant}: fallback kept {ops} after {} trial{}; on '{}' ({} samples) {reached}, target {}{}",
             self.trials,
             if self.trials == 1 { "" } else { "s" },
             self.dataset,

@@ -24,6 +24,10 @@ pub struct FullOptions {
     pub int8_io: bool,
     /// 16x8: int16 activations, int64 biases (`activations = "int16"`).
     pub int16: bool,
+    /// Nodes computed in 16x8 in an int8 model (the fallback's `to = "int16"`), with
+    /// QUANTIZE bridges between the int8 and int16 tensors; a node with no 16x8
+    /// kernel among them stays float.
+    pub int16_nodes: HashSet<String>,
 }
 
 /// What [`quantize_full`] did.
@@ -532,6 +536,17 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
     };
     let order = g.topo_order()?;
     let mut report = FullReport::default();
+    let wide = |name: &str| opts.int16 || opts.int16_nodes.contains(name);
+    // A tensor read or written by an int16 node of a mixed model has its own
+    // parameter group: `gk` keys it apart from the int8 tensor of the same value.
+    let mixed = !opts.int16 && !opts.int16_nodes.is_empty();
+    let gk = |r: &TensorRef, w: bool| {
+        if w && mixed {
+            format!("{}\u{0}16", key(r))
+        } else {
+            key(r)
+        }
+    };
     // 1. Which nodes run in int8.
     let mut specs: HashMap<usize, Spec> = HashMap::new();
     for &i in &order {
@@ -546,7 +561,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             continue;
         }
         let s = spec(&cx, n, opts.per_channel_dense);
-        let s = match (opts.int16, Op::parse(n)) {
+        let s = match (wide(&n.name), Op::parse(n)) {
             (true, Ok(op)) => {
                 super::int16::spec(&op, s, n.inputs.first().is_some_and(|r| cx.data_ok(r)))
             }
@@ -568,9 +583,10 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
     for &i in &order {
         let Some(s) = specs.get(&i) else { continue };
         let n = &g.nodes[i];
-        let out = groups.id(&key(&TensorRef::new(n.name.clone(), 0)));
+        let w = wide(&n.name);
+        let out = groups.id(&gk(&TensorRef::new(n.name.clone(), 0), w));
         for k in 1..super::movement::outputs(n) {
-            let id = groups.id(&key(&TensorRef::new(n.name.clone(), k as u32)));
+            let id = groups.id(&gk(&TensorRef::new(n.name.clone(), k as u32), w));
             groups.union(out, id);
         }
         if s.kind == Kind::Unquantized {
@@ -589,7 +605,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 members.push((id, range_of(t)?));
                 id
             } else {
-                let id = groups.id(&key(r));
+                let id = groups.id(&gk(r, w));
                 if let Some(rg) = stats.get(r) {
                     members.push((id, rg));
                 }
@@ -613,7 +629,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
         e.min = e.min.min(r.min);
         e.max = e.max.max(r.max);
     }
-    let params_of = |groups: &mut Groups, k: &str| -> Option<QuantParams> {
+    let params_of = |groups: &mut Groups, k: &str, w: bool| -> Option<QuantParams> {
         let id = *groups.ids.get(k)?;
         let root = groups.find(id);
         if let Some((s, z)) = groups.fixed[root] {
@@ -623,7 +639,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             .get(&root)
             .copied()
             .unwrap_or(Range32 { min: 0.0, max: 0.0 });
-        Some(if opts.int16 {
+        Some(if w {
             super::int16::symmetric_params(r.min, r.max)
         } else {
             asymmetric_params(r.min, r.max)
@@ -637,6 +653,8 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
     };
     // Tensors that are int8 in the new graph, with their parameters.
     let mut int8_tensors: HashMap<String, QuantParams> = HashMap::new();
+    // Their type: `act`, or int16 for the outputs of int16 nodes of a mixed model.
+    let mut dtype_of: HashMap<String, DType> = HashMap::new();
     let mut new_nodes: Vec<Node> = Vec::new();
     let mut quantized_of: HashMap<String, TensorRef> = HashMap::new();
     let mut dequantized_of: HashMap<String, TensorRef> = HashMap::new();
@@ -651,7 +669,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             let k = key(&TensorRef::new(n.name.clone(), 0));
             let float = matches!(n.attr("dtype"), Some(Attr::Type(DType::F32)));
             if opts.int8_io && float {
-                if let Some(q) = params_of(&mut groups, &k) {
+                if let Some(q) = params_of(&mut groups, &k, opts.int16) {
                     p.attrs.insert("dtype".into(), Attr::Type(act));
                     p.output_quant.insert(0, q.clone());
                     int8_tensors.insert(k, q);
@@ -670,11 +688,12 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             for r in f.inputs.iter_mut() {
                 let k = key(r);
                 if int8_tensors.contains_key(&k) {
+                    let t = dtype_of.get(&k).copied().unwrap_or(act);
                     let dq = dequantized_of.entry(k.clone()).or_insert_with(|| {
                         let name = names.fresh(&format!("{k}/dequantize"));
                         let mut d = Node::new(name.clone(), Op::Dequantize.name())
                             .with_input(r.clone())
-                            .with_attr("T", Attr::Type(act))
+                            .with_attr("T", Attr::Type(t))
                             .with_attr("dtype", Attr::Type(DType::F32));
                         d.device = n.device.clone();
                         new_nodes.push(d);
@@ -687,8 +706,10 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             new_nodes.push(f);
             continue;
         };
+        let w = wide(&n.name);
+        let node_act = super::int16::dtype(w);
         let out_key = key(&TensorRef::new(n.name.clone(), 0));
-        let out_q = params_of(&mut groups, &out_key)
+        let out_q = params_of(&mut groups, &gk(&TensorRef::new(n.name.clone(), 0), w), w)
             .ok_or_else(|| Error::msg(format!("node '{}' has no output parameters", n.name)))?;
         let mut q = n.clone();
         let mut in_scale = None;
@@ -699,14 +720,14 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 Role::Data => {
                     if let Some(t) = cx.const_f32(&r) {
                         let ck = const_key(&n.name, k);
-                        let p = params_of(&mut groups, &ck).unwrap_or_else(|| out_q.clone());
+                        let p = params_of(&mut groups, &ck, w).unwrap_or_else(|| out_q.clone());
                         let sole = consumers.get(&r.node).is_some_and(|c| c.len() == 1);
                         let name = if sole {
                             r.node.clone()
                         } else {
                             names.fresh(&format!("{}/int8", r.node))
                         };
-                        let vals = if opts.int16 {
+                        let vals = if w {
                             super::int16::quantize_const(t, p.scale[0])?
                         } else {
                             quantize_with(t, p.scale[0], p.zero_point[0])?
@@ -727,17 +748,20 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                     let want = if requant.contains(&(i, k)) {
                         out_q.clone()
                     } else {
-                        params_of(&mut groups, &tk).unwrap_or_else(|| out_q.clone())
+                        params_of(&mut groups, &gk(&r, w), w).unwrap_or_else(|| out_q.clone())
                     };
                     let src = if let Some(have) = int8_tensors.get(&tk) {
-                        if *have == want {
+                        let have_t = dtype_of.get(&tk).copied().unwrap_or(act);
+                        if *have == want && have_t == node_act {
                             r.clone()
                         } else {
+                            // Between int8 and int16 too: LiteRT's QUANTIZE converts
+                            // both ways (tests/int16_kernels_litert.rs).
                             let name = names.fresh(&format!("{tk}/requantize"));
                             let mut rq = Node::new(name.clone(), Op::Quantize.name())
                                 .with_input(r.clone())
-                                .with_attr("T", Attr::Type(act))
-                                .with_attr("dtype", Attr::Type(act));
+                                .with_attr("T", Attr::Type(have_t))
+                                .with_attr("dtype", Attr::Type(node_act));
                             rq.output_quant.insert(0, want.clone());
                             new_nodes.push(rq);
                             report.requantize_ops += 1;
@@ -745,13 +769,16 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                         }
                     } else {
                         quantized_of
-                            .entry(format!("{tk}@{:e}/{}", want.scale[0], want.zero_point[0]))
+                            .entry(format!(
+                                "{tk}@{:e}/{}/{node_act:?}",
+                                want.scale[0], want.zero_point[0]
+                            ))
                             .or_insert_with(|| {
                                 let name = names.fresh(&format!("{tk}/quantize"));
                                 let mut qn = Node::new(name.clone(), Op::Quantize.name())
                                     .with_input(r.clone())
                                     .with_attr("T", Attr::Type(DType::F32))
-                                    .with_attr("dtype", Attr::Type(act));
+                                    .with_attr("dtype", Attr::Type(node_act));
                                 qn.output_quant.insert(0, want.clone());
                                 new_nodes.push(qn);
                                 report.quantize_ops += 1;
@@ -828,7 +855,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                 .ok_or_else(|| Error::msg("weights were not quantized before the bias"))?;
             let s_in = in_scale.ok_or_else(|| Error::msg("no input scale for the bias"))?;
             let b = t.values::<f32>()?;
-            let (vals, bq) = if opts.int16 {
+            let (vals, bq) = if w {
                 let (v, q) = super::int16::bias_int64(&b, s_in, &wq.scale);
                 (Tensor::from_vec(t.shape().to_vec(), &v), q)
             } else {
@@ -839,11 +866,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
             let name = if sole {
                 r.node.clone()
             } else {
-                names.fresh(&format!(
-                    "{}/{}",
-                    r.node,
-                    if opts.int16 { "int64" } else { "int32" }
-                ))
+                names.fresh(&format!("{}/{}", r.node, if w { "int64" } else { "int32" }))
             };
             new_nodes.retain(|x| x.name != name);
             let mut b = Node::constant(name.clone(), vals);
@@ -853,16 +876,18 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
         }
         for key_name in ["T", "Tparams"] {
             if q.attrs.contains_key(key_name) {
-                q.attrs.insert(key_name.into(), Attr::Type(act));
+                q.attrs.insert(key_name.into(), Attr::Type(node_act));
             }
         }
         if s.kind != Kind::Unquantized {
             for k in 1..super::movement::outputs(n) {
                 let r = TensorRef::new(n.name.clone(), k as u32);
                 q.output_quant.insert(k as u32, out_q.clone());
+                dtype_of.insert(key(&r), node_act);
                 int8_tensors.insert(key(&r), out_q.clone());
             }
             q.output_quant.insert(0, out_q.clone());
+            dtype_of.insert(out_key.clone(), node_act);
             int8_tensors.insert(out_key, out_q);
         }
         new_nodes.push(q);
@@ -885,6 +910,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
     for r in &g.outputs {
         let k = key(r);
         if int8_tensors.contains_key(&k) && !opts.int8_io {
+            let t = dtype_of.get(&k).copied().unwrap_or(act);
             let d = match dequantized_of.get(&k) {
                 Some(d) => d.clone(),
                 None => {
@@ -892,7 +918,7 @@ pub fn quantize_full(g: &Graph, stats: &Stats, opts: &FullOptions) -> Result<(Gr
                     out.nodes.push(
                         Node::new(name.clone(), Op::Dequantize.name())
                             .with_input(r.clone())
-                            .with_attr("T", Attr::Type(act))
+                            .with_attr("T", Attr::Type(t))
                             .with_attr("dtype", Attr::Type(DType::F32)),
                     );
                     report.dequantize_ops += 1;
