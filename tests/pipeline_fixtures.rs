@@ -526,7 +526,11 @@ fn validates_of_one_reference_share_its_run_within_a_run_and_across_runs() {
     assert_eq!(code, 0, "{err}");
     let cached: Vec<bool> = ["check_fp16", "check_hybrid"]
         .iter()
-        .map(|id| stage(&v, id)["metrics"]["reference_cached"].as_bool().unwrap())
+        .map(|id| {
+            stage(&v, id)["metrics"]["reference_cached"]
+                .as_bool()
+                .unwrap()
+        })
         .collect();
     // Both may ask at once: one computes the reference's results, the other reads them.
     assert_eq!(cached.iter().filter(|&&c| c).count(), 1, "{v}");
