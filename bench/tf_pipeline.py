@@ -14,14 +14,21 @@ as one process, for bench/tf_vs_qpipe.py to time against `qpipe run`:
             float32 model, top-1 agreement; gates as in the recipe (fp16 0.005,
             int8 0.02)                                     (qpipe: validate x3)
 
+With --graph (a frozen GraphDef, as bench/gen_bench_models.py writes) "freeze" imports
+it and runs convert_variables_to_constants on it, cut to the output, as qpipe's freeze
+does with a .pb. --variants picks the converter calls: float32, fp16, int8_DEFAULT and
+int8_OPTIMIZE_FOR_SIZE (with the calibration set), hybrid_DEFAULT and weight_only
+(Optimize.DEFAULT and OPTIMIZE_FOR_SIZE without it: dynamic-range quantization).
+
 In TF 2.21, Optimize.OPTIMIZE_FOR_SIZE is deprecated and does what Optimize.DEFAULT
 does, so both int8 files come out the same; the program still converts twice, as a
 user comparing the two would. qpipe's validate also writes a per-layer error report for
 each int8 model; this program does not (TF's QuantizationDebugger would add a lot).
 
-    python tf_pipeline.py --checkpoint PREFIX --calib X.npy --eval-x X.npy --eval-y Y.npy
-                          --out-dir DIR [--input input_x]
+    python tf_pipeline.py (--checkpoint PREFIX | --graph FROZEN.pb) --calib X.npy
+                          --eval-x X.npy --eval-y Y.npy --out-dir DIR [--input input_x]
                           [--output score_student/output_student] [--name NAME]
+                          [--variants float32,fp16,int8_DEFAULT,int8_OPTIMIZE_FOR_SIZE]
 
 Prints one JSON document (per-step seconds, file sizes, accuracies) on stdout; exit 1
 when a gate is missed.
@@ -38,7 +45,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint prefix (PREFIX.meta, .index)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint prefix (PREFIX.meta, .index)")
+    src.add_argument("--graph", help="a frozen GraphDef .pb")
+    p.add_argument("--variants", default="float32,fp16,int8_DEFAULT,int8_OPTIMIZE_FOR_SIZE")
     p.add_argument("--calib", required=True)
     p.add_argument("--eval-x", required=True)
     p.add_argument("--eval-y", required=True)
@@ -74,8 +84,16 @@ def main():
 
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
-        saver = tf.compat.v1.train.import_meta_graph(args.checkpoint + ".meta", clear_devices=True)
-        saver.restore(sess, args.checkpoint)
+        if args.checkpoint:
+            saver = tf.compat.v1.train.import_meta_graph(args.checkpoint + ".meta",
+                                                         clear_devices=True)
+            saver.restore(sess, args.checkpoint)
+        else:
+            gd = tf.compat.v1.GraphDef()
+            with open(args.graph, "rb") as f:
+                gd.ParseFromString(f.read())
+            tf.compat.v1.import_graph_def(gd, name="")
+            del gd
         frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
             sess, graph.as_graph_def(), [output_node])
     frozen_pb = out(f"{args.name}_frozen.pb")
@@ -99,23 +117,26 @@ def main():
         return tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
             stripped_pb, [args.input], [output_node])
 
+    # name -> (optimization, float16, calibrated)
+    kinds = {"float32": (None, False, False), "fp16": ("DEFAULT", True, False),
+             "int8_DEFAULT": ("DEFAULT", False, True),
+             "int8_OPTIMIZE_FOR_SIZE": ("OPTIMIZE_FOR_SIZE", False, True),
+             "hybrid_DEFAULT": ("DEFAULT", False, False),
+             "weight_only": ("OPTIMIZE_FOR_SIZE", False, False)}
     variants = {}
-    c = converter()
-    variants["float32"] = c.convert()
-    lap("convert_float32")
-    c = converter()
-    c.optimizations = [tf.lite.Optimize.DEFAULT]
-    c.target_spec.supported_types = [tf.float16]
-    variants["fp16"] = c.convert()
-    lap("convert_fp16")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for strategy in ("DEFAULT", "OPTIMIZE_FOR_SIZE"):
-            c = converter()
-            c.optimizations = [getattr(tf.lite.Optimize, strategy)]
-            c.representative_dataset = representative
-            variants[f"int8_{strategy}"] = c.convert()
-            lap(f"convert_int8_{strategy}")
+    for name in args.variants.split(","):
+        opt, fp16, calibrated = kinds[name]
+        c = converter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if opt:
+                c.optimizations = [getattr(tf.lite.Optimize, opt)]
+            if fp16:
+                c.target_spec.supported_types = [tf.float16]
+            if calibrated:
+                c.representative_dataset = representative
+            variants[name] = c.convert()
+        lap(f"convert_{name}")
     files = {}
     for name, blob in variants.items():
         files[name] = out(f"{args.name}_{name}.tflite")
@@ -137,7 +158,8 @@ def main():
         preds[name] = it.get_tensor(it.get_output_details()[0]["index"]).argmax(1)
         lap(f"evaluate_{name}")
 
-    gates = {"fp16": 0.005, "int8_DEFAULT": 0.02, "int8_OPTIMIZE_FOR_SIZE": 0.02}
+    gates = {"fp16": 0.005, "int8_DEFAULT": 0.02, "int8_OPTIMIZE_FOR_SIZE": 0.02,
+             "hybrid_DEFAULT": 0.02, "weight_only": 0.02}
     ref_acc = float((preds["float32"] == labels).mean())
     models, ok = {}, True
     for name in files:

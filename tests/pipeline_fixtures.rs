@@ -469,3 +469,82 @@ calibration = "calib"
         .unwrap();
     assert_eq!(row.matches("int8@DEFAULT").count(), 1, "{row}");
 }
+
+const VALIDATES: &str = r#"[pipeline]
+name = "push_student"
+
+[model]
+checkpoint = "model/best_validation"
+inputs = ["input_x"]
+outputs = ["score_student/output_student"]
+
+[datasets.eval]
+input_x = "model/eval_x.npy"
+labels = "model/eval_y.npy"
+
+[stages.freeze]
+kind = "freeze"
+
+[stages.strip]
+kind = "strip_training"
+input = "freeze"
+
+[stages.fp16]
+kind = "fp16_cast"
+input = "strip"
+
+[stages.hybrid]
+kind = "quantize_int8"
+input = "strip"
+
+[stages.check_fp16]
+kind = "validate"
+reference = "strip"
+candidate = "fp16"
+dataset = "eval"
+
+[stages.check_hybrid]
+kind = "validate"
+reference = "strip"
+candidate = "hybrid"
+dataset = "eval"
+"#;
+
+fn stage<'a>(v: &'a Value, id: &str) -> &'a Value {
+    v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no stage {id} in {v}"))
+}
+
+#[test]
+fn validates_of_one_reference_share_its_run_within_a_run_and_across_runs() {
+    let f = Fixture::new("fx-refmemo", "push_student", VALIDATES);
+    let (code, v, err) = f.run();
+    assert_eq!(code, 0, "{err}");
+    let cached: Vec<bool> = ["check_fp16", "check_hybrid"]
+        .iter()
+        .map(|id| {
+            stage(&v, id)["metrics"]["reference_cached"]
+                .as_bool()
+                .unwrap()
+        })
+        .collect();
+    // Both may ask at once: one computes the reference's results, the other reads them.
+    assert_eq!(cached.iter().filter(|&&c| c).count(), 1, "{v}");
+    let drop = stage(&v, "check_hybrid")["metrics"]["accuracy_drop"].clone();
+    // A changed gate reruns the stage, which reads the reference's results from the cache.
+    f.edit_recipe(
+        "candidate = \"hybrid\"\ndataset = \"eval\"",
+        "candidate = \"hybrid\"\ndataset = \"eval\"\nmax_abs_error = 100.0",
+    );
+    let (code, v, err) = f.run();
+    assert_eq!(code, 0, "{err}");
+    let s = stage(&v, "check_hybrid");
+    assert_eq!(s["status"], "ran", "{v}");
+    assert_eq!(s["metrics"]["reference_cached"], true, "{v}");
+    assert_eq!(s["metrics"]["accuracy_drop"], drop);
+    assert_eq!(stage(&v, "check_fp16")["status"], "cached");
+}

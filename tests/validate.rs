@@ -633,3 +633,68 @@ fn integer_data_that_float32_cannot_hold_is_an_error() {
         "{err}"
     );
 }
+
+/// The metrics and the per-layer table of a validate output, without the flag that
+/// says where the reference's results came from.
+fn comparable(out: &StageOutput) -> (serde_json::Value, Vec<u8>) {
+    let mut m = serde_json::Value::Object(out.metrics.clone());
+    m.as_object_mut().unwrap().remove("reference_cached");
+    (m, out.files[0].bytes.clone())
+}
+
+#[test]
+fn the_reference_runs_once_and_the_memo_changes_no_metric() {
+    use std::sync::atomic::Ordering;
+    for model in MODELS {
+        let reference = stripped_fixture(model);
+        let (int8, _) = quantize_fixture(model, "calibration = \"calib\"");
+        let (hybrid, _) = quantize_fixture(model, "");
+        let ds = fixture_datasets(model);
+        let config = "reference = \"strip\"\ncandidate = \"quant\"\ndataset = \"eval\"\n";
+        let run = |candidate: &Graph, memo: &MemMemo| {
+            run_stage(
+                "validate",
+                config,
+                vec![
+                    ("reference", Artifact::Graph(Arc::new(reference.clone()))),
+                    ("candidate", Artifact::Graph(Arc::new(candidate.clone()))),
+                ],
+                &ds,
+                memo,
+            )
+            .unwrap()
+        };
+        let memo = MemMemo::default();
+        memo.digests
+            .lock()
+            .unwrap()
+            .insert("reference".into(), format!("{model} stripped"));
+        let without = MemMemo::default();
+        for (i, candidate) in [&int8, &hybrid, &int8].into_iter().enumerate() {
+            let shared = run(candidate, &memo);
+            let direct = run(candidate, &without);
+            // The first validate computes the reference's results; the others read them.
+            assert_eq!(shared.metrics["reference_cached"], i > 0, "{model} #{i}");
+            assert_eq!(
+                memo.shared_computed.load(Ordering::SeqCst),
+                1,
+                "{model} #{i}"
+            );
+            assert_eq!(direct.metrics["reference_cached"], false);
+            assert_eq!(comparable(&shared), comparable(&direct), "{model} #{i}");
+            // The per-layer table is measured on the leading rows whose reference
+            // tensors fit the memo's budget (945 of push_student's 1000 rows, 796 of
+            // conv_bn's): every layer's element count is a multiple of them.
+            let rows = shared.metrics["layer_samples"].as_u64().unwrap();
+            assert!((500..=1000).contains(&rows), "{model}: {rows}");
+            let Artifact::Report(report) = &shared.artifact else {
+                panic!("validate returns a report")
+            };
+            for l in report["layers"].as_array().unwrap() {
+                assert_eq!(l["elements"].as_u64().unwrap() % rows, 0, "{model}: {l}");
+            }
+        }
+        // Without the reference's hash nothing is shared.
+        assert_eq!(without.shared_computed.load(Ordering::SeqCst), 0);
+    }
+}

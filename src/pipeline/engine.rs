@@ -174,6 +174,7 @@ impl<'r> Engine<'r> {
             verify_max,
             persist_tx: Mutex::new(None),
             backlog: Backlog {
+                budget: super::persist::backlog_budget(),
                 bytes: Mutex::new(0),
                 room: std::sync::Condvar::new(),
             },
@@ -448,6 +449,11 @@ impl<'r> Engine<'r> {
             engine: self,
             stage: i,
             base: manifest.memo_base(),
+            inputs: manifest
+                .inputs
+                .iter()
+                .map(|(k, d)| (k.clone(), d.blake3.clone()))
+                .collect(),
             used: Mutex::new(BTreeSet::new()),
         };
         let progress = self.observer.progress(&s.id);

@@ -1,7 +1,7 @@
 //! The persister's side of a run: a built stage's blobs, output files and entry written
 //! behind the computation, within a memory budget, and stage memos kept in the store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -39,16 +39,26 @@ impl Persist {
 /// CPU: on the 200k x 256 TextCNN (two 200 MB exports) 160 MiB gave 6.0 s and 0.72 GB
 /// peak, 448 MiB 4.8-5.6 s and 0.97 GB.
 pub(super) struct Backlog {
+    pub(super) budget: u64,
     pub(super) bytes: Mutex<u64>,
     pub(super) room: std::sync::Condvar,
 }
 
 pub(super) const BACKLOG_BUDGET: u64 = 448 << 20;
 
+/// [`BACKLOG_BUDGET`], or `QPIPE_WRITE_BACKLOG_MIB` mebibytes (for a machine with
+/// little memory, or a slow disk).
+pub(super) fn backlog_budget() -> u64 {
+    std::env::var("QPIPE_WRITE_BACKLOG_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(BACKLOG_BUDGET, |m| m.saturating_mul(1 << 20))
+}
+
 impl Backlog {
     pub(super) fn acquire(&self, n: u64) {
         let mut held = lock(&self.bytes);
-        while *held > 0 && *held + n > BACKLOG_BUDGET {
+        while *held > 0 && *held + n > self.budget {
             held = self.room.wait(held).unwrap_or_else(|p| p.into_inner());
         }
         *held += n;
@@ -209,29 +219,36 @@ fn counted<'a>(produce: fsutil::Produce<'a>, bar: &'a Bar) -> impl Fn(&mut dyn F
     }
 }
 
-/// [`Memo`] over the store, keyed under the running stage's manifest (minus config).
+/// [`Memo`] over the store, keyed under the running stage's manifest (minus config),
+/// or, for shared values, under the stage's own key and qpipe's version alone.
 pub(super) struct StoreMemo<'e, 'r> {
     pub(super) engine: &'e Engine<'r>,
     pub(super) stage: usize,
     pub(super) base: [u8; 32],
+    /// Config key → blake3 of the upstream artifact (from the manifest).
+    pub(super) inputs: BTreeMap<String, String>,
     pub(super) used: Mutex<BTreeSet<String>>,
 }
 
-impl Memo for StoreMemo<'_, '_> {
-    fn get_or_compute(
-        &self,
-        name: &str,
-        key: &[u8],
-        compute: &mut dyn FnMut() -> Result<Vec<u8>>,
-    ) -> Result<Vec<u8>> {
+impl StoreMemo<'_, '_> {
+    fn memo_key(&self, prefix: &[u8], name: &str, key: &[u8]) -> String {
         let mut h = blake3::Hasher::new();
-        h.update(b"qpipe memo\0");
-        h.update(&self.base);
+        h.update(prefix);
         h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
         h.update(&(key.len() as u64).to_le_bytes());
         h.update(key);
-        let mkey = h.finalize().to_hex().to_string();
+        h.finalize().to_hex().to_string()
+    }
+
+    /// The value under `mkey`, computed under its lock when absent (or corrupt), so
+    /// that stages asking at once compute it once; a published value is whole or absent.
+    fn lookup(
+        &self,
+        mkey: String,
+        name: &str,
+        compute: &mut dyn FnMut() -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         lock(&self.used).insert(mkey.clone());
         let store = &self.engine.store;
         let id = &self.engine.recipe.stages[self.stage].id;
@@ -257,6 +274,35 @@ impl Memo for StoreMemo<'_, '_> {
                 .warn(&format!("stage '{id}': cannot cache memo '{name}': {e}"));
         }
         Ok(value)
+    }
+}
+
+impl Memo for StoreMemo<'_, '_> {
+    fn get_or_compute(
+        &self,
+        name: &str,
+        key: &[u8],
+        compute: &mut dyn FnMut() -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let mut prefix = b"qpipe memo\0".to_vec();
+        prefix.extend_from_slice(&self.base);
+        let mkey = self.memo_key(&prefix, name, key);
+        self.lookup(mkey, name, compute)
+    }
+
+    fn input_digest(&self, key: &str) -> Option<String> {
+        self.inputs.get(key).cloned()
+    }
+
+    fn get_or_compute_shared(
+        &self,
+        name: &str,
+        key: &[u8],
+        compute: &mut dyn FnMut() -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let prefix = format!("qpipe shared memo\0{}\0", env!("CARGO_PKG_VERSION"));
+        let mkey = self.memo_key(prefix.as_bytes(), name, key);
+        self.lookup(mkey, name, compute)
     }
 }
 

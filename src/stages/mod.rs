@@ -94,6 +94,26 @@ pub trait Memo: Sync {
         key: &[u8],
         compute: &mut dyn FnMut() -> Result<Vec<u8>>,
     ) -> Result<Vec<u8>>;
+
+    /// The content hash of the upstream artifact under config key `key`, when the
+    /// pipeline knows it (a stage run outside a pipeline may not: then nothing it
+    /// computes from that artifact can be shared).
+    fn input_digest(&self, _key: &str) -> Option<String> {
+        None
+    }
+
+    /// Like [`Memo::get_or_compute`], but shared by every stage of any kind, in this
+    /// run and later ones, that asks with the same `name` and `key`: `key` must
+    /// describe everything the value depends on (qpipe's version aside, which the
+    /// pipeline adds). Stages asking at once compute it once. Without a store, computes.
+    fn get_or_compute_shared(
+        &self,
+        _name: &str,
+        _key: &[u8],
+        compute: &mut dyn FnMut() -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        compute()
+    }
 }
 
 /// Everything a stage may look at while it runs.

@@ -29,6 +29,7 @@
 //! `Quantize` of a float tensor is compared with that tensor.
 
 pub mod measure;
+pub mod reference;
 
 use std::ops::Range;
 
@@ -201,10 +202,9 @@ enum OutKind {
 }
 
 impl OutKind {
-    fn of(v: &Value, n: usize) -> OutKind {
-        let s = &v.shape;
-        let int = !v.dtype().is_float();
-        match s.as_slice() {
+    fn of(s: &[usize], float: bool, n: usize) -> OutKind {
+        let int = !float;
+        match s {
             [r] if *r == n && int => OutKind::ClassIds,
             [r, 1] if *r == n && int => OutKind::ClassIds,
             [r, 1] if *r == n => OutKind::Sigmoid,
@@ -385,12 +385,24 @@ pub(crate) fn candidate_feeds(
     Ok(feeds)
 }
 
+/// Where the reference's results come from.
+enum Reference<'a> {
+    /// The memo (see [`reference`]).
+    Memo(&'a reference::RefMemo),
+    /// Run beside the candidate: the plan fetches the outputs and then the pairs'
+    /// reference tensors that are in the layout's layer set (`pair_fetch`: each
+    /// pair's index among those, if there).
+    Run {
+        layout: reference::Layout,
+        pair_fetch: Vec<Option<usize>>,
+    },
+}
+
 struct Run<'a> {
     ds: &'a Dataset,
+    /// The reference's plan: it names the feeds, and runs when there is no memo.
     ref_plan: Plan,
     cand_plan: Plan,
-    /// For each candidate plan input: index of the reference feed with that name,
-    /// and the parameters to quantize it with when the candidate takes int8.
     /// Per candidate input: the reference feed and, for an int8 (int16: `true`)
     /// input, its parameters.
     cand_feeds: Vec<CandFeed>,
@@ -400,9 +412,101 @@ struct Run<'a> {
     /// The output the labels pair with.
     labelled: usize,
     pairs: &'a [Pair],
+    reference: Reference<'a>,
 }
 
-impl Run<'_> {
+/// A reference output of a batch: its shape, whether float, its values.
+type RefOutput<'a> = (Vec<usize>, bool, std::borrow::Cow<'a, [f64]>);
+
+/// A reference tensor of a batch: its shape and values.
+type RefTensor<'a> = (Vec<usize>, std::borrow::Cow<'a, [f32]>);
+
+/// The reference's values of a batch as [`Run::batch`] compares them.
+struct RefBatch<'a> {
+    outputs: Vec<RefOutput<'a>>,
+    /// Per pair, within the layer rows (else `None`).
+    layers: Vec<Option<RefTensor<'a>>>,
+}
+
+impl<'a> Run<'a> {
+    /// (bytes a row of the reference's largest tensor holds, the per-layer rows).
+    fn layout(&self) -> (usize, usize) {
+        match &self.reference {
+            Reference::Memo(m) => m.layout_rows(),
+            Reference::Run { layout, .. } => (layout.peak_per_row, layout.layer_rows),
+        }
+    }
+
+    fn reference_batch(&self, rows: &Range<usize>, feeds: Vec<Value>) -> Result<RefBatch<'_>> {
+        let (_, layer_rows) = self.layout();
+        let in_layers = rows.end <= layer_rows;
+        match &self.reference {
+            Reference::Memo(m) => Ok(RefBatch {
+                outputs: (0..self.out_names.len())
+                    .map(|k| {
+                        let (shape, float, v) = m.output(k, rows);
+                        (shape, float, v.into())
+                    })
+                    .collect(),
+                layers: self
+                    .pairs
+                    .iter()
+                    .map(|p| {
+                        in_layers
+                            .then(|| m.layer(&p.reference.to_string(), rows))
+                            .flatten()
+                            .map(|(s, v)| (s, v.into()))
+                    })
+                    .collect(),
+            }),
+            Reference::Run { pair_fetch, .. } => {
+                let ro = self.ref_plan.run_values(feeds).map_err(|e| {
+                    e.context(format!("reference, rows {}..{}", rows.start, rows.end))
+                })?;
+                let n_out = self.out_names.len();
+                let mut outputs = Vec::with_capacity(n_out);
+                for v in &ro[..n_out] {
+                    outputs.push((v.shape.clone(), v.dtype().is_float(), v.to_f64s()?.into()));
+                }
+                let layers = pair_fetch
+                    .iter()
+                    .map(|f| {
+                        let v = &ro[n_out + (*f)?];
+                        match (&*v.buf, in_layers) {
+                            (Buf::F32(x), true) => Some((v.shape.clone(), x.clone().into())),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                Ok(RefBatch { outputs, layers })
+            }
+        }
+    }
+
+    /// Every row of `[0, total)` compared, in the same batches with or without the
+    /// memo: the probe rows first, then batches sized by both models' largest
+    /// tensors, split where the per-layer rows end.
+    fn all(&self, total: usize, inc: &dyn Fn(u64)) -> Result<Acc> {
+        let (ref_per_row, layer_rows) = self.layout();
+        let mut acc = Acc::new(self.out_names.len(), self.pairs.len());
+        let probe = PROBE_ROWS.min(total).min(layer_rows).max(1);
+        acc.merge(&self.batch(0..probe)?);
+        inc(probe as u64);
+        let per_row = ref_per_row.max(self.cand_plan.peak_bytes() / probe);
+        let size = batch_rows(per_row, BATCH);
+        let mut batches = batch_ranges(probe, layer_rows.max(probe), size);
+        batches.extend(batch_ranges(layer_rows.max(probe), total, size));
+        let window = (rayon::current_num_threads() * 2).max(1);
+        for chunk in batches.chunks(window) {
+            let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| self.batch(r.clone())).collect();
+            for (r, p) in chunk.iter().zip(parts) {
+                acc.merge(&p?);
+                inc(r.len() as u64);
+            }
+        }
+        Ok(acc)
+    }
+
     fn batch(&self, rows: Range<usize>) -> Result<Acc> {
         let ref_feeds = self.ds.feeds(&self.ref_plan, rows.clone())?;
         let mut cand_feeds = Vec::with_capacity(self.cand_feeds.len());
@@ -430,10 +534,7 @@ impl Run<'_> {
         let ctx = |e: Error, which: &str| {
             e.context(format!("{which}, rows {}..{}", rows.start, rows.end))
         };
-        let ro = self
-            .ref_plan
-            .run_values(ref_feeds)
-            .map_err(|e| ctx(e, "reference"))?;
+        let reference = self.reference_batch(&rows, ref_feeds)?;
         let co = self
             .cand_plan
             .run_values(cand_feeds)
@@ -443,12 +544,12 @@ impl Run<'_> {
         acc.rows = n;
         let labels = self.ds.labels(rows.clone())?;
         for (k, name) in self.out_names.iter().enumerate() {
-            let rv = ro[k].to_f64s()?;
+            let (ref_shape, ref_float, rv) = &reference.outputs[k];
             let cv = real_values(&co[k], self.out_quant[k].as_ref())?;
-            if ro[k].shape != co[k].shape {
+            if *ref_shape != co[k].shape {
                 return Err(Error::msg(format!(
                     "output '{name}': the reference's has shape {:?}, the candidate's {:?}",
-                    ro[k].shape, co[k].shape
+                    ref_shape, co[k].shape
                 )));
             }
             let oa = &mut acc.outputs[k];
@@ -462,9 +563,9 @@ impl Run<'_> {
                 };
             }
             oa.n = rv.len() as u64;
-            let kind = OutKind::of(&ro[k], n);
+            let kind = OutKind::of(ref_shape, *ref_float, n);
             oa.kind = Some(kind);
-            let (Some(rp), Some(cp)) = (kind.classes(&rv, n), kind.classes(&cv, n)) else {
+            let (Some(rp), Some(cp)) = (kind.classes(rv, n), kind.classes(&cv, n)) else {
                 continue;
             };
             oa.agree = rp.iter().zip(&cp).filter(|(a, b)| a == b).count();
@@ -496,17 +597,24 @@ impl Run<'_> {
             }
         }
         let n_out = self.out_names.len();
+        let (_, layer_rows) = self.layout();
         for (k, p) in self.pairs.iter().enumerate() {
-            let rv = &ro[n_out + k];
+            if rows.end > layer_rows {
+                break;
+            }
             let cv = &co[n_out + k];
             let la = &mut acc.layers[k];
-            if rv.shape != cv.shape || rv.dtype() != DType::F32 {
+            let Some((shape, rf)) = &reference.layers[k] else {
+                la.shape_mismatch = true;
+                continue;
+            };
+            if *shape != cv.shape {
                 la.shape_mismatch = true;
                 continue;
             }
-            let rf = rv.to_f64s()?;
             let cf = real_values(cv, Some(&p.quant))?;
-            for (a, b) in rf.iter().zip(&cf) {
+            for (&a, b) in rf.iter().zip(&cf) {
+                let a = a as f64;
                 let d = a - b;
                 la.sq_err += d * d;
                 la.sq_ref += a * a;
@@ -550,6 +658,39 @@ fn find_output(outputs: &[TensorRef], name: &str) -> Option<usize> {
         .position(|o| o.to_string() == name || (o.index == 0 && o.node == name))
 }
 
+/// The reference's plan (which names the feeds, and runs when there is no memo) and
+/// where its results come from: the memo, or runs beside the candidate.
+fn reference_source<'a>(
+    ref_fused: &Graph,
+    ds: &Dataset,
+    total: usize,
+    arith: Arithmetic,
+    pairs: &[Pair],
+    memo: Option<&'a reference::RefMemo>,
+) -> Result<(Plan, Reference<'a>)> {
+    let ref_in: Vec<&str> = ref_fused.inputs.iter().map(String::as_str).collect();
+    let compile = |fetch: &[TensorRef]| -> Result<Plan> {
+        Ok(Plan::compile(ref_fused, &ref_in, fetch)
+            .map_err(|e| e.context("reference"))?
+            .with_arithmetic(arith))
+    };
+    if let Some(m) = memo {
+        return Ok((compile(&ref_fused.outputs)?, Reference::Memo(m)));
+    }
+    let layout = reference::layout(ref_fused, ds, total, arith)?;
+    let mut fetch = ref_fused.outputs.clone();
+    let mut pair_fetch = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        if layout.layer_set.contains(&p.reference) {
+            pair_fetch.push(Some(fetch.len() - ref_fused.outputs.len()));
+            fetch.push(p.reference.clone());
+        } else {
+            pair_fetch.push(None);
+        }
+    }
+    Ok((compile(&fetch)?, Reference::Run { layout, pair_fetch }))
+}
+
 impl Validate {
     /// Where the per-layer table goes under `out_dir`.
     fn report_path(&self) -> String {
@@ -570,7 +711,8 @@ impl Stage for Validate {
     fn version(&self) -> u32 {
         // 2: the default runtime is LiteRT's reference kernels; every output is measured.
         // 3: int8 SUM follows LiteRT's kernels (reference: bytes read as uint8).
-        3
+        // 4: the per-layer table is measured on the first `layer_samples` rows.
+        4
     }
     fn deps(&self) -> StageDeps {
         StageDeps {
@@ -629,21 +771,13 @@ impl Stage for Validate {
         };
         let (ref_fused, _) = crate::ir::passes::fuse::fuse(&reference, true)?;
         let pairs = layer_pairs(&ref_fused, &candidate);
-        let mut ref_fetch = ref_fused.outputs.clone();
-        ref_fetch.extend(pairs.iter().map(|p| p.reference.clone()));
         let mut cand_fetch = candidate.outputs.clone();
         cand_fetch.extend(pairs.iter().map(|p| p.candidate.clone()));
-        let ref_in: Vec<&str> = ref_fused.inputs.iter().map(String::as_str).collect();
         let cand_in: Vec<&str> = candidate.inputs.iter().map(String::as_str).collect();
         let arith = c.runtime.arithmetic();
-        let ref_plan = Plan::compile(&ref_fused, &ref_in, &ref_fetch)
-            .map_err(|e| e.context(format!("stage '{id}': reference")))?
-            .with_arithmetic(arith);
         let cand_plan = Plan::compile(&candidate, &cand_in, &cand_fetch)
             .map_err(|e| e.context(format!("stage '{id}': candidate")))?
             .with_arithmetic(arith);
-        let cand_feeds = candidate_feeds(&ref_plan, &cand_plan, &candidate)
-            .map_err(|e| e.context(format!("stage '{id}'")))?;
         let ds = Dataset::open(spec).map_err(|e| e.context(format!("stage '{id}'")))?;
         let total = c.samples.map_or(ds.rows(), |s| s.min(ds.rows()));
         if total == 0 {
@@ -656,6 +790,22 @@ impl Stage for Validate {
                 )
             }));
         }
+        let in_stage = |e: Error| e.context(format!("stage '{id}'"));
+        let (memo, reference_cached) = reference::obtain(
+            ctx.memo,
+            "reference",
+            &ref_fused,
+            spec,
+            &ds,
+            total,
+            c.runtime,
+            Some(ctx.progress),
+        )
+        .map_err(in_stage)?;
+        let (ref_plan, source) =
+            reference_source(&ref_fused, &ds, total, arith, &pairs, memo.as_ref())
+                .map_err(in_stage)?;
+        let cand_feeds = candidate_feeds(&ref_plan, &cand_plan, &candidate).map_err(in_stage)?;
         let data_casts = ds.casts(&ref_plan);
         let run = Run {
             ds: &ds,
@@ -670,28 +820,13 @@ impl Stage for Validate {
             cand_plan,
             cand_feeds,
             pairs: &pairs,
+            reference: source,
         };
+        let layer_rows = run.layout().1;
         let bar = ctx
             .progress
             .start("validating", total as u64, crate::progress::Unit::Samples);
-        let mut acc = Acc::new(out_names.len(), pairs.len());
-        // A few rows first, to size the batches by the tensors the models make.
-        let probe = PROBE_ROWS.min(total);
-        acc.merge(
-            &run.batch(0..probe)
-                .map_err(|e| e.context(format!("stage '{id}'")))?,
-        );
-        bar.inc(probe as u64);
-        let per_row = run.ref_plan.peak_bytes().max(run.cand_plan.peak_bytes()) / probe;
-        let batches = batch_ranges(probe, total, batch_rows(per_row, BATCH));
-        let window = (rayon::current_num_threads() * 2).max(1);
-        for chunk in batches.chunks(window) {
-            let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| run.batch(r.clone())).collect();
-            for (r, p) in chunk.iter().zip(parts) {
-                acc.merge(&p.map_err(|e| e.context(format!("stage '{id}'")))?);
-                bar.inc(r.len() as u64);
-            }
-        }
+        let acc = run.all(total, &|n| bar.inc(n)).map_err(in_stage)?;
         bar.finish();
         let kind = |k: usize| acc.outputs[k].kind.unwrap_or(OutKind::Regression);
         let has_classes = |k: usize| kind(k) != OutKind::Regression;
@@ -738,6 +873,8 @@ impl Stage for Validate {
         }
         metrics.insert("outputs".into(), outputs.into());
         metrics.insert("samples".into(), acc.rows.into());
+        metrics.insert("layer_samples".into(), layer_rows.min(acc.rows).into());
+        metrics.insert("reference_cached".into(), reference_cached.into());
         metrics.insert("runtime".into(), c.runtime.name().into());
         if !data_casts.is_empty() {
             metrics.insert("data_casts".into(), data_casts.into());

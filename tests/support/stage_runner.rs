@@ -14,11 +14,16 @@ use super::fixtures::{fixture_datasets, stripped_fixture};
 
 type MemoMap = HashMap<(String, Vec<u8>), Vec<u8>>;
 
-/// A memo that keeps values in memory and counts how often it computed one.
+/// A memo that keeps values in memory and counts how often it computed one. Shared
+/// values need the upstream artifacts' hashes, which a test gives in `digests`
+/// (config key → hash); without them a stage computes what it would share.
 #[derive(Default)]
 pub struct MemMemo {
     map: Mutex<MemoMap>,
     pub computed: AtomicUsize,
+    pub digests: Mutex<HashMap<String, String>>,
+    /// How often a shared value was computed.
+    pub shared_computed: AtomicUsize,
 }
 
 impl Memo for MemMemo {
@@ -34,6 +39,26 @@ impl Memo for MemMemo {
         }
         let v = compute()?;
         self.computed.fetch_add(1, Ordering::SeqCst);
+        self.map.lock().unwrap().insert(k, v.clone());
+        Ok(v)
+    }
+
+    fn input_digest(&self, key: &str) -> Option<String> {
+        self.digests.lock().unwrap().get(key).cloned()
+    }
+
+    fn get_or_compute_shared(
+        &self,
+        name: &str,
+        key: &[u8],
+        compute: &mut dyn FnMut() -> qpipe::Result<Vec<u8>>,
+    ) -> qpipe::Result<Vec<u8>> {
+        let k = (format!("shared {name}"), key.to_vec());
+        if let Some(v) = self.map.lock().unwrap().get(&k) {
+            return Ok(v.clone());
+        }
+        let v = compute()?;
+        self.shared_computed.fetch_add(1, Ordering::SeqCst);
         self.map.lock().unwrap().insert(k, v.clone());
         Ok(v)
     }

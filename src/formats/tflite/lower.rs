@@ -530,7 +530,12 @@ impl<'g> Lowerer<'g> {
         let (tensor, quant) = rearrange(producer, &tensor, quant, layout)?;
         let dims: Vec<i64> = tensor.shape().iter().map(|&d| d as i64).collect();
         let name = r.to_string();
-        let data = Some(Arc::<[u8]>::from(tensor.bytes()));
+        // Shares the constant's bytes: a copy would hold a second 200 MB embedding
+        // while the flatbuffer is written.
+        let data = Some(match tensor.data() {
+            crate::ir::TensorData::Bytes(b) => b.clone(),
+            crate::ir::TensorData::Strings(_) => Arc::<[u8]>::from(tensor.bytes()),
+        });
         let t = if let Some(source) = source {
             let src = self.add_tensor(producer, source, tensor.dtype(), &dims, data, quant)?;
             let out = self.add_tensor(producer, name, DType::F32, &dims, None, None)?;

@@ -97,7 +97,7 @@ impl Stats {
 
 /// The tensors calibration records: output 0 of every node but constants, and the
 /// other outputs that some node reads.
-fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
+pub(crate) fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
     let mut set = std::collections::BTreeSet::new();
     for n in &g.nodes {
         if !n.is_const() {

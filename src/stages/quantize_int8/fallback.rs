@@ -46,6 +46,7 @@ use super::{QuantizeInt8Config, Strategy};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Op};
 use crate::stages::validate::measure::{measure, Measured};
+use crate::stages::validate::reference::{obtain, RefMemo};
 use crate::stages::validate::Runtime;
 use crate::stages::{ConfigError, ConfigTable, StageContext, StageDeps};
 
@@ -186,6 +187,9 @@ struct Tuner<'a> {
     stats: &'a Stats,
     opts: &'a FullOptions,
     spec: &'a crate::spec::DatasetSpec,
+    /// The reference's results on `spec`, shared with validate stages (see
+    /// [`crate::stages::validate::reference`]), when the pipeline could memoize them.
+    memo: Option<RefMemo>,
 }
 
 impl Tuner<'_> {
@@ -200,7 +204,14 @@ impl Tuner<'_> {
 
     fn score(&self, float: &BTreeSet<String>) -> Result<Score> {
         let (g, _) = self.quantize(float)?;
-        let m = measure(self.reference, &g, self.spec, Runtime::LiteRtRef).map_err(|e| {
+        let m = measure(
+            self.reference,
+            &g,
+            self.spec,
+            Runtime::LiteRtRef,
+            self.memo.as_ref(),
+        )
+        .map_err(|e| {
             e.context(format!(
                 "stage '{}': fallback: measuring on '{}'",
                 self.id, self.f.dataset
@@ -292,6 +303,36 @@ pub fn tune(
             f.dataset
         ))
     })?;
+    let key = if f.reference.is_some() {
+        REFERENCE_KEY
+    } else {
+        "input"
+    };
+    let (ref_fused, _) = crate::ir::passes::fuse::fuse(&reference, true)?;
+    let in_fallback = |e: Error| {
+        e.context(format!(
+            "stage '{id}': fallback: the reference on '{}'",
+            f.dataset
+        ))
+    };
+    let ds = crate::kernels::dataset::Dataset::open(spec).map_err(in_fallback)?;
+    let memo = if ds.rows() == 0 {
+        None // measure says so
+    } else {
+        obtain(
+            ctx.memo,
+            key,
+            &ref_fused,
+            spec,
+            &ds,
+            ds.rows(),
+            Runtime::LiteRtRef,
+            Some(ctx.progress),
+        )
+        .map_err(in_fallback)?
+        .0
+    };
+    drop(ref_fused);
     let t = Tuner {
         id,
         f,
@@ -300,6 +341,7 @@ pub fn tune(
         stats,
         opts,
         spec,
+        memo,
     };
     let none = BTreeSet::new();
     let (_, first) = t.quantize(&none)?;

@@ -3,10 +3,8 @@
 //! and class rules as the stage ([`Run::batch`]), without the per-layer table, so
 //! that what the fallback tunes for is what a `validate` stage then reports.
 
-use rayon::prelude::*;
-
-use super::{batch_ranges, batch_rows, fraction, producer_quant, Acc, OutKind, Run, Runtime};
-use super::{Dataset, PROBE_ROWS};
+use super::reference::RefMemo;
+use super::{fraction, producer_quant, reference_source, Dataset, OutKind, Run, Runtime};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::kernels::Plan;
@@ -25,12 +23,15 @@ pub struct Measured {
     pub mean_abs_error: f64,
 }
 
-/// Runs `reference` and `candidate` on every row of `spec` as `validate` does.
+/// Runs `reference` and `candidate` on every row of `spec` as `validate` does. With
+/// `memo` (the reference's on every row of `spec`, from [`super::reference::obtain`])
+/// the reference does not run.
 pub fn measure(
     reference: &Graph,
     candidate: &Graph,
     spec: &DatasetSpec,
     runtime: Runtime,
+    memo: Option<&RefMemo>,
 ) -> Result<Measured> {
     if reference.outputs.is_empty() || reference.outputs.len() != candidate.outputs.len() {
         return Err(Error::msg(format!(
@@ -40,21 +41,19 @@ pub fn measure(
         )));
     }
     let (ref_fused, _) = crate::ir::passes::fuse::fuse(reference, true)?;
-    let ref_in: Vec<&str> = ref_fused.inputs.iter().map(String::as_str).collect();
     let cand_in: Vec<&str> = candidate.inputs.iter().map(String::as_str).collect();
     let arith = runtime.arithmetic();
-    let ref_plan = Plan::compile(&ref_fused, &ref_in, &ref_fused.outputs)
-        .map_err(|e| e.context("reference"))?
-        .with_arithmetic(arith);
     let cand_plan = Plan::compile(candidate, &cand_in, &candidate.outputs)
         .map_err(|e| e.context("candidate"))?
         .with_arithmetic(arith);
-    let cand_feeds = super::candidate_feeds(&ref_plan, &cand_plan, candidate)?;
     let ds = Dataset::open(spec)?;
     let total = ds.rows();
     if total == 0 {
         return Err(Error::usage("the data set has no rows"));
     }
+    let memo = memo.filter(|m| m.rows == total);
+    let (ref_plan, source) = reference_source(&ref_fused, &ds, total, arith, &[], memo)?;
+    let cand_feeds = super::candidate_feeds(&ref_plan, &cand_plan, candidate)?;
     let run = Run {
         ds: &ds,
         out_quant: candidate
@@ -68,20 +67,9 @@ pub fn measure(
         cand_plan,
         cand_feeds,
         pairs: &[],
+        reference: source,
     };
-    let n_out = run.out_names.len();
-    let mut acc = Acc::new(n_out, 0);
-    let probe = PROBE_ROWS.min(total);
-    acc.merge(&run.batch(0..probe)?);
-    let per_row = run.ref_plan.peak_bytes().max(run.cand_plan.peak_bytes()) / probe;
-    let batches = batch_ranges(probe, total, batch_rows(per_row, super::BATCH));
-    let window = (rayon::current_num_threads() * 2).max(1);
-    for chunk in batches.chunks(window) {
-        let parts: Vec<Result<Acc>> = chunk.par_iter().map(|r| run.batch(r.clone())).collect();
-        for p in parts {
-            acc.merge(&p?);
-        }
-    }
+    let acc = run.all(total, &|_| {})?;
     let out = &acc.outputs[0];
     let classes = out.kind.unwrap_or(OutKind::Regression) != OutKind::Regression;
     let labels = classes && ds.has_labels();
