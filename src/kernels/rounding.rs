@@ -1607,6 +1607,55 @@ mod row_x86 {
         _mm_storel_epi64(out as *mut __m128i, b);
     }
 
+    /// The `Quantized` channels `[0, 16·⌊n/16⌋)` of [`RowRequantizer::row`] in
+    /// 512-bit vectors, with the operations of the AVX2 loop below; returns how many.
+    ///
+    /// # Safety
+    /// AVX-512F must be present, `r.vector` set with `Quantized` multipliers, and
+    /// `acc`, `bias`, `out` of equal length.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f")]
+    unsafe fn quantized_512(
+        r: &RowRequantizer,
+        acc: &[i32],
+        bias: &[i32],
+        out: &mut [i8],
+    ) -> usize {
+        let n = out.len() / 16 * 16;
+        let ld = |p: &[i32], c: usize| _mm512_loadu_si512(p.as_ptr().add(c).cast());
+        let zp = _mm512_set1_epi32(r.zero_point);
+        let (lo, hi) = (_mm512_set1_epi32(r.lo), _mm512_set1_epi32(r.hi));
+        let round = _mm512_set1_epi64(1 << 30);
+        let one = _mm512_set1_epi32(1);
+        for c in (0..n).step_by(16) {
+            let x = _mm512_add_epi32(ld(acc, c), ld(bias, c));
+            let a = _mm512_sllv_epi32(x, ld(&r.left, c));
+            let b = ld(&r.q, c);
+            // srdhm, as in the AVX2 version.
+            let even = _mm512_add_epi64(_mm512_mul_epi32(a, b), round);
+            let odd = _mm512_add_epi64(
+                _mm512_mul_epi32(_mm512_srli_epi64::<32>(a), _mm512_srli_epi64::<32>(b)),
+                round,
+            );
+            let even = _mm512_srli_epi64::<31>(even);
+            let odd = _mm512_slli_epi64::<32>(_mm512_srli_epi64::<31>(odd));
+            let x = _mm512_mask_blend_epi32(0xaaaa, even, odd);
+            let rem = _mm512_and_si512(x, ld(&r.mask, c));
+            let negative = _mm512_srai_epi32::<31>(x);
+            let threshold = _mm512_sub_epi32(ld(&r.half, c), negative);
+            let up = _mm512_cmpgt_epi32_mask(rem, threshold);
+            let v = _mm512_srav_epi32(x, ld(&r.right, c));
+            let v = _mm512_add_epi32(_mm512_mask_add_epi32(v, up, v, one), zp);
+            let v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+            // Saturating to int8 is the clamp to int8.
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(c) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(v),
+            );
+        }
+        n
+    }
+
     /// The channels `[0, 8·⌊n/8⌋)` of [`RowRequantizer::row`]; returns how many.
     ///
     /// # Safety
@@ -1620,7 +1669,12 @@ mod row_x86 {
         let op = out.as_mut_ptr();
         match &r.mult {
             ChannelMultipliers::Quantized(..) => {
-                for c in (0..n).step_by(8) {
+                let wide = if crate::kernels::simd::vnni() {
+                    quantized_512(r, acc, bias, out)
+                } else {
+                    0
+                };
+                for c in (wide..n).step_by(8) {
                     let x = _mm256_add_epi32(load(acc, c), load(bias, c));
                     let x = _mm256_sllv_epi32(x, load(&r.left, c));
                     let x = srdhm(x, load(&r.q, c));
