@@ -446,7 +446,7 @@ fn windowed(
         if !done {
             accumulate_row(r, acc, dims, win, xs, wv, in_off, pixel, &accumulate);
         }
-        requant.rows(&acc, bias, out_row);
+        requant.rows(acc, bias, out_row);
     };
     let compute =
         |r: usize, out_row: &mut [i8]| super::gemm::with_scratch(|_, a| compute_in(r, out_row, a));
