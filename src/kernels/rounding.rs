@@ -617,11 +617,7 @@ pub struct DynamicRow {
 /// A row's range widened to contain 0, as both dynamic quantizers take it (NaN never
 /// wins a comparison, so it is skipped).
 fn row_range(values: &[f32]) -> (f32, f32) {
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (if v < a { v } else { a }, if v > b { v } else { b })
-        });
+    let (lo, hi) = row_min_max(values);
     (lo.min(0.0), hi.max(0.0))
 }
 
@@ -673,11 +669,7 @@ pub fn asymmetric_quantize_floats(values: &[f32]) -> DynamicRow {
 /// values `round(x * (127 / max|x|))` half away from zero, clamped to ±127; an
 /// all-zero row gets scale 1. The offset is 0.
 pub fn symmetric_quantize_floats(values: &[f32]) -> DynamicRow {
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (if v < a { v } else { a }, if v > b { v } else { b })
-        });
+    let (lo, hi) = row_min_max(values);
     let range = if values.is_empty() {
         0.0
     } else {
@@ -728,49 +720,10 @@ pub fn xnn_dynamic_quantize(values: &[f32]) -> DynamicRow {
     }
 }
 
-/// `clamp(round(v · m) + offset, lo, hi)` for each value, rounded half to even
-/// (`even`) or half away from zero: the values of a dynamically quantized row. On
-/// AVX2 the same expressions are compiled for it and vectorize (a multiply, a
-/// rounding and an add per value: the same bits).
-fn scale_round_row(
-    values: &[f32],
-    m: f32,
-    offset: i32,
-    (lo, hi): (i32, i32),
-    even: bool,
-) -> Vec<i8> {
-    #[inline(always)]
-    fn body(values: &[f32], m: f32, offset: i32, (lo, hi): (i32, i32), even: bool, out: &mut [i8]) {
-        if even {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = (round_half_even_f32(v * m) as i32 + offset).clamp(lo, hi) as i8;
-            }
-        } else {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = (round_half_away_f32(v * m) as i32 + offset).clamp(lo, hi) as i8;
-            }
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn body_avx2(
-        values: &[f32],
-        m: f32,
-        offset: i32,
-        range: (i32, i32),
-        even: bool,
-        out: &mut [i8],
-    ) {
-        body(values, m, offset, range, even, out)
-    }
+/// `clamp(round(v · m) + offset, lo, hi)` for each value ([`scale_round_into`]).
+fn scale_round_row(values: &[f32], m: f32, offset: i32, range: (i32, i32), even: bool) -> Vec<i8> {
     let mut out = vec![0i8; values.len()];
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd::avx2() {
-        // SAFETY: AVX2 is present.
-        unsafe { body_avx2(values, m, offset, (lo, hi), even, &mut out) };
-        return out;
-    }
-    body(values, m, offset, (lo, hi), even, &mut out);
+    scale_round_into(values, m, offset, range, even, &mut out);
     out
 }
 
@@ -1923,4 +1876,450 @@ mod row_tests {
 pub fn round_shift_20_half_away(x: i64) -> i64 {
     let round = if x > 0 { 1 << 19 } else { -(1 << 19) };
     (x + round) / (1 << 20)
+}
+
+/// The smallest and largest value of a row, NaN skipped (`(inf, -inf)` when every
+/// value is NaN or the row is empty): the fold `if v < a { v } else { a }` (and `>`
+/// for the largest). On AVX2 eight lanes fold at once with `vminps`/`vmaxps`, which
+/// keep the accumulator when either operand is NaN, exactly as the fold does; the
+/// order only changes which zero of ±0 wins, which no caller can tell (they widen the
+/// range to contain 0.0, or take absolute values).
+pub fn row_min_max(values: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if values.len() >= 16 && crate::kernels::simd::avx2() {
+        // SAFETY: AVX2 is present.
+        return unsafe { hybrid_x86::min_max(values) };
+    }
+    min_max_scalar(values, f32::INFINITY, f32::NEG_INFINITY)
+}
+
+#[inline(always)]
+fn min_max_scalar(values: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+    values.iter().fold((lo, hi), |(a, b), &v| {
+        (if v < a { v } else { a }, if v > b { v } else { b })
+    })
+}
+
+/// `clamp(round(v · m) as i32 + offset, lo, hi)` into `out` for each value, rounded
+/// half to even (`even`) or half away from zero ([`round_half_away_f32`]); `as i32`
+/// saturates (NaN gives 0) and the offset is added wrapping, as in a release build of
+/// the scalar loop. On AVX2 eight values per step with the same bits: the product is
+/// one `vmulps`; half to even is `vroundps`; half away from zero truncates and
+/// compares the exact remainder with ±½; out-of-range and NaN products are then fixed
+/// up to what the saturating cast gives.
+pub fn scale_round_into(
+    values: &[f32],
+    m: f32,
+    offset: i32,
+    (lo, hi): (i32, i32),
+    even: bool,
+    out: &mut [i8],
+) {
+    assert_eq!(values.len(), out.len(), "scale_round_into: lengths differ");
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::avx2() && (-128..=127).contains(&lo) && (-128..=127).contains(&hi) {
+        // SAFETY: AVX2 is present; the lengths are equal.
+        done = unsafe { hybrid_x86::scale_round(values, m, offset, lo, hi, even, out) };
+    }
+    for (o, &v) in out[done..].iter_mut().zip(&values[done..]) {
+        let r = if even {
+            round_half_even_f32(v * m)
+        } else {
+            round_half_away_f32(v * m)
+        };
+        *o = (r as i32).wrapping_add(offset).clamp(lo, hi) as i8;
+    }
+}
+
+/// `v.max(lo).min(hi)` when `bounds` is `Some((lo, hi))` (TFLite's
+/// `ActivationFunctionWithMinMax`: a NaN `v` becomes `lo`), else `v`.
+#[inline(always)]
+pub fn clamp_activation(v: f32, bounds: Option<(f32, f32)>) -> f32 {
+    match bounds {
+        Some((lo, hi)) => v.max(lo).min(hi),
+        None => v,
+    }
+}
+
+/// `out[c] = clamp_activation(hybrid_dequantize(acc[c], in_scale, ws[c], bias[c],
+/// how), bounds)` for one output pixel's or batch row's channels. On AVX2 (and FMA
+/// for [`HybridScaling::XnnFma`]) eight channels per step, each product and sum
+/// rounded where the scalar expression rounds it (one fused multiply-add for
+/// `XnnFma`, as `f32::mul_add`), the clamp with `vmaxps`/`vminps` ordered as the
+/// compiler orders `f32::max`/`min` (ties give `v`, a NaN gives the bound): the same
+/// bits.
+pub fn hybrid_dequantize_row(
+    acc: &[i32],
+    in_scale: f32,
+    ws: &[f32],
+    bias: &[f32],
+    how: HybridScaling,
+    bounds: Option<(f32, f32)>,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    assert!(
+        acc.len() == n && ws.len() == n && bias.len() == n,
+        "hybrid_dequantize_row: lengths differ"
+    );
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if n >= 8 && crate::kernels::simd::avx2() {
+        // SAFETY: AVX2 (and FMA where used) is present; the lengths are equal.
+        done = unsafe {
+            match how {
+                HybridScaling::XnnFma if hybrid_x86::fma() => {
+                    hybrid_x86::dequantize_fma(acc, in_scale, ws, bias, bounds, out)
+                }
+                HybridScaling::XnnFma => 0,
+                _ => hybrid_x86::dequantize(acc, in_scale, ws, bias, how, bounds, out),
+            }
+        };
+    }
+    for c in done..n {
+        let v = hybrid_dequantize(acc[c], in_scale, ws[c], bias[c], how);
+        out[c] = clamp_activation(v, bounds);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod hybrid_x86 {
+    use super::HybridScaling;
+    use std::arch::x86_64::*;
+
+    /// Whether FMA may be used (with AVX2; `QPIPE_NO_SIMD` turns it off with AVX2).
+    pub fn fma() -> bool {
+        crate::kernels::simd::avx2() && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn min_max(values: &[f32]) -> (f32, f32) {
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        let chunks = values.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            // `vminps a, b` is `a < b ? a : b`: b (the accumulator) when either is NaN.
+            lo = _mm256_min_ps(v, lo);
+            hi = _mm256_max_ps(v, hi);
+        }
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(l.as_mut_ptr(), lo);
+        _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        let (a, _) = super::min_max_scalar(&l, f32::INFINITY, f32::NEG_INFINITY);
+        let (_, b) = super::min_max_scalar(&h, f32::INFINITY, f32::NEG_INFINITY);
+        super::min_max_scalar(rest, a, b)
+    }
+
+    /// Returns how many values it wrote (a multiple of 8); the caller does the rest.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `out` as long as `values`; `lo`, `hi` within int8.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn scale_round(
+        values: &[f32],
+        m: f32,
+        offset: i32,
+        lo: i32,
+        hi: i32,
+        even: bool,
+        out: &mut [i8],
+    ) -> usize {
+        let n = values.len().min(out.len());
+        let mv = _mm256_set1_ps(m);
+        let off = _mm256_set1_epi32(offset);
+        let (lov, hiv) = (_mm256_set1_epi32(lo), _mm256_set1_epi32(hi));
+        let (half, mhalf) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
+        let two31 = _mm256_set1_ps(2_147_483_648.0);
+        let m_two31 = _mm256_set1_ps(-2_147_483_648.0);
+        let (imax, imin) = (_mm256_set1_epi32(i32::MAX), _mm256_set1_epi32(i32::MIN));
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_mul_ps(_mm256_loadu_ps(values.as_ptr().add(i)), mv);
+            let q = if even {
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                _mm256_cvttps_epi32(r)
+            } else {
+                // Below 2^31 in magnitude `x - trunc(x)` is exact (see
+                // `round_half_away_f32`), and from 2^23 on it is 0.
+                let t = _mm256_cvttps_epi32(x);
+                let f = _mm256_sub_ps(x, _mm256_cvtepi32_ps(t));
+                let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half));
+                let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(f, mhalf));
+                _mm256_add_epi32(_mm256_sub_epi32(t, up), down)
+            };
+            // The saturating `as i32`: NaN → 0, ≥ 2^31 → MAX, < -2^31 → MIN.
+            let big = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, two31));
+            let small = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, m_two31));
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            let q = _mm256_blendv_epi8(q, imax, big);
+            let q = _mm256_blendv_epi8(q, imin, small);
+            let q = _mm256_andnot_si256(nan, q);
+            let q = _mm256_add_epi32(q, off);
+            let q = _mm256_min_epi32(_mm256_max_epi32(q, lov), hiv);
+            let w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let b = _mm_packs_epi16(w, w);
+            _mm_storel_epi64(out.as_mut_ptr().add(i) as *mut __m128i, b);
+            i += 8;
+        }
+        i
+    }
+
+    /// `v.max(lo).min(hi)` as the compiler emits it for f32: `vmaxss lo, v` (ties
+    /// give `v`) with a NaN `v` replaced by `lo`, then `vminss hi, ·` likewise.
+    #[inline(always)]
+    unsafe fn clamp(v: __m256, lo: __m256, hi: __m256) -> __m256 {
+        let t = _mm256_blendv_ps(
+            _mm256_max_ps(lo, v),
+            lo,
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+        );
+        _mm256_blendv_ps(
+            _mm256_min_ps(hi, t),
+            hi,
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(t, t),
+        )
+    }
+
+    const WEIGHT_FIRST: u8 = 0;
+    const PRODUCT: u8 = 1;
+    const FMA: u8 = 2;
+
+    /// Channels `[0, 8⌊n/8⌋)`; returns how many it wrote.
+    #[inline(always)]
+    unsafe fn dequantize_with<const HOW: u8>(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) -> usize {
+        let n = out.len();
+        let s = _mm256_set1_ps(in_scale);
+        let (lo, hi) = bounds.unwrap_or((0.0, 0.0));
+        let (lov, hiv) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let mut c = 0;
+        while c + 8 <= n {
+            let a = _mm256_cvtepi32_ps(_mm256_loadu_si256(acc.as_ptr().add(c) as *const __m256i));
+            let w = _mm256_loadu_ps(ws.as_ptr().add(c));
+            let b = _mm256_loadu_ps(bias.as_ptr().add(c));
+            let mut v = match HOW {
+                WEIGHT_FIRST => _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(a, w), s), b),
+                PRODUCT => _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(s, w)), b),
+                _ => _mm256_fmadd_ps(_mm256_mul_ps(a, s), w, b),
+            };
+            if bounds.is_some() {
+                v = clamp(v, lov, hiv);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(c), v);
+            c += 8;
+        }
+        c
+    }
+
+    /// Returns how many channels it wrote (a multiple of 8).
+    ///
+    /// # Safety
+    /// AVX2 must be present; `acc`, `ws` and `bias` as long as `out`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dequantize(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        how: HybridScaling,
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) -> usize {
+        match how {
+            HybridScaling::AccTimesWeightFirst => {
+                dequantize_with::<WEIGHT_FIRST>(acc, in_scale, ws, bias, bounds, out)
+            }
+            HybridScaling::AccTimesProduct => {
+                dequantize_with::<PRODUCT>(acc, in_scale, ws, bias, bounds, out)
+            }
+            HybridScaling::XnnFma => 0,
+        }
+    }
+
+    /// `XnnFma`: `fma(acc * in_scale, w, bias)`; returns how many channels it wrote.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; `acc`, `ws` and `bias` as long as `out`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize_fma(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) -> usize {
+        dequantize_with::<FMA>(acc, in_scale, ws, bias, bounds, out)
+    }
+}
+
+#[cfg(test)]
+mod hybrid_row_tests {
+    use super::*;
+
+    /// Values around every rounding boundary of a few multipliers, plus the edges a
+    /// saturating cast meets (NaN, ±inf, ±2^31, ±2^23, ±0).
+    fn awkward(seed: &mut u32) -> Vec<f32> {
+        let mut next = || {
+            *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *seed
+        };
+        let mut v = vec![
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            2_147_483_648.0,
+            -2_147_483_648.0,
+            2_147_483_520.0,
+            -2_147_483_904.0,
+            8_388_608.0,
+            -8_388_609.0,
+            1e30,
+            -1e30,
+            f32::MIN_POSITIVE,
+            -1e-45,
+        ];
+        for h in -300..300 {
+            let x = h as f32 * 0.5;
+            v.extend([
+                x,
+                f32::from_bits(x.to_bits() + 1),
+                f32::from_bits(x.to_bits().wrapping_sub(1)),
+            ]);
+        }
+        for _ in 0..2000 {
+            v.push((next() as i32 as f32) / 2e7);
+            v.push(f32::from_bits(next()));
+        }
+        v
+    }
+
+    #[test]
+    fn scale_round_into_matches_the_scalar_expression() {
+        let mut seed = 5;
+        let values = awkward(&mut seed);
+        for &m in &[1.0f32, 0.37, 3.0, 127.0 / 9.5, 1e-3, 0.0] {
+            for &offset in &[0, -128, 127, 5, -17] {
+                for &(lo, hi) in &[(-128, 127), (-127, 127)] {
+                    for even in [false, true] {
+                        let mut got = vec![0i8; values.len()];
+                        scale_round_into(&values, m, offset, (lo, hi), even, &mut got);
+                        for (i, (&v, &g)) in values.iter().zip(&got).enumerate() {
+                            let r = if even {
+                                (v * m).round_ties_even()
+                            } else {
+                                (v * m).round()
+                            };
+                            let want = (r as i32).wrapping_add(offset).clamp(lo, hi) as i8;
+                            assert_eq!(g, want, "v={v:e} m={m} offset={offset} even={even} at {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_min_max_matches_the_fold() {
+        let mut seed = 9;
+        let all = awkward(&mut seed);
+        for len in [0, 1, 7, 8, 15, 16, 17, 33, 100, all.len()] {
+            for start in [0, 3, 16] {
+                let v = &all[start.min(all.len())..(start + len).min(all.len())];
+                let want = v
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                        (if x < a { x } else { a }, if x > b { x } else { b })
+                    });
+                let got = row_min_max(v);
+                // ±0 may differ (no caller can tell); every other value must not.
+                assert!(
+                    got.0 == want.0 && got.1 == want.1,
+                    "{got:?} vs {want:?} len={len}"
+                );
+            }
+        }
+        let nans = [f32::NAN; 20];
+        assert_eq!(row_min_max(&nans), (f32::INFINITY, f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn hybrid_dequantize_row_matches_the_element_wise_function() {
+        let mut seed = 3u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed
+        };
+        let n = 45;
+        for round in 0..200 {
+            let acc: Vec<i32> = (0..n)
+                .map(|i| match (round + i) % 7 {
+                    0 => 0,
+                    1 => next() as i32,
+                    _ => (next() as i32) >> 12,
+                })
+                .collect();
+            let ws: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 11 == 3 {
+                        1e-40
+                    } else {
+                        (next() >> 8) as f32 * 1e-9
+                    }
+                })
+                .collect();
+            let bias: Vec<f32> = (0..n)
+                .map(|i| match i % 9 {
+                    0 => -0.0,
+                    1 => f32::NAN,
+                    2 => 6.0,
+                    _ => (next() as i32) as f32 * 1e-9,
+                })
+                .collect();
+            let in_scale = [0.013f32, 1.0, 3.7e-3, 1e-30][round % 4];
+            for how in [
+                HybridScaling::AccTimesWeightFirst,
+                HybridScaling::AccTimesProduct,
+                HybridScaling::XnnFma,
+            ] {
+                for bounds in [
+                    None,
+                    Some((0.0, f32::INFINITY)),
+                    Some((0.0, 6.0)),
+                    Some((-1.0, 1.0)),
+                ] {
+                    let mut got = vec![0f32; n];
+                    hybrid_dequantize_row(&acc, in_scale, &ws, &bias, how, bounds, &mut got);
+                    for c in 0..n {
+                        let v = hybrid_dequantize(acc[c], in_scale, ws[c], bias[c], how);
+                        let want = match bounds {
+                            Some((lo, hi)) => v.max(lo).min(hi),
+                            None => v,
+                        };
+                        assert_eq!(
+                            got[c].to_bits(),
+                            want.to_bits(),
+                            "{how:?} {bounds:?} channel {c}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

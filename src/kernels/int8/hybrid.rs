@@ -3,7 +3,7 @@
 //! the filter is int8 and the input float32. Each batch row of the input is
 //! quantized on the fly ([`asymmetric_quantize_floats`] or
 //! [`symmetric_quantize_floats`]), multiplied in i32, and the accumulator is
-//! scaled back to float ([`hybrid_dequantize`]) before the float bias and the
+//! scaled back to float ([`hybrid_dequantize_row`], eight channels at a time on AVX2) before the float bias and the
 //! fused activation.
 //!
 //! * FULLY_CONNECTED (`fully_connected.cc` `EvalHybrid`, the same code in every
@@ -36,21 +36,21 @@ use crate::ir::FusedActivation;
 use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    asymmetric_quantize_floats, hybrid_dequantize, symmetric_quantize_floats, xnn_dynamic_quantize,
-    DynamicRow, HybridScaling,
+    asymmetric_quantize_floats, hybrid_dequantize_row, symmetric_quantize_floats,
+    xnn_dynamic_quantize, DynamicRow, HybridScaling,
 };
 use crate::kernels::simd::igemm::PackedWeights;
 use crate::kernels::value::Value;
 
-/// TFLite `ActivationFunctionWithMinMax` for the float fused activations.
-fn activate(v: f32, act: FusedActivation) -> f32 {
-    let (lo, hi) = match act {
-        FusedActivation::None => return v,
-        FusedActivation::Relu => (0.0, f32::INFINITY),
-        FusedActivation::Relu6 => (0.0, 6.0),
-        FusedActivation::ReluN1To1 => (-1.0, 1.0),
-    };
-    v.max(lo).min(hi)
+/// The bounds of TFLite's `ActivationFunctionWithMinMax` for the float fused
+/// activations (`rounding::clamp_activation`); `None` for no activation.
+fn act_bounds(act: FusedActivation) -> Option<(f32, f32)> {
+    match act {
+        FusedActivation::None => None,
+        FusedActivation::Relu => Some((0.0, f32::INFINITY)),
+        FusedActivation::Relu6 => Some((0.0, 6.0)),
+        FusedActivation::ReluN1To1 => Some((-1.0, 1.0)),
+    }
 }
 
 fn float_bias(b: &Value, channels: usize) -> Result<&[f32]> {
@@ -92,20 +92,6 @@ pub fn fully_connected(
         Arithmetic::Reference => HybridScaling::AccTimesProduct,
         Arithmetic::LiteRt => HybridScaling::XnnFma,
     };
-    let wv = w.slice::<i8>()?;
-    let row_sums: Vec<i32> = (0..units)
-        .map(|u| {
-            (0..k)
-                .map(|kk| {
-                    (if tb {
-                        wv[u * k + kk]
-                    } else {
-                        wv[kk * units + u]
-                    }) as i32
-                })
-                .sum()
-        })
-        .collect();
     let rows: Vec<DynamicRow> = (0..batch)
         .into_par_iter()
         .map(|bi| {
@@ -117,70 +103,20 @@ pub fn fully_connected(
         })
         .collect();
     let mut res = vec![0f32; batch * units];
+    let bounds = act_bounds(act);
+    // Each value enters the product as `x_q - offset`, so the sums need no
+    // `row_sum(w) · offset` correction afterwards (the same i32, wrapping).
     super::gemm::fully_connected(
         batch,
         &packed,
         &mut res,
-        |bi| (&rows[bi].q[..], 0),
-        |bi, dots, out| {
+        |bi| (&rows[bi].q[..], -rows[bi].offset),
+        |bi, acc, out| {
             let row = &rows[bi];
-            for (u, (&dot, o)) in dots.iter().zip(out).enumerate() {
-                let acc = dot.wrapping_sub(row_sums[u].wrapping_mul(row.offset));
-                let v = hybrid_dequantize(acc, row.scale, ws[u], bias[u], scaling);
-                *o = activate(v, act);
-            }
+            hybrid_dequantize_row(acc, row.scale, &ws, bias, scaling, bounds, out);
         },
     );
     Ok(Value::from_vec(fc_out_shape(x, units), res))
-}
-
-/// `out[c] = activate(hybrid_dequantize(acc[c], …))` for the channels of one output
-/// pixel; on AVX2 the same expressions compiled for it (multiplies and adds, no
-/// fused multiply-add unless `scaling` asks for one: the same bits).
-#[allow(clippy::too_many_arguments)]
-fn dequantize_pixel(
-    acc: &[i32],
-    in_scale: f32,
-    ws: &[f32],
-    bias: &[f32],
-    scaling: HybridScaling,
-    act: FusedActivation,
-    out: &mut [f32],
-) {
-    #[inline(always)]
-    fn body(
-        acc: &[i32],
-        in_scale: f32,
-        ws: &[f32],
-        bias: &[f32],
-        scaling: HybridScaling,
-        act: FusedActivation,
-        out: &mut [f32],
-    ) {
-        for (((&a, &w), &b), r) in acc.iter().zip(ws).zip(bias).zip(out) {
-            *r = activate(hybrid_dequantize(a, in_scale, w, b, scaling), act);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn body_avx2(
-        acc: &[i32],
-        in_scale: f32,
-        ws: &[f32],
-        bias: &[f32],
-        scaling: HybridScaling,
-        act: FusedActivation,
-        out: &mut [f32],
-    ) {
-        body(acc, in_scale, ws, bias, scaling, act, out)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if scaling != HybridScaling::XnnFma && crate::kernels::simd::avx2() {
-        // SAFETY: AVX2 is present.
-        unsafe { body_avx2(acc, in_scale, ws, bias, scaling, act, out) };
-        return;
-    }
-    body(acc, in_scale, ws, bias, scaling, act, out)
 }
 
 /// `_FusedConv2D` with float input (NHWC), int8 filter (HWIO) and float bias:
@@ -240,6 +176,7 @@ pub fn conv2d(
         pl,
     };
     let per_image = oh * ow;
+    let bounds = act_bounds(act);
     super::gemm::conv(
         geom,
         n,
@@ -252,7 +189,7 @@ pub fn conv2d(
                 acc.chunks_exact(o).zip(out.chunks_exact_mut(o)).enumerate()
             {
                 let row = &rows[(px0 + j) / per_image];
-                dequantize_pixel(px_acc, row.scale, &ws, bias, scaling, act, px_out);
+                hybrid_dequantize_row(px_acc, row.scale, &ws, bias, scaling, bounds, px_out);
             }
         },
     );
