@@ -73,6 +73,9 @@
 
 use crate::ir::FusedActivation;
 
+mod vector;
+pub use vector::{quantize_f32_to_i8, xnn_quantize_f32_to_i8, RefAdd};
+
 /// How a kernel rounds when it applies a quantized multiplier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rounding {
@@ -1610,6 +1613,28 @@ impl RowRequantizer {
         v.clamp(self.lo, self.hi).clamp(-128, 127) as i8
     }
 
+    /// [`RowRequantizer::row`] of each of the consecutive rows of `acc` and `out`
+    /// (`bias` has one value per channel; `acc` and `out` a multiple of that).
+    pub fn rows(&self, acc: &[i32], bias: &[i32], out: &mut [i8]) {
+        let n = bias.len();
+        assert!(
+            acc.len() == out.len() && (n == 0 || out.len().is_multiple_of(n)),
+            "requantize: row lengths differ"
+        );
+        if n == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.vector && n >= 8 && crate::kernels::simd::avx2() {
+            // SAFETY: AVX2 is present; the lengths were checked above.
+            unsafe { rows_x86::rows(self, acc, bias, out) };
+            return;
+        }
+        for (a, o) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            self.row(a, bias, o);
+        }
+    }
+
     /// `out[c] = apply(acc[c] + bias[c], c)` (wrapping add) for the channels of one
     /// row; `acc`, `bias` and `out` have one value per channel.
     pub fn row(&self, acc: &[i32], bias: &[i32], out: &mut [i8]) {
@@ -1641,7 +1666,7 @@ mod row_x86 {
     /// for either sign, whose low 32 bits a logical 64-bit shift gives.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn srdhm(a: __m256i, b: __m256i) -> __m256i {
+    pub(super) unsafe fn srdhm(a: __m256i, b: __m256i) -> __m256i {
         let round = _mm256_set1_epi64x(1 << 30);
         let even = _mm256_add_epi64(_mm256_mul_epi32(a, b), round);
         let odd = _mm256_add_epi64(
@@ -1663,22 +1688,67 @@ mod row_x86 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn store8(v: __m256i, lo: __m256i, hi: __m256i, out: *mut i8) {
+        // The packs saturate to i16, then to int8: together the clamp to int8.
         let v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
-        let v = _mm256_min_epi32(
-            _mm256_max_epi32(v, _mm256_set1_epi32(-128)),
-            _mm256_set1_epi32(127),
-        );
-        let p = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
-        let a = _mm_cvtsi128_si32(_mm256_castsi256_si128(p));
-        let b = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(p));
-        (out as *mut i32).write_unaligned(a);
-        (out.add(4) as *mut i32).write_unaligned(b);
+        let w = _mm256_permute4x64_epi64::<0b1000>(_mm256_packs_epi32(v, v));
+        let b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w));
+        _mm_storel_epi64(out as *mut __m128i, b);
+    }
+
+    /// The `Quantized` channels `[0, 16·⌊n/16⌋)` of [`RowRequantizer::row`] in
+    /// 512-bit vectors, with the operations of the AVX2 loop below; returns how many.
+    ///
+    /// # Safety
+    /// AVX-512F must be present, `r.vector` set with `Quantized` multipliers, and
+    /// `acc`, `bias`, `out` of equal length.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f")]
+    unsafe fn quantized_512(
+        r: &RowRequantizer,
+        acc: &[i32],
+        bias: &[i32],
+        out: &mut [i8],
+    ) -> usize {
+        let n = out.len() / 16 * 16;
+        let ld = |p: &[i32], c: usize| _mm512_loadu_si512(p.as_ptr().add(c).cast());
+        let zp = _mm512_set1_epi32(r.zero_point);
+        let (lo, hi) = (_mm512_set1_epi32(r.lo), _mm512_set1_epi32(r.hi));
+        let round = _mm512_set1_epi64(1 << 30);
+        let one = _mm512_set1_epi32(1);
+        for c in (0..n).step_by(16) {
+            let x = _mm512_add_epi32(ld(acc, c), ld(bias, c));
+            let a = _mm512_sllv_epi32(x, ld(&r.left, c));
+            let b = ld(&r.q, c);
+            // srdhm, as in the AVX2 version.
+            let even = _mm512_add_epi64(_mm512_mul_epi32(a, b), round);
+            let odd = _mm512_add_epi64(
+                _mm512_mul_epi32(_mm512_srli_epi64::<32>(a), _mm512_srli_epi64::<32>(b)),
+                round,
+            );
+            let even = _mm512_srli_epi64::<31>(even);
+            let odd = _mm512_slli_epi64::<32>(_mm512_srli_epi64::<31>(odd));
+            let x = _mm512_mask_blend_epi32(0xaaaa, even, odd);
+            let rem = _mm512_and_si512(x, ld(&r.mask, c));
+            let negative = _mm512_srai_epi32::<31>(x);
+            let threshold = _mm512_sub_epi32(ld(&r.half, c), negative);
+            let up = _mm512_cmpgt_epi32_mask(rem, threshold);
+            let v = _mm512_srav_epi32(x, ld(&r.right, c));
+            let v = _mm512_add_epi32(_mm512_mask_add_epi32(v, up, v, one), zp);
+            let v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+            // Saturating to int8 is the clamp to int8.
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(c) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(v),
+            );
+        }
+        n
     }
 
     /// The channels `[0, 8·⌊n/8⌋)` of [`RowRequantizer::row`]; returns how many.
     ///
     /// # Safety
     /// AVX2 must be present, `r.vector` set, and `acc`, `bias`, `out` of equal length.
+    #[inline]
     #[target_feature(enable = "avx2")]
     pub unsafe fn row(r: &RowRequantizer, acc: &[i32], bias: &[i32], out: &mut [i8]) -> usize {
         let n = out.len() / 8 * 8;
@@ -1687,7 +1757,12 @@ mod row_x86 {
         let op = out.as_mut_ptr();
         match &r.mult {
             ChannelMultipliers::Quantized(..) => {
-                for c in (0..n).step_by(8) {
+                let wide = if crate::kernels::simd::vnni() {
+                    quantized_512(r, acc, bias, out)
+                } else {
+                    0
+                };
+                for c in (wide..n).step_by(8) {
                     let x = _mm256_add_epi32(load(acc, c), load(bias, c));
                     let x = _mm256_sllv_epi32(x, load(&r.left, c));
                     let x = srdhm(x, load(&r.q, c));
@@ -1743,6 +1818,28 @@ mod row_x86 {
             }
         }
         n
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod rows_x86 {
+    use super::{row_x86, RowRequantizer};
+
+    /// [`RowRequantizer::rows`] in one call, so that short rows (few channels) do
+    /// not pay a call and the feature checks per row.
+    ///
+    /// # Safety
+    /// AVX2 must be present, `r.vector` set, `bias` at least 8 long and `acc`, `out`
+    /// of equal lengths, a multiple of `bias.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn rows(r: &RowRequantizer, acc: &[i32], bias: &[i32], out: &mut [i8]) {
+        let n = bias.len();
+        for (a, o) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let done = row_x86::row(r, a, bias, o);
+            for c in done..n {
+                o[c] = r.apply(a[c].wrapping_add(bias[c]), c);
+            }
+        }
     }
 }
 
@@ -1862,6 +1959,32 @@ mod row_tests {
         );
         let odd = vec![f32::INFINITY; channels];
         check(ChannelMultipliers::Fp32(odd), channels, 3, -128, 127, &accs);
+    }
+
+    #[test]
+    fn rows_equal_row_by_row() {
+        let mut next = rng(0x1234_5678_9abc_def1);
+        let accs = accumulators(&mut next, 27 * 200);
+        for channels in [8usize, 13, 27] {
+            let m: Vec<(i32, i32)> = (0..channels)
+                .map(|c| quantize_multiplier(0.0007 * (c + 1) as f64))
+                .collect();
+            let r = RowRequantizer::new(
+                ChannelMultipliers::Quantized(m, Rounding::Double),
+                -7,
+                -128,
+                127,
+            );
+            let bias: Vec<i32> = (0..channels as i32).map(|c| c * 31 - 200).collect();
+            let len = accs.len() / channels * channels;
+            let mut all = vec![0i8; len];
+            r.rows(&accs[..len], &bias, &mut all);
+            for (a, o) in accs[..len].chunks(channels).zip(all.chunks(channels)) {
+                for c in 0..channels {
+                    assert_eq!(o[c], r.apply(a[c].wrapping_add(bias[c]), c));
+                }
+            }
+        }
     }
 
     #[test]

@@ -130,11 +130,7 @@ pub fn conv2d(
         o,
         &mut res,
         |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
-        |_, acc, out| {
-            for (px_acc, px_out) in acc.chunks_exact(o).zip(out.chunks_exact_mut(o)) {
-                requant.row(px_acc, bias, px_out);
-            }
-        },
+        |_, acc, out| requant.rows(acc, bias, out),
     );
     Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }
@@ -159,6 +155,14 @@ pub fn depthwise(
             "depthwise filter has {kc} channels, the input has {c}"
         )));
     }
+    #[cfg(target_arch = "x86_64")]
+    let pixel: Option<PixelFn> = if m == 1 && crate::kernels::simd::avx2() {
+        Some(dw_x86::pixel)
+    } else {
+        None
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let pixel = None;
     windowed(
         x,
         w,
@@ -167,11 +171,16 @@ pub fn depthwise(
         win,
         act,
         quant,
+        pixel,
         |acc, xs, wv, tap, in_off| {
             let wo = tap * c * m;
             if m == 1 {
+                // An input plus its offset (-zero point) lies within ±255 and a weight
+                // within ±128, so the product is exact in i16, which vectorizes twice
+                // as wide.
+                let off = in_off as i16;
                 for ((a, &xq), &wq) in acc.iter_mut().zip(xs).zip(&wv[wo..wo + c]) {
-                    *a = a.wrapping_add((wq as i32).wrapping_mul(xq as i32 + in_off));
+                    *a = a.wrapping_add((wq as i16 * (xq as i16 + off)) as i32);
                 }
                 return;
             }
@@ -266,6 +275,68 @@ type Dims9 = (
     usize,
 );
 
+/// A whole output pixel of a depthwise convolution with one output per channel:
+/// `pixel(acc, taps, input, filter, input_offset)` sets `acc[ch]` to the sum over
+/// `taps` (offset of the input pixel, tap index) of `filter[tap · C + ch] ·
+/// (input[offset + ch] + input_offset)`.
+type PixelFn = unsafe fn(&mut [i32], &[(usize, usize)], &[i8], &[i8], i32);
+
+/// Taps per output pixel that [`PixelFn`] takes at once (5×5 filters).
+const MAX_PIXEL_TAPS: usize = 25;
+
+#[cfg(target_arch = "x86_64")]
+mod dw_x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::PixelFn`] with AVX2: 16 channels at a time, held in registers over
+    /// the taps. An input plus its offset (minus a zero point) lies within ±255
+    /// and a weight within ±128, so each product is exact in i16.
+    ///
+    /// # Safety
+    /// AVX2 must be present; each tap's `offset + acc.len()` is at most
+    /// `xs.len()` and `(tap + 1) · acc.len()` at most `wv.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pixel(acc: &mut [i32], taps: &[(usize, usize)], xs: &[i8], wv: &[i8], off: i32) {
+        let c = acc.len();
+        let (xp, wp, ap) = (xs.as_ptr(), wv.as_ptr(), acc.as_mut_ptr());
+        let off16 = _mm256_set1_epi16(off as i16);
+        let mut ch = 0;
+        while ch + 16 <= c {
+            let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for &(xo, tap) in taps {
+                let x = _mm_loadu_si128(xp.add(xo + ch) as *const __m128i);
+                let w = _mm_loadu_si128(wp.add(tap * c + ch) as *const __m128i);
+                let x = _mm256_add_epi16(_mm256_cvtepi8_epi16(x), off16);
+                let p = _mm256_mullo_epi16(x, _mm256_cvtepi8_epi16(w));
+                a0 = _mm256_add_epi32(a0, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p)));
+                a1 = _mm256_add_epi32(a1, _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(p)));
+            }
+            _mm256_storeu_si256(ap.add(ch) as *mut __m256i, a0);
+            _mm256_storeu_si256(ap.add(ch + 8) as *mut __m256i, a1);
+            ch += 16;
+        }
+        let off8 = _mm_set1_epi16(off as i16);
+        while ch + 8 <= c {
+            let mut a = _mm256_setzero_si256();
+            for &(xo, tap) in taps {
+                let x = _mm_loadl_epi64(xp.add(xo + ch) as *const __m128i);
+                let w = _mm_loadl_epi64(wp.add(tap * c + ch) as *const __m128i);
+                let x = _mm_add_epi16(_mm_cvtepi8_epi16(x), off8);
+                let p = _mm_mullo_epi16(x, _mm_cvtepi8_epi16(w));
+                a = _mm256_add_epi32(a, _mm256_cvtepi16_epi32(p));
+            }
+            _mm256_storeu_si256(ap.add(ch) as *mut __m256i, a);
+            ch += 8;
+        }
+        for (cc, a) in acc.iter_mut().enumerate().skip(ch) {
+            *a = taps.iter().fold(0i32, |s, &(xo, tap)| {
+                let xv = xs[xo + cc] as i32 + off;
+                s.wrapping_add((wv[tap * c + cc] as i32).wrapping_mul(xv))
+            });
+        }
+    }
+}
+
 /// The depthwise convolution as TFLite's reference integer kernels do it:
 /// walk the output positions (rows in parallel), skip out-of-bounds taps, let
 /// `accumulate(acc, input_pixel, filter, tap, input_offset)` add one filter tap, then
@@ -279,10 +350,17 @@ fn windowed(
     win: &Window,
     act: FusedActivation,
     quant: &StepQuant,
+    pixel: Option<PixelFn>,
     accumulate: impl Fn(&mut [i32], &[i8], &[i8], usize, i32) + Sync,
 ) -> Result<Value> {
     let [n, h, wd, c] = dims4(x, "input")?;
     let [kh, kw, _, _] = dims4(w, "filter")?;
+    if x.slice::<i8>()?.len() != n * h * wd * c || w.slice::<i8>()?.len() != kh * kw * o {
+        return Err(Error::msg(format!(
+            "depthwise input {:?} or filter {:?} does not hold its shape's values",
+            x.shape, w.shape
+        )));
+    }
     let xin = input_affine(quant, 0)?;
     let out = output_affine(quant)?;
     let ws = channel_scales(quant, 1, o)?;
@@ -305,11 +383,29 @@ fn windowed(
         xs: &[i8],
         wv: &[i8],
         in_off: i32,
+        pixel: Option<PixelFn>,
         accumulate: &impl Fn(&mut [i32], &[i8], &[i8], usize, i32),
     ) {
         let (bi, oy) = (r / oh, r % oh);
         let o = acc.len() / ow;
+        let mut taps = [(0usize, 0usize); MAX_PIXEL_TAPS];
         for (ox, acc) in acc.chunks_exact_mut(o).enumerate() {
+            if let Some(px) = pixel {
+                let mut nt = 0;
+                for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
+                    if let Some(slot) = taps.get_mut(nt) {
+                        *slot = (((bi * h + iy) * wd + ix) * c, t);
+                    }
+                    nt += 1;
+                });
+                if nt <= MAX_PIXEL_TAPS {
+                    // SAFETY: `pixel` is only given when its CPU features are present;
+                    // the offsets are of in-bounds pixels and taps (`windowed` checked
+                    // the lengths of the input and the filter against their shapes).
+                    unsafe { px(acc, &taps[..nt], xs, wv, in_off) };
+                    continue;
+                }
+            }
             acc.fill(0);
             for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
                 let xo = ((bi * h + iy) * wd + ix) * c;
@@ -330,28 +426,30 @@ fn windowed(
         xs: &[i8],
         wv: &[i8],
         in_off: i32,
+        pixel: Option<PixelFn>,
         accumulate: &impl Fn(&mut [i32], &[i8], &[i8], usize, i32),
     ) {
-        accumulate_row(r, acc, dims, win, xs, wv, in_off, accumulate)
+        accumulate_row(r, acc, dims, win, xs, wv, in_off, pixel, accumulate)
     }
     let dims = (h, wd, c, kh, kw, oh, ow, pt, pl);
-    let compute = |r: usize, out_row: &mut [i8]| {
-        let mut acc = vec![0i32; ow * o];
+    let compute_in = |r: usize, out_row: &mut [i8], acc_buf: &mut Vec<i32>| {
+        // Each pixel's accumulators are zeroed before its taps.
+        let acc = super::gemm::grown(acc_buf, ow * o);
         #[cfg(target_arch = "x86_64")]
         let done = crate::kernels::simd::avx2() && {
             // SAFETY: AVX2 is present.
-            unsafe { accumulate_row_avx2(r, &mut acc, dims, win, xs, wv, in_off, &accumulate) };
+            unsafe { accumulate_row_avx2(r, acc, dims, win, xs, wv, in_off, pixel, &accumulate) };
             true
         };
         #[cfg(not(target_arch = "x86_64"))]
         let done = false;
         if !done {
-            accumulate_row(r, &mut acc, dims, win, xs, wv, in_off, &accumulate);
+            accumulate_row(r, acc, dims, win, xs, wv, in_off, pixel, &accumulate);
         }
-        for (px_acc, px_out) in acc.chunks_exact(o).zip(out_row.chunks_exact_mut(o)) {
-            requant.row(px_acc, bias, px_out);
-        }
+        requant.rows(acc, bias, out_row);
     };
+    let compute =
+        |r: usize, out_row: &mut [i8]| super::gemm::with_scratch(|_, a| compute_in(r, out_row, a));
     if row > 0 {
         res.par_chunks_mut(row)
             .enumerate()

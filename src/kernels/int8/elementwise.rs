@@ -1,15 +1,15 @@
 //! Element-wise int8 kernels: QUANTIZE (float → int8 and int8 → int8), ADD, SUB,
 //! MUL, MAXIMUM, MINIMUM, RELU, RELU6, LOGISTIC, TANH, PAD.
 
-use super::{input_affine, output_affine, sat8, Affine, Arithmetic, ROUNDING};
+use super::{input_affine, output_affine, sat8, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::kernels::array;
 use crate::kernels::elementwise::{broadcast_map, BinaryOp, UnaryOp};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    lut_int8, multiply_by_quantized_multiplier, quantize_multiplier, quantize_value,
-    requantize_fp32, round_half_away_f32, xnn_lut_int8, xnn_quantize_f32, xnn_requantize_q8,
-    xnn_requantize_q8_multiplier, xnn_sigmoid, XnnAdd,
+    lut_int8, multiply_by_quantized_multiplier, quantize_f32_to_i8, quantize_multiplier,
+    quantize_value, requantize_fp32, round_half_away_f32, xnn_lut_int8, xnn_quantize_f32_to_i8,
+    xnn_requantize_q8, xnn_requantize_q8_multiplier, xnn_sigmoid, RefAdd, XnnAdd,
 };
 use crate::kernels::value::{Buf, Value};
 
@@ -21,16 +21,12 @@ pub fn quantize(x: &Value, quant: &StepQuant) -> Result<Value> {
     let xnn = quant.arithmetic == Arithmetic::LiteRt;
     match &*x.buf {
         Buf::F32(v) => {
-            let q: Vec<i8> = v
-                .iter()
-                .map(|&f| {
-                    if xnn {
-                        xnn_quantize_f32(f, out.scale, out.zero_point) as i8
-                    } else {
-                        quantize_value(f, out.scale, out.zero_point, -128, 127) as i8
-                    }
-                })
-                .collect();
+            let mut q = vec![0i8; v.len()];
+            if xnn {
+                xnn_quantize_f32_to_i8(v, &mut q, out.scale, out.zero_point);
+            } else {
+                quantize_f32_to_i8(v, &mut q, out.scale, out.zero_point);
+            }
             Ok(Value::from_vec(x.shape.clone(), q))
         }
         Buf::I8(v) if xnn => {
@@ -62,25 +58,6 @@ pub fn quantize(x: &Value, quant: &StepQuant) -> Result<Value> {
     }
 }
 
-/// The multipliers of int8 ADD/SUB (`left_shift = 20`, each input rescaled to
-/// `twice_max_input_scale`, all in f64).
-struct AddParams {
-    in1: (i32, i32),
-    in2: (i32, i32),
-    out: (i32, i32),
-}
-
-const ADD_LEFT_SHIFT: i32 = 20;
-
-fn add_params(a: Affine, b: Affine, out: Affine) -> AddParams {
-    let twice_max = 2.0 * a.scale.max(b.scale) as f64;
-    AddParams {
-        in1: quantize_multiplier(a.scale as f64 / twice_max),
-        in2: quantize_multiplier(b.scale as f64 / twice_max),
-        out: quantize_multiplier(twice_max / ((1i64 << ADD_LEFT_SHIFT) as f64 * out.scale as f64)),
-    }
-}
-
 pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<Value> {
     let (xa, xb) = (a.slice::<i8>()?, b.slice::<i8>()?);
     let pa = input_affine(quant, 0)?;
@@ -99,6 +76,11 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
     )
     .filter(|_| xnn);
     let (v, shape) = match (op, xnn_add) {
+        (BinaryOp::Add | BinaryOp::Sub, Some(p)) if a.shape == b.shape => {
+            let mut v = vec![0i8; xa.len()];
+            p.slices(xa, xb, out.zero_point, &mut v);
+            (v, a.shape.clone())
+        }
         (BinaryOp::Add | BinaryOp::Sub, Some(p)) => {
             broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
                 sat8(p.apply(x as i32, y as i32) + out.zero_point)
@@ -112,15 +94,20 @@ pub fn binary(op: BinaryOp, a: &Value, b: &Value, quant: &StepQuant) -> Result<V
             })?
         }
         (BinaryOp::Add | BinaryOp::Sub, _) => {
-            let p = add_params(pa, pb, out);
-            let sub = op == BinaryOp::Sub;
-            broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| {
-                let x = (x as i32 - pa.zero_point) * (1 << ADD_LEFT_SHIFT);
-                let y = (y as i32 - pb.zero_point) * (1 << ADD_LEFT_SHIFT);
-                let (sx, sy) = (mbqm(x, p.in1), mbqm(y, p.in2));
-                let raw = if sub { sx - sy } else { sx + sy };
-                sat8(mbqm(raw, p.out) + out.zero_point)
-            })?
+            let p = RefAdd::new(
+                (pa.scale, pa.zero_point),
+                (pb.scale, pb.zero_point),
+                (out.scale, out.zero_point),
+                op == BinaryOp::Sub,
+                ROUNDING,
+            );
+            if a.shape == b.shape {
+                let mut v = vec![0i8; xa.len()];
+                p.slices(xa, xb, &mut v);
+                (v, a.shape.clone())
+            } else {
+                broadcast_map(xa, &a.shape, xb, &b.shape, |x, y| p.apply(x, y))?
+            }
         }
         (BinaryOp::Mul, _) => {
             // mul.cc computes `in1 * in2 / out` in f32 before widening it.

@@ -60,9 +60,9 @@ pub(super) fn conv<'a, T: Send>(
         && g.kw == 1
         && g.win.strides == [1, 1]
         && (g.oh, g.ow, g.pt, g.pl) == (g.h, g.wd, 0, 0);
-    let tile = |t: usize, out_t: &mut [T]| {
+    let tile_in = |t: usize, out_t: &mut [T], patches_buf: &mut Vec<u8>, acc_buf: &mut Vec<i32>| {
         let rows = out_t.len() / o;
-        let mut patches = vec![0u8; rows * ldu];
+        let patches = grown(patches_buf, rows * ldu);
         let mut shifts = [0i32; TILE];
         for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
             let px = t * TILE + j;
@@ -95,10 +95,11 @@ pub(super) fn conv<'a, T: Send>(
                 },
             );
         }
-        let mut acc = vec![0i32; rows * o];
-        igemm_u8(rows, &patches, ldu, &packed, &shifts[..rows], &mut acc);
-        finish(t * TILE, &acc, out_t);
+        let acc = grown(acc_buf, rows * o);
+        igemm_u8(rows, patches, ldu, &packed, &shifts[..rows], acc);
+        finish(t * TILE, acc, out_t);
     };
+    let tile = |t: usize, out_t: &mut [T]| with_scratch(|p, a| tile_in(t, out_t, p, a));
     if pixels * k * o >= PAR_THRESHOLD {
         out.par_chunks_mut(TILE * o)
             .enumerate()
@@ -108,6 +109,34 @@ pub(super) fn conv<'a, T: Send>(
             .enumerate()
             .for_each(|(t, o)| tile(t, o));
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<i32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's patch and accumulator buffers (fresh ones when a
+/// caller up the stack holds them), so that tiles do not allocate and zero-fill.
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<i32>) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => {
+            let (p, a) = &mut *s;
+            f(p, a)
+        }
+        Err(_) => f(&mut Vec::new(), &mut Vec::new()),
+    })
+}
+
+/// The first `n` values of `v`, grown to hold them. Their contents are whatever
+/// the last user left: every user writes each value it reads (the products write
+/// every accumulator; patches fill their bytes up to `k`, and the bytes past `k`
+/// meet zero weights).
+pub(super) fn grown<V: Copy + Default>(v: &mut Vec<V>, n: usize) -> &mut [V] {
+    if v.len() < n {
+        v.resize(n, V::default());
+    }
+    &mut v[..n]
 }
 
 /// A fully connected op over `batch` rows of `k` int8 values: `row(b)` gives row `b`

@@ -262,6 +262,76 @@ mod x86 {
         }
     }
 
+    /// Rows `[0, MR)` × outputs `[0, 16 NV)` in 512-bit vectors, each sum started at
+    /// `-shift · Σ_k w` of its row and column (`colsum` points at the first column).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn block_vnni512<const MR: usize, const NV: usize>(
+        quads: usize,
+        u: *const u8,
+        ldu: usize,
+        w: *const i8,
+        n: usize,
+        shifts: *const i32,
+        colsum: *const i32,
+        out: *mut i32,
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let neg = _mm512_set1_epi32(0i32.wrapping_sub(*shifts.add(r)));
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = _mm512_mullo_epi32(neg, _mm512_loadu_si512(colsum.add(16 * v).cast()));
+            }
+        }
+        for q in 0..quads {
+            let wq = w.add(q * n * 4);
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm512_loadu_si512(wq.add(64 * v).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let quad = (u.add(r * ldu + 4 * q) as *const i32).read_unaligned();
+                let uv = _mm512_set1_epi32(quad);
+                for (x, &wq) in row.iter_mut().zip(&wv) {
+                    *x = _mm512_dpbusd_epi32(*x, uv, wq);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                _mm512_storeu_si512(out.add(r * n + 16 * v).cast(), x);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn columns_vnni512<const NV: usize>(
+        m: usize,
+        quads: usize,
+        u: *const u8,
+        ldu: usize,
+        w: *const i8,
+        n: usize,
+        shifts: *const i32,
+        colsum: *const i32,
+        out: *mut i32,
+    ) {
+        let mut r = 0;
+        while r + 4 <= m {
+            let (ur, sr, or) = (u.add(r * ldu), shifts.add(r), out.add(r * n));
+            block_vnni512::<4, NV>(quads, ur, ldu, w, n, sr, colsum, or);
+            r += 4;
+        }
+        let (u, s, out) = (u.add(r * ldu), shifts.add(r), out.add(r * n));
+        match m - r {
+            3 => block_vnni512::<3, NV>(quads, u, ldu, w, n, s, colsum, out),
+            2 => block_vnni512::<2, NV>(quads, u, ldu, w, n, s, colsum, out),
+            1 => block_vnni512::<1, NV>(quads, u, ldu, w, n, s, colsum, out),
+            _ => {}
+        }
+    }
+
     #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
     unsafe fn columns_vnni<const NV: usize>(
         m: usize,
@@ -325,7 +395,24 @@ mod x86 {
         let n = w.n;
         let quads = w.ldu() / 4;
         let (up, wp, op) = (u.as_ptr(), w.quads.as_ptr(), out.as_mut_ptr());
+        let (sp, cp) = (shifts.as_ptr(), w.colsum.as_ptr());
         let mut j = 0;
+        // Blocks of 32 columns include the shift's correction.
+        while j + 32 <= n {
+            columns_vnni512::<2>(
+                m,
+                quads,
+                up,
+                ldu,
+                wp.add(j * 4),
+                n,
+                sp,
+                cp.add(j),
+                op.add(j),
+            );
+            j += 32;
+        }
+        let corrected = j;
         while j + 16 <= n {
             columns_vnni::<2>(m, quads, up, ldu, wp.add(j * 4), n, op.add(j));
             j += 16;
@@ -351,7 +438,8 @@ mod x86 {
             }
         }
         for (i, &shift) in shifts.iter().enumerate().take(m) {
-            for (o, &cs) in out[i * n..(i + 1) * n].iter_mut().zip(&w.colsum) {
+            let row = &mut out[i * n + corrected..(i + 1) * n];
+            for (o, &cs) in row.iter_mut().zip(&w.colsum[corrected..]) {
                 *o = o.wrapping_sub(shift.wrapping_mul(cs));
             }
         }
@@ -395,6 +483,8 @@ mod tests {
             (9, 33, 41, false),
             (4, 64, 16, true),
             (13, 101, 25, false),
+            (7, 70, 83, true),
+            (6, 40, 96, false),
         ] {
             let w: Vec<i8> = (0..k * n).map(|_| (next() % 256 - 128) as i8).collect();
             let packed = PackedWeights::pack(&w, k, n, tr);
