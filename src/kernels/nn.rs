@@ -327,7 +327,7 @@ impl Depthwise<'_> {
             unsafe { self.row_avx2(r, out_row) };
             return;
         }
-        self.row(r, out_row)
+        self.row(r, out_row, 0..0, 0)
     }
 
     /// The same loops compiled for AVX2, which vectorizes them across channels (no FMA:
@@ -335,11 +335,60 @@ impl Depthwise<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn row_avx2(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
-        self.row(r, out_row)
+        let [h, wd, c, m, kh, kw, oh, ow, pt, pl] = self.dims;
+        let (sx, dx) = (self.win.strides[1], self.win.dilations[1]);
+        let c8 = c / 8 * 8;
+        if m != 1 || c8 == 0 || kw == 0 || sx == 0 {
+            return self.row(r, out_row, 0..0, 0);
+        }
+        // Pixels lo..hi have their whole window inside the input horizontally.
+        let lo = pl.div_ceil(sx);
+        let hi = match (wd + pl).checked_sub((kw - 1) * dx + 1) {
+            Some(last) => ow.min(last / sx + 1),
+            None => 0,
+        };
+        if lo >= hi {
+            return self.row(r, out_row, 0..0, 0);
+        }
+        let (b, y) = (r / oh, r % oh);
+        let rows: Vec<(usize, usize)> = (0..kh)
+            .filter_map(|ky| {
+                let iy = (y * self.win.strides[0] + ky * self.win.dilations[0]).checked_sub(pt)?;
+                (iy < h).then_some(((b * h + iy) * wd * c, ky))
+            })
+            .collect();
+        let g = super::simd::dwconv::DwRow {
+            xs: self.xs,
+            ws: self.ws,
+            bias: self.epi.bias,
+            act: match self.epi.act {
+                Act::None => 0,
+                Act::Relu => 1,
+                Act::Relu6 => 2,
+            },
+            rows: &rows,
+            c,
+            kw,
+            sx,
+            dx,
+            pl,
+        };
+        assert!(out_row.len() >= hi * c && self.ws.len() >= kh * kw * c);
+        // SAFETY: AVX2 is present; lo..hi are the pixels inside the input (above), the
+        // rows are whole input rows, and out_row holds the row.
+        unsafe { super::simd::dwconv::interior(&g, lo, hi, out_row.as_mut_ptr() as *mut f32) };
+        self.row(r, out_row, lo..hi, c8)
     }
 
+    /// Channels `done..` only of the pixels in `skip` (multiplier 1), all of the others.
     #[inline(always)]
-    fn row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
+    fn row(
+        &self,
+        r: usize,
+        out_row: &mut [std::mem::MaybeUninit<f32>],
+        skip: std::ops::Range<usize>,
+        done: usize,
+    ) {
         let [h, wd, c, m, kh, kw, oh, ow, pt, pl] = self.dims;
         let (xs, ws, win) = (self.xs, self.ws, self.win);
         let oc = c * m;
@@ -347,6 +396,9 @@ impl Depthwise<'_> {
         // (input offset, filter offset) of each tap inside the input, in filter order.
         let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
         for ox in 0..ow {
+            if done == oc && skip.contains(&ox) {
+                continue;
+            }
             taps.clear();
             for ky in 0..kh {
                 let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
@@ -364,7 +416,7 @@ impl Depthwise<'_> {
             }
             let dst = &mut out_row[ox * oc..(ox + 1) * oc];
             if m == 1 {
-                let mut ch = 0;
+                let mut ch = if skip.contains(&ox) { done } else { 0 };
                 while ch + 16 <= c {
                     self.channels::<16>(&taps, ch, dst);
                     ch += 16;

@@ -11,6 +11,7 @@
 //!
 //! Integer products accumulate in wrapping i32, whose sums do not depend on order.
 
+pub(crate) mod dwconv;
 pub mod igemm;
 pub mod sgemm;
 
