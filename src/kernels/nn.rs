@@ -368,15 +368,36 @@ impl Depthwise<'_> {
             },
             rows: &rows,
             c,
+            chans: c,
             kw,
             sx,
             dx,
             pl,
         };
         assert!(out_row.len() >= hi * c && self.ws.len() >= kh * kw * c);
-        // SAFETY: AVX2 is present; lo..hi are the pixels inside the input (above), the
-        // rows are whole input rows, and out_row holds the row.
-        unsafe { super::simd::dwconv::interior(&g, lo, hi, out_row.as_mut_ptr() as *mut f32) };
+        let op = out_row.as_mut_ptr() as *mut f32;
+        if super::simd::avx512() {
+            let c16 = c / 16 * 16;
+            // SAFETY: AVX-512F is present; lo..hi are the pixels inside the input
+            // (above), the rows are whole input rows, and out_row holds the row.
+            unsafe { super::simd::dwconv::interior512(&g, lo, hi, op) };
+            if c16 < c8 {
+                // Channels c16..c8: one block of 8 lanes.
+                let g8 = super::simd::dwconv::DwRow {
+                    xs: &self.xs[c16..],
+                    ws: &self.ws[c16..],
+                    bias: self.epi.bias.map(|b| &b[c16..]),
+                    chans: c8 - c16,
+                    ..g
+                };
+                // SAFETY: as above (AVX2 too), every offset shifted by c16 < c8 <= c.
+                unsafe { super::simd::dwconv::interior(&g8, lo, hi, op.add(c16)) };
+            }
+        } else {
+            // SAFETY: AVX2 is present; lo..hi are the pixels inside the input (above),
+            // the rows are whole input rows, and out_row holds the row.
+            unsafe { super::simd::dwconv::interior(&g, lo, hi, op) };
+        }
         self.row(r, out_row, lo..hi, c8)
     }
 
@@ -801,3 +822,7 @@ pub fn softmax(x: &Value, log: bool) -> Result<Value> {
     }
     Ok(Value::from_vec(x.shape.clone(), out))
 }
+
+#[cfg(test)]
+#[path = "nn_dw_tests.rs"]
+mod dw_tests;

@@ -7,7 +7,7 @@
 //! their independent sums overlap instead of waiting on one another.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::interior;
+pub(crate) use x86::{interior, interior512};
 
 /// The geometry of one output row: the input rows it reads and its window.
 pub(crate) struct DwRow<'a> {
@@ -20,11 +20,115 @@ pub(crate) struct DwRow<'a> {
     /// (offset of input row `iy` at column 0, filter row `ky`), in filter order, for
     /// the filter rows inside the input.
     pub rows: &'a [(usize, usize)],
+    /// Channels of the input (the stride between pixels), and how many of them, from
+    /// the start of `xs`, `ws`, `bias` and `out`, the kernels cover.
     pub c: usize,
+    pub chans: usize,
     pub kw: usize,
     pub sx: usize,
     pub dx: usize,
     pub pl: usize,
+}
+
+/// The row kernel for one vector width: `$lanes` channels per vector, blocks of two
+/// vectors then one, four pixels at a time then one.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dw_kernel {
+    ($name:ident, $feat:literal, $v:ty, $lanes:literal, $zero:ident, $set1:ident, $load:ident,
+     $store:ident, $add:ident, $mul:ident, $max:ident, $min:ident) => {
+        /// Writes channels `0..chans / $lanes * $lanes` of output pixels `lo..hi` of the
+        /// row into `out` (the row, `[ow, c]`).
+        ///
+        /// # Safety
+        /// The CPU must have the features; for every `ox` in `lo..hi`, `ox * sx >= pl`
+        /// and `ox * sx + (kw - 1) * dx < wd + pl`; every `rows` offset is that of a
+        /// whole input row of `wd * c` values in `xs`, every filter row `< kh` of `ws`;
+        /// `out` holds `hi * c` values.
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn $name(g: &DwRow, lo: usize, hi: usize, out: *mut f32) {
+            #[inline(always)]
+            unsafe fn pixels<const P: usize>(g: &DwRow, ox: usize, out: *mut f32) {
+                let mut ch = 0;
+                while ch + 2 * $lanes <= g.chans {
+                    if g.kw == 3 {
+                        block::<P, 2>(g, 3, ox, ch, out);
+                    } else {
+                        block::<P, 2>(g, g.kw, ox, ch, out);
+                    }
+                    ch += 2 * $lanes;
+                }
+                if ch + $lanes <= g.chans {
+                    if g.kw == 3 {
+                        block::<P, 1>(g, 3, ox, ch, out);
+                    } else {
+                        block::<P, 1>(g, g.kw, ox, ch, out);
+                    }
+                }
+            }
+
+            /// Channels `ch..ch + $lanes * V` of pixels `ox..ox + P`.
+            #[inline(always)]
+            unsafe fn block<const P: usize, const V: usize>(
+                g: &DwRow,
+                kw: usize,
+                ox: usize,
+                ch: usize,
+                out: *mut f32,
+            ) {
+                let c = g.c;
+                let (xs, ws) = (g.xs.as_ptr(), g.ws.as_ptr());
+                let col0 = (ox * g.sx - g.pl) * c + ch;
+                let (pstep, kstep) = (g.sx * c, g.dx * c);
+                let mut acc: [[$v; V]; P] = [[$zero(); V]; P];
+                for &(base, ky) in g.rows {
+                    let xrow = xs.add(base + col0);
+                    let wrow = ws.add(ky * kw * c + ch);
+                    for kx in 0..kw {
+                        let mut wv: [$v; V] = [$zero(); V];
+                        for (v, w) in wv.iter_mut().enumerate() {
+                            *w = $load(wrow.add(kx * c + $lanes * v));
+                        }
+                        for (p, a) in acc.iter_mut().enumerate() {
+                            let xp = xrow.add(p * pstep + kx * kstep);
+                            for v in 0..V {
+                                let xv = $load(xp.add($lanes * v));
+                                a[v] = $add(a[v], $mul(xv, wv[v]));
+                            }
+                        }
+                    }
+                }
+                let zero = $zero();
+                let six = $set1(6.0);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let dst = out.add((ox + p) * c + ch);
+                    for (v, &sum) in a.iter().enumerate() {
+                        let mut s = sum;
+                        if let Some(b) = g.bias {
+                            s = $add(s, $load(b.as_ptr().add(ch + $lanes * v)));
+                        }
+                        // max(0, s) is `s < 0 ? 0 : s` (NaN stays NaN), min(6, r)
+                        // `r > 6 ? 6 : r`: the scalar ReLU and ReLU6.
+                        match g.act {
+                            1 => s = $max(zero, s),
+                            2 => s = $min(six, $max(zero, s)),
+                            _ => {}
+                        }
+                        $store(dst.add($lanes * v), s);
+                    }
+                }
+            }
+
+            let mut ox = lo;
+            while ox + 4 <= hi {
+                pixels::<4>(g, ox, out);
+                ox += 4;
+            }
+            while ox < hi {
+                pixels::<1>(g, ox, out);
+                ox += 1;
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -32,96 +136,32 @@ mod x86 {
     use super::DwRow;
     use std::arch::x86_64::*;
 
-    /// Writes channels `0..c / 8 * 8` of output pixels `lo..hi` of the row into `out`
-    /// (the row, `[ow, c]`).
-    ///
-    /// # Safety
-    /// AVX2 must be present; for every `ox` in `lo..hi`, `ox * sx >= pl` and
-    /// `ox * sx + (kw - 1) * dx < wd + pl`, every `rows` offset is that of a whole input
-    /// row of `wd * c` values in `xs`, every filter row `< kh` of `ws`, and `out` holds
-    /// `hi * c` values.
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn interior(g: &DwRow, lo: usize, hi: usize, out: *mut f32) {
-        let mut ox = lo;
-        while ox + 4 <= hi {
-            pixels::<4>(g, ox, out);
-            ox += 4;
-        }
-        while ox < hi {
-            pixels::<1>(g, ox, out);
-            ox += 1;
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn pixels<const P: usize>(g: &DwRow, ox: usize, out: *mut f32) {
-        let c = g.c;
-        let mut ch = 0;
-        while ch + 16 <= c {
-            if g.kw == 3 {
-                block::<P, 2>(g, 3, ox, ch, out);
-            } else {
-                block::<P, 2>(g, g.kw, ox, ch, out);
-            }
-            ch += 16;
-        }
-        if ch + 8 <= c {
-            if g.kw == 3 {
-                block::<P, 1>(g, 3, ox, ch, out);
-            } else {
-                block::<P, 1>(g, g.kw, ox, ch, out);
-            }
-        }
-    }
-
-    /// Channels `ch..ch + 8 * V` of pixels `ox..ox + P`.
-    #[inline(always)]
-    unsafe fn block<const P: usize, const V: usize>(
-        g: &DwRow,
-        kw: usize,
-        ox: usize,
-        ch: usize,
-        out: *mut f32,
-    ) {
-        let c = g.c;
-        let (xs, ws) = (g.xs.as_ptr(), g.ws.as_ptr());
-        let col0 = (ox * g.sx - g.pl) * c + ch;
-        let (pstep, kstep) = (g.sx * c, g.dx * c);
-        let mut acc = [[_mm256_setzero_ps(); V]; P];
-        for &(base, ky) in g.rows {
-            let xrow = xs.add(base + col0);
-            let wrow = ws.add(ky * kw * c + ch);
-            for kx in 0..kw {
-                let mut wv = [_mm256_setzero_ps(); V];
-                for (v, w) in wv.iter_mut().enumerate() {
-                    *w = _mm256_loadu_ps(wrow.add(kx * c + 8 * v));
-                }
-                for (p, a) in acc.iter_mut().enumerate() {
-                    let xp = xrow.add(p * pstep + kx * kstep);
-                    for v in 0..V {
-                        let xv = _mm256_loadu_ps(xp.add(8 * v));
-                        a[v] = _mm256_add_ps(a[v], _mm256_mul_ps(xv, wv[v]));
-                    }
-                }
-            }
-        }
-        let zero = _mm256_setzero_ps();
-        let six = _mm256_set1_ps(6.0);
-        for (p, a) in acc.iter_mut().enumerate() {
-            let dst = out.add((ox + p) * c + ch);
-            for (v, &sum) in a.iter().enumerate() {
-                let mut s = sum;
-                if let Some(b) = g.bias {
-                    s = _mm256_add_ps(s, _mm256_loadu_ps(b.as_ptr().add(ch + 8 * v)));
-                }
-                // max(0, s) is `s < 0 ? 0 : s` (NaN stays NaN), min(6, r) `r > 6 ? 6 : r`.
-                match g.act {
-                    1 => s = _mm256_max_ps(zero, s),
-                    2 => s = _mm256_min_ps(six, _mm256_max_ps(zero, s)),
-                    _ => {}
-                }
-                _mm256_storeu_ps(dst.add(8 * v), s);
-            }
-        }
-    }
+    dw_kernel!(
+        interior,
+        "avx2",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps,
+        _mm256_max_ps,
+        _mm256_min_ps
+    );
+    dw_kernel!(
+        interior512,
+        "avx512f",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_add_ps,
+        _mm512_mul_ps,
+        _mm512_max_ps,
+        _mm512_min_ps
+    );
 }

@@ -26,6 +26,19 @@ pub(crate) fn avx2() -> bool {
     })
 }
 
+/// Whether AVX-512F may be used for float vectors of 16 lanes (`QPIPE_NO_AVX512` set
+/// to anything keeps AVX2, as on a CPU without AVX-512).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        avx2()
+            && std::env::var_os("QPIPE_NO_AVX512").is_none()
+            && std::arch::is_x86_feature_detected!("avx512f")
+    })
+}
+
 /// Whether AVX512-VNNI (with VL, for 256-bit vectors) may be used for int8 products
 /// (`QPIPE_NO_VNNI` set to anything keeps the AVX2 ones, as on a CPU without AVX-512).
 #[cfg(target_arch = "x86_64")]

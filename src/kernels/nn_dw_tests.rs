@@ -1,0 +1,93 @@
+//! The AVX2 depthwise rows give the scalar loop's bits, on windows that cross the
+//! padding, strides, dilations, channel counts off the vector widths, bias and each
+//! activation, with NaN and infinities among the values. Both vector widths are
+//! compared when the CPU has AVX-512 (run again with `QPIPE_NO_AVX512=1`).
+
+use super::*;
+use std::mem::MaybeUninit;
+
+/// Deterministic values in about [-4, 4), with a NaN, an infinity and a -0.0 mixed in.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            match i % 97 {
+                13 => f32::NAN,
+                41 => f32::INFINITY,
+                77 => -0.0,
+                _ => ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn avx2_rows_give_the_scalar_bits() {
+    if !super::super::simd::avx2() {
+        eprintln!("no AVX2 on this CPU: only the scalar loop exists here");
+        return;
+    }
+    let mut cases = 0;
+    for (i, (h, wd, c, k, s, d, pad)) in [
+        (9, 11, 16, 3, 1, 1, Padding::Same),
+        (9, 12, 24, 3, 2, 1, Padding::Same),
+        (8, 13, 40, 3, 1, 1, Padding::Valid),
+        (10, 10, 13, 3, 1, 2, Padding::Same),
+        (7, 15, 8, 5, 2, 1, Padding::Same),
+        (6, 9, 3, 3, 1, 1, Padding::Same),
+        (6, 21, 32, 1, 1, 1, Padding::Valid),
+        (5, 17, 48, 3, 2, 1, Padding::Explicit([(1, 0), (2, 1)])),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (j, act) in [Act::None, Act::Relu, Act::Relu6].into_iter().enumerate() {
+            let n = 2;
+            let xs = values(n * h * wd * c, i as u64 * 7 + j as u64);
+            let ws = values(k * k * c, 100 + i as u64);
+            let bias = values(c, 200 + i as u64);
+            let win = Window {
+                strides: [s, s],
+                dilations: [d, d],
+                padding: pad.clone(),
+            };
+            let (oh, pt) = out_size(h, k, s, d, &win.padding, 0).unwrap();
+            let (ow, pl) = out_size(wd, k, s, d, &win.padding, 1).unwrap();
+            let dw = Depthwise {
+                xs: &xs,
+                ws: &ws,
+                win: &win,
+                epi: Epilogue {
+                    bias: (j != 1).then_some(&bias[..]),
+                    act,
+                },
+                dims: [h, wd, c, 1, k, k, oh, ow, pt, pl],
+            };
+            for r in 0..n * oh {
+                let mut a = vec![MaybeUninit::new(1.5f32); ow * c];
+                let mut b = vec![MaybeUninit::new(-2.5f32); ow * c];
+                dw.row(r, &mut a, 0..0, 0);
+                // SAFETY: AVX2 is present (checked above).
+                unsafe { dw.row_avx2(r, &mut b) };
+                // Bits, every NaN as one: which NaN an operation returns (its sign and
+                // payload) is not specified, and it may differ between compilations of
+                // the same loop.
+                let bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
+                    v.iter()
+                        // SAFETY: both rows were initialized above.
+                        .map(|x| unsafe { x.assume_init() })
+                        .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                        .collect()
+                };
+                assert_eq!(bits(&a), bits(&b), "case {i} act {act:?} row {r}");
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases > 100, "{cases} rows compared");
+}
