@@ -338,7 +338,7 @@ impl Depthwise<'_> {
         let [h, wd, c, m, kh, kw, oh, ow, pt, pl] = self.dims;
         let (sx, dx) = (self.win.strides[1], self.win.dilations[1]);
         let c8 = c / 8 * 8;
-        if m != 1 || c8 == 0 || kw == 0 || sx == 0 {
+        if m != 1 || c8 == 0 || kw == 0 || sx == 0 || dx == 0 {
             return self.row(r, out_row, 0..0, 0);
         }
         // Pixels lo..hi have their whole window inside the input horizontally.
@@ -347,9 +347,6 @@ impl Depthwise<'_> {
             Some(last) => ow.min(last / sx + 1),
             None => 0,
         };
-        if lo >= hi {
-            return self.row(r, out_row, 0..0, 0);
-        }
         let (b, y) = (r / oh, r % oh);
         let rows: Vec<(usize, usize)> = (0..kh)
             .filter_map(|ky| {
@@ -373,14 +370,15 @@ impl Depthwise<'_> {
             sx,
             dx,
             pl,
+            wd,
         };
-        assert!(out_row.len() >= hi * c && self.ws.len() >= kh * kw * c);
+        assert!(out_row.len() >= ow * c && self.ws.len() >= kh * kw * c);
         let op = out_row.as_mut_ptr() as *mut f32;
         if super::simd::avx512() {
             let c16 = c / 16 * 16;
             // SAFETY: AVX-512F is present; lo..hi are the pixels inside the input
             // (above), the rows are whole input rows, and out_row holds the row.
-            unsafe { super::simd::dwconv::interior512(&g, lo, hi, op) };
+            unsafe { super::simd::dwconv::interior512(&g, lo, hi, ow, op) };
             if c16 < c8 {
                 // Channels c16..c8: one block of 8 lanes.
                 let g8 = super::simd::dwconv::DwRow {
@@ -391,14 +389,14 @@ impl Depthwise<'_> {
                     ..g
                 };
                 // SAFETY: as above (AVX2 too), every offset shifted by c16 < c8 <= c.
-                unsafe { super::simd::dwconv::interior(&g8, lo, hi, op.add(c16)) };
+                unsafe { super::simd::dwconv::interior(&g8, lo, hi, ow, op.add(c16)) };
             }
         } else {
             // SAFETY: AVX2 is present; lo..hi are the pixels inside the input (above),
             // the rows are whole input rows, and out_row holds the row.
-            unsafe { super::simd::dwconv::interior(&g, lo, hi, op) };
+            unsafe { super::simd::dwconv::interior(&g, lo, hi, ow, op) };
         }
-        self.row(r, out_row, lo..hi, c8)
+        self.row(r, out_row, 0..ow, c8)
     }
 
     /// Channels `done..` only of the pixels in `skip` (multiplier 1), all of the others.

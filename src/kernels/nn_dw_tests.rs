@@ -42,6 +42,9 @@ fn avx2_rows_give_the_scalar_bits() {
         (6, 9, 3, 3, 1, 1, Padding::Same),
         (6, 21, 32, 1, 1, 1, Padding::Valid),
         (5, 17, 48, 3, 2, 1, Padding::Explicit([(1, 0), (2, 1)])),
+        // Windows wholly in the padding, and no pixel wholly inside the input.
+        (3, 2, 24, 3, 1, 1, Padding::Explicit([(3, 3), (4, 4)])),
+        (4, 3, 16, 5, 2, 1, Padding::Same),
     ]
     .into_iter()
     .enumerate()

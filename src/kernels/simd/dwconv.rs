@@ -1,7 +1,6 @@
-//! Float depthwise convolution (multiplier 1) on AVX2, for the output pixels of a row
-//! whose window lies wholly inside the input horizontally. Each output sums its taps
-//! from 0.0 in filter order (rows of the filter that fall in the padding are left out,
-//! as in the scalar loop), each product and each sum rounded, then adds the bias and
+//! Float depthwise convolution (multiplier 1) on AVX2 / AVX-512F, one output row at a
+//! time. Each output sums its taps from 0.0 in filter order (taps that fall in the
+//! padding are left out, as in the scalar loop), each product and each sum rounded, then adds the bias and
 //! applies the activation: the bits of `nn::depthwise_conv2d`'s scalar loop. The vectors
 //! run across channels; several horizontally adjacent pixels are summed at once, so that
 //! their independent sums overlap instead of waiting on one another.
@@ -28,6 +27,8 @@ pub(crate) struct DwRow<'a> {
     pub sx: usize,
     pub dx: usize,
     pub pl: usize,
+    /// The input's width.
+    pub wd: usize,
 }
 
 /// The row kernel for one vector width: `$lanes` channels per vector, blocks of two
@@ -36,40 +37,70 @@ pub(crate) struct DwRow<'a> {
 macro_rules! dw_kernel {
     ($name:ident, $feat:literal, $v:ty, $lanes:literal, $zero:ident, $set1:ident, $load:ident,
      $store:ident, $add:ident, $mul:ident, $max:ident, $min:ident) => {
-        /// Writes channels `0..chans / $lanes * $lanes` of output pixels `lo..hi` of the
-        /// row into `out` (the row, `[ow, c]`).
+        /// Writes channels `0..chans / $lanes * $lanes` of the `ow` output pixels of
+        /// the row into `out` (the row, `[ow, c]`). Pixels `lo..hi` have their whole
+        /// window inside the input horizontally; the others skip the taps outside it.
         ///
         /// # Safety
         /// The CPU must have the features; for every `ox` in `lo..hi`, `ox * sx >= pl`
         /// and `ox * sx + (kw - 1) * dx < wd + pl`; every `rows` offset is that of a
         /// whole input row of `wd * c` values in `xs`, every filter row `< kh` of `ws`;
-        /// `out` holds `hi * c` values.
+        /// `out` holds `ow * c` values; `dx > 0`.
         #[target_feature(enable = $feat)]
-        pub(crate) unsafe fn $name(g: &DwRow, lo: usize, hi: usize, out: *mut f32) {
+        pub(crate) unsafe fn $name(g: &DwRow, lo: usize, hi: usize, ow: usize, out: *mut f32) {
             #[inline(always)]
             unsafe fn pixels<const P: usize>(g: &DwRow, ox: usize, out: *mut f32) {
                 let mut ch = 0;
                 while ch + 2 * $lanes <= g.chans {
                     if g.kw == 3 {
-                        block::<P, 2>(g, 3, ox, ch, out);
+                        block::<P, 2>(g, 0, 3, 3, ox, ch, out);
                     } else {
-                        block::<P, 2>(g, g.kw, ox, ch, out);
+                        block::<P, 2>(g, 0, g.kw, g.kw, ox, ch, out);
                     }
                     ch += 2 * $lanes;
                 }
                 if ch + $lanes <= g.chans {
                     if g.kw == 3 {
-                        block::<P, 1>(g, 3, ox, ch, out);
+                        block::<P, 1>(g, 0, 3, 3, ox, ch, out);
                     } else {
-                        block::<P, 1>(g, g.kw, ox, ch, out);
+                        block::<P, 1>(g, 0, g.kw, g.kw, ox, ch, out);
                     }
                 }
             }
 
-            /// Channels `ch..ch + $lanes * V` of pixels `ox..ox + P`.
+            /// Pixel `ox`, whose window may reach into the padding horizontally: only
+            /// its taps `k0..k1` are inside the input.
+            #[inline(always)]
+            unsafe fn edge(g: &DwRow, ox: usize, out: *mut f32) {
+                let (x0, end) = (ox * g.sx, g.wd + g.pl);
+                let k0 = if x0 >= g.pl {
+                    0
+                } else {
+                    (g.pl - x0).div_ceil(g.dx)
+                };
+                let k1 = if x0 >= end {
+                    0
+                } else {
+                    g.kw.min((end - x0 - 1) / g.dx + 1)
+                };
+                let (k0, k1) = if k0 < k1 { (k0, k1) } else { (0, 0) };
+                let mut ch = 0;
+                while ch + 2 * $lanes <= g.chans {
+                    block::<1, 2>(g, k0, k1, g.kw, ox, ch, out);
+                    ch += 2 * $lanes;
+                }
+                if ch + $lanes <= g.chans {
+                    block::<1, 1>(g, k0, k1, g.kw, ox, ch, out);
+                }
+            }
+
+            /// Channels `ch..ch + $lanes * V` of pixels `ox..ox + P`, from their taps
+            /// `k0..k1` of each filter row (of `kw`).
             #[inline(always)]
             unsafe fn block<const P: usize, const V: usize>(
                 g: &DwRow,
+                k0: usize,
+                k1: usize,
                 kw: usize,
                 ox: usize,
                 ch: usize,
@@ -77,19 +108,20 @@ macro_rules! dw_kernel {
             ) {
                 let c = g.c;
                 let (xs, ws) = (g.xs.as_ptr(), g.ws.as_ptr());
-                let col0 = (ox * g.sx - g.pl) * c + ch;
+                // Unused (and possibly wrapped) when k0 == k1.
+                let col0 = (ox * g.sx + k0 * g.dx).wrapping_sub(g.pl).wrapping_mul(c) + ch;
                 let (pstep, kstep) = (g.sx * c, g.dx * c);
                 let mut acc: [[$v; V]; P] = [[$zero(); V]; P];
                 for &(base, ky) in g.rows {
-                    let xrow = xs.add(base + col0);
+                    let xrow = xs.wrapping_add(base.wrapping_add(col0));
                     let wrow = ws.add(ky * kw * c + ch);
-                    for kx in 0..kw {
+                    for kx in k0..k1 {
                         let mut wv: [$v; V] = [$zero(); V];
                         for (v, w) in wv.iter_mut().enumerate() {
                             *w = $load(wrow.add(kx * c + $lanes * v));
                         }
                         for (p, a) in acc.iter_mut().enumerate() {
-                            let xp = xrow.add(p * pstep + kx * kstep);
+                            let xp = xrow.add(p * pstep + (kx - k0) * kstep);
                             for v in 0..V {
                                 let xv = $load(xp.add($lanes * v));
                                 a[v] = $add(a[v], $mul(xv, wv[v]));
@@ -118,6 +150,11 @@ macro_rules! dw_kernel {
                 }
             }
 
+            let lo = lo.min(ow);
+            let hi = hi.clamp(lo, ow);
+            for ox in 0..lo {
+                edge(g, ox, out);
+            }
             let mut ox = lo;
             while ox + 4 <= hi {
                 pixels::<4>(g, ox, out);
@@ -126,6 +163,9 @@ macro_rules! dw_kernel {
             while ox < hi {
                 pixels::<1>(g, ox, out);
                 ox += 1;
+            }
+            for ox in hi..ow {
+                edge(g, ox, out);
             }
         }
     };
