@@ -1,6 +1,6 @@
 //! The vector kernels give the portable kernels' bits: `qpipe eval` writes the same
-//! outputs with every path this CPU has (VNNI, AVX2 only as on a CPU without AVX-512
-//! via `QPIPE_NO_VNNI`, and the portable loops of other CPUs via `QPIPE_NO_SIMD`), for
+//! outputs with every path this CPU has (VNNI and AVX-512, AVX2 only as on a CPU without
+//! AVX-512 via `QPIPE_NO_VNNI` and `QPIPE_NO_AVX512`, and the portable loops of other CPUs via `QPIPE_NO_SIMD`), for
 //! float, int8 (convolutions, fully connected, reductions) and hybrid models.
 
 mod support;
@@ -11,7 +11,7 @@ use std::process::Command;
 fn qpipe(dir: &Path, env: &[(&str, &str)], args: &[&str]) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qpipe"));
     c.current_dir(dir).args(args).env_remove("QPIPE_NO_SIMD");
-    c.env_remove("QPIPE_NO_VNNI");
+    c.env_remove("QPIPE_NO_VNNI").env_remove("QPIPE_NO_AVX512");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -52,7 +52,7 @@ fn every_vector_path_gives_the_portable_bits() {
         for stage in ["strip", "int8", "hybrid"] {
             let outputs: Vec<Vec<u8>> = [
                 &[][..],
-                &[("QPIPE_NO_VNNI", "1")][..],
+                &[("QPIPE_NO_VNNI", "1"), ("QPIPE_NO_AVX512", "1")][..],
                 &[("QPIPE_NO_SIMD", "1")][..],
             ]
             .iter()
