@@ -808,7 +808,6 @@ pub fn dequantize(x: &Value, q: Option<&QuantParams>) -> Result<Value> {
                     x.dtype()
                 ))
             })?;
-            let vals = x.to_i64s()?;
             let (channels, inner) = match q.axis {
                 None => (1, x.len().max(1)),
                 Some(a) => {
@@ -832,6 +831,17 @@ pub fn dequantize(x: &Value, q: Option<&QuantParams>) -> Result<Value> {
                     q.zero_point.len()
                 )));
             }
+            // The same expression per element, without widening the input first or
+            // dividing to find each element's channel.
+            if let Buf::I8(xs) = &*x.buf {
+                let mut out = Vec::with_capacity(xs.len());
+                for (i, run) in xs.chunks(inner).enumerate() {
+                    let (zp, s) = (q.zero_point[i % channels], q.scale[i % channels]);
+                    out.extend(run.iter().map(|&v| (v as i64 - zp) as f32 * s));
+                }
+                return Ok(Value::from_vec(x.shape.clone(), out));
+            }
+            let vals = x.to_i64s()?;
             let out = vals
                 .iter()
                 .enumerate()

@@ -13,7 +13,6 @@ use crate::kernels::rounding::{
     activation_range, quantize_multiplier, xnn_activation_range, xnn_conv_scale,
     ChannelMultipliers, RowRequantizer,
 };
-use crate::kernels::simd::igemm::PackedWeights;
 use crate::kernels::value::Value;
 
 pub(super) fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
@@ -123,11 +122,11 @@ pub fn conv2d(
         pt,
         pl,
     };
+    let packed = super::packed_cache::packed(w, kh * kw * c, o, false)?;
     super::gemm::conv(
         geom,
         n,
-        w.slice::<i8>()?,
-        o,
+        &packed,
         &mut res,
         |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
         |_, acc, out| requant.rows(acc, bias, out),
@@ -486,7 +485,7 @@ pub fn fully_connected(
     let bias = bias_i32(b, units)?;
     let requant = requantizer(quant.arithmetic, true, xin.scale, &ws, out, act);
     let xs = x.slice::<i8>()?;
-    let packed = PackedWeights::pack(w.slice::<i8>()?, k, units, tb);
+    let packed = super::packed_cache::packed(w, k, units, tb)?;
     let mut res = vec![0i8; batch * units];
     super::gemm::fully_connected(
         batch,

@@ -42,14 +42,12 @@ pub(super) struct Geom<'a> {
 pub(super) fn conv<'a, T: Send>(
     g: Geom<'_>,
     n: usize,
-    w: &[i8],
-    o: usize,
+    packed: &PackedWeights,
     out: &mut [T],
     image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
     finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
-    let k = g.kh * g.kw * g.c;
-    let packed = PackedWeights::pack(w, k, o, false);
+    let (k, o) = (packed.k, packed.n);
     let ldu = packed.ldu();
     let pixels = n * g.oh * g.ow;
     if o == 0 || pixels == 0 {
@@ -96,7 +94,7 @@ pub(super) fn conv<'a, T: Send>(
             );
         }
         let acc = grown(acc_buf, rows * o);
-        igemm_u8(rows, patches, ldu, &packed, &shifts[..rows], acc);
+        igemm_u8(rows, patches, ldu, packed, &shifts[..rows], acc);
         finish(t * TILE, acc, out_t);
     };
     let tile = |t: usize, out_t: &mut [T]| with_scratch(|p, a| tile_in(t, out_t, p, a));

@@ -39,7 +39,6 @@ use crate::kernels::rounding::{
     asymmetric_quantize_floats, hybrid_dequantize_row, symmetric_quantize_floats,
     xnn_dynamic_quantize, DynamicRow, HybridScaling,
 };
-use crate::kernels::simd::igemm::PackedWeights;
 use crate::kernels::value::Value;
 
 /// The bounds of TFLite's `ActivationFunctionWithMinMax` for the float fused
@@ -87,7 +86,7 @@ pub fn fully_connected(
     let ws = channel_scales(quant, 1, units)?;
     let bias = float_bias(b, units)?;
     let xs = x.slice::<f32>()?;
-    let packed = PackedWeights::pack(w.slice::<i8>()?, k, units, tb);
+    let packed = super::packed_cache::packed(w, k, units, tb)?;
     let scaling = match quant.arithmetic {
         Arithmetic::Reference => HybridScaling::AccTimesProduct,
         Arithmetic::LiteRt => HybridScaling::XnnFma,
@@ -177,11 +176,11 @@ pub fn conv2d(
     };
     let per_image = oh * ow;
     let bounds = act_bounds(act);
+    let packed = super::packed_cache::packed(w, kh * kw * c, o, false)?;
     super::gemm::conv(
         geom,
         n,
-        w.slice::<i8>()?,
-        o,
+        &packed,
         &mut res,
         |bi| (&rows[bi].q[..], -rows[bi].offset),
         |px0, acc, out| {

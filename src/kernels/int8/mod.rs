@@ -42,6 +42,7 @@ mod elementwise;
 mod gemm;
 mod hybrid;
 mod math;
+mod packed_cache;
 mod reduce;
 mod spatial;
 
