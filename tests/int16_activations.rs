@@ -108,6 +108,28 @@ path = "q16_${{strategy}}.tflite"
     )
 }
 
+/// `qpipe run recipe.toml --json -q` in `dir`, which must succeed; its JSON document.
+fn run_json(name: &str, dir: &Path) -> Value {
+    let out = qpipe(&["run", "recipe.toml", "--json", "-q"], dir);
+    assert!(
+        out.status.success(),
+        "{name}: qpipe run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("run --json")
+}
+
+/// The stage `id@strategy` of a `run --json` document.
+fn stage_of(doc: &Value, id: &str, strategy: &str) -> Value {
+    doc["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == format!("{id}@{strategy}"))
+        .unwrap_or_else(|| panic!("no stage {id}@{strategy} in {doc}"))
+        .clone()
+}
+
 fn accuracy(t: &qpipe::ir::Tensor, labels: &[i64]) -> f64 {
     let v = t.values::<f32>().unwrap();
     let c = t.shape()[1];
@@ -142,23 +164,9 @@ fn int16_activations_reach_float_and_litert_agrees_with_validate() {
             recipe(name, r#""DEFAULT", "OPTIMIZE_FOR_LATENCY""#),
         )
         .unwrap();
-        let out = qpipe(&["run", "recipe.toml", "--json", "-q"], &dir);
-        assert!(
-            out.status.success(),
-            "{name}: qpipe run failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let doc: Value = serde_json::from_slice(&out.stdout).expect("run --json");
+        let doc = run_json(name, &dir);
         for strategy in ["DEFAULT", "OPTIMIZE_FOR_LATENCY"] {
-            let stage = |id: &str| -> Value {
-                doc["stages"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|s| s["id"] == format!("{id}@{strategy}"))
-                    .unwrap_or_else(|| panic!("{name}: no stage {id}@{strategy} in {doc}"))
-                    .clone()
-            };
+            let stage = |id: &str| stage_of(&doc, id, strategy);
             let q = stage("q16");
             assert_eq!(q["metrics"]["activations"], "int16", "{name} {strategy}");
             assert_eq!(q["metrics"]["float_ops"], 0, "{name} {strategy}: {q}");
@@ -316,15 +324,7 @@ fn ops_without_an_int16_kernel_stay_float_or_are_named() {
         .unwrap();
         let out = qpipe(&["run", "recipe.toml", "--json", "-q"], &dir);
         let doc: Value = serde_json::from_slice(&out.stdout).expect("run --json");
-        let stage = |id: &str| -> Value {
-            doc["stages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["id"] == format!("{id}@{strategy}"))
-                .unwrap_or_else(|| panic!("no stage {id}@{strategy} in {doc}"))
-                .clone()
-        };
+        let stage = |id: &str| stage_of(&doc, id, strategy);
         let q = stage("q16");
         if strategy == "OPTIMIZE_FOR_LATENCY" {
             assert!(!out.status.success(), "LATENCY must fail: {doc}");
@@ -407,23 +407,9 @@ fn logistic_tanh_mean_and_movement_run_in_int16_in_whole_models() {
             recipe_with(name, files, r#""DEFAULT", "OPTIMIZE_FOR_LATENCY""#),
         )
         .unwrap();
-        let out = qpipe(&["run", "recipe.toml", "--json", "-q"], &dir);
-        assert!(
-            out.status.success(),
-            "{name}: qpipe run failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let doc: Value = serde_json::from_slice(&out.stdout).expect("run --json");
+        let doc = run_json(name, &dir);
         for strategy in ["DEFAULT", "OPTIMIZE_FOR_LATENCY"] {
-            let stage = |id: &str| -> Value {
-                doc["stages"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|s| s["id"] == format!("{id}@{strategy}"))
-                    .unwrap_or_else(|| panic!("{name}: no stage {id}@{strategy} in {doc}"))
-                    .clone()
-            };
+            let stage = |id: &str| stage_of(&doc, id, strategy);
             let q = stage("q16");
             assert_eq!(q["metrics"]["float_ops"], 0, "{name} {strategy}: {q}");
             jobs.push(BatchJob {
