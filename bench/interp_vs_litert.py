@@ -26,6 +26,9 @@ Then, per variant:
   after one warm-up invoke. With --ref also OpResolverType.BUILTIN_REF, the kernels whose
   arithmetic qpipe's default runtime reproduces.
 
+The fixtures' eval sets (1,000 rows or fewer) are repeated to 20,000 rows (WORK/NAME/timing_*.npy,
+the recipe's `timing` data set), so that each side runs for a measurable CPU time.
+
 Both take the median of R repeats. CPU time rather than wall, since the machine may be
 shared. Models: the fixtures push_student, conv_bn, mlp_res, and the generated textcnn
 (200k x 256 embedding, sequence 64, 256 filters for each of k = 2, 3, 4) and mobilenet
@@ -65,6 +68,10 @@ outputs = ["{out}"]
 [datasets.eval]
 {inp} = "{eval}"
 labels = "{labels}"
+
+[datasets.timing]
+{inp} = "{timing}"
+labels = "{timing_labels}"
 
 [stages.freeze]
 kind = "freeze"
@@ -201,6 +208,22 @@ def npy_rows(path):
     return header["shape"][0]
 
 
+def tiled(evalf, labels, n, d, py):
+    """The eval rows (and labels) repeated up to n rows, as d/timing_{x,y}.npy: the fixtures
+    have 1,000 rows or fewer, which at microseconds a row is too little CPU time to measure."""
+    out = (os.path.join(d, "timing_x.npy"), os.path.join(d, "timing_y.npy"))
+    if all(os.path.exists(f) for f in out) and npy_rows(out[0]) == n and all(
+            os.path.getmtime(f) >= os.path.getmtime(src) for f, src in zip(out, (evalf, labels))):
+        return out
+    script = ("import sys, numpy as np\n"
+              "n = int(sys.argv[1])\n"
+              "for src, dst in zip(sys.argv[2:4], sys.argv[4:6]):\n"
+              "    a = np.load(src)\n"
+              "    np.save(dst, np.concatenate([a] * (-(-n // len(a))))[:n])\n")
+    subprocess.run([py, "-c", script, str(n), evalf, labels, out[0], out[1]], check=True)
+    return out
+
+
 def model_files(name, work, tf_python):
     """(model line, input, output, calib, eval, labels) of a model, generating it if needed."""
     if name in FIXTURES:
@@ -228,7 +251,8 @@ def main():
     p.add_argument("--models", default=",".join(FIXTURES + GENERATED))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--samples", type=int, default=0,
-                   help="rows timed per variant (default: 1000 for the fixtures, 200 otherwise)")
+                   help="rows timed per variant (default: 20,000 for the fixtures, their eval rows "
+                   "repeated; 200 otherwise)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--qpipe", default=os.path.join(ROOT, "target", "release", "qpipe"))
     p.add_argument("--litert-python", default=os.path.join(ROOT, "target", "litert-venv", "bin", "python"))
@@ -249,8 +273,14 @@ def main():
         d = os.path.join(a.work, name)
         os.makedirs(d, exist_ok=True)
         recipe = os.path.join(d, "recipe.toml")
+        rows = npy_rows(evalf)
+        n = a.samples or (20000 if name in FIXTURES else 200)
+        timing, timing_labels = evalf, labels
+        if n > rows:
+            timing, timing_labels = tiled(evalf, labels, n, d, a.litert_python)
+        n = min(n, npy_rows(timing))
         text = RECIPE.format(name=name, model=model, inp=inp, out=out, calib=calib, eval=evalf,
-                             labels=labels)
+                             labels=labels, timing=timing, timing_labels=timing_labels)
         text += "".join(EXPORT.format(v=v) for v in variants)
         if a.cold:
             text += "".join(CHECK.format(v=v) for v in variants if v != "float")
@@ -269,13 +299,11 @@ def main():
             rec["cold_run"] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss / 2**20,
                                "load": open("/proc/loadavg").read().split()[:3]}
             log("%s: cold run %.2f s wall, %.2f s CPU, %.0f MiB" % (name, wall, cpu, rss / 2**20))
-        rows = npy_rows(evalf)
-        n = min(a.samples or (1000 if name in FIXTURES else 200), rows)
         env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
         for v in variants:
             def cpu_of(samples):
                 rc, _, cpu, rss, so, se = run_child(
-                    [a.qpipe, "eval", recipe, "--stage", v, "--dataset", "eval", "--samples",
+                    [a.qpipe, "eval", recipe, "--stage", v, "--dataset", "timing", "--samples",
                      str(samples), "--json", "-q"], env=env)
                 if rc != 0:
                     sys.exit("qpipe eval %s %s failed:\n%s%s" % (name, v, so, se))
@@ -296,7 +324,7 @@ def main():
                 "qpipe_accuracy": runs[0][2].get("accuracy"),
                 "tflite_bytes": os.path.getsize(os.path.join(d, "out", v + ".tflite")),
             }
-        job = {"eval": evalf, "samples": n, "repeats": a.repeats, "resolvers": resolvers,
+        job = {"eval": timing, "samples": n, "repeats": a.repeats, "resolvers": resolvers,
                "files": {v: os.path.join(d, "out", v + ".tflite") for v in variants}}
         r = subprocess.run(["nice", "-n", "0", a.litert_python, "-c", LITERT_SCRIPT],
                            input=json.dumps(job), capture_output=True, text=True,
