@@ -927,6 +927,7 @@ pub fn softmax(x: &Value, log: bool) -> Result<Value> {
     Ok(Value::from_vec(x.shape.clone(), out))
 }
 
-#[cfg(test)]
+// The AVX2 rows exist on x86-64 only.
+#[cfg(all(test, target_arch = "x86_64"))]
 #[path = "nn_dw_tests.rs"]
 mod dw_tests;
