@@ -45,6 +45,13 @@ fn avx2_rows_give_the_scalar_bits() {
         // Windows wholly in the padding, and no pixel wholly inside the input.
         (3, 2, 24, 3, 1, 1, Padding::Explicit([(3, 3), (4, 4)])),
         (4, 3, 16, 5, 2, 1, Padding::Same),
+        // One vector per pixel (16 channels on AVX-512, 8 on AVX2): rows of eight
+        // pixels and a last block overlapping the one before it.
+        (4, 20, 16, 3, 1, 1, Padding::Same),
+        (3, 19, 8, 3, 1, 1, Padding::Valid),
+        (3, 26, 24, 3, 1, 1, Padding::Same),
+        (4, 23, 16, 5, 1, 2, Padding::Same),
+        (3, 16, 16, 3, 1, 1, Padding::Same),
     ]
     .into_iter()
     .enumerate()

@@ -33,7 +33,8 @@ pub(crate) struct DwRow<'a> {
 }
 
 /// The row kernel for one vector width: `$lanes` channels per vector, blocks of two
-/// vectors then one, four pixels at a time then one.
+/// vectors then one, four pixels at a time; eight at a time when the channels fill
+/// one vector but not two.
 #[cfg(target_arch = "x86_64")]
 macro_rules! dw_kernel {
     ($name:ident, $feat:literal, $v:ty, $lanes:literal, $zero:ident, $set1:ident, $load:ident,
@@ -74,13 +75,19 @@ macro_rules! dw_kernel {
             #[inline(always)]
             unsafe fn edge(g: &DwRow, ox: usize, out: *mut f32) {
                 let (x0, end) = (ox * g.sx, g.wd + g.pl);
+                // (Without a division for dilation 1: a division per edge pixel
+                // costs about as much as its sums.)
                 let k0 = if x0 >= g.pl {
                     0
+                } else if g.dx == 1 {
+                    g.pl - x0
                 } else {
                     (g.pl - x0).div_ceil(g.dx)
                 };
                 let k1 = if x0 >= end {
                     0
+                } else if g.dx == 1 {
+                    g.kw.min(end - x0)
                 } else {
                     g.kw.min((end - x0 - 1) / g.dx + 1)
                 };
@@ -151,19 +158,48 @@ macro_rules! dw_kernel {
                 }
             }
 
+            /// One vector of channels (16 on AVX-512, 8 on AVX2) of pixels
+            /// `ox..ox + 8`, so that eight sums overlap.
+            #[inline(always)]
+            unsafe fn narrow(g: &DwRow, ox: usize, out: *mut f32) {
+                if g.kw == 3 {
+                    block::<8, 1>(g, 0, 3, 3, ox, 0, out);
+                } else {
+                    block::<8, 1>(g, 0, g.kw, g.kw, ox, 0, out);
+                }
+            }
+
             let lo = lo.min(ow);
             let hi = hi.clamp(lo, ow);
             for ox in 0..lo {
                 edge(g, ox, out);
             }
+            // Blocks of `p` pixels; the last few by a block that overlaps the one
+            // before it (its pixels computed again, to the same bits), or one pixel at
+            // a time when there are fewer than `p`.
+            let narrow_row = g.chans >= $lanes && g.chans < 2 * $lanes;
+            let p = if narrow_row { 8 } else { 4 };
             let mut ox = lo;
-            while ox + 4 <= hi {
-                pixels::<4>(g, ox, out);
-                ox += 4;
-            }
+            let mut last = false;
             while ox < hi {
-                pixels::<1>(g, ox, out);
-                ox += 1;
+                if ox + p > hi {
+                    if hi - lo < p {
+                        pixels::<1>(g, ox, out);
+                        ox += 1;
+                        continue;
+                    }
+                    ox = hi - p;
+                    last = true;
+                }
+                if narrow_row {
+                    narrow(g, ox, out);
+                } else {
+                    pixels::<4>(g, ox, out);
+                }
+                if last {
+                    break;
+                }
+                ox += p;
             }
             for ox in hi..ow {
                 edge(g, ox, out);
