@@ -73,6 +73,8 @@
 
 use crate::ir::FusedActivation;
 
+#[cfg(target_arch = "x86_64")]
+pub mod block;
 mod vector;
 pub use vector::{quantize_f32_to_i8, xnn_quantize_f32_to_i8, RefAdd};
 
@@ -1847,7 +1849,7 @@ mod rows_x86 {
 mod row_tests {
     use super::*;
 
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
+    pub(super) fn rng(seed: u64) -> impl FnMut() -> u64 {
         let mut s = seed;
         move || {
             s ^= s << 13;
@@ -1859,7 +1861,7 @@ mod row_tests {
 
     /// Accumulators that hit the rounding boundaries of `shift` (halves and their
     /// neighbours) and the extremes, then random ones.
-    fn accumulators(next: &mut impl FnMut() -> u64, n: usize) -> Vec<i32> {
+    pub(super) fn accumulators(next: &mut impl FnMut() -> u64, n: usize) -> Vec<i32> {
         let mut v = vec![
             0,
             1,

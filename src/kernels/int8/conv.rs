@@ -123,13 +123,14 @@ pub fn conv2d(
         pl,
     };
     let packed = super::packed_cache::packed(w, kh * kw * c, o, false)?;
-    super::gemm::conv(
+    super::gemm::conv_requant(
         geom,
         n,
         &packed,
         &mut res,
         |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
-        |_, acc, out| requant.rows(acc, bias, out),
+        bias,
+        &requant,
     );
     Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use super::conv::for_each_tap;
 use crate::kernels::nn::Window;
-use crate::kernels::simd::igemm::{igemm_u8, PackedWeights};
+use crate::kernels::rounding::RowRequantizer;
+use crate::kernels::simd::igemm::{igemm_u8, igemm_u8_requant, PackedWeights};
 
 /// Output pixels per matrix product.
 pub(super) const TILE: usize = 32;
@@ -47,6 +48,61 @@ pub(super) fn conv<'a, T: Send>(
     image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
     finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
+    let o = packed.n;
+    tiles(
+        g,
+        n,
+        packed,
+        out,
+        image,
+        |t, patches, shifts, out_t, acc_buf| {
+            let acc = grown(acc_buf, shifts.len() * o);
+            igemm_u8(shifts.len(), patches, packed.ldu(), packed, shifts, acc);
+            finish(t * TILE, acc, out_t);
+        },
+    );
+}
+
+/// [`conv`] to int8 outputs: `rq.rows(sums, bias, out)` on each tile, fused into the
+/// product where it has a kernel for that ([`igemm_u8_requant`]).
+pub(super) fn conv_requant<'a>(
+    g: Geom<'_>,
+    n: usize,
+    packed: &PackedWeights,
+    out: &mut [i8],
+    image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
+    bias: &[i32],
+    rq: &RowRequantizer,
+) {
+    let (o, ldu) = (packed.n, packed.ldu());
+    tiles(
+        g,
+        n,
+        packed,
+        out,
+        image,
+        |_, patches, shifts, out_t, acc_buf| {
+            let rows = shifts.len();
+            if !igemm_u8_requant(rows, patches, ldu, packed, shifts, bias, rq, out_t) {
+                let acc = grown(acc_buf, rows * o);
+                igemm_u8(rows, patches, ldu, packed, shifts, acc);
+                rq.rows(acc, bias, out_t);
+            }
+        },
+    );
+}
+
+/// Splits the output into tiles of [`TILE`] pixels (in parallel when the work is
+/// large), builds each tile's patches and calls `product(tile, patches, shifts,
+/// out_tile, acc_buffer)`.
+fn tiles<'a, T: Send>(
+    g: Geom<'_>,
+    n: usize,
+    packed: &PackedWeights,
+    out: &mut [T],
+    image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
+    product: impl Fn(usize, &[u8], &[i32], &mut [T], &mut Vec<i32>) + Sync,
+) {
     let (k, o) = (packed.k, packed.n);
     let ldu = packed.ldu();
     let pixels = n * g.oh * g.ow;
@@ -58,44 +114,36 @@ pub(super) fn conv<'a, T: Send>(
         && g.kw == 1
         && g.win.strides == [1, 1]
         && (g.oh, g.ow, g.pt, g.pl) == (g.h, g.wd, 0, 0);
+    let per_image = g.oh * g.ow;
     let tile_in = |t: usize, out_t: &mut [T], patches_buf: &mut Vec<u8>, acc_buf: &mut Vec<i32>| {
         let rows = out_t.len() / o;
         let patches = grown(patches_buf, rows * ldu);
         let mut shifts = [0i32; TILE];
+        let first = t * TILE;
+        let (mut b, mut in_image) = (first / per_image, first % per_image);
         for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
-            let px = t * TILE + j;
-            let (b, in_image) = (px / (g.oh * g.ow), px % (g.oh * g.ow));
+            if in_image == per_image {
+                (b, in_image) = (b + 1, 0);
+            }
             let (xs, off) = image(b);
             // `(x + off) + shift` with `shift = 128 - off` is `x + 128` whatever the
             // offset; a padding tap stands for `x + off = 0`.
             shifts[j] = 128 - off;
             if pointwise {
-                let src = &xs[in_image * g.c..(in_image + 1) * g.c];
-                for (d, &s) in patch.iter_mut().zip(src) {
-                    *d = s as u8 ^ 0x80;
-                }
-                continue;
+                xor_copy(&mut patch[..g.c], &xs[in_image * g.c..(in_image + 1) * g.c]);
+            } else {
+                fill_patch(
+                    &g,
+                    xs,
+                    in_image / g.ow,
+                    in_image % g.ow,
+                    (128 - off) as u8,
+                    &mut patch[..k],
+                );
             }
-            patch[..k].fill((128 - off) as u8);
-            for_each_tap(
-                g.win,
-                (g.h, g.wd),
-                (g.kh, g.kw),
-                (g.pt, g.pl),
-                in_image / g.ow,
-                in_image % g.ow,
-                |tap, iy, ix| {
-                    let src = &xs[(iy * g.wd + ix) * g.c..(iy * g.wd + ix + 1) * g.c];
-                    let dst = &mut patch[tap * g.c..(tap + 1) * g.c];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d = s as u8 ^ 0x80;
-                    }
-                },
-            );
+            in_image += 1;
         }
-        let acc = grown(acc_buf, rows * o);
-        igemm_u8(rows, patches, ldu, packed, &shifts[..rows], acc);
-        finish(t * TILE, acc, out_t);
+        product(t, patches, &shifts[..rows], out_t, acc_buf);
     };
     let tile = |t: usize, out_t: &mut [T]| with_scratch(|p, a| tile_in(t, out_t, p, a));
     if pixels * k * o >= PAR_THRESHOLD {
@@ -106,6 +154,56 @@ pub(super) fn conv<'a, T: Send>(
         out.chunks_mut(TILE * o)
             .enumerate()
             .for_each(|(t, o)| tile(t, o));
+    }
+}
+
+/// `dst[i] = src[i] + 128` as bytes.
+#[inline(always)]
+fn xor_copy(dst: &mut [u8], src: &[i8]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s as u8 ^ 0x80;
+    }
+}
+
+/// The patch of output pixel (`oy`, `ox`): its taps' input bytes (`x + 128`) in
+/// filter order, `pad` for the taps outside the input. With a horizontal dilation of
+/// 1 the taps of a filter row that fall inside the input are adjacent pixels, which
+/// sit next to each other in the patch too, so they are copied as one run.
+fn fill_patch(g: &Geom<'_>, xs: &[i8], oy: usize, ox: usize, pad: u8, patch: &mut [u8]) {
+    let c = g.c;
+    if g.win.dilations[1] != 1 {
+        patch.fill(pad);
+        for_each_tap(
+            g.win,
+            (g.h, g.wd),
+            (g.kh, g.kw),
+            (g.pt, g.pl),
+            oy,
+            ox,
+            |tap, iy, ix| {
+                let src = &xs[(iy * g.wd + ix) * c..(iy * g.wd + ix + 1) * c];
+                xor_copy(&mut patch[tap * c..(tap + 1) * c], src);
+            },
+        );
+        return;
+    }
+    // The filter columns `[kx0, kx1)` fall inside the input.
+    let x0 = (ox * g.win.strides[1]) as isize - g.pl as isize;
+    let kx0 = (-x0).clamp(0, g.kw as isize) as usize;
+    let kx1 = (g.wd as isize - x0).clamp(kx0 as isize, g.kw as isize) as usize;
+    let row = g.kw * c;
+    for ky in 0..g.kh {
+        let dst = &mut patch[ky * row..(ky + 1) * row];
+        let iy = (oy * g.win.strides[0] + ky * g.win.dilations[0]) as isize - g.pt as isize;
+        if iy < 0 || iy >= g.h as isize || kx0 == kx1 {
+            dst.fill(pad);
+            continue;
+        }
+        dst[..kx0 * c].fill(pad);
+        dst[kx1 * c..].fill(pad);
+        let ix0 = (x0 + kx0 as isize) as usize;
+        let src = &xs[(iy as usize * g.wd + ix0) * c..(iy as usize * g.wd + ix0 + kx1 - kx0) * c];
+        xor_copy(&mut dst[kx0 * c..kx1 * c], src);
     }
 }
 
