@@ -1550,6 +1550,8 @@ pub struct RowRequantizer {
     right: Vec<i32>,
     mask: Vec<i32>,
     half: Vec<i32>,
+    /// Whether some `left` is not 0.
+    any_left: bool,
 }
 
 /// Bounds within which the vector paths may clamp early (zero points, activation
@@ -1583,7 +1585,9 @@ impl RowRequantizer {
                 half.push(mk >> 1);
             }
         }
+        let any_left = left.iter().any(|&l| l != 0);
         RowRequantizer {
+            any_left,
             mult,
             zero_point,
             lo,

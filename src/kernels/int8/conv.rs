@@ -109,7 +109,6 @@ pub fn conv2d(
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
     let image = h * wd * c;
-    let mut res = vec![0i8; n * oh * ow * o];
     let geom = super::gemm::Geom {
         win,
         h,
@@ -123,15 +122,17 @@ pub fn conv2d(
         pl,
     };
     let packed = super::packed_cache::packed(w, kh * kw * c, o, false)?;
-    super::gemm::conv_requant(
-        geom,
-        n,
-        &packed,
-        &mut res,
-        |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
-        bias,
-        &requant,
-    );
+    let input = |bi: usize| (&xs[bi * image..(bi + 1) * image], -xin.zero_point);
+    let res = match super::gemm::conv_requant(geom, n, &packed, input, bias, &requant) {
+        Some(res) => res,
+        None => {
+            let mut res = vec![0i8; n * oh * ow * o];
+            super::gemm::conv(geom, n, &packed, &mut res, input, |_, acc, out| {
+                requant.rows(acc, bias, out)
+            });
+            res
+        }
+    };
     Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }
 
@@ -371,7 +372,6 @@ fn windowed(
     let xs = x.slice::<i8>()?;
     let wv = w.slice::<i8>()?;
     let in_off = -xin.zero_point;
-    let mut res = vec![0i8; n * oh * ow * o];
     let row = ow * o;
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -432,6 +432,53 @@ fn windowed(
         accumulate_row(r, acc, dims, win, xs, wv, in_off, pixel, accumulate)
     }
     let dims = (h, wd, c, kh, kw, oh, ow, pt, pl);
+    // One output per channel with AVX-512: requantized in registers, a row at a time.
+    #[cfg(target_arch = "x86_64")]
+    let fused = pixel.is_some()
+        && o == c
+        && kh * kw <= super::depthwise512::MAX_TAPS
+        && crate::kernels::simd::vnni()
+        && requant.block_form().is_some();
+    #[cfg(target_arch = "x86_64")]
+    if fused && row > 0 {
+        let len = n * oh * ow * o;
+        let mut res = Vec::with_capacity(len);
+        let fused_row = |r: usize, out_row: &mut [std::mem::MaybeUninit<i8>]| {
+            use super::depthwise512::{row, RowTaps, MAX_TAPS};
+            let (bi, oy) = (r / oh, r % oh);
+            let mut rows = [(0usize, 0usize); MAX_TAPS];
+            let mut nr = 0;
+            for ky in 0..kh {
+                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                if (0..h as isize).contains(&iy) {
+                    rows[nr] = ((bi * h + iy as usize) * wd * c, ky * kw);
+                    nr += 1;
+                }
+            }
+            let taps = RowTaps {
+                rows: &rows[..nr],
+                kw,
+                width: wd,
+                stride: win.strides[1],
+                dilation: win.dilations[1],
+                pad_left: pl,
+            };
+            // SAFETY: AVX-512F (with VNNI) and AVX2 are present and the requantizer
+            // has a register-block form; the taps are of in-bounds pixels of the
+            // input and of the filter (`windowed` checked their lengths against
+            // their shapes, and `kh · kw` against `MAX_TAPS`), `out_row` holds `ow`
+            // pixels of `o = c` channels, as do `bias` and `requant`.
+            unsafe { row(out_row, &taps, xs, wv, in_off, bias, &requant) };
+        };
+        res.spare_capacity_mut()[..len]
+            .par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| fused_row(r, o));
+        // SAFETY: every row wrote each of its outputs.
+        unsafe { res.set_len(len) };
+        return Ok(Value::from_vec(vec![n, oh, ow, o], res));
+    }
+    let mut res = vec![0i8; n * oh * ow * o];
     let compute_in = |r: usize, out_row: &mut [i8], acc_buf: &mut Vec<i32>| {
         // Each pixel's accumulators are zeroed before its taps.
         let acc = super::gemm::grown(acc_buf, ow * o);

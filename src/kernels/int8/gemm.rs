@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::conv::for_each_tap;
 use crate::kernels::nn::Window;
 use crate::kernels::rounding::RowRequantizer;
-use crate::kernels::simd::igemm::{igemm_u8, igemm_u8_requant, PackedWeights};
+use crate::kernels::simd::igemm::{igemm_u8, igemm_u8_requant, requant_fused, PackedWeights};
 
 /// Output pixels per matrix product.
 pub(super) const TILE: usize = 32;
@@ -63,33 +63,39 @@ pub(super) fn conv<'a, T: Send>(
     );
 }
 
-/// [`conv`] to int8 outputs: `rq.rows(sums, bias, out)` on each tile, fused into the
-/// product where it has a kernel for that ([`igemm_u8_requant`]).
+/// [`conv`] to int8 outputs, `rq.rows(sums, bias, out)` on each tile, fused into the
+/// product ([`igemm_u8_requant`]): returns the outputs, or `None` where the product
+/// has no such kernel (then [`conv`] does it in two steps).
 pub(super) fn conv_requant<'a>(
     g: Geom<'_>,
     n: usize,
     packed: &PackedWeights,
-    out: &mut [i8],
     image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
     bias: &[i32],
     rq: &RowRequantizer,
-) {
-    let (o, ldu) = (packed.n, packed.ldu());
+) -> Option<Vec<i8>> {
+    if !requant_fused(packed, rq) {
+        return None;
+    }
+    let len = n * g.oh * g.ow * packed.n;
+    let mut out = Vec::with_capacity(len);
+    let ldu = packed.ldu();
+    let spare = &mut out.spare_capacity_mut()[..len];
     tiles(
         g,
         n,
         packed,
-        out,
+        spare,
         image,
-        |_, patches, shifts, out_t, acc_buf| {
-            let rows = shifts.len();
-            if !igemm_u8_requant(rows, patches, ldu, packed, shifts, bias, rq, out_t) {
-                let acc = grown(acc_buf, rows * o);
-                igemm_u8(rows, patches, ldu, packed, shifts, acc);
-                rq.rows(acc, bias, out_t);
-            }
+        |_, patches, shifts, out_t, _| {
+            let done =
+                igemm_u8_requant(shifts.len(), patches, ldu, packed, shifts, bias, rq, out_t);
+            debug_assert!(done);
         },
     );
+    // SAFETY: the fused product wrote every output of every tile (`requant_fused`).
+    unsafe { out.set_len(len) };
+    Some(out)
 }
 
 /// Splits the output into tiles of [`TILE`] pixels (in parallel when the work is
@@ -160,6 +166,19 @@ fn tiles<'a, T: Send>(
 /// `dst[i] = src[i] + 128` as bytes.
 #[inline(always)]
 fn xor_copy(dst: &mut [u8], src: &[i8]) {
+    if dst.len() < 32 {
+        // Short runs (a filter row of a few channels): eight bytes at a time.
+        let mut d8 = dst.chunks_exact_mut(8);
+        let mut s8 = src.chunks_exact(8);
+        for (d, s) in (&mut d8).zip(&mut s8) {
+            let v = u64::from_ne_bytes(std::array::from_fn(|i| s[i] as u8));
+            d.copy_from_slice(&(v ^ 0x8080_8080_8080_8080).to_ne_bytes());
+        }
+        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+            *d = s as u8 ^ 0x80;
+        }
+        return;
+    }
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = s as u8 ^ 0x80;
     }
@@ -199,11 +218,15 @@ fn fill_patch(g: &Geom<'_>, xs: &[i8], oy: usize, ox: usize, pad: u8, patch: &mu
             dst.fill(pad);
             continue;
         }
-        dst[..kx0 * c].fill(pad);
-        dst[kx1 * c..].fill(pad);
+        // (A memset call costs more than these few bytes, mostly none.)
+        let (left, rest) = dst.split_at_mut(kx0 * c);
+        let (mid, right) = rest.split_at_mut((kx1 - kx0) * c);
+        for d in left.iter_mut().chain(right) {
+            *d = pad;
+        }
         let ix0 = (x0 + kx0 as isize) as usize;
         let src = &xs[(iy as usize * g.wd + ix0) * c..(iy as usize * g.wd + ix0 + kx1 - kx0) * c];
-        xor_copy(&mut dst[kx0 * c..kx1 * c], src);
+        xor_copy(mid, src);
     }
 }
 

@@ -38,6 +38,7 @@
 
 mod activation;
 mod conv;
+mod depthwise512;
 mod elementwise;
 mod gemm;
 mod hybrid;

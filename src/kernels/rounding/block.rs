@@ -29,6 +29,10 @@ pub struct Consts {
     one: __m512i,
     flo: __m512,
     fhi: __m512,
+    /// Whether some channel shifts left before its multiplier (gemmlowp's form).
+    left: bool,
+    /// Whether the bounds are narrower than int8 (else the saturating store clamps).
+    clamp: bool,
 }
 
 /// Sixteen channels' parameters: for [`Form::Gemmlowp`] the left shift, `q`, `q` of
@@ -75,6 +79,8 @@ impl RowRequantizer {
             one: _mm512_set1_epi32(1),
             flo: _mm512_set1_ps(self.lo.wrapping_sub(self.zero_point) as f32),
             fhi: _mm512_set1_ps(self.hi.wrapping_sub(self.zero_point) as f32),
+            left: self.any_left,
+            clamp: self.lo > -128 || self.hi < 127,
         }
     }
 
@@ -112,7 +118,8 @@ impl RowRequantizer {
 }
 
 /// The requantized values of sixteen accumulators `x` (bias included), clamped to
-/// the requantizer's bounds (within int8, which [`store16`] saturates to).
+/// the requantizer's bounds where they are narrower than int8; [`store16`]
+/// saturates to int8.
 ///
 /// # Safety
 /// AVX-512F must be present; `k` and `l` come from the same requantizer, `l` by
@@ -124,16 +131,22 @@ pub unsafe fn requantize512<const FP32: bool>(k: &Consts, l: &Lanes, x: __m512i)
         let v = _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_castsi512_ps(l.p[0]));
         let v = _mm512_min_ps(_mm512_max_ps(v, k.flo), k.fhi);
         let v = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-        let v = _mm512_add_epi32(v, k.zp);
-        return _mm512_min_epi32(_mm512_max_epi32(v, k.lo), k.hi);
+        // Within `[lo, hi]` already, by the clamp before the rounding.
+        return _mm512_add_epi32(v, k.zp);
     }
     let [left, q, q_odd, right, mask, half] = l.p;
-    let a = _mm512_sllv_epi32(x, left);
-    // gemmlowp's saturating rounding doubling high multiply, as in `row_x86::srdhm`.
+    let a = if k.left {
+        _mm512_sllv_epi32(x, left)
+    } else {
+        x
+    };
+    // gemmlowp's saturating rounding doubling high multiply, as in `row_x86::srdhm`:
+    // bits 31..62 of each 64-bit `a · q + 2^30`, which a right shift by 31 puts in the
+    // low half of an even lane and a left shift by 1 in the high half of an odd one.
     let even = _mm512_add_epi64(_mm512_mul_epi32(a, q), k.round);
     let odd = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64::<32>(a), q_odd), k.round);
     let even = _mm512_srli_epi64::<31>(even);
-    let odd = _mm512_slli_epi64::<32>(_mm512_srli_epi64::<31>(odd));
+    let odd = _mm512_slli_epi64::<1>(odd);
     let x = _mm512_mask_blend_epi32(0xaaaa, even, odd);
     // The rounding right shift, half away from zero.
     let rem = _mm512_and_si512(x, mask);
@@ -141,7 +154,11 @@ pub unsafe fn requantize512<const FP32: bool>(k: &Consts, l: &Lanes, x: __m512i)
     let up = _mm512_cmpgt_epi32_mask(rem, threshold);
     let v = _mm512_srav_epi32(x, right);
     let v = _mm512_add_epi32(_mm512_mask_add_epi32(v, up, v, k.one), k.zp);
-    _mm512_min_epi32(_mm512_max_epi32(v, k.lo), k.hi)
+    if k.clamp {
+        _mm512_min_epi32(_mm512_max_epi32(v, k.lo), k.hi)
+    } else {
+        v
+    }
 }
 
 /// Stores the lanes of `v` that `mask` selects as int8 (saturating) at `out`.
@@ -151,7 +168,13 @@ pub unsafe fn requantize512<const FP32: bool>(k: &Consts, l: &Lanes, x: __m512i)
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn store16(out: *mut i8, mask: __mmask16, v: __m512i) {
-    _mm512_mask_cvtsepi32_storeu_epi8(out, mask, v);
+    if mask == 0xffff {
+        // The narrowing store to memory is several times slower than narrowing in a
+        // register and storing that.
+        _mm_storeu_si128(out.cast(), _mm512_cvtsepi32_epi8(v));
+    } else {
+        _mm512_mask_cvtsepi32_storeu_epi8(out, mask, v);
+    }
 }
 
 #[cfg(test)]
@@ -230,6 +253,20 @@ mod tests {
             );
             let f: Vec<f32> = m.iter().map(|&v| v as f32).collect();
             check(ChannelMultipliers::Fp32(f), channels, zp, lo, hi, &accs);
+            // Multipliers below 1 only: no channel shifts left.
+            let small: Vec<(i32, i32)> = m
+                .iter()
+                .map(|&v| quantize_multiplier(v.min(0.99)))
+                .collect();
+            assert!(small.iter().all(|&(_, s)| s <= 0));
+            check(
+                ChannelMultipliers::Quantized(small, Rounding::Double),
+                channels,
+                zp,
+                lo,
+                hi,
+                &accs,
+            );
         }
     }
 

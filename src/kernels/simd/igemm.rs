@@ -9,6 +9,8 @@
 //! [`igemm_u8_requant`] requantizes the sums of each register block before storing
 //! them (with the register-block forms of `rounding.rs`).
 
+use std::mem::MaybeUninit;
+
 use crate::kernels::rounding::RowRequantizer;
 
 /// Weights `[k, n]` packed for [`igemm`]: `data[(p * n + j) * 2 + t]` is the weight
@@ -121,11 +123,22 @@ pub fn igemm_u8(
     igemm(m, &a, lda, w, shifts, out);
 }
 
+/// Whether [`igemm_u8_requant`] has a kernel for this CPU, `w` and `rq`.
+pub fn requant_fused(w: &PackedWeights, rq: &RowRequantizer) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !w.quads.is_empty() && super::vnni() {
+        return rq.block_form().is_some();
+    }
+    let _ = (w, rq);
+    false
+}
+
 /// [`igemm_u8`] then `rq.rows(sums, bias, out)` in one pass: each register block of
 /// sums starts at its bias and is requantized while in registers and stored as int8,
 /// where the product has a kernel for the CPU and `rq` a register-block form
-/// (AVX512-VNNI; gemmlowp's or XNNPACK's requantization). Returns `false`, having
-/// written nothing, where it has none; the caller then runs the two steps.
+/// (AVX512-VNNI; gemmlowp's or XNNPACK's requantization; [`requant_fused`]). It
+/// writes every output of the `m` rows, so `out` may be uninitialized. Returns
+/// `false`, having written nothing, where it has no kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn igemm_u8_requant(
     m: usize,
@@ -135,10 +148,10 @@ pub fn igemm_u8_requant(
     shifts: &[i32],
     bias: &[i32],
     rq: &RowRequantizer,
-    out: &mut [i8],
+    out: &mut [MaybeUninit<i8>],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if !w.quads.is_empty() && super::vnni() {
+    if requant_fused(w, rq) {
         let Some(form) = rq.block_form() else {
             return false;
         };
@@ -560,7 +573,7 @@ mod x86 {
         shifts: &[i32],
         bias: &[i32],
         rq: &RowRequantizer,
-        out: &mut [i8],
+        out: &mut [std::mem::MaybeUninit<i8>],
     ) {
         let n = w.n;
         let quads = w.ldu() / 4;
@@ -581,7 +594,7 @@ mod x86 {
         }
         let k = rq.consts512();
         let (up, wp, sp) = (u.as_ptr(), w.quads.as_ptr().add(j * 4), shifts.as_ptr());
-        let op = out.as_mut_ptr().add(j);
+        let op = out.as_mut_ptr().cast::<i8>().add(j);
         let mut r = 0;
         while r + 4 <= m {
             let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
@@ -612,7 +625,7 @@ mod x86 {
         bias: &[i32],
         rq: &RowRequantizer,
         form: block::Form,
-        out: &mut [i8],
+        out: &mut [std::mem::MaybeUninit<i8>],
     ) {
         match form {
             block::Form::Gemmlowp => requant_all::<false>(m, u, ldu, w, shifts, bias, rq, out),
@@ -630,7 +643,7 @@ mod x86 {
         shifts: &[i32],
         bias: &[i32],
         rq: &RowRequantizer,
-        out: &mut [i8],
+        out: &mut [std::mem::MaybeUninit<i8>],
     ) {
         let n = w.n;
         let mut j = 0;
@@ -711,8 +724,12 @@ mod tests {
                 igemm_u8(m, &u, ldu, &packed, &shifts, &mut acc);
                 let mut want = vec![0i8; m * n];
                 rq.rows(&acc, &bias, &mut want);
-                let mut got = vec![9i8; m * n];
-                if igemm_u8_requant(m, &u, ldu, &packed, &shifts, &bias, &rq, &mut got) {
+                let mut got = vec![MaybeUninit::new(9i8); m * n];
+                let fused = igemm_u8_requant(m, &u, ldu, &packed, &shifts, &bias, &rq, &mut got);
+                assert_eq!(fused, requant_fused(&packed, &rq));
+                // SAFETY: every element was initialized (to 9, or by the kernel).
+                let got: Vec<i8> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+                if fused {
                     fused_ran = true;
                     assert_eq!(got, want, "m={m} k={k} n={n}");
                 } else {
