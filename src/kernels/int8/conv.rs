@@ -1,13 +1,13 @@
-//! Convolutions, fully connected and pooling in int8 (TFLite `reference_integer_ops`
+//! Convolutions and fully connected in int8 (TFLite `reference_integer_ops`
 //! `ConvPerChannel`, `DepthwiseConvPerChannel`, `FullyConnected[PerChannel]`,
-//! `AveragePool`, `MaxPool`), and the float kernels of the fused ops.
+//! and the float kernels of the fused ops.
 
 use rayon::prelude::*;
 
 use super::{channel_scales, input_affine, output_affine, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::ir::FusedActivation;
-use crate::kernels::nn::{out_size, PoolKind, Window};
+use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     activation_range, quantize_multiplier, xnn_activation_range, xnn_conv_scale,
@@ -495,67 +495,4 @@ pub fn fully_connected(
         |_, acc, out| requant.row(acc, bias, out),
     );
     Ok(Value::from_vec(fc_out_shape(x, units), res))
-}
-
-/// Int8 pooling. Both require the output's parameters to equal the input's; the
-/// average is the rounded (half away from zero) quotient of the raw int8 sum.
-pub fn pool(
-    x: &Value,
-    kind: PoolKind,
-    ksize: [usize; 2],
-    win: &Window,
-    quant: &StepQuant,
-) -> Result<Value> {
-    let xin = input_affine(quant, 0)?;
-    let out = output_affine(quant)?;
-    if xin != out {
-        return Err(Error::msg(format!(
-            "int8 pooling needs equal input and output parameters, got {xin:?} and {out:?}"
-        )));
-    }
-    let [n, h, wd, c] = dims4(x, "input")?;
-    let (oh, pt) = out_size(h, ksize[0], win.strides[0], 1, &win.padding, 0)?;
-    let (ow, pl) = out_size(wd, ksize[1], win.strides[1], 1, &win.padding, 1)?;
-    let xs = x.slice::<i8>()?;
-    let mut res = vec![0i8; n * oh * ow * c];
-    for bi in 0..n {
-        for oy in 0..oh {
-            let y0 = (oy * win.strides[0]) as isize - pt as isize;
-            let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
-            for ox in 0..ow {
-                let x0 = (ox * win.strides[1]) as isize - pl as isize;
-                let xr =
-                    x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
-                for ch in 0..c {
-                    let mut count = 0i64;
-                    let mut sum = 0i64;
-                    let mut max = i8::MIN;
-                    for iy in ys.clone() {
-                        for ix in xr.clone() {
-                            let v = xs[((bi * h + iy) * wd + ix) * c + ch];
-                            sum += v as i64;
-                            max = max.max(v);
-                            count += 1;
-                        }
-                    }
-                    let v = match kind {
-                        PoolKind::Max => max,
-                        PoolKind::Avg => {
-                            if count == 0 {
-                                return Err(Error::msg("average pool over an empty window"));
-                            }
-                            let q = if sum > 0 {
-                                (sum + count / 2) / count
-                            } else {
-                                (sum - count / 2) / count
-                            };
-                            q.clamp(-128, 127) as i8
-                        }
-                    };
-                    res[((bi * oh + oy) * ow + ox) * c + ch] = v;
-                }
-            }
-        }
-    }
-    Ok(Value::from_vec(vec![n, oh, ow, c], res))
 }
