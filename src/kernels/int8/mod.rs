@@ -43,6 +43,7 @@ mod gemm;
 mod hybrid;
 mod math;
 mod packed_cache;
+mod patch;
 mod pool;
 mod reduce;
 mod spatial;
