@@ -296,6 +296,33 @@ mod dw_x86 {
     /// `xs.len()` and `(tap + 1) · acc.len()` at most `wv.len()`.
     #[target_feature(enable = "avx2")]
     pub unsafe fn pixel(acc: &mut [i32], taps: &[(usize, usize)], xs: &[i8], wv: &[i8], off: i32) {
+        pixel_at(acc, taps, xs, wv, off)
+    }
+
+    /// [`pixel`] for each of consecutive output pixels whose taps all lie inside the
+    /// input: `taps` are the first pixel's, and pixel `p`'s input offsets lie
+    /// `p · step` further.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `acc.len()` is a multiple of `c`, and pixel `p`'s taps,
+    /// offset by `p · step`, satisfy [`pixel`]'s conditions.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pixels(
+        acc: &mut [i32],
+        c: usize,
+        taps: &[(usize, usize)],
+        step: usize,
+        xs: &[i8],
+        wv: &[i8],
+        off: i32,
+    ) {
+        for (p, acc) in acc.chunks_exact_mut(c).enumerate() {
+            pixel_at(acc, taps, &xs[p * step..], wv, off);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pixel_at(acc: &mut [i32], taps: &[(usize, usize)], xs: &[i8], wv: &[i8], off: i32) {
         let c = acc.len();
         let (xp, wp, ap) = (xs.as_ptr(), wv.as_ptr(), acc.as_mut_ptr());
         let off16 = _mm256_set1_epi16(off as i16);
@@ -388,7 +415,55 @@ fn windowed(
         let (bi, oy) = (r / oh, r % oh);
         let o = acc.len() / ow;
         let mut taps = [(0usize, 0usize); MAX_PIXEL_TAPS];
+        // The columns whose taps all lie inside the input run in one call, their
+        // taps those of the first shifted by the stride.
+        #[cfg(target_arch = "x86_64")]
+        let (inner_lo, inner_hi) = {
+            let (s, span) = (win.strides[1], (kw.max(1) - 1) * win.dilations[1] + 1);
+            let lo = pl.div_ceil(s.max(1)).min(ow);
+            let hi = if wd + pl >= span && s > 0 {
+                ((wd + pl - span) / s + 1).min(ow)
+            } else {
+                0
+            };
+            match pixel {
+                Some(_) if hi > lo => {
+                    let mut nt = 0;
+                    for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, lo, |t, iy, ix| {
+                        if let Some(slot) = taps.get_mut(nt) {
+                            *slot = (((bi * h + iy) * wd + ix) * c, t);
+                        }
+                        nt += 1;
+                    });
+                    if nt <= MAX_PIXEL_TAPS {
+                        // SAFETY: `pixel` is only given with AVX2; the columns from `lo`
+                        // to `hi` have every tap inside the input, at the first one's
+                        // offsets plus `stride · c` per column.
+                        unsafe {
+                            dw_x86::pixels(
+                                &mut acc[lo * o..hi * o],
+                                o,
+                                &taps[..nt],
+                                s * c,
+                                xs,
+                                wv,
+                                in_off,
+                            )
+                        };
+                        (lo, hi)
+                    } else {
+                        (0, 0)
+                    }
+                }
+                _ => (0, 0),
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (inner_lo, inner_hi) = (0, 0);
         for (ox, acc) in acc.chunks_exact_mut(o).enumerate() {
+            if (inner_lo..inner_hi).contains(&ox) {
+                continue;
+            }
             if let Some(px) = pixel {
                 let mut nt = 0;
                 for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
