@@ -769,16 +769,16 @@ pub fn reduce(x: &Value, axes: &Value, op: ReduceOp, keep_dims: bool) -> Result<
                     for k in 0..rn {
                         let row = &xs[(o * rn + k) * inner..(o * rn + k + 1) * inner];
                         match op {
-                            ReduceOp::Max => a.iter_mut().zip(row).for_each(|(a, &v)| {
-                                if v > *a {
-                                    *a = v
-                                }
-                            }),
-                            ReduceOp::Min => a.iter_mut().zip(row).for_each(|(a, &v)| {
-                                if v < *a {
-                                    *a = v
-                                }
-                            }),
+                            // Selects rather than conditional stores, so that they
+                            // vectorize (the same results, NaN and signed zeros included).
+                            ReduceOp::Max => a
+                                .iter_mut()
+                                .zip(row)
+                                .for_each(|(a, &v)| *a = if v > *a { v } else { *a }),
+                            ReduceOp::Min => a
+                                .iter_mut()
+                                .zip(row)
+                                .for_each(|(a, &v)| *a = if v < *a { v } else { *a }),
                             _ => a.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
                         }
                     }

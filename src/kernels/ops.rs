@@ -837,7 +837,14 @@ pub fn dequantize(x: &Value, q: Option<&QuantParams>) -> Result<Value> {
                 let mut out = Vec::with_capacity(xs.len());
                 for (i, run) in xs.chunks(inner).enumerate() {
                     let (zp, s) = (q.zero_point[i % channels], q.scale[i % channels]);
-                    out.extend(run.iter().map(|&v| (v as i64 - zp) as f32 * s));
+                    // In i32 when the difference fits (the same exact integer, so the
+                    // same f32), which vectorizes.
+                    match i32::try_from(zp) {
+                        Ok(z) if z.checked_sub(128).is_some() && z.checked_add(128).is_some() => {
+                            out.extend(run.iter().map(|&v| (v as i32 - z) as f32 * s))
+                        }
+                        _ => out.extend(run.iter().map(|&v| (v as i64 - zp) as f32 * s)),
+                    }
                 }
                 return Ok(Value::from_vec(x.shape.clone(), out));
             }
