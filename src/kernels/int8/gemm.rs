@@ -9,7 +9,6 @@
 
 use rayon::prelude::*;
 
-use super::conv::for_each_tap;
 use crate::kernels::nn::Window;
 use crate::kernels::simd::igemm::{igemm_u8, PackedWeights};
 
@@ -76,22 +75,7 @@ pub(super) fn conv<'a, T: Send>(
                 }
                 continue;
             }
-            patch[..k].fill((128 - off) as u8);
-            for_each_tap(
-                g.win,
-                (g.h, g.wd),
-                (g.kh, g.kw),
-                (g.pt, g.pl),
-                in_image / g.ow,
-                in_image % g.ow,
-                |tap, iy, ix| {
-                    let src = &xs[(iy * g.wd + ix) * g.c..(iy * g.wd + ix + 1) * g.c];
-                    let dst = &mut patch[tap * g.c..(tap + 1) * g.c];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d = s as u8 ^ 0x80;
-                    }
-                },
-            );
+            super::patch::fill(&g, xs, in_image, (128 - off) as u8, &mut patch[..k]);
         }
         let acc = grown(acc_buf, rows * o);
         igemm_u8(rows, patches, ldu, packed, &shifts[..rows], acc);
