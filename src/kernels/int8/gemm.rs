@@ -9,7 +9,6 @@
 
 use rayon::prelude::*;
 
-use super::conv::for_each_tap;
 use crate::kernels::nn::Window;
 use crate::kernels::rounding::RowRequantizer;
 use crate::kernels::simd::igemm::{igemm_u8, igemm_u8_requant, requant_fused, PackedWeights};
@@ -138,14 +137,7 @@ fn tiles<'a, T: Send>(
             if pointwise {
                 xor_copy(&mut patch[..g.c], &xs[in_image * g.c..(in_image + 1) * g.c]);
             } else {
-                fill_patch(
-                    &g,
-                    xs,
-                    in_image / g.ow,
-                    in_image % g.ow,
-                    (128 - off) as u8,
-                    &mut patch[..k],
-                );
+                super::patch::fill(&g, xs, in_image, (128 - off) as u8, &mut patch[..k]);
             }
             in_image += 1;
         }
@@ -166,67 +158,8 @@ fn tiles<'a, T: Send>(
 /// `dst[i] = src[i] + 128` as bytes.
 #[inline(always)]
 fn xor_copy(dst: &mut [u8], src: &[i8]) {
-    if dst.len() < 32 {
-        // Short runs (a filter row of a few channels): eight bytes at a time.
-        let mut d8 = dst.chunks_exact_mut(8);
-        let mut s8 = src.chunks_exact(8);
-        for (d, s) in (&mut d8).zip(&mut s8) {
-            let v = u64::from_ne_bytes(std::array::from_fn(|i| s[i] as u8));
-            d.copy_from_slice(&(v ^ 0x8080_8080_8080_8080).to_ne_bytes());
-        }
-        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
-            *d = s as u8 ^ 0x80;
-        }
-        return;
-    }
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = s as u8 ^ 0x80;
-    }
-}
-
-/// The patch of output pixel (`oy`, `ox`): its taps' input bytes (`x + 128`) in
-/// filter order, `pad` for the taps outside the input. With a horizontal dilation of
-/// 1 the taps of a filter row that fall inside the input are adjacent pixels, which
-/// sit next to each other in the patch too, so they are copied as one run.
-fn fill_patch(g: &Geom<'_>, xs: &[i8], oy: usize, ox: usize, pad: u8, patch: &mut [u8]) {
-    let c = g.c;
-    if g.win.dilations[1] != 1 {
-        patch.fill(pad);
-        for_each_tap(
-            g.win,
-            (g.h, g.wd),
-            (g.kh, g.kw),
-            (g.pt, g.pl),
-            oy,
-            ox,
-            |tap, iy, ix| {
-                let src = &xs[(iy * g.wd + ix) * c..(iy * g.wd + ix + 1) * c];
-                xor_copy(&mut patch[tap * c..(tap + 1) * c], src);
-            },
-        );
-        return;
-    }
-    // The filter columns `[kx0, kx1)` fall inside the input.
-    let x0 = (ox * g.win.strides[1]) as isize - g.pl as isize;
-    let kx0 = (-x0).clamp(0, g.kw as isize) as usize;
-    let kx1 = (g.wd as isize - x0).clamp(kx0 as isize, g.kw as isize) as usize;
-    let row = g.kw * c;
-    for ky in 0..g.kh {
-        let dst = &mut patch[ky * row..(ky + 1) * row];
-        let iy = (oy * g.win.strides[0] + ky * g.win.dilations[0]) as isize - g.pt as isize;
-        if iy < 0 || iy >= g.h as isize || kx0 == kx1 {
-            dst.fill(pad);
-            continue;
-        }
-        // (A memset call costs more than these few bytes, mostly none.)
-        let (left, rest) = dst.split_at_mut(kx0 * c);
-        let (mid, right) = rest.split_at_mut((kx1 - kx0) * c);
-        for d in left.iter_mut().chain(right) {
-            *d = pad;
-        }
-        let ix0 = (x0 + kx0 as isize) as usize;
-        let src = &xs[(iy as usize * g.wd + ix0) * c..(iy as usize * g.wd + ix0 + kx1 - kx0) * c];
-        xor_copy(mid, src);
     }
 }
 
