@@ -12,6 +12,7 @@ use crate::kernels::value::Value;
 /// Windows of at most this many values sum in i32 and divide in f32: the sum plus
 /// half the count is below 2^24 in magnitude, so f32 holds it and the quotient
 /// exactly, and the truncated f32 quotient is the integer one (see [`avg_of`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const VECTOR_COUNT: usize = 1 << 16;
 
 /// The average of `count` int8 values summing to `sum`, rounded half away from
