@@ -252,7 +252,7 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--samples", type=int, default=0,
                    help="rows timed per variant (default: 20,000 for the fixtures, their eval rows "
-                   "repeated; 200 otherwise)")
+                   "repeated; every eval row of the generated models)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--qpipe", default=os.path.join(ROOT, "target", "release", "qpipe"))
     p.add_argument("--litert-python", default=os.path.join(ROOT, "target", "litert-venv", "bin", "python"))
@@ -274,7 +274,7 @@ def main():
         os.makedirs(d, exist_ok=True)
         recipe = os.path.join(d, "recipe.toml")
         rows = npy_rows(evalf)
-        n = a.samples or (20000 if name in FIXTURES else 200)
+        n = a.samples or (20000 if name in FIXTURES else rows)
         timing, timing_labels = evalf, labels
         if n > rows:
             timing, timing_labels = tiled(evalf, labels, n, d, a.litert_python)
