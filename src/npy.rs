@@ -388,8 +388,7 @@ impl NpyReader {
         self.header.rows()
     }
 
-    /// Rows `[start, end)` as a tensor of shape `[end - start, ...]`.
-    pub fn read_rows(&self, start: usize, end: usize) -> Result<Tensor> {
+    fn check_rows(&self, start: usize, end: usize) -> Result<()> {
         if self.header.shape.is_empty() {
             return Err(Error::file(&self.path, "a scalar array has no rows"));
         }
@@ -402,21 +401,44 @@ impl NpyReader {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Rows `[start, end)` as a tensor of shape `[end - start, ...]`.
+    pub fn read_rows(&self, start: usize, end: usize) -> Result<Tensor> {
+        self.check_rows(start, end)?;
+        let mut buf = vec![0u8; (end - start) * self.header.row_bytes()];
+        let shape = self.read_rows_into(start, end, &mut buf)?;
+        tensor_from_bytes(self.header.dtype, shape, buf)
+            .map_err(|e| e.context(self.path.display().to_string()))
+    }
+
+    /// Rows `start..end` (checked as by [`NpyReader::read_rows`]) as the file holds
+    /// them (little-endian elements) into `out`, which must hold exactly their bytes;
+    /// returns their shape. Lets a caller read rows straight into a typed buffer.
+    pub fn read_rows_into(&self, start: usize, end: usize, out: &mut [u8]) -> Result<Vec<usize>> {
+        self.check_rows(start, end)?;
         let rb = self.header.row_bytes();
-        let mut buf = vec![0u8; (end - start) * rb];
+        if out.len() != (end - start) * rb {
+            return Err(Error::file(
+                &self.path,
+                format!(
+                    "{} bytes asked for rows {start}..{end} of {rb} bytes each",
+                    out.len()
+                ),
+            ));
+        }
         {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             f.seek(SeekFrom::Start(
                 self.header.data_offset + (start * rb) as u64,
             ))
             .map_err(|e| Error::io(&self.path, e))?;
-            f.read_exact(&mut buf)
-                .map_err(|e| Error::io(&self.path, e))?;
+            f.read_exact(out).map_err(|e| Error::io(&self.path, e))?;
         }
         let mut shape = self.header.shape.clone();
         shape[0] = end - start;
-        tensor_from_bytes(self.header.dtype, shape, buf)
-            .map_err(|e| e.context(self.path.display().to_string()))
+        Ok(shape)
     }
 
     /// The whole array.

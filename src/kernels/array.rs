@@ -765,24 +765,12 @@ pub fn reduce(x: &Value, axes: &Value, op: ReduceOp, keep_dims: bool) -> Result<
             };
             let mut acc = vec![init; outer * inner];
             if inner > 0 && rn > 0 {
-                for (o, a) in acc.chunks_mut(inner).enumerate() {
-                    for k in 0..rn {
-                        let row = &xs[(o * rn + k) * inner..(o * rn + k + 1) * inner];
-                        match op {
-                            ReduceOp::Max => a.iter_mut().zip(row).for_each(|(a, &v)| {
-                                if v > *a {
-                                    *a = v
-                                }
-                            }),
-                            ReduceOp::Min => a.iter_mut().zip(row).for_each(|(a, &v)| {
-                                if v < *a {
-                                    *a = v
-                                }
-                            }),
-                            _ => a.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
-                        }
-                    }
-                }
+                let fold = match op {
+                    ReduceOp::Max => super::float_rows::RowFold::Max,
+                    ReduceOp::Min => super::float_rows::RowFold::Min,
+                    _ => super::float_rows::RowFold::Sum,
+                };
+                super::float_rows::fold_middle(xs, rn, inner, fold, &mut acc);
             }
             if op == ReduceOp::Mean {
                 let n = count as f32;

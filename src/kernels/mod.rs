@@ -8,9 +8,11 @@
 
 pub mod activation;
 pub mod array;
+mod conv_patches;
 pub mod dataset;
 pub mod elementwise;
 mod fast_binary;
+mod float_rows;
 pub mod fused;
 pub mod int16;
 pub mod int8;

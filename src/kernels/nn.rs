@@ -205,6 +205,20 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
     const TILE: usize = 32;
     let packed = super::simd::sgemm_cache::packed(w, k, o)?;
     let sg_epi = epi.for_sgemm();
+    let geom = super::conv_patches::Geom {
+        h,
+        wd,
+        c,
+        kh,
+        kw,
+        strides: win.strides,
+        dilations: win.dilations,
+        pt,
+        pl,
+        oh,
+        ow,
+        call: super::conv_patches::next_call(),
+    };
     let compute_tile = |t: usize, out_t: &mut [std::mem::MaybeUninit<f32>]| {
         let rows = out_t.len() / o;
         if pointwise {
@@ -217,27 +231,8 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
                 patches.resize(rows * k, 0.0);
             }
             let mut live = [false; TILE];
-            for (j, live) in live.iter_mut().enumerate().take(rows) {
-                let px = t * TILE + j;
-                let (b, y, ox) = (px / (oh * ow), px / ow % oh, px % ow);
-                let patch = &mut patches[j * k..(j + 1) * k];
-                for ky in 0..kh {
-                    let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
-                    let row_in = iy >= 0 && (iy as usize) < h;
-                    for kx in 0..kw {
-                        let ix =
-                            (ox * win.strides[1] + kx * win.dilations[1]) as isize - pl as isize;
-                        let dst = &mut patch[(ky * kw + kx) * c..(ky * kw + kx + 1) * c];
-                        if !row_in || ix < 0 || ix as usize >= wd {
-                            dst.fill(0.0);
-                        } else {
-                            let off = ((b * h + iy as usize) * wd + ix as usize) * c;
-                            dst.copy_from_slice(&xs[off..off + c]);
-                            *live = true;
-                        }
-                    }
-                }
-            }
+            let patches = &mut patches[..rows * k];
+            super::conv_patches::build(&geom, xs, t * TILE, patches, &mut live[..rows]);
             if live[..rows].iter().all(|&l| l) {
                 super::simd::sgemm::sgemm_packed_uninit_epi(
                     rows, patches, k, &packed, out_t, sg_epi,
@@ -366,12 +361,30 @@ impl Depthwise<'_> {
             None => 0,
         };
         let (b, y) = (r / oh, r % oh);
-        let rows: Vec<(usize, usize)> = (0..kh)
-            .filter_map(|ky| {
-                let iy = (y * self.win.strides[0] + ky * self.win.dilations[0]).checked_sub(pt)?;
-                (iy < h).then_some(((b * h + iy) * wd * c, ky))
-            })
-            .collect();
+        // The filter rows inside the input, on the stack for the usual filter heights.
+        let mut stack = [(0usize, 0usize); 8];
+        let mut heap = Vec::new();
+        let mut n_rows = 0;
+        for ky in 0..kh {
+            let Some(iy) = (y * self.win.strides[0] + ky * self.win.dilations[0]).checked_sub(pt)
+            else {
+                continue;
+            };
+            if iy < h {
+                let entry = ((b * h + iy) * wd * c, ky);
+                if kh <= stack.len() {
+                    stack[n_rows] = entry;
+                } else {
+                    heap.push(entry);
+                }
+                n_rows += 1;
+            }
+        }
+        let rows = if kh <= stack.len() {
+            &stack[..n_rows]
+        } else {
+            &heap[..]
+        };
         let g = super::simd::dwconv::DwRow {
             xs: self.xs,
             ws: self.ws,
@@ -381,7 +394,7 @@ impl Depthwise<'_> {
                 Act::Relu => 1,
                 Act::Relu6 => 2,
             },
-            rows: &rows,
+            rows,
             c,
             chans: c,
             kw,
@@ -431,12 +444,20 @@ impl Depthwise<'_> {
         let oc = c * m;
         let (b, y) = (r / oh, r % oh);
         // (input offset, filter offset) of each tap inside the input, in filter order.
-        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
+        // On the stack for filters of up to 5 × 5.
+        let mut stack = [(0usize, 0usize); 25];
+        let mut heap = Vec::new();
+        let buf: &mut [(usize, usize)] = if kh * kw <= stack.len() {
+            &mut stack
+        } else {
+            heap.resize(kh * kw, (0, 0));
+            &mut heap
+        };
         for ox in 0..ow {
             if done == oc && skip.contains(&ox) {
                 continue;
             }
-            taps.clear();
+            let mut n_taps = 0;
             for ky in 0..kh {
                 let iy = (y * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
                 if iy < 0 || iy as usize >= h {
@@ -448,22 +469,24 @@ impl Depthwise<'_> {
                         continue;
                     }
                     let off = ((b * h + iy as usize) * wd + ix as usize) * c;
-                    taps.push((off, (ky * kw + kx) * oc));
+                    buf[n_taps] = (off, (ky * kw + kx) * oc);
+                    n_taps += 1;
                 }
             }
+            let taps = &buf[..n_taps];
             let dst = &mut out_row[ox * oc..(ox + 1) * oc];
             if m == 1 {
                 let mut ch = if skip.contains(&ox) { done } else { 0 };
                 while ch + 16 <= c {
-                    self.channels::<16>(&taps, ch, dst);
+                    self.channels::<16>(taps, ch, dst);
                     ch += 16;
                 }
                 while ch + 8 <= c {
-                    self.channels::<8>(&taps, ch, dst);
+                    self.channels::<8>(taps, ch, dst);
                     ch += 8;
                 }
                 while ch < c {
-                    self.channels::<1>(&taps, ch, dst);
+                    self.channels::<1>(taps, ch, dst);
                     ch += 1;
                 }
             } else {
@@ -474,7 +497,7 @@ impl Depthwise<'_> {
                     // SAFETY: initialized just above.
                     unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
                 };
-                for &(off, wo) in &taps {
+                for &(off, wo) in taps {
                     let (xin, wk) = (&xs[off..off + c], &ws[wo..wo + oc]);
                     for (ci, &xv) in xin.iter().enumerate() {
                         for mi in 0..m {
@@ -712,49 +735,132 @@ pub fn pool(x: &Value, kind: PoolKind, ksize: [usize; 2], win: &Window) -> Resul
     let (ow, pl) = out_size(wd, ksize[1], win.strides[1], 1, &win.padding, 1)?;
     super::value::checked_len(&[n, oh, ow, c])?;
     let xs = x.slice::<f32>()?;
-    let mut out = vec![0f32; n * oh * ow * c];
+    let len = n * oh * ow * c;
+    let mut out = output_vec(len);
     let row = ow * c;
-    let compute_row = |r: usize, out_row: &mut [f32]| {
+    let p = Pool {
+        xs,
+        kind,
+        ksize,
+        strides: win.strides,
+        dims: [h, wd, c, oh, ow, pt, pl],
+    };
+    if row > 0 {
+        out.spare_capacity_mut()[..len]
+            .chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| p.run_row(r, o));
+    }
+    // SAFETY: every row wrote each of its elements (or there are none).
+    unsafe { out.set_len(if row > 0 { len } else { 0 }) };
+    out.resize(len, 0.0);
+    Ok(Value::from_vec(vec![n, oh, ow, c], out))
+}
+
+/// One output row of [`pool`]: each output starts from -inf (max) or 0.0 (average),
+/// takes the window's elements in row-major order (`if x > acc { acc = x }`, or
+/// `acc += x`), and an average is then divided by the count of elements inside the
+/// input; a block of channels at a time in registers.
+struct Pool<'a> {
+    xs: &'a [f32],
+    kind: PoolKind,
+    ksize: [usize; 2],
+    strides: [usize; 2],
+    /// h, wd, c, oh, ow, pt, pl.
+    dims: [usize; 7],
+}
+
+impl Pool<'_> {
+    fn run_row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd::avx2() {
+            // SAFETY: AVX2 is present.
+            unsafe { self.row_avx2(r, out_row) };
+            return;
+        }
+        self.row(r, out_row)
+    }
+
+    /// The same loops compiled for AVX2, which vectorizes them across channels (the
+    /// same comparisons, sums and division per element).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_avx2(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
+        self.row(r, out_row)
+    }
+
+    #[inline(always)]
+    fn row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
+        match self.kind {
+            PoolKind::Max => self.row_of::<true>(r, out_row),
+            PoolKind::Avg => self.row_of::<false>(r, out_row),
+        }
+    }
+
+    #[inline(always)]
+    fn row_of<const MAX: bool>(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
+        let [h, wd, c, oh, ow, pt, pl] = self.dims;
         let (b, y) = (r / oh, r % oh);
-        let y0 = (y * win.strides[0]) as isize - pt as isize;
-        let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
-        for ox in 0..ow {
-            let x0 = (ox * win.strides[1]) as isize - pl as isize;
-            let xr =
-                x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
-            let acc = &mut out_row[ox * c..(ox + 1) * c];
-            acc.fill(match kind {
-                PoolKind::Max => f32::NEG_INFINITY,
-                PoolKind::Avg => 0.0,
-            });
-            let mut count = 0usize;
-            for iy in ys.clone() {
-                for ix in xr.clone() {
-                    let off = ((b * h + iy) * wd + ix) * c;
-                    let v = &xs[off..off + c];
-                    count += 1;
-                    match kind {
-                        PoolKind::Max => acc.iter_mut().zip(v).for_each(|(a, &x)| {
-                            if x > *a {
-                                *a = x
-                            }
-                        }),
-                        PoolKind::Avg => acc.iter_mut().zip(v).for_each(|(a, &x)| *a += x),
+        let y0 = (y * self.strides[0]) as isize - pt as isize;
+        let ys =
+            y0.max(0) as usize..((y0 + self.ksize[0] as isize).min(h as isize)).max(0) as usize;
+        for (ox, dst) in out_row.chunks_exact_mut(c).take(ow).enumerate() {
+            let x0 = (ox * self.strides[1]) as isize - pl as isize;
+            let xr = x0.max(0) as usize
+                ..((x0 + self.ksize[1] as isize).min(wd as isize)).max(0) as usize;
+            let base = b * h * wd * c;
+            let win = (base, ys.clone(), xr);
+            let mut ch = 0;
+            while ch + 16 <= c {
+                self.block::<16, MAX>(&win, ch, dst);
+                ch += 16;
+            }
+            while ch + 8 <= c {
+                self.block::<8, MAX>(&win, ch, dst);
+                ch += 8;
+            }
+            while ch < c {
+                self.block::<1, MAX>(&win, ch, dst);
+                ch += 1;
+            }
+        }
+    }
+
+    /// Channels `ch..ch + W` of one output pixel whose window is `(image offset,
+    /// input rows, input columns)`.
+    #[inline(always)]
+    fn block<const W: usize, const MAX: bool>(
+        &self,
+        (base, ys, xr): &(usize, std::ops::Range<usize>, std::ops::Range<usize>),
+        ch: usize,
+        dst: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        let [_, wd, c, ..] = self.dims;
+        let mut acc = [if MAX { f32::NEG_INFINITY } else { 0.0 }; W];
+        for iy in ys.clone() {
+            for ix in xr.clone() {
+                let off = base + (iy * wd + ix) * c + ch;
+                let v: &[f32; W] = self.xs[off..off + W].try_into().expect("W");
+                for i in 0..W {
+                    if MAX {
+                        if v[i] > acc[i] {
+                            acc[i] = v[i];
+                        }
+                    } else {
+                        acc[i] += v[i];
                     }
                 }
             }
-            if kind == PoolKind::Avg && count > 0 {
-                let d = count as f32;
-                acc.iter_mut().for_each(|a| *a /= d);
-            }
         }
-    };
-    if row > 0 {
-        out.chunks_mut(row)
-            .enumerate()
-            .for_each(|(r, o)| compute_row(r, o));
+        let count = ys.len() * xr.len();
+        if !MAX && count > 0 {
+            let d = count as f32;
+            acc.iter_mut().for_each(|a| *a /= d);
+        }
+        for (d, &v) in dst[ch..ch + W].iter_mut().zip(&acc) {
+            d.write(v);
+        }
     }
-    Ok(Value::from_vec(vec![n, oh, ow, c], out))
 }
 
 /// `FusedBatchNorm*` in inference mode: `(x - mean) * (scale * rsqrt(var + eps)) + offset`
@@ -839,6 +945,7 @@ pub fn softmax(x: &Value, log: bool) -> Result<Value> {
     Ok(Value::from_vec(x.shape.clone(), out))
 }
 
-#[cfg(test)]
+// The AVX2 rows exist on x86-64 only.
+#[cfg(all(test, target_arch = "x86_64"))]
 #[path = "nn_dw_tests.rs"]
 mod dw_tests;

@@ -799,7 +799,7 @@ pub fn dequantize(x: &Value, q: Option<&QuantParams>) -> Result<Value> {
     match &*x.buf {
         Buf::F16(v) => Ok(Value::from_vec(
             x.shape.clone(),
-            v.iter().map(|h| h.to_f32()).collect(),
+            super::float_rows::f16_to_f32(v),
         )),
         Buf::I8(_) | Buf::U8(_) | Buf::I16(_) | Buf::I32(_) => {
             let q = q.ok_or_else(|| {
@@ -837,7 +837,7 @@ pub fn dequantize(x: &Value, q: Option<&QuantParams>) -> Result<Value> {
                 let mut out = Vec::with_capacity(xs.len());
                 for (i, run) in xs.chunks(inner).enumerate() {
                     let (zp, s) = (q.zero_point[i % channels], q.scale[i % channels]);
-                    out.extend(run.iter().map(|&v| (v as i64 - zp) as f32 * s));
+                    super::float_rows::dequantize_i8_run(run, zp, s, &mut out);
                 }
                 return Ok(Value::from_vec(x.shape.clone(), out));
             }

@@ -9,6 +9,7 @@
 pub(crate) use x86::{interior, interior512};
 
 /// The geometry of one output row: the input rows it reads and its window.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86-64 kernels only
 pub(crate) struct DwRow<'a> {
     /// The whole input and filter (`[kh, kw, c]`), and the bias (`[c]`).
     pub xs: &'a [f32],
