@@ -19,6 +19,7 @@ use std::mem::MaybeUninit;
 enum Layout {
     /// Panels of 16 columns, then one of 8; the last `n % 8` columns as a `[k, n % 8]`
     /// matrix after them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx2,
     /// `b` as it is (`[k, n]`).
     Portable,
