@@ -39,6 +39,19 @@ impl Epilogue<'_> {
         }
     }
 
+    /// The same, applied by the matrix product as it stores its outputs.
+    fn for_sgemm(&self) -> super::simd::sgemm::Epi<'_> {
+        let act = match self.act {
+            Act::None => 0,
+            Act::Relu => 1,
+            Act::Relu6 => 2,
+        };
+        super::simd::sgemm::Epi {
+            bias: self.bias,
+            act,
+        }
+    }
+
     /// Applies it to whole rows of `o` channels.
     #[inline(always)]
     fn apply(&self, rows: &mut [f32], o: usize) {
@@ -176,7 +189,6 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
     super::value::checked_len(&[n, oh, ow, o])?;
     epi.check(&[o])?;
     let xs = x.slice::<f32>()?;
-    let ws = w.slice::<f32>()?;
     let k = kh * kw * c;
     let len = n * oh * ow * o;
     let mut out = output_vec(len);
@@ -191,7 +203,8 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
     // taps from zero in filter order (padding taps add 0 · w), as one pixel at a
     // time would.
     const TILE: usize = 32;
-    let packed = super::simd::sgemm::PackedB::new(ws, k, o);
+    let packed = super::simd::sgemm_cache::packed(w, k, o)?;
+    let sg_epi = epi.for_sgemm();
     let geom = super::conv_patches::Geom {
         h,
         wd,
@@ -210,8 +223,7 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
         let rows = out_t.len() / o;
         if pointwise {
             let a = &xs[t * TILE * c..(t * TILE + rows) * c];
-            let done = super::simd::sgemm::sgemm_packed_uninit(rows, a, c, &packed, out_t);
-            epi.apply(done, o);
+            super::simd::sgemm::sgemm_packed_uninit_epi(rows, a, c, &packed, out_t, sg_epi);
             return;
         }
         PATCHES.with_borrow_mut(|patches| {
@@ -221,6 +233,12 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
             let mut live = [false; TILE];
             let patches = &mut patches[..rows * k];
             super::conv_patches::build(&geom, xs, t * TILE, patches, &mut live[..rows]);
+            if live[..rows].iter().all(|&l| l) {
+                super::simd::sgemm::sgemm_packed_uninit_epi(
+                    rows, patches, k, &packed, out_t, sg_epi,
+                );
+                return;
+            }
             let done = super::simd::sgemm::sgemm_packed_uninit(rows, patches, k, &packed, out_t);
             // A pixel whose window lies wholly in the padding stays exactly zero.
             for (j, acc) in done.chunks_exact_mut(o).enumerate() {
@@ -561,8 +579,8 @@ fn gemm_ex(
     let packed = super::simd::sgemm::PackedB::new(b, k, n);
     let block = |i: usize, o: &mut [std::mem::MaybeUninit<f32>]| {
         let rows = o.len() / n;
-        let done = super::simd::sgemm::sgemm_packed_uninit(rows, &a[i * ROWS * k..], k, &packed, o);
-        epi.apply(done, n);
+        let a = &a[i * ROWS * k..];
+        super::simd::sgemm::sgemm_packed_uninit_epi(rows, a, k, &packed, o, epi.for_sgemm());
     };
     let out = &mut out[..m * n];
     if m * k * n >= PAR_THRESHOLD {

@@ -73,6 +73,8 @@
 
 use crate::ir::FusedActivation;
 
+#[cfg(target_arch = "x86_64")]
+pub mod block;
 mod vector;
 pub use vector::{quantize_f32_to_i8, xnn_quantize_f32_to_i8, RefAdd};
 
@@ -1548,6 +1550,8 @@ pub struct RowRequantizer {
     right: Vec<i32>,
     mask: Vec<i32>,
     half: Vec<i32>,
+    /// Whether some `left` is not 0.
+    any_left: bool,
 }
 
 /// Bounds within which the vector paths may clamp early (zero points, activation
@@ -1581,7 +1585,9 @@ impl RowRequantizer {
                 half.push(mk >> 1);
             }
         }
+        let any_left = left.iter().any(|&l| l != 0);
         RowRequantizer {
+            any_left,
             mult,
             zero_point,
             lo,
@@ -1847,7 +1853,7 @@ mod rows_x86 {
 mod row_tests {
     use super::*;
 
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
+    pub(super) fn rng(seed: u64) -> impl FnMut() -> u64 {
         let mut s = seed;
         move || {
             s ^= s << 13;
@@ -1859,7 +1865,7 @@ mod row_tests {
 
     /// Accumulators that hit the rounding boundaries of `shift` (halves and their
     /// neighbours) and the extremes, then random ones.
-    fn accumulators(next: &mut impl FnMut() -> u64, n: usize) -> Vec<i32> {
+    pub(super) fn accumulators(next: &mut impl FnMut() -> u64, n: usize) -> Vec<i32> {
         let mut v = vec![
             0,
             1,

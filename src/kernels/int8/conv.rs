@@ -1,13 +1,13 @@
-//! Convolutions, fully connected and pooling in int8 (TFLite `reference_integer_ops`
+//! Convolutions and fully connected in int8 (TFLite `reference_integer_ops`
 //! `ConvPerChannel`, `DepthwiseConvPerChannel`, `FullyConnected[PerChannel]`,
-//! `AveragePool`, `MaxPool`), and the float kernels of the fused ops.
+//! and the float kernels of the fused ops.
 
 use rayon::prelude::*;
 
 use super::{channel_scales, input_affine, output_affine, Arithmetic, ROUNDING};
 use crate::error::{Error, Result};
 use crate::ir::FusedActivation;
-use crate::kernels::nn::{out_size, PoolKind, Window};
+use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
     activation_range, quantize_multiplier, xnn_activation_range, xnn_conv_scale,
@@ -109,7 +109,6 @@ pub fn conv2d(
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
     let image = h * wd * c;
-    let mut res = vec![0i8; n * oh * ow * o];
     let geom = super::gemm::Geom {
         win,
         h,
@@ -123,14 +122,17 @@ pub fn conv2d(
         pl,
     };
     let packed = super::packed_cache::packed(w, kh * kw * c, o, false)?;
-    super::gemm::conv(
-        geom,
-        n,
-        &packed,
-        &mut res,
-        |bi| (&xs[bi * image..(bi + 1) * image], -xin.zero_point),
-        |_, acc, out| requant.rows(acc, bias, out),
-    );
+    let input = |bi: usize| (&xs[bi * image..(bi + 1) * image], -xin.zero_point);
+    let res = match super::gemm::conv_requant(geom, n, &packed, input, bias, &requant) {
+        Some(res) => res,
+        None => {
+            let mut res = vec![0i8; n * oh * ow * o];
+            super::gemm::conv(geom, n, &packed, &mut res, input, |_, acc, out| {
+                requant.rows(acc, bias, out)
+            });
+            res
+        }
+    };
     Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }
 
@@ -296,6 +298,33 @@ mod dw_x86 {
     /// `xs.len()` and `(tap + 1) · acc.len()` at most `wv.len()`.
     #[target_feature(enable = "avx2")]
     pub unsafe fn pixel(acc: &mut [i32], taps: &[(usize, usize)], xs: &[i8], wv: &[i8], off: i32) {
+        pixel_at(acc, taps, xs, wv, off)
+    }
+
+    /// [`pixel`] for each of consecutive output pixels whose taps all lie inside the
+    /// input: `taps` are the first pixel's, and pixel `p`'s input offsets lie
+    /// `p · step` further.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `acc.len()` is a multiple of `c`, and pixel `p`'s taps,
+    /// offset by `p · step`, satisfy [`pixel`]'s conditions.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pixels(
+        acc: &mut [i32],
+        c: usize,
+        taps: &[(usize, usize)],
+        step: usize,
+        xs: &[i8],
+        wv: &[i8],
+        off: i32,
+    ) {
+        for (p, acc) in acc.chunks_exact_mut(c).enumerate() {
+            pixel_at(acc, taps, &xs[p * step..], wv, off);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pixel_at(acc: &mut [i32], taps: &[(usize, usize)], xs: &[i8], wv: &[i8], off: i32) {
         let c = acc.len();
         let (xp, wp, ap) = (xs.as_ptr(), wv.as_ptr(), acc.as_mut_ptr());
         let off16 = _mm256_set1_epi16(off as i16);
@@ -370,7 +399,6 @@ fn windowed(
     let xs = x.slice::<i8>()?;
     let wv = w.slice::<i8>()?;
     let in_off = -xin.zero_point;
-    let mut res = vec![0i8; n * oh * ow * o];
     let row = ow * o;
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -388,7 +416,55 @@ fn windowed(
         let (bi, oy) = (r / oh, r % oh);
         let o = acc.len() / ow;
         let mut taps = [(0usize, 0usize); MAX_PIXEL_TAPS];
+        // The columns whose taps all lie inside the input run in one call, their
+        // taps those of the first shifted by the stride.
+        #[cfg(target_arch = "x86_64")]
+        let (inner_lo, inner_hi) = {
+            let (s, span) = (win.strides[1], (kw.max(1) - 1) * win.dilations[1] + 1);
+            let lo = pl.div_ceil(s.max(1)).min(ow);
+            let hi = if wd + pl >= span && s > 0 {
+                ((wd + pl - span) / s + 1).min(ow)
+            } else {
+                0
+            };
+            match pixel {
+                Some(_) if hi > lo => {
+                    let mut nt = 0;
+                    for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, lo, |t, iy, ix| {
+                        if let Some(slot) = taps.get_mut(nt) {
+                            *slot = (((bi * h + iy) * wd + ix) * c, t);
+                        }
+                        nt += 1;
+                    });
+                    if nt <= MAX_PIXEL_TAPS {
+                        // SAFETY: `pixel` is only given with AVX2; the columns from `lo`
+                        // to `hi` have every tap inside the input, at the first one's
+                        // offsets plus `stride · c` per column.
+                        unsafe {
+                            dw_x86::pixels(
+                                &mut acc[lo * o..hi * o],
+                                o,
+                                &taps[..nt],
+                                s * c,
+                                xs,
+                                wv,
+                                in_off,
+                            )
+                        };
+                        (lo, hi)
+                    } else {
+                        (0, 0)
+                    }
+                }
+                _ => (0, 0),
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (inner_lo, inner_hi) = (0, 0);
         for (ox, acc) in acc.chunks_exact_mut(o).enumerate() {
+            if (inner_lo..inner_hi).contains(&ox) {
+                continue;
+            }
             if let Some(px) = pixel {
                 let mut nt = 0;
                 for_each_tap(win, (h, wd), (kh, kw), (pt, pl), oy, ox, |t, iy, ix| {
@@ -431,6 +507,53 @@ fn windowed(
         accumulate_row(r, acc, dims, win, xs, wv, in_off, pixel, accumulate)
     }
     let dims = (h, wd, c, kh, kw, oh, ow, pt, pl);
+    // One output per channel with AVX-512: requantized in registers, a row at a time.
+    #[cfg(target_arch = "x86_64")]
+    let fused = pixel.is_some()
+        && o == c
+        && kh * kw <= super::depthwise512::MAX_TAPS
+        && crate::kernels::simd::vnni()
+        && requant.block_form().is_some();
+    #[cfg(target_arch = "x86_64")]
+    if fused && row > 0 {
+        let len = n * oh * ow * o;
+        let mut res = Vec::with_capacity(len);
+        let fused_row = |r: usize, out_row: &mut [std::mem::MaybeUninit<i8>]| {
+            use super::depthwise512::{row, RowTaps, MAX_TAPS};
+            let (bi, oy) = (r / oh, r % oh);
+            let mut rows = [(0usize, 0usize); MAX_TAPS];
+            let mut nr = 0;
+            for ky in 0..kh {
+                let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                if (0..h as isize).contains(&iy) {
+                    rows[nr] = ((bi * h + iy as usize) * wd * c, ky * kw);
+                    nr += 1;
+                }
+            }
+            let taps = RowTaps {
+                rows: &rows[..nr],
+                kw,
+                width: wd,
+                stride: win.strides[1],
+                dilation: win.dilations[1],
+                pad_left: pl,
+            };
+            // SAFETY: AVX-512F (with VNNI) and AVX2 are present and the requantizer
+            // has a register-block form; the taps are of in-bounds pixels of the
+            // input and of the filter (`windowed` checked their lengths against
+            // their shapes, and `kh · kw` against `MAX_TAPS`), `out_row` holds `ow`
+            // pixels of `o = c` channels, as do `bias` and `requant`.
+            unsafe { row(out_row, &taps, xs, wv, in_off, bias, &requant) };
+        };
+        res.spare_capacity_mut()[..len]
+            .par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| fused_row(r, o));
+        // SAFETY: every row wrote each of its outputs.
+        unsafe { res.set_len(len) };
+        return Ok(Value::from_vec(vec![n, oh, ow, o], res));
+    }
+    let mut res = vec![0i8; n * oh * ow * o];
     let compute_in = |r: usize, out_row: &mut [i8], acc_buf: &mut Vec<i32>| {
         // Each pixel's accumulators are zeroed before its taps.
         let acc = super::gemm::grown(acc_buf, ow * o);
@@ -495,67 +618,4 @@ pub fn fully_connected(
         |_, acc, out| requant.row(acc, bias, out),
     );
     Ok(Value::from_vec(fc_out_shape(x, units), res))
-}
-
-/// Int8 pooling. Both require the output's parameters to equal the input's; the
-/// average is the rounded (half away from zero) quotient of the raw int8 sum.
-pub fn pool(
-    x: &Value,
-    kind: PoolKind,
-    ksize: [usize; 2],
-    win: &Window,
-    quant: &StepQuant,
-) -> Result<Value> {
-    let xin = input_affine(quant, 0)?;
-    let out = output_affine(quant)?;
-    if xin != out {
-        return Err(Error::msg(format!(
-            "int8 pooling needs equal input and output parameters, got {xin:?} and {out:?}"
-        )));
-    }
-    let [n, h, wd, c] = dims4(x, "input")?;
-    let (oh, pt) = out_size(h, ksize[0], win.strides[0], 1, &win.padding, 0)?;
-    let (ow, pl) = out_size(wd, ksize[1], win.strides[1], 1, &win.padding, 1)?;
-    let xs = x.slice::<i8>()?;
-    let mut res = vec![0i8; n * oh * ow * c];
-    for bi in 0..n {
-        for oy in 0..oh {
-            let y0 = (oy * win.strides[0]) as isize - pt as isize;
-            let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
-            for ox in 0..ow {
-                let x0 = (ox * win.strides[1]) as isize - pl as isize;
-                let xr =
-                    x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
-                for ch in 0..c {
-                    let mut count = 0i64;
-                    let mut sum = 0i64;
-                    let mut max = i8::MIN;
-                    for iy in ys.clone() {
-                        for ix in xr.clone() {
-                            let v = xs[((bi * h + iy) * wd + ix) * c + ch];
-                            sum += v as i64;
-                            max = max.max(v);
-                            count += 1;
-                        }
-                    }
-                    let v = match kind {
-                        PoolKind::Max => max,
-                        PoolKind::Avg => {
-                            if count == 0 {
-                                return Err(Error::msg("average pool over an empty window"));
-                            }
-                            let q = if sum > 0 {
-                                (sum + count / 2) / count
-                            } else {
-                                (sum - count / 2) / count
-                            };
-                            q.clamp(-128, 127) as i8
-                        }
-                    };
-                    res[((bi * oh + oy) * ow + ox) * c + ch] = v;
-                }
-            }
-        }
-    }
-    Ok(Value::from_vec(vec![n, oh, ow, c], res))
 }

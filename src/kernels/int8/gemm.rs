@@ -9,9 +9,9 @@
 
 use rayon::prelude::*;
 
-use super::conv::for_each_tap;
 use crate::kernels::nn::Window;
-use crate::kernels::simd::igemm::{igemm_u8, PackedWeights};
+use crate::kernels::rounding::RowRequantizer;
+use crate::kernels::simd::igemm::{igemm_u8, igemm_u8_requant, requant_fused, PackedWeights};
 
 /// Output pixels per matrix product.
 pub(super) const TILE: usize = 32;
@@ -47,6 +47,67 @@ pub(super) fn conv<'a, T: Send>(
     image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
     finish: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
+    let o = packed.n;
+    tiles(
+        g,
+        n,
+        packed,
+        out,
+        image,
+        |t, patches, shifts, out_t, acc_buf| {
+            let acc = grown(acc_buf, shifts.len() * o);
+            igemm_u8(shifts.len(), patches, packed.ldu(), packed, shifts, acc);
+            finish(t * TILE, acc, out_t);
+        },
+    );
+}
+
+/// [`conv`] to int8 outputs, `rq.rows(sums, bias, out)` on each tile, fused into the
+/// product ([`igemm_u8_requant`]): returns the outputs, or `None` where the product
+/// has no such kernel (then [`conv`] does it in two steps).
+pub(super) fn conv_requant<'a>(
+    g: Geom<'_>,
+    n: usize,
+    packed: &PackedWeights,
+    image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
+    bias: &[i32],
+    rq: &RowRequantizer,
+) -> Option<Vec<i8>> {
+    if !requant_fused(packed, rq) {
+        return None;
+    }
+    let len = n * g.oh * g.ow * packed.n;
+    let mut out = Vec::with_capacity(len);
+    let ldu = packed.ldu();
+    let spare = &mut out.spare_capacity_mut()[..len];
+    tiles(
+        g,
+        n,
+        packed,
+        spare,
+        image,
+        |_, patches, shifts, out_t, _| {
+            let done =
+                igemm_u8_requant(shifts.len(), patches, ldu, packed, shifts, bias, rq, out_t);
+            debug_assert!(done);
+        },
+    );
+    // SAFETY: the fused product wrote every output of every tile (`requant_fused`).
+    unsafe { out.set_len(len) };
+    Some(out)
+}
+
+/// Splits the output into tiles of [`TILE`] pixels (in parallel when the work is
+/// large), builds each tile's patches and calls `product(tile, patches, shifts,
+/// out_tile, acc_buffer)`.
+fn tiles<'a, T: Send>(
+    g: Geom<'_>,
+    n: usize,
+    packed: &PackedWeights,
+    out: &mut [T],
+    image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
+    product: impl Fn(usize, &[u8], &[i32], &mut [T], &mut Vec<i32>) + Sync,
+) {
     let (k, o) = (packed.k, packed.n);
     let ldu = packed.ldu();
     let pixels = n * g.oh * g.ow;
@@ -58,44 +119,29 @@ pub(super) fn conv<'a, T: Send>(
         && g.kw == 1
         && g.win.strides == [1, 1]
         && (g.oh, g.ow, g.pt, g.pl) == (g.h, g.wd, 0, 0);
+    let per_image = g.oh * g.ow;
     let tile_in = |t: usize, out_t: &mut [T], patches_buf: &mut Vec<u8>, acc_buf: &mut Vec<i32>| {
         let rows = out_t.len() / o;
         let patches = grown(patches_buf, rows * ldu);
         let mut shifts = [0i32; TILE];
+        let first = t * TILE;
+        let (mut b, mut in_image) = (first / per_image, first % per_image);
         for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
-            let px = t * TILE + j;
-            let (b, in_image) = (px / (g.oh * g.ow), px % (g.oh * g.ow));
+            if in_image == per_image {
+                (b, in_image) = (b + 1, 0);
+            }
             let (xs, off) = image(b);
             // `(x + off) + shift` with `shift = 128 - off` is `x + 128` whatever the
             // offset; a padding tap stands for `x + off = 0`.
             shifts[j] = 128 - off;
             if pointwise {
-                let src = &xs[in_image * g.c..(in_image + 1) * g.c];
-                for (d, &s) in patch.iter_mut().zip(src) {
-                    *d = s as u8 ^ 0x80;
-                }
-                continue;
+                xor_copy(&mut patch[..g.c], &xs[in_image * g.c..(in_image + 1) * g.c]);
+            } else {
+                super::patch::fill(&g, xs, in_image, (128 - off) as u8, &mut patch[..k]);
             }
-            patch[..k].fill((128 - off) as u8);
-            for_each_tap(
-                g.win,
-                (g.h, g.wd),
-                (g.kh, g.kw),
-                (g.pt, g.pl),
-                in_image / g.ow,
-                in_image % g.ow,
-                |tap, iy, ix| {
-                    let src = &xs[(iy * g.wd + ix) * g.c..(iy * g.wd + ix + 1) * g.c];
-                    let dst = &mut patch[tap * g.c..(tap + 1) * g.c];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d = s as u8 ^ 0x80;
-                    }
-                },
-            );
+            in_image += 1;
         }
-        let acc = grown(acc_buf, rows * o);
-        igemm_u8(rows, patches, ldu, packed, &shifts[..rows], acc);
-        finish(t * TILE, acc, out_t);
+        product(t, patches, &shifts[..rows], out_t, acc_buf);
     };
     let tile = |t: usize, out_t: &mut [T]| with_scratch(|p, a| tile_in(t, out_t, p, a));
     if pixels * k * o >= PAR_THRESHOLD {
@@ -106,6 +152,14 @@ pub(super) fn conv<'a, T: Send>(
         out.chunks_mut(TILE * o)
             .enumerate()
             .for_each(|(t, o)| tile(t, o));
+    }
+}
+
+/// `dst[i] = src[i] + 128` as bytes.
+#[inline(always)]
+fn xor_copy(dst: &mut [u8], src: &[i8]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s as u8 ^ 0x80;
     }
 }
 

@@ -27,6 +27,9 @@
 //! product and the sum separately). Both are checked in
 //! tests/quantize_hybrid_kernels_litert.rs and tests/quantize_hybrid_litert.rs.
 
+use std::cell::RefCell;
+use std::sync::{Arc, Weak};
+
 use rayon::prelude::*;
 
 use super::conv::{dims4, fc_dims, fc_out_shape};
@@ -39,7 +42,55 @@ use crate::kernels::rounding::{
     asymmetric_quantize_floats, hybrid_dequantize_row, symmetric_quantize_floats,
     xnn_dynamic_quantize, DynamicRow, HybridScaling,
 };
-use crate::kernels::value::Value;
+use crate::kernels::value::{Buf, Value};
+
+/// The last hybrid convolution input this thread quantized: its buffer (a weak
+/// reference keeps the allocation, so its address is not reused while the entry
+/// lives, and does not stop a later step from taking the values over), the image
+/// size, how it was quantized, and the images.
+struct LastImages {
+    buf: Weak<Buf>,
+    image: usize,
+    mode: (Arithmetic, bool),
+    rows: Arc<Vec<DynamicRow>>,
+}
+
+thread_local! {
+    static LAST_IMAGES: RefCell<Option<LastImages>> = const { RefCell::new(None) };
+}
+
+/// The quantized images of `x` (`image` values each) the same way: `quantize()`, or
+/// the previous call's when it was on the same buffer, so that convolutions reading
+/// one input (push_student's three filter widths) quantize it once per batch.
+fn quantized_images(
+    x: &Value,
+    image: usize,
+    mode: (Arithmetic, bool),
+    quantize: impl FnOnce() -> Vec<DynamicRow>,
+) -> Arc<Vec<DynamicRow>> {
+    let hit = LAST_IMAGES.with(|l| {
+        l.borrow().as_ref().and_then(|e| {
+            (e.buf.strong_count() > 0
+                && std::ptr::eq(e.buf.as_ptr(), Arc::as_ptr(&x.buf))
+                && e.image == image
+                && e.mode == mode)
+                .then(|| e.rows.clone())
+        })
+    });
+    if let Some(rows) = hit {
+        return rows;
+    }
+    let rows = Arc::new(quantize());
+    LAST_IMAGES.with(|l| {
+        *l.borrow_mut() = Some(LastImages {
+            buf: Arc::downgrade(&x.buf),
+            image,
+            mode,
+            rows: rows.clone(),
+        })
+    });
+    rows
+}
 
 /// The bounds of TFLite's `ActivationFunctionWithMinMax` for the float fused
 /// activations (`rounding::clamp_activation`); `None` for no activation.
@@ -150,17 +201,19 @@ pub fn conv2d(
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<f32>()?;
     let image = h * wd * c;
-    let rows: Vec<DynamicRow> = (0..n)
-        .into_par_iter()
-        .map(|bi| {
-            let v = &xs[bi * image..(bi + 1) * image];
-            match (quant.arithmetic, per_channel) {
-                (Arithmetic::LiteRt, _) => xnn_dynamic_quantize(v),
-                (Arithmetic::Reference, true) => asymmetric_quantize_floats(v),
-                (Arithmetic::Reference, false) => symmetric_quantize_floats(v),
-            }
-        })
-        .collect();
+    let rows = quantized_images(x, image, (quant.arithmetic, per_channel), || {
+        (0..n)
+            .into_par_iter()
+            .map(|bi| {
+                let v = &xs[bi * image..(bi + 1) * image];
+                match (quant.arithmetic, per_channel) {
+                    (Arithmetic::LiteRt, _) => xnn_dynamic_quantize(v),
+                    (Arithmetic::Reference, true) => asymmetric_quantize_floats(v),
+                    (Arithmetic::Reference, false) => symmetric_quantize_floats(v),
+                }
+            })
+            .collect()
+    });
     let mut res = vec![0f32; n * oh * ow * o];
     let geom = super::gemm::Geom {
         win,

@@ -38,11 +38,14 @@
 
 mod activation;
 mod conv;
+mod depthwise512;
 mod elementwise;
 mod gemm;
 mod hybrid;
 mod math;
 mod packed_cache;
+mod patch;
+mod pool;
 mod reduce;
 mod spatial;
 
@@ -198,7 +201,7 @@ pub fn exec(kernel: &Kernel, inputs: &[Value], quant: &StepQuant) -> Result<Opti
             one(conv::fully_connected(inputs, *ta, *tb, *act, quant)?)
         }
         Kernel::Pool { kind, ksize, win } => {
-            one(conv::pool(&inputs[0], *kind, *ksize, win, quant)?)
+            one(pool::pool(&inputs[0], *kind, *ksize, win, quant)?)
         }
         Kernel::Binary(BinaryOp::SquaredDifference) => {
             one(math::squared_difference(&inputs[0], &inputs[1], quant)?)

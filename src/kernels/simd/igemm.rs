@@ -6,6 +6,12 @@
 //! packed in groups of four int8 rows for `vpdpbusd`, which multiplies unsigned bytes by
 //! signed ones: the activations are shifted into 0..=255 (`v + shift`) and
 //! `shift · Σ_k w` is taken off each sum again, exactly, in wrapping i32.
+//! [`igemm_u8_requant`] requantizes the sums of each register block before storing
+//! them (with the register-block forms of `rounding.rs`).
+
+use std::mem::MaybeUninit;
+
+use crate::kernels::rounding::RowRequantizer;
 
 /// Weights `[k, n]` packed for [`igemm`]: `data[(p * n + j) * 2 + t]` is the weight
 /// of reduction step `2p + t` and output `j` (0 past `k`).
@@ -15,8 +21,10 @@ pub struct PackedWeights {
     pub n: usize,
     data: Vec<i16>,
     /// `quads[(q * n + j) * 4 + t]`: weight of step `4q + t`, output `j` (VNNI only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     quads: Vec<i8>,
     /// `Σ_k w[k][j]` (VNNI only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     colsum: Vec<i32>,
 }
 
@@ -117,6 +125,59 @@ pub fn igemm_u8(
     igemm(m, &a, lda, w, shifts, out);
 }
 
+/// Whether [`igemm_u8_requant`] has a kernel for this CPU, `w` and `rq`.
+pub fn requant_fused(w: &PackedWeights, rq: &RowRequantizer) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !w.quads.is_empty() && super::vnni() {
+        return rq.block_form().is_some();
+    }
+    let _ = (w, rq);
+    false
+}
+
+/// [`igemm_u8`] then `rq.rows(sums, bias, out)` in one pass: each register block of
+/// sums starts at its bias and is requantized while in registers and stored as int8,
+/// where the product has a kernel for the CPU and `rq` a register-block form
+/// (AVX512-VNNI; gemmlowp's or XNNPACK's requantization; [`requant_fused`]). It
+/// writes every output of the `m` rows, so `out` may be uninitialized. Returns
+/// `false`, having written nothing, where it has no kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn igemm_u8_requant(
+    m: usize,
+    u: &[u8],
+    ldu: usize,
+    w: &PackedWeights,
+    shifts: &[i32],
+    bias: &[i32],
+    rq: &RowRequantizer,
+    out: &mut [MaybeUninit<i8>],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if requant_fused(w, rq) {
+        let Some(form) = rq.block_form() else {
+            return false;
+        };
+        let n = w.n;
+        if m == 0 || n == 0 {
+            return true;
+        }
+        assert!(
+            ldu >= w.ldu() && u.len() >= (m - 1) * ldu + w.ldu(),
+            "igemm: u is too short"
+        );
+        assert!(
+            out.len() >= m * n && shifts.len() >= m && bias.len() == n && rq.channels() == n,
+            "igemm: out, shifts, bias or the requantizer do not match"
+        );
+        // SAFETY: AVX512-VNNI is present (the weights were packed for it); the bounds
+        // were checked above.
+        unsafe { x86::igemm_vnni_u8_requant(m, u, ldu, w, shifts, bias, rq, form, out) };
+        return true;
+    }
+    let _ = (m, u, ldu, w, shifts, bias, rq, out);
+    false
+}
+
 /// `out[i * n + j] = Σ_kk a[i * lda + kk] · w[kk][j]` in wrapping i32, for `i < m`.
 /// `lda` is at least [`PackedWeights::lda`], and `a[i * lda + k]` is 0 when `k` is odd.
 /// Every value of row `i` of `a` plus `shifts[i]` lies in `0..=255`.
@@ -172,6 +233,7 @@ fn portable(m: usize, a: &[i16], lda: usize, w: &PackedWeights, out: &mut [i32],
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::PackedWeights;
+    use crate::kernels::rounding::{block, RowRequantizer};
     use std::arch::x86_64::*;
 
     /// Rows `[0, MR)` × outputs `[0, 8 NV)` of the pointers' origin.
@@ -445,6 +507,161 @@ mod x86 {
         }
     }
 
+    /// Rows `[0, MR)` × columns `[0, 16 NV)` of [`igemm_vnni_u8_requant`]: each sum
+    /// starts at `bias - shift · Σ_k w` of its row and column, and is requantized in
+    /// registers and stored as int8; the last vector's columns are those of `last`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn block_requant<const MR: usize, const NV: usize, const FP32: bool>(
+        quads: usize,
+        u: *const u8,
+        ldu: usize,
+        w: *const i8,
+        n: usize,
+        shifts: *const i32,
+        cols: &Cols<NV>,
+        k: &block::Consts,
+        out: *mut i8,
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let neg = _mm512_set1_epi32(0i32.wrapping_sub(*shifts.add(r)));
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = _mm512_add_epi32(cols.bias[v], _mm512_mullo_epi32(neg, cols.colsum[v]));
+            }
+        }
+        for q in 0..quads {
+            let wq = w.add(q * n * 4);
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_epi32(cols.mask[v], wq.add(64 * v).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let quad = (u.add(r * ldu + 4 * q) as *const i32).read_unaligned();
+                let uv = _mm512_set1_epi32(quad);
+                for (x, &wq) in row.iter_mut().zip(&wv) {
+                    *x = _mm512_dpbusd_epi32(*x, uv, wq);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                let y = block::requantize512::<FP32>(k, &cols.lanes[v], x);
+                block::store16(out.add(r * n + 16 * v), cols.mask[v], y);
+            }
+        }
+    }
+
+    /// What a block of columns needs of them: which lanes are columns, their bias,
+    /// `Σ_k w` and requantization parameters.
+    struct Cols<const NV: usize> {
+        mask: [__mmask16; NV],
+        bias: [__m512i; NV],
+        colsum: [__m512i; NV],
+        lanes: [block::Lanes; NV],
+    }
+
+    /// Every row of the columns `[j, j + 16 NV)` (the last vector's lanes past `n`
+    /// left out).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn columns_requant<const NV: usize, const FP32: bool>(
+        m: usize,
+        j: usize,
+        u: &[u8],
+        ldu: usize,
+        w: &PackedWeights,
+        shifts: &[i32],
+        bias: &[i32],
+        rq: &RowRequantizer,
+        out: &mut [std::mem::MaybeUninit<i8>],
+    ) {
+        let n = w.n;
+        let quads = w.ldu() / 4;
+        let mut mask = [0xffff as __mmask16; NV];
+        let left = n - j - 16 * (NV - 1);
+        mask[NV - 1] = ((1u32 << left.min(16)) - 1) as __mmask16;
+        let mut cols = Cols {
+            mask,
+            bias: [_mm512_setzero_si512(); NV],
+            colsum: [_mm512_setzero_si512(); NV],
+            lanes: [rq.lanes512::<FP32>(j, mask[0]); NV],
+        };
+        for (v, &mk) in mask.iter().enumerate() {
+            let c = j + 16 * v;
+            cols.bias[v] = _mm512_maskz_loadu_epi32(mk, bias.as_ptr().add(c));
+            cols.colsum[v] = _mm512_maskz_loadu_epi32(mk, w.colsum.as_ptr().add(c));
+            cols.lanes[v] = rq.lanes512::<FP32>(c, mk);
+        }
+        let k = rq.consts512();
+        let (up, wp, sp) = (u.as_ptr(), w.quads.as_ptr().add(j * 4), shifts.as_ptr());
+        let op = out.as_mut_ptr().cast::<i8>().add(j);
+        let mut r = 0;
+        while r + 4 <= m {
+            let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
+            block_requant::<4, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
+            r += 4;
+        }
+        let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
+        match m - r {
+            3 => block_requant::<3, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
+            2 => block_requant::<2, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
+            1 => block_requant::<1, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
+            _ => {}
+        }
+    }
+
+    /// # Safety
+    /// AVX512-VNNI and VL must be present, `w` packed for them, `rq` of `form` with
+    /// `n` channels; `u`, `shifts`, `bias` and `out` must hold what
+    /// [`super::igemm_u8_requant`] checks.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn igemm_vnni_u8_requant(
+        m: usize,
+        u: &[u8],
+        ldu: usize,
+        w: &PackedWeights,
+        shifts: &[i32],
+        bias: &[i32],
+        rq: &RowRequantizer,
+        form: block::Form,
+        out: &mut [std::mem::MaybeUninit<i8>],
+    ) {
+        match form {
+            block::Form::Gemmlowp => requant_all::<false>(m, u, ldu, w, shifts, bias, rq, out),
+            block::Form::Fp32 => requant_all::<true>(m, u, ldu, w, shifts, bias, rq, out),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn requant_all<const FP32: bool>(
+        m: usize,
+        u: &[u8],
+        ldu: usize,
+        w: &PackedWeights,
+        shifts: &[i32],
+        bias: &[i32],
+        rq: &RowRequantizer,
+        out: &mut [std::mem::MaybeUninit<i8>],
+    ) {
+        let n = w.n;
+        let mut j = 0;
+        while j + 32 <= n {
+            columns_requant::<2, FP32>(m, j, u, ldu, w, shifts, bias, rq, out);
+            j += 32;
+        }
+        // The last 1–31 columns: a 32-column block with a masked second vector, or
+        // one (masked) vector.
+        if j + 16 < n {
+            columns_requant::<2, FP32>(m, j, u, ldu, w, shifts, bias, rq, out);
+        } else if j < n {
+            columns_requant::<1, FP32>(m, j, u, ldu, w, shifts, bias, rq, out);
+        }
+    }
+
     /// # Safety
     /// AVX2 must be present; `a` and `out` must hold what [`super::igemm`] checks.
     #[target_feature(enable = "avx2")]
@@ -469,6 +686,65 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_requantization_equals_the_product_then_rows() {
+        use crate::kernels::rounding::{quantize_multiplier, ChannelMultipliers, Rounding};
+        let mut seed = 29u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 16) as i32
+        };
+        let mut fused_ran = false;
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (9, 33, 16),
+            (4, 64, 24),
+            (13, 27, 32),
+            (7, 70, 47),
+            (32, 16, 96),
+            (6, 40, 144),
+        ] {
+            let w: Vec<i8> = (0..k * n).map(|_| (next() % 256 - 128) as i8).collect();
+            let packed = PackedWeights::pack(&w, k, n, false);
+            let ldu = packed.ldu();
+            let u: Vec<u8> = (0..m * ldu).map(|_| next() as u8).collect();
+            let shifts: Vec<i32> = (0..m).map(|i| 128 + (i as i32 % 5) - 2).collect();
+            let bias: Vec<i32> = (0..n).map(|_| next() % 20_000 - 10_000).collect();
+            let scales: Vec<f64> = (0..n).map(|_| (1 + next() % 1000) as f64 * 1e-6).collect();
+            for mult in [
+                ChannelMultipliers::Quantized(
+                    scales.iter().map(|&s| quantize_multiplier(s)).collect(),
+                    Rounding::Double,
+                ),
+                ChannelMultipliers::Fp32(scales.iter().map(|&s| s as f32).collect()),
+                ChannelMultipliers::Double(scales.clone()),
+            ] {
+                let rq = RowRequantizer::new(mult, -3, -128, 100);
+                let mut acc = vec![0i32; m * n];
+                igemm_u8(m, &u, ldu, &packed, &shifts, &mut acc);
+                let mut want = vec![0i8; m * n];
+                rq.rows(&acc, &bias, &mut want);
+                let mut got = vec![MaybeUninit::new(9i8); m * n];
+                let fused = igemm_u8_requant(m, &u, ldu, &packed, &shifts, &bias, &rq, &mut got);
+                assert_eq!(fused, requant_fused(&packed, &rq));
+                // SAFETY: every element was initialized (to 9, or by the kernel).
+                let got: Vec<i8> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+                if fused {
+                    fused_ran = true;
+                    assert_eq!(got, want, "m={m} k={k} n={n}");
+                } else {
+                    assert!(got.iter().all(|&v| v == 9), "wrote without a fused kernel");
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        let vnni = super::super::vnni();
+        #[cfg(not(target_arch = "x86_64"))]
+        let vnni = false;
+        assert_eq!(fused_ran, vnni, "the fused kernel runs with VNNI");
+    }
 
     #[test]
     fn vector_and_scalar_paths_equal_the_plain_sum() {

@@ -14,6 +14,7 @@
 pub(crate) mod dwconv;
 pub mod igemm;
 pub mod sgemm;
+pub(crate) mod sgemm_cache;
 
 /// Whether AVX2 may be used (detected once; `QPIPE_NO_SIMD` set to anything turns
 /// the vector paths off, to compare them with the portable ones).
