@@ -67,11 +67,40 @@ pub fn pool(
     #[cfg(target_arch = "x86_64")]
     let simd = crate::kernels::simd::avx2();
     let mut taps: Vec<usize> = Vec::with_capacity(ksize[0].saturating_mul(ksize[1]).min(1024));
+    // The taps of a window wholly inside the input, from its first pixel: the taps of
+    // such a pixel are these plus its first pixel's offset, and are not listed again.
+    let whole: Vec<usize> = if ksize[0] <= h && ksize[1] <= wd {
+        (0..ksize[0])
+            .flat_map(|dy| (0..ksize[1]).map(move |dx| (dy * wd + dx) * c))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (p, out_px) in res.chunks_exact_mut(c).enumerate() {
         let (bi, oy, ox) = (p / (oh * ow), p / ow % oh, p % ow);
         let y0 = (oy * win.strides[0]) as isize - pt as isize;
-        let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
         let x0 = (ox * win.strides[1]) as isize - pl as isize;
+        #[cfg(target_arch = "x86_64")]
+        if simd
+            && !whole.is_empty()
+            && whole.len() <= VECTOR_COUNT
+            && y0 >= 0
+            && x0 >= 0
+            && y0 as usize + ksize[0] <= h
+            && x0 as usize + ksize[1] <= wd
+        {
+            let first = ((bi * h + y0 as usize) * wd + x0 as usize) * c;
+            // SAFETY: AVX2 is present; the window lies inside image `bi`, so every tap
+            // plus `c` is within `xs[first..]`; `out_px` holds `c` values.
+            unsafe {
+                match kind {
+                    PoolKind::Max => x86::max_pixel(&xs[first..], &whole, out_px),
+                    PoolKind::Avg => x86::avg_pixel(&xs[first..], &whole, out_px),
+                }
+            }
+            continue;
+        }
+        let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
         let xr = x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
         taps.clear();
         for iy in ys {
