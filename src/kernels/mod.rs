@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod array;
+mod conv_direct;
 mod conv_patches;
 pub mod dataset;
 pub mod elementwise;
