@@ -532,3 +532,26 @@ pub fn evaluate(graph: &Graph, spec: &DatasetSpec, opts: &EvalOptions) -> Result
         written,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::all_finite;
+
+    #[test]
+    fn all_finite_finds_every_non_finite_value() {
+        let finite = [0.0, -0.0, 1e-45, -1e-40, f32::MAX, f32::MIN, 1.5];
+        for len in [0usize, 1, 7, 255, 256, 257, 700] {
+            let base: Vec<f32> = (0..len).map(|i| finite[i % finite.len()]).collect();
+            assert!(all_finite(&base), "len {len}");
+            for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, len / 2, 255, 256, len.saturating_sub(1)] {
+                    if at < len {
+                        let mut v = base.clone();
+                        v[at] = bad;
+                        assert!(!all_finite(&v), "{bad} at {at} of {len}");
+                    }
+                }
+            }
+        }
+    }
+}
