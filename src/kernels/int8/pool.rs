@@ -174,6 +174,8 @@ mod x86 {
         let count = taps.len() as i32;
         let half = _mm256_set1_epi32(count / 2);
         let countf = _mm256_set1_ps(count as f32);
+        let pow2 = (count as u32).is_power_of_two();
+        let recip = _mm256_set1_ps(1.0 / count as f32);
         let zero = _mm256_setzero_si256();
         let mut ch = 0;
         while ch + 8 <= c {
@@ -185,7 +187,15 @@ mod x86 {
             // sum > 0 ? sum + half : sum - half
             let pos = _mm256_cmpgt_epi32(s, zero);
             let a = _mm256_blendv_epi8(_mm256_sub_epi32(s, half), _mm256_add_epi32(s, half), pos);
-            let q = _mm256_cvttps_epi32(_mm256_div_ps(_mm256_cvtepi32_ps(a), countf));
+            let af = _mm256_cvtepi32_ps(a);
+            // For a power-of-two count the product with its exact reciprocal is the
+            // quotient (both are exact here), without the division's latency.
+            let quot = if pow2 {
+                _mm256_mul_ps(af, recip)
+            } else {
+                _mm256_div_ps(af, countf)
+            };
+            let q = _mm256_cvttps_epi32(quot);
             // Saturating packs clamp to int8.
             let w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
             let b = _mm_packs_epi16(w, w);
@@ -238,7 +248,7 @@ mod tests {
             seed
         };
         for c in [1usize, 7, 8, 15, 16, 17, 33] {
-            for ntaps in [1usize, 2, 3, 4, 9, 25] {
+            for ntaps in [1usize, 2, 3, 4, 8, 9, 16, 25, 64] {
                 let pixels = ntaps + 3;
                 let mut xs: Vec<i8> = (0..pixels * c).map(|_| next() as i8).collect();
                 // Extremes, so that sums reach their bounds.
