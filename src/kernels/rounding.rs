@@ -1552,6 +1552,10 @@ pub struct RowRequantizer {
     half: Vec<i32>,
     /// Whether some `left` is not 0.
     any_left: bool,
+    /// Whether the register-block form may fold gemmlowp's two roundings and the
+    /// zero point into one 64-bit shift (`rounding/block.rs`): no left shifts, every
+    /// right shift at least 1, and `(|zero_point| + 1) · 2^(31 + right)` below 2^62.
+    fold: bool,
 }
 
 /// Bounds within which the vector paths may clamp early (zero points, activation
@@ -1586,8 +1590,15 @@ impl RowRequantizer {
             }
         }
         let any_left = left.iter().any(|&l| l != 0);
+        let fold = vector
+            && !any_left
+            && !right.is_empty()
+            && right.iter().all(|&r| {
+                (1..=30).contains(&r) && ((zero_point.unsigned_abs() as i64 + 1) << r) < 1 << 31
+            });
         RowRequantizer {
             any_left,
+            fold,
             mult,
             zero_point,
             lo,
