@@ -372,35 +372,52 @@ unsafe fn dot_row_with<const FP32: bool>(
                 }
             }
         }
-        // (Loops rather than closures, which would not inherit the target features.)
-        let mut lanes = [f.rq.lanes512::<FP32>(ch, 0xffff); 4];
-        let mut bias = [zero; 4];
-        for j in 0..4 {
-            lanes[j] = f.rq.lanes512::<FP32>(ch + 16 * j, 0xffff);
-            bias[j] = _mm512_loadu_si512(f.bias.as_ptr().add(ch + 16 * j).cast());
-        }
+        // Named vectors rather than arrays indexed in loops, which the compiler keeps
+        // in memory (and four 16-byte stores read back as one 64-byte load stall).
+        let (l0, l1, l2, l3) = (
+            f.rq.lanes512::<FP32>(ch, 0xffff),
+            f.rq.lanes512::<FP32>(ch + 16, 0xffff),
+            f.rq.lanes512::<FP32>(ch + 32, 0xffff),
+            f.rq.lanes512::<FP32>(ch + 48, 0xffff),
+        );
+        let bp = f.bias.as_ptr().add(ch);
+        let (b0, b1, b2, b3) = (
+            _mm512_loadu_si512(bp.cast()),
+            _mm512_loadu_si512(bp.add(16).cast()),
+            _mm512_loadu_si512(bp.add(32).cast()),
+            _mm512_loadu_si512(bp.add(48).cast()),
+        );
         let wb = f.w.as_ptr().add(b * kw * 256);
         let per = if packed { 64 / left } else { 1 };
         let mut ox = 0;
         while ox < pixels {
-            let mut acc = bias;
+            let (mut a0, mut a1, mut a2, mut a3) = (b0, b1, b2, b3);
             for kx in 0..kw {
                 let col = ox * s + kx * d;
                 let wp = wb.add(kx * 256);
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let u = _mm512_loadu_si512(at(col, j).cast());
-                    let w = _mm512_loadu_si512(wp.add(64 * j).cast());
-                    *a = _mm512_dpbusd_epi32(*a, u, w);
+                macro_rules! dot {
+                    ($a:ident, $j:expr) => {
+                        $a = _mm512_dpbusd_epi32(
+                            $a,
+                            _mm512_loadu_si512(at(col, $j).cast()),
+                            _mm512_loadu_si512(wp.add(64 * $j).cast()),
+                        )
+                    };
                 }
+                dot!(a0, 0);
+                dot!(a1, 1);
+                dot!(a2, 2);
+                dot!(a3, 3);
             }
-            let mut y = [_mm_setzero_si128(); 4];
-            for j in 0..4 {
-                y[j] = _mm512_cvtsepi32_epi8(block::requantize512::<FP32>(&k, &lanes[j], acc[j]));
+            macro_rules! narrow {
+                ($l:ident, $a:ident) => {
+                    _mm512_cvtsepi32_epi8(block::requantize512::<FP32>(&k, &$l, $a))
+                };
             }
-            let z = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set_m128i(y[1], y[0])),
-                _mm256_set_m128i(y[3], y[2]),
-            );
+            let z = _mm512_castsi128_si512(narrow!(l0, a0));
+            let z = _mm512_inserti32x4::<1>(z, narrow!(l1, a1));
+            let z = _mm512_inserti32x4::<2>(z, narrow!(l2, a2));
+            let z = _mm512_inserti32x4::<3>(z, narrow!(l3, a3));
             let z = _mm512_permutexvar_epi32(order, z);
             let dst = op.add(ox * c + ch);
             let n = per.min(pixels - ox);
