@@ -1552,6 +1552,10 @@ pub struct RowRequantizer {
     half: Vec<i32>,
     /// Whether some `left` is not 0.
     any_left: bool,
+    /// Whether the register-block form may fold gemmlowp's two roundings and the
+    /// zero point into one 64-bit shift (`rounding/block.rs`): no left shifts, every
+    /// right shift at least 1, and `(|zero_point| + 1) · 2^(31 + right)` below 2^62.
+    fold: bool,
 }
 
 /// Bounds within which the vector paths may clamp early (zero points, activation
@@ -1586,8 +1590,15 @@ impl RowRequantizer {
             }
         }
         let any_left = left.iter().any(|&l| l != 0);
+        let fold = vector
+            && !any_left
+            && !right.is_empty()
+            && right.iter().all(|&r| {
+                (1..=30).contains(&r) && ((zero_point.unsigned_abs() as i64 + 1) << r) < 1 << 31
+            });
         RowRequantizer {
             any_left,
+            fold,
             mult,
             zero_point,
             lo,
@@ -2108,9 +2119,15 @@ pub fn hybrid_dequantize_row(
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if n >= 8 && crate::kernels::simd::avx2() {
+    if n >= 16 && how != HybridScaling::XnnFma && crate::kernels::simd::avx512() {
+        // SAFETY: AVX-512F is present; the lengths are equal.
+        done = unsafe { hybrid_x86::dequantize512(acc, in_scale, ws, bias, how, bounds, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if n - done >= 8 && crate::kernels::simd::avx2() {
+        let (acc, ws, bias, out) = (&acc[done..], &ws[done..], &bias[done..], &mut out[done..]);
         // SAFETY: AVX2 (and FMA where used) is present; the lengths are equal.
-        done = unsafe {
+        done += unsafe {
             match how {
                 HybridScaling::XnnFma if hybrid_x86::fma() => {
                     hybrid_x86::dequantize_fma(acc, in_scale, ws, bias, bounds, out)
@@ -2288,6 +2305,51 @@ mod hybrid_x86 {
             }
             HybridScaling::XnnFma => 0,
         }
+    }
+
+    /// [`dequantize`] sixteen channels at a time, with the same operations per lane
+    /// (the clamp's NaN selection by mask); returns how many channels it wrote (a
+    /// multiple of 16).
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `acc`, `ws` and `bias` as long as `out`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dequantize512(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        how: HybridScaling,
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) -> usize {
+        let n = out.len();
+        let s = _mm512_set1_ps(in_scale);
+        let (lo, hi) = bounds.unwrap_or((0.0, 0.0));
+        let (lov, hiv) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        let product = how == HybridScaling::AccTimesProduct;
+        let mut c = 0;
+        while c + 16 <= n {
+            let a = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc.as_ptr().add(c).cast()));
+            let w = _mm512_loadu_ps(ws.as_ptr().add(c));
+            let b = _mm512_loadu_ps(bias.as_ptr().add(c));
+            let mut v = if product {
+                _mm512_add_ps(_mm512_mul_ps(a, _mm512_mul_ps(s, w)), b)
+            } else {
+                _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(a, w), s), b)
+            };
+            if bounds.is_some() {
+                // As `clamp`: `vmaxps lo, v` with a NaN `v` replaced by `lo`, then
+                // `vminps hi, ·` likewise.
+                let t = _mm512_max_ps(lov, v);
+                let t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), t, lov);
+                let u = _mm512_min_ps(hiv, t);
+                v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t), u, hiv);
+            }
+            _mm512_storeu_ps(out.as_mut_ptr().add(c), v);
+            c += 16;
+        }
+        c
     }
 
     /// `XnnFma`: `fma(acc * in_scale, w, bias)`; returns how many channels it wrote.

@@ -516,11 +516,38 @@ fn windowed(
         && requant.block_form().is_some();
     #[cfg(target_arch = "x86_64")]
     if fused && row > 0 {
+        use super::depthwise512::{dot_available, DotFilter, DOT_MAX_KH};
         let len = n * oh * ow * o;
         let mut res = Vec::with_capacity(len);
+        let dot = if kh <= DOT_MAX_KH && dot_available() {
+            DotFilter::new(wv, (kh, kw), in_off, bias, &requant)
+        } else {
+            None
+        };
         let fused_row = |r: usize, out_row: &mut [std::mem::MaybeUninit<i8>]| {
-            use super::depthwise512::{row, RowTaps, MAX_TAPS};
+            use super::depthwise512::{dot_row, row, DotRow, RowTaps, MAX_TAPS};
             let (bi, oy) = (r / oh, r % oh);
+            if let Some(f) = &dot {
+                let mut rows = [None; DOT_MAX_KH];
+                for (ky, slot) in rows.iter_mut().enumerate().take(kh) {
+                    let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
+                    if (0..h as isize).contains(&iy) {
+                        *slot = Some((bi * h + iy as usize) * wd * c);
+                    }
+                }
+                let taps = DotRow {
+                    rows: &rows[..kh],
+                    width: wd,
+                    stride: win.strides[1],
+                    dilation: win.dilations[1],
+                    pad_left: pl,
+                };
+                // SAFETY: `dot_available` holds; the rows are of in-bounds pixels of
+                // the input (`windowed` checked its length against its shape), `f`
+                // was made for its `c` channels, and `out_row` holds `ow` pixels.
+                super::gemm::with_scratch(|p, _| unsafe { dot_row(out_row, f, &taps, xs, p) });
+                return;
+            }
             let mut rows = [(0usize, 0usize); MAX_TAPS];
             let mut nr = 0;
             for ky in 0..kh {

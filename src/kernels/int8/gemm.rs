@@ -126,6 +126,14 @@ fn tiles<'a, T: Send>(
         let mut shifts = [0i32; TILE];
         let first = t * TILE;
         let (mut b, mut in_image) = (first / per_image, first % per_image);
+        if pointwise && ldu == g.c && in_image + rows <= per_image {
+            // The tile's input pixels lie one after the other, as its patches do.
+            let (xs, off) = image(b);
+            shifts[..rows].fill(128 - off);
+            xor_copy(patches, &xs[in_image * g.c..(in_image + rows) * g.c]);
+            product(t, patches, &shifts[..rows], out_t, acc_buf);
+            return;
+        }
         for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
             if in_image == per_image {
                 (b, in_image) = (b + 1, 0);

@@ -31,13 +31,22 @@ pub struct Consts {
     fhi: __m512,
     /// Whether some channel shifts left before its multiplier (gemmlowp's form).
     left: bool,
+    /// Whether the lanes hold the folded form (`RowRequantizer::fold`).
+    fold: bool,
+    /// 2^31 in 64-bit lanes (the folded form's sign term).
+    sign: __m512i,
+    /// Whether the lower bound is below the zero point (else the folded form may
+    /// leave out its sign term).
+    signed: bool,
     /// Whether the bounds are narrower than int8 (else the saturating store clamps).
     clamp: bool,
 }
 
 /// Sixteen channels' parameters: for [`Form::Gemmlowp`] the left shift, `q`, `q` of
-/// the odd lanes moved to the even ones, the right shift, its mask and mask / 2; for
-/// [`Form::Fp32`] the scales' bits in `p[0]`.
+/// the odd lanes moved to the even ones, the right shift, its mask and mask / 2, or
+/// in the folded form `q`, the odd `q`, then for the even and the odd channels in
+/// 64-bit lanes the rounding constant (zero point included) and the total shift;
+/// for [`Form::Fp32`] the scales' bits in `p[0]`.
 #[derive(Clone, Copy)]
 pub struct Lanes {
     p: [__m512i; 6],
@@ -67,6 +76,24 @@ impl RowRequantizer {
         }
     }
 
+    /// This requantizer with its channels reordered: channel `p` of the result is
+    /// channel `from[p]` of this one (for kernels whose register lanes hold the
+    /// channels in another order).
+    pub fn permuted(&self, from: &[usize]) -> RowRequantizer {
+        let mult = match &self.mult {
+            ChannelMultipliers::Quantized(m, r) => {
+                ChannelMultipliers::Quantized(from.iter().map(|&c| m[c]).collect(), *r)
+            }
+            ChannelMultipliers::Double(m) => {
+                ChannelMultipliers::Double(from.iter().map(|&c| m[c]).collect())
+            }
+            ChannelMultipliers::Fp32(m) => {
+                ChannelMultipliers::Fp32(from.iter().map(|&c| m[c]).collect())
+            }
+        };
+        RowRequantizer::new(mult, self.zero_point, self.lo, self.hi)
+    }
+
     /// # Safety
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
@@ -80,6 +107,9 @@ impl RowRequantizer {
             flo: _mm512_set1_ps(self.lo.wrapping_sub(self.zero_point) as f32),
             fhi: _mm512_set1_ps(self.hi.wrapping_sub(self.zero_point) as f32),
             left: self.any_left,
+            fold: self.fold,
+            sign: _mm512_set1_epi64(1 << 31),
+            signed: self.lo < self.zero_point,
             clamp: self.lo > -128 || self.hi < 127,
         }
     }
@@ -104,6 +134,34 @@ impl RowRequantizer {
             };
         }
         let q = ld(&self.q);
+        if self.fold {
+            // The channel's `r = right` in 64-bit lanes: `2^30 + 2^(30 + r) + zp · 2^(31 + r)`
+            // and `31 + r`.
+            let r = ld(&self.right);
+            let (re, ro) = (
+                _mm512_and_si512(r, _mm512_set1_epi64(0xffff_ffff)),
+                _mm512_srli_epi64::<32>(r),
+            );
+            let half = _mm512_set1_epi64(1 << 30);
+            let zp = _mm512_set1_epi64(self.zero_point as i64);
+            let shift = |r: __m512i| _mm512_add_epi64(r, _mm512_set1_epi64(31));
+            let round = |r: __m512i| {
+                _mm512_add_epi64(
+                    _mm512_add_epi64(half, _mm512_sllv_epi64(half, r)),
+                    _mm512_sllv_epi64(zp, shift(r)),
+                )
+            };
+            return Lanes {
+                p: [
+                    q,
+                    _mm512_srli_epi64::<32>(q),
+                    round(re),
+                    round(ro),
+                    shift(re),
+                    shift(ro),
+                ],
+            };
+        }
         Lanes {
             p: [
                 ld(&self.left),
@@ -133,6 +191,40 @@ pub unsafe fn requantize512<const FP32: bool>(k: &Consts, l: &Lanes, x: __m512i)
         let v = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
         // Within `[lo, hi]` already, by the clamp before the rounding.
         return _mm512_add_epi32(v, k.zp);
+    }
+    if k.fold {
+        // gemmlowp's `RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x, q), r)`
+        // with `r ≥ 1`, plus the zero point, is `⌊(x·q + 2^30 + (2^(r-1) - s) · 2^31 +
+        // zp · 2^(31+r)) / 2^(31+r)⌋` with `s = [x < 0]` (the inner rounding's floor
+        // folds into the outer one; with `x·q` in `[-2^30, 0)` both give 0), exact in
+        // i64 by the bound `RowRequantizer::fold` checked. Its low 32 bits are the
+        // wrapping sum of the two-step form.
+        let [q, q_odd, round_e, round_o, shift_e, shift_o] = l.p;
+        let zero = _mm512_setzero_si512();
+        let pe = _mm512_mul_epi32(x, q);
+        let po = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), q_odd);
+        let (te, to) = (_mm512_add_epi64(pe, round_e), _mm512_add_epi64(po, round_o));
+        // Where the lower bound is at least the zero point, `s` does not matter:
+        // with `x < 0` both forms give at most the zero point, clamped to `lo`.
+        let (te, to) = if k.signed {
+            (
+                _mm512_mask_sub_epi64(te, _mm512_cmplt_epi64_mask(pe, zero), te, k.sign),
+                _mm512_mask_sub_epi64(to, _mm512_cmplt_epi64_mask(po, zero), to, k.sign),
+            )
+        } else {
+            (te, to)
+        };
+        let (ye, yo) = (
+            _mm512_srav_epi64(te, shift_e),
+            _mm512_srav_epi64(to, shift_o),
+        );
+        // The odd channels' low halves into the high halves of their lanes.
+        let v = _mm512_mask_shuffle_epi32::<0b1010_0000>(ye, 0xaaaa, yo);
+        return if k.clamp {
+            _mm512_min_epi32(_mm512_max_epi32(v, k.lo), k.hi)
+        } else {
+            v
+        };
     }
     let [left, q, q_odd, right, mask, half] = l.p;
     let a = if k.left {
@@ -236,6 +328,8 @@ mod tests {
             (-128, -128, 127),
             (5, -3, 100),
             (127, 127, 127),
+            (-7, -7, 127),
+            (3, 10, 120),
         ] {
             let mut m = vec![0.5, 0.25, 1.0, 0.0, 2.0, 1.5, 0.75, 1e-9, 3.0e-10, 1234.5];
             while m.len() < channels {
@@ -267,6 +361,35 @@ mod tests {
                 hi,
                 &accs,
             );
+            // Multipliers below 1/2 only: every right shift at least 1, the folded
+            // form (with 1e-9 and 3e-10 shifting by 29 and 31: 31 keeps two steps).
+            let half: Vec<(i32, i32)> = m
+                .iter()
+                .map(|&v| quantize_multiplier(v.min(0.49)))
+                .collect();
+            let folding: Vec<(i32, i32)> = m
+                .iter()
+                .filter(|&&v| v > 1e-8)
+                .map(|&v| quantize_multiplier(v.min(0.49)))
+                .collect();
+            let r = RowRequantizer::new(
+                ChannelMultipliers::Quantized(folding.clone(), Rounding::Double),
+                zp,
+                lo,
+                hi,
+            );
+            assert!(r.fold, "multipliers in (1e-8, 1/2) fold");
+            for q in [half, folding] {
+                let n = q.len();
+                check(
+                    ChannelMultipliers::Quantized(q, Rounding::Double),
+                    n,
+                    zp,
+                    lo,
+                    hi,
+                    &accs[..accs.len() / n * n],
+                );
+            }
         }
     }
 

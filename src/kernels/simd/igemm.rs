@@ -324,6 +324,36 @@ mod x86 {
         }
     }
 
+    /// Adds the products of rows `[0, MR)` × columns `[0, 16 NV)` to `acc` in 512-bit
+    /// vectors, four reduction steps per instruction (the weights of the lanes
+    /// outside `mask` read as 0).
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn dot_vnni512<const MR: usize, const NV: usize>(
+        quads: usize,
+        u: *const u8,
+        ldu: usize,
+        w: *const i8,
+        n: usize,
+        mask: &[__mmask16; NV],
+        acc: &mut [[__m512i; NV]; MR],
+    ) {
+        for q in 0..quads {
+            let wq = w.add(q * n * 4);
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_epi32(mask[v], wq.add(64 * v).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let quad = (u.add(r * ldu + 4 * q) as *const i32).read_unaligned();
+                let uv = _mm512_set1_epi32(quad);
+                for (x, &wq) in row.iter_mut().zip(&wv) {
+                    *x = _mm512_dpbusd_epi32(*x, uv, wq);
+                }
+            }
+        }
+    }
+
     /// Rows `[0, MR)` × outputs `[0, 16 NV)` in 512-bit vectors, each sum started at
     /// `-shift · Σ_k w` of its row and column (`colsum` points at the first column).
     #[allow(clippy::too_many_arguments)]
@@ -345,20 +375,7 @@ mod x86 {
                 *x = _mm512_mullo_epi32(neg, _mm512_loadu_si512(colsum.add(16 * v).cast()));
             }
         }
-        for q in 0..quads {
-            let wq = w.add(q * n * 4);
-            let mut wv = [_mm512_setzero_si512(); NV];
-            for (v, x) in wv.iter_mut().enumerate() {
-                *x = _mm512_loadu_si512(wq.add(64 * v).cast());
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let quad = (u.add(r * ldu + 4 * q) as *const i32).read_unaligned();
-                let uv = _mm512_set1_epi32(quad);
-                for (x, &wq) in row.iter_mut().zip(&wv) {
-                    *x = _mm512_dpbusd_epi32(*x, uv, wq);
-                }
-            }
-        }
+        dot_vnni512(quads, u, ldu, w, n, &[0xffff; NV], &mut acc);
         for (r, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
                 _mm512_storeu_si512(out.add(r * n + 16 * v).cast(), x);
@@ -524,27 +541,16 @@ mod x86 {
         k: &block::Consts,
         out: *mut i8,
     ) {
-        let mut acc = [[_mm512_setzero_si512(); NV]; MR];
-        for (r, row) in acc.iter_mut().enumerate() {
-            let neg = _mm512_set1_epi32(0i32.wrapping_sub(*shifts.add(r)));
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = _mm512_add_epi32(cols.bias[v], _mm512_mullo_epi32(neg, cols.colsum[v]));
-            }
-        }
-        for q in 0..quads {
-            let wq = w.add(q * n * 4);
-            let mut wv = [_mm512_setzero_si512(); NV];
-            for (v, x) in wv.iter_mut().enumerate() {
-                *x = _mm512_maskz_loadu_epi32(cols.mask[v], wq.add(64 * v).cast());
-            }
+        let mut acc = [cols.init; MR];
+        if !cols.uniform {
             for (r, row) in acc.iter_mut().enumerate() {
-                let quad = (u.add(r * ldu + 4 * q) as *const i32).read_unaligned();
-                let uv = _mm512_set1_epi32(quad);
-                for (x, &wq) in row.iter_mut().zip(&wv) {
-                    *x = _mm512_dpbusd_epi32(*x, uv, wq);
+                let neg = _mm512_set1_epi32(0i32.wrapping_sub(*shifts.add(r)));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_add_epi32(cols.bias[v], _mm512_mullo_epi32(neg, cols.colsum[v]));
                 }
             }
         }
+        dot_vnni512(quads, u, ldu, w, n, &cols.mask, &mut acc);
         for (r, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
                 let y = block::requantize512::<FP32>(k, &cols.lanes[v], x);
@@ -554,12 +560,15 @@ mod x86 {
     }
 
     /// What a block of columns needs of them: which lanes are columns, their bias,
-    /// `Σ_k w` and requantization parameters.
+    /// `Σ_k w` and requantization parameters; when every row has the same shift
+    /// (`uniform`), `bias - shift · Σ_k w`, every row's first sums.
     struct Cols<const NV: usize> {
         mask: [__mmask16; NV],
         bias: [__m512i; NV],
         colsum: [__m512i; NV],
         lanes: [block::Lanes; NV],
+        uniform: bool,
+        init: [__m512i; NV],
     }
 
     /// Every row of the columns `[j, j + 16 NV)` (the last vector's lanes past `n`
@@ -587,18 +596,29 @@ mod x86 {
             bias: [_mm512_setzero_si512(); NV],
             colsum: [_mm512_setzero_si512(); NV],
             lanes: [rq.lanes512::<FP32>(j, mask[0]); NV],
+            uniform: shifts[..m].iter().all(|&s| s == shifts[0]),
+            init: [_mm512_setzero_si512(); NV],
         };
+        let neg = _mm512_set1_epi32(0i32.wrapping_sub(shifts[0]));
         for (v, &mk) in mask.iter().enumerate() {
             let c = j + 16 * v;
             cols.bias[v] = _mm512_maskz_loadu_epi32(mk, bias.as_ptr().add(c));
             cols.colsum[v] = _mm512_maskz_loadu_epi32(mk, w.colsum.as_ptr().add(c));
             cols.lanes[v] = rq.lanes512::<FP32>(c, mk);
+            cols.init[v] = _mm512_add_epi32(cols.bias[v], _mm512_mullo_epi32(neg, cols.colsum[v]));
         }
         let k = rq.consts512();
         let (up, wp, sp) = (u.as_ptr(), w.quads.as_ptr().add(j * 4), shifts.as_ptr());
         let op = out.as_mut_ptr().cast::<i8>().add(j);
         let mut r = 0;
-        while r + 4 <= m {
+        // Eight rows keep enough independent sums in flight to cover `vpdpbusd`'s
+        // latency when the block has one or two vectors of columns.
+        while r + 8 <= m {
+            let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
+            block_requant::<8, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
+            r += 8;
+        }
+        if r + 4 <= m {
             let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
             block_requant::<4, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
             r += 4;
