@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod array;
+mod conv_direct;
 mod conv_patches;
 pub(crate) mod conv_windows;
 pub mod dataset;

@@ -54,7 +54,7 @@ impl Epilogue<'_> {
 
     /// Applies it to whole rows of `o` channels.
     #[inline(always)]
-    fn apply(&self, rows: &mut [f32], o: usize) {
+    pub(super) fn apply(&self, rows: &mut [f32], o: usize) {
         if o == 0 {
             return;
         }
@@ -203,8 +203,6 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
     // taps from zero in filter order (padding taps add 0 · w), as one pixel at a
     // time would.
     const TILE: usize = 32;
-    let packed = super::simd::sgemm_cache::packed(w, k, o)?;
-    let sg_epi = epi.for_sgemm();
     let geom = super::conv_patches::Geom {
         h,
         wd,
@@ -219,6 +217,16 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
         ow,
         call: super::conv_patches::next_call(),
     };
+    if !pointwise && pixels > 0 && super::conv_direct::applies(&geom, o) {
+        let ws = w.slice::<f32>()?;
+        let spare = &mut out.spare_capacity_mut()[..len];
+        super::conv_direct::run(&geom, n, o, xs, ws, epi, spare, work >= PAR_THRESHOLD);
+        // SAFETY: `run` wrote every element.
+        unsafe { out.set_len(len) };
+        return Ok(Value::from_vec(vec![n, oh, ow, o], out));
+    }
+    let packed = super::simd::sgemm_cache::packed(w, k, o)?;
+    let sg_epi = epi.for_sgemm();
     let compute_tile = |t: usize, out_t: &mut [std::mem::MaybeUninit<f32>]| {
         let rows = out_t.len() / o;
         if pointwise {
@@ -817,6 +825,27 @@ impl Pool<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn row_avx2(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
+        let [h, wd, c, oh, ow, pt, pl] = self.dims;
+        if c.is_multiple_of(8) && c > 0 {
+            let (b, y) = (r / oh, r % oh);
+            let g = super::simd::fpool::PoolRow {
+                base: b * h * wd * c,
+                h,
+                wd,
+                c,
+                ow,
+                ksize: self.ksize,
+                sx: self.strides[1],
+                y0: (y * self.strides[0]) as isize - pt as isize,
+                pl,
+                max: matches!(self.kind, PoolKind::Max),
+            };
+            assert!(out_row.len() >= ow * c && self.xs.len() >= (b + 1) * h * wd * c);
+            // SAFETY: AVX2 is present, c is a multiple of 8, the image and the row
+            // are in bounds (above).
+            unsafe { super::simd::fpool::row(&g, self.xs, out_row.as_mut_ptr() as *mut f32) };
+            return;
+        }
         self.row(r, out_row)
     }
 

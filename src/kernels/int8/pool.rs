@@ -67,11 +67,40 @@ pub fn pool(
     #[cfg(target_arch = "x86_64")]
     let simd = crate::kernels::simd::avx2();
     let mut taps: Vec<usize> = Vec::with_capacity(ksize[0].saturating_mul(ksize[1]).min(1024));
+    // The taps of a window wholly inside the input, from its first pixel: the taps of
+    // such a pixel are these plus its first pixel's offset, and are not listed again.
+    let whole: Vec<usize> = if ksize[0] <= h && ksize[1] <= wd {
+        (0..ksize[0])
+            .flat_map(|dy| (0..ksize[1]).map(move |dx| (dy * wd + dx) * c))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (p, out_px) in res.chunks_exact_mut(c).enumerate() {
         let (bi, oy, ox) = (p / (oh * ow), p / ow % oh, p % ow);
         let y0 = (oy * win.strides[0]) as isize - pt as isize;
-        let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
         let x0 = (ox * win.strides[1]) as isize - pl as isize;
+        #[cfg(target_arch = "x86_64")]
+        if simd
+            && !whole.is_empty()
+            && whole.len() <= VECTOR_COUNT
+            && y0 >= 0
+            && x0 >= 0
+            && y0 as usize + ksize[0] <= h
+            && x0 as usize + ksize[1] <= wd
+        {
+            let first = ((bi * h + y0 as usize) * wd + x0 as usize) * c;
+            // SAFETY: AVX2 is present; the window lies inside image `bi`, so every tap
+            // plus `c` is within `xs[first..]`; `out_px` holds `c` values.
+            unsafe {
+                match kind {
+                    PoolKind::Max => x86::max_pixel(&xs[first..], &whole, out_px),
+                    PoolKind::Avg => x86::avg_pixel(&xs[first..], &whole, out_px),
+                }
+            }
+            continue;
+        }
+        let ys = y0.max(0) as usize..((y0 + ksize[0] as isize).min(h as isize)).max(0) as usize;
         let xr = x0.max(0) as usize..((x0 + ksize[1] as isize).min(wd as isize)).max(0) as usize;
         taps.clear();
         for iy in ys {
@@ -145,6 +174,8 @@ mod x86 {
         let count = taps.len() as i32;
         let half = _mm256_set1_epi32(count / 2);
         let countf = _mm256_set1_ps(count as f32);
+        let pow2 = (count as u32).is_power_of_two();
+        let recip = _mm256_set1_ps(1.0 / count as f32);
         let zero = _mm256_setzero_si256();
         let mut ch = 0;
         while ch + 8 <= c {
@@ -156,7 +187,15 @@ mod x86 {
             // sum > 0 ? sum + half : sum - half
             let pos = _mm256_cmpgt_epi32(s, zero);
             let a = _mm256_blendv_epi8(_mm256_sub_epi32(s, half), _mm256_add_epi32(s, half), pos);
-            let q = _mm256_cvttps_epi32(_mm256_div_ps(_mm256_cvtepi32_ps(a), countf));
+            let af = _mm256_cvtepi32_ps(a);
+            // For a power-of-two count the product with its exact reciprocal is the
+            // quotient (both are exact here), without the division's latency.
+            let quot = if pow2 {
+                _mm256_mul_ps(af, recip)
+            } else {
+                _mm256_div_ps(af, countf)
+            };
+            let q = _mm256_cvttps_epi32(quot);
             // Saturating packs clamp to int8.
             let w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
             let b = _mm_packs_epi16(w, w);
@@ -209,7 +248,7 @@ mod tests {
             seed
         };
         for c in [1usize, 7, 8, 15, 16, 17, 33] {
-            for ntaps in [1usize, 2, 3, 4, 9, 25] {
+            for ntaps in [1usize, 2, 3, 4, 8, 9, 16, 25, 64] {
                 let pixels = ntaps + 3;
                 let mut xs: Vec<i8> = (0..pixels * c).map(|_| next() as i8).collect();
                 // Extremes, so that sums reach their bounds.

@@ -12,6 +12,7 @@
 //! Integer products accumulate in wrapping i32, whose sums do not depend on order.
 
 pub(crate) mod dwconv;
+pub(crate) mod fpool;
 pub mod igemm;
 pub mod sgemm;
 pub(crate) mod sgemm_cache;
