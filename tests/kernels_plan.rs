@@ -558,3 +558,60 @@ fn fused_bias_and_activation_give_the_bits_of_the_separate_ops() {
     let v = y.to_f32_vec().unwrap();
     assert!(v.iter().any(|&e| e != 0.0) && v.iter().all(|e| e.is_finite()));
 }
+
+/// A conv1d as TensorFlow writes it (`Conv2D` over `[n, 1, t, c]`, then `Squeeze`,
+/// `BiasAdd`, `Relu`): the bias and activation fuse into the product and the squeeze
+/// moves after it, with the bits of the ops one by one. With one output channel the
+/// squeeze removes the channel axis, the bias runs along the sequence, and nothing
+/// moves.
+#[test]
+fn bias_and_activation_after_a_squeeze_fuse_into_the_conv1d() {
+    let mut rng = Rng::new(12);
+    let (n, t, c) = (4usize, 21usize, 6usize);
+    for o in [8usize, 1] {
+        let mut b = G::new();
+        b.placeholder("x", DType::F32, None);
+        let k: Vec<f32> = rng.vec(3 * c * o).into_iter().map(|v| v * 3.0).collect();
+        b.konst("k", f32t(&[1, 3, c, o], &k));
+        let bias_len = if o == 1 { t - 2 } else { o };
+        b.konst("b", f32t(&[bias_len], &rng.vec(bias_len)));
+        b.op(
+            "c",
+            "Conv2D",
+            &["x", "k"],
+            &[
+                ("strides", Attr::Ints(vec![1, 1, 1, 1])),
+                ("dilations", Attr::Ints(vec![1, 1, 1, 1])),
+                ("padding", Attr::Str(b"VALID".to_vec())),
+                ("data_format", Attr::Str(b"NHWC".to_vec())),
+            ],
+        );
+        let dims = if o == 1 { vec![1, 3] } else { vec![1] };
+        b.op(
+            "s",
+            "Squeeze",
+            &["c"],
+            &[("squeeze_dims", Attr::Ints(dims))],
+        );
+        b.op("a", "BiasAdd", &["s", "b"], &[]);
+        b.op("y", "Relu", &["a"], &[]);
+        let x = f32t(&[n, 1, t, c], &rng.vec(n * t * c));
+        let fused = Plan::compile(&b.g, &["x"], &[r("y")]).unwrap();
+        let separate = Plan::compile(&b.g, &["x"], &["c", "s", "a", "y"].map(r)).unwrap();
+        let absorbed = if o == 1 { 0 } else { 2 };
+        assert_eq!(fused.len() + absorbed, separate.len(), "o = {o}");
+        let y = fused.run(&[("x", x.clone())]).unwrap().remove(0);
+        let y_sep = separate.run(&[("x", x)]).unwrap().remove(3);
+        assert_eq!(y.shape(), y_sep.shape());
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.to_f32_vec()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&y), bits(&y_sep), "o = {o}");
+        let v = y.to_f32_vec().unwrap();
+        assert!(v.iter().any(|&e| e > 0.0) && v.contains(&0.0), "o = {o}");
+    }
+}

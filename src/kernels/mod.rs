@@ -10,6 +10,7 @@ pub mod activation;
 pub mod array;
 mod conv_direct;
 mod conv_patches;
+pub(crate) mod conv_windows;
 pub mod dataset;
 pub mod elementwise;
 mod fast_binary;

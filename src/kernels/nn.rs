@@ -257,7 +257,38 @@ pub fn conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) -> Result<Va
             epi.apply(done, o);
         });
     };
-    if o > 0 && pixels > 0 {
+    let windows = super::conv_windows::windows(
+        [h, wd, c],
+        [kh, kw],
+        win.strides,
+        win.dilations,
+        [pt, pl],
+        [oh, ow],
+    )
+    .filter(|_| !pointwise);
+    if let (Some(wins), true) = (windows, o > 0 && pixels > 0) {
+        // Each run's patches are rows of the input `wins.step` apart.
+        let image = h * wd * c;
+        let run = |r: usize, out_r: &mut [std::mem::MaybeUninit<f32>]| {
+            let at = r / wins.runs * image + wins.run_start(r % wins.runs);
+            let a = &xs[at..];
+            super::simd::sgemm::sgemm_packed_uninit_epi(
+                wins.len, a, wins.step, &packed, out_r, sg_epi,
+            );
+        };
+        let spare = &mut out.spare_capacity_mut()[..len];
+        if work >= PAR_THRESHOLD {
+            spare
+                .par_chunks_mut(wins.len * o)
+                .enumerate()
+                .for_each(|(r, t)| run(r, t));
+        } else {
+            spare
+                .chunks_mut(wins.len * o)
+                .enumerate()
+                .for_each(|(r, t)| run(r, t));
+        }
+    } else if o > 0 && pixels > 0 {
         let spare = &mut out.spare_capacity_mut()[..len];
         if work >= PAR_THRESHOLD {
             spare

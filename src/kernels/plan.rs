@@ -639,9 +639,9 @@ fn fuse_float_epilogues(steps: &mut Vec<Step>, fetches: &[usize]) {
             _ => None,
         }
     };
-    // Steps absorbed or moved, and where each fused step goes.
+    // Steps absorbed or moved, and where each fused step (and a squeeze after it) goes.
     let mut gone = vec![false; steps.len()];
-    let mut place: HashMap<usize, usize> = HashMap::new();
+    let mut place: HashMap<usize, Vec<usize>> = HashMap::new();
     for c in 0..steps.len() {
         let matrix = matches!(
             steps[c].kernel,
@@ -651,8 +651,32 @@ fn fuse_float_epilogues(steps: &mut Vec<Step>, fetches: &[usize]) {
             continue;
         }
         let mut last = c;
+        // A `Squeeze` between the product and its bias (a conv1d's `[n, 1, t, o]`
+        // output squeezed to `[n, t, o]`) moves after them: with `o > 1` it keeps the
+        // last axis, which the bias and activation run along, so the same values.
+        let mut squeeze = None;
+        if let Some(q) = sole_reader(&steps[c]) {
+            let s = &steps[q];
+            let before_epilogue = sole_reader(s).is_some_and(|r| {
+                matches!(
+                    steps[r].kernel,
+                    Kernel::BiasAdd {
+                        channels_first: false
+                    } | Kernel::Unary(UnaryOp::Relu | UnaryOp::Relu6)
+                )
+            });
+            if matches!(s.kernel, Kernel::Squeeze(_))
+                && s.inputs.len() == 1
+                && float(s)
+                && before_epilogue
+                && const_channels(steps, steps[c].inputs[1].0).is_some_and(|o| o > 1)
+            {
+                squeeze = Some(q);
+                last = q;
+            }
+        }
         let mut bias = None;
-        if let Some(r) = sole_reader(&steps[c]) {
+        if let Some(r) = sole_reader(&steps[last]) {
             let s = &steps[r];
             if matches!(
                 s.kernel,
@@ -681,34 +705,57 @@ fn fuse_float_epilogues(steps: &mut Vec<Step>, fetches: &[usize]) {
                 gone[r] = true;
             }
         }
-        if last == c {
+        if last == c || Some(last) == squeeze {
             continue;
         }
         let out = steps[last].outputs.clone();
+        let mut moved = vec![c];
+        match squeeze {
+            // The product keeps its output slot, which the squeeze reads; the squeeze
+            // writes what the last absorbed step wrote.
+            Some(q) => {
+                steps[q].outputs = out;
+                gone[q] = true;
+                moved.push(q);
+            }
+            None => steps[c].outputs = out,
+        }
         let step = &mut steps[c];
         if let Some(b) = bias {
             step.inputs.push((b, false));
             step.quant.inputs.push(None);
         }
-        step.outputs = out;
         step.fused = Some(Fused {
             bias: bias.is_some(),
             act,
         });
         gone[c] = true;
-        place.insert(last, c);
+        place.insert(last, moved);
     }
     if place.is_empty() {
         return;
     }
     let mut old: Vec<Option<Step>> = std::mem::take(steps).into_iter().map(Some).collect();
     for i in 0..old.len() {
-        if let Some(&c) = place.get(&i) {
-            steps.extend(old[c].take());
+        if let Some(moved) = place.get(&i) {
+            for &m in moved {
+                steps.extend(old[m].take());
+            }
         } else if !gone[i] {
             steps.extend(old[i].take());
         }
     }
+}
+
+/// The output channels of the constant HWIO filter in `slot` (its last dimension),
+/// when a constant step makes it.
+fn const_channels(steps: &[Step], slot: usize) -> Option<usize> {
+    steps.iter().find_map(|s| match &s.kernel {
+        Kernel::Const(v) if s.outputs.first() == Some(&Some(slot)) && v.rank() == 4 => {
+            v.shape.last().copied()
+        }
+        _ => None,
+    })
 }
 
 /// Runs a step made by [`fuse_float_epilogues`]: the fused float kernel, or, when an

@@ -2143,6 +2143,47 @@ pub fn hybrid_dequantize_row(
     }
 }
 
+/// [`hybrid_dequantize_row`] on each of the consecutive rows of `ws.len()` channels
+/// in `acc` and `out` (the output pixels of one image, which share `in_scale`), in
+/// one call rather than one per pixel: the same bits.
+pub fn hybrid_dequantize_rows(
+    acc: &[i32],
+    in_scale: f32,
+    ws: &[f32],
+    bias: &[f32],
+    how: HybridScaling,
+    bounds: Option<(f32, f32)>,
+    out: &mut [f32],
+) {
+    let n = ws.len();
+    assert!(
+        acc.len() == out.len() && bias.len() == n && out.len().is_multiple_of(n),
+        "hybrid_dequantize_rows: lengths differ"
+    );
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if n.is_multiple_of(8) && crate::kernels::simd::avx2() {
+        // SAFETY: AVX2 (and FMA where used) is present; the rows are whole vectors.
+        let done = unsafe {
+            match how {
+                HybridScaling::XnnFma if hybrid_x86::fma() => {
+                    hybrid_x86::dequantize_fma_rows(acc, in_scale, ws, bias, bounds, out)
+                }
+                HybridScaling::XnnFma => false,
+                _ => hybrid_x86::dequantize_rows(acc, in_scale, ws, bias, how, bounds, out),
+            }
+        };
+        if done {
+            return;
+        }
+    }
+    for (a, o) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        hybrid_dequantize_row(a, in_scale, ws, bias, how, bounds, o);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod hybrid_x86 {
     use super::HybridScaling;
@@ -2367,6 +2408,66 @@ mod hybrid_x86 {
     ) -> usize {
         dequantize_with::<FMA>(acc, in_scale, ws, bias, bounds, out)
     }
+
+    /// [`dequantize_with`] on each row of `ws.len()` (a multiple of 8) channels.
+    #[inline(always)]
+    unsafe fn rows_with<const HOW: u8>(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) {
+        let n = ws.len();
+        for (a, o) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            dequantize_with::<HOW>(a, in_scale, ws, bias, bounds, o);
+        }
+    }
+
+    /// Every row; `false` (nothing written) for `XnnFma`.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `ws.len()` a multiple of 8, `bias` as long, `acc` and
+    /// `out` whole rows of it.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dequantize_rows(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        how: HybridScaling,
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) -> bool {
+        match how {
+            HybridScaling::AccTimesWeightFirst => {
+                rows_with::<WEIGHT_FIRST>(acc, in_scale, ws, bias, bounds, out)
+            }
+            HybridScaling::AccTimesProduct => {
+                rows_with::<PRODUCT>(acc, in_scale, ws, bias, bounds, out)
+            }
+            HybridScaling::XnnFma => return false,
+        }
+        true
+    }
+
+    /// `XnnFma` on every row.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; the lengths as for [`dequantize_rows`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize_fma_rows(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        bounds: Option<(f32, f32)>,
+        out: &mut [f32],
+    ) -> bool {
+        rows_with::<FMA>(acc, in_scale, ws, bias, bounds, out);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -2509,6 +2610,25 @@ mod hybrid_row_tests {
                 ] {
                     let mut got = vec![0f32; n];
                     hybrid_dequantize_row(&acc, in_scale, &ws, &bias, how, bounds, &mut got);
+                    // The same values as rows of 8, 16 and 40 channels (the first 40
+                    // channels' scales and biases for each row), in one call.
+                    for width in [8, 16, 40] {
+                        let rows = n / width;
+                        let mut all = vec![f32::NAN; rows * width];
+                        let (w, b) = (&ws[..width], &bias[..width]);
+                        let a = &acc[..rows * width];
+                        hybrid_dequantize_rows(a, in_scale, w, b, how, bounds, &mut all);
+                        for (r, chunk) in all.chunks_exact(width).enumerate() {
+                            let mut one = vec![0f32; width];
+                            let a = &acc[r * width..(r + 1) * width];
+                            hybrid_dequantize_row(a, in_scale, w, b, how, bounds, &mut one);
+                            assert_eq!(
+                                chunk.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                "{how:?} {bounds:?} rows of {width}, row {r}"
+                            );
+                        }
+                    }
                     for c in 0..n {
                         let v = hybrid_dequantize(acc[c], in_scale, ws[c], bias[c], how);
                         let want = match bounds {

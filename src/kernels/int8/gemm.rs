@@ -54,10 +54,10 @@ pub(super) fn conv<'a, T: Send>(
         packed,
         out,
         image,
-        |t, patches, shifts, out_t, acc_buf| {
+        |first, patches, ldu, shifts, out_t, acc_buf| {
             let acc = grown(acc_buf, shifts.len() * o);
-            igemm_u8(shifts.len(), patches, packed.ldu(), packed, shifts, acc);
-            finish(t * TILE, acc, out_t);
+            igemm_u8(shifts.len(), patches, ldu, packed, shifts, acc);
+            finish(first, acc, out_t);
         },
     );
 }
@@ -78,7 +78,6 @@ pub(super) fn conv_requant<'a>(
     }
     let len = n * g.oh * g.ow * packed.n;
     let mut out = Vec::with_capacity(len);
-    let ldu = packed.ldu();
     let spare = &mut out.spare_capacity_mut()[..len];
     tiles(
         g,
@@ -86,7 +85,7 @@ pub(super) fn conv_requant<'a>(
         packed,
         spare,
         image,
-        |_, patches, shifts, out_t, _| {
+        |_, patches, ldu, shifts, out_t, _| {
             let done =
                 igemm_u8_requant(shifts.len(), patches, ldu, packed, shifts, bias, rq, out_t);
             debug_assert!(done);
@@ -97,16 +96,17 @@ pub(super) fn conv_requant<'a>(
     Some(out)
 }
 
-/// Splits the output into tiles of [`TILE`] pixels (in parallel when the work is
-/// large), builds each tile's patches and calls `product(tile, patches, shifts,
-/// out_tile, acc_buffer)`.
+/// Splits the output into tiles of at most [`TILE`] pixels (in parallel when the work
+/// is large), builds each tile's patches (or finds them in the input, see
+/// `conv_windows`) and calls `product(first_pixel, patches, row_stride, shifts,
+/// out_tile, acc_buffer)`; the row stride may be less than the patch length.
 fn tiles<'a, T: Send>(
     g: Geom<'_>,
     n: usize,
     packed: &PackedWeights,
     out: &mut [T],
     image: impl Fn(usize) -> (&'a [i8], i32) + Sync,
-    product: impl Fn(usize, &[u8], &[i32], &mut [T], &mut Vec<i32>) + Sync,
+    product: impl Fn(usize, &[u8], usize, &[i32], &mut [T], &mut Vec<i32>) + Sync,
 ) {
     let (k, o) = (packed.k, packed.n);
     let ldu = packed.ldu();
@@ -120,6 +120,49 @@ fn tiles<'a, T: Send>(
         && g.win.strides == [1, 1]
         && (g.oh, g.ow, g.pt, g.pl) == (g.h, g.wd, 0, 0);
     let per_image = g.oh * g.ow;
+    let windows = crate::kernels::conv_windows::windows(
+        [g.h, g.wd, g.c],
+        [g.kh, g.kw],
+        g.win.strides,
+        g.win.dilations,
+        [g.pt, g.pl],
+        [g.oh, g.ow],
+    );
+    if let (Some(wins), false) = (windows, pointwise) {
+        // Each image's bytes `x + 128` once, then its runs' patches are rows of them
+        // `wins.step` apart (and `ldu - k` bytes past the image, met by zero weights).
+        let image_len = g.h * g.wd * g.c;
+        let image_in = |b: usize, out_b: &mut [T], bytes: &mut Vec<u8>, acc_buf: &mut Vec<i32>| {
+            let (xs, off) = image(b);
+            let u = grown(bytes, image_len + ldu);
+            xor_copy(&mut u[..image_len], &xs[..image_len]);
+            u[image_len..].fill(0);
+            let shifts = [128 - off; TILE];
+            // Each run in near-equal pieces of at most `TILE` pixels.
+            let pieces = wins.len.div_ceil(TILE);
+            let piece = wins.len.div_ceil(pieces);
+            for (r, out_r) in out_b.chunks_mut(wins.len * o).enumerate() {
+                let start = wins.run_start(r);
+                for (j, out_t) in out_r.chunks_mut(piece * o).enumerate() {
+                    let rows = out_t.len() / o;
+                    let at = start + j * piece * wins.step;
+                    let first = b * per_image + r * wins.len + j * piece;
+                    product(first, &u[at..], wins.step, &shifts[..rows], out_t, acc_buf);
+                }
+            }
+        };
+        let image_out = |b: usize, out_b: &mut [T]| with_scratch(|p, a| image_in(b, out_b, p, a));
+        if pixels * k * o >= PAR_THRESHOLD {
+            out.par_chunks_mut(per_image * o)
+                .enumerate()
+                .for_each(|(b, o)| image_out(b, o));
+        } else {
+            out.chunks_mut(per_image * o)
+                .enumerate()
+                .for_each(|(b, o)| image_out(b, o));
+        }
+        return;
+    }
     let tile_in = |t: usize, out_t: &mut [T], patches_buf: &mut Vec<u8>, acc_buf: &mut Vec<i32>| {
         let rows = out_t.len() / o;
         let patches = grown(patches_buf, rows * ldu);
@@ -149,7 +192,7 @@ fn tiles<'a, T: Send>(
             }
             in_image += 1;
         }
-        product(t, patches, &shifts[..rows], out_t, acc_buf);
+        product(first, patches, ldu, &shifts[..rows], out_t, acc_buf);
     };
     let tile = |t: usize, out_t: &mut [T]| with_scratch(|p, a| tile_in(t, out_t, p, a));
     if pixels * k * o >= PAR_THRESHOLD {

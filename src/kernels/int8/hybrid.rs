@@ -39,8 +39,8 @@ use crate::ir::FusedActivation;
 use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    asymmetric_quantize_floats, hybrid_dequantize_row, symmetric_quantize_floats,
-    xnn_dynamic_quantize, DynamicRow, HybridScaling,
+    asymmetric_quantize_floats, hybrid_dequantize_row, hybrid_dequantize_rows,
+    symmetric_quantize_floats, xnn_dynamic_quantize, DynamicRow, HybridScaling,
 };
 use crate::kernels::value::{Buf, Value};
 
@@ -237,11 +237,15 @@ pub fn conv2d(
         &mut res,
         |bi| (&rows[bi].q[..], -rows[bi].offset),
         |px0, acc, out| {
-            for (j, (px_acc, px_out)) in
-                acc.chunks_exact(o).zip(out.chunks_exact_mut(o)).enumerate()
-            {
-                let row = &rows[(px0 + j) / per_image];
-                hybrid_dequantize_row(px_acc, row.scale, &ws, bias, scaling, bounds, px_out);
+            // The tile's pixels image by image, each image's in one call.
+            let pixels = acc.len() / o.max(1);
+            let mut j = 0;
+            while j < pixels {
+                let b = (px0 + j) / per_image;
+                let end = ((b + 1) * per_image - px0).min(pixels);
+                let (a, y) = (&acc[j * o..end * o], &mut out[j * o..end * o]);
+                hybrid_dequantize_rows(a, rows[b].scale, &ws, bias, scaling, bounds, y);
+                j = end;
             }
         },
     );

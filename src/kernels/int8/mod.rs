@@ -48,6 +48,8 @@ mod patch;
 mod pool;
 mod reduce;
 mod spatial;
+#[cfg(test)]
+mod windows_tests;
 
 use super::elementwise::{BinaryOp, UnaryOp};
 use super::math::Composite;

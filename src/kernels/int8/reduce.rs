@@ -99,11 +99,50 @@ fn extreme_rows(xs: &[i8], acc: &mut [i8], max: bool) {
     }
 }
 
-/// [`extreme_rows`] compiled for AVX2 (`vpmaxsb` across 32 bytes).
+/// [`extreme_rows`] with AVX2: each block of 32 (then 16) columns held in a register
+/// over all the rows (`vpmaxsb`/`vpminsb`), the rest by the scalar loop. A max over
+/// time has few channels per row (16 in push_student), so the row loop is the work.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn extreme_rows_avx2(xs: &[i8], acc: &mut [i8], max: bool) {
-    extreme_rows(xs, acc, max)
+    use std::arch::x86_64::*;
+    let inner = acc.len();
+    let rows = xs.len() / inner.max(1);
+    let (xp, ap) = (xs.as_ptr(), acc.as_mut_ptr());
+    let mut j = 0;
+    while j + 32 <= inner {
+        let mut a = _mm256_loadu_si256(ap.add(j) as *const __m256i);
+        for r in 0..rows {
+            let v = _mm256_loadu_si256(xp.add(r * inner + j) as *const __m256i);
+            a = if max {
+                _mm256_max_epi8(a, v)
+            } else {
+                _mm256_min_epi8(a, v)
+            };
+        }
+        _mm256_storeu_si256(ap.add(j) as *mut __m256i, a);
+        j += 32;
+    }
+    if j + 16 <= inner {
+        let mut a = _mm_loadu_si128(ap.add(j) as *const __m128i);
+        for r in 0..rows {
+            let v = _mm_loadu_si128(xp.add(r * inner + j) as *const __m128i);
+            a = if max {
+                _mm_max_epi8(a, v)
+            } else {
+                _mm_min_epi8(a, v)
+            };
+        }
+        _mm_storeu_si128(ap.add(j) as *mut __m128i, a);
+        j += 16;
+    }
+    if j < inner {
+        for row in xs.chunks_exact(inner) {
+            for (a, &v) in acc[j..].iter_mut().zip(&row[j..]) {
+                *a = if max { (*a).max(v) } else { (*a).min(v) };
+            }
+        }
+    }
 }
 
 /// The int8 maximum or minimum over a block of consecutive axes.
@@ -247,6 +286,43 @@ pub fn reduce(
 const SCALED_DIFF_BITS: i32 = 5;
 const ACCUM_BITS: i32 = 12;
 
+/// An [`exp_table`] and the (multiplier, shift) it is for.
+type ExpTable = ((i32, i32), std::rc::Rc<[i32; 256]>);
+
+thread_local! {
+    /// The last [`exp_table`] this thread made.
+    static EXP_TABLE: std::cell::RefCell<Option<ExpTable>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `exp(diff · input scale)` in gemmlowp's fixed point, as the reference SOFTMAX
+/// computes it for each element, for every difference from a row's maximum
+/// (`table[-diff]`, `diff` in -255..=0 and at least the input radius's negative):
+/// a function of the input scale's (multiplier,
+/// shift) only, so computed once per scale rather than twice per element.
+fn exp_table(mult: i32, left_shift: i32) -> std::rc::Rc<[i32; 256]> {
+    EXP_TABLE.with_borrow_mut(|last| {
+        if let Some((key, t)) = last.as_ref() {
+            if *key == (mult, left_shift) {
+                return t.clone();
+            }
+        }
+        // Differences below -radius are not exponentiated (their rescaling would
+        // overflow); their entries stay 0 and are never read.
+        let radius = calculate_input_radius(SCALED_DIFF_BITS, left_shift).max(0) as usize;
+        let mut t = [0i32; 256];
+        for (i, e) in t.iter_mut().enumerate().take(radius.saturating_add(1)) {
+            let diff = -(i as i32);
+            let rescaled =
+                multiply_by_quantized_multiplier_greater_than_one(diff, mult, left_shift);
+            *e = fixed::exp_on_negative_values(rescaled, SCALED_DIFF_BITS);
+        }
+        let t = std::rc::Rc::new(t);
+        *last = Some(((mult, left_shift), t.clone()));
+        t
+    })
+}
+
 pub fn softmax(x: &Value, quant: &StepQuant) -> Result<Value> {
     let xs = x.slice::<i8>()?;
     let xin = input_affine(quant, 0)?;
@@ -266,10 +342,9 @@ pub fn softmax(x: &Value, quant: &StepQuant) -> Result<Value> {
     if depth == 0 {
         return Ok(Value::from_vec(x.shape.clone(), res));
     }
-    let exp_of = |diff: i32| {
-        let rescaled = multiply_by_quantized_multiplier_greater_than_one(diff, mult, left_shift);
-        fixed::exp_on_negative_values(rescaled, SCALED_DIFF_BITS)
-    };
+    let table = exp_table(mult, left_shift);
+    // A difference from the row's maximum lies in -255..=0.
+    let exp_of = |diff: i32| table[(-diff) as usize];
     for (row, orow) in xs.chunks(depth).zip(res.chunks_mut(depth)) {
         let max = row.iter().copied().max().unwrap_or(i8::MIN) as i32;
         let mut sum = 0i32;
@@ -300,4 +375,59 @@ pub fn softmax(x: &Value, quant: &StepQuant) -> Result<Value> {
         }
     }
     Ok(Value::from_vec(x.shape.clone(), res))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extreme_rows_in_registers_match_the_scalar_loop() {
+        let mut seed = 5u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 24) as u8 as i8
+        };
+        for inner in [1, 3, 15, 16, 17, 32, 48, 50, 64, 70] {
+            for rows in [0, 1, 2, 39] {
+                let xs: Vec<i8> = (0..rows * inner).map(|_| next()).collect();
+                for max in [true, false] {
+                    let start = if max { i8::MIN } else { i8::MAX };
+                    let mut want = vec![start; inner];
+                    extreme_rows(&xs, &mut want, max);
+                    let mut got = vec![start; inner];
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::kernels::simd::avx2() {
+                        // SAFETY: AVX2 is present.
+                        unsafe { extreme_rows_avx2(&xs, &mut got, max) };
+                    } else {
+                        extreme_rows(&xs, &mut got, max);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    extreme_rows(&xs, &mut got, max);
+                    assert_eq!(got, want, "inner {inner} rows {rows} max {max}");
+                    if rows > 1 {
+                        assert!(got.iter().any(|&v| v != start));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_table_is_the_per_element_exp_for_each_scale() {
+        // Alternating scales: a table made for one is never used for another.
+        for scale in [0.1f64, 0.05, 0.1, 1.0 / 256.0, 0.3, 0.05] {
+            let (mult, shift) = preprocess_softmax_scaling(1.0, scale, SCALED_DIFF_BITS);
+            let t = exp_table(mult, shift);
+            let radius = calculate_input_radius(SCALED_DIFF_BITS, shift) as usize;
+            for i in 0..256.min(radius + 1) {
+                let rescaled =
+                    multiply_by_quantized_multiplier_greater_than_one(-(i as i32), mult, shift);
+                let want = fixed::exp_on_negative_values(rescaled, SCALED_DIFF_BITS);
+                assert_eq!(t[i], want, "scale {scale} diff -{i}");
+            }
+            assert!(t[0] > t[1] && t[1] > t[20], "scale {scale}: not decreasing");
+        }
+    }
 }

@@ -85,8 +85,10 @@ impl PackedWeights {
 
 /// `out[i * n + j] = Σ_kk (u[i * ldu + kk] - shifts[i]) · w[kk][j]` in wrapping i32,
 /// for `i < m`: activations given as bytes `a + shift`, the layout the VNNI kernel
-/// reads directly (so a caller builds its patches straight into it). `ldu` is at least
-/// [`PackedWeights::ldu`]; the bytes of a row past `k` are ignored (their weights are 0).
+/// reads directly (so a caller builds its patches straight into it). Row `i` is the
+/// [`PackedWeights::ldu`] bytes from `i * ldu`, and rows may overlap (`ldu` less than
+/// that: a convolution's windows of its input); the bytes of a row past `k` are
+/// ignored (their weights are 0).
 pub fn igemm_u8(
     m: usize,
     u: &[u8],
@@ -99,10 +101,7 @@ pub fn igemm_u8(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        ldu >= w.ldu() && u.len() >= (m - 1) * ldu + w.ldu(),
-        "igemm: u is too short"
-    );
+    assert!(u.len() >= (m - 1) * ldu + w.ldu(), "igemm: u is too short");
     assert!(
         out.len() >= m * n && shifts.len() >= m,
         "igemm: out or shifts is too short"
@@ -161,10 +160,7 @@ pub fn igemm_u8_requant(
         if m == 0 || n == 0 {
             return true;
         }
-        assert!(
-            ldu >= w.ldu() && u.len() >= (m - 1) * ldu + w.ldu(),
-            "igemm: u is too short"
-        );
+        assert!(u.len() >= (m - 1) * ldu + w.ldu(), "igemm: u is too short");
         assert!(
             out.len() >= m * n && shifts.len() >= m && bias.len() == n && rq.channels() == n,
             "igemm: out, shifts, bias or the requantizer do not match"

@@ -88,7 +88,8 @@ fn default_layout() -> Layout {
     Layout::Portable
 }
 
-/// `out[i * n + j] = Σ_kk a[i * lda + kk] * b[kk * n + j]` for `i < m`, `j < n`.
+/// `out[i * n + j] = Σ_kk a[i * lda + kk] * b[kk * n + j]` for `i < m`, `j < n`. The
+/// rows of `a` may overlap (`lda < k`).
 pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
     sgemm_packed(m, a, lda, &PackedB::new(b, k, n), out);
 }
@@ -159,10 +160,8 @@ pub fn sgemm_packed_uninit_epi<'o>(
     );
     let out = &mut out[..m * n];
     if m > 0 && n > 0 {
-        assert!(
-            lda >= k && a.len() >= (m - 1) * lda + k,
-            "sgemm: a is too short"
-        );
+        // `lda < k` is allowed: rows that overlap (a convolution's windows).
+        assert!(a.len() >= (m - 1) * lda + k, "sgemm: a is too short");
         let op = out.as_mut_ptr() as *mut f32;
         match b.layout {
             // SAFETY: the layout was chosen for this CPU's features (or a test checked
