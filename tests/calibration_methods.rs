@@ -125,21 +125,9 @@ const Q16: [&str; 3] = [
     "q16_sensitive_act",
 ];
 
-/// Fixtures on which `auto` + equalization + bias correction is NOT within one point
-/// of float on the 3,000-row eval split, with the samples it loses there (the same
-/// under DEFAULT and OPTIMIZE_FOR_LATENCY). The test fails when that number changes
-/// either way: update or remove the entry.
-///
-/// q16_outlier_inputs: 42 of 3,000 (1.40 points; `auto` alone loses 35, `kl` 45,
-/// min/max 197). Not the glitch rows (12 of its 24 are right against float's 9): the
-/// int8 model's top-1 differs from float's on 346 of the 2,976 ordinary rows, whose
-/// margins are small (float accuracy 52 %). On the original 300 rows it lost 2
-/// samples (0.67 points), inside the bound.
-const AUTO_KNOWN_GAPS: &[(&str, u64)] = &[("q16_outlier_inputs", 42)];
-
 /// Done-when of issue 16 (calibration half): on each q16 fixture, where min/max
 /// loses at least 3 points, `auto` + equalization + bias correction is within one
-/// point of float (except [`AUTO_KNOWN_GAPS`]), full integer with a float interface
+/// point of float, full integer with a float interface
 /// (DEFAULT) and with int8 I/O (OPTIMIZE_FOR_LATENCY); and LiteRT's reference
 /// kernels score the exported file exactly as validate does (one batched LiteRT
 /// process).
@@ -175,21 +163,11 @@ fn auto_with_equalization_and_bias_correction_is_within_a_point_of_float() {
                 "{model} {strategy}: float {float_acc:.4}, minmax {minmax_acc:.4}, auto+eq+bc {acc:.4}"
             );
             assert!(samples >= 1000.0, "{model}: only {samples} eval rows");
-            let lost = ((float_acc - acc) * samples).round() as i64;
-            match AUTO_KNOWN_GAPS.iter().find(|(m, _)| *m == model) {
-                None => assert!(
-                    float_acc - acc <= 0.01 + 1e-9,
-                    "{model} {strategy}: auto + equalize + bias_correction loses {} points",
-                    100.0 * (float_acc - acc)
-                ),
-                Some((_, known)) => assert_eq!(
-                    lost,
-                    *known as i64,
-                    "{model} {strategy}: known gap of {known} samples is now {lost} \
-                     ({:.2} points): update or remove its AUTO_KNOWN_GAPS entry",
-                    100.0 * (float_acc - acc)
-                ),
-            }
+            assert!(
+                float_acc - acc <= 0.01 + 1e-9,
+                "{model} {strategy}: auto + equalize + bias_correction loses {} points",
+                100.0 * (float_acc - acc)
+            );
             let (_, bytes) = tflite::export(&q).unwrap();
             let path = dir.join(format!("{model}_{strategy}.tflite"));
             std::fs::write(&path, bytes).unwrap();

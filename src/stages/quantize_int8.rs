@@ -84,6 +84,7 @@ pub mod methods;
 mod movement;
 pub mod params;
 pub mod rewrite;
+mod upstream;
 pub mod weights;
 
 use std::collections::HashSet;
@@ -256,7 +257,7 @@ pub fn calibration_key(
     calib: &methods::CalibOptions,
 ) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
-    h.update(b"qpipe calibration v3\0");
+    h.update(b"qpipe calibration v4\0");
     h.update(dataset.as_bytes());
     h.update(&[0]);
     h.update(digest);

@@ -63,7 +63,21 @@ pub struct Stats {
     /// each channel (last axis).
     #[serde(default)]
     pub channel_means: BTreeMap<String, Vec<f64>>,
+    /// Each row's own [min, max] of each tensor with a batch dimension, for the
+    /// first `rows_recorded` rows (bounded by [`ROW_EXTREMES_CAP`]); what `auto`
+    /// needs to tell which rows a range clips (see `upstream`).
+    #[serde(default)]
+    pub row_extremes: BTreeMap<String, Vec<[f32; 2]>>,
+    #[serde(default)]
+    pub rows_recorded: usize,
+    /// The range of each `row_extremes` tensor over the rows after `rows_recorded`.
+    #[serde(default)]
+    pub tail_ranges: BTreeMap<String, Range32>,
 }
+
+/// At most this many (row, tensor) extremes are kept: 2 MiB in memory, a few MiB
+/// of cached JSON.
+pub const ROW_EXTREMES_CAP: usize = 1 << 18;
 
 impl Stats {
     pub fn get(&self, t: &TensorRef) -> Option<Range32> {
@@ -122,8 +136,15 @@ pub(crate) fn calibrated_tensors(g: &Graph) -> Vec<TensorRef> {
 }
 
 /// A tensor's range in one batch, its shape without the batch dimension, its
-/// histogram and (when asked for) its per-channel sums.
-type Seen = (Range32, Vec<usize>, Histogram, Option<ChannelSums>);
+/// histogram, (when asked for) its per-channel sums, and each row's [min, max]
+/// (when its leading dimension is the batch's rows).
+type Seen = (
+    Range32,
+    Vec<usize>,
+    Histogram,
+    Option<ChannelSums>,
+    Option<Vec<[f32; 2]>>,
+);
 
 /// Per-channel sums of a batch, and the number of values per channel.
 type ChannelSums = (Vec<f64>, u64);
@@ -167,7 +188,26 @@ fn batch_ranges(
                 }
                 _ => None,
             };
-            Ok(Some((Range32 { min: lo, max: hi }, shape, hist, channels)))
+            let per_row = match v.shape.first() {
+                Some(&b) if b == rows.len() && b > 0 && !x.is_empty() && x.len() % b == 0 => Some(
+                    x.chunks(x.len() / b)
+                        .map(|row| {
+                            row.iter()
+                                .fold([f32::INFINITY, f32::NEG_INFINITY], |[l, h], &f| {
+                                    [l.min(f), h.max(f)]
+                                })
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            Ok(Some((
+                Range32 { min: lo, max: hi },
+                shape,
+                hist,
+                channels,
+                per_row,
+            )))
         })
         .collect()
 }
@@ -207,8 +247,11 @@ pub fn calibrate(
     let mut sums: BTreeMap<String, ChannelSums> = BTreeMap::new();
     let mut stats = Stats {
         samples: total,
+        rows_recorded: total.min(ROW_EXTREMES_CAP / fetches.len().max(1)),
         ..Stats::default()
     };
+    // Tensors whose leading dimension was not the batch's rows in some batch.
+    let mut no_rows: std::collections::BTreeSet<String> = Default::default();
     run_batches(
         &plan,
         &ds,
@@ -218,10 +261,11 @@ pub fn calibrate(
         |rows, ranges| {
             bar.inc(rows.len() as u64);
             for ((r, _), v) in fetches.iter().zip(ranges) {
-                let Some((range, shape, hist, channels)) = v else {
+                let Some((range, shape, hist, channels, per_row)) = v else {
                     continue;
                 };
                 let key = r.to_string();
+                record_rows(&mut stats, &mut no_rows, &key, rows.clone(), per_row);
                 let e = stats.ranges.entry(key.clone()).or_insert(range);
                 e.min = e.min.min(range.min);
                 e.max = e.max.max(range.max);
@@ -256,6 +300,10 @@ pub fn calibrate(
         },
     )?;
     bar.finish();
+    for k in &no_rows {
+        stats.row_extremes.remove(k);
+        stats.tail_ranges.remove(k);
+    }
     for (k, (s, n)) in sums {
         let n = n.max(1) as f64;
         stats
@@ -263,6 +311,41 @@ pub fn calibrate(
             .insert(k, s.into_iter().map(|v| v / n).collect());
     }
     Ok(stats)
+}
+
+/// Files one batch's per-row extremes of tensor `key` (rows `rows`): the recorded
+/// rows' own, the rest folded into its tail range.
+fn record_rows(
+    stats: &mut Stats,
+    no_rows: &mut std::collections::BTreeSet<String>,
+    key: &str,
+    rows: Range<usize>,
+    per_row: Option<Vec<[f32; 2]>>,
+) {
+    if no_rows.contains(key) {
+        return;
+    }
+    let Some(per_row) = per_row else {
+        no_rows.insert(key.to_string());
+        return;
+    };
+    let recorded = stats.rows_recorded;
+    let all = stats
+        .row_extremes
+        .entry(key.to_string())
+        .or_insert_with(|| vec![[f32::NAN; 2]; recorded]);
+    for (row, e) in rows.zip(per_row) {
+        if let Some(slot) = all.get_mut(row) {
+            *slot = e;
+        } else {
+            let t = stats.tail_ranges.entry(key.to_string()).or_insert(Range32 {
+                min: e[0],
+                max: e[1],
+            });
+            t.min = t.min.min(e[0]);
+            t.max = t.max.max(e[1]);
+        }
+    }
 }
 
 /// blake3 of the files of a data set, in name order (what the calibration cache

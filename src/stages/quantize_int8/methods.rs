@@ -112,7 +112,17 @@ pub fn after_calibration(
     if o.method == Method::Percentile {
         metrics.insert("percentile".into(), p.into());
     }
-    let stats = stats.with_method(o.method, p);
+    let mut stats = stats.with_method(o.method, p);
+    if o.method == Method::Auto {
+        let narrowed = super::upstream::narrow(g, &mut stats)?;
+        metrics.insert(
+            "auto_narrowed".into(),
+            narrowed
+                .iter()
+                .map(|(t, old, new)| json!({"tensor": t, "from": [old.min, old.max], "to": [new.min, new.max]}))
+                .collect(),
+        );
+    }
     if !o.bias_correction {
         return Ok((g.clone(), stats));
     }
