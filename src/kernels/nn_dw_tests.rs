@@ -37,6 +37,8 @@ fn avx2_rows_give_the_scalar_bits() {
         (9, 11, 16, 3, 1, 1, Padding::Same),
         (9, 12, 24, 3, 2, 1, Padding::Same),
         (8, 13, 40, 3, 1, 1, Padding::Valid),
+        // Stride and dilation 1 with 2 + 1 vectors of channels (the `UNIT` blocks).
+        (6, 12, 48, 3, 1, 1, Padding::Same),
         (10, 10, 13, 3, 1, 2, Padding::Same),
         (7, 15, 8, 5, 2, 1, Padding::Same),
         (6, 9, 3, 3, 1, 1, Padding::Same),

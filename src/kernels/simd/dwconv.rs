@@ -53,19 +53,27 @@ macro_rules! dw_kernel {
             #[inline(always)]
             unsafe fn pixels<const P: usize>(g: &DwRow, ox: usize, out: *mut f32) {
                 let mut ch = 0;
+                // With strides and dilations of 1, pixel p's tap kx reads what pixel
+                // p + 1's tap kx - 1 reads: with both steps the same `c`, the
+                // compiler loads each input vector once for the block's taps.
+                let unit = g.sx == 1 && g.dx == 1;
                 while ch + 2 * $lanes <= g.chans {
-                    if g.kw == 3 {
-                        block::<P, 2>(g, 0, 3, 3, ox, ch, out);
+                    if g.kw == 3 && unit {
+                        block::<P, 2, true>(g, 0, 3, 3, ox, ch, out);
+                    } else if g.kw == 3 {
+                        block::<P, 2, false>(g, 0, 3, 3, ox, ch, out);
                     } else {
-                        block::<P, 2>(g, 0, g.kw, g.kw, ox, ch, out);
+                        block::<P, 2, false>(g, 0, g.kw, g.kw, ox, ch, out);
                     }
                     ch += 2 * $lanes;
                 }
                 if ch + $lanes <= g.chans {
-                    if g.kw == 3 {
-                        block::<P, 1>(g, 0, 3, 3, ox, ch, out);
+                    if g.kw == 3 && unit {
+                        block::<P, 1, true>(g, 0, 3, 3, ox, ch, out);
+                    } else if g.kw == 3 {
+                        block::<P, 1, false>(g, 0, 3, 3, ox, ch, out);
                     } else {
-                        block::<P, 1>(g, 0, g.kw, g.kw, ox, ch, out);
+                        block::<P, 1, false>(g, 0, g.kw, g.kw, ox, ch, out);
                     }
                 }
             }
@@ -94,18 +102,19 @@ macro_rules! dw_kernel {
                 let (k0, k1) = if k0 < k1 { (k0, k1) } else { (0, 0) };
                 let mut ch = 0;
                 while ch + 2 * $lanes <= g.chans {
-                    block::<1, 2>(g, k0, k1, g.kw, ox, ch, out);
+                    block::<1, 2, false>(g, k0, k1, g.kw, ox, ch, out);
                     ch += 2 * $lanes;
                 }
                 if ch + $lanes <= g.chans {
-                    block::<1, 1>(g, k0, k1, g.kw, ox, ch, out);
+                    block::<1, 1, false>(g, k0, k1, g.kw, ox, ch, out);
                 }
             }
 
             /// Channels `ch..ch + $lanes * V` of pixels `ox..ox + P`, from their taps
-            /// `k0..k1` of each filter row (of `kw`).
+            /// `k0..k1` of each filter row (of `kw`); `UNIT`: the strides and
+            /// dilations are 1.
             #[inline(always)]
-            unsafe fn block<const P: usize, const V: usize>(
+            unsafe fn block<const P: usize, const V: usize, const UNIT: bool>(
                 g: &DwRow,
                 k0: usize,
                 k1: usize,
@@ -118,7 +127,7 @@ macro_rules! dw_kernel {
                 let (xs, ws) = (g.xs.as_ptr(), g.ws.as_ptr());
                 // Unused (and possibly wrapped) when k0 == k1.
                 let col0 = (ox * g.sx + k0 * g.dx).wrapping_sub(g.pl).wrapping_mul(c) + ch;
-                let (pstep, kstep) = (g.sx * c, g.dx * c);
+                let (pstep, kstep) = if UNIT { (c, c) } else { (g.sx * c, g.dx * c) };
                 let mut acc: [[$v; V]; P] = [[$zero(); V]; P];
                 for &(base, ky) in g.rows {
                     let xrow = xs.wrapping_add(base.wrapping_add(col0));
@@ -163,9 +172,9 @@ macro_rules! dw_kernel {
             #[inline(always)]
             unsafe fn narrow(g: &DwRow, ox: usize, out: *mut f32) {
                 if g.kw == 3 {
-                    block::<8, 1>(g, 0, 3, 3, ox, 0, out);
+                    block::<8, 1, false>(g, 0, 3, 3, ox, 0, out);
                 } else {
-                    block::<8, 1>(g, 0, g.kw, g.kw, ox, 0, out);
+                    block::<8, 1, false>(g, 0, g.kw, g.kw, ox, 0, out);
                 }
             }
 

@@ -1,16 +1,19 @@
 //! Float matrix product with the scalar kernels' exact arithmetic (see the module
 //! above): `out[i][j] = Σ_kk a[i][kk] · b[kk][j]`, from 0.0, in `kk` order, each product
 //! and each sum rounded. Blocks of 6 rows × 16 columns stay in AVX2 registers for the
-//! whole sum (12 accumulators, the two vectors of `b` and a broadcast of `a` fill the 16
-//! registers; 4 rows spent as many loads and loop instructions per product as the
-//! multiplies and adds could issue), 4 rows for sums longer than 256 terms. `b` is
-//! first copied into panels of 16 columns (then one of 8), so that each step of the sum
-//! reads one contiguous 64-byte line of it.
+//! sum (12 accumulators, the two vectors of `b` and a broadcast of `a` fill the 16
+//! registers), with blocks of 4 rows for the rest (a 32-row tile is 6+6+6+6+4+4). `b`
+//! is first copied into panels of 16 columns (then one of 8), so that each step of the
+//! sum reads one contiguous 64-byte line of it. Sums of more than 256 terms run in
+//! chunks of at most 256, each chunk over every panel before the next, the partial
+//! sums waiting in `out` (the terms are added in the same order, so the bits are the
+//! same): a chunk of a panel then stays in L1 across the row blocks.
 //!
 //! AVX-512 does not help here: on the AMD CPUs that have it, 512-bit multiplies and adds
 //! run at no more lanes per cycle than 256-bit ones (a register-only loop measured 42
 //! against 58 G products a second), and a 12-row block in AVX-512VL's 32 registers was
-//! slower than this one.
+//! slower than this one (so was an 8 × 24 block, and a 6 × 16 one multiplying by
+//! AVX-512's broadcast memory operands).
 
 use std::mem::MaybeUninit;
 
@@ -31,7 +34,10 @@ pub struct PackedB {
     k: usize,
     n: usize,
     layout: Layout,
+    /// The panels start at `panels[start..]`, on a 64-byte boundary (a step of a
+    /// 16-column panel is then one cache line rather than parts of two).
     panels: Vec<f32>,
+    start: usize,
 }
 
 impl PackedB {
@@ -41,11 +47,12 @@ impl PackedB {
 
     fn with_layout(b: &[f32], k: usize, n: usize, layout: Layout) -> PackedB {
         assert!(b.len() >= k * n, "sgemm: b is too short");
-        let mut panels = Vec::new();
+        let mut panels = Vec::with_capacity(k * n + 16);
+        let start = (64 - panels.as_ptr() as usize % 64) % 64 / 4;
+        panels.resize(start, 0.0);
         let mut j = 0;
         match layout {
             Layout::Avx2 => {
-                panels.reserve(k * n);
                 while j + 8 <= n {
                     let width = if j + 16 <= n { 16 } else { 8 };
                     for kk in 0..k {
@@ -64,7 +71,13 @@ impl PackedB {
             n,
             layout,
             panels,
+            start,
         }
+    }
+
+    /// The packed values (without the alignment padding before them).
+    fn data(&self) -> &[f32] {
+        &self.panels[self.start..]
     }
 
     /// The first column the vector panels do not cover, and the `[k, n - j0]` matrix of
@@ -74,7 +87,7 @@ impl PackedB {
             Layout::Avx2 => self.n / 8 * 8,
             Layout::Portable => 0,
         };
-        (j0, &self.panels[self.k * j0..])
+        (j0, &self.data()[self.k * j0..])
     }
 }
 
@@ -223,11 +236,168 @@ unsafe fn portable(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Epi, PackedB};
+    use std::arch::asm;
     use std::arch::x86_64::*;
 
-    /// Rows `[0, MR)` × columns `[0, 8 NV)` of the pointers' origins; `b` advances by
-    /// `8 NV` a step (a panel), `out` by `ldo` a row; `bias` (null for none) holds the
-    /// block's `8 NV` biases, `act` is [`super::Epi::act`].
+    /// Sums longer than this run in chunks of at most this many terms, each chunk over
+    /// every panel before the next (the partial sums wait in `out`, the order of the
+    /// terms is the same): a chunk of a 16-column panel (16 KiB) and of 6 rows of `a`
+    /// then stay in the 32 KiB L1 across the row blocks. 512 terms measured 10% slower.
+    const KC: usize = 256;
+
+    // The inner loops are written in assembly: compiled from intrinsics they spent an
+    // address computation per row and step on top of the 2 loads, 6 broadcasts and
+    // 24 multiplies and adds of a 6 × 16 step (48 against 54 G products a second on
+    // one Zen 4 core from L1; a loop of the arithmetic alone runs 58). The
+    // accumulators are ymm0-11, row `r` in ymm(NV·r)..; ymm12-13 hold the step's
+    // vectors of `b`, ymm14 the broadcast of `a`, ymm15 the product. Rows 0-2 are
+    // addressed from {a0}, rows 3-5 from {a3} = {a0} + 3 {l} ({l}: lda in bytes).
+    macro_rules! row_addr {
+        (0, $o:literal) => {
+            concat!("[{a0} + ", $o, "]")
+        };
+        (1, $o:literal) => {
+            concat!("[{a0} + {l} + ", $o, "]")
+        };
+        (2, $o:literal) => {
+            concat!("[{a0} + {l}*2 + ", $o, "]")
+        };
+        (3, $o:literal) => {
+            concat!("[{a3} + ", $o, "]")
+        };
+        (4, $o:literal) => {
+            concat!("[{a3} + {l} + ", $o, "]")
+        };
+        (5, $o:literal) => {
+            concat!("[{a3} + {l}*2 + ", $o, "]")
+        };
+    }
+
+    /// One row of a step: `acc += a[r] · b`, the product rounded, then the sum.
+    macro_rules! row_step {
+        ($r:tt, $o:literal; $($c:literal / $bv:literal),+) => {
+            concat!(
+                "vbroadcastss ymm14, dword ptr ", row_addr!($r, $o), "\n",
+                $(
+                    "vmulps ymm15, ymm14, ", $bv, "\n",
+                    "vaddps ", $c, ", ", $c, ", ymm15\n",
+                )+
+            )
+        };
+    }
+
+    /// One step (`a` at byte offset `$o` of each row, `b` at byte offset `$ob`).
+    macro_rules! step {
+        (6x2, $o:literal, $ob:literal, $ob1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ", $ob, "]\n",
+                "vmovups ymm13, [{b} + ", $ob1, "]\n",
+                row_step!(0, $o; "ymm0" / "ymm12", "ymm1" / "ymm13"),
+                row_step!(1, $o; "ymm2" / "ymm12", "ymm3" / "ymm13"),
+                row_step!(2, $o; "ymm4" / "ymm12", "ymm5" / "ymm13"),
+                row_step!(3, $o; "ymm6" / "ymm12", "ymm7" / "ymm13"),
+                row_step!(4, $o; "ymm8" / "ymm12", "ymm9" / "ymm13"),
+                row_step!(5, $o; "ymm10" / "ymm12", "ymm11" / "ymm13"),
+            )
+        };
+        (4x2, $o:literal, $ob:literal, $ob1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ", $ob, "]\n",
+                "vmovups ymm13, [{b} + ", $ob1, "]\n",
+                row_step!(0, $o; "ymm0" / "ymm12", "ymm1" / "ymm13"),
+                row_step!(1, $o; "ymm2" / "ymm12", "ymm3" / "ymm13"),
+                row_step!(2, $o; "ymm4" / "ymm12", "ymm5" / "ymm13"),
+                row_step!(3, $o; "ymm6" / "ymm12", "ymm7" / "ymm13"),
+            )
+        };
+        (6x1, $o:literal, $ob:literal, $ob1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ", $ob, "]\n",
+                row_step!(0, $o; "ymm0" / "ymm12"),
+                row_step!(1, $o; "ymm1" / "ymm12"),
+                row_step!(2, $o; "ymm2" / "ymm12"),
+                row_step!(3, $o; "ymm3" / "ymm12"),
+                row_step!(4, $o; "ymm4" / "ymm12"),
+                row_step!(5, $o; "ymm5" / "ymm12"),
+            )
+        };
+        (4x1, $o:literal, $ob:literal, $ob1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ", $ob, "]\n",
+                row_step!(0, $o; "ymm0" / "ymm12"),
+                row_step!(1, $o; "ymm1" / "ymm12"),
+                row_step!(2, $o; "ymm2" / "ymm12"),
+                row_step!(3, $o; "ymm3" / "ymm12"),
+            )
+        };
+    }
+
+    /// `$name(k, a, lda, b, acc)`: adds the `k` steps of a `$mr` × `8 $nv` block to
+    /// `acc` (`b` advancing by `32 $nv` bytes a step), two steps an iteration, then
+    /// the odd one.
+    macro_rules! sum_kernel {
+        ($name:ident, $shape:tt, $mr:literal, $nv:literal, $b2:literal,
+         $bo1:literal, $bo2:literal, $bo3:literal; $($reg:tt = [$r:tt][$v:tt]),+) => {
+            #[target_feature(enable = "avx2")]
+            #[inline]
+            unsafe fn $name(
+                k: usize,
+                a: *const f32,
+                lda: usize,
+                b: *const f32,
+                acc: &mut [[__m256; $nv]; $mr],
+            ) {
+                asm!(
+                    "test {n}, {n}",
+                    "jz 3f",
+                    ".p2align 4",
+                    "2:",
+                    step!($shape, "0", "0", $bo1),
+                    step!($shape, "4", $bo2, $bo3),
+                    "add {a0}, 8",
+                    "add {a3}, 8",
+                    concat!("add {b}, ", $b2),
+                    "dec {n}",
+                    "jnz 2b",
+                    "3:",
+                    "test {odd}, {odd}",
+                    "jz 4f",
+                    step!($shape, "0", "0", $bo1),
+                    "4:",
+                    n = inout(reg) k / 2 => _,
+                    odd = in(reg) k % 2,
+                    a0 = inout(reg) a => _,
+                    a3 = inout(reg) a.wrapping_add(3 * lda) => _,
+                    b = inout(reg) b => _,
+                    l = in(reg) lda * 4,
+                    $(inout($reg) acc[$r][$v],)+
+                    out("ymm12") _,
+                    out("ymm13") _,
+                    out("ymm14") _,
+                    out("ymm15") _,
+                    options(nostack, readonly),
+                );
+            }
+        };
+    }
+
+    sum_kernel!(sum6x2, 6x2, 6, 2, "128", "32", "64", "96";
+        "ymm0" = [0][0], "ymm1" = [0][1], "ymm2" = [1][0], "ymm3" = [1][1], "ymm4" = [2][0], "ymm5" = [2][1],
+        "ymm6" = [3][0], "ymm7" = [3][1], "ymm8" = [4][0], "ymm9" = [4][1], "ymm10" = [5][0], "ymm11" = [5][1]);
+    sum_kernel!(sum4x2, 4x2, 4, 2, "128", "32", "64", "96";
+        "ymm0" = [0][0], "ymm1" = [0][1], "ymm2" = [1][0], "ymm3" = [1][1],
+        "ymm4" = [2][0], "ymm5" = [2][1], "ymm6" = [3][0], "ymm7" = [3][1]);
+    sum_kernel!(sum6x1, 6x1, 6, 1, "64", "0", "32", "0";
+        "ymm0" = [0][0], "ymm1" = [1][0], "ymm2" = [2][0], "ymm3" = [3][0], "ymm4" = [4][0], "ymm5" = [5][0]);
+    sum_kernel!(sum4x1, 4x1, 4, 1, "64", "0", "32", "0";
+        "ymm0" = [0][0], "ymm1" = [1][0], "ymm2" = [2][0], "ymm3" = [3][0]);
+
+    /// Rows `[0, MR)` × columns `[0, 8 NV)` of the pointers' origins, over the `k`
+    /// steps of `b` (which advances by `8 NV` a step, a panel), `out` by `ldo` a row.
+    /// The sums start from `out`'s values when `resume` (a previous chunk's partial
+    /// sums), else from zero. When `finish`, the epilogue is applied as they are
+    /// stored: `bias` (null for none) holds the block's `8 NV` biases, `act` is
+    /// [`super::Epi::act`].
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block<const MR: usize, const NV: usize>(
@@ -237,6 +407,8 @@ mod x86 {
         b: *const f32,
         out: *mut f32,
         ldo: usize,
+        resume: bool,
+        finish: bool,
         bias: *const f32,
         act: u8,
     ) {
@@ -262,42 +434,54 @@ mod x86 {
             }
         }
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
-        // Two steps per iteration, in order: the row addresses and the loop's own
-        // instructions are then shared by two steps (1-2% faster).
-        let mut kk = 0;
-        while kk + 2 <= k {
-            step(&mut acc, a, lda, b, kk);
-            step(&mut acc, a, lda, b, kk + 1);
-            kk += 2;
+        if resume {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(out.add(r * ldo + 8 * v));
+                }
+            }
         }
-        if kk < k {
-            step(&mut acc, a, lda, b, kk);
+        // Each arm casts `acc` to the array type its sizes make it.
+        let p = acc.as_mut_ptr();
+        match (MR, NV) {
+            (6, 2) => sum6x2(k, a, lda, b, &mut *p.cast()),
+            (4, 2) => sum4x2(k, a, lda, b, &mut *p.cast()),
+            (6, 1) => sum6x1(k, a, lda, b, &mut *p.cast()),
+            (4, 1) => sum4x1(k, a, lda, b, &mut *p.cast()),
+            _ => {
+                for kk in 0..k {
+                    step(&mut acc, a, lda, b, kk);
+                }
+            }
         }
         let zero = _mm256_setzero_ps();
         let six = _mm256_set1_ps(6.0);
         for (r, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
                 let mut y = x;
-                if !bias.is_null() {
-                    y = _mm256_add_ps(y, _mm256_loadu_ps(bias.add(8 * v)));
-                }
-                // `max(0, y)` is `0 > y ? 0 : y` and `min(6, y)` is `6 < y ? 6 : y`:
-                // NaN and -0 pass through, as in the scalar selects.
-                if act != 0 {
-                    y = _mm256_max_ps(zero, y);
-                }
-                if act == 2 {
-                    y = _mm256_min_ps(six, y);
+                if finish {
+                    if !bias.is_null() {
+                        y = _mm256_add_ps(y, _mm256_loadu_ps(bias.add(8 * v)));
+                    }
+                    // `max(0, y)` is `0 > y ? 0 : y` and `min(6, y)` is `6 < y ? 6 : y`:
+                    // NaN and -0 pass through, as in the scalar selects.
+                    if act != 0 {
+                        y = _mm256_max_ps(zero, y);
+                    }
+                    if act == 2 {
+                        y = _mm256_min_ps(six, y);
+                    }
                 }
                 _mm256_storeu_ps(out.add(r * ldo + 8 * v), y);
             }
         }
     }
 
-    /// All `m` rows of one panel, `MR` (4 or 6) at a time.
+    /// All `m` rows of one panel: blocks of 6 rows, then of 4 (the last 8 rows as two
+    /// of 4 when `m % 6` is 2: a 32-row tile is 6+6+6+6+4+4), then the rest.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn columns<const MR: usize, const NV: usize>(
+    unsafe fn columns<const NV: usize>(
         m: usize,
         k: usize,
         a: *const f32,
@@ -305,51 +489,33 @@ mod x86 {
         b: *const f32,
         out: *mut f32,
         ldo: usize,
+        resume: bool,
+        finish: bool,
         bias: *const f32,
         act: u8,
     ) {
+        let sixes = if m % 6 == 2 && m >= 8 {
+            m - 8
+        } else {
+            m - m % 6
+        };
         let mut r = 0;
-        while r + MR <= m {
-            block::<MR, NV>(k, a.add(r * lda), lda, b, out.add(r * ldo), ldo, bias, act);
-            r += MR;
+        while r < sixes {
+            let (a, out) = (a.add(r * lda), out.add(r * ldo));
+            block::<6, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act);
+            r += 6;
+        }
+        while r + 4 <= m {
+            let (a, out) = (a.add(r * lda), out.add(r * ldo));
+            block::<4, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act);
+            r += 4;
         }
         let (a, out) = (a.add(r * lda), out.add(r * ldo));
         match m - r {
-            5 => block::<5, NV>(k, a, lda, b, out, ldo, bias, act),
-            4 => block::<4, NV>(k, a, lda, b, out, ldo, bias, act),
-            3 => block::<3, NV>(k, a, lda, b, out, ldo, bias, act),
-            2 => block::<2, NV>(k, a, lda, b, out, ldo, bias, act),
-            1 => block::<1, NV>(k, a, lda, b, out, ldo, bias, act),
+            3 => block::<3, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act),
+            2 => block::<2, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act),
+            1 => block::<1, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act),
             _ => {}
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn panels<const MR: usize>(
-        m: usize,
-        a: &[f32],
-        lda: usize,
-        b: &PackedB,
-        op: *mut f32,
-        epi: Epi,
-    ) {
-        let (k, n) = (b.k, b.n);
-        let ap = a.as_ptr();
-        let bias = |j: usize| epi.bias.map_or(std::ptr::null(), |b| b[j..].as_ptr());
-        let mut panel = b.panels.as_ptr();
-        let mut j = 0;
-        while j + 16 <= n {
-            columns::<MR, 2>(m, k, ap, lda, panel, op.add(j), n, bias(j), epi.act);
-            panel = panel.add(16 * k);
-            j += 16;
-        }
-        if j + 8 <= n {
-            columns::<MR, 1>(m, k, ap, lda, panel, op.add(j), n, bias(j), epi.act);
-            j += 8;
-        }
-        if j < n {
-            let (j0, rest) = b.rest();
-            super::portable(m, k, n, a, lda, rest, op, j0, epi);
         }
     }
 
@@ -359,12 +525,32 @@ mod x86 {
     /// for AVX2.
     #[target_feature(enable = "avx2")]
     pub unsafe fn sgemm(m: usize, a: &[f32], lda: usize, b: &PackedB, op: *mut f32, epi: Epi) {
-        // Long sums (TextCNN's 512-1024) measured 2-4% faster in `qpipe eval` with
-        // 4 rows, though not in a loop over one product; the cause is not established.
-        if b.k > 256 {
-            panels::<4>(m, a, lda, b, op, epi)
-        } else {
-            panels::<6>(m, a, lda, b, op, epi)
+        let (k, n) = (b.k, b.n);
+        let ap = a.as_ptr();
+        let bias = |j: usize| epi.bias.map_or(std::ptr::null(), |b| b[j..].as_ptr());
+        let chunks = k.div_ceil(KC).max(1);
+        let kc = k.div_ceil(chunks);
+        for c in 0..chunks {
+            let k0 = c * kc;
+            let len = kc.min(k - k0);
+            let (resume, finish) = (c > 0, c + 1 == chunks);
+            let ak = ap.add(k0);
+            let mut panel = b.data().as_ptr();
+            let mut j = 0;
+            while j + 16 <= n {
+                let (pb, bj, oj) = (panel.add(16 * k0), bias(j), op.add(j));
+                columns::<2>(m, len, ak, lda, pb, oj, n, resume, finish, bj, epi.act);
+                panel = panel.add(16 * k);
+                j += 16;
+            }
+            if j + 8 <= n {
+                let (pb, bj, oj) = (panel.add(8 * k0), bias(j), op.add(j));
+                columns::<1>(m, len, ak, lda, pb, oj, n, resume, finish, bj, epi.act);
+            }
+        }
+        if n % 8 != 0 {
+            let (j0, rest) = b.rest();
+            super::portable(m, k, n, a, lda, rest, op, j0, epi);
         }
     }
 }
@@ -423,6 +609,11 @@ mod tests {
             (24, 12, 16),
             (16, 0, 20),
             (15, 300, 41),
+            // Sums in chunks (more than 256 terms), 32 rows as 6+6+6+6+4+4.
+            (32, 520, 40),
+            (8, 257, 16),
+            (11, 600, 24),
+            (7, 769, 8),
         ] {
             let lda = k + 3;
             let a: Vec<f32> = (0..m * lda).map(|_| next()).collect();
