@@ -174,7 +174,7 @@ fn tiles<'a, T: Send>(
             let (xs, off) = image(b);
             shifts[..rows].fill(128 - off);
             xor_copy(patches, &xs[in_image * g.c..(in_image + rows) * g.c]);
-            product(t, patches, &shifts[..rows], out_t, acc_buf);
+            product(first, patches, ldu, &shifts[..rows], out_t, acc_buf);
             return;
         }
         for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
