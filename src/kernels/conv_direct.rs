@@ -19,6 +19,7 @@ use super::nn::Epilogue;
 
 /// At most this many floats of one filter row (`kw · c`) take this path: past that a
 /// patch row is long enough for its copy to cost little against its products.
+#[cfg(target_arch = "x86_64")]
 const MAX_ROW: usize = 16;
 
 /// Pixels per unit of work (a few output rows of one image) that share one padded band.
@@ -146,6 +147,7 @@ fn rows_of(
         row[in_lo * c..in_hi * c].copy_from_slice(&xs[src..src + (in_hi - in_lo) * c]);
         row[in_hi * c..].fill(0.0);
     }
+    #[cfg(target_arch = "x86_64")]
     let pixels = (y1 - y0) * ow;
     let op = dst.as_mut_ptr() as *mut f32;
     // SAFETY: `applies` checked AVX2; every pixel's window (kh rows of kw · c floats
@@ -201,6 +203,7 @@ fn cols_live(g: &Geom, x: usize) -> bool {
     (0..g.kw).any(|kx| (x * g.strides[1] + kx).wrapping_sub(g.pl) < g.wd)
 }
 
+#[cfg(target_arch = "x86_64")]
 fn act(epi: &Epilogue) -> u8 {
     match epi.act {
         super::nn::Act::None => 0,

@@ -69,6 +69,7 @@ pub fn pool(
     let mut taps: Vec<usize> = Vec::with_capacity(ksize[0].saturating_mul(ksize[1]).min(1024));
     // The taps of a window wholly inside the input, from its first pixel: the taps of
     // such a pixel are these plus its first pixel's offset, and are not listed again.
+    #[cfg(target_arch = "x86_64")]
     let whole: Vec<usize> = if ksize[0] <= h && ksize[1] <= wd {
         (0..ksize[0])
             .flat_map(|dy| (0..ksize[1]).map(move |dx| (dy * wd + dx) * c))
