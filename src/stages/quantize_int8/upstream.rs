@@ -132,6 +132,7 @@ fn kept_extremes(rows: &[[f32; 2]], excluded: &[bool]) -> Option<Range32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::op::{Op, Unary};
     use crate::ir::{Node, TensorRef};
 
     /// x -> h -> y, 40 calibration rows: row k has x in [-1, 1] and h, y in
@@ -140,9 +141,9 @@ mod tests {
     fn chain(glitch: &[usize], glitch_x: f32, x_range: Range32) -> (Graph, Stats) {
         let g = Graph {
             nodes: vec![
-                Node::new("x", "Placeholder"),
-                Node::new("h", "Relu").with_input(TensorRef::new("x", 0)),
-                Node::new("y", "Relu").with_input(TensorRef::new("h", 0)),
+                Node::new("x", Op::Placeholder.name()),
+                Node::new("h", Op::Unary(Unary::Relu).name()).with_input(TensorRef::new("x", 0)),
+                Node::new("y", Op::Unary(Unary::Relu).name()).with_input(TensorRef::new("h", 0)),
             ],
             inputs: vec!["x".into()],
             ..Graph::default()
