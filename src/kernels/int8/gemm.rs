@@ -177,20 +177,28 @@ fn tiles<'a, T: Send>(
             product(first, patches, ldu, &shifts[..rows], out_t, acc_buf);
             return;
         }
-        for (j, patch) in patches.chunks_exact_mut(ldu).enumerate() {
+        let mut j = 0;
+        while j < rows {
             if in_image == per_image {
                 (b, in_image) = (b + 1, 0);
             }
             let (xs, off) = image(b);
             // `(x + off) + shift` with `shift = 128 - off` is `x + 128` whatever the
             // offset; a padding tap stands for `x + off = 0`.
-            shifts[j] = 128 - off;
             if pointwise {
-                xor_copy(&mut patch[..g.c], &xs[in_image * g.c..(in_image + 1) * g.c]);
-            } else {
-                super::patch::fill(&g, xs, in_image, (128 - off) as u8, &mut patch[..k]);
+                shifts[j] = 128 - off;
+                let patch = &mut patches[j * ldu..][..g.c];
+                xor_copy(patch, &xs[in_image * g.c..(in_image + 1) * g.c]);
+                (j, in_image) = (j + 1, in_image + 1);
+                continue;
             }
-            in_image += 1;
+            // The rest of this output row, as far as the tile goes.
+            let count = (rows - j).min(g.ow - in_image % g.ow);
+            shifts[j..j + count].fill(128 - off);
+            let pad = (128 - off) as u8;
+            let row = &mut patches[j * ldu..(j + count) * ldu];
+            super::patch::fill_row(&g, xs, in_image, count, pad, row, ldu);
+            (j, in_image) = (j + count, in_image + count);
         }
         product(first, patches, ldu, &shifts[..rows], out_t, acc_buf);
     };

@@ -111,6 +111,62 @@ pub(super) fn fill(g: &Geom<'_>, xs: &[i8], in_image: usize, pad: u8, patch: &mu
     }
 }
 
+/// Fills the patches of `count` consecutive output pixels of one output row, from
+/// `in_image` on, into `patches` (`ldu` bytes apart, `ldu >= kh·kw·c`). The pixels
+/// whose windows lie wholly inside the input (unit column dilation) share their tap
+/// offsets, shifted by `stride·c` values per pixel: their `kh` runs are copied
+/// without working out each pixel's geometry; the others go through [`fill`].
+pub(super) fn fill_row(
+    g: &Geom<'_>,
+    xs: &[i8],
+    in_image: usize,
+    count: usize,
+    pad: u8,
+    patches: &mut [u8],
+    ldu: usize,
+) {
+    let (oy, ox0) = (in_image / g.ow, in_image % g.ow);
+    debug_assert!(ox0 + count <= g.ow);
+    let (c, kw, kh) = (g.c, g.kw, g.kh);
+    let run = kw * c;
+    let k = kh * run;
+    let (sy, sx) = (g.win.strides[0], g.win.strides[1]);
+    let dy = g.win.dilations[0];
+    let iy0 = (oy * sy) as isize - g.pt as isize;
+    let rows_inside = kh > 0 && iy0 >= 0 && iy0 as usize + (kh - 1) * dy < g.h;
+    let cols_ok = g.win.dilations[1] == 1 || kw <= 1;
+    // Output columns lo..hi: `ox·sx - pl >= 0` and `ox·sx - pl + kw <= wd`.
+    let (lo, hi) = if rows_inside && cols_ok && run > 0 && sx > 0 && g.wd + g.pl >= kw {
+        (g.pl.div_ceil(sx), (g.wd + g.pl - kw) / sx + 1)
+    } else {
+        (0, 0)
+    };
+    let (lo, hi) = (lo.clamp(ox0, ox0 + count), hi.clamp(ox0, ox0 + count));
+    let (lo, hi) = if lo < hi {
+        (lo, hi)
+    } else {
+        (ox0 + count, ox0 + count)
+    };
+    for ox in (ox0..lo).chain(hi..ox0 + count) {
+        let j = ox - ox0;
+        fill(g, xs, in_image + j, pad, &mut patches[j * ldu..][..k]);
+    }
+    if lo == hi {
+        return;
+    }
+    let step = dy * g.wd * c;
+    let mut s = (iy0 as usize * g.wd + lo * sx - g.pl) * c;
+    for ox in lo..hi {
+        let j = ox - ox0;
+        let patch = &mut patches[j * ldu..][..k];
+        let src = &xs[s..s + (kh - 1) * step + run];
+        for ky in 0..kh {
+            flip(&mut patch[ky * run..][..run], &src[ky * step..][..run]);
+        }
+        s += sx * c;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +189,7 @@ mod tests {
     #[test]
     fn equal_to_tap_by_tap_bytes() {
         let mut checked = 0;
+        let mut rows_checked = 0;
         // (h, w, c, kh, kw, stride, dilation, pad top, pad left)
         for &(h, wd, c, kh, kw, s, d, pt, pl) in &[
             (
@@ -144,6 +201,8 @@ mod tests {
             (9, 11, 2, 3, 3, 1, 2, 2, 2),
             (6, 5, 7, 1, 4, 1, 1, 0, 3),
             (4, 4, 3, 3, 7, 1, 1, 1, 5),
+            (16, 16, 3, 3, 3, 2, 1, 1, 1),
+            (10, 13, 2, 2, 3, 3, 1, 0, 1),
         ] {
             let (eh, ew) = ((kh - 1) * d + 1, (kw - 1) * d + 1);
             let oh = (h + 2 * pt).saturating_sub(eh) / s + 1;
@@ -170,6 +229,7 @@ mod tests {
                 .collect();
             let k = kh * kw * c;
             let pad = 0x33u8;
+            let mut wants = Vec::with_capacity(oh * ow);
             for px in 0..oh * ow {
                 let (y, x) = (px / ow, px % ow);
                 let mut want = Vec::with_capacity(k);
@@ -195,9 +255,34 @@ mod tests {
                     &want[..],
                     "{h}x{wd}x{c} k{kh}x{kw} s{s} d{d} pad {pt},{pl} pixel {px}"
                 );
+                wants.push(want);
                 checked += 1;
+            }
+            // Every run of pixels along a row, with room after each patch.
+            let ldu = k + 3;
+            for y in 0..oh {
+                for x0 in 0..ow {
+                    for count in 1..=ow - x0 {
+                        let mut got = vec![0xAAu8; count * ldu];
+                        fill_row(&g, &xs, y * ow + x0, count, pad, &mut got, ldu);
+                        for j in 0..count {
+                            let p = &got[j * ldu..][..ldu];
+                            assert_eq!(
+                                &p[..k],
+                                &wants[y * ow + x0 + j][..],
+                                "{h}x{wd}x{c} k{kh}x{kw} s{s} d{d} pad {pt},{pl} row {y} from {x0} count {count} pixel {j}"
+                            );
+                            assert!(
+                                p[k..].iter().all(|&b| b == 0xAA),
+                                "fill_row wrote past a patch"
+                            );
+                        }
+                        rows_checked += 1;
+                    }
+                }
             }
         }
         assert!(checked > 500, "{checked}");
+        assert!(rows_checked > 2000, "{rows_checked}");
     }
 }
