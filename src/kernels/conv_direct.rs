@@ -3,8 +3,8 @@
 //! a copy of 9 floats, and building them cost as much as the product.
 //!
 //! Each output sums its `kh · kw · c` taps from 0.0 in filter order (`[kh, kw, c]`), the
-//! padding's taps included as `0 · w`, each product and each sum rounded (no FMA): the
-//! order and the operations of the patch product (`nn::conv2d_ex`), so the same bits. A
+//! padding's taps included as `0 · w`, each step a fused multiply-add: the order and the
+//! operations of the patch product (`nn::conv2d_ex`), so the same bits. A
 //! pixel whose window lies wholly in the padding is exactly 0 there, and here too. The
 //! filter is read in its HWIO layout: a step of the sum loads 16 (or 8) output channels
 //! of one tap, contiguous.
@@ -150,7 +150,7 @@ fn rows_of(
     #[cfg(target_arch = "x86_64")]
     let pixels = (y1 - y0) * ow;
     let op = dst.as_mut_ptr() as *mut f32;
-    // SAFETY: `applies` checked AVX2; every pixel's window (kh rows of kw · c floats
+    // SAFETY: `applies` checked AVX2 and FMA; every pixel's window (kh rows of kw · c floats
     // from its origin, rs apart) lies in the band, the filter holds k · o floats, the
     // bias (if any) o, and dst pixels · o.
     #[cfg(target_arch = "x86_64")]
@@ -244,7 +244,7 @@ mod x86 {
                 for (r, row) in acc.iter_mut().enumerate() {
                     let av = _mm256_set1_ps(*px[r].add(off + j));
                     for (x, &wv) in row.iter_mut().zip(&bv) {
-                        *x = _mm256_add_ps(*x, _mm256_mul_ps(av, wv));
+                        *x = _mm256_fmadd_ps(av, wv, *x);
                     }
                 }
                 wp = wp.add(o);
@@ -313,9 +313,9 @@ mod x86 {
     /// pixel) into `out` (`o` a pixel).
     ///
     /// # Safety
-    /// AVX2; the band holds every pixel's window, `w` `kh · krow · o` floats, `bias`
+    /// AVX2 and FMA; the band holds every pixel's window, `w` `kh · krow · o` floats, `bias`
     /// (null for none) `o`, `out` `pixels · o`; `o` a multiple of 8.
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn pixels(
         band: *const f32,
@@ -360,8 +360,8 @@ mod tests {
     use crate::kernels::nn::{self, Act, Padding, Window};
     use crate::kernels::value::Value;
 
-    /// Every output summed tap by tap from 0.0 in filter order, padding taps as 0 · w,
-    /// then the bias and activation (the patch product's arithmetic).
+    /// Every output summed tap by tap from 0.0 in filter order (fused multiply-adds),
+    /// padding taps as 0 · w, then the bias and activation (the patch product's arithmetic).
     #[allow(clippy::too_many_arguments)]
     fn naive(
         g: &Geom,
@@ -396,7 +396,7 @@ mod tests {
                                         0.0
                                     };
                                     let wv = ws[((ky * g.kw + kx) * g.c + ci) * o + j];
-                                    s += xv * wv;
+                                    s = xv.mul_add(wv, s);
                                 }
                             }
                         }

@@ -250,6 +250,8 @@ fn weight_bytes(g: &Graph) -> usize {
 /// The statistics hold histograms from which every `method` derives its ranges, so
 /// the method and percentile are not part of the key; `equalize` (the graph that
 /// runs) and `bias_correction` (per-channel histograms) are.
+/// The interpreter's float arithmetic ([`crate::kernels::FLOAT_ARITHMETIC`]) is named
+/// too, so that the key does not rest on the stage's version alone for it.
 pub fn calibration_key(
     dataset: &str,
     digest: &[u8; 32],
@@ -258,6 +260,7 @@ pub fn calibration_key(
 ) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
     h.update(b"qpipe calibration v4\0");
+    h.update(&crate::kernels::FLOAT_ARITHMETIC.to_le_bytes());
     h.update(dataset.as_bytes());
     h.update(&[0]);
     h.update(digest);
@@ -313,7 +316,8 @@ impl Stage for QuantizeInt8 {
     fn version(&self) -> u32 {
         // 2: data-movement ops, zero biases dropped, the spatial ops;
         // 3: composites fused (GELU, PReLU, l2_normalize), duplicates merged.
-        3
+        // Calibration runs the float interpreter: its arithmetic is part of the version.
+        crate::kernels::float_stage_version(3)
     }
     fn deps(&self) -> StageDeps {
         let mut deps = StageDeps {

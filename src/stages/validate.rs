@@ -712,7 +712,8 @@ impl Stage for Validate {
         // 2: the default runtime is LiteRT's reference kernels; every output is measured.
         // 3: int8 SUM follows LiteRT's kernels (reference: bytes read as uint8).
         // 4: the per-layer table is measured on the first `layer_samples` rows.
-        4
+        // Both models run in the float interpreter: its arithmetic is part of the version.
+        crate::kernels::float_stage_version(4)
     }
     fn deps(&self) -> StageDeps {
         StageDeps {

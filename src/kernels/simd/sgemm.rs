@@ -1,19 +1,20 @@
 //! Float matrix product with the scalar kernels' exact arithmetic (see the module
-//! above): `out[i][j] = Σ_kk a[i][kk] · b[kk][j]`, from 0.0, in `kk` order, each product
-//! and each sum rounded. Blocks of 6 rows × 16 columns stay in AVX2 registers for the
-//! sum (12 accumulators, the two vectors of `b` and a broadcast of `a` fill the 16
-//! registers), with blocks of 4 rows for the rest (a 32-row tile is 6+6+6+6+4+4). `b`
+//! above): `out[i][j] = Σ_kk a[i][kk] · b[kk][j]`, from 0.0, in `kk` order, each step
+//! a fused multiply-add (`acc = a · b + acc`, one rounding). Blocks of 6 rows × 16
+//! columns stay in AVX2 registers for the sum (12 accumulators, the two vectors of `b`
+//! and a broadcast of `a`), with blocks of 4 rows for the rest (a 32-row tile is 6+6+6+6+4+4). `b`
 //! is first copied into panels of 16 columns (then one of 8), so that each step of the
 //! sum reads one contiguous 64-byte line of it. Sums of more than 256 terms run in
 //! chunks of at most 256, each chunk over every panel before the next, the partial
 //! sums waiting in `out` (the terms are added in the same order, so the bits are the
 //! same): a chunk of a panel then stays in L1 across the row blocks.
 //!
-//! AVX-512 does not help here: on the AMD CPUs that have it, 512-bit multiplies and adds
+//! AVX-512 did not help here: on the AMD CPUs that have it, 512-bit multiplies and adds
 //! run at no more lanes per cycle than 256-bit ones (a register-only loop measured 42
 //! against 58 G products a second), and a 12-row block in AVX-512VL's 32 registers was
 //! slower than this one (so was an 8 × 24 block, and a 6 × 16 one multiplying by
-//! AVX-512's broadcast memory operands).
+//! AVX-512's broadcast memory operands). Those were measured with a separate multiply
+//! and add per step, before the kernels used FMA.
 
 use std::mem::MaybeUninit;
 
@@ -222,7 +223,7 @@ unsafe fn portable(
         for (kk, &av) in ar.iter().enumerate() {
             let br = &b[kk * w..(kk + 1) * w];
             for (ov, &bv) in o.iter_mut().zip(br) {
-                *ov += av * bv;
+                *ov = av.mul_add(bv, *ov);
             }
         }
         if epi.bias.is_some() || epi.act != 0 {
@@ -273,14 +274,13 @@ mod x86 {
         };
     }
 
-    /// One row of a step: `acc += a[r] · b`, the product rounded, then the sum.
+    /// One row of a step: `acc = a[r] · b + acc`, rounded once.
     macro_rules! row_step {
         ($r:tt, $o:literal; $($c:literal / $bv:literal),+) => {
             concat!(
                 "vbroadcastss ymm14, dword ptr ", row_addr!($r, $o), "\n",
                 $(
-                    "vmulps ymm15, ymm14, ", $bv, "\n",
-                    "vaddps ", $c, ", ", $c, ", ymm15\n",
+                    "vfmadd231ps ", $c, ", ymm14, ", $bv, "\n",
                 )+
             )
         };
@@ -338,7 +338,7 @@ mod x86 {
     macro_rules! sum_kernel {
         ($name:ident, $shape:tt, $mr:literal, $nv:literal, $b2:literal,
          $bo1:literal, $bo2:literal, $bo3:literal; $($reg:tt = [$r:tt][$v:tt]),+) => {
-            #[target_feature(enable = "avx2")]
+            #[target_feature(enable = "avx2,fma")]
             #[inline]
             unsafe fn $name(
                 k: usize,
@@ -374,7 +374,6 @@ mod x86 {
                     out("ymm12") _,
                     out("ymm13") _,
                     out("ymm14") _,
-                    out("ymm15") _,
                     options(nostack, readonly),
                 );
             }
@@ -429,7 +428,7 @@ mod x86 {
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_set1_ps(*a.add(r * lda + kk));
                 for (x, &w) in row.iter_mut().zip(&bv) {
-                    *x = _mm256_add_ps(*x, _mm256_mul_ps(av, w));
+                    *x = _mm256_fmadd_ps(av, w, *x);
                 }
             }
         }
@@ -520,10 +519,10 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX2 must be present; `a`, `b` and `op` (`m * n` elements, written, never read
+    /// AVX2 and FMA must be present; `a`, `b` and `op` (`m * n` elements, written, never read
     /// before) must hold what [`super::sgemm_packed_uninit`] checks, with `b` packed
     /// for AVX2.
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sgemm(m: usize, a: &[f32], lda: usize, b: &PackedB, op: *mut f32, epi: Epi) {
         let (k, n) = (b.k, b.n);
         let ap = a.as_ptr();
@@ -584,6 +583,38 @@ mod tests {
         }
     }
 
+    /// The product's rate on operands that stay in L1 (6 rows of `a`, a 256-step chunk
+    /// of a 16-column panel), in G multiply-adds a second: `cargo test --release --lib
+    /// sgemm_l1_rate -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn sgemm_l1_rate() {
+        for &(m, k, n) in &[(6, 256, 16), (24, 256, 16), (32, 256, 64), (32, 768, 256)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.5).collect();
+            let packed = PackedB::new(&b, k, n);
+            let mut out = vec![0.0f32; m * n];
+            let reps = 40_000_000_000 / (m * k * n);
+            // This thread's CPU time (utime + stime, in 10 ms ticks), not the wall
+            // clock: the machine may be shared.
+            let cpu = || {
+                let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+                let f: Vec<&str> = stat.rsplit(')').next().unwrap().split(' ').collect();
+                (f[12].parse::<u64>().unwrap() + f[13].parse::<u64>().unwrap()) as f64 / 100.0
+            };
+            let t = cpu();
+            for _ in 0..reps {
+                sgemm_packed(m, std::hint::black_box(&a), k, &packed, &mut out);
+            }
+            let s = cpu() - t;
+            let rate = (reps * m * k * n) as f64 / s / 1e9;
+            eprintln!(
+                "m={m} k={k} n={n}: {rate:.1} G multiply-adds/s ({})",
+                out[0]
+            );
+        }
+    }
+
     #[test]
     fn vector_and_scalar_paths_agree_bit_for_bit() {
         let mut seed = 7u32;
@@ -594,7 +625,8 @@ mod tests {
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut kernels: Vec<(&str, Kernel)> = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             kernels.push(("avx2", x86::sgemm));
         }
         for &(m, k, n) in &[

@@ -401,6 +401,7 @@ pub(crate) fn obtain(
     };
     let mut h = blake3::Hasher::new();
     h.update(b"qpipe reference memo v1\0");
+    h.update(&crate::kernels::FLOAT_ARITHMETIC.to_le_bytes());
     h.update(digest.as_bytes());
     h.update(&[0]);
     h.update(&dataset_digest(spec)?);
