@@ -66,7 +66,7 @@ fn casts_weights_behind_dequantize_and_computes_in_f32() {
         for j in 0..2 {
             let mut acc = 0f32;
             for k in 0..3 {
-                acc += x[i * 3 + k] * wr[k * 2 + j];
+                acc = x[i * 3 + k].mul_add(wr[k * 2 + j], acc);
             }
             want.push(acc + br[j]);
         }

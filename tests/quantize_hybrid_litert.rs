@@ -33,12 +33,30 @@ const CONVERTER: [(&str, usize, usize, usize); 3] = [
 /// its outputs sit at the reference kernels' results, elsewhere at XNNPACK's qd8
 /// results. Measured max |default - BUILTIN_REF| (AVX-512 native; AVX2 under QEMU
 /// `-cpu Haswell` and `EPYC-Rome` the same to 1.2e-7): push_student 3.15e-3,
-/// conv_bn 1.95e-4, mlp_res 1.96e-5; qpipe's `xnnpack` arithmetic is within 3e-7
-/// of the default on x86-64. Twice the measured distance bounds both arithmetics.
+/// conv_bn 1.95e-4, mlp_res 1.96e-5; qpipe's `xnnpack` arithmetic is within 1.8e-7
+/// of the default on x86-64 (AVX-512 native) for push_student, 2e-5 for mlp_res, and
+/// 8.4e-5 for conv_bn (see [`REFERENCE_TOLERANCE`]). Twice the measured distance
+/// bounds both arithmetics.
 const DEFAULT_TOLERANCE: [(&str, f32); 3] = [
     ("push_student", 6.3e-3),
     ("conv_bn", 3.9e-4),
     ("mlp_res", 3.9e-5),
+];
+
+/// How far `BUILTIN_REF` may be from qpipe's hybrid outputs under the reference
+/// arithmetic, per model. The hybrid kernels are bit-exact
+/// (quantize_hybrid_kernels_litert); what differs is the float ops: qpipe's float
+/// products sum by fused multiply-adds, the reference kernels by a multiply and an
+/// add, a few ulps apart (push_student 1.8e-7, mlp_res 2.4e-7). conv_bn's first
+/// convolution stays float (432 weights, too few to quantize) and feeds, through the
+/// float depthwise and pool, the hybrid one, whose input is quantized per row at run
+/// time: an ulp there moves some inputs by a quantization step, 8.4e-5 on the
+/// probabilities (the same from the default resolver; accuracy equal). Measured on
+/// AVX-512 native, with margin.
+const REFERENCE_TOLERANCE: [(&str, f32); 3] = [
+    ("push_student", 3e-7),
+    ("conv_bn", 1.3e-4),
+    ("mlp_res", 3.6e-7),
 ];
 
 #[test]
@@ -114,10 +132,8 @@ fn dynamic_range_fixture_models_are_hybrid_and_match_litert() {
             );
             match resolver {
                 Resolver::Reference => {
-                    // The hybrid kernels are bit-exact (quantize_hybrid_kernels_litert);
-                    // what remains are the float ops' last-ulp differences (the float32
-                    // model differs from BUILTIN_REF by the same 2^-25).
-                    assert!(diff <= 6e-8, "{model}: {diff:e} off BUILTIN_REF");
+                    let tol = REFERENCE_TOLERANCE.iter().find(|t| t.0 == model).unwrap().1;
+                    assert!(diff <= tol, "{model}: {diff:e} off BUILTIN_REF");
                     assert_eq!(litert_acc, checked, "{model}: validate's accuracy");
                 }
                 Resolver::Default => {
