@@ -249,10 +249,12 @@ mod x86 {
     // The inner loops are written in assembly: compiled from intrinsics they spent an
     // address computation per row and step on top of the 2 loads, 6 broadcasts and
     // 24 multiplies and adds of a 6 × 16 step (48 against 54 G products a second on
-    // one Zen 4 core from L1; a loop of the arithmetic alone runs 58). The
+    // one Zen 4 core from L1, when they were separate; a loop of the arithmetic alone
+    // runs 58). With 12 FMAs a step the 6 × 16 loop runs 57-59 (peak 58.5), against
+    // 53-54 for the same loop with a multiply and an add (interleaved runs). The
     // accumulators are ymm0-11, row `r` in ymm(NV·r)..; ymm12-13 hold the step's
-    // vectors of `b`, ymm14 the broadcast of `a`, ymm15 the product. Rows 0-2 are
-    // addressed from {a0}, rows 3-5 from {a3} = {a0} + 3 {l} ({l}: lda in bytes).
+    // vectors of `b`, ymm14 the broadcast of `a`. Rows 0-2 are addressed from {a0},
+    // rows 3-5 from {a3} = {a0} + 3 {l} ({l}: lda in bytes).
     macro_rules! row_addr {
         (0, $o:literal) => {
             concat!("[{a0} + ", $o, "]")
@@ -300,6 +302,17 @@ mod x86 {
                 row_step!(5, $o; "ymm10" / "ymm12", "ymm11" / "ymm13"),
             )
         };
+        (5x2, $o:literal, $ob:literal, $ob1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ", $ob, "]\n",
+                "vmovups ymm13, [{b} + ", $ob1, "]\n",
+                row_step!(0, $o; "ymm0" / "ymm12", "ymm1" / "ymm13"),
+                row_step!(1, $o; "ymm2" / "ymm12", "ymm3" / "ymm13"),
+                row_step!(2, $o; "ymm4" / "ymm12", "ymm5" / "ymm13"),
+                row_step!(3, $o; "ymm6" / "ymm12", "ymm7" / "ymm13"),
+                row_step!(4, $o; "ymm8" / "ymm12", "ymm9" / "ymm13"),
+            )
+        };
         (4x2, $o:literal, $ob:literal, $ob1:literal) => {
             concat!(
                 "vmovups ymm12, [{b} + ", $ob, "]\n",
@@ -319,6 +332,16 @@ mod x86 {
                 row_step!(3, $o; "ymm3" / "ymm12"),
                 row_step!(4, $o; "ymm4" / "ymm12"),
                 row_step!(5, $o; "ymm5" / "ymm12"),
+            )
+        };
+        (5x1, $o:literal, $ob:literal, $ob1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ", $ob, "]\n",
+                row_step!(0, $o; "ymm0" / "ymm12"),
+                row_step!(1, $o; "ymm1" / "ymm12"),
+                row_step!(2, $o; "ymm2" / "ymm12"),
+                row_step!(3, $o; "ymm3" / "ymm12"),
+                row_step!(4, $o; "ymm4" / "ymm12"),
             )
         };
         (4x1, $o:literal, $ob:literal, $ob1:literal) => {
@@ -383,11 +406,16 @@ mod x86 {
     sum_kernel!(sum6x2, 6x2, 6, 2, "128", "32", "64", "96";
         "ymm0" = [0][0], "ymm1" = [0][1], "ymm2" = [1][0], "ymm3" = [1][1], "ymm4" = [2][0], "ymm5" = [2][1],
         "ymm6" = [3][0], "ymm7" = [3][1], "ymm8" = [4][0], "ymm9" = [4][1], "ymm10" = [5][0], "ymm11" = [5][1]);
+    sum_kernel!(sum5x2, 5x2, 5, 2, "128", "32", "64", "96";
+        "ymm0" = [0][0], "ymm1" = [0][1], "ymm2" = [1][0], "ymm3" = [1][1], "ymm4" = [2][0],
+        "ymm5" = [2][1], "ymm6" = [3][0], "ymm7" = [3][1], "ymm8" = [4][0], "ymm9" = [4][1]);
     sum_kernel!(sum4x2, 4x2, 4, 2, "128", "32", "64", "96";
         "ymm0" = [0][0], "ymm1" = [0][1], "ymm2" = [1][0], "ymm3" = [1][1],
         "ymm4" = [2][0], "ymm5" = [2][1], "ymm6" = [3][0], "ymm7" = [3][1]);
     sum_kernel!(sum6x1, 6x1, 6, 1, "64", "0", "32", "0";
         "ymm0" = [0][0], "ymm1" = [1][0], "ymm2" = [2][0], "ymm3" = [3][0], "ymm4" = [4][0], "ymm5" = [5][0]);
+    sum_kernel!(sum5x1, 5x1, 5, 1, "64", "0", "32", "0";
+        "ymm0" = [0][0], "ymm1" = [1][0], "ymm2" = [2][0], "ymm3" = [3][0], "ymm4" = [4][0]);
     sum_kernel!(sum4x1, 4x1, 4, 1, "64", "0", "32", "0";
         "ymm0" = [0][0], "ymm1" = [1][0], "ymm2" = [2][0], "ymm3" = [3][0]);
 
@@ -444,8 +472,10 @@ mod x86 {
         let p = acc.as_mut_ptr();
         match (MR, NV) {
             (6, 2) => sum6x2(k, a, lda, b, &mut *p.cast()),
+            (5, 2) => sum5x2(k, a, lda, b, &mut *p.cast()),
             (4, 2) => sum4x2(k, a, lda, b, &mut *p.cast()),
             (6, 1) => sum6x1(k, a, lda, b, &mut *p.cast()),
+            (5, 1) => sum5x1(k, a, lda, b, &mut *p.cast()),
             (4, 1) => sum4x1(k, a, lda, b, &mut *p.cast()),
             _ => {
                 for kk in 0..k {
@@ -476,8 +506,12 @@ mod x86 {
         }
     }
 
-    /// All `m` rows of one panel: blocks of 6 rows, then of 4 (the last 8 rows as two
-    /// of 4 when `m % 6` is 2: a 32-row tile is 6+6+6+6+4+4), then the rest.
+    /// All `m` rows of one panel: blocks of 6 rows, then at most one of 5, then of 4,
+    /// so that no block of 1-3 rows is left when `m` is 8 or more: a 32-row tile is
+    /// 6+6+6+6+4+4, 63 rows (a TextCNN's 2-wide filter over 64 steps) 6·9+5+4, 61 rows
+    /// 6·8+5+4+4. A block of fewer than 4 rows keeps fewer than the 8 sums in flight
+    /// that the FMA units need (2 a cycle, 4 cycles each): a 1-row block runs at a
+    /// quarter of the speed.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn columns<const NV: usize>(
@@ -493,16 +527,26 @@ mod x86 {
         bias: *const f32,
         act: u8,
     ) {
-        let sixes = if m % 6 == 2 && m >= 8 {
-            m - 8
-        } else {
-            m - m % 6
+        // Blocks of 6, then of 5 and 4: 6q + 1 as 6(q - 2) + 5 + 4 + 4, 6q + 2 as
+        // 6(q - 1) + 4 + 4, 6q + 3 as 6(q - 1) + 5 + 4, 6q + 5 as 6q + 5.
+        let q = m / 6;
+        let (sixes, fives) = match m % 6 {
+            1 if q >= 2 => (q - 2, 1),
+            2 if q >= 1 => (q - 1, 0),
+            3 if q >= 1 => (q - 1, 1),
+            5 => (q, 1),
+            _ => (q, 0),
         };
         let mut r = 0;
-        while r < sixes {
+        while r < 6 * sixes {
             let (a, out) = (a.add(r * lda), out.add(r * ldo));
             block::<6, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act);
             r += 6;
+        }
+        if fives == 1 {
+            let (a, out) = (a.add(r * lda), out.add(r * ldo));
+            block::<5, NV>(k, a, lda, b, out, ldo, resume, finish, bias, act);
+            r += 5;
         }
         while r + 4 <= m {
             let (a, out) = (a.add(r * lda), out.add(r * ldo));
@@ -646,6 +690,13 @@ mod tests {
             (8, 257, 16),
             (11, 600, 24),
             (7, 769, 8),
+            // 6·9+5+4, 6·8+5+4+4, 5, 5+4+4, 6+5+4+4, 5+4.
+            (63, 40, 24),
+            (61, 300, 16),
+            (5, 20, 8),
+            (13, 9, 24),
+            (19, 30, 17),
+            (9, 11, 40),
         ] {
             let lda = k + 3;
             let a: Vec<f32> = (0..m * lda).map(|_| next()).collect();
