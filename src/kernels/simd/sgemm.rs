@@ -593,7 +593,68 @@ mod x86 {
         }
         if n % 8 != 0 {
             let (j0, rest) = b.rest();
-            super::portable(m, k, n, a, lda, rest, op, j0, epi);
+            tail(m, k, n, a, lda, rest, op, j0, epi);
+        }
+    }
+
+    /// The last `n - j0` (< 8) columns, as [`super::portable`] sums them, with the columns
+    /// in the lanes of one masked vector and 4 rows at a time: a narrow product (a
+    /// classifier's FullyConnected to 4 classes) is then not one scalar chain per output.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; as for [`super::portable`], with `rest` the
+    /// `[k, n - j0]` columns.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tail(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        rest: &[f32],
+        op: *mut f32,
+        j0: usize,
+        epi: Epi,
+    ) {
+        let w = n - j0;
+        debug_assert!(w > 0 && w < 8 && rest.len() >= k * w);
+        let lanes: [i32; 8] = std::array::from_fn(|l| if l < w { -1 } else { 0 });
+        let mask = _mm256_loadu_si256(lanes.as_ptr() as *const __m256i);
+        let (ap, bp) = (a.as_ptr(), rest.as_ptr());
+        let store = |i: usize, acc: __m256| {
+            let row = op.add(i * n + j0);
+            _mm256_maskstore_ps(row, mask, acc);
+            if epi.bias.is_some() || epi.act != 0 {
+                for j in 0..w {
+                    *row.add(j) = epi.scalar(*row.add(j), j0 + j);
+                }
+            }
+        };
+        let mut i = 0;
+        while i + 4 <= m {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for kk in 0..k {
+                let bv = _mm256_maskload_ps(bp.add(kk * w), mask);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add((i + r) * lda + kk));
+                    *acc = _mm256_fmadd_ps(av, bv, *acc);
+                }
+            }
+            for (r, &acc) in acc.iter().enumerate() {
+                store(i + r, acc);
+            }
+            i += 4;
+        }
+        while i < m {
+            let mut acc = _mm256_setzero_ps();
+            for kk in 0..k {
+                let bv = _mm256_maskload_ps(bp.add(kk * w), mask);
+                let av = _mm256_broadcast_ss(&*ap.add(i * lda + kk));
+                acc = _mm256_fmadd_ps(av, bv, acc);
+            }
+            store(i, acc);
+            i += 1;
         }
     }
 }
