@@ -141,6 +141,9 @@ unsafe fn row_with<const FP32: bool>(
 /// Filter rows the dot-product row kernel takes (one byte each of a 32-bit lane).
 pub(super) const DOT_MAX_KH: usize = 4;
 
+/// Filter columns the dot-product row kernel takes.
+const DOT_MAX_KW: usize = 8;
+
 /// Whether [`dot_row`] can run on this CPU: AVX512-VNNI (`vpdpbusd`) and AVX512-BW
 /// (byte unpacks, masked byte loads and stores).
 pub(super) fn dot_available() -> bool {
@@ -207,7 +210,13 @@ impl DotFilter {
         rq: &RowRequantizer,
     ) -> Option<DotFilter> {
         let c = bias.len();
-        if kh == 0 || kh > DOT_MAX_KH || kw == 0 || c == 0 || wv.len() != kh * kw * c {
+        if kh == 0
+            || kh > DOT_MAX_KH
+            || kw == 0
+            || kw > DOT_MAX_KW
+            || c == 0
+            || wv.len() != kh * kw * c
+        {
             return None;
         }
         rq.block_form()?;
@@ -391,17 +400,27 @@ unsafe fn dot_row_with<const K: u8>(
         );
         let wb = f.w.as_ptr().add(b * kw * 256);
         let per = if packed { 64 / left } else { 1 };
+        // `at(ox · s + kx · d, j)` is `cols + koff[kx] + ox · pstep + j · jstep`.
+        let (pstep, jstep) = if packed {
+            (unit, s * nq * unit)
+        } else {
+            (s * 256, 64)
+        };
+        let mut koff = [0usize; DOT_MAX_KW];
+        for (kx, o) in koff.iter_mut().enumerate().take(kw) {
+            *o = at(kx * d, 0).offset_from(cols) as usize;
+        }
         let mut ox = 0;
         while ox < pixels {
             let (mut a0, mut a1, mut a2, mut a3) = (b0, b1, b2, b3);
-            for kx in 0..kw {
-                let col = ox * s + kx * d;
-                let wp = wb.add(kx * 256);
+            let po = cols.add(ox * pstep);
+            for (kx, &ko) in koff.iter().enumerate().take(kw) {
+                let (p, wp) = (po.add(ko), wb.add(kx * 256));
                 macro_rules! dot {
                     ($a:ident, $j:expr) => {
                         $a = _mm512_dpbusd_epi32(
                             $a,
-                            _mm512_loadu_si512(at(col, $j).cast()),
+                            _mm512_loadu_si512(p.add($j * jstep).cast()),
                             _mm512_loadu_si512(wp.add(64 * $j).cast()),
                         )
                     };
