@@ -279,12 +279,16 @@ mod x86 {
         out: *mut i32,
     ) {
         let mut r = 0;
-        while r + 4 <= m {
-            block::<4, NV>(pairs, a.add(r * lda), lda, w, n, out.add(r * n));
-            r += 4;
+        // Six rows of two vectors: twelve sums, the weights and a broadcast fill the
+        // sixteen registers (fewer loads per multiply than four rows).
+        while r + 6 <= m {
+            block::<6, NV>(pairs, a.add(r * lda), lda, w, n, out.add(r * n));
+            r += 6;
         }
         let (a, out) = (a.add(r * lda), out.add(r * n));
         match m - r {
+            5 => block::<5, NV>(pairs, a, lda, w, n, out),
+            4 => block::<4, NV>(pairs, a, lda, w, n, out),
             3 => block::<3, NV>(pairs, a, lda, w, n, out),
             2 => block::<2, NV>(pairs, a, lda, w, n, out),
             1 => block::<1, NV>(pairs, a, lda, w, n, out),
