@@ -361,7 +361,7 @@ pub fn depthwise_conv2d_ex(x: &Value, w: &Value, win: &Window, epi: Epilogue) ->
 
 /// One output row of a float depthwise convolution (see [`depthwise_conv2d`]). Each
 /// output sums its taps from 0.0 in filter order, skipping those in the padding, each
-/// product and sum rounded; then the epilogue.
+/// tap a fused multiply-add (`f32::mul_add`, one rounding); then the epilogue.
 struct Depthwise<'a> {
     xs: &'a [f32],
     ws: &'a [f32],
@@ -374,18 +374,18 @@ struct Depthwise<'a> {
 impl Depthwise<'_> {
     fn run_row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
         #[cfg(target_arch = "x86_64")]
-        if super::simd::avx2() {
-            // SAFETY: AVX2 is present.
+        if super::simd::dwconv::avx2_fma() {
+            // SAFETY: AVX2 and FMA are present.
             unsafe { self.row_avx2(r, out_row) };
             return;
         }
         self.row(r, out_row, 0..0, 0)
     }
 
-    /// The same loops compiled for AVX2, which vectorizes them across channels (no FMA:
-    /// the same products and sums).
+    /// The same loops compiled for AVX2 and FMA, which vectorizes them across channels
+    /// (`f32::mul_add` becomes `vfmadd231ps`: the same fused multiply-adds).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn row_avx2(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
         let [h, wd, c, m, kh, kw, oh, ow, pt, pl] = self.dims;
         let (sx, dx) = (self.win.strides[1], self.win.dilations[1]);
@@ -540,7 +540,7 @@ impl Depthwise<'_> {
                     let (xin, wk) = (&xs[off..off + c], &ws[wo..wo + oc]);
                     for (ci, &xv) in xin.iter().enumerate() {
                         for mi in 0..m {
-                            acc[ci * m + mi] += xv * wk[ci * m + mi];
+                            acc[ci * m + mi] = xv.mul_add(wk[ci * m + mi], acc[ci * m + mi]);
                         }
                     }
                 }
@@ -562,7 +562,7 @@ impl Depthwise<'_> {
             let xv: &[f32; W] = self.xs[off + ch..off + ch + W].try_into().expect("W");
             let wv: &[f32; W] = self.ws[wo + ch..wo + ch + W].try_into().expect("W");
             for i in 0..W {
-                acc[i] += xv[i] * wv[i];
+                acc[i] = xv[i].mul_add(wv[i], acc[i]);
             }
         }
         if let Some(bias) = self.epi.bias {

@@ -28,8 +28,8 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn avx2_rows_give_the_scalar_bits() {
-    if !super::super::simd::avx2() {
-        eprintln!("no AVX2 on this CPU: only the scalar loop exists here");
+    if !super::super::simd::dwconv::avx2_fma() {
+        eprintln!("no AVX2 with FMA on this CPU: only the scalar loop exists here");
         return;
     }
     let mut cases = 0;
@@ -84,7 +84,7 @@ fn avx2_rows_give_the_scalar_bits() {
                 let mut a = vec![MaybeUninit::new(1.5f32); ow * c];
                 let mut b = vec![MaybeUninit::new(-2.5f32); ow * c];
                 dw.row(r, &mut a, 0..0, 0);
-                // SAFETY: AVX2 is present (checked above).
+                // SAFETY: AVX2 and FMA are present (checked above).
                 unsafe { dw.row_avx2(r, &mut b) };
                 // Bits, every NaN as one: which NaN an operation returns (its sign and
                 // payload) is not specified, and it may differ between compilations of
@@ -102,4 +102,38 @@ fn avx2_rows_give_the_scalar_bits() {
         }
     }
     assert!(cases > 100, "{cases} rows compared");
+}
+
+/// Each tap is one fused multiply-add on every path (the vector rows of both widths,
+/// the channels past them, the scalar loop): with `(1 + 2^-12)^2 = 1 + 2^-11 + 2^-24`
+/// added to -1, a rounded product would lose the 2^-24.
+#[test]
+fn taps_are_fused_multiply_adds() {
+    let e = 1.0 + f32::powi(2.0, -12);
+    let want = f32::powi(2.0, -11) + f32::powi(2.0, -24);
+    assert_ne!(e * e - 1.0, want, "the product alone rounds");
+    for c in [3, 8, 16, 24, 27, 56] {
+        // One row of 6 pixels, a 1 x 2 filter: output pixel p sums x[p] * -1, then
+        // x[p + 1] * e, with x alternating 1 and e.
+        let wd = 6;
+        let xs: Vec<f32> = (0..wd * c)
+            .map(|i| if (i / c) % 2 == 0 { 1.0 } else { e })
+            .collect();
+        let ws: Vec<f32> = (0..2 * c).map(|i| if i < c { -1.0 } else { e }).collect();
+        let x = Value::from_vec(vec![1, 1, wd, c], xs);
+        let w = Value::from_vec(vec![1, 2, c, 1], ws);
+        let win = Window {
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Valid,
+        };
+        let y = depthwise_conv2d(&x, &w, &win).unwrap();
+        let ys = y.slice::<f32>().unwrap();
+        assert_eq!(ys.len(), (wd - 1) * c);
+        for (i, &v) in ys.iter().enumerate() {
+            // Even pixels: fma(e, e, -1); odd ones: fma(1, e, -e) = 0.
+            let want = if (i / c) % 2 == 0 { want } else { 0.0 };
+            assert_eq!(v.to_bits(), want.to_bits(), "c {c} element {i}");
+        }
+    }
 }

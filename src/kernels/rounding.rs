@@ -2038,6 +2038,11 @@ pub fn round_shift_20_half_away(x: i64) -> i64 {
 /// range to contain 0.0, or take absolute values).
 pub fn row_min_max(values: &[f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
+    if values.len() >= 32 && crate::kernels::simd::avx512() {
+        // SAFETY: AVX-512F is present.
+        return unsafe { hybrid_x86::min_max512(values) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if values.len() >= 16 && crate::kernels::simd::avx2() {
         // SAFETY: AVX2 is present.
         return unsafe { hybrid_x86::min_max(values) };
@@ -2072,8 +2077,14 @@ pub fn scale_round_into(
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::simd::avx2() && (-128..=127).contains(&lo) && (-128..=127).contains(&hi) {
+        if crate::kernels::simd::avx512() {
+            // SAFETY: AVX-512F is present; the lengths are equal.
+            done = unsafe { hybrid_x86::scale_round512(values, m, offset, lo, hi, even, out) };
+        }
         // SAFETY: AVX2 is present; the lengths are equal.
-        done = unsafe { hybrid_x86::scale_round(values, m, offset, lo, hi, even, out) };
+        done += unsafe {
+            hybrid_x86::scale_round(&values[done..], m, offset, lo, hi, even, &mut out[done..])
+        };
     }
     for (o, &v) in out[done..].iter_mut().zip(&values[done..]) {
         let r = if even {
@@ -2266,6 +2277,89 @@ mod hybrid_x86 {
             let b = _mm_packs_epi16(w, w);
             _mm_storel_epi64(out.as_mut_ptr().add(i) as *mut __m128i, b);
             i += 8;
+        }
+        i
+    }
+
+    /// [`min_max`] sixteen lanes at a time (`vminps`/`vmaxps` on 512 bits compare the
+    /// same way).
+    ///
+    /// # Safety
+    /// AVX-512F must be present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn min_max512(values: &[f32]) -> (f32, f32) {
+        let mut lo = _mm512_set1_ps(f32::INFINITY);
+        let mut hi = _mm512_set1_ps(f32::NEG_INFINITY);
+        let chunks = values.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            let v = _mm512_loadu_ps(c.as_ptr());
+            lo = _mm512_min_ps(v, lo);
+            hi = _mm512_max_ps(v, hi);
+        }
+        let (mut l, mut h) = ([0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(l.as_mut_ptr(), lo);
+        _mm512_storeu_ps(h.as_mut_ptr(), hi);
+        let (a, _) = super::min_max_scalar(&l, f32::INFINITY, f32::NEG_INFINITY);
+        let (_, b) = super::min_max_scalar(&h, f32::INFINITY, f32::NEG_INFINITY);
+        super::min_max_scalar(rest, a, b)
+    }
+
+    /// [`scale_round`] sixteen values per step: the same product, rounding and
+    /// fix-ups of the saturating cast, with the fix-ups as masked moves, and the
+    /// clamped lanes narrowed by `vpmovsdb` (which changes nothing within int8).
+    /// Returns how many values it wrote (a multiple of 16).
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `out` as long as `values`; `lo`, `hi` within int8.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scale_round512(
+        values: &[f32],
+        m: f32,
+        offset: i32,
+        lo: i32,
+        hi: i32,
+        even: bool,
+        out: &mut [i8],
+    ) -> usize {
+        let n = values.len().min(out.len());
+        let mv = _mm512_set1_ps(m);
+        let off = _mm512_set1_epi32(offset);
+        let (lov, hiv) = (_mm512_set1_epi32(lo), _mm512_set1_epi32(hi));
+        let (half, mhalf) = (_mm512_set1_ps(0.5), _mm512_set1_ps(-0.5));
+        let one = _mm512_set1_epi32(1);
+        let two31 = _mm512_set1_ps(2_147_483_648.0);
+        let m_two31 = _mm512_set1_ps(-2_147_483_648.0);
+        let (imax, imin) = (_mm512_set1_epi32(i32::MAX), _mm512_set1_epi32(i32::MIN));
+        let lanes = |i: usize| {
+            let x = _mm512_mul_ps(_mm512_loadu_ps(values.as_ptr().add(i)), mv);
+            let q = if even {
+                let r =
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                _mm512_cvttps_epi32(r)
+            } else {
+                // As in `scale_round`: the remainder is exact, compared with ±½.
+                let t = _mm512_cvttps_epi32(x);
+                let f = _mm512_sub_ps(x, _mm512_cvtepi32_ps(t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, half);
+                let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, mhalf);
+                let t = _mm512_mask_add_epi32(t, up, t, one);
+                _mm512_mask_sub_epi32(t, down, t, one)
+            };
+            // The saturating `as i32`: NaN → 0, ≥ 2^31 → MAX, < -2^31 → MIN.
+            let big = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, two31);
+            let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, m_two31);
+            let number = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+            let q = _mm512_mask_mov_epi32(q, big, imax);
+            let q = _mm512_mask_mov_epi32(q, small, imin);
+            let q = _mm512_maskz_mov_epi32(number, q);
+            let q = _mm512_add_epi32(q, off);
+            _mm512_cvtsepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lov), hiv))
+        };
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, lanes(i));
+            i += 16;
         }
         i
     }
@@ -2524,6 +2618,34 @@ mod hybrid_row_tests {
                     for even in [false, true] {
                         let mut got = vec![0i8; values.len()];
                         scale_round_into(&values, m, offset, (lo, hi), even, &mut got);
+                        // Each vector kernel alone (the dispatch takes the widest).
+                        #[cfg(target_arch = "x86_64")]
+                        for wide in [false, true] {
+                            // Every byte differs from the answer until written.
+                            let mut alone: Vec<i8> = got.iter().map(|&g| g ^ 1).collect();
+                            let done = if !wide && crate::kernels::simd::avx2() {
+                                // SAFETY: AVX2 is present; the lengths are equal.
+                                unsafe {
+                                    hybrid_x86::scale_round(
+                                        &values, m, offset, lo, hi, even, &mut alone,
+                                    )
+                                }
+                            } else if wide && crate::kernels::simd::avx512() {
+                                // SAFETY: AVX-512F is present; the lengths are equal.
+                                unsafe {
+                                    hybrid_x86::scale_round512(
+                                        &values, m, offset, lo, hi, even, &mut alone,
+                                    )
+                                }
+                            } else {
+                                0
+                            };
+                            assert_eq!(
+                                alone[..done],
+                                got[..done],
+                                "wide {wide} m={m} offset={offset}"
+                            );
+                        }
                         for (i, (&v, &g)) in values.iter().zip(&got).enumerate() {
                             let r = if even {
                                 (v * m).round_ties_even()

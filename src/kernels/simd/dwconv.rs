@@ -1,12 +1,23 @@
-//! Float depthwise convolution (multiplier 1) on AVX2 / AVX-512F, one output row at a
-//! time. Each output sums its taps from 0.0 in filter order (taps that fall in the
-//! padding are left out, as in the scalar loop), each product and each sum rounded, then adds the bias and
+//! Float depthwise convolution (multiplier 1) on AVX2 + FMA / AVX-512F, one output row at
+//! a time. Each output sums its taps from 0.0 in filter order (taps that fall in the
+//! padding are left out, as in the scalar loop), each tap a fused multiply-add (one
+//! rounding: `vfmadd231ps`, the scalar loop's `f32::mul_add`), then adds the bias and
 //! applies the activation: the bits of `nn::depthwise_conv2d`'s scalar loop. The vectors
 //! run across channels; several horizontally adjacent pixels are summed at once, so that
 //! their independent sums overlap instead of waiting on one another.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{interior, interior512};
+
+/// Whether the vector rows may run: AVX2 (`simd::avx2`, which `QPIPE_NO_SIMD` turns
+/// off) with FMA. A CPU with AVX2 but without FMA takes the portable loop, whose
+/// `f32::mul_add` gives the same bits.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| super::avx2() && std::arch::is_x86_feature_detected!("fma"))
+}
 
 /// The geometry of one output row: the input rows it reads and its window.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86-64 kernels only
@@ -38,7 +49,7 @@ pub(crate) struct DwRow<'a> {
 #[cfg(target_arch = "x86_64")]
 macro_rules! dw_kernel {
     ($name:ident, $feat:literal, $v:ty, $lanes:literal, $zero:ident, $set1:ident, $load:ident,
-     $store:ident, $add:ident, $mul:ident, $max:ident, $min:ident) => {
+     $store:ident, $add:ident, $fmadd:ident, $max:ident, $min:ident) => {
         /// Writes channels `0..chans / $lanes * $lanes` of the `ow` output pixels of
         /// the row into `out` (the row, `[ow, c]`). Pixels `lo..hi` have their whole
         /// window inside the input horizontally; the others skip the taps outside it.
@@ -141,7 +152,7 @@ macro_rules! dw_kernel {
                             let xp = xrow.add(p * pstep + (kx - k0) * kstep);
                             for v in 0..V {
                                 let xv = $load(xp.add($lanes * v));
-                                a[v] = $add(a[v], $mul(xv, wv[v]));
+                                a[v] = $fmadd(xv, wv[v], a[v]);
                             }
                         }
                     }
@@ -224,7 +235,7 @@ mod x86 {
 
     dw_kernel!(
         interior,
-        "avx2",
+        "avx2,fma",
         __m256,
         8,
         _mm256_setzero_ps,
@@ -232,7 +243,7 @@ mod x86 {
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_add_ps,
-        _mm256_mul_ps,
+        _mm256_fmadd_ps,
         _mm256_max_ps,
         _mm256_min_ps
     );
@@ -246,7 +257,7 @@ mod x86 {
         _mm512_loadu_ps,
         _mm512_storeu_ps,
         _mm512_add_ps,
-        _mm512_mul_ps,
+        _mm512_fmadd_ps,
         _mm512_max_ps,
         _mm512_min_ps
     );
