@@ -141,6 +141,9 @@ unsafe fn row_with<const FP32: bool>(
 /// Filter rows the dot-product row kernel takes (one byte each of a 32-bit lane).
 pub(super) const DOT_MAX_KH: usize = 4;
 
+/// Filter columns the dot-product row kernel takes.
+const DOT_MAX_KW: usize = 8;
+
 /// Whether [`dot_row`] can run on this CPU: AVX512-VNNI (`vpdpbusd`) and AVX512-BW
 /// (byte unpacks, masked byte loads and stores).
 pub(super) fn dot_available() -> bool {
@@ -207,7 +210,13 @@ impl DotFilter {
         rq: &RowRequantizer,
     ) -> Option<DotFilter> {
         let c = bias.len();
-        if kh == 0 || kh > DOT_MAX_KH || kw == 0 || c == 0 || wv.len() != kh * kw * c {
+        if kh == 0
+            || kh > DOT_MAX_KH
+            || kw == 0
+            || kw > DOT_MAX_KW
+            || c == 0
+            || wv.len() != kh * kw * c
+        {
             return None;
         }
         rq.block_form()?;
@@ -275,15 +284,19 @@ pub(super) unsafe fn dot_row(
     xs: &[i8],
     scratch: &mut Vec<u8>,
 ) {
-    match f.rq.block_form() {
-        Some(Form::Gemmlowp) => dot_row_with::<false>(out, f, taps, xs, scratch),
-        Some(Form::Fp32) => dot_row_with::<true>(out, f, taps, xs, scratch),
-        None => {}
+    let Some(form) = f.rq.block_form() else {
+        return;
+    };
+    match f.rq.consts512().kind(form) {
+        block::FP32 => dot_row_with::<{ block::FP32 }>(out, f, taps, xs, scratch),
+        block::TWO_STEP => dot_row_with::<{ block::TWO_STEP }>(out, f, taps, xs, scratch),
+        block::FOLD_SIGNED => dot_row_with::<{ block::FOLD_SIGNED }>(out, f, taps, xs, scratch),
+        _ => dot_row_with::<{ block::FOLD }>(out, f, taps, xs, scratch),
     }
 }
 
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_row_with<const FP32: bool>(
+unsafe fn dot_row_with<const K: u8>(
     out: &mut [MaybeUninit<i8>],
     f: &DotFilter,
     taps: &DotRow<'_>,
@@ -305,8 +318,6 @@ unsafe fn dot_row_with<const FP32: bool>(
     // A column outside the input: every filter row reads the zero point (the bytes
     // past `kh` meet weights 0), so each of its interleaved vectors is all of it.
     let pad_cols = [_mm512_xor_si512(_mm512_set1_epi8(f.pad), flip); 4];
-    // Output dword `4g + j` is dword `g` of accumulator `j`'s 16 bytes.
-    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     let tail = packed_tail(c);
     for b in 0..c.div_ceil(64) {
         let ch = 64 * b;
@@ -375,10 +386,10 @@ unsafe fn dot_row_with<const FP32: bool>(
         // Named vectors rather than arrays indexed in loops, which the compiler keeps
         // in memory (and four 16-byte stores read back as one 64-byte load stall).
         let (l0, l1, l2, l3) = (
-            f.rq.lanes512::<FP32>(ch, 0xffff),
-            f.rq.lanes512::<FP32>(ch + 16, 0xffff),
-            f.rq.lanes512::<FP32>(ch + 32, 0xffff),
-            f.rq.lanes512::<FP32>(ch + 48, 0xffff),
+            f.rq.lanes_for::<K>(ch, 0xffff),
+            f.rq.lanes_for::<K>(ch + 16, 0xffff),
+            f.rq.lanes_for::<K>(ch + 32, 0xffff),
+            f.rq.lanes_for::<K>(ch + 48, 0xffff),
         );
         let bp = f.bias.as_ptr().add(ch);
         let (b0, b1, b2, b3) = (
@@ -389,17 +400,27 @@ unsafe fn dot_row_with<const FP32: bool>(
         );
         let wb = f.w.as_ptr().add(b * kw * 256);
         let per = if packed { 64 / left } else { 1 };
+        // `at(ox · s + kx · d, j)` is `cols + koff[kx] + ox · pstep + j · jstep`.
+        let (pstep, jstep) = if packed {
+            (unit, s * nq * unit)
+        } else {
+            (s * 256, 64)
+        };
+        let mut koff = [0usize; DOT_MAX_KW];
+        for (kx, o) in koff.iter_mut().enumerate().take(kw) {
+            *o = at(kx * d, 0).offset_from(cols) as usize;
+        }
         let mut ox = 0;
         while ox < pixels {
             let (mut a0, mut a1, mut a2, mut a3) = (b0, b1, b2, b3);
-            for kx in 0..kw {
-                let col = ox * s + kx * d;
-                let wp = wb.add(kx * 256);
+            let po = cols.add(ox * pstep);
+            for (kx, &ko) in koff.iter().enumerate().take(kw) {
+                let (p, wp) = (po.add(ko), wb.add(kx * 256));
                 macro_rules! dot {
                     ($a:ident, $j:expr) => {
                         $a = _mm512_dpbusd_epi32(
                             $a,
-                            _mm512_loadu_si512(at(col, $j).cast()),
+                            _mm512_loadu_si512(p.add($j * jstep).cast()),
                             _mm512_loadu_si512(wp.add(64 * $j).cast()),
                         )
                     };
@@ -409,16 +430,17 @@ unsafe fn dot_row_with<const FP32: bool>(
                 dot!(a2, 2);
                 dot!(a3, 3);
             }
-            macro_rules! narrow {
-                ($l:ident, $a:ident) => {
-                    _mm512_cvtsepi32_epi8(block::requantize512::<FP32>(&k, &$l, $a))
-                };
-            }
-            let z = _mm512_castsi128_si512(narrow!(l0, a0));
-            let z = _mm512_inserti32x4::<1>(z, narrow!(l1, a1));
-            let z = _mm512_inserti32x4::<2>(z, narrow!(l2, a2));
-            let z = _mm512_inserti32x4::<3>(z, narrow!(l3, a3));
-            let z = _mm512_permutexvar_epi32(order, z);
+            // The packs leave dword `4 g + j` = dword `g` of accumulator `j`: channels
+            // `16 g + 4 j..`, in order.
+            let z = block::pack64(
+                &k,
+                [
+                    block::requant16::<K>(&k, &l0, a0),
+                    block::requant16::<K>(&k, &l1, a1),
+                    block::requant16::<K>(&k, &l2, a2),
+                    block::requant16::<K>(&k, &l3, a3),
+                ],
+            );
             let dst = op.add(ox * c + ch);
             let n = per.min(pixels - ox);
             if left == 64 {
@@ -496,14 +518,26 @@ mod tests {
                 pad_left,
             };
             let ow = (wd + 2 * pad_left).saturating_sub((kw - 1) * dilation + 1) / stride + 1;
-            for mult in [
-                ChannelMultipliers::Quantized(
-                    scales.iter().map(|&s| quantize_multiplier(s)).collect(),
-                    Rounding::Double,
-                ),
-                ChannelMultipliers::Fp32(scales.iter().map(|&s| s as f32).collect()),
-            ] {
-                let rq = RowRequantizer::new(mult, -4, -120, 127);
+            // Every requantization kind: scales above 1/2 (gemmlowp's two steps), the
+            // folded form with its sign term and without it (a ReLU's bounds), f32.
+            for ((zp, lo, hi), mult) in [(-4, -120, 127), (-4, -4, 100)].into_iter().flat_map(|b| {
+                [
+                    ChannelMultipliers::Quantized(
+                        scales.iter().map(|&s| quantize_multiplier(s)).collect(),
+                        Rounding::Double,
+                    ),
+                    ChannelMultipliers::Quantized(
+                        scales
+                            .iter()
+                            .map(|&s| quantize_multiplier(s * 500.0))
+                            .collect(),
+                        Rounding::Double,
+                    ),
+                    ChannelMultipliers::Fp32(scales.iter().map(|&s| s as f32).collect()),
+                ]
+                .map(|m| (b, m))
+            }) {
+                let rq = RowRequantizer::new(mult, zp, lo, hi);
                 let f = DotFilter::new(&wv, (kh, kw), off, &bias, &rq).expect("a dot filter");
                 let mut got = vec![MaybeUninit::new(0i8); ow * c + 5];
                 // SAFETY: `dot_available` holds; the rows lie within `xs`.

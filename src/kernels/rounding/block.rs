@@ -40,6 +40,32 @@ pub struct Consts {
     signed: bool,
     /// Whether the bounds are narrower than int8 (else the saturating store clamps).
     clamp: bool,
+    /// The bounds saturated to int8, in every byte ([`pack64`]'s clamp).
+    lo8: __m512i,
+    hi8: __m512i,
+}
+
+/// The requantization a kernel runs in its loops, fixed at compile time so that no
+/// branch on the parameters is left there ([`Consts::kind`]).
+pub const FP32: u8 = 0;
+/// gemmlowp's two roundings ([`RowRequantizer::fold`] does not hold).
+pub const TWO_STEP: u8 = 1;
+/// The folded form with its sign term (the lower bound is below the zero point).
+pub const FOLD_SIGNED: u8 = 2;
+/// The folded form without it.
+pub const FOLD: u8 = 3;
+
+impl Consts {
+    /// Which of [`FP32`], [`TWO_STEP`], [`FOLD_SIGNED`], [`FOLD`] the requantizer of
+    /// `form` runs ([`requant16`]'s `K`).
+    pub fn kind(&self, form: Form) -> u8 {
+        match form {
+            Form::Fp32 => FP32,
+            Form::Gemmlowp if !self.fold => TWO_STEP,
+            Form::Gemmlowp if self.signed => FOLD_SIGNED,
+            Form::Gemmlowp => FOLD,
+        }
+    }
 }
 
 /// Sixteen channels' parameters: for [`Form::Gemmlowp`] the left shift, `q`, `q` of
@@ -111,6 +137,8 @@ impl RowRequantizer {
             sign: _mm512_set1_epi64(1 << 31),
             signed: self.lo < self.zero_point,
             clamp: self.lo > -128 || self.hi < 127,
+            lo8: _mm512_set1_epi8(self.lo.clamp(-128, 127) as i8),
+            hi8: _mm512_set1_epi8(self.hi.clamp(-128, 127) as i8),
         }
     }
 
@@ -173,6 +201,80 @@ impl RowRequantizer {
             ],
         }
     }
+}
+
+impl RowRequantizer {
+    /// [`RowRequantizer::lanes512`] for the kernel kind `K` ([`Consts::kind`]).
+    ///
+    /// # Safety
+    /// As for [`RowRequantizer::lanes512`], with `K` of this requantizer.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn lanes_for<const K: u8>(&self, c: usize, mask: __mmask16) -> Lanes {
+        if K == FP32 {
+            self.lanes512::<true>(c, mask)
+        } else {
+            self.lanes512::<false>(c, mask)
+        }
+    }
+}
+
+/// [`requantize512`] of the kind `K` ([`Consts::kind`]) without the clamp to the
+/// bounds: [`pack64`] saturates and clamps four of these at once.
+///
+/// # Safety
+/// AVX-512F must be present; `k` and `l` come from the same requantizer, `l` by
+/// [`RowRequantizer::lanes_for`]`::<K>`, and `K` is `k.kind(..)` of its form.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn requant16<const K: u8>(k: &Consts, l: &Lanes, x: __m512i) -> __m512i {
+    match K {
+        FP32 => {
+            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_castsi512_ps(l.p[0]));
+            let v = _mm512_min_ps(_mm512_max_ps(v, k.flo), k.fhi);
+            let v =
+                _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm512_add_epi32(v, k.zp)
+        }
+        FOLD_SIGNED | FOLD => {
+            // As in `requantize512`.
+            let [q, q_odd, round_e, round_o, shift_e, shift_o] = l.p;
+            let pe = _mm512_mul_epi32(x, q);
+            let po = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), q_odd);
+            let (mut te, mut to) = (_mm512_add_epi64(pe, round_e), _mm512_add_epi64(po, round_o));
+            if K == FOLD_SIGNED {
+                let zero = _mm512_setzero_si512();
+                te = _mm512_mask_sub_epi64(te, _mm512_cmplt_epi64_mask(pe, zero), te, k.sign);
+                to = _mm512_mask_sub_epi64(to, _mm512_cmplt_epi64_mask(po, zero), to, k.sign);
+            }
+            let (ye, yo) = (
+                _mm512_srav_epi64(te, shift_e),
+                _mm512_srav_epi64(to, shift_o),
+            );
+            _mm512_mask_shuffle_epi32::<0b1010_0000>(ye, 0xaaaa, yo)
+        }
+        _ => {
+            let c = Consts { clamp: false, ..*k };
+            requantize512::<false>(&c, l, x)
+        }
+    }
+}
+
+/// Four vectors of [`requant16`] values as 64 int8, saturated and clamped to the
+/// requantizer's bounds: dword `4 L + j` of the result holds dword `L` (lanes
+/// `4 L..4 L + 4`) of vector `j`, the order of the pack instructions.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be present.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn pack64(k: &Consts, v: [__m512i; 4]) -> __m512i {
+    let z = _mm512_packs_epi16(
+        _mm512_packs_epi32(v[0], v[1]),
+        _mm512_packs_epi32(v[2], v[3]),
+    );
+    // Without a branch: for bounds as wide as int8 the clamp changes nothing.
+    _mm512_min_epi8(_mm512_max_epi8(z, k.lo8), k.hi8)
 }
 
 /// The requantized values of sixteen accumulators `x` (bias included), clamped to
@@ -307,11 +409,58 @@ mod tests {
                 let want = r.apply(chunk[c].wrapping_add(bias[c]), c);
                 assert_eq!(out[c], want, "{form:?} acc {} channel {c}", chunk[c]);
             }
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: as above, and AVX-512BW is present.
+                let packed = unsafe { packed_kind(&r, form, chunk, &bias) };
+                for c in 0..channels.min(64) {
+                    let (j, l) = (c / 16, c % 16);
+                    let want = r.apply(chunk[c].wrapping_add(bias[c]), c);
+                    let got = packed[16 * (l / 4) + 4 * j + l % 4];
+                    assert_eq!(got, want, "packed {form:?} acc {} channel {c}", chunk[c]);
+                }
+            }
             assert!(
                 out[channels..].iter().all(|&b| b == 0x55),
                 "stored past the row"
             );
         }
+    }
+
+    /// The first (up to) 64 channels of `chunk` plus `bias` through [`requant16`] of
+    /// the requantizer's kind and [`pack64`], in the packed byte order.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512BW must be present.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn packed_kind(r: &RowRequantizer, form: Form, chunk: &[i32], bias: &[i32]) -> [i8; 64] {
+        let k = r.consts512();
+        let kind = k.kind(form);
+        assert_eq!(
+            kind == TWO_STEP,
+            form == Form::Gemmlowp && !r.fold,
+            "the two-step kind where the form does not fold"
+        );
+        let mut v = [_mm512_setzero_si512(); 4];
+        for (j, x) in v.iter_mut().enumerate() {
+            let c = 16 * j;
+            if c >= chunk.len() {
+                break;
+            }
+            let mask = ((1u32 << (chunk.len() - c).min(16)) - 1) as __mmask16;
+            let ld = |v: &[i32]| _mm512_maskz_loadu_epi32(mask, v.as_ptr().add(c));
+            let acc = _mm512_add_epi32(ld(chunk), ld(bias));
+            *x = match kind {
+                FP32 => requant16::<FP32>(&k, &r.lanes_for::<FP32>(c, mask), acc),
+                TWO_STEP => requant16::<TWO_STEP>(&k, &r.lanes_for::<TWO_STEP>(c, mask), acc),
+                FOLD_SIGNED => {
+                    requant16::<FOLD_SIGNED>(&k, &r.lanes_for::<FOLD_SIGNED>(c, mask), acc)
+                }
+                _ => requant16::<FOLD>(&k, &r.lanes_for::<FOLD>(c, mask), acc),
+            };
+        }
+        let mut out = [0i8; 64];
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), pack64(&k, v));
+        out
     }
 
     #[test]

@@ -128,7 +128,11 @@ pub fn igemm_u8(
 pub fn requant_fused(w: &PackedWeights, rq: &RowRequantizer) -> bool {
     #[cfg(target_arch = "x86_64")]
     if !w.quads.is_empty() && super::vnni() {
-        return rq.block_form().is_some();
+        use std::sync::OnceLock;
+        // The fused kernel narrows with AVX-512BW's byte packs.
+        static BW: OnceLock<bool> = OnceLock::new();
+        let bw = *BW.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bw"));
+        return bw && rq.block_form().is_some();
     }
     let _ = (w, rq);
     false
@@ -165,8 +169,8 @@ pub fn igemm_u8_requant(
             out.len() >= m * n && shifts.len() >= m && bias.len() == n && rq.channels() == n,
             "igemm: out, shifts, bias or the requantizer do not match"
         );
-        // SAFETY: AVX512-VNNI is present (the weights were packed for it); the bounds
-        // were checked above.
+        // SAFETY: AVX512-VNNI and BW are present (`requant_fused`); the bounds were
+        // checked above.
         unsafe { x86::igemm_vnni_u8_requant(m, u, ldu, w, shifts, bias, rq, form, out) };
         return true;
     }
@@ -275,12 +279,16 @@ mod x86 {
         out: *mut i32,
     ) {
         let mut r = 0;
-        while r + 4 <= m {
-            block::<4, NV>(pairs, a.add(r * lda), lda, w, n, out.add(r * n));
-            r += 4;
+        // Six rows of two vectors: twelve sums, the weights and a broadcast fill the
+        // sixteen registers (fewer loads per multiply than four rows).
+        while r + 6 <= m {
+            block::<6, NV>(pairs, a.add(r * lda), lda, w, n, out.add(r * n));
+            r += 6;
         }
         let (a, out) = (a.add(r * lda), out.add(r * n));
         match m - r {
+            5 => block::<5, NV>(pairs, a, lda, w, n, out),
+            4 => block::<4, NV>(pairs, a, lda, w, n, out),
             3 => block::<3, NV>(pairs, a, lda, w, n, out),
             2 => block::<2, NV>(pairs, a, lda, w, n, out),
             1 => block::<1, NV>(pairs, a, lda, w, n, out),
@@ -522,11 +530,13 @@ mod x86 {
 
     /// Rows `[0, MR)` × columns `[0, 16 NV)` of [`igemm_vnni_u8_requant`]: each sum
     /// starts at `bias - shift · Σ_k w` of its row and column, and is requantized in
-    /// registers and stored as int8; the last vector's columns are those of `last`.
+    /// registers (the kind `K` of `rounding::block`) and stored as int8, 64 values
+    /// narrowed at once (two rows of two vectors, or four rows of one); the last
+    /// vector's columns are those of `cols.mask`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    unsafe fn block_requant<const MR: usize, const NV: usize, const FP32: bool>(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn block_requant<const MR: usize, const NV: usize, const K: u8>(
         quads: usize,
         u: *const u8,
         ldu: usize,
@@ -547,10 +557,80 @@ mod x86 {
             }
         }
         dot_vnni512(quads, u, ldu, w, n, &cols.mask, &mut acc);
-        for (r, row) in acc.iter().enumerate() {
-            for (v, &x) in row.iter().enumerate() {
-                let y = block::requantize512::<FP32>(k, &cols.lanes[v], x);
-                block::store16(out.add(r * n + 16 * v), cols.mask[v], y);
+        // Groups spelled out, so that every index into `acc` is a constant and the
+        // sums stay in registers.
+        let per = 4 / NV;
+        macro_rules! group {
+            ($g:expr) => {
+                if $g * per < MR {
+                    store_group::<MR, NV, K>(&acc, $g * per, n, cols, k, out);
+                }
+            };
+        }
+        group!(0);
+        group!(1);
+        group!(2);
+        group!(3);
+    }
+
+    /// Requantizes rows `[r0, r0 + 4 / NV)` of `acc` (those below `MR`) and stores
+    /// them, narrowed to int8 in one vector.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn store_group<const MR: usize, const NV: usize, const K: u8>(
+        acc: &[[__m512i; NV]; MR],
+        r0: usize,
+        n: usize,
+        cols: &Cols<NV>,
+        k: &block::Consts,
+        out: *mut i8,
+    ) {
+        // The packs leave dword `4 L + j` = dword `L` of vector `j`; this puts the
+        // four vectors' 16 bytes one after another.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let zero = _mm512_setzero_si512();
+        let at = |i: usize| {
+            let (r, c) = (r0 + i / NV, i % NV);
+            if r < MR {
+                block::requant16::<K>(k, &cols.lanes[c], acc[r][c])
+            } else {
+                zero
+            }
+        };
+        let z = block::pack64(k, [at(0), at(1), at(2), at(3)]);
+        let z = _mm512_permutexvar_epi32(order, z);
+        let full = cols.mask[NV - 1] == 0xffff;
+        if NV == 2 {
+            let o = out.add(r0 * n);
+            if full {
+                _mm256_storeu_si256(o.cast(), _mm512_castsi512_si256(z));
+            } else {
+                _mm256_mask_storeu_epi8(o, cols.mask32, _mm512_castsi512_si256(z));
+            }
+            if r0 + 1 < MR {
+                let (o, y) = (o.add(n), _mm512_extracti64x4_epi64::<1>(z));
+                if full {
+                    _mm256_storeu_si256(o.cast(), y);
+                } else {
+                    _mm256_mask_storeu_epi8(o, cols.mask32, y);
+                }
+            }
+        } else {
+            let rows = [
+                _mm512_castsi512_si128(z),
+                _mm512_extracti32x4_epi32::<1>(z),
+                _mm512_extracti32x4_epi32::<2>(z),
+                _mm512_extracti32x4_epi32::<3>(z),
+            ];
+            for (i, &y) in rows.iter().enumerate() {
+                if r0 + i < MR {
+                    let o = out.add((r0 + i) * n);
+                    if full {
+                        _mm_storeu_si128(o.cast(), y);
+                    } else {
+                        _mm_mask_storeu_epi8(o, cols.mask[0], y);
+                    }
+                }
             }
         }
     }
@@ -560,6 +640,8 @@ mod x86 {
     /// (`uniform`), `bias - shift · Σ_k w`, every row's first sums.
     struct Cols<const NV: usize> {
         mask: [__mmask16; NV],
+        /// The columns of a two-vector block as one byte mask.
+        mask32: __mmask32,
         bias: [__m512i; NV],
         colsum: [__m512i; NV],
         lanes: [block::Lanes; NV],
@@ -570,8 +652,8 @@ mod x86 {
     /// Every row of the columns `[j, j + 16 NV)` (the last vector's lanes past `n`
     /// left out).
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    unsafe fn columns_requant<const NV: usize, const FP32: bool>(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn columns_requant<const NV: usize, const K: u8>(
         m: usize,
         j: usize,
         u: &[u8],
@@ -589,9 +671,10 @@ mod x86 {
         mask[NV - 1] = ((1u32 << left.min(16)) - 1) as __mmask16;
         let mut cols = Cols {
             mask,
+            mask32: mask[0] as __mmask32 | (mask[NV - 1] as __mmask32) << (16 * (NV - 1)),
             bias: [_mm512_setzero_si512(); NV],
             colsum: [_mm512_setzero_si512(); NV],
-            lanes: [rq.lanes512::<FP32>(j, mask[0]); NV],
+            lanes: [rq.lanes_for::<K>(j, mask[0]); NV],
             uniform: shifts[..m].iter().all(|&s| s == shifts[0]),
             init: [_mm512_setzero_si512(); NV],
         };
@@ -600,7 +683,7 @@ mod x86 {
             let c = j + 16 * v;
             cols.bias[v] = _mm512_maskz_loadu_epi32(mk, bias.as_ptr().add(c));
             cols.colsum[v] = _mm512_maskz_loadu_epi32(mk, w.colsum.as_ptr().add(c));
-            cols.lanes[v] = rq.lanes512::<FP32>(c, mk);
+            cols.lanes[v] = rq.lanes_for::<K>(c, mk);
             cols.init[v] = _mm512_add_epi32(cols.bias[v], _mm512_mullo_epi32(neg, cols.colsum[v]));
         }
         let k = rq.consts512();
@@ -611,29 +694,29 @@ mod x86 {
         // latency when the block has one or two vectors of columns.
         while r + 8 <= m {
             let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
-            block_requant::<8, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
+            block_requant::<8, NV, K>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
             r += 8;
         }
         if r + 4 <= m {
             let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
-            block_requant::<4, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
+            block_requant::<4, NV, K>(quads, ur, ldu, wp, n, sr, &cols, &k, or);
             r += 4;
         }
         let (ur, sr, or) = (up.add(r * ldu), sp.add(r), op.add(r * n));
         match m - r {
-            3 => block_requant::<3, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
-            2 => block_requant::<2, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
-            1 => block_requant::<1, NV, FP32>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
+            3 => block_requant::<3, NV, K>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
+            2 => block_requant::<2, NV, K>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
+            1 => block_requant::<1, NV, K>(quads, ur, ldu, wp, n, sr, &cols, &k, or),
             _ => {}
         }
     }
 
     /// # Safety
-    /// AVX512-VNNI and VL must be present, `w` packed for them, `rq` of `form` with
+    /// AVX512-VNNI, VL and BW must be present, `w` packed for them, `rq` of `form` with
     /// `n` channels; `u`, `shifts`, `bias` and `out` must hold what
     /// [`super::igemm_u8_requant`] checks.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn igemm_vnni_u8_requant(
         m: usize,
         u: &[u8],
@@ -645,15 +728,21 @@ mod x86 {
         form: block::Form,
         out: &mut [std::mem::MaybeUninit<i8>],
     ) {
-        match form {
-            block::Form::Gemmlowp => requant_all::<false>(m, u, ldu, w, shifts, bias, rq, out),
-            block::Form::Fp32 => requant_all::<true>(m, u, ldu, w, shifts, bias, rq, out),
+        match rq.consts512().kind(form) {
+            block::FP32 => requant_all::<{ block::FP32 }>(m, u, ldu, w, shifts, bias, rq, out),
+            block::TWO_STEP => {
+                requant_all::<{ block::TWO_STEP }>(m, u, ldu, w, shifts, bias, rq, out)
+            }
+            block::FOLD_SIGNED => {
+                requant_all::<{ block::FOLD_SIGNED }>(m, u, ldu, w, shifts, bias, rq, out)
+            }
+            _ => requant_all::<{ block::FOLD }>(m, u, ldu, w, shifts, bias, rq, out),
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    unsafe fn requant_all<const FP32: bool>(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn requant_all<const K: u8>(
         m: usize,
         u: &[u8],
         ldu: usize,
@@ -666,15 +755,15 @@ mod x86 {
         let n = w.n;
         let mut j = 0;
         while j + 32 <= n {
-            columns_requant::<2, FP32>(m, j, u, ldu, w, shifts, bias, rq, out);
+            columns_requant::<2, K>(m, j, u, ldu, w, shifts, bias, rq, out);
             j += 32;
         }
         // The last 1–31 columns: a 32-column block with a masked second vector, or
         // one (masked) vector.
         if j + 16 < n {
-            columns_requant::<2, FP32>(m, j, u, ldu, w, shifts, bias, rq, out);
+            columns_requant::<2, K>(m, j, u, ldu, w, shifts, bias, rq, out);
         } else if j < n {
-            columns_requant::<1, FP32>(m, j, u, ldu, w, shifts, bias, rq, out);
+            columns_requant::<1, K>(m, j, u, ldu, w, shifts, bias, rq, out);
         }
     }
 
@@ -729,15 +818,30 @@ mod tests {
             let shifts: Vec<i32> = (0..m).map(|i| 128 + (i as i32 % 5) - 2).collect();
             let bias: Vec<i32> = (0..n).map(|_| next() % 20_000 - 10_000).collect();
             let scales: Vec<f64> = (0..n).map(|_| (1 + next() % 1000) as f64 * 1e-6).collect();
-            for mult in [
-                ChannelMultipliers::Quantized(
-                    scales.iter().map(|&s| quantize_multiplier(s)).collect(),
-                    Rounding::Double,
-                ),
-                ChannelMultipliers::Fp32(scales.iter().map(|&s| s as f32).collect()),
-                ChannelMultipliers::Double(scales.clone()),
-            ] {
-                let rq = RowRequantizer::new(mult, -3, -128, 100);
+            // Scales above 1/2 shift left: gemmlowp's two-step form; a lower bound at
+            // the zero point (a ReLU) drops the folded form's sign term.
+            for ((zp, lo, hi), mult) in [(-3, -128, 100), (-3, -3, 127), (5, 5, 90)]
+                .into_iter()
+                .flat_map(|b| {
+                    [
+                        ChannelMultipliers::Quantized(
+                            scales.iter().map(|&s| quantize_multiplier(s)).collect(),
+                            Rounding::Double,
+                        ),
+                        ChannelMultipliers::Quantized(
+                            scales
+                                .iter()
+                                .map(|&s| quantize_multiplier(s * 900.0))
+                                .collect(),
+                            Rounding::Double,
+                        ),
+                        ChannelMultipliers::Fp32(scales.iter().map(|&s| s as f32).collect()),
+                        ChannelMultipliers::Double(scales.clone()),
+                    ]
+                    .map(|m| (b, m))
+                })
+            {
+                let rq = RowRequantizer::new(mult, zp, lo, hi);
                 let mut acc = vec![0i32; m * n];
                 igemm_u8(m, &u, ldu, &packed, &shifts, &mut acc);
                 let mut want = vec![0i8; m * n];
