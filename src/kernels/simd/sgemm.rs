@@ -688,38 +688,6 @@ mod tests {
         }
     }
 
-    /// The product's rate on operands that stay in L1 (6 rows of `a`, a 256-step chunk
-    /// of a 16-column panel), in G multiply-adds a second: `cargo test --release --lib
-    /// sgemm_l1_rate -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn sgemm_l1_rate() {
-        for &(m, k, n) in &[(6, 256, 16), (24, 256, 16), (32, 256, 64), (32, 768, 256)] {
-            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.5).collect();
-            let packed = PackedB::new(&b, k, n);
-            let mut out = vec![0.0f32; m * n];
-            let reps = 40_000_000_000 / (m * k * n);
-            // This thread's CPU time (utime + stime, in 10 ms ticks), not the wall
-            // clock: the machine may be shared.
-            let cpu = || {
-                let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-                let f: Vec<&str> = stat.rsplit(')').next().unwrap().split(' ').collect();
-                (f[12].parse::<u64>().unwrap() + f[13].parse::<u64>().unwrap()) as f64 / 100.0
-            };
-            let t = cpu();
-            for _ in 0..reps {
-                sgemm_packed(m, std::hint::black_box(&a), k, &packed, &mut out);
-            }
-            let s = cpu() - t;
-            let rate = (reps * m * k * n) as f64 / s / 1e9;
-            eprintln!(
-                "m={m} k={k} n={n}: {rate:.1} G multiply-adds/s ({})",
-                out[0]
-            );
-        }
-    }
-
     #[test]
     fn vector_and_scalar_paths_agree_bit_for_bit() {
         let mut seed = 7u32;
