@@ -6,7 +6,7 @@ WORK/results.{json,md}.
 
     python3 bench/interp_vs_litert.py [--work DIR] [--models a,b] [--samples N]
                                       [--repeats R] [--litert-python PY] [--tf-python PY]
-                                      [--ref] [--cold]
+                                      [--ref] [--cold] [--runtime litert-ref|xnnpack]
 
 For each model a recipe (WORK/NAME/recipe.toml) builds the five variants and exports
 each as .tflite; `qpipe run` builds it (with --cold, timed as a cold whole-recipe run:
@@ -25,6 +25,10 @@ Then, per variant:
   the same N rows (set_tensor, invoke, get_tensor), process CPU time around the loop
   after one warm-up invoke. With --ref also OpResolverType.BUILTIN_REF, the kernels whose
   arithmetic qpipe's default runtime reproduces.
+
+qpipe evaluates with its default runtime (`litert-ref`: the int8 and hybrid arithmetic of
+BUILTIN_REF); --runtime xnnpack times it with the arithmetic of the default resolver it is
+compared with (XNNPACK's f32 requantization), which only changes the int8 and hybrid ops.
 
 The eval rows are repeated (WORK/NAME/timing_*.npy, the recipe's `timing` data set): the
 fixtures' to 20,000 rows, the generated models' five times (TextCNN 10,000, MobileNet 2,500),
@@ -263,12 +267,15 @@ def main():
     p.add_argument("--cold", action="store_true",
                    help="time the first qpipe run (with a validate stage per variant) as a cold run")
     p.add_argument("--threads", type=int, default=1, help="RAYON_NUM_THREADS for qpipe eval")
+    p.add_argument("--runtime", choices=["litert-ref", "xnnpack"], default="litert-ref",
+                   help="qpipe eval's --runtime (the int8/hybrid arithmetic)")
     a = p.parse_args()
     a.work = os.path.abspath(a.work)
     if not os.path.exists(a.qpipe):
         sys.exit("%s is missing: cargo build --release" % a.qpipe)
     variants = a.variants.split(",")
-    results = {"machine": open("/proc/loadavg").read().split()[:3], "models": {}}
+    results = {"machine": open("/proc/loadavg").read().split()[:3], "qpipe_runtime": a.runtime,
+               "models": {}}
     resolvers = ["default"] + (["BUILTIN_REF"] if a.ref else [])
     for name in a.models.split(","):
         model, inp, out, calib, evalf, labels = model_files(name, a.work, a.tf_python)
@@ -306,7 +313,7 @@ def main():
             def cpu_of(samples):
                 rc, _, cpu, rss, so, se = run_child(
                     [a.qpipe, "eval", recipe, "--stage", v, "--dataset", "timing", "--samples",
-                     str(samples), "--json", "-q"], env=env)
+                     str(samples), "--runtime", a.runtime, "--json", "-q"], env=env)
                 if rc != 0:
                     sys.exit("qpipe eval %s %s failed:\n%s%s" % (name, v, so, se))
                 return cpu, rss, json.loads(so)
