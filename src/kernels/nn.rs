@@ -374,7 +374,7 @@ struct Depthwise<'a> {
 impl Depthwise<'_> {
     fn run_row(&self, r: usize, out_row: &mut [std::mem::MaybeUninit<f32>]) {
         #[cfg(target_arch = "x86_64")]
-        if super::simd::dwconv::avx2_fma() {
+        if super::simd::avx2() {
             // SAFETY: AVX2 and FMA are present.
             unsafe { self.row_avx2(r, out_row) };
             return;

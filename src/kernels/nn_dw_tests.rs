@@ -28,7 +28,7 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn avx2_rows_give_the_scalar_bits() {
-    if !super::super::simd::dwconv::avx2_fma() {
+    if !super::super::simd::avx2() {
         eprintln!("no AVX2 with FMA on this CPU: only the scalar loop exists here");
         return;
     }

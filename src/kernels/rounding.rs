@@ -2137,13 +2137,13 @@ pub fn hybrid_dequantize_row(
     #[cfg(target_arch = "x86_64")]
     if n - done >= 8 && crate::kernels::simd::avx2() {
         let (acc, ws, bias, out) = (&acc[done..], &ws[done..], &bias[done..], &mut out[done..]);
-        // SAFETY: AVX2 (and FMA where used) is present; the lengths are equal.
+        // SAFETY: AVX2 and FMA are present (`simd::avx2` checks both); the lengths are
+        // equal.
         done += unsafe {
             match how {
-                HybridScaling::XnnFma if hybrid_x86::fma() => {
+                HybridScaling::XnnFma => {
                     hybrid_x86::dequantize_fma(acc, in_scale, ws, bias, bounds, out)
                 }
-                HybridScaling::XnnFma => 0,
                 _ => hybrid_x86::dequantize(acc, in_scale, ws, bias, how, bounds, out),
             }
         };
@@ -2176,13 +2176,13 @@ pub fn hybrid_dequantize_rows(
     }
     #[cfg(target_arch = "x86_64")]
     if n.is_multiple_of(8) && crate::kernels::simd::avx2() {
-        // SAFETY: AVX2 (and FMA where used) is present; the rows are whole vectors.
+        // SAFETY: AVX2 and FMA are present (`simd::avx2` checks both); the rows are
+        // whole vectors.
         let done = unsafe {
             match how {
-                HybridScaling::XnnFma if hybrid_x86::fma() => {
+                HybridScaling::XnnFma => {
                     hybrid_x86::dequantize_fma_rows(acc, in_scale, ws, bias, bounds, out)
                 }
-                HybridScaling::XnnFma => false,
                 _ => hybrid_x86::dequantize_rows(acc, in_scale, ws, bias, how, bounds, out),
             }
         };
@@ -2199,11 +2199,6 @@ pub fn hybrid_dequantize_rows(
 mod hybrid_x86 {
     use super::HybridScaling;
     use std::arch::x86_64::*;
-
-    /// Whether FMA may be used (with AVX2; `QPIPE_NO_SIMD` turns it off with AVX2).
-    pub fn fma() -> bool {
-        crate::kernels::simd::avx2() && std::arch::is_x86_feature_detected!("fma")
-    }
 
     /// # Safety
     /// AVX2 must be present.

@@ -9,16 +9,6 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{interior, interior512};
 
-/// Whether the vector rows may run: AVX2 (`simd::avx2`, which `QPIPE_NO_SIMD` turns
-/// off) with FMA. A CPU with AVX2 but without FMA takes the portable loop, whose
-/// `f32::mul_add` gives the same bits.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| super::avx2() && std::arch::is_x86_feature_detected!("fma"))
-}
-
 /// The geometry of one output row: the input rows it reads and its window.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86-64 kernels only
 pub(crate) struct DwRow<'a> {
