@@ -12,6 +12,7 @@ mod conv_direct;
 mod conv_patches;
 pub(crate) mod conv_windows;
 pub mod dataset;
+pub(crate) mod derived;
 pub mod elementwise;
 mod fast_binary;
 mod float_rows;

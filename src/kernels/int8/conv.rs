@@ -2,6 +2,8 @@
 //! `ConvPerChannel`, `DepthwiseConvPerChannel`, `FullyConnected[PerChannel]`,
 //! and the float kernels of the fused ops.
 
+use std::sync::{Arc, Weak};
+
 use rayon::prelude::*;
 
 use super::{channel_scales, input_affine, output_affine, Arithmetic, ROUNDING};
@@ -13,7 +15,7 @@ use crate::kernels::rounding::{
     activation_range, quantize_multiplier, xnn_activation_range, xnn_conv_scale,
     ChannelMultipliers, RowRequantizer,
 };
-use crate::kernels::value::Value;
+use crate::kernels::value::{Buf, Value};
 
 pub(super) fn dims4(v: &Value, what: &str) -> Result<[usize; 4]> {
     <[usize; 4]>::try_from(v.shape.as_slice())
@@ -81,6 +83,107 @@ pub(super) fn requantizer(
     RowRequantizer::new(mult, out.zero_point, lo, hi)
 }
 
+/// What a fused op derives from its constant filter, bias and quantization: the
+/// requantizer and, for a depthwise convolution, the filter in its dot layout. Made
+/// once per filter buffer ([`crate::kernels::derived`]), not once per batch.
+pub(super) struct Prepared {
+    key: PreparedKey,
+    bias: Weak<Buf>,
+    pub(super) requant: RowRequantizer,
+    #[cfg(target_arch = "x86_64")]
+    dot: std::sync::OnceLock<Option<super::depthwise512::DotFilter>>,
+}
+
+/// Everything besides the filter buffer that [`Prepared`] is made from.
+struct PreparedKey {
+    arithmetic: Arithmetic,
+    fully_connected: bool,
+    act: FusedActivation,
+    input: (u32, i32),
+    output: (u32, i32),
+    w_scales: Vec<u32>,
+    w_shape: Vec<usize>,
+    channels: usize,
+}
+
+impl Prepared {
+    /// The requantizer of the op with filter `w`, bias `b` (`channels` of them) and
+    /// quantization `quant`, shared by every batch while `w` lives.
+    pub(super) fn of(
+        quant: &StepQuant,
+        w: &Value,
+        b: &Value,
+        channels: usize,
+        fully_connected: bool,
+        act: FusedActivation,
+    ) -> Result<Arc<Prepared>> {
+        let xin = input_affine(quant, 0)?;
+        let out = output_affine(quant)?;
+        let raw_scales = quant
+            .inputs
+            .get(1)
+            .and_then(|q| q.as_ref())
+            .map(|q| &q.scale[..]);
+        let matches = |p: &Prepared| {
+            let k = &p.key;
+            std::ptr::eq(p.bias.as_ptr(), Arc::as_ptr(&b.buf))
+                && k.arithmetic == quant.arithmetic
+                && k.fully_connected == fully_connected
+                && k.act == act
+                && k.input == (xin.scale.to_bits(), xin.zero_point)
+                && k.output == (out.scale.to_bits(), out.zero_point)
+                && k.channels == channels
+                && k.w_shape == w.shape
+                && raw_scales.is_some_and(|s| {
+                    s.len() == k.w_scales.len()
+                        && s.iter().zip(&k.w_scales).all(|(a, b)| a.to_bits() == *b)
+                })
+        };
+        crate::kernels::derived::derived(&w.buf, matches, || {
+            let ws = channel_scales(quant, 1, channels)?;
+            bias_i32(b, channels)?;
+            Ok(Prepared {
+                key: PreparedKey {
+                    arithmetic: quant.arithmetic,
+                    fully_connected,
+                    act,
+                    input: (xin.scale.to_bits(), xin.zero_point),
+                    output: (out.scale.to_bits(), out.zero_point),
+                    w_scales: raw_scales
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|s| s.to_bits())
+                        .collect(),
+                    w_shape: w.shape.clone(),
+                    channels,
+                },
+                bias: Arc::downgrade(&b.buf),
+                requant: requantizer(quant.arithmetic, fully_connected, xin.scale, &ws, out, act),
+                #[cfg(target_arch = "x86_64")]
+                dot: std::sync::OnceLock::new(),
+            })
+        })
+    }
+
+    /// The depthwise filter `wv` (`[kh · kw, c]`) in the layout of
+    /// [`super::depthwise512::dot_row`], for input offset `off` (both fixed by the
+    /// key: the filter buffer and shape, and the input zero point).
+    #[cfg(target_arch = "x86_64")]
+    fn dot(
+        &self,
+        wv: &[i8],
+        kh_kw: (usize, usize),
+        off: i32,
+        bias: &[i32],
+    ) -> Option<&super::depthwise512::DotFilter> {
+        self.dot
+            .get_or_init(|| {
+                super::depthwise512::DotFilter::new(wv, kh_kw, off, bias, &self.requant)
+            })
+            .as_ref()
+    }
+}
+
 /// `_FusedConv2D` on int8: input NHWC, filter HWIO (per output channel), int32 bias.
 pub fn conv2d(
     inputs: &[Value],
@@ -101,10 +204,9 @@ pub fn conv2d(
     let [n, h, wd, _] = dims4(x, "input")?;
     let [kh, kw, _, _] = dims4(w, "filter")?;
     let xin = input_affine(quant, 0)?;
-    let out = output_affine(quant)?;
-    let ws = channel_scales(quant, 1, o)?;
+    let prepared = Prepared::of(quant, w, b, o, false, act)?;
+    let requant = &prepared.requant;
     let bias = bias_i32(b, o)?;
-    let requant = requantizer(quant.arithmetic, false, xin.scale, &ws, out, act);
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
@@ -123,7 +225,7 @@ pub fn conv2d(
     };
     let packed = super::packed_cache::packed(w, kh * kw * c, o, false)?;
     let input = |bi: usize| (&xs[bi * image..(bi + 1) * image], -xin.zero_point);
-    let res = match super::gemm::conv_requant(geom, n, &packed, input, bias, &requant) {
+    let res = match super::gemm::conv_requant(geom, n, &packed, input, bias, requant) {
         Some(res) => res,
         None => {
             let mut res = vec![0i8; n * oh * ow * o];
@@ -390,10 +492,9 @@ fn windowed(
         )));
     }
     let xin = input_affine(quant, 0)?;
-    let out = output_affine(quant)?;
-    let ws = channel_scales(quant, 1, o)?;
+    let prepared = Prepared::of(quant, w, b, o, false, act)?;
+    let requant = &prepared.requant;
     let bias = bias_i32(b, o)?;
-    let requant = requantizer(quant.arithmetic, false, xin.scale, &ws, out, act);
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
     let (ow, pl) = out_size(wd, kw, win.strides[1], win.dilations[1], &win.padding, 1)?;
     let xs = x.slice::<i8>()?;
@@ -516,18 +617,18 @@ fn windowed(
         && requant.block_form().is_some();
     #[cfg(target_arch = "x86_64")]
     if fused && row > 0 {
-        use super::depthwise512::{dot_available, DotFilter, DOT_MAX_KH};
+        use super::depthwise512::{dot_available, DOT_MAX_KH};
         let len = n * oh * ow * o;
         let mut res = Vec::with_capacity(len);
         let dot = if kh <= DOT_MAX_KH && dot_available() {
-            DotFilter::new(wv, (kh, kw), in_off, bias, &requant)
+            prepared.dot(wv, (kh, kw), in_off, bias)
         } else {
             None
         };
         let fused_row = |r: usize, out_row: &mut [std::mem::MaybeUninit<i8>]| {
             use super::depthwise512::{dot_row, row, DotRow, RowTaps, MAX_TAPS};
             let (bi, oy) = (r / oh, r % oh);
-            if let Some(f) = &dot {
+            if let Some(f) = dot {
                 let mut rows = [None; DOT_MAX_KH];
                 for (ky, slot) in rows.iter_mut().enumerate().take(kh) {
                     let iy = (oy * win.strides[0] + ky * win.dilations[0]) as isize - pt as isize;
@@ -570,7 +671,7 @@ fn windowed(
             // input and of the filter (`windowed` checked their lengths against
             // their shapes, and `kh · kw` against `MAX_TAPS`), `out_row` holds `ow`
             // pixels of `o = c` channels, as do `bias` and `requant`.
-            unsafe { row(out_row, &taps, xs, wv, in_off, bias, &requant) };
+            unsafe { row(out_row, &taps, xs, wv, in_off, bias, requant) };
         };
         res.spare_capacity_mut()[..len]
             .par_chunks_mut(row)
@@ -630,10 +731,9 @@ pub fn fully_connected(
     }
     let (batch, k, units) = fc_dims(x, w, tb, "int8")?;
     let xin = input_affine(quant, 0)?;
-    let out = output_affine(quant)?;
-    let ws = channel_scales(quant, 1, units)?;
+    let prepared = Prepared::of(quant, w, b, units, true, act)?;
+    let requant = &prepared.requant;
     let bias = bias_i32(b, units)?;
-    let requant = requantizer(quant.arithmetic, true, xin.scale, &ws, out, act);
     let xs = x.slice::<i8>()?;
     let packed = super::packed_cache::packed(w, k, units, tb)?;
     let mut res = vec![0i8; batch * units];
