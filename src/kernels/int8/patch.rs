@@ -156,6 +156,24 @@ pub(super) fn fill_row(
     }
     let step = dy * g.wd * c;
     let mut s = (iy0 as usize * g.wd + lo * sx - g.pl) * c;
+    #[cfg(target_arch = "x86_64")]
+    if run <= 16 && crate::kernels::simd::vnni() {
+        let last = s + (hi - 1 - lo) * sx * c + (kh - 1) * step + run;
+        let (from, to) = ((lo - ox0) * ldu, (hi - 1 - ox0) * ldu + k);
+        // SAFETY: AVX-512BW and VL are present (with VNNI); the last pixel's runs end
+        // within `xs` (checked here) and within its patch, and each earlier one's
+        // lie before them.
+        unsafe {
+            short_runs(
+                &mut patches[from..to],
+                ldu,
+                &xs[s..last],
+                hi - lo,
+                (kh, run, step, sx * c),
+            )
+        };
+        return;
+    }
     for ox in lo..hi {
         let j = ox - ox0;
         let patch = &mut patches[j * ldu..][..k];
@@ -164,6 +182,38 @@ pub(super) fn fill_row(
             flip(&mut patch[ky * run..][..run], &src[ky * step..][..run]);
         }
         s += sx * c;
+    }
+}
+
+/// The interior patches of [`fill_row`] whose filter rows are runs of at most 16
+/// bytes, one masked move each: `pixels` patches `ldu` bytes apart, their `kh` runs
+/// of `run` bytes from `xs` at `ky · step` plus `pstep` per pixel.
+///
+/// # Safety
+/// AVX-512BW and AVX-512VL must be present, `run <= 16`, and the slices hold every
+/// run (`patches` the last patch's `kh · run` bytes, `xs` its last run).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn short_runs(
+    patches: &mut [u8],
+    ldu: usize,
+    xs: &[i8],
+    pixels: usize,
+    (kh, run, step, pstep): (usize, usize, usize, usize),
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(run <= 16 && pixels > 0);
+    debug_assert!(patches.len() >= (pixels - 1) * ldu + kh * run);
+    debug_assert!(xs.len() >= (pixels - 1) * pstep + (kh - 1) * step + run);
+    let mask: __mmask16 = ((1u32 << run) - 1) as __mmask16;
+    let flip = _mm_set1_epi8(i8::MIN);
+    let (d, x) = (patches.as_mut_ptr().cast::<i8>(), xs.as_ptr());
+    for p in 0..pixels {
+        let (dp, xp) = (d.add(p * ldu), x.add(p * pstep));
+        for ky in 0..kh {
+            let v = _mm_maskz_loadu_epi8(mask, xp.add(ky * step));
+            _mm_mask_storeu_epi8(dp.add(ky * run), mask, _mm_xor_si128(v, flip));
+        }
     }
 }
 
