@@ -2195,6 +2195,38 @@ pub fn hybrid_dequantize_rows(
     }
 }
 
+/// [`hybrid_dequantize_rows`] into memory not yet initialized, all of which it
+/// writes (without first clearing it where AVX-512F is present: the outputs of a
+/// hybrid layer are large and the pass over them is bound by memory).
+pub fn hybrid_dequantize_rows_uninit(
+    acc: &[i32],
+    in_scale: f32,
+    ws: &[f32],
+    bias: &[f32],
+    how: HybridScaling,
+    bounds: Option<(f32, f32)>,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let n = ws.len();
+    assert!(
+        acc.len() == out.len() && bias.len() == n && (n == 0 || out.len().is_multiple_of(n)),
+        "hybrid_dequantize_rows: lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if n > 0 && crate::kernels::simd::avx512() {
+        // SAFETY: AVX-512F and FMA are present (`simd::avx512` implies `simd::avx2`);
+        // the rows are whole (checked above).
+        unsafe { hybrid_x86::dequantize512_rows(acc, in_scale, ws, bias, how, bounds, out) };
+        return;
+    }
+    for v in out.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was initialized just above.
+    let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+    hybrid_dequantize_rows(acc, in_scale, ws, bias, how, bounds, out);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod hybrid_x86 {
     use super::HybridScaling;
@@ -2454,32 +2486,127 @@ mod hybrid_x86 {
         out: &mut [f32],
     ) -> usize {
         let n = out.len();
-        let s = _mm512_set1_ps(in_scale);
-        let (lo, hi) = bounds.unwrap_or((0.0, 0.0));
-        let (lov, hiv) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-        let product = how == HybridScaling::AccTimesProduct;
+        let k = Consts512::new(in_scale, bounds);
         let mut c = 0;
         while c + 16 <= n {
-            let a = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc.as_ptr().add(c).cast()));
-            let w = _mm512_loadu_ps(ws.as_ptr().add(c));
-            let b = _mm512_loadu_ps(bias.as_ptr().add(c));
-            let mut v = if product {
-                _mm512_add_ps(_mm512_mul_ps(a, _mm512_mul_ps(s, w)), b)
-            } else {
-                _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(a, w), s), b)
-            };
-            if bounds.is_some() {
-                // As `clamp`: `vmaxps lo, v` with a NaN `v` replaced by `lo`, then
-                // `vminps hi, ·` likewise.
-                let t = _mm512_max_ps(lov, v);
-                let t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), t, lov);
-                let u = _mm512_min_ps(hiv, t);
-                v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t), u, hiv);
+            let (a, w, b, o) = (acc.as_ptr(), ws.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+            match how {
+                HybridScaling::AccTimesProduct => {
+                    vector512::<PRODUCT>(&k, !0, a.add(c), w.add(c), b.add(c), o.add(c))
+                }
+                HybridScaling::AccTimesWeightFirst => {
+                    vector512::<WEIGHT_FIRST>(&k, !0, a.add(c), w.add(c), b.add(c), o.add(c))
+                }
+                HybridScaling::XnnFma => return c,
             }
-            _mm512_storeu_ps(out.as_mut_ptr().add(c), v);
             c += 16;
         }
         c
+    }
+
+    struct Consts512 {
+        s: __m512,
+        lo: __m512,
+        hi: __m512,
+        clamp: bool,
+    }
+
+    impl Consts512 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn new(in_scale: f32, bounds: Option<(f32, f32)>) -> Consts512 {
+            let (lo, hi) = bounds.unwrap_or((0.0, 0.0));
+            Consts512 {
+                s: _mm512_set1_ps(in_scale),
+                lo: _mm512_set1_ps(lo),
+                hi: _mm512_set1_ps(hi),
+                clamp: bounds.is_some(),
+            }
+        }
+    }
+
+    /// The lanes of `mask` of one vector of [`dequantize512`] (the others are
+    /// neither read nor written).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn vector512<const HOW: u8>(
+        k: &Consts512,
+        mask: __mmask16,
+        acc: *const i32,
+        ws: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+    ) {
+        let a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc));
+        let w = _mm512_maskz_loadu_ps(mask, ws);
+        let b = _mm512_maskz_loadu_ps(mask, bias);
+        let mut v = match HOW {
+            WEIGHT_FIRST => _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(a, w), k.s), b),
+            PRODUCT => _mm512_add_ps(_mm512_mul_ps(a, _mm512_mul_ps(k.s, w)), b),
+            _ => _mm512_fmadd_ps(_mm512_mul_ps(a, k.s), w, b),
+        };
+        if k.clamp {
+            // As `clamp`: `vmaxps lo, v` with a NaN `v` replaced by `lo`, then
+            // `vminps hi, ·` likewise.
+            let t = _mm512_max_ps(k.lo, v);
+            let t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), t, k.lo);
+            let u = _mm512_min_ps(k.hi, t);
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t), u, k.hi);
+        }
+        _mm512_mask_storeu_ps(out, mask, v);
+    }
+
+    /// The dequantization of every row of `ws.len()` channels, sixteen at a time (the
+    /// last vector of each row masked), into `out`, which it initializes.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA must be present; `bias` as long as `ws`, `acc` and `out`
+    /// whole rows.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn dequantize512_rows(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        how: HybridScaling,
+        bounds: Option<(f32, f32)>,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        match how {
+            HybridScaling::AccTimesWeightFirst => {
+                rows512::<WEIGHT_FIRST>(acc, in_scale, ws, bias, bounds, out)
+            }
+            HybridScaling::AccTimesProduct => {
+                rows512::<PRODUCT>(acc, in_scale, ws, bias, bounds, out)
+            }
+            HybridScaling::XnnFma => rows512::<FMA>(acc, in_scale, ws, bias, bounds, out),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows512<const HOW: u8>(
+        acc: &[i32],
+        in_scale: f32,
+        ws: &[f32],
+        bias: &[f32],
+        bounds: Option<(f32, f32)>,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        let n = ws.len();
+        let k = Consts512::new(in_scale, bounds);
+        let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as __mmask16;
+        let (w, b) = (ws.as_ptr(), bias.as_ptr());
+        for (a, o) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let (a, o) = (a.as_ptr(), o.as_mut_ptr().cast::<f32>());
+            let mut c = 0;
+            while c + 16 <= n {
+                vector512::<HOW>(&k, !0, a.add(c), w.add(c), b.add(c), o.add(c));
+                c += 16;
+            }
+            if c < n {
+                vector512::<HOW>(&k, tail, a.add(c), w.add(c), b.add(c), o.add(c));
+            }
+        }
     }
 
     /// `XnnFma`: `fma(acc * in_scale, w, bias)`; returns how many channels it wrote.
@@ -2735,6 +2862,16 @@ mod hybrid_row_tests {
                         let (w, b) = (&ws[..width], &bias[..width]);
                         let a = &acc[..rows * width];
                         hybrid_dequantize_rows(a, in_scale, w, b, how, bounds, &mut all);
+                        let mut fresh = vec![std::mem::MaybeUninit::<f32>::uninit(); rows * width];
+                        hybrid_dequantize_rows_uninit(a, in_scale, w, b, how, bounds, &mut fresh);
+                        // SAFETY: the call initialized every element.
+                        let fresh: Vec<f32> =
+                            fresh.iter().map(|v| unsafe { v.assume_init() }).collect();
+                        assert_eq!(
+                            fresh.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{how:?} {bounds:?} rows of {width} into fresh memory"
+                        );
                         for (r, chunk) in all.chunks_exact(width).enumerate() {
                             let mut one = vec![0f32; width];
                             let a = &acc[r * width..(r + 1) * width];

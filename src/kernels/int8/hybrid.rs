@@ -39,7 +39,7 @@ use crate::ir::FusedActivation;
 use crate::kernels::nn::{out_size, Window};
 use crate::kernels::ops::StepQuant;
 use crate::kernels::rounding::{
-    asymmetric_quantize_floats, hybrid_dequantize_row, hybrid_dequantize_rows,
+    asymmetric_quantize_floats, hybrid_dequantize_row, hybrid_dequantize_rows_uninit,
     symmetric_quantize_floats, xnn_dynamic_quantize, DynamicRow, HybridScaling,
 };
 use crate::kernels::value::{Buf, Value};
@@ -214,7 +214,8 @@ pub fn conv2d(
             })
             .collect()
     });
-    let mut res = vec![0f32; n * oh * ow * o];
+    let len = n * oh * ow * o;
+    let mut res: Vec<f32> = Vec::with_capacity(len);
     let geom = super::gemm::Geom {
         win,
         h,
@@ -234,7 +235,7 @@ pub fn conv2d(
         geom,
         n,
         &packed,
-        &mut res,
+        &mut res.spare_capacity_mut()[..len],
         |bi| (&rows[bi].q[..], -rows[bi].offset),
         |px0, acc, out| {
             // The tile's pixels image by image, each image's in one call.
@@ -244,10 +245,13 @@ pub fn conv2d(
                 let b = (px0 + j) / per_image;
                 let end = ((b + 1) * per_image - px0).min(pixels);
                 let (a, y) = (&acc[j * o..end * o], &mut out[j * o..end * o]);
-                hybrid_dequantize_rows(a, rows[b].scale, &ws, bias, scaling, bounds, y);
+                hybrid_dequantize_rows_uninit(a, rows[b].scale, &ws, bias, scaling, bounds, y);
                 j = end;
             }
         },
     );
+    // SAFETY: the product's tiles cover every output pixel, and the dequantization
+    // wrote each of its values.
+    unsafe { res.set_len(len) };
     Ok(Value::from_vec(vec![n, oh, ow, o], res))
 }
