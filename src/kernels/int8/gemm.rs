@@ -14,7 +14,7 @@ use crate::kernels::rounding::RowRequantizer;
 use crate::kernels::simd::igemm::{igemm_u8, igemm_u8_requant, requant_fused, PackedWeights};
 
 /// Output pixels per matrix product.
-pub(super) const TILE: usize = 32;
+pub(super) const TILE: usize = 192;
 
 /// Work (multiply-adds) below which a product stays on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 16;
