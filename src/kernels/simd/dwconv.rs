@@ -172,7 +172,9 @@ macro_rules! dw_kernel {
             /// `ox..ox + 8`, so that eight sums overlap.
             #[inline(always)]
             unsafe fn narrow(g: &DwRow, ox: usize, out: *mut f32) {
-                if g.kw == 3 {
+                if g.kw == 3 && g.sx == 1 && g.dx == 1 {
+                    block::<8, 1, true>(g, 0, 3, 3, ox, 0, out);
+                } else if g.kw == 3 {
                     block::<8, 1, false>(g, 0, 3, 3, ox, 0, out);
                 } else {
                     block::<8, 1, false>(g, 0, g.kw, g.kw, ox, 0, out);
