@@ -54,6 +54,11 @@ fn avx2_rows_give_the_scalar_bits() {
         (3, 26, 24, 3, 1, 1, Padding::Same),
         (4, 23, 16, 5, 1, 2, Padding::Same),
         (3, 16, 16, 3, 1, 1, Padding::Same),
+        // Long rows with two or more vectors of channels: many blocks of pixels,
+        // stride 1 and 2, a 5-tap filter, and a last block that overlaps.
+        (3, 21, 48, 3, 1, 1, Padding::Same),
+        (4, 41, 32, 3, 2, 1, Padding::Same),
+        (5, 22, 40, 5, 1, 1, Padding::Valid),
     ]
     .into_iter()
     .enumerate()
