@@ -89,6 +89,8 @@ pub(super) fn requantizer(
 pub(super) struct Prepared {
     key: PreparedKey,
     bias: Weak<Buf>,
+    /// The input's quantization (that of `quant.inputs[0]`, which the key matched).
+    pub(super) input: super::Affine,
     pub(super) requant: RowRequantizer,
     #[cfg(target_arch = "x86_64")]
     dot: std::sync::OnceLock<Option<super::depthwise512::DotFilter>>,
@@ -158,6 +160,7 @@ impl Prepared {
                     channels,
                 },
                 bias: Arc::downgrade(&b.buf),
+                input: xin,
                 requant: requantizer(quant.arithmetic, fully_connected, xin.scale, &ws, out, act),
                 #[cfg(target_arch = "x86_64")]
                 dot: std::sync::OnceLock::new(),
@@ -203,8 +206,8 @@ pub fn conv2d(
     }
     let [n, h, wd, _] = dims4(x, "input")?;
     let [kh, kw, _, _] = dims4(w, "filter")?;
-    let xin = input_affine(quant, 0)?;
     let prepared = Prepared::of(quant, w, b, o, false, act)?;
+    let xin = prepared.input;
     let requant = &prepared.requant;
     let bias = bias_i32(b, o)?;
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
@@ -491,8 +494,8 @@ fn windowed(
             x.shape, w.shape
         )));
     }
-    let xin = input_affine(quant, 0)?;
     let prepared = Prepared::of(quant, w, b, o, false, act)?;
+    let xin = prepared.input;
     let requant = &prepared.requant;
     let bias = bias_i32(b, o)?;
     let (oh, pt) = out_size(h, kh, win.strides[0], win.dilations[0], &win.padding, 0)?;
@@ -730,8 +733,8 @@ pub fn fully_connected(
         ));
     }
     let (batch, k, units) = fc_dims(x, w, tb, "int8")?;
-    let xin = input_affine(quant, 0)?;
     let prepared = Prepared::of(quant, w, b, units, true, act)?;
+    let xin = prepared.input;
     let requant = &prepared.requant;
     let bias = bias_i32(b, units)?;
     let xs = x.slice::<i8>()?;
